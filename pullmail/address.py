@@ -1,0 +1,231 @@
+"""
+Reverse-path and forward-path parsing (RFC 5321 4.1.2), and the relay rule
+for recipients.  Pure functions; no DNS, no accounts.
+
+The parser is strict where strictness closes a relay (source routes are
+parsed and dropped, quoted local parts are unquoted and then judged, address
+literals are never local) and lenient only where clients commonly differ
+(``MAIL FROM: <a@b>`` with a space, keyword case).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "Mailbox",
+    "AddressError",
+    "parse_mail_argument",
+    "parse_rcpt_argument",
+    "parse_mailbox",
+    "is_dot_atom",
+    "Local",
+    "Remote",
+    "Forbidden",
+    "classify",
+]
+
+
+class AddressError(ValueError):
+    """The text is not a valid path."""
+
+
+# atext = ALPHA / DIGIT / "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-"
+#       / "/" / "=" / "?" / "^" / "_" / "`" / "{" / "|" / "}" / "~"  (RFC 5322 3.2.3)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# Quoted-string = DQUOTE *QcontentSMTP DQUOTE; qtextSMTP = %d32-33 / %d35-91 /
+# %d93-126; quoted-pairSMTP = %d92 %d32-126
+_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+# sub-domain = Let-dig [Ldh-str]; Domain = sub-domain *("." sub-domain)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# address-literal = "[" ( IPv4 / IPv6 / General-address-literal ) "]"
+_ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+# esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-");
+# esmtp-value = 1*(%d33-60 / %d62-126)
+_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+
+# RFC 5321 4.5.3.1.1-3
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """
+    A parsed mailbox.  C{local} is unquoted; C{quoted} records that it came
+    quoted; C{literal} that the domain is an address literal.
+    """
+
+    local: str
+    domain: str
+    quoted: bool = False
+    literal: bool = False
+
+    def __str__(self) -> str:
+        local = self.local
+        if self.quoted and not is_dot_atom(local):
+            local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return f"{local}@{self.domain}" if self.domain else local
+
+
+def is_dot_atom(text: str) -> bool:
+    return _DOT_STRING.fullmatch(text) is not None
+
+
+def _unquote(quoted: str) -> str:
+    return re.sub(r"\\(.)", r"\1", quoted[1:-1])
+
+
+def parse_mailbox(text: str, allow_no_domain: bool = False) -> Mailbox:
+    """
+    ``Mailbox = Local-part "@" ( Domain / address-literal )``.
+    With C{allow_no_domain}, a bare ``Postmaster`` is accepted (RFC 5321 4.1.1.3).
+    """
+    if text.startswith('"'):
+        match = _QUOTED_STRING.match(text)
+        if match is None:
+            raise AddressError("bad quoted local part")
+        local_raw, rest = match.group(), text[match.end():]
+        local, quoted = _unquote(local_raw), True
+    else:
+        local_raw, at, domain_part = text.rpartition("@")
+        if not at:
+            if allow_no_domain and text.lower() == "postmaster":
+                return Mailbox("postmaster", "")
+            raise AddressError("address has no domain")
+        if not _DOT_STRING.fullmatch(local_raw):
+            raise AddressError("bad local part")
+        local, quoted, rest = local_raw, False, "@" + domain_part
+    if not rest.startswith("@"):
+        raise AddressError("address has no domain")
+    domain = rest[1:]
+    if len(local_raw) > MAX_LOCAL_PART:
+        raise AddressError("local part too long")
+    if len(domain) > MAX_DOMAIN:
+        raise AddressError("domain too long")
+    if _ADDRESS_LITERAL.fullmatch(domain):
+        return Mailbox(local, domain, quoted, literal=True)
+    if not _DOMAIN.fullmatch(domain):
+        raise AddressError("bad domain")
+    return Mailbox(local, domain.lower(), quoted)
+
+
+def _split_path(argument: str, keyword: str) -> tuple[str, str]:
+    """``FROM:<path> params`` -> (path inside brackets, params text)."""
+    head = argument[: len(keyword) + 1]
+    if head.upper() != keyword + ":":
+        raise AddressError(f"expected {keyword}:")
+    rest = argument[len(keyword) + 1:].lstrip(" ")
+    if not rest.startswith("<"):
+        raise AddressError("path must be in angle brackets")
+    end = _path_end(rest)
+    path, params = rest[1:end], rest[end + 1:]
+    if len(rest[: end + 1]) > MAX_PATH:
+        raise AddressError("path too long")
+    if params and not params.startswith(" "):
+        raise AddressError("junk after path")
+    return path, params.strip(" ")
+
+
+def _path_end(text: str) -> int:
+    """Index of the ``>`` closing the path, skipping quoted strings."""
+    in_quotes = escaped = False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and in_quotes:
+            escaped = True
+        elif char == '"':
+            in_quotes = not in_quotes
+        elif char == ">" and not in_quotes:
+            return i
+    raise AddressError("unterminated path")
+
+
+def _strip_route(path: str) -> str:
+    """``@a,@b:user@c`` -> ``user@c``; RFC 5321 4.1.1.3 lets us ignore routes."""
+    if not path.startswith("@"):
+        return path
+    route, colon, mailbox = path.partition(":")
+    if not colon:
+        raise AddressError("bad source route")
+    for hop in route.split(","):
+        if not hop.startswith("@") or not _DOMAIN.fullmatch(hop[1:]):
+            raise AddressError("bad source route")
+    return mailbox
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for word in text.split():
+        match = _PARAM.fullmatch(word)
+        if match is None:
+            raise AddressError(f"bad parameter {word!r}")
+        params[match.group(1).upper()] = match.group(2)
+    return params
+
+
+def parse_mail_argument(argument: str) -> tuple[Mailbox | None, dict[str, str | None]]:
+    """``FROM:<reverse-path> [params]``; the null path gives C{None}."""
+    path, params = _split_path(argument, "FROM")
+    parsed = parse_params(params)
+    if path == "":
+        return None, parsed
+    return parse_mailbox(_strip_route(path)), parsed
+
+
+def parse_rcpt_argument(argument: str) -> tuple[Mailbox, dict[str, str | None]]:
+    """``TO:<forward-path> [params]``; ``<Postmaster>`` is allowed."""
+    path, params = _split_path(argument, "TO")
+    return parse_mailbox(_strip_route(path), allow_no_domain=True), parse_params(params)
+
+
+# -- the relay rule ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Local:
+    """A recipient in a local domain, normalised: lowercase, unquoted."""
+
+    address: str
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A recipient elsewhere: a relay, allowed only after AUTH."""
+
+    mailbox: Mailbox
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    """An address shape that must never be delivered or relayed."""
+
+    reason: str
+
+
+# Characters that some MTA, somewhere, reads as a routing instruction:
+# the percent hack, UUCP bang paths, a second "@" inside quotes.
+_ROUTING_CHARACTERS = set("%!@")
+
+
+def classify(mailbox: Mailbox, local_domains, postmaster_domain: str):
+    """
+    Decide where a recipient belongs.  Local names are matched without
+    case; anything that could be re-routed by a later hop is forbidden.
+    """
+    if not mailbox.domain:
+        return Local(f"postmaster@{postmaster_domain}")
+    if mailbox.literal:
+        return Forbidden("address literal")
+    if mailbox.domain in local_domains:
+        if _ROUTING_CHARACTERS & set(mailbox.local):
+            return Forbidden("routing characters in local part")
+        if not is_dot_atom(mailbox.local):
+            return Forbidden("quoted local part")
+        return Local(f"{mailbox.local.lower()}@{mailbox.domain}")
+    return Remote(mailbox)

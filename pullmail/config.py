@@ -1,0 +1,409 @@
+"""
+The node's configuration: one TOML file parsed into frozen dataclasses.
+
+``parse(mapping, base)`` is pure and does all validation; ``load(path)`` only
+reads the file.  Every error names the offending key, so that ``pullmail
+checkconfig`` can print one clear line.  Nothing here reads the wall clock,
+the hostname or the environment: the embedded default is a literal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from twisted.internet import endpoints
+from twisted.internet.testing import MemoryReactor
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "parse",
+    "load",
+    "embedded_default",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; ``option`` names the key."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+# SI prefixes are decimal, IEC ones binary, as their standards define them.
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+    "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3,
+}
+_SIZE = re.compile(r"(\d+)\s*([KMG]I?B|B)?", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"10m"``, ``"1h30m"``, ``"5d"`` -> seconds."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"duration must be a string like '10m', not {text!r}")
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(text):
+        raise ValueError(
+            f"bad duration {text!r} (use e.g. '0s', '10m', '48h', '5d')"
+        )
+    return total
+
+
+def parse_size(text: str | int) -> int:
+    """``"25MB"`` -> 25000000; ``"1MiB"`` -> 1048576; a bare int is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"bad size {text!r} (use e.g. '25MB', '512KiB')")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
+
+
+def _endpoint(text: str) -> str:
+    """Check that a server endpoint string parses, without listening."""
+    try:
+        endpoints.serverFromString(MemoryReactor(), text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"bad endpoint {text!r}: {e}") from None
+    return text
+
+
+def _hostport(text: str, default_port: int) -> tuple[str, int]:
+    """``"127.0.0.1:5353"`` / ``"[::1]:53"`` / ``"10.0.0.1"`` -> (host, port)."""
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest.removeprefix(":"))
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = int(p)
+    if not host or not 0 < port < 65536:
+        raise ValueError(f"bad host:port {text!r}")
+    return host, port
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=False)
+
+
+_DOMAIN = re.compile(
+    r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _domain(text: str) -> str:
+    if not isinstance(text, str) or not _DOMAIN.fullmatch(text):
+        raise ValueError(f"bad domain name {text!r}")
+    return text.lower()
+
+
+# -- the sections -------------------------------------------------------------
+# Each field's metadata holds its TOML type and a converter; the defaults are
+# those of SPEC section 10.
+
+
+def _opt(default: Any, kind: type | tuple, convert: Callable | None = None):
+    return field(default=default, metadata={"kind": kind, "convert": convert})
+
+
+def _list(default: list, convert: Callable | None = None):
+    return field(
+        default=tuple(default),
+        metadata={"kind": list, "convert": convert, "each": True},
+    )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    hostname: str = _opt("localhost", str, _domain)
+    domains: tuple[str, ...] = _list(["example.org"], _domain)
+    state_dir: Path = _opt(Path("var"), str, Path)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    smtp: tuple[str, ...] = _list(["tcp:2525:interface=127.0.0.1"], _endpoint)
+    submission: tuple[str, ...] = _list(["tcp:2587:interface=127.0.0.1"], _endpoint)
+    submissions: tuple[str, ...] = _list([], _endpoint)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path = _opt(Path("var/tls/cert.pem"), str, Path)
+    key: Path = _opt(Path("var/tls/key.pem"), str, Path)
+    generate: bool = _opt(True, bool)
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    users: Path = _opt(Path("users"), str, Path)
+    aliases: Path = _opt(Path("aliases"), str, Path)
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    nameservers: tuple[tuple[str, int], ...] = _list([], lambda s: _hostport(s, 53))
+    timeout: float = _opt(5.0, str, parse_duration)
+
+
+_SPF_RESULTS = {"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"}
+_PUSH_POLICIES = ("accept", "spf-pass", "allow-only", "refuse")
+
+
+def _one_of(choices) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(sorted(choices))}")
+        return value
+
+    return check
+
+
+def _network_or_domain(text: str):
+    try:
+        return _network(text)
+    except ValueError:
+        return _domain(text)
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    spf_accept: tuple[str, ...] = _list(["pass"], _one_of(_SPF_RESULTS))
+    allow: tuple = _list([], _network_or_domain)
+    deny: tuple = _list([], _network_or_domain)
+    dnsbl: tuple[str, ...] = _list([], _domain)
+    policies: tuple[str, ...] = _list([], str)
+    push: str = _opt("accept", str, _one_of(_PUSH_POLICIES))
+    bare_gdel: bool = _opt(True, bool)
+    gdel: bool = _opt(True, bool)
+
+
+def _optional_hostport(text: str):
+    return _hostport(text, 25) if text else None
+
+
+def _optional_address(text: str) -> str:
+    if text:
+        ipaddress.ip_address(text)
+    return text
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    remote_port: int = _opt(25, int)
+    bind_address: str = _opt("", str, _optional_address)
+    push_fallback: bool = _opt(True, bool)
+    smarthost: tuple[str, int] | None = _opt(None, str, _optional_hostport)
+    outbox_lifetime: float = _opt(48 * 3600.0, str, parse_duration)
+    delay_warning: float = _opt(0.0, str, parse_duration)
+    push_retry: tuple[float, ...] = _list(["5m", "15m", "1h", "4h"], parse_duration)
+    push_lifetime: float = _opt(5 * 86400.0, str, parse_duration)
+    tls: str = _opt("opportunistic", str, _one_of({"opportunistic", "verify"}))
+    connect_timeout: float = _opt(30.0, str, parse_duration)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    schedule: tuple[float, ...] = _list(["0s", "10m", "1h", "6h", "24h"], parse_duration)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    message_size: int = _opt(25_000_000, (str, int), parse_size)
+    recipients: int = _opt(100, int)
+    idle_timeout: float = _opt(300.0, str, parse_duration)
+    connections: int = _opt(1000, int)
+    connections_per_ip: int = _opt(20, int)
+    retr_fail_limit: int = _opt(10, int)
+    retr_fail_window: float = _opt(3600.0, str, parse_duration)
+    retr_block: float = _opt(3600.0, str, parse_duration)
+    retr_tarpit_max: float = _opt(30.0, str, parse_duration)
+    pending_per_origin: int = _opt(10000, int)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration; paths are absolute."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    base: Path = Path(".")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.node.state_dir
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.node.domains
+
+
+_SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "base"}
+
+
+def _convert(option: str, spec, raw: Any) -> Any:
+    kind, convert = spec.metadata["kind"], spec.metadata["convert"]
+    if spec.metadata.get("each"):
+        if not isinstance(raw, list):
+            raise ConfigError(option, f"must be a list, not {raw!r}")
+        # Every list in the file is a list of strings.
+        return tuple(_convert_one(option, str, convert, item) for item in raw)
+    return _convert_one(option, kind, convert, raw)
+
+
+def _convert_one(option: str, kind, convert, raw: Any) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(raw, kinds) or (isinstance(raw, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds).replace("str", "string")
+        raise ConfigError(option, f"must be a {names}, not {raw!r}")
+    if convert is None:
+        return raw
+    try:
+        return convert(raw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(option, str(e)) from None
+
+
+def _check(config: Config) -> None:
+    """Cross-field rules that no single value shows."""
+    if not config.node.domains:
+        raise ConfigError("node.domains", "at least one local domain is needed")
+    positive = [
+        ("limits.recipients", config.limits.recipients),
+        ("limits.connections", config.limits.connections),
+        ("limits.connections_per_ip", config.limits.connections_per_ip),
+        ("limits.message_size", config.limits.message_size),
+        ("limits.idle_timeout", config.limits.idle_timeout),
+        ("limits.pending_per_origin", config.limits.pending_per_origin),
+        ("limits.retr_fail_limit", config.limits.retr_fail_limit),
+    ]
+    for option, value in positive:
+        if value <= 0:
+            raise ConfigError(option, "must be greater than zero")
+    if not 0 < config.delivery.remote_port < 65536:
+        raise ConfigError("delivery.remote_port", "must be a port number (1-65535)")
+    if not config.retrieval.schedule:
+        raise ConfigError("retrieval.schedule", "needs at least one attempt")
+    if not config.delivery.push_retry:
+        raise ConfigError("delivery.push_retry", "needs at least one delay")
+    if not config.tls.generate:
+        for option, path in [("tls.certificate", config.tls.certificate),
+                             ("tls.key", config.tls.key)]:
+            if not path.is_file():
+                raise ConfigError(
+                    option, f"file {str(path)!r} does not exist (and tls.generate is off)"
+                )
+
+
+def _absolute(config: Config) -> Config:
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else (config.base / path).resolve()
+
+    return replace(
+        config,
+        node=replace(config.node, state_dir=resolve(config.node.state_dir)),
+        tls=replace(config.tls, certificate=resolve(config.tls.certificate),
+                    key=resolve(config.tls.key)),
+        accounts=replace(config.accounts, users=resolve(config.accounts.users),
+                         aliases=resolve(config.accounts.aliases)),
+    )
+
+
+def parse(mapping: Mapping[str, Any], base: Path) -> Config:
+    """
+    Validate a TOML mapping into a L{Config}.  Relative paths are taken
+    relative to C{base}, the folder of the config file.
+
+    @raise ConfigError: naming the first bad key.
+    """
+    sections = {}
+    for name, raw_section in mapping.items():
+        if name not in _SECTIONS:
+            raise ConfigError(name, "unknown section")
+        if not isinstance(raw_section, Mapping):
+            raise ConfigError(name, "must be a table ([%s])" % name)
+        specs = {f.name: f for f in fields(_SECTIONS[name]())}
+        values = {}
+        for key, raw in raw_section.items():
+            option = f"{name}.{key}"
+            if key not in specs:
+                raise ConfigError(option, "unknown key")
+            values[key] = _convert(option, specs[key], raw)
+        sections[name] = _SECTIONS[name](**values)
+    config = _absolute(Config(**sections, base=Path(base).resolve()))
+    _check(config)
+    return config
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the TOML file at C{path}."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {str(path)!r}: {e.strerror}") from None
+    try:
+        mapping = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("config", f"{path}: not valid TOML: {e}") from None
+    return parse(mapping, path.parent)
+
+
+# The node run without --config: loopback high ports, everything under ./var.
+EMBEDDED_DEFAULT: Mapping[str, Any] = {
+    "node": {"hostname": "localhost", "domains": ["example.org"], "state_dir": "var"},
+    "accounts": {"users": "var/users", "aliases": "var/aliases"},
+}
+
+
+def embedded_default(base: str | Path = ".") -> Config:
+    """The embedded default configuration, with paths under C{base}."""
+    return parse(EMBEDDED_DEFAULT, Path(base))
+
+
+def override(config: Config, option: str, value: str) -> Config:
+    """
+    Apply one ``--set section.key=value`` from the command line; C{value}
+    is TOML (a bare word is taken as a string).
+    """
+    section, _, key = option.partition(".")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    if section not in _SECTIONS:
+        raise ConfigError(option, "unknown key")
+    specs = {f.name: f for f in fields(_SECTIONS[section]())}
+    if key not in specs:
+        raise ConfigError(option, "unknown key")
+    converted = _convert(option, specs[key], parsed)
+    new_section = replace(getattr(config, section), **{key: converted})
+    result = _absolute(replace(config, **{section: new_section}))
+    _check(result)
+    return result

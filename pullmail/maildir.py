@@ -1,0 +1,107 @@
+"""
+Local delivery into maildirs: ``<state_dir>/mail/<domain>/<localpart>/``.
+
+The message is written once, to ``tmp/`` of the first mailbox, and fsynced;
+the other mailboxes get hard links in their ``new/``; finally the first is
+renamed into ``new/`` and every touched ``new/`` directory is fsynced.  Only
+then does the Deferred fire, and only then does the server say ``250``.
+The blocking part runs in a bounded thread pool so the reactor keeps
+serving other sessions during the disk wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from pullmail.durable import fsync_directory, write_new_file
+from pullmail.interfaces import IDeliveryAgent
+
+__all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir"]
+
+_SUBDIRECTORIES = ("tmp", "new", "cur")
+
+
+def mailbox_path(root: Path, address: str) -> Path:
+    """The maildir of a normalised local address (checked by accounts)."""
+    local, _, domain = address.rpartition("@")
+    if not local or "/" in local or local.startswith(".") or "/" in domain:
+        raise ValueError(f"unsafe mailbox name {address!r}")
+    return root / domain / local
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in _SUBDIRECTORIES:
+        (path / sub).mkdir(parents=True, exist_ok=True)
+
+
+class MaildirNames:
+    """
+    Unique file names per the maildir convention: time, a per-process
+    counter, the pid and the host.  Time comes from the injected clock.
+    """
+
+    def __init__(self, clock: IReactorTime, hostname: str, pid: int) -> None:
+        self._clock = clock
+        self._host = hostname.replace("/", "\\057").replace(":", "\\072")
+        self._pid = pid
+        self._counter = itertools.count()
+
+    def next(self, queue_id: str) -> str:
+        now = self._clock.seconds()
+        return (
+            f"{int(now)}.M{int(now % 1 * 1e6)}P{self._pid}Q{next(self._counter)}"
+            f"_{queue_id}.{self._host}"
+        )
+
+
+def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
+    """Blocking: write one message into the maildirs of C{addresses}."""
+    boxes = [mailbox_path(root, a) for a in addresses]
+    for box in boxes:
+        ensure_maildir(box)
+    first_tmp = boxes[0] / "tmp" / name
+    write_new_file(first_tmp, chunks)
+    written = []
+    try:
+        for box in boxes[1:]:
+            target = box / "new" / name
+            try:
+                os.link(first_tmp, target)
+            except OSError:
+                write_new_file(box / "tmp" / name, chunks)
+                os.rename(box / "tmp" / name, target)
+            written.append(target)
+        os.rename(first_tmp, boxes[0] / "new" / name)
+        written.insert(0, boxes[0] / "new" / name)
+        for directory in {path.parent for path in written}:
+            fsync_directory(directory)
+    except BaseException:
+        for path in written + [first_tmp]:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+@implementer(IDeliveryAgent)
+class MaildirDelivery:
+    """Delivers to maildirs under C{root}, off the reactor thread."""
+
+    def __init__(self, root: Path, names: MaildirNames, reactor: IReactorThreads, pool) -> None:
+        self.root = root
+        self._names = names
+        self._reactor = reactor
+        self._pool = pool
+
+    def deliver(self, queue_id: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> Deferred:
+        name = self._names.next(queue_id)
+        return deferToThreadPool(
+            self._reactor, self._pool, store, self.root, name, list(addresses), list(chunks)
+        )

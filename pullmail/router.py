@@ -1,0 +1,102 @@
+"""
+Where an accepted message goes: local recipients into maildirs, the rest
+to the outbound queue.  The reply to end-of-data is decided here, and it is
+``250`` only when every copy is durable.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from typing import Sequence
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pullmail import replies
+from pullmail.accounts import Accounts
+from pullmail.envelope import Envelope, Session
+from pullmail.ids import new_queue_id
+from pullmail.interfaces import IDeliveryAgent
+from pullmail.replies import Reply
+
+__all__ = ["Router", "received_header"]
+
+log = Logger(namespace="pullmail.delivery")
+
+
+def received_header(
+    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float
+) -> bytes:
+    """The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values)."""
+    source = f"{session.helo or 'unknown'} ([{session.peer}])"
+    lines = [
+        f"Received: from {source}",
+        f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",
+    ]
+    date = email.utils.formatdate(now, localtime=False)
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+class Router:
+    def __init__(
+        self,
+        hostname: str,
+        accounts: Accounts,
+        delivery: IDeliveryAgent,
+        clock: IReactorTime,
+        outbound=None,
+    ) -> None:
+        self.hostname = hostname
+        self.accounts = accounts
+        self.delivery = delivery
+        self.clock = clock
+        self.outbound = outbound
+
+    def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Expand aliases: (local mailboxes, remote addresses)."""
+        local: dict[str, None] = {}
+        remote: dict[str, None] = {}
+        for recipient in recipients:
+            for final in self.accounts.expand(recipient):
+                if final.rpartition("@")[2] in self.accounts.domains:
+                    local[final] = None
+                else:
+                    remote[final] = None
+        return list(local), list(remote)
+
+    @defer.inlineCallbacks
+    def accept(self, session: Session, envelope: Envelope, chunks: list, size: int):
+        """Store a message; fire with the reply to end-of-data."""
+        queue_id = new_queue_id()
+        header = received_header(
+            session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
+        )
+        message = [header] + list(chunks)
+        local, remote = self.split(envelope.recipients)
+        if remote and self.outbound is None:
+            log.warn("no outbound queue for {recipients}", recipients=remote)
+            return replies.S451_LOCAL_ERROR
+        try:
+            if local:
+                yield self.delivery.deliver(queue_id, local, message)
+            if remote:
+                yield self.outbound.enqueue(queue_id, envelope.sender, remote, message)
+        except OSError as e:
+            log.error(
+                "storing {queue_id} failed: {error}", queue_id=queue_id, error=str(e),
+                event="store-failed",
+            )
+            return replies.S452_STORAGE_FULL if e.errno == 28 else replies.S451_LOCAL_ERROR
+        log.info(
+            "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
+            queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
+            size=size + len(header), peer=session.peer, delivered=local, queued=remote,
+            event="accepted",
+        )
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
