@@ -38,8 +38,9 @@ _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 # Quoted-string = DQUOTE *QcontentSMTP DQUOTE; qtextSMTP = %d32-33 / %d35-91 /
 # %d93-126; quoted-pairSMTP = %d92 %d32-126
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
-# sub-domain = Let-dig [Ldh-str]; Domain = sub-domain *("." sub-domain)
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# sub-domain = Let-dig [Ldh-str]; Domain = sub-domain *("." sub-domain);
+# a label is at most 63 octets (RFC 1035 2.3.4)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # address-literal = "[" ( IPv4 / IPv6 / General-address-literal ) "]"
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")

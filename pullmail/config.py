@@ -80,9 +80,13 @@ def parse_size(text: str | int) -> int:
 def _endpoint(text: str) -> str:
     """Check that a server endpoint string parses, without listening."""
     try:
-        endpoints.serverFromString(MemoryReactor(), text)
-    except (ValueError, TypeError, KeyError) as e:
+        endpoint = endpoints.serverFromString(MemoryReactor(), text)
+    except Exception as e:  # parsers raise anything, e.g. OSError for ssl: files
         raise ValueError(f"bad endpoint {text!r}: {e}") from None
+    # The parser takes any integer as a TCP port; listening would fail later.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port < 65536:
+        raise ValueError(f"bad endpoint {text!r}: port {port} out of range")
     return text
 
 
@@ -127,8 +131,9 @@ def _opt(default: Any, kind: type | tuple, convert: Callable | None = None):
 
 
 def _list(default: list, convert: Callable | None = None):
+    # Defaults are written as in the file and converted like file values.
     return field(
-        default=tuple(default),
+        default=tuple(convert(item) if convert else item for item in default),
         metadata={"kind": list, "convert": convert, "each": True},
     )
 

@@ -5,7 +5,7 @@ test fake is checked against these with C{verifyObject}.
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IDeliveryAgent"]
+__all__ = ["IDeliveryAgent", "IOutbox", "ITrustPolicy"]
 
 
 class IDeliveryAgent(Interface):
@@ -23,4 +23,54 @@ class IDeliveryAgent(Interface):
         @return: a Deferred firing with the list of paths written once every
             file and directory entry is fsynced; failing with C{OSError}
             (disk full, permissions) when nothing could be stored.
+        """
+
+
+class IOutbox(Interface):
+    """
+    Outbound mail, one entry per (message, recipient domain), keyed by its
+    General Delivery id.  A clustered backend may share it between nodes;
+    L{claim} must then be atomic across them.
+    """
+
+    def load():
+        """Build the index at start-up; release stale claims; return their ids."""
+
+    def get(entry_id):
+        """The entry with this id, or None.  Must not touch the disk."""
+
+    def entries():
+        """An iterator over a snapshot of all entries."""
+
+    def add(entries, chunks):
+        """Store one message for C{entries} durably (blocking)."""
+
+    def update(entry):
+        """Persist a changed entry durably (blocking)."""
+
+    def claim(entry_id):
+        """Take the entry for one retrieval: the entry, or None if taken."""
+
+    def release(entry_id):
+        """Give a claimed entry back (the retrieval broke off)."""
+
+    def remove(entry_id):
+        """Forget an entry and its message."""
+
+    def read_message(entry_id):
+        """The message bytes of an entry (blocking)."""
+
+
+class ITrustPolicy(Interface):
+    """Decides whether a sender may be trusted (SPEC 6)."""
+
+    name = Attribute("The name by which [trust] policies enables it.")
+
+    def check(peer, domain, helo, sender):
+        """
+        @param peer: the connecting IP address (text).
+        @param domain: the identity checked: MAIL FROM domain, or the EHLO
+            domain for the bare form and the null sender.
+        @return: a Deferred firing with None (no objection) or a L{Reply}
+            refusing the sender (4xx temporary, 5xx permanent).
         """

@@ -32,9 +32,14 @@ _SUBDIRECTORIES = ("tmp", "new", "cur")
 def mailbox_path(root: Path, address: str) -> Path:
     """The maildir of a normalised local address (checked by accounts)."""
     local, _, domain = address.rpartition("@")
-    if not local or "/" in local or local.startswith(".") or "/" in domain:
+    if not (_safe_component(local) and _safe_component(domain)):
         raise ValueError(f"unsafe mailbox name {address!r}")
     return root / domain / local
+
+
+def _safe_component(name: str) -> bool:
+    """One path component that stays below its parent: not "", ".", ".."."""
+    return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".")
 
 
 def ensure_maildir(path: Path) -> None:

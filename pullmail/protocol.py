@@ -11,9 +11,10 @@ limits, the STARTTLS handshake and the DATA reader.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Mapping
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -21,18 +22,21 @@ from twisted.python.failure import Failure
 
 from pullmail import replies
 from pullmail.envelope import Session
+from pullmail.esmtp.client import ProtocolError, ReplyReader
 from pullmail.esmtp.data import DataReader
 from pullmail.esmtp.server import (
     MAX_COMMAND_LINE,
     BeginData,
     Close,
+    EndTurn,
+    Reverse,
     ServerMachine,
     ServerPolicy,
     StartTLS,
 )
 from pullmail.replies import Reply
 
-__all__ = ["SMTPServerFactory", "SMTPServerProtocol", "ConnectionLimits"]
+__all__ = ["SMTPServerFactory", "SMTPConnection", "SMTPServerProtocol", "ConnectionLimits"]
 
 log = Logger(namespace="pullmail.smtp")
 
@@ -61,10 +65,20 @@ class ConnectionLimits:
             del self._open[address]
 
 
-class SMTPServerProtocol(Protocol):
+class SMTPConnection(Protocol):
+    """
+    One SMTP connection, in the server role (a L{ServerMachine} reads
+    commands) or the client role (a L{ReplyReader} reads replies, and the
+    connection is the L{Channel} of a client dialogue).  General Delivery
+    swaps the two on one connection (SPEC 4).
+    """
+
     factory: "SMTPServerFactory"
 
     def __init__(self) -> None:
+        self._replies: ReplyReader | None = None     # set in the client role
+        self._reply_waiters: deque[defer.Deferred] = deque()
+        self._turn_done: defer.Deferred | None = None
         self._buffer = b""
         self._busy = False          # a request is running; input waits
         self._reader: DataReader | None = None
@@ -73,6 +87,7 @@ class SMTPServerProtocol(Protocol):
         self._limited = False
         self.machine: ServerMachine | None = None
         self._closing = False
+        self.performers: Mapping[type, Callable] = {}
 
     # -- connection ---------------------------------------------------------
 
@@ -81,6 +96,7 @@ class SMTPServerProtocol(Protocol):
         peer = self.transport.getPeer()
         address = getattr(peer, "host", "unknown")
         self.machine = factory.new_machine(Session(address, factory.service, tls=factory.implicit_tls))
+        self.performers = factory.performers
         log.info(
             "connection from {peer} on {service}", peer=address, service=factory.service,
             event="connection",
@@ -97,8 +113,8 @@ class SMTPServerProtocol(Protocol):
             self.transport.write(refusal.render())
             self.transport.loseConnection()
             return
-        self._timer = factory.clock.callLater(factory.idle_timeout, self._timed_out)
-        self.send(self.machine.greeting())
+        self.start_timer(factory.clock, factory.idle_timeout)
+        self.send_reply(self.machine.greeting())
 
     def connectionLost(self, reason: Failure) -> None:
         if self._timer is not None and self._timer.active():
@@ -108,19 +124,30 @@ class SMTPServerProtocol(Protocol):
             self._limited = False
             self.factory.limits.release(self.machine.session.peer)
         self._reader = None
+        self._closing = True
+        waiters, self._reply_waiters = self._reply_waiters, deque()
+        for waiter in waiters:
+            waiter.errback(reason)
+        if self._turn_done is not None:
+            done, self._turn_done = self._turn_done, None
+            done.errback(reason)
 
     def _timed_out(self) -> None:
         self._timer = None
-        log.info("idle timeout for {peer}", peer=self.machine.session.peer, event="timeout")
+        log.info("idle timeout for {peer}", peer=self.transport.getPeer(), event="timeout")
+        if self._replies is not None:
+            self._closing = True
+            self.transport.loseConnection()
+            return
         self.close(replies.S421_TIMEOUT)
 
-    def send(self, reply: Reply) -> None:
-        if not self._closing:
-            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
+    def start_timer(self, clock: IReactorTime, timeout: float) -> None:
+        self._clock, self._timeout = clock, timeout
+        self._timer = clock.callLater(timeout, self._timed_out)
 
     def close(self, reply: Reply | None = None) -> None:
         if reply is not None:
-            self.send(reply)
+            self.send_reply(reply)
         self._closing = True
         self._buffer = b""
         self.transport.loseConnection()
@@ -131,9 +158,71 @@ class SMTPServerProtocol(Protocol):
         if self._closing:
             return
         if self._timer is not None:
-            self._timer.reset(self.factory.idle_timeout)
+            self._timer.reset(self._timeout)
+        if self._replies is not None:
+            self._replies.feed(data)
+            self._hand_out_replies()
+            return
         self._buffer += data
         self._process()
+
+    # -- the client role -----------------------------------------------------
+
+    def become_client(self, rest: bytes = b"") -> None:
+        self._replies = ReplyReader()
+        self._replies.feed(rest)
+
+    def send(self, data: bytes) -> None:
+        """Send commands (the Channel interface)."""
+        if not self._closing:
+            self.transport.write(data)
+
+    def start_tls(self, options) -> None:
+        """Client role: start TLS right after the peer's 220 to STARTTLS."""
+        self.transport.startTLS(options)
+
+    def send_reply(self, reply: Reply) -> None:
+        if not self._closing:
+            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
+
+    def reply(self) -> defer.Deferred:
+        """The next reply from the peer (the Channel interface)."""
+        d = defer.Deferred()
+        if self._closing:
+            d.errback(error.ConnectionLost("connection closed"))
+            return d
+        self._reply_waiters.append(d)
+        self._hand_out_replies()
+        return d
+
+    def _hand_out_replies(self) -> None:
+        while self._reply_waiters and self._replies is not None:
+            try:
+                reply = self._replies.next_reply()
+            except ProtocolError as e:
+                log.info("protocol error from {peer}: {error}",
+                         peer=self.transport.getPeer(), error=str(e))
+                self._closing = True
+                self.transport.loseConnection()
+                return
+            if reply is None:
+                return
+            self._reply_waiters.popleft().callback(reply)
+
+    def serve_turn(self, machine: ServerMachine) -> defer.Deferred:
+        """
+        Take the server role for one reversed turn: what the peer sent after
+        its last reply is the first input.  Fires when the machine ends the
+        turn, with the connection back in the client role.
+        """
+        rest = self._replies.take_rest() if self._replies else b""
+        self._replies = None
+        self.machine = machine
+        self._buffer = rest
+        self._turn_done = defer.Deferred()
+        done = self._turn_done
+        self._process()
+        return done
 
     def _process(self) -> None:
         while self._buffer and not self._busy and not self._closing:
@@ -163,7 +252,7 @@ class SMTPServerProtocol(Protocol):
         if discard:
             self._buffer = b""
         self._log_outcome("<too long>", replies.S500_LINE_TOO_LONG)
-        self.send(replies.S500_LINE_TOO_LONG)
+        self.send_reply(replies.S500_LINE_TOO_LONG)
 
     def _command(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "surrogateescape")
@@ -177,20 +266,53 @@ class SMTPServerProtocol(Protocol):
     def _act(self, action: object, line: str = "") -> None:
         if isinstance(action, Reply):
             self._log_outcome(line, action)
-            self.send(action)
+            self.send_reply(action)
         elif isinstance(action, BeginData):
             self._reader = DataReader(action.max_size)
-            self.send(action.reply)
+            self.send_reply(action.reply)
         elif isinstance(action, StartTLS):
-            self.send(action.reply)
+            self.send_reply(action.reply)
             # CVE-2011-0411: what was pipelined behind STARTTLS is plaintext
             # an attacker may have injected; it must never run under TLS.
             self._buffer = b""
             self._start_tls()
         elif isinstance(action, Close):
             self.close(action.reply)
+        elif isinstance(action, Reverse):
+            self._reverse(action)
+        elif isinstance(action, EndTurn):
+            self._log_outcome(line, action.reply)
+            self.send_reply(action.reply)
+            # SPEC 4: the side that replies to the input ending the turn
+            # drops whatever the peer pipelined behind it.
+            self._buffer = b""
+            self.become_client()
+            done, self._turn_done = self._turn_done, None
+            if done is not None:
+                done.callback(None)
         else:
             self._perform(action, line)
+
+    def _reverse(self, action: Reverse) -> None:
+        """SPEC 4, SMTA side: after '250 ... follows', be the client."""
+        self.send_reply(action.reply)
+        self._buffer = b""
+        self.become_client()
+        self._busy = True
+        d = defer.Deferred.fromCoroutine(action.turn(self))
+
+        def turn_over(result: object) -> object:
+            self._busy = False
+            if self._closing:
+                return result
+            rest = self._replies.take_rest()
+            self._replies = None
+            self._buffer = rest + self._buffer
+            self._process()
+            return result
+
+        d.addBoth(turn_over)
+        d.addErrback(lambda f: log.failure("reversed turn failed", f))
 
     def _log_outcome(self, line: str, reply: Reply) -> None:
         verb = line.split(" ", 1)[0].upper()[:16]
@@ -204,7 +326,7 @@ class SMTPServerProtocol(Protocol):
                       code=reply.code, event="command")
 
     def _perform(self, request: object, line: str) -> None:
-        performer = self.factory.performers.get(type(request))
+        performer = self.performers.get(type(request))
         if performer is None:
             raise TypeError(f"no performer for {request!r}")
         self._busy = True
@@ -252,6 +374,9 @@ class SMTPServerProtocol(Protocol):
         log.info("TLS started with {peer}", peer=self.machine.session.peer, event="tls")
 
 
+SMTPServerProtocol = SMTPConnection
+
+
 class SMTPServerFactory(Factory):
     """
     Builds protocols for one service.  Everything a session needs comes
@@ -289,3 +414,48 @@ class SMTPServerFactory(Factory):
 
     def new_machine(self, session: Session) -> ServerMachine:
         return ServerMachine(self.policy, session, self.extensions)
+
+
+class ClientConnection(SMTPConnection):
+    """An outbound connection: starts in the client role, idle-timed."""
+
+    def __init__(self, clock: IReactorTime, timeout: float, performers: Mapping = {}) -> None:
+        super().__init__()
+        self._client_clock, self._client_timeout = clock, timeout
+        self.performers = performers
+
+    def connectionMade(self) -> None:
+        self.become_client()
+        self.start_timer(self._client_clock, self._client_timeout)
+
+    def quit(self) -> None:
+        """End politely without waiting for the 221."""
+        self.send(b"QUIT\r\n")
+        self.close()
+
+
+class Connector:
+    """
+    Opens outbound SMTP connections from the node's own address (SPEC 9:
+    ``[delivery] bind_address``).  Tests substitute a function of the same
+    shape: ``connect(address, port, performers) -> Deferred[ClientConnection]``.
+    """
+
+    def __init__(self, reactor, clock: IReactorTime, bind_address: str,
+                 connect_timeout: float, idle_timeout: float) -> None:
+        self._reactor = reactor
+        self._clock = clock
+        self._bind = bind_address
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+
+    def __call__(self, address: str, port: int, performers: Mapping = {}) -> defer.Deferred:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+        kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        bind = (self._bind, 0) if self._bind else None
+        endpoint = kind(self._reactor, address, port, timeout=self._connect_timeout,
+                        bindAddress=bind)
+        return connectProtocol(
+            endpoint, ClientConnection(self._clock, self._idle_timeout, performers)
+        )

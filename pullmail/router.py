@@ -71,6 +71,22 @@ class Router:
         return list(local), list(remote)
 
     @defer.inlineCallbacks
+    def inject(self, sender: str, recipients: Sequence[str], chunks: Sequence[bytes]):
+        """
+        Send a message this node made itself (a bounce): local recipients
+        get it in their maildirs, others through the outbound queue.
+        """
+        queue_id = new_queue_id()
+        local, remote = self.split(recipients)
+        if local:
+            yield self.delivery.deliver(queue_id, local, list(chunks))
+        if remote and self.outbound is not None:
+            yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
+        log.info("injected {queue_id} from <{sender}> for {recipients}", queue_id=queue_id,
+                 sender=sender, recipients=list(recipients), event="injected")
+        return queue_id
+
+    @defer.inlineCallbacks
     def accept(self, session: Session, envelope: Envelope, chunks: list, size: int):
         """Store a message; fire with the reply to end-of-data."""
         queue_id = new_queue_id()

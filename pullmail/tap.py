@@ -8,7 +8,9 @@ clock, a thread runner and a connector.
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from twisted.application import service
@@ -22,11 +24,19 @@ from twisted.python.threadpool import ThreadPool
 
 from pullmail import config as configuration
 from pullmail.accounts import Accounts, AccountsError
+from pullmail.delivery import Outbound
+from pullmail.dns import Resolver, make_dnspython_resolver
+from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
 from pullmail.esmtp.server import Authenticate, Deliver, ServerPolicy
 from pullmail.maildir import MaildirDelivery, MaildirNames
-from pullmail.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.outbox import MaildirOutbox
+from pullmail.pending import PendingStore
+from pullmail.pickup import FailureTracker, PickupCounter
+from pullmail.protocol import ConnectionLimits, Connector, SMTPServerFactory
+from pullmail.retrieval import Retriever
 from pullmail.router import Router
-from pullmail.tls import ensure_certificate, server_context
+from pullmail.tls import client_context, ensure_certificate, server_context
+from pullmail.trust.policy import TrustChecker
 
 __all__ = ["Options", "makeService"]
 
@@ -35,6 +45,8 @@ log = Logger(namespace="pullmail.node")
 # Threads for blocking disk and password work: enough to overlap fsyncs of
 # concurrent sessions, few enough not to thrash a small machine.
 DISK_THREADS = 4
+# DNS waits on the network, not the disk: more threads, their own pool.
+DNS_THREADS = 10
 
 
 class Options(usage.Options):
@@ -85,45 +97,98 @@ class ThreadPoolService(service.Service):
         self.pool.stop()
 
 
+class Startable(service.Service):
+    """Runs C{start} and C{stop} with the node (after the thread pools)."""
+
+    def __init__(self, start, stop) -> None:
+        self._start, self._stop = start, stop
+
+    def startService(self) -> None:
+        super().startService()
+        self._start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stop()
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = service.MultiService()
     hostname = config.node.hostname
-    mail_root = config.state_dir / "mail"
+    state = config.state_dir
+    mail_root = state / "mail"
     mail_root.mkdir(parents=True, exist_ok=True)
     ensure_certificate(config.tls.certificate, config.tls.key, hostname, config.tls.generate)
     tls_context = server_context(config.tls.certificate, config.tls.key)
     accounts = Accounts.load(config.node.domains, config.accounts.users, config.accounts.aliases)
+    domains = frozenset(config.node.domains)
 
-    pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="pullmail-disk")
-    ThreadPoolService(pool).setServiceParent(node)
-    delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()), reactor, pool)
+    disk_pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="pullmail-disk")
+    dns_pool = ThreadPool(minthreads=1, maxthreads=DNS_THREADS, name="pullmail-dns")
+    for pool in (disk_pool, dns_pool):
+        ThreadPoolService(pool).setServiceParent(node)
+    run_blocking = functools.partial(deferToThreadPool, reactor, disk_pool)
+    run_dns = functools.partial(deferToThreadPool, reactor, dns_pool)
+
+    resolver = Resolver(
+        make_dnspython_resolver(config.dns.nameservers, config.dns.timeout), reactor, dns_pool
+    )
+    delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()), reactor,
+                               disk_pool)
     router = Router(hostname, accounts, delivery, reactor)
-    limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
+    connect = Connector(reactor, reactor, config.delivery.bind_address,
+                        config.delivery.connect_timeout, config.limits.idle_timeout)
+    client_tls = client_context()
+    outbox = MaildirOutbox(state / "outbox")
+    outbound = Outbound(
+        outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
+        run_blocking=run_blocking, hostname=hostname, config=config.delivery,
+        send_bounce=lambda sender, message: router.inject("", [sender], [message]),
+        client_tls=client_tls,
+    )
+    router.outbound = outbound
+    failures = FailureTracker(reactor, config.limits.retr_fail_limit,
+                              config.limits.retr_fail_window, config.limits.retr_block,
+                              config.limits.retr_tarpit_max)
+    pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking)
+    mx_policy = ServerPolicy(
+        hostname=hostname, domains=domains, accounts=accounts, service="smtp",
+        max_size=config.limits.message_size, max_recipients=config.limits.recipients,
+        tls_available=True,
+    )
+    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4)
+    retriever = Retriever(
+        store=PendingStore(state / "pending"), trust=trust, connect=connect, clock=reactor,
+        run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
+        remote_port=config.delivery.remote_port, keep_for=config.delivery.outbox_lifetime,
+        pending_per_origin=config.limits.pending_per_origin, policy=mx_policy,
+        deliver=router.accept, client_tls=client_tls,
+    )
+    Startable(outbound.start, outbound.stop).setServiceParent(node)
+    Startable(retriever.start, retriever.stop).setServiceParent(node)
 
     performers = {
         Deliver: lambda protocol, request: router.accept(
             request.session, request.envelope, request.chunks, request.size
         ),
-        Authenticate: lambda protocol, request: deferToThreadPool(
-            reactor, pool, accounts.check_password, request.user, request.password
+        Authenticate: lambda protocol, request: run_blocking(
+            accounts.check_password, request.user, request.password
         ),
+        Notify: retriever,
+        Retrieve: pickup,
     }
-    domains = frozenset(config.node.domains)
+    limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
+    pull = (pull_extension(config.trust.bare_gdel),) if config.trust.gdel else ()
     for service_name in ("smtp", "submission", "submissions"):
-        policy = ServerPolicy(
-            hostname=hostname,
-            domains=domains,
-            accounts=accounts,
-            service=service_name,
-            max_size=config.limits.message_size,
-            max_recipients=config.limits.recipients,
-            tls_available=service_name != "submissions",
-        )
         implicit = service_name == "submissions"
+        policy = replace(mx_policy, service=service_name, tls_available=not implicit)
         factory = SMTPServerFactory(
             policy, reactor, limits, config.limits.idle_timeout, performers,
             tls_context=tls_context, implicit_tls=implicit,
+            extensions=pull if service_name == "smtp" else (),
+            refuse_connection=failures.refuse_connection if service_name == "smtp"
+            else (lambda address: None),
         )
         wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
         for description in getattr(config.listen, service_name):
@@ -133,7 +198,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
             listener.setServiceParent(node)
     log.info(
         "pullmail node {hostname} for {domains}, state in {state_dir}",
-        hostname=hostname, domains=list(domains), state_dir=str(config.state_dir),
+        hostname=hostname, domains=sorted(domains), state_dir=str(state),
     )
     return node
 

@@ -18,7 +18,7 @@ from twisted.internet.ssl import TLSVersion
 
 from pullmail.durable import write_atomically
 
-__all__ = ["ensure_certificate", "server_context", "self_signed_pair"]
+__all__ = ["ensure_certificate", "server_context", "client_context", "self_signed_pair"]
 
 
 def self_signed_pair(hostname: str, now: datetime.datetime) -> tuple[bytes, bytes]:
@@ -67,3 +67,11 @@ def server_context(certificate: Path, key: Path) -> ssl.CertificateOptions:
         certificate=private.original,
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+
+
+def client_context() -> ssl.CertificateOptions:
+    """
+    Opportunistic outbound TLS (RFC 7435): encrypt whenever the peer offers
+    STARTTLS, without judging its certificate.
+    """
+    return ssl.CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)

@@ -41,6 +41,8 @@ __all__ = [
     "StartTLS",
     "BeginData",
     "Close",
+    "Reverse",
+    "EndTurn",
     "MAX_COMMAND_LINE",
 ]
 
@@ -105,6 +107,24 @@ class BeginData:
 @dataclass(frozen=True)
 class Close:
     """Send C{reply} and close the connection."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Reverse:
+    """
+    Send C{reply}, drop buffered input, and play the client: run C{turn}
+    (a coroutine function taking a channel); then serve again (SPEC 4).
+    """
+
+    reply: Reply
+    turn: object
+
+
+@dataclass(frozen=True)
+class EndTurn:
+    """Send C{reply}, drop buffered input, give the client role back."""
 
     reply: Reply
 

@@ -1,0 +1,408 @@
+"""
+Outbound delivery, the SMTA's side of SPEC 7.
+
+For each outbox entry that is due: find the recipient domain's mail hosts,
+connect from the node's own address, EHLO, STARTTLS when offered; then, if
+the peer offers GDEL, notify and keep the entry until it is retrieved or
+expires, else push it by MAIL/RCPT/DATA.  4xx or no answer: retry on
+``push_retry``.  5xx, or the end of a lifetime: bounce (RFC 3464).
+
+One timer covers the whole outbox: a heap of (due, id), and a single
+``callLater`` for the earliest, so nothing polls and a million waiting
+entries cost nothing until they are due.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from dataclasses import replace
+from typing import Callable, Sequence
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pullmail import bounce
+from pullmail.config import DeliveryConfig
+from pullmail.dns import DNSPermanentError, DNSTemporaryError, Resolver, mail_hosts
+from pullmail.esmtp.client import (
+    TransactionResult,
+    open_session,
+    send_notification,
+    send_transaction,
+)
+from pullmail.ids import new_gdel_id
+from pullmail.interfaces import IOutbox
+from pullmail.outbox import NOTIFIED, QUEUED, OutboxEntry
+from pullmail.replies import Reply
+from pullmail.schedule import push_retry_at
+
+__all__ = ["Outbound"]
+
+log = Logger(namespace="pullmail.delivery")
+
+# Concurrent outbound attempts; more would only contend for the uplink.
+MAX_ATTEMPTS_IN_FLIGHT = 20
+
+
+class _Transient(Exception):
+    """This attempt failed for a reason that may pass (4xx, no answer)."""
+
+
+class _Permanent(Exception):
+    """The destination cannot be reached at all (no such domain, null MX)."""
+
+
+class Outbound:
+    def __init__(
+        self,
+        *,
+        outbox: IOutbox,
+        resolver: Resolver,
+        connect: Callable,
+        clock: IReactorTime,
+        run_blocking: Callable,
+        hostname: str,
+        config: DeliveryConfig,
+        send_bounce: Callable[[str, bytes], object],
+        client_tls=None,
+    ) -> None:
+        self.outbox = outbox
+        self.resolver = resolver
+        self.connect = connect
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.hostname = hostname
+        self.config = config
+        self.send_bounce = send_bounce
+        self.client_tls = client_tls
+        self._heap: list[tuple[float, str]] = []
+        self._timer = None
+        self._in_flight: set[str] = set()
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the outbox; released claims are notified again (SPEC 4)."""
+        released = set(self.outbox.load())
+        now = self.clock.seconds()
+        for entry in self.outbox.entries():
+            if entry.id in released and entry.state == NOTIFIED:
+                entry.state, entry.next_attempt = QUEUED, now
+                self.outbox.update(entry)
+            self._push(entry)
+        self._arm()
+        log.info("outbox loaded: {count} entries, {released} claims released",
+                 count=len(self.outbox), released=len(released))
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- entry points -----------------------------------------------------------
+
+    def enqueue(self, queue_id: str, sender: str, recipients: Sequence[str],
+                chunks: Sequence[bytes]) -> defer.Deferred:
+        """Queue a message for remote recipients: one entry per domain."""
+        by_domain: dict[str, list[str]] = {}
+        for recipient in recipients:
+            by_domain.setdefault(recipient.rpartition("@")[2].lower(), []).append(recipient)
+        now = self.clock.seconds()
+        size = sum(len(c) for c in chunks)
+        eight_bit = any(max(c, default=0) > 127 for c in chunks)
+        entries = [
+            OutboxEntry(
+                id=new_gdel_id(), queue_id=queue_id, sender=sender, domain=domain,
+                recipients=rcpts, created=now, size=size, next_attempt=now,
+                body="8BITMIME" if eight_bit else None,
+            )
+            for domain, rcpts in sorted(by_domain.items())
+        ]
+        d = self.run_blocking(self.outbox.add, entries, list(chunks))
+
+        def stored(_: object) -> None:
+            for entry in entries:
+                log.info("queued {queue_id} as {id} for {recipients}", queue_id=queue_id,
+                         id=entry.id, recipients=entry.recipients, event="queued")
+                self._push(entry)
+            self._arm()
+
+        return d.addCallback(stored)
+
+    def flush(self) -> None:
+        """Make every queued entry due now (``pullmail queue --flush``)."""
+        now = self.clock.seconds()
+        for entry in self.outbox.entries():
+            if entry.state == QUEUED and not entry.claimed:
+                entry.next_attempt = now
+                self._push(entry)
+        self._arm()
+
+    # -- the timer --------------------------------------------------------------
+
+    def _due(self, entry: OutboxEntry) -> float | None:
+        if entry.claimed:
+            return None
+        if entry.state == QUEUED:
+            return entry.next_attempt
+        due = entry.expires
+        if self.config.delay_warning > 0 and not entry.warned:
+            due = min(due, entry.created + self.config.delay_warning)
+        return due
+
+    def _push(self, entry: OutboxEntry) -> None:
+        due = self._due(entry)
+        if due is not None:
+            heapq.heappush(self._heap, (due, entry.id))
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self._heap[0][0]:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            if len(self._in_flight) >= MAX_ATTEMPTS_IN_FLIGHT:
+                break
+            due, entry_id = heapq.heappop(self._heap)
+            entry = self.outbox.get(entry_id)
+            if entry is None or entry_id in self._in_flight or self._due(entry) != due:
+                continue  # stale heap item: the entry moved on
+            if entry.state == QUEUED:
+                self._in_flight.add(entry_id)
+                d = defer.Deferred.fromCoroutine(self._attempt(entry))
+                d.addErrback(lambda f, i=entry_id: log.failure("attempt {id}", f, id=i))
+                d.addBoth(lambda _, i=entry_id: self._attempt_done(i))
+            else:
+                self._check_notified(entry, now)
+        if self._heap and len(self._in_flight) < MAX_ATTEMPTS_IN_FLIGHT:
+            self._arm()
+
+    def _attempt_done(self, entry_id: str) -> None:
+        self._in_flight.discard(entry_id)
+        self._arm()
+
+    # -- notified entries: expiry and delay warnings ------------------------------
+
+    def _check_notified(self, entry: OutboxEntry, now: float) -> None:
+        if now >= entry.expires:
+            log.info("{id} not retrieved in time, bouncing", id=entry.id, event="expired",
+                     queue_id=entry.queue_id)
+            self._bounce(entry, entry.recipients, "5.4.7", None,
+                         "message not retrieved by the recipient's server in time")
+            self.outbox.remove(entry.id)
+            return
+        if self.config.delay_warning > 0 and not entry.warned:
+            entry.warned = True
+            self.outbox.update(entry)
+            self._bounce(entry, entry.recipients, "4.4.7", None,
+                         "message not yet retrieved; still waiting", action="delayed")
+        self._push(entry)
+
+    # -- one attempt --------------------------------------------------------------
+
+    async def _attempt(self, entry: OutboxEntry) -> None:
+        entry.attempts += 1
+        try:
+            mode, host, result = await self._try_hosts(entry)
+        except _Permanent as e:
+            self._bounce(entry, entry.recipients, "5.1.2", None, str(e))
+            self.outbox.remove(entry.id)
+            return
+        except _Transient as e:
+            self._retry_later(entry, str(e))
+            return
+        self._apply(entry, mode, host, result)
+
+    async def _try_hosts(self, entry: OutboxEntry):
+        if self.config.smarthost:
+            host, port = self.config.smarthost
+            targets = [(host, port)]
+        else:
+            try:
+                hosts = await mail_hosts(self.resolver, entry.domain)
+            except DNSPermanentError as e:
+                raise _Permanent(f"domain {entry.domain} does not exist") from e
+            except DNSTemporaryError as e:
+                raise _Transient(f"DNS: {e}") from e
+            if not hosts:
+                raise _Permanent(f"domain {entry.domain} accepts no mail (null MX)")
+            targets = [(host, self.config.remote_port) for host in hosts]
+        errors = []
+        for host, port in targets:
+            try:
+                addresses = await self.resolver.addresses(host)
+            except DNSTemporaryError as e:
+                errors.append(f"{host}: {e}")
+                continue
+            for address in addresses:
+                try:
+                    mode, result = await self._session(entry, address, port)
+                except Exception as e:  # any failure of this host: try the next
+                    errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
+                    log.info("attempt {id} to {host} [{address}] failed: {error}", id=entry.id,
+                             host=host, address=address, error=str(e), event="attempt")
+                    continue
+                return mode, host, result
+        raise _Transient("; ".join(errors) or "no address for any mail host")
+
+    async def _session(self, entry: OutboxEntry, address: str, port: int):
+        connection = await self.connect(address, port)
+        try:
+            keywords = await open_session(connection, self.hostname, self.client_tls)
+            pipelining = "PIPELINING" in keywords
+            if "GDEL" in keywords:
+                result = await send_notification(
+                    connection, entry.sender, entry.recipients, entry.id,
+                    size=entry.size if "SIZE" in keywords else None, pipelining=pipelining,
+                )
+                mode = "pull"
+            elif self.config.push_fallback:
+                message = await self.run_blocking(self.outbox.read_message, entry.id)
+                result = await send_transaction(
+                    connection, entry.sender, entry.recipients, [message],
+                    size=entry.size if "SIZE" in keywords else None,
+                    body=entry.body if "8BITMIME" in keywords else None,
+                    pipelining=pipelining,
+                )
+                mode = "push"
+            else:
+                raise _TransientPeer("peer does not offer GDEL and push_fallback is off")
+        finally:
+            connection.quit()
+        return mode, result
+
+    def _apply(self, entry: OutboxEntry, mode: str, host: str, result: TransactionResult) -> None:
+        now = self.clock.seconds()
+        accepted = result.accepted()
+        permanent = result.refused(permanent=True)
+        transient = result.refused(permanent=False)
+        self._bounce_refused(entry, permanent, result, host)
+        log.info(
+            "{mode} attempt {id} ({queue_id}) to {host}: accepted {accepted}, "
+            "refused {permanent}, deferred {transient}",
+            mode=mode, id=entry.id, queue_id=entry.queue_id, host=host, accepted=accepted,
+            permanent=permanent, transient=transient, event="attempt",
+        )
+        if mode == "pull" and accepted:
+            if transient:
+                self._split_off(entry, transient, result)
+            entry.recipients = accepted
+            entry.state = NOTIFIED
+            entry.notified_at = now
+            entry.expires = entry.created + self.config.outbox_lifetime
+            self.outbox.update(entry)
+            self._push(entry)
+            return
+        if mode == "push" and accepted:
+            log.info("delivered {queue_id} to {recipients} at {host}", queue_id=entry.queue_id,
+                     recipients=accepted, host=host, event="delivered")
+        entry.recipients = transient
+        if not transient:
+            self.outbox.remove(entry.id)
+            return
+        self._retry_later(entry, str(result.recipients[transient[0]]))
+
+    def _split_off(self, entry: OutboxEntry, recipients: list[str], result) -> None:
+        """Recipients deferred while others were notified get their own entry."""
+        sibling = replace(entry, id=new_gdel_id(), recipients=recipients, claimed=False)
+        self.outbox.add_sibling(entry.id, sibling)
+        self._retry_later(sibling, str(result.recipients[recipients[0]]))
+
+    def _retry_later(self, entry: OutboxEntry, reason: str) -> None:
+        now = self.clock.seconds()
+        entry.last_error = reason[:500]
+        when = push_retry_at(entry.attempts, now, entry.created, self.config.push_retry,
+                             self.config.push_lifetime)
+        if when is None:
+            log.info("giving up on {id} ({queue_id}): {reason}", id=entry.id,
+                     queue_id=entry.queue_id, reason=reason, event="expired")
+            self._bounce(entry, entry.recipients, "4.4.7", None,
+                         f"delivery time expired; last error: {reason}")
+            self.outbox.remove(entry.id)
+            return
+        entry.state, entry.next_attempt = QUEUED, when
+        self.outbox.update(entry)
+        self._push(entry)
+        log.info("deferred {id} ({queue_id}) until {when}: {reason}", id=entry.id,
+                 queue_id=entry.queue_id, when=when, reason=reason, event="deferred")
+
+    # -- results of retrievals (from the RETR counter) ---------------------------
+
+    def retrieval_finished(self, entry: OutboxEntry, result: TransactionResult | None,
+                           peer: str) -> None:
+        """
+        SPEC 4: accepted recipients are done, 5xx ones bounce, 4xx ones wait
+        for another RETR; a broken transfer (C{result} None) releases the claim.
+        """
+        if result is None:
+            self.outbox.release(entry.id)
+            self._push(entry)
+            self._arm()
+            return
+        accepted = result.accepted()
+        permanent = result.refused(permanent=True)
+        self._bounce_refused(entry, permanent, result, peer)
+        log.info("retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, refused {refused}",
+                 id=entry.id, queue_id=entry.queue_id, peer=peer, accepted=accepted,
+                 refused=permanent, event="retrieved")
+        remaining = result.refused(permanent=False) + [
+            r for r in entry.recipients if r not in result.recipients
+        ]
+        if not remaining:
+            self.outbox.remove(entry.id)
+            return
+        entry.recipients = remaining
+        self.outbox.update(entry)
+        self.outbox.release(entry.id)
+        self._push(entry)
+        self._arm()
+
+    # -- bounces --------------------------------------------------------------------
+
+    def _bounce_refused(self, entry, recipients, result: TransactionResult, host) -> None:
+        for recipient in recipients:
+            reply: Reply = result.recipients[recipient]
+            self._bounce(entry, [recipient], reply.enhanced or "5.0.0",
+                         f"{reply.code} {reply.enhanced} {reply.text}".strip(), None,
+                         remote_mta=host)
+
+    def _bounce(self, entry: OutboxEntry, recipients: Sequence[str], status: str,
+                diagnostic: str | None, reason: str | None, *, action: str = "failed",
+                remote_mta: str | None = None) -> None:
+        if not recipients:
+            return
+        if not bounce.should_bounce(entry.sender):
+            log.info("not bouncing a bounce: {id}", id=entry.id, event="bounce-dropped")
+            return
+        failed = [
+            bounce.FailedRecipient(r, status, diagnostic or reason, remote_mta, action)
+            for r in recipients
+        ]
+        try:
+            original = self.outbox.read_message(entry.id)
+        except OSError:
+            original = b""
+        message = bounce.build_dsn(
+            reporting_mta=self.hostname, original_sender=entry.sender, recipients=failed,
+            original=original, queue_id=entry.queue_id, arrival_date=entry.created,
+            now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
+            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+        )
+        log.info("{action} DSN for {queue_id} to <{sender}>: {recipients} {status}",
+                 action=action, queue_id=entry.queue_id, sender=entry.sender,
+                 recipients=list(recipients), status=status, event="bounced")
+        self.send_bounce(entry.sender, message)
+
+
+class _TransientPeer(Exception):
+    """The peer can take neither a notification nor a push."""

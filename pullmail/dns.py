@@ -1,0 +1,136 @@
+"""
+One DNS seam for MX lookups, the RETR destined-host check, SPF and DNSBL:
+dnspython aimed at ``[dns] nameservers`` (the system resolver when empty),
+run in a thread so the reactor never waits on the network.
+
+Answers are L{DNSResult}s; failures are L{DNSTemporaryError} (timeout,
+SERVFAIL: try later) or L{DNSPermanentError} (the name does not exist).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Sequence
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
+
+__all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "mail_hosts"]
+
+
+class DNSTemporaryError(Exception):
+    """No answer now (timeout, SERVFAIL); the question may be asked again."""
+
+
+class DNSPermanentError(Exception):
+    """The name does not exist (NXDOMAIN)."""
+
+
+def make_dnspython_resolver(nameservers: Sequence[tuple[str, int]], timeout: float):
+    """A dnspython Resolver for the configured nameservers."""
+    if nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers
+        ]
+    else:
+        resolver = dns.resolver.Resolver()
+    resolver.timeout = timeout
+    resolver.lifetime = timeout
+    return resolver
+
+
+class Resolver:
+    """Asynchronous lookups over a blocking dnspython resolver."""
+
+    def __init__(self, resolver, reactor, pool) -> None:
+        self._resolver = resolver
+        self._reactor = reactor
+        self._pool = pool
+
+    @property
+    def dnspython(self):
+        """The blocking resolver, for code already in a thread (pyspf)."""
+        return self._resolver
+
+    def _query(self, name: str, rdtype: str) -> list:
+        try:
+            answer = self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN:
+            raise DNSPermanentError(f"{name}: no such domain") from None
+        except dns.resolver.NoAnswer:
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+            raise DNSTemporaryError(f"{name} {rdtype}: {e.__class__.__name__}") from None
+        except dns.exception.DNSException as e:
+            raise DNSTemporaryError(f"{name} {rdtype}: {e}") from None
+        return list(answer)
+
+    def _lookup(self, name: str, rdtype: str) -> Deferred:
+        return deferToThreadPool(self._reactor, self._pool, self._query, name, rdtype)
+
+    @inlineCallbacks
+    def mx(self, domain: str):
+        """[(preference, host)] sorted; [] when the domain has no MX."""
+        records = yield self._lookup(domain, "MX")
+        return sorted(
+            (r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in records
+        )
+
+    @inlineCallbacks
+    def addresses(self, host: str):
+        """The A and AAAA addresses of C{host}, as text."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [str(ip)]
+        found = []
+        failure = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                records = yield self._lookup(host, rdtype)
+            except DNSPermanentError:
+                return []
+            except DNSTemporaryError as e:
+                failure = e
+                continue
+            found.extend(r.to_text() for r in records)
+        if not found and failure is not None:
+            raise failure
+        return found
+
+    def txt(self, name: str) -> Deferred:
+        d = self._lookup(name, "TXT")
+        d.addCallback(lambda records: [b"".join(r.strings).decode("utf-8", "replace")
+                                       for r in records])
+        return d
+
+
+@inlineCallbacks
+def mail_hosts(resolver: Resolver, domain: str):
+    """
+    The hosts that receive mail for C{domain} in preference order: its MX
+    hosts, or the domain itself when it has none (RFC 5321 5.1, implicit
+    MX).  A null MX (RFC 7505, ``0 .``) gives [].
+    """
+    records = yield resolver.mx(domain)
+    if not records:
+        return [domain]
+    hosts = [host for _, host in records if host not in ("", ".")]
+    return hosts
+
+
+@inlineCallbacks
+def mail_host_addresses(resolver: Resolver, domain: str):
+    """Every address of every mail host of C{domain} (the destined hosts)."""
+    hosts = yield mail_hosts(resolver, domain)
+    found: list[str] = []
+    for host in hosts:
+        found.extend((yield resolver.addresses(host)))
+    return found

@@ -1,0 +1,186 @@
+"""
+The outbox: outbound mail waiting to be pushed, or notified and waiting to
+be pulled (SPEC 2, 4, 7).
+
+One entry per (message, recipient domain), named by its General Delivery
+id.  On disk, under the outbox folder::
+
+    data/<id>.eml        the message, written once (entries of one message
+                         share it through hard links)
+    entries/<id>.json    the entry's state, versioned JSON, replaced atomically
+    claimed/<id>.json    an entry being retrieved right now
+
+A claim is a rename from ``entries/`` to ``claimed/``: of two nodes sharing
+the folder, exactly one rename succeeds.  At start-up claimed entries are
+released (their retrieval died with the process) and an in-memory index is
+built, so a RETR lookup or an expiry pass never walks the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from zope.interface import implementer
+
+from pullmail.durable import fsync_directory, write_atomically, write_new_file
+from pullmail.ids import is_gdel_id
+from pullmail.interfaces import IOutbox
+
+__all__ = ["OutboxEntry", "MaildirOutbox", "QUEUED", "NOTIFIED"]
+
+RECORD_VERSION = 1
+QUEUED = "queued"        # an attempt (push or notification) is due at next_attempt
+NOTIFIED = "notified"    # the peer accepted GDEL; waiting for RETR until expires
+
+
+@dataclass
+class OutboxEntry:
+    id: str
+    queue_id: str
+    sender: str
+    domain: str
+    recipients: list[str]
+    created: float
+    size: int
+    state: str = QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    notified_at: float | None = None
+    expires: float | None = None
+    warned: bool = False
+    last_error: str = ""
+    body: str | None = None
+    smtputf8: bool = False
+    claimed: bool = field(default=False, compare=False)
+
+    def to_json(self) -> bytes:
+        record = asdict(self)
+        del record["claimed"]
+        record["version"] = RECORD_VERSION
+        return json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "OutboxEntry":
+        record = json.loads(data)
+        if record.pop("version", None) != RECORD_VERSION:
+            raise ValueError("unknown outbox record version")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+@implementer(IOutbox)
+class MaildirOutbox:
+    """The default outbox: files in one folder, claims by rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._data = root / "data"
+        self._entries = root / "entries"
+        self._claimed = root / "claimed"
+        self._index: dict[str, OutboxEntry] = {}
+
+    # -- start-up -----------------------------------------------------------
+
+    def load(self) -> list[str]:
+        """
+        Build the index from disk; release entries left claimed by a dead
+        process.  Returns the ids released.  Blocking; call at start-up.
+        """
+        for folder in (self._data, self._entries, self._claimed, self.root / "tmp"):
+            folder.mkdir(parents=True, exist_ok=True)
+        released = []
+        for path in self._claimed.iterdir():
+            if path.suffix == ".json" and is_gdel_id(path.stem):
+                os.rename(path, self._entries / path.name)
+                released.append(path.stem)
+        self._index = {}
+        for path in self._entries.iterdir():
+            if path.suffix != ".json" or not is_gdel_id(path.stem):
+                continue
+            entry = OutboxEntry.from_json(path.read_bytes())
+            if entry.id == path.stem and (self._data / f"{entry.id}.eml").exists():
+                self._index[entry.id] = entry
+        return released
+
+    # -- reading ------------------------------------------------------------
+
+    def get(self, entry_id: str) -> OutboxEntry | None:
+        return self._index.get(entry_id)
+
+    def entries(self) -> Iterator[OutboxEntry]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def message_path(self, entry_id: str) -> Path:
+        if not is_gdel_id(entry_id):
+            raise ValueError("bad id")
+        return self._data / f"{entry_id}.eml"
+
+    def read_message(self, entry_id: str) -> bytes:
+        return self.message_path(entry_id).read_bytes()
+
+    # -- writing (blocking: run in a thread) ----------------------------------
+
+    def add(self, entries: Sequence[OutboxEntry], chunks: Sequence[bytes]) -> None:
+        """Store one message and its entries durably."""
+        first = self.message_path(entries[0].id)
+        write_new_file(first, chunks)
+        for entry in entries[1:]:
+            os.link(first, self.message_path(entry.id))
+        fsync_directory(self._data)
+        for entry in entries:
+            self._write(entry)
+        for entry in entries:
+            self._index[entry.id] = entry
+
+    def add_sibling(self, existing_id: str, entry: OutboxEntry) -> None:
+        """A new entry for some recipients of an existing one's message."""
+        os.link(self.message_path(existing_id), self.message_path(entry.id))
+        fsync_directory(self._data)
+        self._write(entry)
+        self._index[entry.id] = entry
+
+    def update(self, entry: OutboxEntry) -> None:
+        """Persist a changed entry (claimed or not)."""
+        self._write(entry)
+        self._index[entry.id] = entry
+
+    def _write(self, entry: OutboxEntry) -> None:
+        folder = self._claimed if entry.claimed else self._entries
+        write_atomically(folder / f"{entry.id}.json", entry.to_json())
+
+    # -- claims (a rename each; cheap enough for the reactor thread) ---------
+
+    def claim(self, entry_id: str) -> OutboxEntry | None:
+        """Take the entry for one retrieval; None if someone else has it."""
+        entry = self._index.get(entry_id)
+        if entry is None or entry.claimed:
+            return None
+        try:
+            os.rename(self._entries / f"{entry_id}.json", self._claimed / f"{entry_id}.json")
+        except FileNotFoundError:
+            return None
+        entry.claimed = True
+        return entry
+
+    def release(self, entry_id: str) -> None:
+        entry = self._index.get(entry_id)
+        if entry is None or not entry.claimed:
+            return
+        os.rename(self._claimed / f"{entry_id}.json", self._entries / f"{entry_id}.json")
+        entry.claimed = False
+
+    def remove(self, entry_id: str) -> None:
+        """Forget an entry: delivered, bounced or expired."""
+        entry = self._index.pop(entry_id, None)
+        if entry is None:
+            return
+        folder = self._claimed if entry.claimed else self._entries
+        (folder / f"{entry_id}.json").unlink(missing_ok=True)
+        self.message_path(entry_id).unlink(missing_ok=True)

@@ -1,0 +1,124 @@
+"""
+Pending notifications at the RMTA (SPEC 3, 5): what was notified, by whom,
+and when to try to retrieve it next.
+
+One versioned JSON file per (origin, id) under ``<state_dir>/pending/``,
+named by a hash of the two, so that an id never becomes a file name and two
+origins cannot collide.  After a successful retrieval the record stays,
+marked retrieved, until ``keep_until``: a re-notified id is then fetched
+again (so the SMTA can let go of it) but its copy is dropped at delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+from pullmail.durable import write_atomically
+
+__all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
+
+RECORD_VERSION = 1
+PENDING = "pending"
+RETRIEVED = "retrieved"
+
+
+@dataclass
+class Notification:
+    gdel_id: str
+    origin: str              # the trust identity: sender domain or EHLO domain
+    peer: str                # the address that notified; retrieval goes there
+    helo: str
+    sender: str | None       # None for the bare form
+    recipients: list[str] | None
+    notified_at: float
+    attempts: int = 0
+    next_attempt: float = 0.0
+    state: str = PENDING
+    keep_until: float = 0.0
+    last_error: str = ""
+    size: int | None = None
+
+    @property
+    def key(self) -> str:
+        return notification_key(self.origin, self.gdel_id)
+
+    def to_json(self) -> bytes:
+        record = asdict(self)
+        record["version"] = RECORD_VERSION
+        return json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Notification":
+        record = json.loads(data)
+        if record.pop("version", None) != RECORD_VERSION:
+            raise ValueError("unknown notification record version")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def notification_key(origin: str, gdel_id: str) -> str:
+    return hashlib.sha256(f"{origin.lower()}\0{gdel_id}".encode()).hexdigest()[:40]
+
+
+class PendingStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._index: dict[str, Notification] = {}
+        self._pending_by_peer: dict[str, int] = {}
+
+    def load(self) -> None:
+        """Blocking: read every record (start-up)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index, self._pending_by_peer = {}, {}
+        for path in self.root.iterdir():
+            if path.suffix != ".json" or path.name.startswith("."):
+                continue
+            try:
+                notification = Notification.from_json(path.read_bytes())
+            except (ValueError, TypeError, KeyError):
+                continue
+            self._remember(notification)
+
+    def _remember(self, notification: Notification) -> None:
+        old = self._index.get(notification.key)
+        if old is not None and old.state == PENDING:
+            self._count(old.peer, -1)
+        self._index[notification.key] = notification
+        if notification.state == PENDING:
+            self._count(notification.peer, +1)
+
+    def _count(self, peer: str, change: int) -> None:
+        count = self._pending_by_peer.get(peer, 0) + change
+        if count > 0:
+            self._pending_by_peer[peer] = count
+        else:
+            self._pending_by_peer.pop(peer, None)
+
+    def get(self, origin: str, gdel_id: str) -> Notification | None:
+        return self._index.get(notification_key(origin, gdel_id))
+
+    def by_key(self, key: str) -> Notification | None:
+        return self._index.get(key)
+
+    def pending_from(self, peer: str) -> int:
+        return self._pending_by_peer.get(peer, 0)
+
+    def __iter__(self) -> Iterator[Notification]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def save(self, notification: Notification) -> None:
+        """Blocking: write the record durably, then index it."""
+        write_atomically(self.root / f"{notification.key}.json", notification.to_json())
+        self._remember(notification)
+
+    def remove(self, notification: Notification) -> None:
+        (self.root / f"{notification.key}.json").unlink(missing_ok=True)
+        if self._index.pop(notification.key, None) is not None and notification.state == PENDING:
+            self._count(notification.peer, -1)

@@ -1,0 +1,141 @@
+"""
+The SMTA's pickup counter: answering ``RETR <id>`` (SPEC 4).
+
+A message is handed over only to a host it is destined for: the connecting
+address must be an address of an MX host (or, with no MX, of the domain
+itself) of the entry's recipient domain.  Unknown, expired, retrieved and
+not-yours ids all get the same ``550 5.7.1``, after a delay that doubles
+with each failure from that address; too many failures in a window and the
+address is refused at connect.  A guesser learns nothing and learns it
+slowly.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pullmail import replies
+from pullmail.dns import DNSPermanentError, DNSTemporaryError, mail_host_addresses
+from pullmail.esmtp.client import send_transaction
+from pullmail.esmtp.pull import Retrieve
+from pullmail.esmtp.server import Reverse
+from pullmail.outbox import NOTIFIED
+from pullmail.replies import Reply
+from pullmail.schedule import tarpit_delay
+
+__all__ = ["FailureTracker", "PickupCounter"]
+
+log = Logger(namespace="pullmail.pickup")
+
+# Addresses tracked at once; beyond this the oldest are forgotten, so a
+# flood of sources cannot grow memory without bound.
+MAX_TRACKED_ADDRESSES = 100_000
+
+
+class FailureTracker:
+    """Failed RETRs per address in a sliding window, and blocks."""
+
+    def __init__(self, clock: IReactorTime, limit: int, window: float, block: float,
+                 tarpit_max: float) -> None:
+        self.clock = clock
+        self.limit, self.window, self.block, self.tarpit_max = limit, window, block, tarpit_max
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}
+
+    def _recent(self, address: str) -> deque[float]:
+        now = self.clock.seconds()
+        failures = self._failures.get(address)
+        if failures is None:
+            if len(self._failures) >= MAX_TRACKED_ADDRESSES:
+                self._failures.pop(next(iter(self._failures)))
+            failures = self._failures[address] = deque()
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return failures
+
+    def failed(self, address: str) -> float:
+        """Record a failure; return how long to wait before answering it."""
+        failures = self._recent(address)
+        failures.append(self.clock.seconds())
+        if len(failures) >= self.limit:
+            self._blocked[address] = self.clock.seconds() + self.block
+            log.info("blocking {peer} for {seconds}s after {count} failed RETRs",
+                     peer=address, seconds=self.block, count=len(failures), event="blocked")
+        return tarpit_delay(len(failures), self.tarpit_max)
+
+    def blocked(self, address: str) -> bool:
+        until = self._blocked.get(address)
+        if until is None:
+            return False
+        if self.clock.seconds() >= until:
+            del self._blocked[address]
+            self._failures.pop(address, None)
+            return False
+        return True
+
+    def refuse_connection(self, address: str) -> Reply | None:
+        return replies.S421_BLOCKED if self.blocked(address) else None
+
+
+class PickupCounter:
+    """Carries out L{Retrieve} requests for the MX service."""
+
+    def __init__(self, outbox, outbound, resolver, clock: IReactorTime,
+                 failures: FailureTracker, run_blocking) -> None:
+        self.outbox = outbox
+        self.outbound = outbound
+        self.resolver = resolver
+        self.clock = clock
+        self.failures = failures
+        self.run_blocking = run_blocking
+
+    def __call__(self, connection, request: Retrieve) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self.retrieve(request))
+
+    async def retrieve(self, request: Retrieve) -> object:
+        peer, gdel_id = request.session.peer, request.gdel_id
+        entry = self.outbox.get(gdel_id)
+        now = self.clock.seconds()
+        if entry is None or entry.state != NOTIFIED or (entry.expires or 0) <= now:
+            return await self._refuse(peer, gdel_id, "unknown or not notified")
+        try:
+            destined = await mail_host_addresses(self.resolver, entry.domain)
+        except DNSTemporaryError as e:
+            log.info("RETR {id} from {peer}: DNS failed: {error}", id=gdel_id, peer=peer,
+                     error=str(e), event="retr-dns-error")
+            return replies.S451_DNS_ERROR
+        except DNSPermanentError:
+            destined = []
+        if peer not in destined:
+            return await self._refuse(peer, gdel_id, f"not an MX of {entry.domain}")
+        claimed = self.outbox.claim(gdel_id)
+        if claimed is None:
+            return replies.S451_IN_PROGRESS
+        log.info("RETR {id} ({queue_id}) by {peer}: handing over", id=gdel_id,
+                 queue_id=entry.queue_id, peer=peer, event="retr")
+        return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer))
+
+    async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply:
+        delay = self.failures.failed(peer)
+        log.info("RETR {id} from {peer} refused ({why}); answering in {delay}s", id=gdel_id,
+                 peer=peer, why=why, delay=delay, event="retr-refused")
+        await task.deferLater(self.clock, delay, lambda: None)
+        return replies.S550_NO_SUCH_MESSAGE
+
+    def _turn(self, entry, peer: str):
+        async def turn(channel) -> None:
+            result = None
+            try:
+                message = await self.run_blocking(self.outbox.read_message, entry.id)
+                result = await send_transaction(
+                    channel, entry.sender, entry.recipients, [message],
+                    size=entry.size, body=entry.body, smtputf8=entry.smtputf8,
+                )
+            finally:
+                self.outbound.retrieval_finished(entry, result, peer)
+
+        return turn

@@ -1,0 +1,287 @@
+"""
+The RMTA's side of General Delivery (SPEC 3-5): taking notifications, and
+retrieving the messages they announce.
+
+A notification is trust-checked before the reply, stored durably, and
+scheduled on ``[retrieval] schedule``.  When it is due, the retriever
+connects back to the address that notified it (the only address that has
+passed the check), says ``RETR <id>``, and on ``250`` serves the SMTA's turn
+with a L{TurnMachine}: the message goes through the same router, with the
+same durability, as pushed mail.  One connection carries every due id of
+that address.  A ``5xx`` to RETR, or the end of the schedule, drops the
+notification (logged).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pullmail import replies
+from pullmail.envelope import Session
+from pullmail.esmtp.client import open_session
+from pullmail.esmtp.pull import Notify, TurnMachine
+from pullmail.esmtp.server import Deliver, ServerPolicy
+from pullmail.interfaces import ITrustPolicy
+from pullmail.pending import PENDING, RETRIEVED, Notification, PendingStore
+from pullmail.replies import Reply
+from pullmail.schedule import retrieval_at
+
+__all__ = ["Retriever"]
+
+log = Logger(namespace="pullmail.retrieval")
+
+# Connections (one per notifying address) retrieving at once.
+MAX_CONNECTIONS = 20
+
+
+class Retriever:
+    def __init__(
+        self,
+        *,
+        store: PendingStore,
+        trust: ITrustPolicy,
+        connect: Callable,
+        clock: IReactorTime,
+        run_blocking: Callable,
+        hostname: str,
+        schedule: tuple[float, ...],
+        remote_port: int,
+        keep_for: float,
+        pending_per_origin: int,
+        policy: ServerPolicy,
+        deliver: Callable,
+        client_tls=None,
+    ) -> None:
+        self.store = store
+        self.trust = trust
+        self.connect = connect
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.hostname = hostname
+        self.schedule = schedule
+        self.remote_port = remote_port
+        self.keep_for = keep_for
+        self.pending_per_origin = pending_per_origin
+        self.policy = policy
+        self.deliver = deliver
+        self.client_tls = client_tls
+        self._heap: list[tuple[float, str]] = []
+        self._timer = None
+        self._busy_peers: set[str] = set()
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Resume from stored state: due times are kept, not restarted."""
+        self.store.load()
+        for notification in self.store:
+            self._push(notification)
+        self._arm()
+        log.info("{count} notifications loaded", count=len(self.store))
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- notifications (the Notify performer) ----------------------------------------
+
+    def __call__(self, connection, request: Notify) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self.notify(request))
+
+    async def notify(self, request: Notify) -> Reply:
+        session = request.session
+        envelope = request.envelope
+        sender = envelope.sender if envelope is not None else None
+        identity = sender.rpartition("@")[2] if sender else session.helo
+        verdict = await self.trust.check(session.peer, identity, session.helo, sender)
+        if verdict is not None:
+            log.info("notification {id} from {peer} ({identity}) refused: {reply}",
+                     id=request.gdel_id, peer=session.peer, identity=identity,
+                     reply=str(verdict), event="notification-refused", code=verdict.code)
+            return verdict
+        now = self.clock.seconds()
+        existing = self.store.get(identity, request.gdel_id)
+        if existing is not None and existing.state == PENDING:
+            return self._accepted(request.gdel_id)
+        if existing is None and self.store.pending_from(session.peer) >= self.pending_per_origin:
+            return replies.S452_TOO_MANY_PENDING
+        notification = existing or Notification(
+            gdel_id=request.gdel_id, origin=identity.lower(), peer=session.peer,
+            helo=session.helo, sender=sender,
+            recipients=list(envelope.recipients) if envelope is not None else None,
+            notified_at=now, size=envelope.size if envelope is not None else None,
+        )
+        # A re-notified id that was retrieved before is fetched again, so the
+        # SMTA sees its 250, but its copy is dropped at delivery.
+        notification.state, notification.attempts = PENDING, 0
+        notification.notified_at, notification.peer = now, session.peer
+        notification.next_attempt = retrieval_at(0, now, self.schedule)
+        await self.run_blocking(self.store.save, notification)
+        log.info("notification {id} from {peer} ({identity}) for {recipients} accepted",
+                 id=request.gdel_id, peer=session.peer, identity=identity,
+                 recipients=notification.recipients, event="notified")
+        self._push(notification)
+        self._arm()
+        return self._accepted(request.gdel_id)
+
+    @staticmethod
+    def _accepted(gdel_id: str) -> Reply:
+        return Reply(250, "2.0.0", f"{gdel_id} notification accepted")
+
+    # -- the timer --------------------------------------------------------------------
+
+    def _due(self, notification: Notification) -> float:
+        if notification.state == PENDING:
+            return notification.next_attempt
+        return notification.keep_until
+
+    def _push(self, notification: Notification) -> None:
+        heapq.heappush(self._heap, (self._due(notification), notification.key))
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        due = self._heap[0][0]
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= due:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wake)
+
+    def flush(self) -> None:
+        now = self.clock.seconds()
+        for notification in self.store:
+            if notification.state == PENDING:
+                notification.next_attempt = now
+                self._push(notification)
+        self._arm()
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        due_by_peer: dict[str, list[Notification]] = {}
+        deferred: list[tuple[float, str]] = []
+        while self._heap and self._heap[0][0] <= now:
+            due, key = heapq.heappop(self._heap)
+            notification = self.store.by_key(key)
+            if notification is None or self._due(notification) != due:
+                continue
+            if notification.state == RETRIEVED:
+                self.store.remove(notification)
+                continue
+            if notification.peer in self._busy_peers or (
+                len(self._busy_peers) + len(due_by_peer) >= MAX_CONNECTIONS
+                and notification.peer not in due_by_peer
+            ):
+                deferred.append((due, key))
+                continue
+            due_by_peer.setdefault(notification.peer, []).append(notification)
+        for item in deferred:
+            heapq.heappush(self._heap, item)
+        for peer, notifications in due_by_peer.items():
+            self._busy_peers.add(peer)
+            d = defer.Deferred.fromCoroutine(self._retrieve_from(peer, notifications))
+            d.addErrback(lambda f, p=peer: log.failure("retrieval from {peer}", f, peer=p))
+            d.addBoth(lambda _, p=peer: self._peer_done(p))
+        if deferred:
+            # Busy peers are retried when their connection ends.
+            return
+        self._arm()
+
+    def _peer_done(self, peer: str) -> None:
+        self._busy_peers.discard(peer)
+        self._arm()
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def _retrieve_from(self, peer: str, notifications: list[Notification]) -> None:
+        remaining = list(notifications)
+        try:
+            connection = await self.connect(peer, self.remote_port)
+        except Exception as e:
+            for notification in remaining:
+                self._attempt_failed(notification, f"connect: {e}")
+            return
+        try:
+            keywords = await open_session(connection, self.hostname, self.client_tls)
+            if "RETR" not in keywords:
+                raise ConnectionError("peer does not offer RETR")
+            while remaining:
+                notification = remaining[0]
+                await self._retrieve_one(connection, notification, "_TLS" in keywords)
+                remaining.pop(0)
+            connection.quit()
+        except Exception as e:
+            log.info("retrieval from {peer} broke off: {error}", peer=peer, error=str(e),
+                     event="retrieval-failed")
+            for notification in remaining:
+                self._attempt_failed(notification, str(e))
+            connection.transport.loseConnection()
+
+    async def _retrieve_one(self, connection, notification: Notification, tls: bool) -> None:
+        connection.send(f"RETR {notification.gdel_id}\r\n".encode("ascii"))
+        reply = await connection.reply()
+        log.info("RETR {id} at {peer}: {reply}", id=notification.gdel_id,
+                 peer=notification.peer, reply=str(reply), event="retrieval-attempt",
+                 code=reply.code)
+        if reply.code != 250:
+            if reply.permanent:
+                self._drop(notification, f"RETR refused: {reply}")
+            else:
+                self._attempt_failed(notification, str(reply))
+            return
+        session = Session(notification.peer, "smtp", helo=notification.helo, esmtp=True, tls=tls)
+        machine = TurnMachine(
+            self.policy, session, sender=notification.sender,
+            recipients=tuple(notification.recipients) if notification.recipients else None,
+        )
+        connection.performers = {Deliver: self._performer(notification)}
+        await connection.serve_turn(machine)
+        outcome = machine.outcome
+        if outcome is not None and outcome.positive:
+            return
+        self._attempt_failed(notification, f"turn ended without delivery: {outcome}")
+
+    def _performer(self, notification: Notification) -> Callable:
+        async def deliver(connection, request: Deliver) -> Reply:
+            if notification.keep_until:  # delivered before: drop the duplicate
+                reply = Reply(250, "2.0.0", "Ok: already delivered, duplicate dropped")
+                log.info("duplicate {id} from {peer} dropped", id=notification.gdel_id,
+                         peer=notification.peer, event="duplicate")
+            else:
+                reply = await self.deliver(request.session, request.envelope, request.chunks,
+                                           request.size)
+            if reply.positive:
+                notification.state = RETRIEVED
+                notification.keep_until = self.clock.seconds() + self.keep_for
+                await self.run_blocking(self.store.save, notification)
+                log.info("retrieved {id} from {peer}", id=notification.gdel_id,
+                         peer=notification.peer, event="retrieved")
+                self._push(notification)
+            return reply
+
+        return lambda connection, request: defer.Deferred.fromCoroutine(
+            deliver(connection, request)
+        )
+
+    def _attempt_failed(self, notification: Notification, reason: str) -> None:
+        notification.attempts += 1
+        notification.last_error = reason[:500]
+        when = retrieval_at(notification.attempts, notification.notified_at, self.schedule)
+        if when is None:
+            self._drop(notification, f"schedule used up; last error: {reason}")
+            return
+        notification.next_attempt = max(when, self.clock.seconds())
+        self.store.save(notification)
+        self._push(notification)
+
+    def _drop(self, notification: Notification, reason: str) -> None:
+        log.warn("dropping notification {id} from {peer}: {reason}", id=notification.gdel_id,
+                 peer=notification.peer, reason=reason, event="notification-dropped")
+        self.store.remove(notification)

@@ -1,0 +1,1 @@
+"""Trust checks for General Delivery and push (SPEC 6)."""

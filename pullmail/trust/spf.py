@@ -1,0 +1,93 @@
+"""
+SPF (RFC 7208) through pyspf, with its DNS answered by the node's own
+dnspython resolver (``[dns] nameservers``), never the system resolver when
+nameservers are set.
+
+pyspf looks up a module-global ``DNSLookup`` on every query.  We install,
+once, a dispatcher that answers with the resolver of the calling thread's
+check, so concurrent checks in the thread pool each use their own resolver;
+a thread with none falls back to pyspf's own lookup.  pyspf enforces the
+RFC 7208 4.6.4 limits (10 DNS-querying terms, 2 void lookups) itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+
+import dns.exception
+import dns.resolver
+import spf as pyspf
+
+__all__ = ["SPFResult", "check_host"]
+
+
+class SPFResult(enum.Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+_thread = threading.local()
+_install_lock = threading.Lock()
+_original_lookup = pyspf.DNSLookup
+
+
+def _lookup(name, qtype, strict=True, timeout=20):
+    resolver = getattr(_thread, "resolver", None)
+    if resolver is None:
+        return _original_lookup(name, qtype, strict, timeout)
+    found = []
+    try:
+        answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
+                                   search=False)
+    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+        return found
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+        raise pyspf.TempError(f"DNS {e}") from None
+    except dns.exception.DNSException as e:
+        raise pyspf.TempError(f"DNS {e}") from None
+    for rdata in answers:
+        if qtype in ("A", "AAAA"):
+            found.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            found.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            found.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            found.append(((name, qtype), rdata.strings))
+    return found
+
+
+def _install() -> None:
+    with _install_lock:
+        if pyspf.DNSLookup is not _lookup:
+            pyspf.DNSLookup = _lookup
+
+
+def check_host(resolver, ip: str, domain: str, sender: str, helo: str,
+               timeout: float) -> tuple[SPFResult, str]:
+    """
+    Blocking: RFC 7208 check_host(ip, domain, sender); run it in a thread.
+    C{timeout} bounds the whole check (RFC 7208 4.6.4 suggests 20 s).
+    """
+    _install()
+    _thread.resolver = resolver
+    try:
+        query = pyspf.query(i=ip, s=sender or f"postmaster@{domain}", h=helo or domain,
+                            timeout=timeout, querytime=timeout)
+        started = time.monotonic()
+        result, _code, explanation = query.check()
+        if time.monotonic() - started > timeout and result == "temperror":
+            explanation = explanation or "SPF check timed out"
+    finally:
+        _thread.resolver = None
+    try:
+        return SPFResult(result), explanation
+    except ValueError:
+        return SPFResult.PERMERROR, f"unexpected SPF result {result!r}"
