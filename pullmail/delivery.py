@@ -140,6 +140,14 @@ class Outbound:
                 self._push(entry)
         self._arm()
 
+    def delete(self, entry_id: str) -> bool:
+        """Drop an entry without bouncing it (``pullmail queue --delete``)."""
+        entry = self.outbox.get(entry_id)
+        if entry is None or entry.claimed:
+            return False
+        self.outbox.remove(entry_id)
+        return True
+
     # -- the timer --------------------------------------------------------------
 
     def _due(self, entry: OutboxEntry) -> float | None:

@@ -162,6 +162,13 @@ class Retriever:
                 self._push(notification)
         self._arm()
 
+    def delete(self, gdel_id: str) -> bool:
+        """Forget every notification with this id (``pullmail queue --delete``)."""
+        found = [n for n in self.store if n.gdel_id == gdel_id]
+        for notification in found:
+            self.store.remove(notification)
+        return bool(found)
+
     def _wake(self) -> None:
         self._timer = None
         now = self.clock.seconds()

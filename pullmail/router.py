@@ -6,6 +6,7 @@ to the outbound queue.  The reply to end-of-data is decided here, and it is
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 from typing import Sequence
 
@@ -34,7 +35,8 @@ def received_header(
         f"Received: from {source}",
         f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",
     ]
-    date = email.utils.formatdate(now, localtime=False)
+    # RFC 5322 3.3: "+0000" is UTC; "-0000" would mean "zone unknown".
+    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pullmail import config as configuration
 from pullmail.accounts import Accounts, AccountsError
+from pullmail.control import SOCKET_NAME, ControlFactory
 from pullmail.delivery import Outbound
 from pullmail.dns import Resolver, make_dnspython_resolver
 from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
@@ -45,6 +46,8 @@ log = Logger(namespace="pullmail.node")
 # Threads for blocking disk and password work: enough to overlap fsyncs of
 # concurrent sessions, few enough not to thrash a small machine.
 DISK_THREADS = 4
+# sockaddr_un.sun_path holds 108 bytes on Linux.
+MAX_UNIX_PATH = 107
 # DNS waits on the network, not the disk: more threads, their own pool.
 DNS_THREADS = 10
 
@@ -122,7 +125,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     ensure_certificate(config.tls.certificate, config.tls.key, hostname, config.tls.generate)
     tls_context = server_context(config.tls.certificate, config.tls.key)
     accounts = Accounts.load(config.node.domains, config.accounts.users, config.accounts.aliases)
-    domains = frozenset(config.node.domains)
+    domains = tuple(config.node.domains)
 
     disk_pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="pullmail-disk")
     dns_pool = ThreadPool(minthreads=1, maxthreads=DNS_THREADS, name="pullmail-dns")
@@ -166,6 +169,16 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         deliver=router.accept, client_tls=client_tls,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
+    control_socket = state / SOCKET_NAME
+    if len(str(control_socket)) < MAX_UNIX_PATH:
+        control_socket.unlink(missing_ok=True)
+        StreamServerEndpointService(
+            endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
+            ControlFactory(outbound, retriever, reactor),
+        ).setServiceParent(node)
+    else:
+        log.warn("state_dir path too long for the control socket; "
+                 "`pullmail queue` will work on the files only")
     Startable(retriever.start, retriever.stop).setServiceParent(node)
 
     performers = {

@@ -140,7 +140,7 @@ class ServerPolicy:
     """
 
     hostname: str
-    domains: frozenset[str]
+    domains: tuple[str, ...]    # in config order: the first is the main one
     accounts: Accounts
     service: str = "smtp"
     max_size: int = 25_000_000
@@ -154,7 +154,8 @@ class ServerPolicy:
 
     @property
     def postmaster_domain(self) -> str:
-        return min(self.domains)
+        """Where a bare <Postmaster> goes (RFC 5321 4.1.1.3): the main domain."""
+        return self.domains[0]
 
 
 # Every command a state accepts; anything else gets the state's refusal.
@@ -184,7 +185,7 @@ def _sequence_error(state: State, verb: str) -> Reply:
     if verb == "RCPT":
         return replies.S503_NEED_MAIL
     if verb == "DATA":
-        return replies.S503_NEED_MAIL if state is State.READY else replies.S554_NO_VALID_RECIPIENTS
+        return replies.S503_NEED_MAIL if state is State.READY else replies.S503_NEED_RCPT
     return replies.S503_BAD_SEQUENCE
 
 
@@ -321,6 +322,9 @@ class ServerMachine:
             sender, params = parse_mail_argument(argument)
         except AddressError as e:
             return replies.S501_BAD_SENDER.with_text(f"Bad sender address syntax: {e}")
+        if params and not self.session.esmtp:
+            # RFC 5321 4.1.1.11: parameters need the extensions EHLO offered.
+            return replies.S555_BAD_PARAMETER.with_text("Parameters need EHLO")
         problem = self._check_mail_params(params)
         if isinstance(problem, Reply):
             return problem
