@@ -26,7 +26,13 @@ __all__ = ["main"]
 def _load(args) -> configuration.Config:
     from pullmail.tap import load_config
 
-    return load_config(args.config, [tuple(s.split("=", 1)) for s in args.set or ()])
+    overrides = []
+    for assignment in args.set or ():
+        option, equals, value = assignment.partition("=")
+        if not equals:
+            raise configuration.ConfigError(option, "--set needs section.key=value")
+        overrides.append((option.strip(), value.strip()))
+    return load_config(args.config, overrides)
 
 
 def checkconfig(args, out: TextIO) -> int:

@@ -25,7 +25,7 @@ from pullmail.envelope import Session
 from pullmail.esmtp.client import ProtocolError, ReplyReader
 from pullmail.esmtp.data import DataReader
 from pullmail.esmtp.server import (
-    MAX_COMMAND_LINE,
+    Authenticate,
     BeginData,
     Close,
     EndTurn,
@@ -39,6 +39,10 @@ from pullmail.replies import Reply
 __all__ = ["SMTPServerFactory", "SMTPConnection", "SMTPServerProtocol", "ConnectionLimits"]
 
 log = Logger(namespace="pullmail.smtp")
+
+
+# What the peer hears when carrying out a request fails on our side.
+_FAILURE_REPLIES = {Authenticate: replies.S454_AUTH_TEMP}  # RFC 4954 6
 
 
 class ConnectionLimits:
@@ -133,6 +137,10 @@ class SMTPConnection(Protocol):
             done.errback(reason)
 
     def _timed_out(self) -> None:
+        if self._busy:
+            # The silence is ours (a delivery or check is running), not the peer's.
+            self._timer = self._clock.callLater(self._timeout, self._timed_out)
+            return
         self._timer = None
         log.info("idle timeout for {peer}", peer=self.transport.getPeer(), event="timeout")
         if self._replies is not None:
@@ -237,12 +245,13 @@ class SMTPConnection(Protocol):
                 self._discarding = False
                 self._buffer = self._buffer[end + 1:]
                 continue
+            limit = self.machine.max_line
             if end < 0:
-                if len(self._buffer) > MAX_COMMAND_LINE:
+                if len(self._buffer) > limit:
                     self._line_too_long()
                 return
             line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
-            if len(line) + 1 > MAX_COMMAND_LINE:
+            if len(line) + 1 > limit:
                 self._line_too_long(discard=False)
                 continue
             self._command(line.removesuffix(b"\r"))
@@ -353,7 +362,7 @@ class SMTPConnection(Protocol):
             if self._closing:
                 return
             self.transport.resumeProducing()
-            self._act(replies.S451_LOCAL_ERROR, line)
+            self._act(_FAILURE_REPLIES.get(type(request), replies.S451_LOCAL_ERROR), line)
             self._process()
 
         d.addCallbacks(resolved, failed)

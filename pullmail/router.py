@@ -30,7 +30,9 @@ def received_header(
     session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float
 ) -> bytes:
     """The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values)."""
-    source = f"{session.helo or 'unknown'} ([{session.peer}])"
+    # RFC 5321 4.1.3: IPv6 address literals carry an "IPv6:" tag.
+    literal = f"IPv6:{session.peer}" if ":" in session.peer else session.peer
+    source = f"{session.helo or 'unknown'} ([{literal}])"
     lines = [
         f"Received: from {source}",
         f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -44,10 +45,13 @@ __all__ = [
     "Reverse",
     "EndTurn",
     "MAX_COMMAND_LINE",
+    "MAX_SASL_LINE",
 ]
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 MAX_COMMAND_LINE = 512
+# RFC 4954 4: a SASL response line may be up to 12288 octets.
+MAX_SASL_LINE = 12288
 
 
 class State(enum.Enum):
@@ -189,6 +193,7 @@ def _sequence_error(state: State, verb: str) -> Reply:
     return replies.S503_BAD_SEQUENCE
 
 
+_HELO_ARGUMENT = re.compile(r"[\x21-\x7e]{1,255}")
 _SASL_MECHANISMS = ("PLAIN", "LOGIN")
 _LOGIN_USER_PROMPT = Reply(334, "", base64.b64encode(b"Username:").decode())
 _LOGIN_PASSWORD_PROMPT = Reply(334, "", base64.b64encode(b"Password:").decode())
@@ -252,6 +257,10 @@ class ServerMachine:
 
     # -- entry points -------------------------------------------------------
 
+    @property
+    def max_line(self) -> int:
+        return MAX_SASL_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
+
     def greeting(self) -> Reply:
         return Reply(220, "", f"{self.policy.hostname} ESMTP pullmail")
 
@@ -303,7 +312,8 @@ class ServerMachine:
         return self._greet(argument, esmtp=False)
 
     def _greet(self, argument: str, esmtp: bool) -> Reply:
-        if not argument or " " in argument:
+        # RFC 5321 4.1.1.1: a domain or an address literal; printable ASCII.
+        if not _HELO_ARGUMENT.fullmatch(argument):
             return replies.S501_SYNTAX.with_text("Syntax: EHLO hostname")
         self.session = self.session.evolve(helo=argument, esmtp=esmtp)
         self.envelope = None

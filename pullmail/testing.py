@@ -1,0 +1,277 @@
+"""
+Public fakes for testing pullmail and code built on it: no sockets, no DNS,
+no threads, no global reactor.
+
+  - L{FakeResolver}: the L{pullmail.dns.Resolver} seam (C{mx}, C{addresses},
+    C{txt}) answered from dicts, failing on demand.
+  - L{MemoryOutbox}: an L{IOutbox} in memory, with a "disk" that survives a
+    simulated restart (L{MemoryOutbox.restarted}).
+  - L{run_blocking}: runs the "blocking" call at once, as a Deferred.
+  - L{FakeTrust}: an L{ITrustPolicy} with fixed verdicts.
+  - L{FakeNetwork}: a C{connect(address, port, performers={})} that pairs a
+    L{ClientConnection} with an in-memory server through
+    L{twisted.test.iosim}; C{flush()} moves the bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable, Mapping, Sequence
+
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IReactorTime
+from twisted.test import iosim
+from zope.interface import implementer
+
+from pullmail.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.interfaces import IOutbox, ITrustPolicy
+from pullmail.outbox import OutboxEntry
+from pullmail.protocol import ClientConnection
+from pullmail.replies import Reply
+
+__all__ = [
+    "FakeResolver",
+    "MemoryOutbox",
+    "run_blocking",
+    "FakeTrust",
+    "FakeNetwork",
+    "make_entry",
+]
+
+
+def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
+    """A synchronous stand-in for C{deferToThreadPool(reactor, pool, ...)}."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class FakeResolver:
+    """
+    DNS answers from dicts.  A name in C{temporary} fails with
+    L{DNSTemporaryError}, one in C{permanent} with L{DNSPermanentError}, for
+    every record type.  Names not in a dict have no records of that type.
+    Every question is recorded in C{queries} as C{(rdtype, name)}.
+
+    @ivar mx: domain -> [(preference, host)]
+    @ivar hosts: host -> [address]
+    @ivar texts: name -> [text]
+    """
+
+    dnspython = None
+
+    def __init__(
+        self,
+        mx: Mapping[str, Sequence[tuple[int, str]]] | None = None,
+        addresses: Mapping[str, Sequence[str]] | None = None,
+        txt: Mapping[str, Sequence[str]] | None = None,
+        temporary: Iterable[str] = (),
+        permanent: Iterable[str] = (),
+    ) -> None:
+        self.mx_records = dict(mx or {})
+        self.hosts = dict(addresses or {})
+        self.texts = dict(txt or {})
+        self.temporary = set(temporary)
+        self.permanent = set(permanent)
+        self.queries: list[tuple[str, str]] = []
+
+    def _answer(self, rdtype: str, name: str, table: Mapping) -> defer.Deferred:
+        self.queries.append((rdtype, name))
+        if name in self.temporary:
+            return defer.fail(DNSTemporaryError(f"{name} {rdtype}: timeout"))
+        if name in self.permanent:
+            return defer.fail(DNSPermanentError(f"{name}: no such domain"))
+        return defer.succeed(list(table.get(name, [])))
+
+    def mx(self, domain: str) -> defer.Deferred:
+        """[(preference, host)] sorted; [] when the domain has no MX."""
+        d = self._answer("MX", domain, self.mx_records)
+        return d.addCallback(sorted)
+
+    def addresses(self, host: str) -> defer.Deferred:
+        return self._answer("A", host, self.hosts)
+
+    def txt(self, name: str) -> defer.Deferred:
+        return self._answer("TXT", name, self.texts)
+
+
+@implementer(IOutbox)
+class MemoryOutbox:
+    """
+    An outbox in memory.  Like L{pullmail.outbox.MaildirOutbox}, it keeps a
+    "disk" (entries as JSON, claims, messages) apart from its index, so a
+    restart can be simulated: L{restarted} gives a new outbox over the same
+    disk, whose L{load} releases the stale claims.
+    """
+
+    def __init__(self, disk: dict | None = None) -> None:
+        self.disk = disk if disk is not None else {"entries": {}, "claimed": set(), "data": {}}
+        self._index: dict[str, OutboxEntry] = {}
+
+    def restarted(self) -> "MemoryOutbox":
+        return MemoryOutbox(self.disk)
+
+    def load(self) -> list[str]:
+        released = sorted(self.disk["claimed"])
+        self.disk["claimed"] = set()
+        self._index = {
+            entry_id: OutboxEntry.from_json(record)
+            for entry_id, record in self.disk["entries"].items()
+            if entry_id in self.disk["data"]
+        }
+        return released
+
+    def get(self, entry_id: str) -> OutboxEntry | None:
+        return self._index.get(entry_id)
+
+    def entries(self):
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, entries: Sequence[OutboxEntry], chunks: Sequence[bytes]) -> None:
+        message = b"".join(chunks)
+        for entry in entries:
+            self.disk["data"][entry.id] = message
+            self.update(entry)
+
+    def add_sibling(self, existing_id: str, entry: OutboxEntry) -> None:
+        self.disk["data"][entry.id] = self.disk["data"][existing_id]
+        self.update(entry)
+
+    def update(self, entry: OutboxEntry) -> None:
+        self.disk["entries"][entry.id] = entry.to_json()
+        self._index[entry.id] = entry
+
+    def claim(self, entry_id: str) -> OutboxEntry | None:
+        entry = self._index.get(entry_id)
+        if entry is None or entry.claimed or entry_id in self.disk["claimed"]:
+            return None
+        self.disk["claimed"].add(entry_id)
+        entry.claimed = True
+        return entry
+
+    def release(self, entry_id: str) -> None:
+        entry = self._index.get(entry_id)
+        if entry is None or not entry.claimed:
+            return
+        self.disk["claimed"].discard(entry_id)
+        entry.claimed = False
+
+    def remove(self, entry_id: str) -> None:
+        self._index.pop(entry_id, None)
+        self.disk["entries"].pop(entry_id, None)
+        self.disk["claimed"].discard(entry_id)
+        self.disk["data"].pop(entry_id, None)
+
+    def read_message(self, entry_id: str) -> bytes:
+        try:
+            return self.disk["data"][entry_id]
+        except KeyError:
+            raise FileNotFoundError(entry_id) from None
+
+
+@implementer(ITrustPolicy)
+class FakeTrust:
+    """
+    Trusts everyone, except the domains in C{verdicts} (domain -> L{Reply}).
+    C{default} is the verdict for the others.  Calls are recorded in
+    C{calls} as C{(peer, domain, helo, sender)}.
+    """
+
+    name = "fake"
+
+    def __init__(self, verdicts: Mapping[str, Reply] | None = None,
+                 default: Reply | None = None) -> None:
+        self.verdicts = dict(verdicts or {})
+        self.default = default
+        self.calls: list[tuple[str, str, str, str | None]] = []
+
+    def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
+        self.calls.append((peer, domain, helo, sender))
+        return defer.succeed(self.verdicts.get(domain.lower(), self.default))
+
+
+def _address(host: str, port: int):
+    return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+
+
+class FakeNetwork:
+    """
+    A network of in-memory servers.  C{listen(address, port, factory)} puts a
+    server there; calling the network as C{connect(address, port,
+    performers={})} builds the server's protocol and a L{ClientConnection},
+    joins them with L{iosim.connect}, and fires with the client at once.
+    Nothing moves until L{flush}.  Connecting where nothing listens fails
+    with C{ConnectionRefusedError}.
+
+    @ivar source: the address outbound connections come from (what the
+        server sees as its peer).
+    @ivar attempts: every C{(address, port)} connected to, in order.
+    @ivar clients: every L{ClientConnection} made, in order.
+    """
+
+    def __init__(self, clock: IReactorTime, source: str = "192.0.2.10",
+                 client_timeout: float = 300.0) -> None:
+        self.clock = clock
+        self.source = source
+        self.client_timeout = client_timeout
+        self.listeners: dict[tuple[str, int], object] = {}
+        self.attempts: list[tuple[str, int]] = []
+        self.clients: list[ClientConnection] = []
+        self.pumps: list[iosim.IOPump] = []
+        self._ports = itertools.count(40000)
+
+    def listen(self, address: str, port: int, factory) -> None:
+        self.listeners[(address, port)] = factory
+
+    def stop_listening(self, address: str, port: int) -> None:
+        del self.listeners[(address, port)]
+
+    def __call__(self, address: str, port: int, performers: Mapping = {}) -> defer.Deferred:
+        self.attempts.append((address, port))
+        factory = self.listeners.get((address, port))
+        if factory is None:
+            return defer.fail(error.ConnectionRefusedError(f"{address}:{port}"))
+        local = _address(self.source, next(self._ports))
+        remote = _address(address, port)
+        server = factory.buildProtocol(local)
+        client = ClientConnection(self.clock, self.client_timeout, performers)
+        server_transport = iosim.FakeTransport(server, True, hostAddress=remote,
+                                               peerAddress=local)
+        client_transport = iosim.FakeTransport(client, False, hostAddress=local,
+                                               peerAddress=remote)
+        pump = iosim.connect(server, server_transport, client, client_transport,
+                             greet=False, clock=self.clock)
+        self.pumps.append(pump)
+        self.clients.append(client)
+        return defer.succeed(client)
+
+    def flush(self) -> bool:
+        """Move bytes on every connection until all are quiet."""
+        moved_any = False
+        for _ in range(1000):
+            moved = False
+            for pump in list(self.pumps):
+                if pump.flush():
+                    moved = True
+                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                    self.pumps.remove(pump)
+            if not moved:
+                return moved_any
+            moved_any = True
+        raise AssertionError("the network never went quiet")
+
+    def open_connections(self) -> int:
+        return len(self.pumps)
+
+
+def make_entry(**fields) -> OutboxEntry:
+    """An L{OutboxEntry} with test defaults, overridden by C{fields}."""
+    defaults = dict(
+        id="A" * 20, queue_id="Q1", sender="alice@sender.example", domain="receiver.example",
+        recipients=["bob@receiver.example"], created=0.0, size=10,
+    )
+    defaults.update(fields)
+    return OutboxEntry(**defaults)
+

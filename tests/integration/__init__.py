@@ -1,0 +1,1 @@
+"""End-to-end tests: real pullmail nodes on loopback addresses (see harness.py)."""

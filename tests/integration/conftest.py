@@ -1,0 +1,74 @@
+"""
+Thin fixtures over L{harness}: a factory of nodes that are always killed at
+teardown, and a DNS server on a free port.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from .harness import DNSServer, Node, free_port
+
+
+def pytest_pycollect_makeitem(collector, name, obj):
+    """Collect classes named C{FooTests} here too (pytest's default is C{Test*})."""
+    if inspect.isclass(obj) and name.endswith("Tests") and not name.startswith("_"):
+        return pytest.Class.from_parent(collector, name=name, obj=obj)
+    return None
+
+
+class NodeFactory:
+    """Makes L{Node}s under one folder and kills them all at teardown."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.nodes: list[Node] = []
+
+    def __call__(self, name: str, address: str, domains, hostname: str,
+                 start: bool = True, **kwargs) -> Node:
+        node = Node(self.workdir, name, address, domains, hostname, **kwargs)
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    """C{make_node(name, address, domains, hostname, users=..., ...)}: a started node."""
+    factory = NodeFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def make_module_node(tmp_path_factory):
+    """Like C{make_node}, for nodes shared by the tests of one module."""
+    factory = NodeFactory(tmp_path_factory.mktemp("nodes"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def dns_port():
+    """A port free for TCP and UDP on 127.0.0.1."""
+    return free_port("127.0.0.1")
+
+
+@pytest.fixture
+def dns_server(tmp_path, dns_port):
+    """A started L{DNSServer} with no records; C{update()} to serve some."""
+    server = DNSServer(tmp_path / "dns", {}, dns_port)
+    with server:
+        yield server

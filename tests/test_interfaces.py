@@ -1,0 +1,57 @@
+"""
+Tests for L{pullmail.interfaces}: implementations provide their interfaces,
+and every module's C{__all__} names what it defines.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyClass, verifyObject
+
+from pullmail.interfaces import IDeliveryAgent, IOutbox, ITrustPolicy
+from pullmail.maildir import MaildirDelivery, MaildirNames
+from pullmail.outbox import MaildirOutbox
+from pullmail.trust.policy import TrustChecker
+
+MODULES = [
+    "pullmail", "pullmail.config", "pullmail.address", "pullmail.accounts", "pullmail.durable",
+    "pullmail.maildir", "pullmail.ids", "pullmail.replies", "pullmail.envelope",
+    "pullmail.interfaces", "pullmail.esmtp.data", "pullmail.esmtp.server", "pullmail.protocol",
+    "pullmail.router", "pullmail.tls", "pullmail.cli", "pullmail.tap",
+]
+
+
+class DeliveryAgentTests(SynchronousTestCase):
+    def test_maildir_delivery(self):
+        """MaildirDelivery provides IDeliveryAgent."""
+        delivery = MaildirDelivery(Path("/m"), MaildirNames(Clock(), "h", 1), object(), object())
+        self.assertTrue(verifyObject(IDeliveryAgent, delivery))
+        self.assertTrue(verifyClass(IDeliveryAgent, MaildirDelivery))
+        self.assertEqual(delivery.root, Path("/m"))
+
+
+class OtherSeamTests(SynchronousTestCase):
+    def test_outbox(self):
+        """MaildirOutbox provides IOutbox."""
+        self.assertTrue(verifyClass(IOutbox, MaildirOutbox))
+        self.assertTrue(verifyObject(IOutbox, MaildirOutbox(Path("/nonexistent/outbox"))))
+
+    def test_trust_checker(self):
+        """TrustChecker implements ITrustPolicy."""
+        self.assertTrue(verifyClass(ITrustPolicy, TrustChecker))
+
+
+class ExportTests(SynchronousTestCase):
+    def test_all_defined(self):
+        """Every name in each module's __all__ exists in that module."""
+        for name in MODULES:
+            module = importlib.import_module(name)
+            exported = getattr(module, "__all__", None)
+            self.assertIsNotNone(exported, name)
+            for attribute in exported:
+                self.assertTrue(hasattr(module, attribute), f"{name}.{attribute}")
+            self.assertEqual(len(set(exported)), len(exported), name)

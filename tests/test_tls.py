@@ -1,0 +1,122 @@
+"""
+Tests for L{pullmail.tls}: self-signed pairs and server contexts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.trial.unittest import SynchronousTestCase
+
+from pullmail.tls import ensure_certificate, self_signed_pair, server_context
+
+NOW = datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone.utc)
+
+
+def _handshake(server: SSL.Connection, client: SSL.Connection) -> None:
+    """Shuttle bytes between two memory-BIO connections until both are done."""
+    done = {server: False, client: False}
+    for _ in range(50):
+        for conn in (client, server):
+            if not done[conn]:
+                try:
+                    conn.do_handshake()
+                    done[conn] = True
+                except SSL.WantReadError:
+                    pass
+        for source, sink in ((client, server), (server, client)):
+            try:
+                sink.bio_write(source.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if all(done.values()):
+            return
+    raise AssertionError("handshake did not finish")
+
+
+
+def _tempdir(case) -> Path:
+    """A fresh folder outside the source tree, removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix="pullmail-test-")).resolve()
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+class SelfSignedTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = _tempdir(self)
+        self.cert, self.key = self.dir / "tls" / "cert.pem", self.dir / "tls" / "key.pem"
+
+    def test_pair(self):
+        """The pair names the host and is valid from the given time on."""
+        cert_pem, key_pem = self_signed_pair("mx.example.org", NOW)
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+        self.assertEqual(
+            certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value,
+            "mx.example.org",
+        )
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(names.get_values_for_type(x509.DNSName), ["mx.example.org"])
+        self.assertLessEqual(certificate.not_valid_before_utc, NOW)
+        self.assertGreater(certificate.not_valid_after_utc, NOW + datetime.timedelta(days=365))
+        self.assertIn(b"PRIVATE KEY", key_pem)
+
+    def test_generate(self):
+        """Missing files are made once, key private, and load as a context."""
+        self.assertTrue(ensure_certificate(self.cert, self.key, "mx.example.org", True))
+        self.assertEqual(stat.S_IMODE(self.key.stat().st_mode), 0o600)
+        first = self.cert.read_bytes()
+        self.assertFalse(ensure_certificate(self.cert, self.key, "mx.example.org", True))
+        self.assertEqual(self.cert.read_bytes(), first)
+        self.assertIsNotNone(server_context(self.cert, self.key).getContext())
+
+    def test_no_generate(self):
+        """With generate off, missing files are an error and nothing is made."""
+        with self.assertRaises(FileNotFoundError):
+            ensure_certificate(self.cert, self.key, "mx.example.org", False)
+        self.assertFalse(self.cert.exists())
+
+
+class ContextTests(SynchronousTestCase):
+    def setUp(self):
+        folder = _tempdir(self)
+        self.cert, self.key = folder / "c.pem", folder / "k.pem"
+        ensure_certificate(self.cert, self.key, "mx.example.org", True)
+        self.context = server_context(self.cert, self.key).getContext()
+
+    def client(self, version=None) -> SSL.Connection:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        if version is not None:
+            ctx.set_min_proto_version(version)
+            ctx.set_max_proto_version(version)
+        conn = SSL.Connection(ctx, None)
+        conn.set_connect_state()
+        return conn
+
+    def server(self) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_accept_state()
+        return conn
+
+    def test_old_versions_disabled(self):
+        """The context sets the options that refuse TLS 1.0 and 1.1."""
+        options = self.context.set_options(0)
+        self.assertTrue(options & SSL.OP_NO_TLSv1)
+        self.assertTrue(options & SSL.OP_NO_TLSv1_1)
+
+    def test_handshake_tls12(self):
+        """A TLS 1.2 client completes a handshake."""
+        server, client = self.server(), self.client(SSL.TLS1_2_VERSION)
+        _handshake(server, client)
+        self.assertEqual(server.get_protocol_version_name(), "TLSv1.2")
+
+    def test_handshake_tls11_refused(self):
+        """A TLS 1.1 client is refused."""
+        server, client = self.server(), self.client(SSL.TLS1_1_VERSION)
+        with self.assertRaises(SSL.Error):
+            _handshake(server, client)
