@@ -4,12 +4,14 @@ The ``pullmail`` operator command.
     pullmail checkconfig [--config FILE]
     pullmail adduser [--config FILE] ADDRESS     (password from stdin when piped)
     pullmail queue [--config FILE] [--flush | --delete ID | --json]
+    pullmail spf-record [--config FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
 import socket
 import sys
@@ -19,6 +21,8 @@ from typing import Sequence, TextIO
 from pullmail import config as configuration
 from pullmail.accounts import AccountsError, add_user, read_aliases, read_users
 from pullmail.control import SOCKET_NAME, offline_delete, offline_listing
+from pullmail.interfaces import IDeliveryHook, ITrustPolicy
+from pullmail.plugin import enabled_plugins
 
 __all__ = ["main"]
 
@@ -39,6 +43,8 @@ def checkconfig(args, out: TextIO) -> int:
     config = _load(args)
     read_users(config.accounts.users)
     read_aliases(config.accounts.aliases)
+    enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
+    enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
     print(
         f"config ok: {config.node.hostname} for {', '.join(config.node.domains)}; "
         f"state in {config.state_dir}",
@@ -150,6 +156,45 @@ def queue(args, out: TextIO) -> int:
     return 0
 
 
+def outbound_addresses(config: configuration.Config) -> list[str]:
+    """
+    The addresses this node sends from: the bind address, else the
+    interfaces its MX service listens on (unspecified ones say nothing).
+    """
+    candidates = [config.delivery.bind_address] if config.delivery.bind_address else []
+    if not candidates:
+        for description in config.listen.smtp:
+            for part in description.split(":"):
+                if part.startswith("interface="):
+                    candidates.append(part.removeprefix("interface=").replace("\\:", ":"))
+    found = []
+    for text in candidates:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if not address.is_unspecified and str(address) not in found:
+            found.append(str(address))
+    return found
+
+
+def spf_record(args, out: TextIO) -> int:
+    """Print the TXT record each local domain should publish (RFC 7208)."""
+    config = _load(args)
+    addresses = outbound_addresses(config)
+    if addresses:
+        mechanisms = " ".join(
+            f"ip6:{a}" if ":" in a else f"ip4:{a}" for a in addresses
+        )
+    else:
+        mechanisms = "mx"
+        print("; no fixed outbound address configured ([delivery] bind_address):"
+              " authorising the domain's MX hosts", file=out)
+    for domain in config.node.domains:
+        print(f'{domain}.\tIN\tTXT\t"v=spf1 {mechanisms} -all"', file=out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pullmail", description="pullmail operator commands")
     commands = top.add_subparsers(dest="command", required=True)
@@ -164,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
 
     command("checkconfig", checkconfig, "validate the configuration")
     command("adduser", adduser, "add a user or change a password").add_argument("address")
+    command("spf-record", spf_record, "print the SPF record the local domains should publish")
     queue_command = command("queue", queue, "list, flush or delete queued mail and notifications")
     queue_command.add_argument("--flush", action="store_true", help="try everything now")
     queue_command.add_argument("--delete", metavar="ID", help="drop one entry, no bounce")

@@ -225,6 +225,7 @@ class DeliveryConfig:
     push_lifetime: float = _opt(5 * 86400.0, str, parse_duration)
     tls: str = _opt("opportunistic", str, _one_of({"opportunistic", "verify"}))
     connect_timeout: float = _opt(30.0, str, parse_duration)
+    hooks: tuple[str, ...] = _list([], str)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ class LimitsConfig:
     retr_block: float = _opt(3600.0, str, parse_duration)
     retr_tarpit_max: float = _opt(30.0, str, parse_duration)
     pending_per_origin: int = _opt(10000, int)
+    retrievals_per_minute: int = _opt(600, int)
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,7 @@ def _check(config: Config) -> None:
         ("limits.message_size", config.limits.message_size),
         ("limits.idle_timeout", config.limits.idle_timeout),
         ("limits.pending_per_origin", config.limits.pending_per_origin),
+        ("limits.retrievals_per_minute", config.limits.retrievals_per_minute),
         ("limits.retr_fail_limit", config.limits.retr_fail_limit),
     ]
     for option, value in positive:

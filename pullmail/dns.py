@@ -22,6 +22,9 @@ from twisted.internet.threads import deferToThreadPool
 __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "mail_hosts"]
 
 
+DNS_CACHE_ENTRIES = 50_000
+
+
 class DNSTemporaryError(Exception):
     """No answer now (timeout, SERVFAIL); the question may be asked again."""
 
@@ -41,6 +44,9 @@ def make_dnspython_resolver(nameservers: Sequence[tuple[str, int]], timeout: flo
         resolver = dns.resolver.Resolver()
     resolver.timeout = timeout
     resolver.lifetime = timeout
+    # Answers, NXDOMAIN included, are kept for their TTL: SPF, DNSBL and MX
+    # lookups of a busy origin hit the cache, not the network.
+    resolver.cache = dns.resolver.LRUCache(DNS_CACHE_ENTRIES)
     return resolver
 
 
@@ -104,6 +110,12 @@ class Resolver:
         if not found and failure is not None:
             raise failure
         return found
+
+    def a_records(self, name: str) -> Deferred:
+        """Only the A records (DNSBL answers, RFC 5782 2.1)."""
+        d = self._lookup(name, "A")
+        d.addCallback(lambda records: [r.to_text() for r in records])
+        return d
 
     def txt(self, name: str) -> Deferred:
         d = self._lookup(name, "TXT")

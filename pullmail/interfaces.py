@@ -5,7 +5,7 @@ test fake is checked against these with C{verifyObject}.
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IDeliveryAgent", "IOutbox", "ITrustPolicy"]
+__all__ = ["IDeliveryAgent", "IDeliveryHook", "IOutbox", "ITrustPolicy"]
 
 
 class IDeliveryAgent(Interface):
@@ -73,4 +73,17 @@ class ITrustPolicy(Interface):
             domain for the bare form and the null sender.
         @return: a Deferred firing with None (no objection) or a L{Reply}
             refusing the sender (4xx temporary, 5xx permanent).
+        """
+
+
+class IDeliveryHook(Interface):
+    """Told about each local delivery, after the message is on disk."""
+
+    name = Attribute("The name by which [delivery] hooks enables it.")
+
+    def delivered(queue_id, sender, recipients, paths):
+        """
+        Called once the message is durable, before the 250 is sent.  The
+        return value (or a Deferred's result) is ignored, and an exception is
+        logged: a hook can never make an accepted message fail.
         """

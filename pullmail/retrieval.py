@@ -15,6 +15,7 @@ notification (logged).
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from typing import Callable
 
 from twisted.internet import defer
@@ -54,6 +55,7 @@ class Retriever:
         keep_for: float,
         pending_per_origin: int,
         policy: ServerPolicy,
+        per_minute: int = 600,
         deliver: Callable,
         client_tls=None,
     ) -> None:
@@ -67,6 +69,8 @@ class Retriever:
         self.remote_port = remote_port
         self.keep_for = keep_for
         self.pending_per_origin = pending_per_origin
+        self.per_minute = per_minute
+        self._recent: dict[str, deque[float]] = {}   # RETRs sent per peer, last minute
         self.policy = policy
         self.deliver = deliver
         self.client_tls = client_tls
@@ -188,18 +192,42 @@ class Retriever:
             ):
                 deferred.append((due, key))
                 continue
+            next_slot = self._rate_limited(notification.peer, now)
+            if next_slot is not None:
+                notification.next_attempt = next_slot
+                deferred.append((next_slot, key))
+                continue
             due_by_peer.setdefault(notification.peer, []).append(notification)
         for item in deferred:
             heapq.heappush(self._heap, item)
+        self._forget_quiet_peers(now)
         for peer, notifications in due_by_peer.items():
             self._busy_peers.add(peer)
             d = defer.Deferred.fromCoroutine(self._retrieve_from(peer, notifications))
             d.addErrback(lambda f, p=peer: log.failure("retrieval from {peer}", f, peer=p))
             d.addBoth(lambda _, p=peer: self._peer_done(p))
-        if deferred:
+        if any(key_due <= now for key_due, _ in deferred):
             # Busy peers are retried when their connection ends.
             return
         self._arm()
+
+    def _rate_limited(self, peer: str, now: float) -> float | None:
+        """
+        Count one RETR to C{peer}; when its last minute is full, return the
+        time a slot opens instead (a flood of notifications from one origin
+        cannot make us hammer it, or anyone else).
+        """
+        sent = self._recent.setdefault(peer, deque())
+        while sent and sent[0] <= now - 60:
+            sent.popleft()
+        if len(sent) >= self.per_minute:
+            return sent[0] + 60
+        sent.append(now)
+        return None
+
+    def _forget_quiet_peers(self, now: float) -> None:
+        for peer in [p for p, sent in self._recent.items() if not sent or sent[-1] <= now - 60]:
+            del self._recent[peer]
 
     def _peer_done(self, peer: str) -> None:
         self._busy_peers.discard(peer)

@@ -55,12 +55,24 @@ class Router:
         delivery: IDeliveryAgent,
         clock: IReactorTime,
         outbound=None,
+        hooks: Sequence = (),
     ) -> None:
         self.hostname = hostname
         self.accounts = accounts
         self.delivery = delivery
         self.clock = clock
         self.outbound = outbound
+        self.hooks = tuple(hooks)
+
+    @defer.inlineCallbacks
+    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message):
+        paths = yield self.delivery.deliver(queue_id, mailboxes, message)
+        for hook in self.hooks:
+            try:
+                yield defer.maybeDeferred(hook.delivered, queue_id, sender, mailboxes, paths)
+            except Exception:
+                log.failure("delivery hook {name} failed", name=hook.name)
+        return paths
 
     def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
         """Expand aliases: (local mailboxes, remote addresses)."""
@@ -83,7 +95,7 @@ class Router:
         queue_id = new_queue_id()
         local, remote = self.split(recipients)
         if local:
-            yield self.delivery.deliver(queue_id, local, list(chunks))
+            yield self._deliver_locally(queue_id, sender, local, list(chunks))
         if remote and self.outbound is not None:
             yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
         log.info("injected {queue_id} from <{sender}> for {recipients}", queue_id=queue_id,
@@ -104,7 +116,7 @@ class Router:
             return replies.S451_LOCAL_ERROR
         try:
             if local:
-                yield self.delivery.deliver(queue_id, local, message)
+                yield self._deliver_locally(queue_id, envelope.sender, local, message)
             if remote:
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, message)
         except OSError as e:

@@ -28,7 +28,9 @@ from pullmail.control import SOCKET_NAME, ControlFactory
 from pullmail.delivery import Outbound
 from pullmail.dns import Resolver, make_dnspython_resolver
 from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
-from pullmail.esmtp.server import Authenticate, Deliver, ServerPolicy
+from pullmail.esmtp.server import Authenticate, CheckPush, CheckSender, Deliver, ServerPolicy
+from pullmail.interfaces import IDeliveryHook, ITrustPolicy
+from pullmail.plugin import enabled_plugins
 from pullmail.maildir import MaildirDelivery, MaildirNames
 from pullmail.outbox import MaildirOutbox
 from pullmail.pending import PendingStore
@@ -139,7 +141,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     )
     delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()), reactor,
                                disk_pool)
-    router = Router(hostname, accounts, delivery, reactor)
+    hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
+    policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
+    router = Router(hostname, accounts, delivery, reactor, hooks=hooks)
     connect = Connector(reactor, reactor, config.delivery.bind_address,
                         config.delivery.connect_timeout, config.limits.idle_timeout)
     client_tls = client_context()
@@ -158,14 +162,15 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     mx_policy = ServerPolicy(
         hostname=hostname, domains=domains, accounts=accounts, service="smtp",
         max_size=config.limits.message_size, max_recipients=config.limits.recipients,
-        tls_available=True,
+        tls_available=True, push=config.trust.push,
     )
-    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4)
+    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
     retriever = Retriever(
         store=PendingStore(state / "pending"), trust=trust, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
         remote_port=config.delivery.remote_port, keep_for=config.delivery.outbox_lifetime,
-        pending_per_origin=config.limits.pending_per_origin, policy=mx_policy,
+        pending_per_origin=config.limits.pending_per_origin,
+        per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
         deliver=router.accept, client_tls=client_tls,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
@@ -190,6 +195,10 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         ),
         Notify: retriever,
         Retrieve: pickup,
+        CheckSender: lambda protocol, request: trust.check_own_domain(
+            request.session, request.envelope
+        ),
+        CheckPush: lambda protocol, request: trust.check_push(request.session, request.envelope),
     }
     limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
     pull = (pull_extension(config.trust.bare_gdel),) if config.trust.gdel else ()

@@ -17,6 +17,7 @@ from pullmail.esmtp.server import (
     ALLOWED,
     Authenticate,
     BeginData,
+    CheckPush,
     CheckSender,
     Close,
     Deliver,
@@ -349,18 +350,51 @@ class MailTests(SynchronousTestCase):
         self.assertEqual(m.handle("MAIL FROM:<x@remote.test> SIZE=10").code, 555)
         self.assertEqual(m.handle("MAIL FROM:<x@remote.test>").code, 250)
 
-    def test_check_sender_request(self):
-        """With sender checks on, MAIL asks the glue; its verdict decides."""
-        m = _to_state(_machine(check_senders=True), State.READY)
-        request = m.handle("MAIL FROM:<x@remote.test>")
+    def test_own_domain_sender_is_checked(self):
+        """
+        A sender in one of our own domains arriving on the MX service is
+        checked before MAIL is accepted (SPEC 6, the seed paper's forgery);
+        the verdict decides.
+        """
+        m = _to_state(_machine(), State.READY)
+        request = m.handle("MAIL FROM:<secr@example.org>")
         self.assertIsInstance(request, CheckSender)
-        self.assertEqual(request.envelope.sender, "x@remote.test")
+        self.assertEqual(request.envelope.sender, "secr@example.org")
         self.assertIs(m.state, State.READY)
-        self.assertEqual(m.resolve(request, replies.S550_SPF_FAIL).code, 550)
+        self.assertEqual(_code(m.resolve(request, replies.S550_SPF_FAIL)), (550, "5.7.23"))
         self.assertIs(m.state, State.READY)
-        request = m.handle("MAIL FROM:<x@remote.test>")
+        request = m.handle("MAIL FROM:<secr@example.org>")
         self.assertEqual(m.resolve(request, None).code, 250)
         self.assertIs(m.state, State.MAIL)
+
+    def test_foreign_sender_not_checked(self):
+        """Senders of other domains need no check at MAIL."""
+        m = _to_state(_machine(), State.READY)
+        self.assertEqual(m.handle("MAIL FROM:<x@remote.test>").code, 250)
+
+    def test_own_domain_sender_on_submission_not_checked(self):
+        """On submission the login binds the sender instead of SPF."""
+        m = _authenticated()
+        self.assertEqual(m.handle("MAIL FROM:<alice@example.org>").code, 250)
+
+    def test_push_policy_checked_at_data(self):
+        """
+        With [trust] push other than accept, DATA asks the glue (not MAIL,
+        which a GDEL transaction shares); a refusal ends the transaction.
+        """
+        m = _to_state(_machine(push="refuse"), State.READY)
+        self.assertEqual(m.handle("MAIL FROM:<x@remote.test>").code, 250)
+        self.assertEqual(m.handle("RCPT TO:<alice@example.org>").code, 250)
+        request = m.handle("DATA")
+        self.assertIsInstance(request, CheckPush)
+        refusal = replies.S550_POLICY.with_text("Push not accepted")
+        self.assertEqual(m.resolve(request, refusal), refusal)
+        self.assertIs(m.state, State.READY)
+        m.handle("MAIL FROM:<x@remote.test>")
+        m.handle("RCPT TO:<alice@example.org>")
+        action = m.resolve(m.handle("DATA"), None)
+        self.assertIsInstance(action, BeginData)
+        self.assertIs(m.state, State.DATA)
 
 
 class RcptTests(SynchronousTestCase):

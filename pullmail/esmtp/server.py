@@ -37,6 +37,7 @@ __all__ = [
     "ServerPolicy",
     "ServerMachine",
     "CheckSender",
+    "CheckPush",
     "Deliver",
     "Authenticate",
     "StartTLS",
@@ -69,7 +70,21 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class CheckSender:
-    """Run the sender trust check (push policy, own-domain SPF)."""
+    """
+    A sender claims one of our own domains from outside: its SPF must
+    pass (SPEC 6), or the MAIL is refused.  Resolve with None or a refusal.
+    """
+
+    session: Session
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class CheckPush:
+    """
+    Classic push on the MX service, judged by ``[trust] push`` before the
+    data is taken.  Resolve with None or a refusal.
+    """
 
     session: Session
     envelope: Envelope
@@ -150,7 +165,7 @@ class ServerPolicy:
     max_size: int = 25_000_000
     max_recipients: int = 100
     tls_available: bool = False
-    check_senders: bool = False
+    push: str = "accept"           # [trust] push
 
     @property
     def submission(self) -> bool:
@@ -244,6 +259,7 @@ class ServerMachine:
         }
         self._resolvers: dict[type, Callable] = {
             CheckSender: ServerMachine._resolve_sender,
+            CheckPush: ServerMachine._resolve_push,
             Deliver: ServerMachine._resolve_delivery,
             Authenticate: ServerMachine._resolve_authentication,
         }
@@ -345,7 +361,11 @@ class ServerMachine:
         ):
             return replies.S553_NOT_OWNED
         envelope = Envelope(sender_text, (), size, body, params)
-        if self.policy.check_senders:
+        if (
+            sender is not None
+            and not self.policy.submission
+            and sender.domain in self.policy.domains
+        ):
             return CheckSender(self.session, envelope)
         return self._accept_sender(envelope)
 
@@ -409,8 +429,19 @@ class ServerMachine:
     def _data(self, argument: str) -> object:
         if argument:
             return replies.S501_SYNTAX.with_text("DATA takes no arguments")
+        if self.policy.push != "accept" and not self.session.user:
+            return CheckPush(self.session, self.envelope)
+        return self._begin_data()
+
+    def _begin_data(self) -> BeginData:
         self.state = State.DATA
         return BeginData(replies.S354_START_DATA, self.policy.max_size)
+
+    def _resolve_push(self, request: CheckPush, verdict: Reply | None) -> object:
+        if verdict is not None:
+            self.reset()
+            return verdict
+        return self._begin_data()
 
     def data_received(self, chunks: list, size: int, error: Reply | None) -> object:
         """The glue read the whole message (or refused it with C{error})."""

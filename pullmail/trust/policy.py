@@ -7,7 +7,7 @@ verdict; the checker only gathers facts.
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable
+from typing import Callable, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -16,6 +16,7 @@ from zope.interface import implementer
 from pullmail import replies
 from pullmail.config import TrustConfig
 from pullmail.dns import DNSPermanentError, DNSTemporaryError, Resolver
+from pullmail.envelope import Envelope, Session
 from pullmail.interfaces import ITrustPolicy
 from pullmail.replies import Reply
 from pullmail.trust.spf import SPFResult, check_host
@@ -63,13 +64,15 @@ class TrustChecker:
     name = "builtin"
 
     def __init__(self, config: TrustConfig, resolver: Resolver, run_blocking: Callable,
-                 timeout: float) -> None:
+                 timeout: float, plugins: Sequence[ITrustPolicy] = ()) -> None:
         self.config = config
         self.resolver = resolver
         self.run_blocking = run_blocking
         self.timeout = timeout
+        self.plugins = tuple(plugins)
 
     def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
+        """The whole chain: allow, deny, DNSBL, SPF, then the plugins (SPEC 6)."""
         return defer.Deferred.fromCoroutine(self._check(peer, domain.lower(), helo, sender))
 
     async def _check(self, peer: str, domain: str, helo: str, sender: str | None):
@@ -79,17 +82,69 @@ class TrustChecker:
         if listed(self.config.deny, ip, domain):
             return replies.S550_POLICY.with_text("Refused by policy (deny list)")
         for zone in self.config.dnsbl:
-            try:
-                found = await self.resolver.addresses(dnsbl_name(ip, zone))
-            except (DNSTemporaryError, DNSPermanentError):
-                found = []
-            if found:
+            if await self._dnsbl_listed(ip, zone):
                 return replies.S550_POLICY.with_text(f"Refused: {peer} is listed in {zone}")
+        verdict = await self._spf(peer, domain, helo, sender, self.config.spf_accept)
+        if verdict is not None:
+            return verdict
+        for plugin in self.plugins:
+            verdict = await defer.maybeDeferred(plugin.check, peer, domain, helo, sender)
+            if verdict is not None:
+                log.info("policy {name} refused {domain} from {peer}: {verdict}",
+                         name=plugin.name, domain=domain, peer=peer, verdict=str(verdict),
+                         event="policy-veto")
+                return verdict
+        return None
+
+    async def _dnsbl_listed(self, ip, zone: str) -> bool:
+        try:
+            records = await self.resolver.a_records(dnsbl_name(ip, zone))
+        except (DNSTemporaryError, DNSPermanentError):
+            return False
+        # RFC 5782 2.3: listings are 127.0.0.0/8 answers; anything else is
+        # the zone misbehaving, not a listing.
+        return any(address.startswith("127.") for address in records)
+
+    async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
+                   accepted: tuple[str, ...]) -> Reply | None:
         result, explanation = await self.run_blocking(
             check_host, self.resolver.dnspython, peer, domain, sender or "", helo, self.timeout
         )
-        verdict = decide_spf(result, self.config.spf_accept)
+        verdict = decide_spf(result, accepted)
         log.info("SPF {result} for {domain} from {peer}: {verdict}", result=result.value,
                  domain=domain, peer=peer, verdict=str(verdict) if verdict else "trusted",
                  explanation=explanation, event="spf")
         return verdict
+
+    # -- classic push on the MX service ---------------------------------------------
+
+    def check_own_domain(self, session: Session, envelope: Envelope) -> defer.Deferred:
+        """
+        A sender in our own domain from outside must be one SPF authorises
+        (the seed paper's telnet forgery): only "pass" will do, whatever
+        ``spf_accept`` says, unless the peer is on the allow list.
+        """
+        domain = envelope.sender.rpartition("@")[2]
+        if listed(self.config.allow, ipaddress.ip_address(session.peer), domain):
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(
+            self._spf(session.peer, domain, session.helo, envelope.sender, ("pass",))
+        )
+
+    def check_push(self, session: Session, envelope: Envelope) -> defer.Deferred:
+        """``[trust] push``: accept | spf-pass | allow-only | refuse (SPEC 6)."""
+        push = self.config.push
+        identity = envelope.sender.rpartition("@")[2] if envelope.sender else session.helo
+        if push == "accept":
+            return defer.succeed(None)
+        if push == "refuse":
+            return defer.succeed(_PUSH_REFUSED)
+        if push == "allow-only":
+            allowed = listed(self.config.allow, ipaddress.ip_address(session.peer), identity)
+            return defer.succeed(None if allowed else _PUSH_REFUSED)
+        return self.check(session.peer, identity, session.helo, envelope.sender or None)
+
+
+_PUSH_REFUSED = replies.S550_POLICY.with_text(
+    "Push not accepted here; offer the message by General Delivery (GDEL)"
+)
