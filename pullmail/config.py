@@ -224,6 +224,7 @@ class DeliveryConfig:
     push_retry: tuple[float, ...] = _list(["5m", "15m", "1h", "4h"], parse_duration)
     push_lifetime: float = _opt(5 * 86400.0, str, parse_duration)
     tls: str = _opt("opportunistic", str, _one_of({"opportunistic", "verify"}))
+    tls_ca: Path | None = _opt(None, str, lambda text: Path(text) if text else None)
     connect_timeout: float = _opt(30.0, str, parse_duration)
     hooks: tuple[str, ...] = _list([], str)
 
@@ -244,6 +245,10 @@ class LimitsConfig:
     retr_fail_window: float = _opt(3600.0, str, parse_duration)
     retr_block: float = _opt(3600.0, str, parse_duration)
     retr_tarpit_max: float = _opt(30.0, str, parse_duration)
+    auth_fail_limit: int = _opt(5, int)
+    auth_fail_window: float = _opt(3600.0, str, parse_duration)
+    auth_block: float = _opt(900.0, str, parse_duration)
+    auth_tarpit_max: float = _opt(10.0, str, parse_duration)
     pending_per_origin: int = _opt(10000, int)
     retrievals_per_minute: int = _opt(600, int)
 
@@ -310,6 +315,7 @@ def _check(config: Config) -> None:
         ("limits.pending_per_origin", config.limits.pending_per_origin),
         ("limits.retrievals_per_minute", config.limits.retrievals_per_minute),
         ("limits.retr_fail_limit", config.limits.retr_fail_limit),
+        ("limits.auth_fail_limit", config.limits.auth_fail_limit),
     ]
     for option, value in positive:
         if value <= 0:
@@ -320,6 +326,8 @@ def _check(config: Config) -> None:
         raise ConfigError("retrieval.schedule", "needs at least one attempt")
     if not config.delivery.push_retry:
         raise ConfigError("delivery.push_retry", "needs at least one delay")
+    if config.delivery.tls_ca and not config.delivery.tls_ca.is_file():
+        raise ConfigError("delivery.tls_ca", f"file {str(config.delivery.tls_ca)!r} does not exist")
     if not config.tls.generate:
         for option, path in [("tls.certificate", config.tls.certificate),
                              ("tls.key", config.tls.key)]:
@@ -340,6 +348,8 @@ def _absolute(config: Config) -> Config:
                     key=resolve(config.tls.key)),
         accounts=replace(config.accounts, users=resolve(config.accounts.users),
                          aliases=resolve(config.accounts.aliases)),
+        delivery=replace(config.delivery, tls_ca=resolve(config.delivery.tls_ca)
+                         if config.delivery.tls_ca else None),
     )
 
 

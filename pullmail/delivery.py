@@ -254,7 +254,7 @@ class Outbound:
                 continue
             for address in addresses:
                 try:
-                    mode, result = await self._session(entry, address, port)
+                    mode, result = await self._session(entry, host, address, port)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
                     log.info("attempt {id} to {host} [{address}] failed: {error}", id=entry.id,
@@ -263,10 +263,17 @@ class Outbound:
                 return mode, host, result
         raise _Transient("; ".join(errors) or "no address for any mail host")
 
-    async def _session(self, entry: OutboxEntry, address: str, port: int):
+    async def _session(self, entry: OutboxEntry, host: str, address: str, port: int):
         connection = await self.connect(address, port)
         try:
-            keywords = await open_session(connection, self.hostname, self.client_tls)
+            tls = self.client_tls
+            keywords = await open_session(
+                connection, self.hostname, tls.options_for(host) if tls else None,
+                require_tls=bool(tls and tls.required),
+            )
+            log.info("session with {host} [{address}]: {tls}", host=host, address=address,
+                     tls=("TLS, certificate verified" if tls and tls.required else "TLS")
+                     if "_TLS" in keywords else "no TLS (not offered)", event="tls-outcome")
             pipelining = "PIPELINING" in keywords
             if "GDEL" in keywords:
                 result = await send_notification(

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from pullmail import replies
 from pullmail.accounts import Accounts
 from pullmail.envelope import Envelope, Session
+from pullmail.headers import complete_submission
 from pullmail.ids import new_queue_id
 from pullmail.interfaces import IDeliveryAgent
 from pullmail.replies import Reply
@@ -109,6 +110,10 @@ class Router:
         header = received_header(
             session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
         )
+        if session.service != "smtp":
+            chunks = complete_submission(
+                chunks, self.hostname, self.clock.seconds(), f"{queue_id}.{new_queue_id()}"
+            )
         message = [header] + list(chunks)
         local, remote = self.split(envelope.recipients)
         if remote and self.outbound is None:

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pullmail import config as configuration
 from pullmail.accounts import Accounts, AccountsError
+from pullmail.auth import Authenticator, make_portal
 from pullmail.control import SOCKET_NAME, ControlFactory
 from pullmail.delivery import Outbound
 from pullmail.dns import Resolver, make_dnspython_resolver
@@ -34,11 +35,12 @@ from pullmail.plugin import enabled_plugins
 from pullmail.maildir import MaildirDelivery, MaildirNames
 from pullmail.outbox import MaildirOutbox
 from pullmail.pending import PendingStore
-from pullmail.pickup import FailureTracker, PickupCounter
+from pullmail.pickup import PickupCounter
+from pullmail.throttle import FailureTracker
 from pullmail.protocol import ConnectionLimits, Connector, SMTPServerFactory
 from pullmail.retrieval import Retriever
 from pullmail.router import Router
-from pullmail.tls import client_context, ensure_certificate, server_context
+from pullmail.tls import OutboundTLS, client_context, ensure_certificate, server_context
 from pullmail.trust.policy import TrustChecker
 
 __all__ = ["Options", "makeService"]
@@ -147,17 +149,21 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     connect = Connector(reactor, reactor, config.delivery.bind_address,
                         config.delivery.connect_timeout, config.limits.idle_timeout)
     client_tls = client_context()
+    outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     outbox = MaildirOutbox(state / "outbox")
     outbound = Outbound(
         outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=lambda sender, message: router.inject("", [sender], [message]),
-        client_tls=client_tls,
+        client_tls=outbound_tls,
     )
     router.outbound = outbound
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,
                               config.limits.retr_fail_window, config.limits.retr_block,
                               config.limits.retr_tarpit_max)
+    auth_failures = FailureTracker(reactor, config.limits.auth_fail_limit,
+                                   config.limits.auth_fail_window, config.limits.auth_block,
+                                   config.limits.auth_tarpit_max, what="AUTH")
     pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking)
     mx_policy = ServerPolicy(
         hostname=hostname, domains=domains, accounts=accounts, service="smtp",
@@ -190,9 +196,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         Deliver: lambda protocol, request: router.accept(
             request.session, request.envelope, request.chunks, request.size
         ),
-        Authenticate: lambda protocol, request: run_blocking(
-            accounts.check_password, request.user, request.password
-        ),
+        Authenticate: Authenticator(make_portal(accounts, run_blocking), auth_failures, reactor),
         Notify: retriever,
         Retrieve: pickup,
         CheckSender: lambda protocol, request: trust.check_own_domain(
@@ -210,7 +214,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
             tls_context=tls_context, implicit_tls=implicit,
             extensions=pull if service_name == "smtp" else (),
             refuse_connection=failures.refuse_connection if service_name == "smtp"
-            else (lambda address: None),
+            else auth_failures.refuse_connection,
         )
         wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
         for description in getattr(config.listen, service_name):

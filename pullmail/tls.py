@@ -18,7 +18,9 @@ from twisted.internet.ssl import TLSVersion
 
 from pullmail.durable import write_atomically
 
-__all__ = ["ensure_certificate", "server_context", "client_context", "self_signed_pair"]
+__all__ = [
+    "ensure_certificate", "server_context", "client_context", "self_signed_pair", "OutboundTLS",
+]
 
 
 def self_signed_pair(hostname: str, now: datetime.datetime) -> tuple[bytes, bytes]:
@@ -75,3 +77,29 @@ def client_context() -> ssl.CertificateOptions:
     STARTTLS, without judging its certificate.
     """
     return ssl.CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
+
+
+class OutboundTLS:
+    """
+    The outbound TLS policy (``[delivery] tls``): "opportunistic" encrypts
+    when offered; "verify" requires STARTTLS and a certificate valid for the
+    MX host name (service-identity, RFC 6125), checked against C{ca_file}
+    or the system's trust store; anything less defers the mail.
+    """
+
+    def __init__(self, mode: str, ca_file: Path | None = None) -> None:
+        self.mode = mode
+        self.required = mode == "verify"
+        self._opportunistic = client_context()
+        self._trust = (
+            ssl.Certificate.loadPEM(ca_file.read_bytes()) if ca_file else ssl.platformTrust()
+        ) if self.required else None
+
+    def options_for(self, host: str):
+        if not self.required:
+            return self._opportunistic
+        return ssl.optionsForClientTLS(
+            host, trustRoot=self._trust, extraCertificateOptions={
+                "raiseMinimumTo": TLSVersion.TLSv1_2,
+            }
+        )

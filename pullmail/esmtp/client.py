@@ -237,16 +237,20 @@ class Refused(Exception):
         self.reply = reply
 
 
-async def open_session(channel, hostname: str, tls_options=None) -> dict[str, str]:
+async def open_session(channel, hostname: str, tls_options=None,
+                       require_tls: bool = False) -> dict[str, str]:
     """
     Read the greeting, say EHLO (HELO when EHLO is refused), and start TLS
     when the peer offers it and C{tls_options} is given (RFC 3207: EHLO
-    again after the handshake).  Returns the EHLO keywords.
+    again after the handshake).  Returns the EHLO keywords.  With
+    C{require_tls}, a peer without STARTTLS is refused.
     """
     greeting = await channel.reply()
     if greeting.code != 220:
         raise Refused(greeting)
     keywords = await _hello(channel, hostname)
+    if require_tls and "STARTTLS" not in keywords:
+        raise Refused(Reply(454, "4.7.0", "peer does not offer STARTTLS (tls = verify)"))
     if tls_options is not None and "STARTTLS" in keywords:
         channel.send(b"STARTTLS\r\n")
         ready = await channel.reply()
