@@ -67,6 +67,7 @@ class Outbound:
         config: DeliveryConfig,
         send_bounce: Callable[[str, bytes], object],
         client_tls=None,
+        sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
     ) -> None:
         self.outbox = outbox
         self.resolver = resolver
@@ -77,6 +78,7 @@ class Outbound:
         self.config = config
         self.send_bounce = send_bounce
         self.client_tls = client_tls
+        self.sender_authorised = sender_authorised
         self._heap: list[tuple[float, str]] = []
         self._timer = None
         self._in_flight: set[str] = set()
@@ -104,8 +106,12 @@ class Outbound:
     # -- entry points -----------------------------------------------------------
 
     def enqueue(self, queue_id: str, sender: str, recipients: Sequence[str],
-                chunks: Sequence[bytes]) -> defer.Deferred:
-        """Queue a message for remote recipients: one entry per domain."""
+                chunks: Sequence[bytes], origin: str | None = None) -> defer.Deferred:
+        """
+        Queue a message for remote recipients: one entry per domain.
+        C{origin} is the outside address it came from (forwarded mail), so
+        that a bounce never goes to a sender that address may not speak for.
+        """
         by_domain: dict[str, list[str]] = {}
         for recipient in recipients:
             by_domain.setdefault(recipient.rpartition("@")[2].lower(), []).append(recipient)
@@ -116,7 +122,7 @@ class Outbound:
             OutboxEntry(
                 id=new_gdel_id(), queue_id=queue_id, sender=sender, domain=domain,
                 recipients=rcpts, created=now, size=size, next_attempt=now,
-                body="8BITMIME" if eight_bit else None,
+                body="8BITMIME" if eight_bit else None, origin=origin,
             )
             for domain, rcpts in sorted(by_domain.items())
         ]
@@ -413,10 +419,24 @@ class Outbound:
             now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
             message_id=f"{secrets.token_hex(12)}@{self.hostname}",
         )
+        d = defer.Deferred.fromCoroutine(
+            self._send_bounce(entry, message, action, list(recipients), status)
+        )
+        d.addErrback(lambda f: log.failure("sending a DSN for {id}", f, id=entry.id))
+
+    async def _send_bounce(self, entry: OutboxEntry, message: bytes, action: str,
+                           recipients: list[str], status: str) -> None:
+        # SPEC 7: never bounce to an address that failed SPF (no backscatter).
+        if entry.origin and self.sender_authorised is not None:
+            if not await self.sender_authorised(entry.origin, entry.sender):
+                log.info("not bouncing {queue_id} to <{sender}>: SPF does not authorise "
+                         "{origin}", queue_id=entry.queue_id, sender=entry.sender,
+                         origin=entry.origin, event="bounce-dropped")
+                return
         log.info("{action} DSN for {queue_id} to <{sender}>: {recipients} {status}",
                  action=action, queue_id=entry.queue_id, sender=entry.sender,
-                 recipients=list(recipients), status=status, event="bounced")
-        self.send_bounce(entry.sender, message)
+                 recipients=recipients, status=status, event="bounced")
+        await defer.maybeDeferred(self.send_bounce, entry.sender, message)
 
 
 class _TransientPeer(Exception):

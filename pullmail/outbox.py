@@ -55,6 +55,7 @@ class OutboxEntry:
     last_error: str = ""
     body: str | None = None
     smtputf8: bool = False
+    origin: str | None = None   # the outside address it was pushed from, if any
     claimed: bool = field(default=False, compare=False)
 
     def to_json(self) -> bytes:

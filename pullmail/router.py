@@ -123,7 +123,9 @@ class Router:
             if local:
                 yield self._deliver_locally(queue_id, envelope.sender, local, message)
             if remote:
-                yield self.outbound.enqueue(queue_id, envelope.sender, remote, message)
+                origin = None if session.user else session.peer
+                yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
+                                            origin=origin)
         except OSError as e:
             log.error(
                 "storing {queue_id} failed: {error}", queue_id=queue_id, error=str(e),

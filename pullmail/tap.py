@@ -150,12 +150,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                         config.delivery.connect_timeout, config.limits.idle_timeout)
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
+    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
     outbox = MaildirOutbox(state / "outbox")
     outbound = Outbound(
         outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=lambda sender, message: router.inject("", [sender], [message]),
         client_tls=outbound_tls,
+        sender_authorised=trust.spf_passes,
     )
     router.outbound = outbound
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,
@@ -170,7 +172,6 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         max_size=config.limits.message_size, max_recipients=config.limits.recipients,
         tls_available=True, push=config.trust.push,
     )
-    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
     retriever = Retriever(
         store=PendingStore(state / "pending"), trust=trust, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
@@ -205,14 +206,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         CheckPush: lambda protocol, request: trust.check_push(request.session, request.envelope),
     }
     limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
-    pull = (pull_extension(config.trust.bare_gdel),) if config.trust.gdel else ()
+    pull = (pull_extension(config.trust.bare_gdel, enabled=config.trust.gdel),)
     for service_name in ("smtp", "submission", "submissions"):
         implicit = service_name == "submissions"
         policy = replace(mx_policy, service=service_name, tls_available=not implicit)
         factory = SMTPServerFactory(
             policy, reactor, limits, config.limits.idle_timeout, performers,
             tls_context=tls_context, implicit_tls=implicit,
-            extensions=pull if service_name == "smtp" else (),
+            extensions=pull,
             refuse_connection=failures.refuse_connection if service_name == "smtp"
             else auth_failures.refuse_connection,
         )

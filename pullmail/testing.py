@@ -15,6 +15,7 @@ no threads, no global reactor.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -47,12 +48,12 @@ def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
 
 class FakeResolver:
     """
-    DNS answers from dicts.  A name in C{temporary} fails with
-    L{DNSTemporaryError}, one in C{permanent} with L{DNSPermanentError}, for
-    every record type.  Names not in a dict have no records of that type.
+    The L{pullmail.dns.Resolver} seam, answered from dicts.  A name in
+    C{temporary} fails with L{DNSTemporaryError}, one in C{permanent} with
+    L{DNSPermanentError}, for every record type.  Names not in a dict have no records of that type.
     Every question is recorded in C{queries} as C{(rdtype, name)}.
 
-    @ivar mx: domain -> [(preference, host)]
+    @ivar mx_records: domain -> [(preference, host)]
     @ivar hosts: host -> [address]
     @ivar texts: name -> [text]
     """
@@ -88,7 +89,17 @@ class FakeResolver:
         return d.addCallback(sorted)
 
     def addresses(self, host: str) -> defer.Deferred:
+        """The A and AAAA addresses of C{host}; an IP address is itself."""
+        try:
+            return defer.succeed([str(ipaddress.ip_address(host))])
+        except ValueError:
+            pass
         return self._answer("A", host, self.hosts)
+
+    def a_records(self, name: str) -> defer.Deferred:
+        """Only A records (the DNSBL lookups): the IPv4 entries of C{hosts}."""
+        d = self._answer("A", name, self.hosts)
+        return d.addCallback(lambda found: [a for a in found if ":" not in a])
 
     def txt(self, name: str) -> defer.Deferred:
         return self._answer("TXT", name, self.texts)

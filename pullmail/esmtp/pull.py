@@ -45,14 +45,17 @@ class Retrieve:
     gdel_id: str
 
 
-def pull_extension(bare_gdel: bool = True) -> Extension:
-    """The GDEL/RETR verbs, offered on the MX service only (SPEC 1)."""
+def pull_extension(bare_gdel: bool = True, enabled: bool = True) -> Extension:
+    """
+    The GDEL/RETR verbs, offered on the MX service only (SPEC 1).  With
+    General Delivery switched off they are known but refused (``502``).
+    """
 
     def keywords(session: Session) -> list[str]:
-        return ["GDEL", "RETR"] if session.service == "smtp" else []
+        return ["GDEL", "RETR"] if enabled and session.service == "smtp" else []
 
     def gdel(machine: ServerMachine, argument: str) -> object:
-        if machine.session.service != "smtp":
+        if not enabled or machine.session.service != "smtp":
             return replies.S502_NOT_IMPLEMENTED
         if machine.state is State.MAIL:
             return replies.S503_NEED_RCPT
@@ -70,7 +73,7 @@ def pull_extension(bare_gdel: bool = True) -> Extension:
         return reply
 
     def retr(machine: ServerMachine, argument: str) -> object:
-        if machine.session.service != "smtp":
+        if not enabled or machine.session.service != "smtp":
             return replies.S502_NOT_IMPLEMENTED
         if not is_gdel_id(argument):
             return replies.S501_BAD_ID

@@ -341,8 +341,6 @@ class ServerMachine:
 
     def _mail(self, argument: str) -> object:
         if self.policy.submission and not self.session.user:
-            if not self.session.tls:
-                return replies.S530_NEED_TLS
             return replies.S530_NEED_AUTH
         try:
             sender, params = parse_mail_argument(argument)

@@ -116,6 +116,12 @@ class TrustChecker:
                  explanation=explanation, event="spf")
         return verdict
 
+    def spf_passes(self, peer: str, sender: str) -> defer.Deferred:
+        """Whether SPF says C{peer} may send for C{sender}'s domain."""
+        domain = sender.rpartition("@")[2]
+        d = defer.Deferred.fromCoroutine(self._spf(peer, domain, "", sender, ("pass",)))
+        return d.addCallback(lambda verdict: verdict is None)
+
     # -- classic push on the MX service ---------------------------------------------
 
     def check_own_domain(self, session: Session, envelope: Envelope) -> defer.Deferred:
