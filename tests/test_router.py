@@ -44,9 +44,11 @@ class FakeDelivery:
 class FakeOutbound:
     def __init__(self) -> None:
         self.calls = []
+        self.origins = []
 
-    def enqueue(self, queue_id, sender, recipients, chunks):
+    def enqueue(self, queue_id, sender, recipients, chunks, origin=None):
         self.calls.append((queue_id, sender, list(recipients), list(chunks)))
+        self.origins.append(origin)
         return defer.succeed(None)
 
 
@@ -185,6 +187,14 @@ class AcceptTests(SynchronousTestCase):
         self.assertEqual(queued_id, queue_id)
         self.assertEqual(sender, "x@remote.test")
         self.assertEqual(remote, ["carol@remote.test"])
+
+    def test_forwarded_mail_remembers_its_origin(self):
+        """
+        Mail pushed in from outside and forwarded on keeps the peer address,
+        so a later bounce can be checked against the sender's SPF (SPEC 7).
+        """
+        self.accept(["all@example.org"])
+        self.assertEqual(self.outbound.origins, [self.session.peer])
 
     def test_split(self):
         """split() separates local mailboxes from remote addresses."""
