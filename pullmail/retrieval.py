@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pullmail import replies
+from pullmail.dns import DNSPermanentError, DNSTemporaryError, mail_host_addresses
 from pullmail.envelope import Session
 from pullmail.esmtp.client import open_session
 from pullmail.esmtp.pull import Notify, TurnMachine
@@ -58,8 +59,12 @@ class Retriever:
         per_minute: int = 600,
         deliver: Callable,
         client_tls=None,
+        resolver=None,
+        sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
     ) -> None:
         self.store = store
+        self.resolver = resolver
+        self.sender_authorised = sender_authorised
         self.trust = trust
         self.connect = connect
         self.clock = clock
@@ -236,34 +241,75 @@ class Retriever:
     # -- one connection ------------------------------------------------------------------
 
     async def _retrieve_from(self, peer: str, notifications: list[Notification]) -> None:
-        remaining = list(notifications)
-        try:
-            connection = await self.connect(peer, self.remote_port)
-        except Exception as e:
-            for notification in remaining:
-                self._attempt_failed(notification, f"connect: {e}")
+        """
+        SPEC 4: connect to the address that notified; if it does not
+        answer, to the origin domain's MX hosts whose addresses pass the
+        same SPF check (a cluster sharing its outbox) -- never to any other.
+        """
+        connection, error = await self._connect(peer)
+        if connection is not None:
+            await self._run(connection, peer, notifications)
             return
+        by_origin: dict[str, list[Notification]] = {}
+        for notification in notifications:
+            by_origin.setdefault(notification.origin, []).append(notification)
+        for origin, group in by_origin.items():
+            for address in await self._cluster_addresses(origin, peer):
+                connection, _ = await self._connect(address)
+                if connection is not None:
+                    log.info("{peer} did not answer; retrieving from {address}, an MX of "
+                             "{origin} that passes SPF", peer=peer, address=address,
+                             origin=origin, event="retrieval-fallback")
+                    await self._run(connection, address, group)
+                    break
+            else:
+                for notification in group:
+                    self._attempt_failed(notification, f"connect: {error}")
+
+    async def _connect(self, address: str):
+        try:
+            return await self.connect(address, self.remote_port), None
+        except Exception as e:
+            return None, e
+
+    async def _cluster_addresses(self, origin: str, peer: str) -> list[str]:
+        if self.resolver is None or self.sender_authorised is None:
+            return []
+        try:
+            addresses = await mail_host_addresses(self.resolver, origin)
+        except (DNSTemporaryError, DNSPermanentError):
+            return []
+        trusted = []
+        for address in addresses:
+            if address != peer and address not in trusted and await self.sender_authorised(
+                address, f"postmaster@{origin}"
+            ):
+                trusted.append(address)
+        return trusted
+
+    async def _run(self, connection, address: str, notifications: list[Notification]) -> None:
+        remaining = list(notifications)
         try:
             keywords = await open_session(connection, self.hostname, self.client_tls)
             if "RETR" not in keywords:
                 raise ConnectionError("peer does not offer RETR")
             while remaining:
-                notification = remaining[0]
-                await self._retrieve_one(connection, notification, "_TLS" in keywords)
+                await self._retrieve_one(connection, address, remaining[0], "_TLS" in keywords)
                 remaining.pop(0)
             connection.quit()
         except Exception as e:
-            log.info("retrieval from {peer} broke off: {error}", peer=peer, error=str(e),
+            log.info("retrieval from {peer} broke off: {error}", peer=address, error=str(e),
                      event="retrieval-failed")
             for notification in remaining:
                 self._attempt_failed(notification, str(e))
             connection.transport.loseConnection()
 
-    async def _retrieve_one(self, connection, notification: Notification, tls: bool) -> None:
+    async def _retrieve_one(self, connection, address: str, notification: Notification,
+                            tls: bool) -> None:
         connection.send(f"RETR {notification.gdel_id}\r\n".encode("ascii"))
         reply = await connection.reply()
         log.info("RETR {id} at {peer}: {reply}", id=notification.gdel_id,
-                 peer=notification.peer, reply=str(reply), event="retrieval-attempt",
+                 peer=address, reply=str(reply), event="retrieval-attempt",
                  code=reply.code)
         if reply.code != 250:
             if reply.permanent:
@@ -271,7 +317,7 @@ class Retriever:
             else:
                 self._attempt_failed(notification, str(reply))
             return
-        session = Session(notification.peer, "smtp", helo=notification.helo, esmtp=True, tls=tls)
+        session = Session(address, "smtp", helo=notification.helo, esmtp=True, tls=tls)
         machine = TurnMachine(
             self.policy, session, sender=notification.sender,
             recipients=tuple(notification.recipients) if notification.recipients else None,

@@ -178,7 +178,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         remote_port=config.delivery.remote_port, keep_for=config.delivery.outbox_lifetime,
         pending_per_origin=config.limits.pending_per_origin,
         per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
-        deliver=router.accept, client_tls=client_tls,
+        deliver=router.accept, client_tls=client_tls, resolver=resolver,
+        sender_authorised=trust.spf_passes,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME
