@@ -50,6 +50,8 @@ __all__ = [
     "toml_dumps",
     "wait_until",
     "Snapshot",
+    "ConnectionCounter",
+    "SilentUDP",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,10 +186,19 @@ def merge_settings(
 # -- processes ------------------------------------------------------------------
 
 
-def _environment() -> dict[str, str]:
+def _environment(
+    pythonpath: Iterable[str | Path] = (), extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """
+    The environment of a child: ours, with the repository (then
+    C{pythonpath}, e.g. a folder holding C{pullmail/plugins/} drop-ins) in
+    front of C{PYTHONPATH}, and C{extra} variables on top.
+    """
     env = dict(os.environ)
+    env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        [str(REPO)] + [str(p) for p in pythonpath]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -204,13 +215,15 @@ def _tail(path: Path, lines: int = 40) -> str:
 class _Process:
     """One child process, started in its own session, killed by its pid only."""
 
-    def __init__(self, argv: list[str], cwd: Path, output: Path) -> None:
+    def __init__(
+        self, argv: list[str], cwd: Path, output: Path, env: Mapping[str, str] | None = None,
+    ) -> None:
         self.argv = argv
         with open(output, "ab") as out:
             self.popen = subprocess.Popen(
                 argv,
                 cwd=cwd,
-                env=_environment(),
+                env=env if env is not None else _environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -308,7 +321,14 @@ class Node:
         users: Mapping[str, str] | None = None,
         aliases: str = "",
         settings: Mapping[str, Mapping[str, Any]] | None = None,
+        pythonpath: Iterable[str | Path] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        # pythonpath: extra PYTHONPATH entries (after the repository) for
+        # twistd and the pullmail command, e.g. a folder with drop-in
+        # pullmail/plugins/ modules; env: extra environment variables.
+        self.pythonpath = [str(p) for p in pythonpath]
+        self.extra_env = dict(env or {})
         self.workdir = Path(workdir)
         self.name = name
         self.address = address
@@ -393,7 +413,7 @@ class Node:
         result = subprocess.run(
             argv + rest,
             cwd=REPO,
-            env=_environment(),
+            env=self.environment(),
             input=input if input is not None else b"",
             capture_output=True,
             timeout=timeout,
@@ -405,6 +425,10 @@ class Node:
                 f"{result.stderr.decode(errors='replace')}"
             )
         return result
+
+    def environment(self) -> dict[str, str]:
+        """The environment of this node's twistd and C{pullmail} commands."""
+        return _environment(self.pythonpath, self.extra_env)
 
     def add_user(self, address: str, password: str) -> None:
         """C{printf PASSWORD | pullmail adduser --config CONFIG ADDRESS}."""
@@ -442,7 +466,7 @@ class Node:
                 f"something already listens on {host}:{port}; "
                 "a node of another test still running?"
             )
-        self.process = _Process(self.argv(), REPO, self.output_path)
+        self.process = _Process(self.argv(), REPO, self.output_path, self.environment())
         deadline = time.monotonic() + timeout
         while not _greets(host, port):
             if not self.process.running():
@@ -781,6 +805,21 @@ class RawSMTP:
             raise AssertionError(f"EHLO got {code} {texts}")
         return code, texts
 
+    def starttls(self, context=None, server_hostname: str | None = None) -> tuple[int, list[str]]:
+        """
+        C{STARTTLS}; on C{220} wrap the socket in TLS (by default without
+        verifying the certificate: nodes use self-signed ones) and forget
+        anything buffered before the handshake.  Returns the reply.
+        """
+        import ssl
+
+        code, texts = self.command("STARTTLS")
+        if code == 220:
+            context = context or ssl._create_unverified_context()
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+            self.buffer = b""
+        return code, texts
+
     def pending(self, wait: float = 0.3) -> bytes:
         """
         Whatever the server sends within C{wait} seconds, beyond what has
@@ -833,6 +872,101 @@ class RawSMTP:
             raise AssertionError(f"DATA -> {code} {texts}")
         self.send(message + b".\r\n")
         return self.read_reply()
+
+
+# -- fake peers -------------------------------------------------------------------
+
+
+class ConnectionCounter:
+    """
+    A TCP listener on C{address:port} that counts (and records the source
+    of) every connection it accepts, says nothing and closes it: a victim
+    that must never be contacted.  A context manager; the thread stops at
+    exit.
+    """
+
+    def __init__(self, address: str, port: int = SMTP_PORT) -> None:
+        import threading
+
+        self.address = address
+        self.port = port
+        self.sources: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((address, port))
+        self._sock.listen(128)
+        self._sock.settimeout(0.1)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"counter-{address}:{port}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, source = self._sock.accept()
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.sources.append(source)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.sources)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(2.0)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> "ConnectionCounter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SilentUDP:
+    """
+    A UDP socket bound on C{address} (a free port) that receives and never
+    answers: a nameserver that times out.  C{nameserver} is "host:port".
+    """
+
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.address, self.port = self.sock.getsockname()[:2]
+
+    @property
+    def nameserver(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def received(self) -> int:
+        """How many datagrams arrived (and were dropped) so far."""
+        count = 0
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError, OSError):
+            while True:
+                self.sock.recv(65536)
+                count += 1
+        return count
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> "SilentUDP":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 # -- DNS --------------------------------------------------------------------------
