@@ -14,7 +14,6 @@ entries cost nothing until they are due.
 
 from __future__ import annotations
 
-import heapq
 import secrets
 from dataclasses import replace
 from typing import Callable, Sequence
@@ -37,6 +36,7 @@ from pullmail.interfaces import IOutbox
 from pullmail.outbox import NOTIFIED, QUEUED, OutboxEntry
 from pullmail.replies import Reply
 from pullmail.schedule import push_retry_at
+from pullmail.timers import DueQueue
 
 __all__ = ["Outbound"]
 
@@ -79,8 +79,7 @@ class Outbound:
         self.send_bounce = send_bounce
         self.client_tls = client_tls
         self.sender_authorised = sender_authorised
-        self._heap: list[tuple[float, str]] = []
-        self._timer = None
+        self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
 
     # -- life cycle -----------------------------------------------------------
@@ -99,9 +98,7 @@ class Outbound:
                  count=len(self.outbox), released=len(released))
 
     def stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._due_queue.stop()
 
     # -- entry points -----------------------------------------------------------
 
@@ -169,25 +166,17 @@ class Outbound:
     def _push(self, entry: OutboxEntry) -> None:
         due = self._due(entry)
         if due is not None:
-            heapq.heappush(self._heap, (due, entry.id))
+            self._due_queue.add(due, entry.id)
 
     def _arm(self) -> None:
-        if not self._heap:
-            return
-        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= self._heap[0][0]:
-                return
-            self._timer.cancel()
-        self._timer = self.clock.callLater(delay, self._wake)
+        self._due_queue.arm()
 
     def _wake(self) -> None:
-        self._timer = None
         now = self.clock.seconds()
-        while self._heap and self._heap[0][0] <= now:
+        while self._due_queue.due_now(now):
             if len(self._in_flight) >= MAX_ATTEMPTS_IN_FLIGHT:
                 break
-            due, entry_id = heapq.heappop(self._heap)
+            due, entry_id = self._due_queue.pop()
             entry = self.outbox.get(entry_id)
             if entry is None or entry_id in self._in_flight or self._due(entry) != due:
                 continue  # stale heap item: the entry moved on
@@ -198,7 +187,7 @@ class Outbound:
                 d.addBoth(lambda _, i=entry_id: self._attempt_done(i))
             else:
                 self._check_notified(entry, now)
-        if self._heap and len(self._in_flight) < MAX_ATTEMPTS_IN_FLIGHT:
+        if len(self._in_flight) < MAX_ATTEMPTS_IN_FLIGHT:
             self._arm()
 
     def _attempt_done(self, entry_id: str) -> None:

@@ -18,14 +18,14 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from zope.interface import implementer
 
+from pullmail import record
 from pullmail.durable import fsync_directory, write_atomically, write_new_file
 from pullmail.ids import is_gdel_id
 from pullmail.interfaces import IOutbox
@@ -59,18 +59,11 @@ class OutboxEntry:
     claimed: bool = field(default=False, compare=False)
 
     def to_json(self) -> bytes:
-        record = asdict(self)
-        del record["claimed"]
-        record["version"] = RECORD_VERSION
-        return json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
+        return record.dump(self, RECORD_VERSION, exclude=("claimed",))
 
     @classmethod
     def from_json(cls, data: bytes) -> "OutboxEntry":
-        record = json.loads(data)
-        if record.pop("version", None) != RECORD_VERSION:
-            raise ValueError("unknown outbox record version")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in known})
+        return record.load(cls, data, RECORD_VERSION)
 
 
 @implementer(IOutbox)

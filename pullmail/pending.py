@@ -12,11 +12,11 @@ again (so the SMTA can let go of it) but its copy is dropped at delivery.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from pullmail import record
 from pullmail.durable import write_atomically
 
 __all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
@@ -47,17 +47,11 @@ class Notification:
         return notification_key(self.origin, self.gdel_id)
 
     def to_json(self) -> bytes:
-        record = asdict(self)
-        record["version"] = RECORD_VERSION
-        return json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
+        return record.dump(self, RECORD_VERSION)
 
     @classmethod
     def from_json(cls, data: bytes) -> "Notification":
-        record = json.loads(data)
-        if record.pop("version", None) != RECORD_VERSION:
-            raise ValueError("unknown notification record version")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in known})
+        return record.load(cls, data, RECORD_VERSION)
 
 
 def notification_key(origin: str, gdel_id: str) -> str:

@@ -14,7 +14,6 @@ notification (logged).
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from typing import Callable
 
@@ -32,6 +31,7 @@ from pullmail.interfaces import ITrustPolicy
 from pullmail.pending import PENDING, RETRIEVED, Notification, PendingStore
 from pullmail.replies import Reply
 from pullmail.schedule import retrieval_at
+from pullmail.timers import DueQueue
 
 __all__ = ["Retriever"]
 
@@ -79,8 +79,7 @@ class Retriever:
         self.policy = policy
         self.deliver = deliver
         self.client_tls = client_tls
-        self._heap: list[tuple[float, str]] = []
-        self._timer = None
+        self._due_queue = DueQueue(clock, self._wake)
         self._busy_peers: set[str] = set()
 
     # -- life cycle -----------------------------------------------------------------
@@ -94,9 +93,7 @@ class Retriever:
         log.info("{count} notifications loaded", count=len(self.store))
 
     def stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._due_queue.stop()
 
     # -- notifications (the Notify performer) ----------------------------------------
 
@@ -151,17 +148,10 @@ class Retriever:
         return notification.keep_until
 
     def _push(self, notification: Notification) -> None:
-        heapq.heappush(self._heap, (self._due(notification), notification.key))
+        self._due_queue.add(self._due(notification), notification.key)
 
     def _arm(self) -> None:
-        if not self._heap:
-            return
-        due = self._heap[0][0]
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= due:
-                return
-            self._timer.cancel()
-        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wake)
+        self._due_queue.arm()
 
     def flush(self) -> None:
         now = self.clock.seconds()
@@ -179,12 +169,11 @@ class Retriever:
         return bool(found)
 
     def _wake(self) -> None:
-        self._timer = None
         now = self.clock.seconds()
         due_by_peer: dict[str, list[Notification]] = {}
         deferred: list[tuple[float, str]] = []
-        while self._heap and self._heap[0][0] <= now:
-            due, key = heapq.heappop(self._heap)
+        while self._due_queue.due_now(now):
+            due, key = self._due_queue.pop()
             notification = self.store.by_key(key)
             if notification is None or self._due(notification) != due:
                 continue
@@ -203,8 +192,8 @@ class Retriever:
                 deferred.append((next_slot, key))
                 continue
             due_by_peer.setdefault(notification.peer, []).append(notification)
-        for item in deferred:
-            heapq.heappush(self._heap, item)
+        for due, key in deferred:
+            self._due_queue.add(due, key)
         self._forget_quiet_peers(now)
         for peer, notifications in due_by_peer.items():
             self._busy_peers.add(peer)
