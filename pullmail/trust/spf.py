@@ -79,8 +79,11 @@ def check_host(resolver, ip: str, domain: str, sender: str, helo: str,
     _install()
     _thread.resolver = resolver
     try:
-        query = pyspf.query(i=ip, s=sender or f"postmaster@{domain}", h=helo or domain,
-                            timeout=timeout, querytime=timeout)
+        # pyspf takes the domain from the sender; check the one asked for.
+        if not sender or sender.rpartition("@")[2].lower() != domain.lower():
+            sender = f"postmaster@{domain}"
+        query = pyspf.query(i=ip, s=sender, h=helo or domain, timeout=timeout,
+                            querytime=timeout)
         started = time.monotonic()
         result, _code, explanation = query.check()
         if time.monotonic() - started > timeout and result == "temperror":
