@@ -361,7 +361,8 @@ class Outbound:
             return
         accepted = result.accepted()
         permanent = result.refused(permanent=True)
-        self._bounce_refused(entry, permanent, result, peer)
+        # The peer is known by address only; Remote-MTA wants a host name.
+        self._bounce_refused(entry, permanent, result, None)
         log.info("retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, refused {refused}",
                  id=entry.id, queue_id=entry.queue_id, peer=peer, accepted=accepted,
                  refused=permanent, event="retrieved")
@@ -380,24 +381,30 @@ class Outbound:
     # -- bounces --------------------------------------------------------------------
 
     def _bounce_refused(self, entry, recipients, result: TransactionResult, host) -> None:
+        """One DSN for every recipient the peer refused, each with its reply."""
+        failed = []
         for recipient in recipients:
             reply: Reply = result.recipients[recipient]
-            self._bounce(entry, [recipient], reply.enhanced or "5.0.0",
-                         f"{reply.code} {reply.enhanced} {reply.text}".strip(), None,
-                         remote_mta=host)
+            failed.append(bounce.FailedRecipient(
+                recipient, reply.enhanced or "5.0.0",
+                f"{reply.code} {reply.enhanced} {reply.text}".strip(), host,
+            ))
+        self._send_dsn(entry, failed, "failed")
 
     def _bounce(self, entry: OutboxEntry, recipients: Sequence[str], status: str,
-                diagnostic: str | None, reason: str | None, *, action: str = "failed",
-                remote_mta: str | None = None) -> None:
-        if not recipients:
+                diagnostic: str | None, reason: str | None, *, action: str = "failed") -> None:
+        failed = [
+            bounce.FailedRecipient(r, status, diagnostic or reason, None, action)
+            for r in recipients
+        ]
+        self._send_dsn(entry, failed, action)
+
+    def _send_dsn(self, entry: OutboxEntry, failed: list, action: str) -> None:
+        if not failed:
             return
         if not bounce.should_bounce(entry.sender):
             log.info("not bouncing a bounce: {id}", id=entry.id, event="bounce-dropped")
             return
-        failed = [
-            bounce.FailedRecipient(r, status, diagnostic or reason, remote_mta, action)
-            for r in recipients
-        ]
         try:
             original = self.outbox.read_message(entry.id)
         except OSError:
@@ -408,9 +415,10 @@ class Outbound:
             now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
             message_id=f"{secrets.token_hex(12)}@{self.hostname}",
         )
-        d = defer.Deferred.fromCoroutine(
-            self._send_bounce(entry, message, action, list(recipients), status)
-        )
+        d = defer.Deferred.fromCoroutine(self._send_bounce(
+            entry, message, action, [f.address for f in failed],
+            ",".join(sorted({f.status for f in failed})),
+        ))
         d.addErrback(lambda f: log.failure("sending a DSN for {id}", f, id=entry.id))
 
     async def _send_bounce(self, entry: OutboxEntry, message: bytes, action: str,

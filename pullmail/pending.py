@@ -63,11 +63,14 @@ class PendingStore:
         self.root = root
         self._index: dict[str, Notification] = {}
         self._pending_by_peer: dict[str, int] = {}
+        # Which peer each pending record was counted for: records change in
+        # place, so their own fields cannot say what was counted.
+        self._counted: dict[str, str] = {}
 
     def load(self) -> None:
         """Blocking: read every record (start-up)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._index, self._pending_by_peer = {}, {}
+        self._index, self._pending_by_peer, self._counted = {}, {}, {}
         for path in self.root.iterdir():
             if path.suffix != ".json" or path.name.startswith("."):
                 continue
@@ -78,12 +81,17 @@ class PendingStore:
             self._remember(notification)
 
     def _remember(self, notification: Notification) -> None:
-        old = self._index.get(notification.key)
-        if old is not None and old.state == PENDING:
-            self._count(old.peer, -1)
-        self._index[notification.key] = notification
+        key = notification.key
+        self._uncount(key)
+        self._index[key] = notification
         if notification.state == PENDING:
+            self._counted[key] = notification.peer
             self._count(notification.peer, +1)
+
+    def _uncount(self, key: str) -> None:
+        peer = self._counted.pop(key, None)
+        if peer is not None:
+            self._count(peer, -1)
 
     def _count(self, peer: str, change: int) -> None:
         count = self._pending_by_peer.get(peer, 0) + change
@@ -114,5 +122,5 @@ class PendingStore:
 
     def remove(self, notification: Notification) -> None:
         (self.root / f"{notification.key}.json").unlink(missing_ok=True)
-        if self._index.pop(notification.key, None) is not None and notification.state == PENDING:
-            self._count(notification.peer, -1)
+        self._index.pop(notification.key, None)
+        self._uncount(notification.key)

@@ -321,7 +321,13 @@ class SMTPConnection(Protocol):
             return result
 
         d.addBoth(turn_over)
-        d.addErrback(lambda f: log.failure("reversed turn failed", f))
+        d.addErrback(self._turn_failed)
+
+    def _turn_failed(self, failure: Failure) -> None:
+        if failure.check(error.ConnectionDone, error.ConnectionLost):
+            log.info("peer left during the reversed turn", event="turn-aborted")
+        else:
+            log.failure("reversed turn failed", failure)
 
     def _log_outcome(self, line: str, reply: Reply) -> None:
         verb = line.split(" ", 1)[0].upper()[:16]

@@ -63,6 +63,8 @@ class ReplyReader:
                     raise ProtocolError("reply line too long")
                 return None
             raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            if len(raw) + 1 > MAX_REPLY_LINE:
+                raise ProtocolError("reply line too long")
             line = raw.removesuffix(b"\r").decode("utf-8", "replace")
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
                 raise ProtocolError(f"not a reply: {line[:60]!r}")

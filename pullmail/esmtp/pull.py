@@ -133,6 +133,12 @@ class TurnMachine(ServerMachine):
                 return replies.S550_POLICY.with_text("Recipient not in the notification")
         return reply
 
+    def _data(self, argument: str) -> object:
+        # The push policy judges pushes; this message was pulled, trusted.
+        if argument:
+            return replies.S501_SYNTAX.with_text("DATA takes no arguments")
+        return self._begin_data()
+
     def _rset(self, argument: str) -> object:
         self.reset()
         self.state = State.CLOSED

@@ -257,11 +257,14 @@ class ServerMachine:
         self._handlers: dict[str, Callable[[str], object]] = {
             verb: getattr(self, "_" + verb.lower()) for verb in ALLOWED
         }
+        # Looked up on the instance's class, so that subclasses (the
+        # reversed turn) can override how a request's answer is taken.
+        cls = type(self)
         self._resolvers: dict[type, Callable] = {
-            CheckSender: ServerMachine._resolve_sender,
-            CheckPush: ServerMachine._resolve_push,
-            Deliver: ServerMachine._resolve_delivery,
-            Authenticate: ServerMachine._resolve_authentication,
+            CheckSender: cls._resolve_sender,
+            CheckPush: cls._resolve_push,
+            Deliver: cls._resolve_delivery,
+            Authenticate: cls._resolve_authentication,
         }
         for extension in extensions:
             self._allowed.update(extension.allowed)

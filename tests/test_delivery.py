@@ -1,0 +1,551 @@
+"""
+Tests for L{pullmail.delivery.Outbound}: the SMTA's outbound side (SPEC 4,
+5, 7) against in-memory peers (a real L{SMTPServerFactory} with fake
+performers) on a L{FakeNetwork}, with a L{Clock}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from pullmail.accounts import Accounts
+from pullmail.config import DeliveryConfig
+from pullmail.delivery import Outbound
+from pullmail.esmtp.pull import Notify, pull_extension
+from pullmail.esmtp.server import Deliver, ServerPolicy
+from pullmail.outbox import NOTIFIED, QUEUED, MaildirOutbox
+from pullmail.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.replies import Reply
+from pullmail.testing import FakeNetwork, FakeResolver, make_entry, run_blocking
+
+START = 1_000_000.0
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+MX1, MX2 = "192.0.2.25", "192.0.2.26"
+SENDER = "alice@sender.example"
+BOB, CAROL, NOBODY = "bob@receiver.example", "carol@receiver.example", "nobody@receiver.example"
+DAVE = "dave@receiver.example"
+MESSAGE = [b"Subject: hello\r\n\r\nHello Bob.\r\n"]
+
+
+def result_of(d: defer.Deferred):
+    found = []
+    d.addBoth(found.append)
+    assert found, "the Deferred has no result yet"
+    if isinstance(found[0], Exception) or hasattr(found[0], "raiseException"):
+        found[0].raiseException()
+    return found[0]
+
+
+class Peer:
+    """A receiving MX: a real server machine with recording performers."""
+
+    def __init__(self, clock: Clock, gdel: bool = True, max_recipients: int = 10) -> None:
+        self.notifications: list[Notify] = []
+        self.deliveries: list[Deliver] = []
+        self.notify_reply: Reply | None = None
+        self.deliver_reply = Reply(250, "2.0.0", "Ok: queued")
+        policy = ServerPolicy(
+            hostname="mx1.receiver.example", domains=("receiver.example",),
+            accounts=Accounts(frozenset({"receiver.example"}), users={BOB: "h", CAROL: "h", DAVE: "h"}),
+            service="smtp", max_size=100_000, max_recipients=max_recipients,
+        )
+        self.factory = SMTPServerFactory(
+            policy, clock, ConnectionLimits(100, 100), 300.0,
+            {Notify: self.notify, Deliver: self.deliver},
+            extensions=(pull_extension(),) if gdel else (),
+        )
+
+    def notify(self, connection, request: Notify):
+        self.notifications.append(request)
+        return defer.succeed(
+            self.notify_reply or Reply(250, "2.0.0", f"{request.gdel_id} notification accepted")
+        )
+
+    def deliver(self, connection, request: Deliver):
+        self.deliveries.append(request)
+        return defer.succeed(self.deliver_reply)
+
+
+class World:
+    def __init__(self, tmp_path, gdel: bool = True, max_recipients: int = 10,
+                 **config) -> None:
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.network = FakeNetwork(self.clock, source="192.0.2.10")
+        self.resolver = FakeResolver(
+            mx={"receiver.example": [(10, "mx1.receiver.example"),
+                                     (20, "mx2.receiver.example")]},
+            addresses={"mx1.receiver.example": [MX1], "mx2.receiver.example": [MX2]},
+        )
+        self.peer = Peer(self.clock, gdel=gdel, max_recipients=max_recipients)
+        self.network.listen(MX1, 25, self.peer.factory)
+        defaults = dict(push_retry=(5 * MINUTE, 15 * MINUTE, HOUR, 4 * HOUR),
+                        push_lifetime=5 * DAY, outbox_lifetime=48 * HOUR)
+        defaults.update(config)
+        self.config = DeliveryConfig(**defaults)
+        self.bounces: list[tuple[str, bytes]] = []
+        self.outbound = self.new_outbound()
+
+    def new_outbound(self) -> Outbound:
+        self.outbox = MaildirOutbox(self.tmp_path / "outbox")
+        outbound = Outbound(
+            outbox=self.outbox, resolver=self.resolver, connect=self.network,
+            clock=self.clock, run_blocking=run_blocking, hostname="mx.sender.example",
+            config=self.config, send_bounce=lambda sender, message: self.bounces.append(
+                (sender, message)),
+        )
+        outbound.start()
+        return outbound
+
+    def settle(self) -> None:
+        for _ in range(100):
+            self.clock.advance(0)
+            if not self.network.flush():
+                return
+        raise AssertionError("never settled")
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    def send(self, recipients=(BOB,), sender: str = SENDER) -> list:
+        result_of(self.outbound.enqueue("QID1", sender, list(recipients), MESSAGE))
+        entries = list(self.outbox.entries())
+        self.settle()
+        return entries
+
+    def attempts_to(self, address: str) -> int:
+        return self.network.attempts.count((address, 25))
+
+
+def _status(message: bytes) -> list[bytes]:
+    return [line for line in message.split(b"\r\n") if line.startswith(b"Status:")]
+
+
+def assert_dsn(message: bytes, status: str, recipient: str) -> None:
+    assert b"Content-Type: multipart/report; report-type=delivery-status" in message
+    assert f"Status: {status}".encode() in message
+    assert f"Final-Recipient: rfc822; {recipient}".encode() in message
+    assert b"From: Mail Delivery System <MAILER-DAEMON@mx.sender.example>" in message
+
+
+# -- notification ----------------------------------------------------------------------
+
+
+def test_notify_when_gdel_offered(tmp_path) -> None:
+    """SPEC 7: the peer offers GDEL: notify, and keep the entry NOTIFIED until expiry."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    [notify] = world.peer.notifications
+    assert notify.gdel_id == entry.id
+    assert notify.envelope.sender == SENDER
+    assert notify.envelope.recipients == (BOB,)
+    assert notify.session.peer == "192.0.2.10"
+    assert world.peer.deliveries == []
+    stored = world.outbox.get(entry.id)
+    assert stored.state == NOTIFIED
+    assert stored.notified_at == START
+    assert stored.expires == START + 48 * HOUR
+    assert world.outbox.read_message(entry.id) == b"".join(MESSAGE)
+    # It stays on disk as notified.
+    again = MaildirOutbox(tmp_path / "outbox")
+    again.load()
+    assert again.get(entry.id).state == NOTIFIED
+    assert world.network.open_connections() == 0
+
+
+def test_one_entry_per_domain(tmp_path) -> None:
+    """SPEC 2: recipients of one domain share an id; two domains get two."""
+    world = World(tmp_path)
+    entries = world.send([BOB, CAROL, "dave@other.example"])
+    assert sorted(e.domain for e in entries) == ["other.example", "receiver.example"]
+    by_domain = {e.domain: e for e in entries}
+    assert by_domain["receiver.example"].recipients == [BOB, CAROL]
+    assert by_domain["other.example"].id != by_domain["receiver.example"].id
+
+
+def test_gdel_refused_permanently_bounces(tmp_path) -> None:
+    """SPEC 3: a 5xx to GDEL is final: bounce, remove."""
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(550, "5.7.23", "SPF validation failed")
+    [entry] = world.send([BOB])
+    assert world.outbox.get(entry.id) is None
+    [(to, message)] = world.bounces
+    assert to == SENDER
+    assert_dsn(message, "5.7.23", BOB)
+
+
+def test_gdel_deferred_retries(tmp_path) -> None:
+    """A 4xx to GDEL (e.g. SPF temperror): retry after the first push_retry delay."""
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(451, "4.7.24", "SPF temporary error")
+    [entry] = world.send([BOB])
+    stored = world.outbox.get(entry.id)
+    assert stored.state == QUEUED
+    assert stored.next_attempt == START + 5 * MINUTE
+    assert world.bounces == []
+    world.peer.notify_reply = None
+    world.advance(5 * MINUTE)
+    assert len(world.peer.notifications) == 2
+    assert world.outbox.get(entry.id).state == NOTIFIED
+
+
+def test_unknown_recipient_bounced_others_notified(tmp_path) -> None:
+    """A 550 5.1.1 RCPT bounces that recipient; the others are notified."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB, NOBODY])
+    assert world.peer.notifications[0].envelope.recipients == (BOB,)
+    stored = world.outbox.get(entry.id)
+    assert stored.state == NOTIFIED
+    assert stored.recipients == [BOB]
+    [(to, message)] = world.bounces
+    assert_dsn(message, "5.1.1", NOBODY)
+    assert b"Final-Recipient: rfc822; " + BOB.encode() not in message
+
+
+def test_deferred_recipients_split_off(tmp_path) -> None:
+    """Recipients deferred while others were notified get their own queued entry."""
+    world = World(tmp_path, max_recipients=1)
+    [entry] = world.send([BOB, CAROL])
+    notified = world.outbox.get(entry.id)
+    assert notified.state == NOTIFIED and notified.recipients == [BOB]
+    [sibling] = [e for e in world.outbox.entries() if e.id != entry.id]
+    assert sibling.recipients == [CAROL]
+    assert sibling.state == QUEUED
+    assert sibling.next_attempt == START + 5 * MINUTE
+    assert world.outbox.read_message(sibling.id) == b"".join(MESSAGE)
+    world.advance(5 * MINUTE)
+    assert [n.gdel_id for n in world.peer.notifications] == [entry.id, sibling.id]
+
+
+def test_notified_entry_expires(tmp_path) -> None:
+    """SPEC 5, 7: not retrieved within outbox_lifetime: bounce with X.4.7, remove."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.advance(48 * HOUR - 1)
+    assert world.bounces == []
+    assert world.outbox.get(entry.id) is not None
+    world.advance(1)
+    assert world.outbox.get(entry.id) is None
+    [(to, message)] = world.bounces
+    assert to == SENDER
+    assert_dsn(message, "5.4.7", BOB)
+    assert b"Action: failed" in message
+
+
+def test_expiry_counts_from_creation(tmp_path) -> None:
+    """A notification after some retries still expires at created + outbox_lifetime."""
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(421, "4.3.2", "busy")
+    [entry] = world.send([BOB])
+    world.peer.notify_reply = None
+    world.advance(5 * MINUTE)
+    assert world.outbox.get(entry.id).expires == START + 48 * HOUR
+
+
+# -- classic push ----------------------------------------------------------------------
+
+
+def test_push_when_no_gdel(tmp_path) -> None:
+    """No GDEL, push_fallback on: MAIL/RCPT/DATA, then the entry is removed."""
+    world = World(tmp_path, gdel=False)
+    [entry] = world.send([BOB, CAROL])
+    [delivery] = world.peer.deliveries
+    assert delivery.envelope.sender == SENDER
+    assert delivery.envelope.recipients == (BOB, CAROL)
+    assert b"".join(delivery.chunks) == b"".join(MESSAGE)
+    assert world.outbox.get(entry.id) is None
+    assert world.bounces == []
+    assert world.peer.notifications == []
+
+
+def test_no_gdel_no_fallback(tmp_path) -> None:
+    """No GDEL and push_fallback off: nothing is pushed; the entry waits for a retry."""
+    world = World(tmp_path, gdel=False, push_fallback=False)
+    [entry] = world.send([BOB])
+    assert world.peer.deliveries == []
+    stored = world.outbox.get(entry.id)
+    assert stored.state == QUEUED
+    assert stored.next_attempt == START + 5 * MINUTE
+
+
+def test_retry_times(tmp_path) -> None:
+    """SPEC 5: 4xx: attempts at 0, +5 min, +15 min, +1 h, +4 h, +4 h ... exactly."""
+    world = World(tmp_path, gdel=False)
+    world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
+    [entry] = world.send([BOB])
+    assert world.attempts_to(MX1) == 1
+    for delay in [5 * MINUTE, 15 * MINUTE, HOUR, 4 * HOUR, 4 * HOUR]:
+        count = world.attempts_to(MX1)
+        world.advance(delay - 1)
+        assert world.attempts_to(MX1) == count, delay
+        world.advance(1)
+        assert world.attempts_to(MX1) == count + 1, delay
+    assert world.outbox.get(entry.id).attempts == 6
+    assert world.outbox.get(entry.id).last_error.startswith("451")
+    assert world.bounces == []
+
+
+def test_retry_then_success(tmp_path) -> None:
+    world = World(tmp_path, gdel=False)
+    world.peer.deliver_reply = Reply(452, "4.3.1", "full")
+    [entry] = world.send([BOB])
+    world.peer.deliver_reply = Reply(250, "2.0.0", "Ok")
+    world.advance(5 * MINUTE)
+    assert len(world.peer.deliveries) == 2
+    assert world.outbox.get(entry.id) is None
+    assert world.bounces == []
+
+
+def test_next_mx_when_first_unreachable(tmp_path) -> None:
+    """Connect to each MX in preference order until one answers."""
+    world = World(tmp_path, gdel=False)
+    world.network.stop_listening(MX1, 25)
+    world.network.listen(MX2, 25, world.peer.factory)
+    [entry] = world.send([BOB])
+    assert world.network.attempts == [(MX1, 25), (MX2, 25)]
+    assert world.outbox.get(entry.id) is None
+
+
+def test_no_answer_retries(tmp_path) -> None:
+    """No MX answers: a transient failure, retried."""
+    world = World(tmp_path)
+    world.network.stop_listening(MX1, 25)
+    [entry] = world.send([BOB])
+    assert world.network.attempts == [(MX1, 25), (MX2, 25)]
+    assert world.outbox.get(entry.id).next_attempt == START + 5 * MINUTE
+    world.network.listen(MX1, 25, world.peer.factory)
+    world.advance(5 * MINUTE)
+    assert world.outbox.get(entry.id).state == NOTIFIED
+
+
+def test_dns_temporary_error_retries(tmp_path) -> None:
+    world = World(tmp_path)
+    world.resolver.temporary.add("receiver.example")
+    [entry] = world.send([BOB])
+    assert world.network.attempts == []
+    assert world.outbox.get(entry.id).state == QUEUED
+    assert world.bounces == []
+
+
+def test_no_such_domain_bounces(tmp_path) -> None:
+    world = World(tmp_path)
+    world.resolver.permanent.add("receiver.example")
+    [entry] = world.send([BOB])
+    assert world.outbox.get(entry.id) is None
+    [(to, message)] = world.bounces
+    assert_dsn(message, "5.1.2", BOB)
+
+
+def test_implicit_mx(tmp_path) -> None:
+    """RFC 5321 5.1: no MX records: the domain itself."""
+    world = World(tmp_path, gdel=False)
+    world.resolver.mx_records = {}
+    world.resolver.hosts["receiver.example"] = [MX1]
+    [entry] = world.send([BOB])
+    assert world.network.attempts == [(MX1, 25)]
+    assert world.outbox.get(entry.id) is None
+
+
+def test_push_lifetime_over(tmp_path) -> None:
+    """SPEC 5, 7: still deferred when push_lifetime ends: bounce with 4.4.7, remove."""
+    world = World(tmp_path, gdel=False, push_retry=(300.0,), push_lifetime=1000.0)
+    world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
+    [entry] = world.send([BOB])
+    for _ in range(3):
+        world.advance(300)   # attempts at 0, 300, 600, 900
+    assert world.attempts_to(MX1) == 4
+    assert world.bounces == []
+    world.advance(100)   # the last, at the deadline
+    assert world.attempts_to(MX1) == 5
+    assert world.outbox.get(entry.id) is None
+    [(to, message)] = world.bounces
+    assert_dsn(message, "4.4.7", BOB)
+    assert b"Action: failed" in message
+    world.advance(DAY)
+    assert world.attempts_to(MX1) == 5
+
+
+def test_rcpt_refused_bounces_that_recipient(tmp_path) -> None:
+    """5xx to one RCPT: that recipient is bounced with its status; the rest delivered."""
+    world = World(tmp_path, gdel=False)
+    [entry] = world.send([BOB, NOBODY])
+    assert world.peer.deliveries[0].envelope.recipients == (BOB,)
+    assert world.outbox.get(entry.id) is None
+    [(to, message)] = world.bounces
+    assert to == SENDER
+    assert_dsn(message, "5.1.1", NOBODY)
+    assert b"Diagnostic-Code: smtp; 550 5.1.1" in message
+    assert _status(message) == [b"Status: 5.1.1"]
+
+
+def test_data_refused_permanently(tmp_path) -> None:
+    world = World(tmp_path, gdel=False)
+    world.peer.deliver_reply = Reply(554, "5.6.0", "content refused")
+    [entry] = world.send([BOB, CAROL])
+    assert world.outbox.get(entry.id) is None
+    reported = b"".join(m for _, m in world.bounces)
+    assert f"Final-Recipient: rfc822; {BOB}".encode() in reported
+    assert f"Final-Recipient: rfc822; {CAROL}".encode() in reported
+    for _, message in world.bounces:
+        assert set(_status(message)) == {b"Status: 5.6.0"}
+
+
+def test_null_sender_never_bounced(tmp_path) -> None:
+    """SPEC 7: never bounce a bounce."""
+    world = World(tmp_path, gdel=False)
+    [entry] = world.send([NOBODY], sender="")
+    assert world.outbox.get(entry.id) is None
+    assert world.bounces == []
+
+
+def test_null_sender_expiry_not_bounced(tmp_path) -> None:
+    world = World(tmp_path)
+    [entry] = world.send([BOB], sender="")
+    world.advance(48 * HOUR)
+    assert world.outbox.get(entry.id) is None
+    assert world.bounces == []
+
+
+# -- retrieval results -----------------------------------------------------------------
+
+
+def test_retrieval_finished_removes(tmp_path) -> None:
+    """SPEC 4: 250 to end-of-data: the entry is done."""
+    from pullmail.esmtp.client import TransactionResult
+
+    world = World(tmp_path)
+    [entry] = world.send([BOB, CAROL])
+    claimed = world.outbox.claim(entry.id)
+    ok = Reply(250, "2.0.0", "Ok")
+    world.outbound.retrieval_finished(
+        claimed, TransactionResult(ok, {BOB: ok, CAROL: ok}, ok), MX1)
+    assert world.outbox.get(entry.id) is None
+    assert world.bounces == []
+
+
+def test_retrieval_finished_mixed(tmp_path) -> None:
+    """5xx recipients bounce; 4xx ones stay for a later RETR, released."""
+    from pullmail.esmtp.client import TransactionResult
+
+    world = World(tmp_path)
+    [entry] = world.send([BOB, CAROL, DAVE])
+    claimed = world.outbox.claim(entry.id)
+    ok, later = Reply(250, "2.0.0", "Ok"), Reply(450, "4.2.1", "busy")
+    refused = Reply(550, "5.1.1", "No such user")
+    world.outbound.retrieval_finished(claimed, TransactionResult(
+        ok, {BOB: ok, CAROL: later, DAVE: refused}, ok), MX1)
+    stored = world.outbox.get(entry.id)
+    assert stored.recipients == [CAROL]
+    assert not stored.claimed
+    assert stored.state == NOTIFIED
+    [(to, message)] = world.bounces
+    assert_dsn(message, "5.1.1", DAVE)
+    assert world.outbox.claim(entry.id) is not None
+
+
+def test_retrieval_broken_releases(tmp_path) -> None:
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    claimed = world.outbox.claim(entry.id)
+    world.outbound.retrieval_finished(claimed, None, MX1)
+    assert not world.outbox.get(entry.id).claimed
+    assert world.outbox.claim(entry.id) is not None
+
+
+def test_claimed_entry_does_not_expire_mid_retrieval(tmp_path) -> None:
+    """An entry being retrieved is not bounced under the retrieval's feet."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbox.claim(entry.id)
+    world.advance(48 * HOUR)
+    assert world.bounces == []
+
+
+# -- restarts --------------------------------------------------------------------------
+
+
+def test_restart_requeues_released_claims(tmp_path) -> None:
+    """SPEC 4: an SMTA restarting with an entry left claimed releases it and notifies again."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbox.claim(entry.id)             # a retrieval in progress...
+    world.outbound.stop()                    # ...when the process dies
+    world.clock.advance(HOUR)
+    world.outbound = world.new_outbound()
+    world.settle()
+    assert [n.gdel_id for n in world.peer.notifications] == [entry.id, entry.id]
+    stored = world.outbox.get(entry.id)
+    assert stored.state == NOTIFIED
+    assert not stored.claimed
+    assert stored.expires == START + 48 * HOUR
+
+
+def test_restart_resumes_stored_next_attempt(tmp_path) -> None:
+    """SPEC 5: timers resume from the stored next_attempt, not from the restart."""
+    world = World(tmp_path, gdel=False)
+    world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
+    [entry] = world.send([BOB])
+    assert world.outbox.get(entry.id).next_attempt == START + 5 * MINUTE
+    world.outbound.stop()
+    world.clock.advance(2 * MINUTE)
+    world.outbound = world.new_outbound()
+    world.advance(3 * MINUTE - 1)
+    assert world.attempts_to(MX1) == 1
+    world.advance(1)
+    assert world.attempts_to(MX1) == 2
+
+
+def test_restart_keeps_expiry(tmp_path) -> None:
+    """A notified entry keeps its stored expiry across a restart."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbound.stop()
+    world.clock.advance(10 * HOUR)
+    world.outbound = world.new_outbound()
+    world.advance(38 * HOUR - 1)
+    assert world.bounces == []
+    world.advance(1)
+    assert len(world.bounces) == 1
+    assert world.outbox.get(entry.id) is None
+
+
+def test_restart_overdue_entries_run_at_once(tmp_path) -> None:
+    world = World(tmp_path, gdel=False)
+    world.outbound.stop()
+    world.outbox.add([make_entry(id="Overdue_entry_000001", next_attempt=START - HOUR,
+                                 created=START - 2 * HOUR)], MESSAGE)
+    world.outbound = world.new_outbound()
+    world.settle()
+    assert world.outbox.get("Overdue_entry_000001") is None
+    assert len(world.peer.deliveries) == 1
+
+
+def test_flush(tmp_path) -> None:
+    """flush makes every queued entry due now."""
+    world = World(tmp_path, gdel=False)
+    world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
+    [entry] = world.send([BOB])
+    world.peer.deliver_reply = Reply(250, "2.0.0", "Ok")
+    world.outbound.flush()
+    world.settle()
+    assert world.outbox.get(entry.id) is None
+
+
+def test_delay_warning(tmp_path) -> None:
+    """With delay_warning set, a notified entry not yet retrieved gets one 'delayed' DSN."""
+    world = World(tmp_path, delay_warning=4 * HOUR)
+    [entry] = world.send([BOB])
+    world.advance(4 * HOUR - 1)
+    assert world.bounces == []
+    world.advance(1)
+    [(to, message)] = world.bounces
+    assert b"Action: delayed" in message
+    assert world.outbox.get(entry.id).warned
+    assert world.outbox.get(entry.id).state == NOTIFIED
+    world.advance(44 * HOUR)
+    assert len(world.bounces) == 2
+    assert b"Action: failed" in world.bounces[1][1]
+    assert world.outbox.get(entry.id) is None

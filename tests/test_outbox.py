@@ -1,0 +1,271 @@
+"""
+Tests for L{pullmail.outbox}: the maildir-like outbox (SPEC 2, 4, 7), and
+the L{pullmail.testing.MemoryOutbox} fake that mirrors it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from pullmail.interfaces import IOutbox
+from pullmail.outbox import NOTIFIED, QUEUED, RECORD_VERSION, MaildirOutbox, OutboxEntry
+from pullmail.testing import MemoryOutbox, make_entry
+
+ID1 = "First_entry_id_00001"
+ID2 = "Second_entry_id_0002"
+ID3 = "Third_entry_id_00003"
+MESSAGE = [b"Subject: hi\r\n", b"\r\nbody\r\n"]
+
+
+@pytest.fixture(params=["maildir", "memory"])
+def kind(request):
+    return request.param
+
+
+def _open(kind: str, tmp_path):
+    if kind == "maildir":
+        outbox = MaildirOutbox(tmp_path / "outbox")
+    else:
+        outbox = MemoryOutbox()
+    assert outbox.load() == []
+    return outbox
+
+
+def _reopen(kind: str, outbox, tmp_path):
+    """A new instance over the same storage (a restart, or another node)."""
+    if kind == "maildir":
+        return MaildirOutbox(tmp_path / "outbox")
+    return outbox.restarted()
+
+
+def test_provides_interface(kind, tmp_path) -> None:
+    assert verifyObject(IOutbox, _open(kind, tmp_path))
+
+
+def test_add_and_get(kind, tmp_path) -> None:
+    """Entries added are indexed and their message is readable."""
+    outbox = _open(kind, tmp_path)
+    first = make_entry(id=ID1, domain="one.example", recipients=["a@one.example"])
+    second = make_entry(id=ID2, domain="two.example", recipients=["b@two.example"])
+    outbox.add([first, second], MESSAGE)
+    assert outbox.get(ID1) == first
+    assert outbox.get(ID2).recipients == ["b@two.example"]
+    assert outbox.get(ID3) is None
+    assert len(outbox) == 2
+    assert sorted(e.id for e in outbox.entries()) == [ID1, ID2]
+    assert outbox.read_message(ID1) == b"".join(MESSAGE)
+    assert outbox.read_message(ID2) == b"".join(MESSAGE)
+
+
+def test_add_survives_restart(kind, tmp_path) -> None:
+    outbox = _open(kind, tmp_path)
+    entry = make_entry(id=ID1, state=NOTIFIED, expires=100.0, attempts=2)
+    outbox.add([entry], MESSAGE)
+    again = _reopen(kind, outbox, tmp_path)
+    assert again.load() == []
+    assert again.get(ID1) == entry
+    assert again.read_message(ID1) == b"".join(MESSAGE)
+
+
+def test_claim_once(kind, tmp_path) -> None:
+    """SPEC 4: a claim succeeds once; a second claim gets None."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    claimed = outbox.claim(ID1)
+    assert claimed is not None and claimed.id == ID1 and claimed.claimed
+    assert outbox.claim(ID1) is None
+    assert outbox.claim(ID2) is None
+
+
+def test_release(kind, tmp_path) -> None:
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    outbox.claim(ID1)
+    outbox.release(ID1)
+    assert not outbox.get(ID1).claimed
+    assert outbox.claim(ID1) is not None
+    outbox.release(ID2)  # unknown: nothing happens
+
+
+def test_claim_shared_between_nodes(kind, tmp_path) -> None:
+    """Two outboxes over one folder: exactly one claim of an entry succeeds."""
+    one = _open(kind, tmp_path)
+    one.add([make_entry(id=ID1)], MESSAGE)
+    two = _reopen(kind, one, tmp_path)
+    two.load()
+    results = [one.claim(ID1), two.claim(ID1)]
+    assert sum(r is not None for r in results) == 1
+
+
+def test_claim_shared_other_order(kind, tmp_path) -> None:
+    one = _open(kind, tmp_path)
+    one.add([make_entry(id=ID1)], MESSAGE)
+    two = _reopen(kind, one, tmp_path)
+    two.load()
+    assert two.claim(ID1) is not None
+    assert one.claim(ID1) is None
+
+
+def test_update_while_claimed(kind, tmp_path) -> None:
+    """A claimed entry updated stays claimed on disk: a restart releases it."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    entry = outbox.claim(ID1)
+    entry.recipients = ["x@receiver.example"]
+    outbox.update(entry)
+    again = _reopen(kind, outbox, tmp_path)
+    assert again.load() == [ID1]
+    assert again.get(ID1).recipients == ["x@receiver.example"]
+    assert not again.get(ID1).claimed
+
+
+def test_remove(kind, tmp_path) -> None:
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1), make_entry(id=ID2)], MESSAGE)
+    outbox.remove(ID1)
+    assert outbox.get(ID1) is None
+    assert outbox.get(ID2) is not None
+    with pytest.raises(OSError):
+        outbox.read_message(ID1)
+    # The message shared with the other entry is still there.
+    assert outbox.read_message(ID2) == b"".join(MESSAGE)
+    outbox.remove(ID1)  # twice: nothing happens
+    again = _reopen(kind, outbox, tmp_path)
+    again.load()
+    assert again.get(ID1) is None and again.get(ID2) is not None
+
+
+def test_remove_claimed(kind, tmp_path) -> None:
+    """A claimed entry can be removed (retrieved), and stays gone after a restart."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    outbox.claim(ID1)
+    outbox.remove(ID1)
+    assert outbox.get(ID1) is None
+    again = _reopen(kind, outbox, tmp_path)
+    assert again.load() == []
+    assert again.get(ID1) is None
+
+
+def test_load_releases_stale_claims(kind, tmp_path) -> None:
+    """SPEC 4: at start-up, entries left claimed are released and indexed."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1), make_entry(id=ID2)], MESSAGE)
+    outbox.claim(ID1)
+    again = _reopen(kind, outbox, tmp_path)
+    assert again.load() == [ID1]
+    assert sorted(e.id for e in again.entries()) == [ID1, ID2]
+    assert not again.get(ID1).claimed
+    assert again.claim(ID1) is not None
+    assert _reopen(kind, outbox, tmp_path).load() == [ID1]
+
+
+def test_add_sibling(kind, tmp_path) -> None:
+    """A sibling shares the message and lives on after its first entry is removed."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1, recipients=["a@r.example", "b@r.example"])], MESSAGE)
+    outbox.add_sibling(ID1, make_entry(id=ID2, recipients=["b@r.example"]))
+    assert outbox.get(ID2).recipients == ["b@r.example"]
+    outbox.remove(ID1)
+    assert outbox.read_message(ID2) == b"".join(MESSAGE)
+    again = _reopen(kind, outbox, tmp_path)
+    again.load()
+    assert [e.id for e in again.entries()] == [ID2]
+    assert again.read_message(ID2) == b"".join(MESSAGE)
+
+
+# -- MaildirOutbox only -------------------------------------------------------------------
+
+
+def test_layout(tmp_path) -> None:
+    """Messages in data/, entries in entries/, claims in claimed/, each named by id."""
+    root = tmp_path / "outbox"
+    outbox = MaildirOutbox(root)
+    outbox.load()
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    assert (root / "data" / f"{ID1}.eml").read_bytes() == b"".join(MESSAGE)
+    assert (root / "entries" / f"{ID1}.json").exists()
+    outbox.claim(ID1)
+    assert not (root / "entries" / f"{ID1}.json").exists()
+    assert (root / "claimed" / f"{ID1}.json").exists()
+    outbox.release(ID1)
+    assert (root / "entries" / f"{ID1}.json").exists()
+    outbox.remove(ID1)
+    assert sorted(p.name for p in (root / "entries").iterdir()) == []
+    assert sorted(p.name for p in (root / "data").iterdir()) == []
+
+
+def test_versioned_json(tmp_path) -> None:
+    """Entries are readable, versioned JSON (no pickle)."""
+    root = tmp_path / "outbox"
+    outbox = MaildirOutbox(root)
+    outbox.load()
+    outbox.add([make_entry(id=ID1, sender="alice@sender.example", state=QUEUED)], MESSAGE)
+    record = json.loads((root / "entries" / f"{ID1}.json").read_text())
+    assert record["version"] == RECORD_VERSION
+    assert record["id"] == ID1
+    assert record["sender"] == "alice@sender.example"
+    assert "claimed" not in record
+
+
+def test_entry_json_round_trip() -> None:
+    entry = make_entry(id=ID1, state=NOTIFIED, notified_at=5.0, expires=9.0, body="8BITMIME",
+                       last_error="451 try later", warned=True, smtputf8=True)
+    assert OutboxEntry.from_json(entry.to_json()) == entry
+
+
+def test_unknown_version_refused() -> None:
+    record = json.loads(make_entry(id=ID1).to_json())
+    record["version"] = RECORD_VERSION + 1
+    with pytest.raises(ValueError):
+        OutboxEntry.from_json(json.dumps(record).encode())
+    del record["version"]
+    with pytest.raises(ValueError):
+        OutboxEntry.from_json(json.dumps(record).encode())
+
+
+def test_unknown_fields_ignored() -> None:
+    """A record from a newer minor release with extra fields still loads."""
+    record = json.loads(make_entry(id=ID1).to_json())
+    record["future"] = 1
+    assert OutboxEntry.from_json(json.dumps(record).encode()).id == ID1
+
+
+def test_load_skips_strays(tmp_path) -> None:
+    """Files that are not entries, and entries without a message, are not indexed."""
+    root = tmp_path / "outbox"
+    outbox = MaildirOutbox(root)
+    outbox.load()
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    (root / "entries" / "notes.txt").write_text("hello")
+    (root / "entries" / "bad..name.json").write_text("{}")
+    (root / "entries" / f"{ID2}.json").write_bytes(make_entry(id=ID2).to_json())  # no message
+    (root / "claimed" / "../escape.json".replace("/", "_")).write_text("{}")
+    again = MaildirOutbox(root)
+    again.load()
+    assert [e.id for e in again.entries()] == [ID1]
+
+
+def test_message_path_checks_id(tmp_path) -> None:
+    """SPEC 2: an id is never used as a file name unchecked."""
+    outbox = MaildirOutbox(tmp_path / "outbox")
+    outbox.load()
+    for bad in ["../../etc/passwd", "short", "a" * 200, "x/" * 10]:
+        with pytest.raises(ValueError):
+            outbox.message_path(bad)
+
+
+def test_claim_lost_race_on_disk(tmp_path) -> None:
+    """If another node renamed the file first, the claim returns None."""
+    root = tmp_path / "outbox"
+    one = MaildirOutbox(root)
+    one.load()
+    one.add([make_entry(id=ID1)], MESSAGE)
+    two = MaildirOutbox(root)
+    two.load()
+    assert one.claim(ID1) is not None
+    assert two.claim(ID1) is None
+    assert not two.get(ID1).claimed

@@ -1,0 +1,175 @@
+"""
+Tests for L{pullmail.pending}: pending notifications at the RMTA (SPEC 3,
+5), stored as versioned JSON, one file per (origin, id).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pullmail.pending import (
+    RECORD_VERSION,
+    RETRIEVED,
+    Notification,
+    PendingStore,
+    notification_key,
+)
+
+ID1 = "Notified_id_00000001"
+ID2 = "Notified_id_00000002"
+
+
+def _notification(gdel_id: str = ID1, origin: str = "sender.example",
+                  peer: str = "192.0.2.1", **kw) -> Notification:
+    defaults = dict(gdel_id=gdel_id, origin=origin, peer=peer, helo="mx.sender.example",
+                    sender="alice@sender.example", recipients=["bob@example.org"],
+                    notified_at=100.0, next_attempt=100.0)
+    defaults.update(kw)
+    return Notification(**defaults)
+
+
+@pytest.fixture
+def store(tmp_path) -> PendingStore:
+    s = PendingStore(tmp_path / "pending")
+    s.load()
+    return s
+
+
+def _reloaded(store: PendingStore) -> PendingStore:
+    again = PendingStore(store.root)
+    again.load()
+    return again
+
+
+def test_save_and_get(store) -> None:
+    n = _notification()
+    store.save(n)
+    assert store.get("sender.example", ID1) is n
+    assert store.by_key(n.key) is n
+    assert store.get("other.example", ID1) is None
+    assert store.get("sender.example", ID2) is None
+    assert len(store) == 1
+
+
+def test_origin_case_insensitive(store) -> None:
+    store.save(_notification())
+    assert store.get("Sender.EXAMPLE", ID1) is not None
+
+
+def test_id_case_sensitive(store) -> None:
+    """SPEC 2: ids compare case-sensitively."""
+    store.save(_notification())
+    assert store.get("sender.example", ID1.lower()) is None
+
+
+def test_load(store) -> None:
+    """Everything saved is there after a restart, field for field."""
+    n = _notification(attempts=2, next_attempt=700.0, last_error="451 later", size=1234)
+    store.save(n)
+    store.save(_notification(ID2, sender=None, recipients=None))
+    again = _reloaded(store)
+    assert len(again) == 2
+    assert again.get("sender.example", ID1) == n
+    assert again.get("sender.example", ID2).recipients is None
+
+
+def test_file_names_hide_ids(store) -> None:
+    """An id never becomes a file name; two origins with one id do not collide."""
+    store.save(_notification(gdel_id="A" * 16, origin="one.example"))
+    store.save(_notification(gdel_id="A" * 16, origin="two.example"))
+    names = sorted(p.name for p in store.root.iterdir())
+    assert len(names) == 2
+    assert not any("AAAA" in name for name in names)
+    assert notification_key("one.example", "A" * 16) != notification_key("two.example", "A" * 16)
+
+
+def test_versioned_json(store) -> None:
+    n = _notification()
+    store.save(n)
+    record = json.loads((store.root / f"{n.key}.json").read_text())
+    assert record["version"] == RECORD_VERSION
+    assert record["gdel_id"] == ID1
+    record["version"] = RECORD_VERSION + 1
+    with pytest.raises(ValueError):
+        Notification.from_json(json.dumps(record).encode())
+
+
+def test_load_skips_bad_records(store) -> None:
+    store.save(_notification())
+    (store.root / "junk.json").write_text("{not json")
+    (store.root / "old.json").write_text(json.dumps({"version": 0}))
+    (store.root / "notes.txt").write_text("x")
+    assert len(_reloaded(store)) == 1
+
+
+def test_counts_by_peer(store) -> None:
+    """pending_from counts pending notifications from each address."""
+    store.save(_notification(ID1, peer="192.0.2.1"))
+    store.save(_notification(ID2, peer="192.0.2.1"))
+    store.save(_notification("Notified_id_00000003", peer="192.0.2.2"))
+    assert store.pending_from("192.0.2.1") == 2
+    assert store.pending_from("192.0.2.2") == 1
+    assert store.pending_from("192.0.2.3") == 0
+    assert _reloaded(store).pending_from("192.0.2.1") == 2
+
+
+def test_count_not_doubled_by_resave(store) -> None:
+    n = _notification()
+    store.save(n)
+    n.attempts += 1
+    store.save(n)
+    assert store.pending_from("192.0.2.1") == 1
+
+
+def test_retrieved_not_counted(store) -> None:
+    """A retrieved notification is kept but no longer pending."""
+    n = _notification()
+    store.save(n)
+    retrieved = _notification(state=RETRIEVED, keep_until=9999.0)
+    store.save(retrieved)
+    assert store.pending_from("192.0.2.1") == 0
+    assert store.get("sender.example", ID1).state == RETRIEVED
+    assert _reloaded(store).pending_from("192.0.2.1") == 0
+
+
+def test_peer_change_moves_count(store) -> None:
+    """Re-notified from another address: the count follows the new peer."""
+    store.save(_notification(peer="192.0.2.1"))
+    store.save(_notification(peer="192.0.2.9"))
+    assert store.pending_from("192.0.2.1") == 0
+    assert store.pending_from("192.0.2.9") == 1
+
+
+def test_state_change_in_place(store) -> None:
+    """
+    The Retriever changes the stored object in place, then saves it: a
+    pending notification marked retrieved no longer counts.
+    """
+    n = _notification()
+    store.save(n)
+    n.state = RETRIEVED
+    n.keep_until = 500.0
+    store.save(n)
+    assert store.pending_from("192.0.2.1") == 0
+
+
+def test_remove(store) -> None:
+    n = _notification()
+    store.save(n)
+    store.save(_notification(ID2))
+    store.remove(n)
+    assert store.get("sender.example", ID1) is None
+    assert store.pending_from("192.0.2.1") == 1
+    assert len(_reloaded(store)) == 1
+    store.remove(n)  # twice: nothing happens
+    assert store.pending_from("192.0.2.1") == 1
+
+
+def test_remove_retrieved(store) -> None:
+    store.save(_notification(ID2))
+    retrieved = _notification(state=RETRIEVED)
+    store.save(retrieved)
+    store.remove(retrieved)
+    assert store.pending_from("192.0.2.1") == 1

@@ -1,0 +1,251 @@
+"""
+Tests for L{pullmail.pickup}: the SMTA's answer to ``RETR`` (SPEC 4) -- the
+destined-host check, claims, and the brute-force tarpit -- on a L{Clock}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, error
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pullmail import replies
+from pullmail.config import DeliveryConfig
+from pullmail.delivery import Outbound
+from pullmail.envelope import Session
+from pullmail.esmtp.pull import Retrieve
+from pullmail.esmtp.server import Reverse
+from pullmail.outbox import NOTIFIED, QUEUED
+from pullmail.pickup import FailureTracker, PickupCounter
+from pullmail.replies import Reply
+from pullmail.testing import FakeNetwork, FakeResolver, MemoryOutbox, make_entry, run_blocking
+
+GDEL_ID = "Notified_entry_00001"
+MX_ADDRESS = "192.0.2.25"
+STRANGER = "198.51.100.66"
+
+
+class FailureTrackerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.tracker = FailureTracker(self.clock, limit=5, window=3600.0, block=600.0,
+                                      tarpit_max=10.0)
+
+    def test_growing_delay(self) -> None:
+        """SPEC 4: 1 s, 2 s, 4 s ... capped by retr_tarpit_max."""
+        tracker = FailureTracker(self.clock, limit=100, window=3600.0, block=600.0,
+                                 tarpit_max=10.0)
+        self.assertEqual([tracker.failed("192.0.2.1") for _ in range(6)],
+                         [1.0, 2.0, 4.0, 8.0, 10.0, 10.0])
+
+    def test_per_address(self) -> None:
+        self.tracker.failed("192.0.2.1")
+        self.tracker.failed("192.0.2.1")
+        self.assertEqual(self.tracker.failed("192.0.2.2"), 1.0)
+
+    def test_block_after_limit(self) -> None:
+        """After retr_fail_limit failures in the window the address is refused at connect."""
+        for _ in range(4):
+            self.tracker.failed("192.0.2.1")
+        self.assertIsNone(self.tracker.refuse_connection("192.0.2.1"))
+        self.tracker.failed("192.0.2.1")
+        refusal = self.tracker.refuse_connection("192.0.2.1")
+        self.assertEqual((refusal.code, refusal.enhanced), (421, "4.7.0"))
+        self.assertIsNone(self.tracker.refuse_connection("192.0.2.2"))
+
+    def test_unblock_after_block_time(self) -> None:
+        """retr_block later the address is let in again, with a clean slate."""
+        for _ in range(5):
+            self.tracker.failed("192.0.2.1")
+        self.clock.advance(599)
+        self.assertIsNotNone(self.tracker.refuse_connection("192.0.2.1"))
+        self.clock.advance(1)
+        self.assertIsNone(self.tracker.refuse_connection("192.0.2.1"))
+        self.assertEqual(self.tracker.failed("192.0.2.1"), 1.0)
+
+    def test_window_expiry(self) -> None:
+        """Failures older than the window are forgotten."""
+        for _ in range(4):
+            self.tracker.failed("192.0.2.1")
+        self.clock.advance(3600)
+        self.assertEqual(self.tracker.failed("192.0.2.1"), 1.0)
+        self.assertIsNone(self.tracker.refuse_connection("192.0.2.1"))
+
+    def test_window_slides(self) -> None:
+        """Only the failures inside the last window count toward the limit."""
+        for _ in range(3):
+            self.tracker.failed("192.0.2.1")
+        self.clock.advance(1800)
+        self.tracker.failed("192.0.2.1")
+        self.clock.advance(1800)  # the first three fall out
+        self.tracker.failed("192.0.2.1")
+        self.assertIsNone(self.tracker.refuse_connection("192.0.2.1"))
+
+
+class RecordingOutbound:
+    def __init__(self) -> None:
+        self.finished: list = []
+
+    def retrieval_finished(self, entry, result, peer) -> None:
+        self.finished.append((entry, result, peer))
+
+
+class ScriptedChannel:
+    def __init__(self, replies) -> None:
+        self.script = list(replies)
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def reply(self) -> defer.Deferred:
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            return defer.fail(item)
+        return defer.succeed(item)
+
+
+OK = Reply(250, "2.0.0", "Ok")
+GO_AHEAD = Reply(354, "", "Go ahead")
+
+
+class PickupCounterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.outbox = MemoryOutbox()
+        self.outbox.load()
+        self.entry = make_entry(id=GDEL_ID, state=NOTIFIED, notified_at=900.0, expires=5000.0,
+                                recipients=["bob@receiver.example", "carol@receiver.example"],
+                                size=17, body="8BITMIME")
+        self.outbox.add([self.entry], [b"Subject: x\r\n\r\nhi\r\n"])
+        self.resolver = FakeResolver(
+            mx={"receiver.example": [(10, "mx.receiver.example")]},
+            addresses={"mx.receiver.example": [MX_ADDRESS, "2001:db8::25"]},
+        )
+        self.tracker = FailureTracker(self.clock, limit=3, window=3600.0, block=600.0,
+                                      tarpit_max=30.0)
+        self.outbound = RecordingOutbound()
+        self.counter = PickupCounter(self.outbox, self.outbound, self.resolver, self.clock,
+                                     self.tracker, run_blocking)
+
+    def retr(self, gdel_id: str = GDEL_ID, peer: str = MX_ADDRESS) -> defer.Deferred:
+        session = Session(peer, "smtp", helo="mx.receiver.example", esmtp=True)
+        return self.counter(object(), Retrieve(session, gdel_id))
+
+    def assertRefusedAfter(self, d: defer.Deferred, delay: float) -> None:
+        """The same 550 5.7.1, and only after C{delay} seconds."""
+        self.clock.advance(delay - 0.001)
+        self.assertNoResult(d)
+        self.clock.advance(0.001)
+        reply = self.successResultOf(d)
+        self.assertEqual(reply, replies.S550_NO_SUCH_MESSAGE)
+        self.assertEqual((reply.code, reply.enhanced), (550, "5.7.1"))
+
+    def test_unknown_id(self) -> None:
+        """An unknown id: 550 5.7.1, after the tarpit delay."""
+        self.assertRefusedAfter(self.retr("Unknown_id_000000001"), 1.0)
+        self.assertRefusedAfter(self.retr("Unknown_id_000000002"), 2.0)
+        self.assertEqual(self.outbound.finished, [])
+
+    def test_not_destined(self) -> None:
+        """A host that is no MX of the recipient domain gets the very same 550."""
+        self.assertRefusedAfter(self.retr(peer=STRANGER), 1.0)
+        self.assertFalse(self.outbox.get(GDEL_ID).claimed)
+
+    def test_ipv6_mx_address(self) -> None:
+        self.assertIsInstance(self.successResultOf(self.retr(peer="2001:db8::25")), Reverse)
+
+    def test_implicit_mx(self) -> None:
+        """RFC 5321 5.1: with no MX, the domain's own addresses are the destined hosts."""
+        self.resolver.mx_records = {}
+        self.resolver.hosts = {"receiver.example": ["192.0.2.77"]}
+        self.assertRefusedAfter(self.retr(peer=MX_ADDRESS), 1.0)
+        self.assertIsInstance(self.successResultOf(self.retr(peer="192.0.2.77")), Reverse)
+
+    def test_not_notified(self) -> None:
+        """An entry still queued (never notified) is not handed out."""
+        self.outbox.update(make_entry(id=GDEL_ID, state=QUEUED, expires=None))
+        self.assertRefusedAfter(self.retr(), 1.0)
+
+    def test_expired(self) -> None:
+        self.clock.advance(4000)
+        self.assertRefusedAfter(self.retr(), 1.0)
+
+    def test_dns_temporary_error(self) -> None:
+        """SPEC 4: DNS failure of the destined check: 451 4.4.3 at once, not 550."""
+        self.resolver.temporary.add("receiver.example")
+        reply = self.successResultOf(self.retr())
+        self.assertEqual(reply, replies.S451_DNS_ERROR)
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.4.3"))
+        self.assertIsNone(self.tracker.refuse_connection(MX_ADDRESS))
+        self.assertFalse(self.outbox.get(GDEL_ID).claimed)
+
+    def test_dns_temporary_error_on_host(self) -> None:
+        self.resolver.temporary.add("mx.receiver.example")
+        self.assertEqual(self.successResultOf(self.retr()).code, 451)
+
+    def test_dns_permanent_error(self) -> None:
+        """No such domain: nobody is destined; the same 550."""
+        self.resolver.permanent.add("receiver.example")
+        self.assertRefusedAfter(self.retr(), 1.0)
+
+    def test_already_claimed(self) -> None:
+        """A retrieval in progress: 451 4.3.0."""
+        self.assertIsInstance(self.successResultOf(self.retr()), Reverse)
+        reply = self.successResultOf(self.retr())
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+
+    def test_success(self) -> None:
+        """A destined host gets '250 2.0.0 <id> follows' and the entry is claimed."""
+        action = self.successResultOf(self.retr())
+        self.assertIsInstance(action, Reverse)
+        self.assertEqual(action.reply, Reply(250, "2.0.0", f"{GDEL_ID} follows"))
+        self.assertTrue(self.outbox.get(GDEL_ID).claimed)
+        self.assertEqual(self.outbound.finished, [])
+
+    def test_turn_sends_the_message(self) -> None:
+        """The turn is one transaction of the entry; its result goes to the outbound."""
+        action = self.successResultOf(self.retr())
+        final = Reply(250, "2.0.0", "Ok: stored")
+        channel = ScriptedChannel([OK, OK, OK, GO_AHEAD, final])
+        self.successResultOf(defer.Deferred.fromCoroutine(action.turn(channel)))
+        self.assertEqual(channel.sent[0],
+                         b"MAIL FROM:<alice@sender.example> SIZE=17 BODY=8BITMIME\r\n"
+                         b"RCPT TO:<bob@receiver.example>\r\nRCPT TO:<carol@receiver.example>\r\n")
+        self.assertEqual(channel.sent[-1], b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        [(entry, result, peer)] = self.outbound.finished
+        self.assertEqual(entry.id, GDEL_ID)
+        self.assertEqual(peer, MX_ADDRESS)
+        self.assertEqual(result.accepted(), ["bob@receiver.example", "carol@receiver.example"])
+        self.assertEqual(result.final, final)
+
+    def test_broken_transfer(self) -> None:
+        """The channel failing mid-turn reports a broken transfer (result None)."""
+        action = self.successResultOf(self.retr())
+        channel = ScriptedChannel([OK, error.ConnectionLost()])
+        self.failureResultOf(defer.Deferred.fromCoroutine(action.turn(channel)),
+                             error.ConnectionLost)
+        [(entry, result, peer)] = self.outbound.finished
+        self.assertIsNone(result)
+
+    def test_broken_transfer_releases_claim(self) -> None:
+        """With the real Outbound, a broken transfer releases the claim: RETR works again."""
+        network = FakeNetwork(self.clock)
+        outbound = Outbound(outbox=self.outbox, resolver=self.resolver, connect=network,
+                            clock=self.clock, run_blocking=run_blocking, hostname="mx.s.example",
+                            config=DeliveryConfig(), send_bounce=lambda s, m: None)
+        self.counter.outbound = outbound
+        action = self.successResultOf(self.retr())
+        self.assertIsInstance(self.successResultOf(self.retr()), Reply)  # 451 in progress
+        channel = ScriptedChannel([error.ConnectionLost()])
+        self.failureResultOf(defer.Deferred.fromCoroutine(action.turn(channel)))
+        self.assertFalse(self.outbox.get(GDEL_ID).claimed)
+        self.assertIsInstance(self.successResultOf(self.retr()), Reverse)
+        outbound.stop()
+
+    def test_brute_force_blocks(self) -> None:
+        """After retr_fail_limit refusals the address is refused at connect (421 4.7.0)."""
+        for n, delay in enumerate([1.0, 2.0, 4.0]):
+            self.assertRefusedAfter(self.retr(f"Guess_{n:015d}"), delay)
+        self.assertEqual(self.tracker.refuse_connection(MX_ADDRESS), replies.S421_BLOCKED)

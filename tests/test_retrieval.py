@@ -1,0 +1,387 @@
+"""
+Tests for L{pullmail.retrieval.Retriever}: the RMTA's side of General
+Delivery (SPEC 3-5).  The SMTA is a real MX server machine with a real
+L{PickupCounter} over a L{MemoryOutbox}, on a L{FakeNetwork}; one L{Clock}
+drives both.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from pullmail import replies
+from pullmail.accounts import Accounts
+from pullmail.config import DeliveryConfig
+from pullmail.delivery import Outbound
+from pullmail.envelope import Envelope, Session
+from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
+from pullmail.esmtp.server import ServerPolicy
+from pullmail.outbox import NOTIFIED
+from pullmail.pending import PENDING, RETRIEVED, PendingStore
+from pullmail.pickup import FailureTracker, PickupCounter
+from pullmail.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.replies import Reply
+from pullmail.retrieval import Retriever
+from pullmail.testing import (
+    FakeNetwork,
+    FakeResolver,
+    FakeTrust,
+    MemoryOutbox,
+    make_entry,
+    run_blocking,
+)
+
+START = 2_000_000.0
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+SCHEDULE = (0.0, 10 * MINUTE, HOUR, 6 * HOUR, DAY)
+SMTA = "192.0.2.10"       # the notifying address, where the SMTA listens
+RMTA = "192.0.2.25"       # the RMTA's address: an MX of receiver.example
+GDEL_ID = "Retrievable_id_000001"
+SENDER = "alice@sender.example"
+BOB = "bob@receiver.example"
+MESSAGE = b"Subject: pulled\r\n\r\nHello.\r\n"
+
+
+
+class SMTANode:
+    """The sending side: an outbox, a pickup counter, an MX listener."""
+
+    def __init__(self, clock: Clock, network: FakeNetwork) -> None:
+        self.clock = clock
+        self.outbox = MemoryOutbox()
+        self.resolver = FakeResolver(
+            mx={"receiver.example": [(10, "mx.receiver.example")]},
+            addresses={"mx.receiver.example": [RMTA]},
+        )
+        self.outbound = Outbound(
+            outbox=self.outbox, resolver=self.resolver, connect=FakeNetwork(clock),
+            clock=clock, run_blocking=run_blocking, hostname="mx.sender.example",
+            config=DeliveryConfig(), send_bounce=lambda sender, message: None,
+        )
+        self.outbound.start()
+        self.tracker = FailureTracker(clock, 100, HOUR, HOUR, 30.0)
+        self.counter = PickupCounter(self.outbox, self.outbound, self.resolver, clock,
+                                     self.tracker, run_blocking)
+        self.retrs: list[str] = []
+        policy = ServerPolicy(
+            hostname="mx.sender.example", domains=("sender.example",),
+            accounts=Accounts(frozenset({"sender.example"}), users={SENDER: "h"}),
+            service="smtp",
+        )
+        self.factory = SMTPServerFactory(
+            policy, clock, ConnectionLimits(100, 100), 300.0, {Retrieve: self.retrieve},
+            extensions=(pull_extension(),),
+        )
+        network.listen(SMTA, 25, self.factory)
+
+    def retrieve(self, connection, request: Retrieve):
+        self.retrs.append(request.gdel_id)
+        return self.counter(connection, request)
+
+    def hold(self, gdel_id: str = GDEL_ID, recipients=(BOB,)) -> None:
+        """An entry notified and waiting for RETR."""
+        self.outbox.add([make_entry(id=gdel_id, sender=SENDER, recipients=list(recipients),
+                                    state=NOTIFIED, notified_at=START, created=START,
+                                    expires=START + 48 * HOUR, size=len(MESSAGE))],
+                        [MESSAGE])
+        self.outbound._push(self.outbox.get(gdel_id))
+
+
+class World:
+    def __init__(self, tmp_path, pending_per_origin: int = 100, trust=None) -> None:
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.network = FakeNetwork(self.clock, source=RMTA)
+        self.connect_times: list[float] = []
+        self.smta = SMTANode(self.clock, self.network)
+        self.trust = trust or FakeTrust()
+        self.deliveries: list[tuple] = []
+        self.deliver_reply = Reply(250, "2.0.0", "Ok: stored")
+        self.pending_per_origin = pending_per_origin
+        self.policy = ServerPolicy(
+            hostname="mx.receiver.example", domains=("receiver.example",),
+            accounts=Accounts(frozenset({"receiver.example"}), users={BOB: "h"}),
+            service="smtp",
+        )
+        self.retriever = self.new_retriever()
+
+    def connect(self, address: str, port: int, performers={}):
+        self.connect_times.append(self.clock.seconds() - START)
+        return self.network(address, port, performers)
+
+    def deliver(self, session, envelope, chunks, size):
+        self.deliveries.append((session, envelope, b"".join(chunks), size))
+        return defer.succeed(self.deliver_reply)
+
+    def new_retriever(self) -> Retriever:
+        self.store = PendingStore(self.tmp_path / "pending")
+        retriever = Retriever(
+            store=self.store, trust=self.trust, connect=self.connect, clock=self.clock,
+            run_blocking=run_blocking, hostname="mx.receiver.example", schedule=SCHEDULE,
+            remote_port=25, keep_for=48 * HOUR, pending_per_origin=self.pending_per_origin,
+            policy=self.policy, deliver=self.deliver,
+        )
+        retriever.start()
+        return retriever
+
+    def notify(self, gdel_id: str = GDEL_ID, sender: str | None = SENDER, recipients=(BOB,),
+               peer: str = SMTA) -> Reply:
+        session = Session(peer, "smtp", helo="mx.sender.example", esmtp=True)
+        envelope = Envelope(sender, tuple(recipients), len(MESSAGE)) if sender else None
+        found = []
+        self.retriever(object(), Notify(session, envelope, gdel_id)).addBoth(found.append)
+        assert found, "notify did not answer synchronously with the fakes"
+        return found[0]
+
+    def settle(self) -> None:
+        for _ in range(100):
+            self.clock.advance(0)
+            if not self.network.flush():
+                return
+        raise AssertionError("never settled")
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    def step_to(self, offset: float) -> None:
+        """Advance to START + offset, one due timer at a time."""
+        while self.clock.seconds() < START + offset:
+            calls = [c.getTime() for c in self.clock.getDelayedCalls()]
+            upcoming = [t for t in calls if t > self.clock.seconds()]
+            target = min(upcoming + [START + offset])
+            self.advance(target - self.clock.seconds())
+
+
+# -- notifications --------------------------------------------------------------------
+
+
+def test_trust_refusal_passes_through(tmp_path) -> None:
+    """The trust check's refusal is the reply; nothing is stored."""
+    world = World(tmp_path, trust=FakeTrust({"sender.example": replies.S550_SPF_FAIL}))
+    assert world.notify() == replies.S550_SPF_FAIL
+    assert world.trust.calls == [(SMTA, "sender.example", "mx.sender.example", SENDER)]
+    assert len(world.store) == 0
+    world.settle()
+    assert world.connect_times == []
+
+
+def test_trust_temporary_refusal(tmp_path) -> None:
+    world = World(tmp_path, trust=FakeTrust(default=replies.S451_SPF_TEMPERROR))
+    assert world.notify() == replies.S451_SPF_TEMPERROR
+    assert len(world.store) == 0
+
+
+def test_bare_form_identity_is_helo(tmp_path) -> None:
+    """SPEC 3: the bare form is checked against the EHLO domain."""
+    world = World(tmp_path)
+    assert world.notify(sender=None).code == 250
+    assert world.trust.calls == [(SMTA, "mx.sender.example", "mx.sender.example", None)]
+    [notification] = list(world.store)
+    assert notification.sender is None and notification.recipients is None
+
+
+def test_accepted_and_stored(tmp_path) -> None:
+    """Accepted: stored durably, then '250 2.0.0 <id> notification accepted'."""
+    world = World(tmp_path)
+    world.network.stop_listening(SMTA, 25)  # keep it pending
+    assert world.notify() == Reply(250, "2.0.0", f"{GDEL_ID} notification accepted")
+    stored = PendingStore(tmp_path / "pending")
+    stored.load()
+    notification = stored.get("sender.example", GDEL_ID)
+    assert notification.peer == SMTA
+    assert notification.sender == SENDER
+    assert notification.recipients == [BOB]
+    assert notification.notified_at == START
+    assert notification.size == len(MESSAGE)
+
+
+def test_same_id_again(tmp_path) -> None:
+    """SPEC 3: the same id from the same origin: 250 again, one record."""
+    world = World(tmp_path)
+    world.network.stop_listening(SMTA, 25)
+    assert world.notify().code == 250
+    assert world.notify().code == 250
+    assert len(world.store) == 1
+    assert world.store.pending_from(SMTA) == 1
+
+
+def test_pending_cap(tmp_path) -> None:
+    """SPEC 3: too many pending notifications from this origin: 452 4.3.1."""
+    world = World(tmp_path, pending_per_origin=2)
+    world.network.stop_listening(SMTA, 25)
+    assert world.notify("Pending_id_0000000001").code == 250
+    assert world.notify("Pending_id_0000000002").code == 250
+    reply = world.notify("Pending_id_0000000003")
+    assert (reply.code, reply.enhanced) == (452, "4.3.1")
+    assert len(world.store) == 2
+    # An id already pending is still answered 250.
+    assert world.notify("Pending_id_0000000001").code == 250
+
+
+# -- the schedule ---------------------------------------------------------------------
+
+
+def test_schedule_offsets(tmp_path) -> None:
+    """SPEC 5: attempts at 0, 10 min, 1 h, 6 h, 24 h; then the notification is dropped."""
+    world = World(tmp_path)
+    world.network.stop_listening(SMTA, 25)
+    world.notify()
+    world.settle()
+    for offset in SCHEDULE[1:]:
+        world.step_to(offset - 1)
+        assert world.connect_times[-1] < offset
+        world.step_to(offset)
+        assert world.connect_times[-1] == offset
+    assert world.connect_times == list(SCHEDULE)
+    assert len(world.store) == 0
+    world.advance(10 * DAY)
+    assert world.connect_times == list(SCHEDULE)
+
+
+def test_temporary_refusal_of_retr_follows_schedule(tmp_path) -> None:
+    """A 451 to RETR (retrieval in progress elsewhere) waits for the next slot."""
+    world = World(tmp_path)
+    world.smta.hold()
+    world.smta.outbox.claim(GDEL_ID)
+    world.notify()
+    world.settle()
+    assert world.smta.retrs == [GDEL_ID]
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert notification.state == PENDING
+    assert notification.next_attempt == START + 10 * MINUTE
+    assert notification.attempts == 1
+
+
+def test_permanent_refusal_of_retr_drops(tmp_path) -> None:
+    """SPEC 5: a 5xx to RETR drops the notification at once."""
+    world = World(tmp_path)
+    world.notify("Unknown_at_the_smta_01")
+    world.settle()
+    world.advance(1)  # the SMTA's tarpit
+    assert world.smta.retrs == ["Unknown_at_the_smta_01"]
+    assert len(world.store) == 0
+    world.advance(DAY)
+    assert world.smta.retrs == ["Unknown_at_the_smta_01"]
+
+
+def test_resume_after_restart(tmp_path) -> None:
+    """SPEC 5: a restarted RMTA keeps the stored next_attempt."""
+    world = World(tmp_path)
+    world.network.stop_listening(SMTA, 25)
+    world.notify()
+    world.settle()
+    assert world.connect_times == [0.0]
+    world.retriever.stop()
+    world.advance(4 * MINUTE)
+    world.retriever = world.new_retriever()
+    world.advance(6 * MINUTE - 1)
+    assert world.connect_times == [0.0]
+    world.advance(1)
+    assert world.connect_times == [0.0, 10 * MINUTE]
+
+
+def test_no_retr_offered(tmp_path) -> None:
+    """A peer that does not offer RETR: the attempt failed, try later."""
+    world = World(tmp_path)
+    world.smta.factory.extensions = ()
+    world.notify()
+    world.settle()
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert notification.attempts == 1
+    assert notification.next_attempt == START + 10 * MINUTE
+
+
+# -- retrieval ------------------------------------------------------------------------
+
+
+def test_retrieval(tmp_path) -> None:
+    """Notified, retrieved at once, delivered, the SMTA's entry removed."""
+    world = World(tmp_path)
+    world.smta.hold()
+    world.notify()
+    world.settle()
+    [(session, envelope, data, size)] = world.deliveries
+    assert data == MESSAGE
+    assert envelope.sender == SENDER and envelope.recipients == (BOB,)
+    assert session.peer == SMTA
+    assert world.smta.outbox.get(GDEL_ID) is None
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert notification.state == RETRIEVED
+    assert notification.keep_until == START + 48 * HOUR
+    assert world.network.open_connections() == 0
+
+
+def test_retrieved_not_counted_as_pending(tmp_path) -> None:
+    """A retrieved notification no longer counts toward pending_per_origin."""
+    world = World(tmp_path, pending_per_origin=1)
+    world.smta.hold()
+    world.notify()
+    world.settle()
+    # Whatever the turn's fate, the message was delivered and marked retrieved.
+    assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED
+    assert world.store.pending_from(SMTA) == 0
+    assert world.notify("Another_id_0000000001").code == 250
+
+
+def test_one_connection_for_due_ids(tmp_path) -> None:
+    """Every due id of one address goes over one connection."""
+    world = World(tmp_path)
+    second = "Retrievable_id_000002"
+    world.smta.hold()
+    world.smta.hold(second)
+    world.network.stop_listening(SMTA, 25)
+    world.notify()
+    world.notify(second)
+    world.settle()
+    world.network.listen(SMTA, 25, world.smta.factory)
+    world.advance(10 * MINUTE)
+    assert world.connect_times == [0.0, 0.0, 10 * MINUTE] or \
+        world.connect_times == [0.0, 10 * MINUTE]
+    assert sorted(world.smta.retrs) == sorted([GDEL_ID, second])
+    assert len(world.deliveries) == 2
+
+
+def test_renotified_retrieved_id_delivered_once(tmp_path) -> None:
+    """
+    SPEC 4: an id retrieved before and notified again (the SMTA restarted) is
+    retrieved again -- so the SMTA can let go -- but delivered only once.
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    world.notify()
+    world.settle()
+    assert len(world.deliveries) == 1
+    world.smta.hold()             # the SMTA lost track, and notifies again
+    assert world.notify().code == 250
+    world.settle()
+    assert world.smta.retrs == [GDEL_ID, GDEL_ID]
+    assert world.smta.outbox.get(GDEL_ID) is None
+    assert len(world.deliveries) == 1
+
+
+def test_retrieved_record_forgotten_after_keep_for(tmp_path) -> None:
+    world = World(tmp_path)
+    world.smta.hold()
+    world.notify()
+    world.settle()
+    world.advance(48 * HOUR)
+    assert len(world.store) == 0
+
+
+def test_deferred_delivery_retries(tmp_path) -> None:
+    """A 4xx at end-of-data: the notification stays pending for the next slot."""
+    world = World(tmp_path)
+    world.deliver_reply = replies.S451_LOCAL_ERROR
+    world.smta.hold()
+    world.notify()
+    world.settle()
+    world.advance(300)  # with the turn stuck, the SMTA's idle timer ends it
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert notification.state == PENDING
+    assert notification.next_attempt == START + 10 * MINUTE
+    assert world.smta.outbox.get(GDEL_ID) is not None
+    assert not world.smta.outbox.get(GDEL_ID).claimed

@@ -1,0 +1,242 @@
+"""
+Tests for L{pullmail.trust.policy}: the SPF verdict table, the allow/deny
+lists, DNSBL names (RFC 5782), and the order of the checks (SPEC 6).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from twisted.internet import defer
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from pullmail import replies
+from pullmail.config import TrustConfig
+from pullmail.interfaces import ITrustPolicy
+from pullmail.trust.policy import TrustChecker, decide_spf, dnsbl_name, listed
+from pullmail.trust.spf import SPFResult
+from pullmail.testing import FakeResolver, FakeTrust
+
+
+def _code(reply):
+    return None if reply is None else (reply.code, reply.enhanced)
+
+
+# -- decide_spf -----------------------------------------------------------------------
+
+DEFAULT = ("pass",)
+LENIENT = ("pass", "neutral", "none", "softfail")
+
+
+@pytest.mark.parametrize("result, accepted, expected", [
+    (SPFResult.PASS, DEFAULT, None),
+    (SPFResult.FAIL, DEFAULT, (550, "5.7.23")),
+    (SPFResult.SOFTFAIL, DEFAULT, (550, "5.7.1")),
+    (SPFResult.NEUTRAL, DEFAULT, (550, "5.7.1")),
+    (SPFResult.NONE, DEFAULT, (550, "5.7.1")),
+    (SPFResult.TEMPERROR, DEFAULT, (451, "4.7.24")),
+    (SPFResult.PERMERROR, DEFAULT, (550, "5.7.24")),
+    (SPFResult.PASS, LENIENT, None),
+    (SPFResult.NEUTRAL, LENIENT, None),
+    (SPFResult.NONE, LENIENT, None),
+    (SPFResult.SOFTFAIL, LENIENT, None),
+    (SPFResult.FAIL, LENIENT, (550, "5.7.23")),
+    (SPFResult.TEMPERROR, LENIENT, (451, "4.7.24")),
+    (SPFResult.PERMERROR, LENIENT, (550, "5.7.24")),
+    (SPFResult.PASS, ("neutral",), (550, "5.7.1")),
+    (SPFResult.NONE, ("none",), None),
+])
+def test_decide_spf(result, accepted, expected) -> None:
+    """SPEC 3, 6: only results in spf_accept are trusted; refusals per RFC 7372."""
+    assert _code(decide_spf(result, accepted)) == expected
+
+
+def test_decide_spf_every_result_has_a_verdict() -> None:
+    for result in SPFResult:
+        verdict = decide_spf(result, ())
+        assert verdict is not None and verdict.code in (451, 550)
+        assert decide_spf(result, (result.value,)) is None
+
+
+# -- allow / deny lists -----------------------------------------------------------------
+
+ENTRIES = (
+    ipaddress.ip_network("192.0.2.0/24"),
+    ipaddress.ip_network("2001:db8:1::/48"),
+    "example.org",
+)
+
+
+@pytest.mark.parametrize("ip, domain, expected", [
+    ("192.0.2.1", "nowhere.example", True),
+    ("192.0.2.255", "nowhere.example", True),
+    ("192.0.3.1", "nowhere.example", False),
+    ("2001:db8:1::5", "nowhere.example", True),
+    ("2001:db8:2::5", "nowhere.example", False),
+    ("198.51.100.1", "example.org", True),
+    ("198.51.100.1", "mail.example.org", True),       # subdomains
+    ("198.51.100.1", "a.b.example.org", True),
+    ("198.51.100.1", "evilexample.org", False),       # not a subdomain
+    ("198.51.100.1", "example.org.evil.test", False),
+    ("198.51.100.1", "org", False),
+])
+def test_listed(ip, domain, expected) -> None:
+    assert listed(ENTRIES, ipaddress.ip_address(ip), domain) is expected
+
+
+def test_listed_v4_mapped_not_confused() -> None:
+    """An IPv6 network never matches an IPv4 address and vice versa."""
+    entries = (ipaddress.ip_network("::/0"),)
+    assert not listed(entries, ipaddress.ip_address("192.0.2.1"), "x.example")
+    entries = (ipaddress.ip_network("0.0.0.0/0"),)
+    assert not listed(entries, ipaddress.ip_address("2001:db8::1"), "x.example")
+
+
+# -- DNSBL names ------------------------------------------------------------------------
+
+
+def test_dnsbl_name_v4() -> None:
+    """RFC 5782 2.1: octets reversed under the zone."""
+    assert dnsbl_name(ipaddress.ip_address("192.0.2.99"), "bl.example") == "99.2.0.192.bl.example"
+
+
+def test_dnsbl_name_v6() -> None:
+    """RFC 5782 2.4: 32 nibbles reversed, dot-separated."""
+    name = dnsbl_name(ipaddress.ip_address("2001:db8:1:2:3:4:567:89ab"), "bl.example")
+    assert name == "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.bl.example"
+
+
+def test_dnsbl_name_v6_compressed() -> None:
+    name = dnsbl_name(ipaddress.ip_address("2001:db8::1"), "bl.example")
+    assert name == "1." + "0." * 23 + "8.b.d.0.1.0.0.2.bl.example"
+    assert len(name.split(".")) == 32 + 2
+
+
+# -- the checker ------------------------------------------------------------------------
+
+
+class SPFStub:
+    """run_blocking for the checker: answers check_host with a fixed result."""
+
+    def __init__(self, result: SPFResult) -> None:
+        self.result = result
+        self.calls: list[tuple] = []
+
+    def __call__(self, f, *args):
+        self.calls.append(args[1:4])
+        return defer.succeed((self.result, ""))
+
+
+def _check(checker, peer="198.51.100.7", domain="sender.example", sender="a@sender.example"):
+    found = []
+    checker.check(peer, domain, "mx.sender.example", sender).addBoth(found.append)
+    assert found
+    return found[0]
+
+
+def _checker(spf=SPFResult.PASS, resolver=None, plugins=(), **config):
+    stub = SPFStub(spf)
+    checker = TrustChecker(TrustConfig(**config), resolver or FakeResolver(), stub, 5.0,
+                           plugins=plugins)
+    return checker, stub
+
+
+def test_checker_provides_interface() -> None:
+    checker, _ = _checker()
+    assert verifyObject(ITrustPolicy, checker)
+    assert verifyObject(ITrustPolicy, FakeTrust())
+
+
+def test_spf_pass_trusted() -> None:
+    checker, stub = _checker(SPFResult.PASS)
+    assert _check(checker) is None
+    assert stub.calls == [("198.51.100.7", "sender.example", "a@sender.example")]
+
+
+def test_spf_fail_refused() -> None:
+    checker, _ = _checker(SPFResult.FAIL)
+    assert _code(_check(checker)) == (550, "5.7.23")
+
+
+def test_spf_accept_configurable() -> None:
+    checker, _ = _checker(SPFResult.SOFTFAIL, spf_accept=("pass", "softfail"))
+    assert _check(checker) is None
+
+
+def test_allow_list_first() -> None:
+    """Allow list: accepted without DNSBL or SPF."""
+    resolver = FakeResolver(addresses={"7.100.51.198.bl.example": ["127.0.0.2"]})
+    checker, stub = _checker(SPFResult.FAIL, resolver=resolver,
+                             allow=(ipaddress.ip_network("198.51.100.0/24"),),
+                             deny=("sender.example",), dnsbl=("bl.example",))
+    assert _check(checker) is None
+    assert stub.calls == []
+    assert resolver.queries == []
+
+
+def test_allow_list_domain() -> None:
+    checker, stub = _checker(SPFResult.FAIL, allow=("sender.example",))
+    assert _check(checker, domain="Mail.Sender.Example") is None
+
+
+def test_deny_list() -> None:
+    checker, stub = _checker(SPFResult.PASS, deny=("sender.example",))
+    assert _code(_check(checker, domain="sub.sender.example")) == (550, "5.7.1")
+    checker, stub = _checker(SPFResult.PASS, deny=(ipaddress.ip_network("198.51.100.7/32"),))
+    assert _code(_check(checker)) == (550, "5.7.1")
+    assert stub.calls == []
+
+
+def test_dnsbl_listed() -> None:
+    """RFC 5782: an A record in 127.0.0.0/8 under the zone lists the address."""
+    resolver = FakeResolver(addresses={"7.100.51.198.bl.example": ["127.0.0.2"]})
+    checker, stub = _checker(SPFResult.PASS, resolver=resolver,
+                             dnsbl=("clean.example", "bl.example"))
+    assert _code(_check(checker)) == (550, "5.7.1")
+    assert stub.calls == []
+
+
+def test_dnsbl_not_listed() -> None:
+    resolver = FakeResolver(addresses={"8.100.51.198.bl.example": ["127.0.0.2"]},
+                            temporary={"7.100.51.198.down.example"})
+    checker, stub = _checker(SPFResult.PASS, resolver=resolver,
+                             dnsbl=("bl.example", "down.example"))
+    assert _check(checker) is None
+
+
+def test_dnsbl_odd_answer_not_a_listing() -> None:
+    """RFC 5782 2.3: answers outside 127.0.0.0/8 are not listings."""
+    resolver = FakeResolver(addresses={"7.100.51.198.bl.example": ["192.0.2.1"]})
+    checker, _ = _checker(SPFResult.PASS, resolver=resolver, dnsbl=("bl.example",))
+    assert _check(checker) is None
+
+
+def test_null_sender_uses_domain() -> None:
+    """The null sender (and the bare form) are checked against the EHLO domain given."""
+    checker, stub = _checker(SPFResult.PASS)
+    assert _check(checker, domain="mx.sender.example", sender=None) is None
+    assert stub.calls == [("198.51.100.7", "mx.sender.example", "")]
+
+
+@implementer(ITrustPolicy)
+class Veto:
+    name = "veto"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def check(self, peer, domain, helo, sender):
+        self.calls += 1
+        return defer.succeed(replies.S550_POLICY.with_text("vetoed"))
+
+
+def test_plugins_veto_after_spf() -> None:
+    """SPEC 6: trust-policy plugins may veto, after the built-in checks pass."""
+    veto = Veto()
+    checker, _ = _checker(SPFResult.PASS, plugins=(veto,))
+    assert _check(checker).text == "vetoed"
+    checker, _ = _checker(SPFResult.FAIL, plugins=(veto,))
+    assert _code(_check(checker)) == (550, "5.7.23")
+    assert veto.calls == 1
