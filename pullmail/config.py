@@ -105,6 +105,12 @@ def _hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+def _path(text: str) -> Path:
+    if "\0" in text:
+        raise ValueError("a path cannot contain a NUL character")
+    return Path(text)
+
+
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text, strict=False)
 
@@ -142,7 +148,7 @@ def _list(default: list, convert: Callable | None = None):
 class NodeConfig:
     hostname: str = _opt("localhost", str, _domain)
     domains: tuple[str, ...] = _list(["example.org"], _domain)
-    state_dir: Path = _opt(Path("var"), str, Path)
+    state_dir: Path = _opt(Path("var"), str, _path)
 
 
 @dataclass(frozen=True)
@@ -154,15 +160,15 @@ class ListenConfig:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    certificate: Path = _opt(Path("var/tls/cert.pem"), str, Path)
-    key: Path = _opt(Path("var/tls/key.pem"), str, Path)
+    certificate: Path = _opt(Path("var/tls/cert.pem"), str, _path)
+    key: Path = _opt(Path("var/tls/key.pem"), str, _path)
     generate: bool = _opt(True, bool)
 
 
 @dataclass(frozen=True)
 class AccountsConfig:
-    users: Path = _opt(Path("users"), str, Path)
-    aliases: Path = _opt(Path("aliases"), str, Path)
+    users: Path = _opt(Path("users"), str, _path)
+    aliases: Path = _opt(Path("aliases"), str, _path)
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,7 @@ class DeliveryConfig:
     push_retry: tuple[float, ...] = _list(["5m", "15m", "1h", "4h"], parse_duration)
     push_lifetime: float = _opt(5 * 86400.0, str, parse_duration)
     tls: str = _opt("opportunistic", str, _one_of({"opportunistic", "verify"}))
-    tls_ca: Path | None = _opt(None, str, lambda text: Path(text) if text else None)
+    tls_ca: Path | None = _opt(None, str, lambda text: _path(text) if text else None)
     connect_timeout: float = _opt(30.0, str, parse_duration)
     hooks: tuple[str, ...] = _list([], str)
 

@@ -90,7 +90,7 @@ class Outbound:
         now = self.clock.seconds()
         for entry in self.outbox.entries():
             if entry.id in released and entry.state == NOTIFIED:
-                entry.state, entry.next_attempt = QUEUED, now
+                entry.renotify_at = now
                 self.outbox.update(entry)
             self._push(entry)
         self._arm()
@@ -161,6 +161,8 @@ class Outbound:
         due = entry.expires
         if self.config.delay_warning > 0 and not entry.warned:
             due = min(due, entry.created + self.config.delay_warning)
+        if entry.renotify_at is not None:
+            due = min(due, entry.renotify_at)
         return due
 
     def _push(self, entry: OutboxEntry) -> None:
@@ -181,14 +183,19 @@ class Outbound:
             if entry is None or entry_id in self._in_flight or self._due(entry) != due:
                 continue  # stale heap item: the entry moved on
             if entry.state == QUEUED:
-                self._in_flight.add(entry_id)
-                d = defer.Deferred.fromCoroutine(self._attempt(entry))
-                d.addErrback(lambda f, i=entry_id: log.failure("attempt {id}", f, id=i))
-                d.addBoth(lambda _, i=entry_id: self._attempt_done(i))
+                self._start(entry, self._attempt(entry))
+            elif entry.renotify_at is not None and entry.renotify_at <= now < entry.expires:
+                self._start(entry, self._renotify(entry))
             else:
                 self._check_notified(entry, now)
         if len(self._in_flight) < MAX_ATTEMPTS_IN_FLIGHT:
             self._arm()
+
+    def _start(self, entry: OutboxEntry, attempt) -> None:
+        self._in_flight.add(entry.id)
+        d = defer.Deferred.fromCoroutine(attempt)
+        d.addErrback(lambda f, i=entry.id: log.failure("attempt {id}", f, id=i))
+        d.addBoth(lambda _, i=entry.id: self._attempt_done(i))
 
     def _attempt_done(self, entry_id: str) -> None:
         self._in_flight.discard(entry_id)
@@ -226,7 +233,33 @@ class Outbound:
             return
         self._apply(entry, mode, host, result)
 
-    async def _try_hosts(self, entry: OutboxEntry):
+    async def _renotify(self, entry: OutboxEntry) -> None:
+        """
+        Announce a notified entry again (after a restart or a broken
+        transfer); it stays retrievable meanwhile.  Failures retry on
+        push_retry until the entry expires.
+        """
+        try:
+            _, host, result = await self._try_hosts(entry, pull_only=True)
+            accepted, reason = bool(result.final and result.final.positive), str(result.final)
+        except (_Transient, _Permanent) as e:
+            accepted, reason = False, str(e)
+        if self.outbox.get(entry.id) is not entry:
+            return  # retrieved, deleted or expired meanwhile
+        now = self.clock.seconds()
+        if accepted:
+            entry.renotify_at = None
+        else:
+            entry.attempts += 1
+            delay = self.config.push_retry[min(entry.attempts - 1, len(self.config.push_retry) - 1)]
+            entry.renotify_at = now + delay if now + delay < entry.expires else None
+        log.info("renotified {id} ({queue_id}): {outcome}", id=entry.id,
+                 queue_id=entry.queue_id, outcome="accepted" if accepted else reason,
+                 event="renotified")
+        self.outbox.update(entry)
+        self._push(entry)
+
+    async def _try_hosts(self, entry: OutboxEntry, pull_only: bool = False):
         if self.config.smarthost:
             host, port = self.config.smarthost
             targets = [(host, port)]
@@ -249,7 +282,7 @@ class Outbound:
                 continue
             for address in addresses:
                 try:
-                    mode, result = await self._session(entry, host, address, port)
+                    mode, result = await self._session(entry, host, address, port, pull_only)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
                     log.info("attempt {id} to {host} [{address}] failed: {error}", id=entry.id,
@@ -258,7 +291,8 @@ class Outbound:
                 return mode, host, result
         raise _Transient("; ".join(errors) or "no address for any mail host")
 
-    async def _session(self, entry: OutboxEntry, host: str, address: str, port: int):
+    async def _session(self, entry: OutboxEntry, host: str, address: str, port: int,
+                       pull_only: bool = False):
         connection = await self.connect(address, port)
         try:
             tls = self.client_tls
@@ -276,7 +310,7 @@ class Outbound:
                     size=entry.size if "SIZE" in keywords else None, pipelining=pipelining,
                 )
                 mode = "pull"
-            elif self.config.push_fallback:
+            elif self.config.push_fallback and not pull_only:
                 message = await self.run_blocking(self.outbox.read_message, entry.id)
                 result = await send_transaction(
                     connection, entry.sender, entry.recipients, [message],
@@ -355,7 +389,14 @@ class Outbound:
         for another RETR; a broken transfer (C{result} None) releases the claim.
         """
         if result is None:
+            # SPEC 4 "no false bounce": the receiver may have stored the
+            # message before the link broke, so it must be told again, and
+            # will fetch it again (dropping the duplicate) to let us see 250.
+            log.info("retrieval of {id} by {peer} broke off; notifying again", id=entry.id,
+                     peer=peer, event="retrieval-broken")
             self.outbox.release(entry.id)
+            entry.renotify_at = self.clock.seconds()
+            self.outbox.update(entry)
             self._push(entry)
             self._arm()
             return

@@ -56,6 +56,7 @@ class OutboxEntry:
     body: str | None = None
     smtputf8: bool = False
     origin: str | None = None   # the outside address it was pushed from, if any
+    renotify_at: float | None = None  # a notified entry to announce again
     claimed: bool = field(default=False, compare=False)
 
     def to_json(self) -> bytes:

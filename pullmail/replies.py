@@ -8,9 +8,10 @@ registry of RFC 5248.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
-__all__ = ["Reply"]
+__all__ = ["Reply", "storage_failure"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,10 @@ S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 S553_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 S554_NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 S555_BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter")
+
+
+def storage_failure(error: OSError) -> Reply:
+    """The reply for a failed write: a full disk is 452 4.3.1 (RFC 3463)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return S452_STORAGE_FULL
+    return S451_LOCAL_ERROR

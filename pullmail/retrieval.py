@@ -29,7 +29,7 @@ from pullmail.esmtp.pull import Notify, TurnMachine
 from pullmail.esmtp.server import Deliver, ServerPolicy
 from pullmail.interfaces import ITrustPolicy
 from pullmail.pending import PENDING, RETRIEVED, Notification, PendingStore
-from pullmail.replies import Reply
+from pullmail.replies import Reply, storage_failure
 from pullmail.schedule import retrieval_at
 from pullmail.timers import DueQueue
 
@@ -128,7 +128,12 @@ class Retriever:
         notification.state, notification.attempts = PENDING, 0
         notification.notified_at, notification.peer = now, session.peer
         notification.next_attempt = retrieval_at(0, now, self.schedule)
-        await self.run_blocking(self.store.save, notification)
+        try:
+            await self.run_blocking(self.store.save, notification)
+        except OSError as e:
+            log.error("storing notification {id} failed: {error}", id=request.gdel_id,
+                      error=str(e), event="store-failed")
+            return storage_failure(e)
         log.info("notification {id} from {peer} ({identity}) for {recipients} accepted",
                  id=request.gdel_id, peer=session.peer, identity=identity,
                  recipients=notification.recipients, event="notified")
@@ -348,8 +353,14 @@ class Retriever:
             self._drop(notification, f"schedule used up; last error: {reason}")
             return
         notification.next_attempt = max(when, self.clock.seconds())
-        self.store.save(notification)
-        self._push(notification)
+        log.info("retrieval of {id} from {peer} failed ({reason}); next attempt at {when}",
+                 id=notification.gdel_id, peer=notification.peer, reason=reason,
+                 when=notification.next_attempt, attempts=notification.attempts,
+                 event="retrieval-deferred")
+        d = self.run_blocking(self.store.save, notification)
+        d.addCallback(lambda _: (self._push(notification), self._arm()))
+        d.addErrback(lambda f: log.failure("saving notification {id}", f,
+                                           id=notification.gdel_id))
 
     def _drop(self, notification: Notification, reason: str) -> None:
         log.warn("dropping notification {id} from {peer}: {reason}", id=notification.gdel_id,

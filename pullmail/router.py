@@ -131,7 +131,7 @@ class Router:
                 "storing {queue_id} failed: {error}", queue_id=queue_id, error=str(e),
                 event="store-failed",
             )
-            return replies.S452_STORAGE_FULL if e.errno == 28 else replies.S451_LOCAL_ERROR
+            return replies.storage_failure(e)
         log.info(
             "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
             queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
