@@ -149,6 +149,7 @@ class NodeConfig:
     hostname: str = _opt("localhost", str, _domain)
     domains: tuple[str, ...] = _list(["example.org"], _domain)
     state_dir: Path = _opt(Path("var"), str, _path)
+    log_commands: bool = _opt(False, bool)
 
 
 @dataclass(frozen=True)

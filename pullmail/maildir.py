@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pullmail.durable import fsync_directory, write_new_file
@@ -67,11 +68,18 @@ class MaildirNames:
         )
 
 
-def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
-    """Blocking: write one message into the maildirs of C{addresses}."""
+def place(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
+          known: set[Path]) -> tuple[list[Path], set[Path]]:
+    """
+    Blocking: write one message (fsynced) into the ``new/`` of every
+    mailbox of C{addresses}; return the paths and the directories whose
+    entries still need an fsync.  C{known} remembers maildirs made before.
+    """
     boxes = [mailbox_path(root, a) for a in addresses]
     for box in boxes:
-        ensure_maildir(box)
+        if box not in known:
+            ensure_maildir(box)
+            known.add(box)
     first_tmp = boxes[0] / "tmp" / name
     write_new_file(first_tmp, chunks)
     written = []
@@ -86,27 +94,88 @@ def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[byte
             written.append(target)
         os.rename(first_tmp, boxes[0] / "new" / name)
         written.insert(0, boxes[0] / "new" / name)
-        for directory in {path.parent for path in written}:
-            fsync_directory(directory)
     except BaseException:
         for path in written + [first_tmp]:
             path.unlink(missing_ok=True)
         raise
-    return written
+    return written, {path.parent for path in written}
+
+
+def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
+    """Blocking: write one message durably, directory entries included."""
+    paths, directories = place(root, name, addresses, chunks, set())
+    for directory in directories:
+        fsync_directory(directory)
+    return paths
+
+
+class DirectorySyncs:
+    """
+    Coalesced directory fsyncs: a caller whose rename is done waits for an
+    fsync of the directory that starts after it asked; everyone who asks
+    while one is running shares the next.  Concurrent sessions delivering to
+    one mailbox thus pay one directory fsync per round, not one each
+    (group commit, PERF-NOTES), and each Deferred still fires only once its
+    own entry is durable.
+    """
+
+    def __init__(self, reactor: IReactorThreads, pool) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._running: dict[Path, list[Deferred]] = {}
+        self._next: dict[Path, list[Deferred]] = {}
+
+    def sync(self, directory: Path) -> Deferred:
+        d = Deferred()
+        if directory in self._running:
+            self._next.setdefault(directory, []).append(d)
+        else:
+            self._start(directory, [d])
+        return d
+
+    def _start(self, directory: Path, waiters: list[Deferred]) -> None:
+        self._running[directory] = waiters
+        d = deferToThreadPool(self._reactor, self._pool, fsync_directory, directory)
+        d.addBoth(self._done, directory)
+
+    def _done(self, result, directory: Path) -> None:
+        for waiter in self._running.pop(directory):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+        waiting = self._next.pop(directory, None)
+        if waiting:
+            self._start(directory, waiting)
 
 
 @implementer(IDeliveryAgent)
 class MaildirDelivery:
-    """Delivers to maildirs under C{root}, off the reactor thread."""
+    """
+    Delivers to maildirs under C{root}, off the reactor thread: files are
+    written and fsynced in parallel in the pool, directory fsyncs are
+    coalesced by L{DirectorySyncs}.
+    """
 
     def __init__(self, root: Path, names: MaildirNames, reactor: IReactorThreads, pool) -> None:
         self.root = root
         self._names = names
         self._reactor = reactor
         self._pool = pool
+        self._known: set[Path] = set()
+        self._directories = DirectorySyncs(reactor, pool)
 
     def deliver(self, queue_id: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> Deferred:
         name = self._names.next(queue_id)
-        return deferToThreadPool(
-            self._reactor, self._pool, store, self.root, name, list(addresses), list(chunks)
+        d = deferToThreadPool(self._reactor, self._pool, place, self.root, name,
+                              list(addresses), list(chunks), self._known)
+        return d.addCallback(self._make_durable)
+
+    def _make_durable(self, placed: tuple[list[Path], set[Path]]) -> Deferred:
+        paths, directories = placed
+        synced = gatherResults(
+            [self._directories.sync(directory) for directory in directories],
+            consumeErrors=True,
         )
+        synced.addErrback(lambda failure: failure.value.subFailure)
+        return synced.addCallback(lambda _: paths)

@@ -92,6 +92,7 @@ class SMTPConnection(Protocol):
         self.machine: ServerMachine | None = None
         self._closing = False
         self.performers: Mapping[type, Callable] = {}
+        self.log_commands = False
 
     # -- connection ---------------------------------------------------------
 
@@ -101,6 +102,7 @@ class SMTPConnection(Protocol):
         address = getattr(peer, "host", "unknown")
         self.machine = factory.new_machine(Session(address, factory.service, tls=factory.implicit_tls))
         self.performers = factory.performers
+        self.log_commands = factory.log_commands
         log.info(
             "connection from {peer} on {service}", peer=address, service=factory.service,
             event="connection",
@@ -336,9 +338,9 @@ class SMTPConnection(Protocol):
                 "{peer} {verb}: {reply}", peer=self.machine.session.peer, verb=verb,
                 reply=str(reply), code=reply.code, event="rejected",
             )
-        else:
-            log.debug("{peer} {verb}: {code}", peer=self.machine.session.peer, verb=verb,
-                      code=reply.code, event="command")
+        elif self.log_commands:
+            log.info("{peer} {verb}: {code}", peer=self.machine.session.peer, verb=verb,
+                     code=reply.code, event="command")
 
     def _perform(self, request: object, line: str) -> None:
         performer = self.performers.get(type(request))
@@ -412,7 +414,9 @@ class SMTPServerFactory(Factory):
         implicit_tls: bool = False,
         extensions: tuple = (),
         refuse_connection: Callable[[str], Reply | None] = lambda address: None,
+        log_commands: bool = False,
     ) -> None:
+        self.log_commands = log_commands
         self.policy = policy
         self.clock = clock
         self.limits = limits

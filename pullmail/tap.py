@@ -214,7 +214,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         factory = SMTPServerFactory(
             policy, reactor, limits, config.limits.idle_timeout, performers,
             tls_context=tls_context, implicit_tls=implicit,
-            extensions=pull,
+            extensions=pull, log_commands=config.node.log_commands,
             refuse_connection=failures.refuse_connection if service_name == "smtp"
             else auth_failures.refuse_connection,
         )

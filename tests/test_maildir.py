@@ -46,6 +46,29 @@ class ImmediateThreadPool:
             onResult(True, result)
 
 
+class HeldThreadPool:
+    """Queues work until the test runs it: to see what waits for what."""
+
+    def __init__(self) -> None:
+        self.work = []
+
+    def callInThreadWithCallback(self, onResult, function, *args, **kwargs):
+        self.work.append((onResult, function, args, kwargs))
+
+    def run_next(self, name: str | None = None):
+        """Run the oldest job (of the function called C{name}, if given)."""
+        index = next(i for i, job in enumerate(self.work)
+                     if name is None or job[1].__name__ == name)
+        onResult, function, args, kwargs = self.work.pop(index)
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+        return function
+
+
 class ImmediateReactor:
     """callFromThread runs the call at once."""
 
@@ -193,7 +216,8 @@ class DeliveryTests(SynchronousTestCase):
         paths = self.successResultOf(
             self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
         )
-        self.assertEqual(self.pool.calls, 1)
+        # Both the file write and the directory fsync ran in the pool.
+        self.assertEqual(self.pool.calls, 2)
         [path] = paths
         self.assertEqual(path.parent, self.root / "example.org" / "alice" / "new")
         self.assertIn("_QID.", path.name)
@@ -236,3 +260,57 @@ class DurableTests(SynchronousTestCase):
         with self.assertRaises(FileExistsError):
             durable.write_new_file(path, [b"c"])
         self.assertEqual(path.read_bytes(), b"ab")
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    """Directory fsyncs are shared by deliveries that wait at the same time."""
+
+    def setUp(self):
+        self.root = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root)
+        self.pool = HeldThreadPool()
+        self.delivery = MaildirDelivery(
+            self.root, MaildirNames(Clock(), "mx.example.org", 1), ImmediateReactor(), self.pool
+        )
+        self.synced = []
+        real = durable.fsync_directory
+
+        def recording(path):
+            self.synced.append(path)
+            real(path)
+
+        patcher = mock.patch("pullmail.maildir.fsync_directory", recording)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_waits_for_its_directory_fsync(self):
+        """A delivery fires only after an fsync of its directory that began after its rename."""
+        d = self.delivery.deliver("Q1", ["alice@example.org"], [b"x\r\n"])
+        self.pool.run_next()                      # write + fsync + rename
+        self.assertNoResult(d)
+        self.pool.run_next()                      # the directory fsync
+        self.assertEqual(len(self.successResultOf(d)), 1)
+        self.assertEqual(self.synced, [self.root / "example.org" / "alice" / "new"])
+
+    def test_shared_by_deliveries_waiting_together(self):
+        """
+        Three deliveries renamed while one directory fsync runs share the next
+        one: four messages, two directory fsyncs; none fires early.
+        """
+        first = self.delivery.deliver("Q0", ["alice@example.org"], [b"0\r\n"])
+        self.pool.run_next()                      # Q0 placed; its dir fsync queued
+        later = [self.delivery.deliver(f"Q{n}", ["alice@example.org"], [b"n\r\n"])
+                 for n in (1, 2, 3)]
+        for _ in later:
+            self.pool.run_next("place")           # placed while Q0's fsync runs
+        for d in later:
+            self.assertNoResult(d)
+        self.pool.run_next("recording")           # Q0's directory fsync
+        self.successResultOf(first)
+        for d in later:
+            self.assertNoResult(d)                # their renames came after it began
+        self.pool.run_next()                      # one fsync for all three
+        for d in later:
+            self.successResultOf(d)
+        self.assertEqual(len(self.synced), 2)
+        self.assertEqual(self.pool.work, [])

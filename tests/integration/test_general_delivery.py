@@ -62,6 +62,8 @@ RECORDS = {
 # Short timers for every node (SPEC 5): retrieval and push retries within
 # seconds, a tarpit capped at 2 s, blocking after 4 failed RETRs.
 FAST = {
+    # The no-push proof below reads the per-command log lines.
+    "node": {"log_commands": True},
     "retrieval": {"schedule": ["0s", "2s", "4s", "8s"]},
     "delivery": {"push_retry": ["1s", "2s"], "connect_timeout": "3s"},
     "limits": {"retr_tarpit_max": "2s", "retr_fail_limit": 4, "retr_fail_window": "1h",
