@@ -1,0 +1,551 @@
+"""
+Shared pieces of the benchmarks: process accounting from /proc, the servers
+under test (pullmail via the integration harness, aiosmtpd, a private
+Postfix, smtp-sink), load generators (smtp-source and a small asyncio SMTP
+client) and a byte-counting TCP proxy.
+
+Every address used here is in 127.0.1.1 .. 127.0.1.50.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+
+from tests.integration.harness import DNSServer, Node, wait_until  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+SMTP_SOURCE = shutil.which("smtp-source", path="/usr/sbin:/usr/bin") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink", path="/usr/sbin:/usr/bin") or "/usr/sbin/smtp-sink"
+BENCH_VENV = Path(os.environ.get("PULLMAIL_BENCH_VENV", "/tmp/pullmail-bench-venv"))
+PASSWORD = "bench-password-1"
+
+# Addresses (all of ours are in 127.0.1.1 .. 127.0.1.50)
+DNS_IP = "127.0.1.1"
+GD_SENDER_IP = "127.0.1.2"
+GD_RECEIVER_IP = "127.0.1.3"
+NOTIFY_NODE_IP = "127.0.1.4"
+NOTIFY_CLIENT_IP = "127.0.1.5"
+WIRE_SENDER_IP = "127.0.1.6"
+WIRE_RECEIVER_IP = "127.0.1.7"
+STARTUP_IP = "127.0.1.8"
+PULLMAIL_IP = "127.0.1.10"
+AIOSMTPD_IP = "127.0.1.11"
+POSTFIX_IP = "127.0.1.12"
+SINK_IP = "127.0.1.13"
+IDLE_CLIENT_IPS = [f"127.0.1.{i}" for i in range(30, 40)]
+
+
+# -- /proc --------------------------------------------------------------------------
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime+stime (and cutime+cstime with C{children}) of C{pid}, seconds."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK
+
+
+def status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (by /proc PPid)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = (entry / "stat").read_text()
+                ppid = int(text[text.rindex(")") + 2:].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(parents.get(p, []))
+    return found
+
+
+class RSSSampler:
+    """Samples the summed VmRSS of C{server.pids()} every C{interval} s."""
+
+    def __init__(self, server, interval: float = 0.25) -> None:
+        self.server, self.interval = server, interval
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, sum(pss_kb(p) for p in self.server.pids()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, sum(pss_kb(p) for p in self.server.pids()))
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size (shared pages split between their users), else VmRSS."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return status_kb(pid, "VmRSS")
+
+
+def count_files(folder: Path) -> int:
+    try:
+        with os.scandir(folder) as it:
+            return sum(1 for _ in it)
+    except OSError:
+        return 0
+
+
+# -- statistics ---------------------------------------------------------------------
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return (float("nan"),) * 3
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(values: list[float], digits: int = 0) -> str:
+    med, lo, hi = summary(values)
+    if med != med:
+        return "n/a"
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [f"\n### {title}\n", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    text = "\n".join(out)
+    print(text, flush=True)
+    return text
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    ma, mb = summary(a)[0], summary(b)[0]
+    if not mb or mb != mb or ma != ma:
+        return "n/a"
+    return f"{ma / mb:.2f}×"
+
+
+# -- servers ------------------------------------------------------------------------
+
+class Server:
+    name = "?"
+    address = "?"
+    port = 2525
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in self.pids())
+
+    def delivered(self) -> int:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def dns_server(workdir: Path, records: dict | None = None) -> DNSServer:
+    return DNSServer(workdir / "dns", records or gd_records(), port=5353, address=DNS_IP, ttl=3600)
+
+
+def gd_records() -> dict:
+    def host(domain, ip):
+        return {
+            domain: {"A": [ip], "MX": [[10, f"mx.{domain}"]], "TXT": [f"v=spf1 ip4:{ip} -all"]},
+            f"mx.{domain}": {"A": [ip]},
+        }
+    records = {}
+    for domain, ip in [("s.bench", GD_SENDER_IP), ("r.bench", GD_RECEIVER_IP),
+                       ("n.bench", NOTIFY_NODE_IP), ("spf.bench", NOTIFY_CLIENT_IP),
+                       ("ws.bench", WIRE_SENDER_IP), ("wr.bench", WIRE_RECEIVER_IP),
+                       ("bench.test", PULLMAIL_IP)]:
+        records.update(host(domain, ip))
+    return records
+
+
+def pullmail_node(workdir: Path, name: str, address: str, domain: str, users: list[str],
+                  settings: dict | None = None, dns: DNSServer | None = None,
+                  smtp_port: int = 2525) -> Node:
+    base = {
+        "limits": {"connections": 19000, "connections_per_ip": 19000, "idle_timeout": "10m",
+                   "message_size": "50MB", "pending_per_origin": 10_000_000,
+                   "retrievals_per_minute": 100_000},
+        "delivery": {"connect_timeout": "5s", "push_retry": ["1s", "2s"]},
+        "retrieval": {"schedule": ["0s", "1s", "2s", "5s"]},
+    }
+    if dns is not None:
+        base["dns"] = {"nameservers": [dns.nameserver], "timeout": "3s"}
+    # Twisted's default listen backlog (50) drops handshakes under connection
+    # bursts (the client thinks it is connected and waits for a greeting that
+    # never comes): ask for a real one, as Postfix and aiosmtpd have.
+    base["listen"] = {
+        "smtp": [f"tcp:{smtp_port}:interface={address}:backlog=1024"],
+        "submission": [f"tcp:2587:interface={address}:backlog=1024"],
+        "submissions": [f"tcp:2465:interface={address}:backlog=1024"],
+    }
+    for section, values in (settings or {}).items():
+        base.setdefault(section, {}).update(values)
+    node_dir = workdir / name
+    if node_dir.exists():
+        shutil.rmtree(node_dir)
+    return Node(workdir, name, address, [domain], f"mx.{domain}",
+                users={u: PASSWORD for u in users}, settings=base)
+
+
+class PullmailServer(Server):
+    name = "pullmail"
+
+    def __init__(self, workdir: Path, dns: DNSServer | None, env: dict | None = None) -> None:
+        self.address = PULLMAIL_IP
+        self.node = pullmail_node(workdir, "pullmail", PULLMAIL_IP, "bench.test",
+                                  ["sink@bench.test"], dns=dns)
+        if env:
+            self.node.extra_env.update(env)
+        self.rcpt = "sink@bench.test"
+
+    def start(self):
+        self.node.start(timeout=60)
+
+    def stop(self):
+        self.node.stop()
+
+    def pids(self):
+        return [self.node.pid] if self.node.pid else []
+
+    def delivered(self):
+        return count_files(self.node.maildir(self.rcpt) / "new")
+
+
+class AiosmtpdServer(Server):
+    name = "aiosmtpd"
+
+    def __init__(self, workdir: Path) -> None:
+        self.address = AIOSMTPD_IP
+        self.dir = workdir / "aiosmtpd"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.maildir = self.dir / "Maildir"
+        self.rcpt = "sink@aiosmtpd.bench"
+        self.proc = None
+
+    def start(self):
+        python = BENCH_VENV / "bin" / "python"
+        if not python.exists():
+            raise RuntimeError(f"{python} missing: run bench/setup")
+        self.proc = subprocess.Popen(
+            [str(python), str(BENCH / "peers" / "aiosmtpd_maildir.py"),
+             "--listen", f"{self.address}:{self.port}", "--maildir", str(self.maildir)],
+            stdout=subprocess.PIPE, stderr=open(self.dir / "stderr.log", "ab"),
+            start_new_session=True,
+        )
+        line = self.proc.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError(f"aiosmtpd did not start: {(self.dir / 'stderr.log').read_text()}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def pids(self):
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def delivered(self):
+        return count_files(self.maildir / "new")
+
+
+class SinkServer(Server):
+    name = "smtp-sink"
+
+    def __init__(self, workdir: Path) -> None:
+        self.address = SINK_IP
+        self.dir = workdir / "sink"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rcpt = "sink@sink.bench"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", f"{self.address}:{self.port}", "1024"],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "ab"),
+            start_new_session=True,
+        )
+        wait_until(lambda: _accepts(self.address, self.port), 10, message="smtp-sink to listen")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def pids(self):
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def delivered(self):
+        return None  # stores nothing
+
+
+class PostfixServer(Server):
+    """Postfix from Debian, a private instance with virtual(8) maildir delivery."""
+    name = "postfix"
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.integration.postfix import PostfixInstance, make_workdir, postfix_unavailable
+
+        why = postfix_unavailable()
+        if why:
+            raise RuntimeError(why)
+        self.address = POSTFIX_IP
+        self.rcpt = "sink@postfix.bench"
+        self.instance = PostfixInstance(
+            make_workdir("pullmail-bench-postfix-"), self.address, self.port, "postfix.bench",
+            mailboxes=[self.rcpt], tls=False,
+            extra_main={
+                "default_process_limit": "200",
+                "smtpd_client_connection_count_limit": "0",
+                "smtpd_client_connection_rate_limit": "0",
+                "smtpd_client_message_rate_limit": "0",
+                "virtual_destination_concurrency_limit": "20",
+                "smtpd_tls_security_level": "none",
+                "message_size_limit": "60000000",
+                "virtual_mailbox_limit": "0",
+                "smtpd_recipient_restrictions": "permit",
+            },
+        )
+
+    def start(self):
+        self.instance.start()
+
+    def stop(self):
+        self.instance.stop()
+        shutil.rmtree(self.instance.workdir, ignore_errors=True)
+
+    def pids(self):
+        return self.instance.processes()
+
+    def cpu(self):
+        master = self.instance.master_pid()
+        total = sum(cpu_seconds(p) for p in self.pids() if p != master)
+        if master:
+            total += cpu_seconds(master, children=True)  # reaped children included
+        return total
+
+    def delivered(self):
+        return count_files(self.instance.maildir(self.rcpt) / "new")
+
+
+def _accepts(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+# -- load -----------------------------------------------------------------------------
+
+def smtp_source(server: Server, sessions: int, size: int, count: int, timeout: float = 600):
+    """Run smtp-source; returns wall seconds.  Raises on failure."""
+    argv = [SMTP_SOURCE, "-s", str(sessions), "-l", str(size), "-m", str(count),
+            "-f", "load@source.bench", "-t", server.rcpt, "-M", "source.bench",
+            f"{server.address}:{server.port}"]
+    start = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, timeout=timeout)
+    elapsed = time.monotonic() - start
+    if result.returncode != 0 or result.stderr.strip():
+        raise RuntimeError(f"smtp-source against {server.name}: rc={result.returncode} "
+                           f"{result.stderr.decode(errors='replace')[-800:]}")
+    return elapsed
+
+
+class SMTPClient:
+    """A tiny asyncio SMTP client: enough for submission, GDEL and idle sessions."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+        self.keywords: set[str] = set()
+
+    @classmethod
+    async def connect(cls, host, port, source=None, greeting=True):
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(source, 0) if source else None, limit=1 << 20)
+        client = cls(reader, writer)
+        if greeting:
+            await client.reply()
+        return client
+
+    async def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"".join(lines).decode(errors="replace")
+
+    async def command(self, line: str, expect: int | tuple = None) -> tuple[int, str]:
+        self.writer.write(line.encode() + b"\r\n")
+        code, text = await self.reply()
+        if expect is not None and code not in ((expect,) if isinstance(expect, int) else expect):
+            raise RuntimeError(f"{line!r} -> {text!r}")
+        return code, text
+
+    async def ehlo(self, name="client.bench"):
+        code, text = await self.command(f"EHLO {name}", 250)
+        self.keywords = {l[4:].split()[0].upper() for l in text.splitlines() if len(l) > 4}
+
+    async def starttls(self):
+        await self.command("STARTTLS", 220)
+        context = ssl._create_unverified_context()
+        await self.writer.start_tls(context)
+
+    async def login(self, user, password):
+        import base64
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        await self.command(f"AUTH PLAIN {token}", 235)
+
+    async def sendmail(self, sender, rcpt, data: bytes):
+        await self.command(f"MAIL FROM:<{sender}>", 250)
+        await self.command(f"RCPT TO:<{rcpt}>", 250)
+        await self.command("DATA", 354)
+        self.writer.write(data + b".\r\n")
+        code, text = await self.reply()
+        if code != 250:
+            raise RuntimeError(f"end of data -> {text!r}")
+
+    async def quit(self):
+        with contextlib.suppress(Exception):
+            await self.command("QUIT")
+        self.writer.close()
+
+
+def make_message(size: int, tag: str = "") -> bytes:
+    """A message of about C{size} bytes, CRLF lines of 76 characters."""
+    head = (f"From: alice@s.bench\r\nTo: bob@r.bench\r\nSubject: bench {tag}\r\n"
+            f"Message-ID: <{secrets.token_hex(8)}@bench>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\n").encode()
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+# -- a byte-counting proxy ---------------------------------------------------------------
+
+class CountingProxy:
+    """
+    Listens on C{listen} and forwards to C{target}, connecting out *from the
+    client's own source address* so the server still sees the real peer
+    (SPF, destined-host checks).  Counts bytes both ways, connections, and
+    round trips: how often the flow turns from client->server to
+    server->client (a reply after a request).
+    """
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self.listen, self.target = listen, target
+        self.reset()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def reset(self):
+        self.up = self.down = self.connections = self.turns = 0
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._handle, *self.listen, reuse_address=True))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader, writer):
+        source = writer.get_extra_info("peername")[0]
+        try:
+            r2, w2 = await asyncio.open_connection(*self.target, local_addr=(source, 0))
+        except OSError:
+            writer.close()
+            return
+        self.connections += 1
+        state = {"last": None}
+
+        async def pipe(src, dst, up: bool):
+            try:
+                while True:
+                    data = await src.read(65536)
+                    if not data:
+                        break
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                        if state["last"] == "up":
+                            self.turns += 1
+                    state["last"] = "up" if up else "down"
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+        await asyncio.gather(pipe(reader, w2, True), pipe(r2, writer, False))
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -1,0 +1,291 @@
+"""
+3. Scale curves, in-process on the real classes: MaildirOutbox.load(),
+get(), a RETR lookup through PickupCounter (get + destined-host check +
+claim rename), an expiry pass through Outbound._wake on a task.Clock, node
+start-up time with the outbox on disk, and the Retriever's scheduler with
+many pending notifications.
+
+Synthetic outboxes are cached in $PULLMAIL_BENCH_CACHE (default
+/tmp/pullmail-bench-cache) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from twisted.internet import defer, task
+
+from common import PASSWORD, STARTUP_IP, fmt, pullmail_node, status_kb, table
+from pullmail.config import DeliveryConfig
+from pullmail.delivery import Outbound
+from pullmail.envelope import Session
+from pullmail.esmtp.pull import Retrieve
+from pullmail.outbox import NOTIFIED, MaildirOutbox, OutboxEntry
+from pullmail.pending import Notification, PendingStore, PENDING
+from pullmail.pickup import PickupCounter
+from pullmail.retrieval import Retriever
+from pullmail.throttle import FailureTracker
+
+CACHE = Path(os.environ.get("PULLMAIL_BENCH_CACHE", "/tmp/pullmail-bench-cache"))
+EXPIRE = 200          # entries expired in one measured pass (3 passes), whatever N
+PEER = "127.0.1.40"   # the "destined host" the fake resolver names
+BODY = b"From: a@x\r\nTo: b@y\r\nSubject: s\r\n\r\nhello\r\n"
+DAY = 86400.0
+
+
+def _entry(gid: str, expires: float) -> OutboxEntry:
+    return OutboxEntry(id=gid, queue_id=secrets.token_hex(8).upper(), sender="alice@s.bench",
+                       domain="far.bench", recipients=["bob@far.bench"], created=expires - 2 * DAY,
+                       size=len(BODY), state=NOTIFIED, notified_at=expires - 2 * DAY,
+                       expires=expires)
+
+
+def _write_entry(root: Path, entry: OutboxEntry) -> None:
+    for path, data in ((root / "entries" / f"{entry.id}.json", entry.to_json()),
+                       (root / "data" / f"{entry.id}.eml", BODY)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+
+
+def outbox_dataset(n: int, log) -> tuple[Path, float]:
+    """A folder with n NOTIFIED entries expiring at base+0 .. base+n-1 (s)."""
+    root = CACHE / f"outbox-{n}"
+    stamp = root / "READY"
+    if stamp.exists():
+        base = float(stamp.read_text())
+        if base > time.time() + 7 * DAY and len(os.listdir(root / "entries")) == n:
+            return root, base
+    log(f"creating a synthetic outbox of {n} entries in {root}")
+    if root.exists():
+        os.system(f"rm -rf '{root}'")
+    for sub in ("entries", "data", "claimed", "tmp"):
+        (root / sub).mkdir(parents=True)
+    base = time.time() + 30 * DAY
+    t = time.monotonic()
+    for i in range(n):
+        _write_entry(root, _entry(secrets.token_urlsafe(24), base + i))
+    os.sync()
+    stamp.write_text(repr(base))
+    log(f"  created in {time.monotonic() - t:.1f}s")
+    return root, base
+
+
+class FakeResolver:
+    def mx(self, domain):
+        return defer.succeed([(10, f"mx.{domain}")])
+
+    def addresses(self, host):
+        return defer.succeed([PEER])
+
+
+def _measure_outbox(n: int, log) -> dict:
+    root, base = outbox_dataset(n, log)
+    out = {}
+    outbox = MaildirOutbox(root)
+    t = time.perf_counter()
+    outbox.load()
+    out["load_s"] = time.perf_counter() - t
+    ids = list(outbox._index)
+    rng = random.Random(1)
+    sample = [rng.choice(ids) for _ in range(100_000)]
+    t = time.perf_counter()
+    for gid in sample:
+        outbox.get(gid)
+    out["get_ns"] = (time.perf_counter() - t) / len(sample) * 1e9
+
+    # RETR lookup: PickupCounter.retrieve up to the claim (a rename), then release
+    clock = task.Clock()
+    clock.advance(base - DAY)
+    pickup = PickupCounter(outbox, None, FakeResolver(), clock,
+                           FailureTracker(clock, 10, 3600, 3600, 30), None)
+    lookups = [rng.choice(ids) for _ in range(2000)]
+    times = []
+    for gid in lookups:
+        request = Retrieve(Session(PEER, "smtp", helo="mx.far.bench", esmtp=True), gid)
+        t = time.perf_counter()
+        d = defer.Deferred.fromCoroutine(pickup.retrieve(request))
+        times.append(time.perf_counter() - t)
+        result = []
+        d.addBoth(result.append)
+        if getattr(result[0], "code", 250) != 250 and not hasattr(result[0], "reply"):
+            raise RuntimeError(f"RETR lookup gave {result[0]!r}")
+        outbox.release(gid)
+    out["retr_us"] = statistics.median(times) * 1e6
+    out["retr_mean_us"] = statistics.mean(times) * 1e6
+
+    # expiry: an Outbound on a Clock; start() (load + heap), then a pass expiring EXPIRE entries
+    warm = 50
+    rounds = 3
+    expiring = sorted(outbox._index.values(), key=lambda e: e.expires)[:warm + rounds * EXPIRE]
+    saved = [(e, outbox.read_message(e.id)) for e in expiring]
+    clock = task.Clock()
+    clock.advance(base - DAY)
+    bounces = []
+    outbound = Outbound(outbox=MaildirOutbox(root), resolver=FakeResolver(), connect=None,
+                        clock=clock, run_blocking=None, hostname="mx.s.bench",
+                        config=DeliveryConfig(), send_bounce=lambda s, m: bounces.append(s))
+    t = time.perf_counter()
+    outbound.start()
+    out["start_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    outbound._wake()             # nothing due: the idle cost of a wake
+    out["idle_wake_us"] = (time.perf_counter() - t) * 1e6
+    # time spent in the filesystem (read the message for the DSN, two unlinks)
+    fs = [0.0]
+    real_remove, real_read = outbound.outbox.remove, outbound.outbox.read_message
+
+    def timed(function):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                fs[0] += time.perf_counter() - t0
+        return wrapper
+
+    outbound.outbox.remove, outbound.outbox.read_message = timed(real_remove), timed(real_read)
+    _stop_timer(outbound)        # else advance() would run the pass itself
+    clock.advance(base + warm - 0.5 - clock.seconds())
+    outbound._wake()             # warm-up pass (imports, first DSN), not timed
+    totals, cpus = [], []
+    for r in range(rounds):
+        _stop_timer(outbound)
+        clock.advance(base + warm + (r + 1) * EXPIRE - 0.5 - clock.seconds())
+        fs[0] = 0.0
+        t = time.perf_counter()
+        outbound._wake()
+        elapsed = time.perf_counter() - t
+        totals.append(elapsed / EXPIRE * 1e6)
+        cpus.append((elapsed - fs[0]) / EXPIRE * 1e6)
+    if len(bounces) != warm + rounds * EXPIRE:
+        raise RuntimeError(f"expiry passes bounced {len(bounces)}, expected {warm + rounds * EXPIRE}")
+    out["expiry_us"] = statistics.median(totals)
+    out["expiry_cpu_us"] = statistics.median(cpus)
+    outbound.stop()
+    for entry, body in saved:   # put the dataset back
+        _write_entry(root, entry)
+    return out
+
+
+def _measure_startup(n: int, workdir: Path, dns, log) -> tuple[float, float]:
+    root, _ = outbox_dataset(n, log)
+    node = pullmail_node(workdir, f"startup-{n}", STARTUP_IP, "st.bench", [], dns=dns)
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    os.symlink(root, node.state_dir / "outbox")
+    t = time.monotonic()
+    node.start(timeout=900)
+    elapsed = time.monotonic() - t
+    rss = status_kb(node.pid, "VmRSS") / 1024
+    node.stop()
+    return elapsed, rss
+
+
+def _measure_scheduler(n: int, peers: int = 200) -> dict:
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    store = PendingStore(Path("/nonexistent"))
+    for i in range(n):
+        store._remember(Notification(
+            gdel_id=secrets.token_urlsafe(24), origin="s.bench", peer=f"10.0.{i % peers // 250}.{i % peers % 250}",
+            helo="mx.s.bench", sender="a@s.bench", recipients=["b@r.bench"],
+            notified_at=clock.seconds() - 10, next_attempt=clock.seconds() - 10 + (i % 7)))
+    hanging = []
+
+    def connect(address, port):
+        d = defer.Deferred()
+        hanging.append(d)
+        return d
+
+    retriever = Retriever(store=store, trust=None, connect=connect, clock=clock, run_blocking=None,
+                          hostname="mx.r.bench", schedule=(0.0, 600.0), remote_port=2525,
+                          keep_for=2 * DAY, pending_per_origin=10**9, policy=None,
+                          per_minute=10**9, deliver=None)
+    t = time.perf_counter()
+    for notification in store:
+        retriever._push(notification)
+    push_s = time.perf_counter() - t
+    t = time.perf_counter()
+    retriever._wake()          # 20 peers start; the rest of the due notifications wait
+    first = time.perf_counter() - t
+    _stop_timer(retriever)
+    wakes = []
+    for _ in range(20):         # one peer finishes; the scheduler looks again
+        peer = next(iter(retriever._busy_peers))
+        retriever._busy_peers.discard(peer)
+        t = time.perf_counter()
+        retriever._wake()
+        wakes.append(time.perf_counter() - t)
+        _stop_timer(retriever)
+    return {"push_us": push_s / n * 1e6, "first_ms": first * 1e3,
+            "wake_ms": statistics.median(wakes) * 1e3}
+
+
+def _stop_timer(obj) -> None:
+    """Cancel the owner's pending wake-up, whichever timer layout it has."""
+    queue = getattr(obj, "_due_queue", None)
+    if queue is not None:
+        queue.stop()
+    timer = getattr(obj, "_timer", None)
+    if timer is not None and timer.active():
+        timer.cancel()
+
+
+def run(args, workdir, log) -> None:
+    sizes = [s for s in (1000, 10_000, 100_000, 1_000_000) if s <= args.scale_max]
+    res = {}
+    for n in sizes:
+        log(f"scale: outbox of {n}")
+        res[n] = _measure_outbox(n, log)
+    startup = {}
+    dns = None
+    for n in sizes:
+        times, rss = [], 0
+        for _ in range(1 if n >= 1_000_000 or args.quick else 3):
+            elapsed, rss = _measure_startup(n, workdir, dns, log)
+            times.append(elapsed)
+        startup[n] = (times, rss)
+        log(f"scale: startup with {n}: {min(times):.2f}s")
+    rows = []
+    for n in sizes:
+        r = res[n]
+        rows.append([f"{n:,}", f"{r['load_s']:.2f}", f"{r['load_s'] / n * 1e6:.1f}",
+                     f"{r['get_ns']:.0f}", f"{r['retr_us']:.1f}", f"{r['start_s']:.2f}",
+                     f"{r['idle_wake_us']:.1f}", f"{r['expiry_us']:.0f}", f"{r['expiry_cpu_us']:.0f}",
+                     fmt(startup[n][0], 2), f"{startup[n][1]:.0f}"])
+    table("3. Outbox scale (warm page cache; RETR lookup = PickupCounter.retrieve with a fake "
+          "resolver: get + destined check + claim rename, median; expiry = one Outbound._wake "
+          f"expiring {EXPIRE} entries incl. DSN + unlinks, median of 3; '…w/o file I/O' excludes reading the message and the unlinks)",
+          ["entries", "load() s", "load µs/entry", "get() ns", "RETR lookup µs",
+           "Outbound.start() s", "idle wake µs", "expiry µs/entry", "…w/o file I/O", "node startup s", "node RSS MB"],
+          rows)
+    lo, hi = sizes[0], sizes[-1]
+    rows = [
+        [f"RETR lookup {hi:,}/{lo:,}", f"{res[hi]['retr_us'] / res[lo]['retr_us']:.2f}", "≤ 1.2"],
+        [f"get() {hi:,}/{lo:,}", f"{res[hi]['get_ns'] / res[lo]['get_ns']:.2f}", "≤ 1.2"],
+        [f"expiry per entry {hi:,}/{lo:,}", f"{res[hi]['expiry_us'] / res[lo]['expiry_us']:.2f}", "≤ 1.2"],
+        [f"expiry per entry w/o file I/O {hi:,}/{lo:,}",
+         f"{res[hi]['expiry_cpu_us'] / res[lo]['expiry_cpu_us']:.2f}", "≤ 1.2"],
+        [f"load per entry {hi:,}/{lo:,}",
+         f"{(res[hi]['load_s'] / hi) / (res[lo]['load_s'] / lo):.2f}", "(flat)"],
+    ]
+    if 100_000 in startup:
+        rows.append(["node startup with 100,000 entries", f"{statistics.median(startup[100_000][0]):.2f} s", "< 5 s"])
+    table("3. Scale ratios", ["measure", "value", "target"], rows)
+
+    rows = []
+    for n in [s for s in (1000, 10_000, 100_000) if s <= max(args.scale_max, 100_000)]:
+        r = _measure_scheduler(n)
+        rows.append([f"{n:,}", f"{r['push_us']:.2f}", f"{r['first_ms']:.1f}", f"{r['wake_ms']:.2f}",
+                     f"{r['wake_ms'] * 1000 / n:.3f}"])
+        log(f"scheduler {n}: wake {r['wake_ms']:.2f} ms")
+    table("3. Retrieval scheduler (Retriever._wake on a Clock; all notifications due, 200 notifying "
+          "peers, 20 connections busy; a later wake = after one peer finishes)",
+          ["pending", "heap push µs/notif", "first wake ms", "later wake ms", "later wake µs / pending"],
+          rows)
