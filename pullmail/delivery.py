@@ -42,8 +42,10 @@ __all__ = ["Outbound"]
 
 log = Logger(namespace="pullmail.delivery")
 
-# Concurrent outbound attempts; more would only contend for the uplink.
-MAX_ATTEMPTS_IN_FLIGHT = 20
+# Concurrent outbound sessions; more would only contend for the uplink.
+MAX_SESSIONS = 20
+# Due entries of one domain sent over one connection, one after another.
+ENTRIES_PER_SESSION = 50
 
 
 class _Transient(Exception):
@@ -81,6 +83,7 @@ class Outbound:
         self.sender_authorised = sender_authorised
         self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
+        self._sessions = 0
 
     # -- life cycle -----------------------------------------------------------
 
@@ -175,30 +178,40 @@ class Outbound:
 
     def _wake(self) -> None:
         now = self.clock.seconds()
+        attempts: dict[str, list[OutboxEntry]] = {}
         while self._due_queue.due_now(now):
-            if len(self._in_flight) >= MAX_ATTEMPTS_IN_FLIGHT:
+            if self._sessions + len(attempts) >= MAX_SESSIONS:
                 break
             due, entry_id = self._due_queue.pop()
             entry = self.outbox.get(entry_id)
             if entry is None or entry_id in self._in_flight or self._due(entry) != due:
                 continue  # stale heap item: the entry moved on
             if entry.state == QUEUED:
-                self._start(entry, self._attempt(entry))
+                # Due entries of one domain share a connection (and its TLS).
+                group = attempts.setdefault(entry.domain, [])
+                group.append(entry)
+                if len(group) >= ENTRIES_PER_SESSION:
+                    self._start(attempts.pop(entry.domain), self._attempt(group))
             elif entry.renotify_at is not None and entry.renotify_at <= now < entry.expires:
-                self._start(entry, self._renotify(entry))
+                self._start([entry], self._renotify(entry))
             else:
                 self._check_notified(entry, now)
-        if len(self._in_flight) < MAX_ATTEMPTS_IN_FLIGHT:
+        for group in attempts.values():
+            self._start(group, self._attempt(group))
+        if self._sessions < MAX_SESSIONS:
             self._arm()
 
-    def _start(self, entry: OutboxEntry, attempt) -> None:
-        self._in_flight.add(entry.id)
+    def _start(self, entries: list[OutboxEntry], attempt) -> None:
+        self._sessions += 1
+        ids = [entry.id for entry in entries]
+        self._in_flight.update(ids)
         d = defer.Deferred.fromCoroutine(attempt)
-        d.addErrback(lambda f, i=entry.id: log.failure("attempt {id}", f, id=i))
-        d.addBoth(lambda _, i=entry.id: self._attempt_done(i))
+        d.addErrback(lambda f: log.failure("attempt {ids}", f, ids=ids))
+        d.addBoth(lambda _: self._attempt_done(ids))
 
-    def _attempt_done(self, entry_id: str) -> None:
-        self._in_flight.discard(entry_id)
+    def _attempt_done(self, ids: list[str]) -> None:
+        self._sessions -= 1
+        self._in_flight.difference_update(ids)
         self._arm()
 
     # -- notified entries: expiry and delay warnings ------------------------------
@@ -220,18 +233,26 @@ class Outbound:
 
     # -- one attempt --------------------------------------------------------------
 
-    async def _attempt(self, entry: OutboxEntry) -> None:
-        entry.attempts += 1
+    async def _attempt(self, entries: list[OutboxEntry]) -> None:
+        """One session to the domain of C{entries}: notify or push each."""
+        for entry in entries:
+            entry.attempts += 1
         try:
-            mode, host, result = await self._try_hosts(entry)
+            host, outcomes = await self._try_hosts(entries)
         except _Permanent as e:
-            self._bounce(entry, entry.recipients, "5.1.2", None, str(e))
-            self.outbox.remove(entry.id)
+            for entry in entries:
+                self._bounce(entry, entry.recipients, "5.1.2", None, str(e))
+                self.outbox.remove(entry.id)
             return
         except _Transient as e:
-            self._retry_later(entry, str(e))
+            for entry in entries:
+                self._retry_later(entry, str(e))
             return
-        self._apply(entry, mode, host, result)
+        for entry, mode, result in outcomes:
+            if isinstance(result, Exception):
+                self._retry_later(entry, f"{result.__class__.__name__}: {result}")
+            else:
+                self._apply(entry, mode, host, result)
 
     async def _renotify(self, entry: OutboxEntry) -> None:
         """
@@ -240,7 +261,9 @@ class Outbound:
         push_retry until the entry expires.
         """
         try:
-            _, host, result = await self._try_hosts(entry, pull_only=True)
+            _, [(_, _, result)] = await self._try_hosts([entry], pull_only=True)
+            if isinstance(result, Exception):
+                raise _Transient(str(result))
             accepted, reason = bool(result.final and result.final.positive), str(result.final)
         except (_Transient, _Permanent) as e:
             accepted, reason = False, str(e)
@@ -259,19 +282,25 @@ class Outbound:
         self.outbox.update(entry)
         self._push(entry)
 
-    async def _try_hosts(self, entry: OutboxEntry, pull_only: bool = False):
+    async def _try_hosts(self, entries: list[OutboxEntry], pull_only: bool = False):
+        """
+        Open a session with the first mail host that answers, in preference
+        order, and run every entry's transaction over it.  Returns the host
+        and, per entry, (entry, mode, result or the exception that broke it).
+        """
+        domain = entries[0].domain
         if self.config.smarthost:
             host, port = self.config.smarthost
             targets = [(host, port)]
         else:
             try:
-                hosts = await mail_hosts(self.resolver, entry.domain)
+                hosts = await mail_hosts(self.resolver, domain)
             except DNSPermanentError as e:
-                raise _Permanent(f"domain {entry.domain} does not exist") from e
+                raise _Permanent(f"domain {domain} does not exist") from e
             except DNSTemporaryError as e:
                 raise _Transient(f"DNS: {e}") from e
             if not hosts:
-                raise _Permanent(f"domain {entry.domain} accepts no mail (null MX)")
+                raise _Permanent(f"domain {domain} accepts no mail (null MX)")
             targets = [(host, self.config.remote_port) for host in hosts]
         errors = []
         for host, port in targets:
@@ -282,18 +311,20 @@ class Outbound:
                 continue
             for address in addresses:
                 try:
-                    mode, result = await self._session(entry, host, address, port, pull_only)
+                    outcomes = await self._session(entries, host, address, port, pull_only)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
-                    log.info("attempt {id} to {host} [{address}] failed: {error}", id=entry.id,
-                             host=host, address=address, error=str(e), event="attempt")
+                    log.info("session for {domain} with {host} [{address}] failed: {error}",
+                             domain=domain, host=host, address=address, error=str(e),
+                             event="attempt")
                     continue
-                return mode, host, result
+                return host, outcomes
         raise _Transient("; ".join(errors) or "no address for any mail host")
 
-    async def _session(self, entry: OutboxEntry, host: str, address: str, port: int,
-                       pull_only: bool = False):
+    async def _session(self, entries: list[OutboxEntry], host: str, address: str, port: int,
+                       pull_only: bool = False) -> list:
         connection = await self.connect(address, port)
+        outcomes: list = []
         try:
             tls = self.client_tls
             keywords = await open_session(
@@ -303,27 +334,35 @@ class Outbound:
             log.info("session with {host} [{address}]: {tls}", host=host, address=address,
                      tls=("TLS, certificate verified" if tls and tls.required else "TLS")
                      if "_TLS" in keywords else "no TLS (not offered)", event="tls-outcome")
-            pipelining = "PIPELINING" in keywords
-            if "GDEL" in keywords:
-                result = await send_notification(
-                    connection, entry.sender, entry.recipients, entry.id,
-                    size=entry.size if "SIZE" in keywords else None, pipelining=pipelining,
-                )
-                mode = "pull"
-            elif self.config.push_fallback and not pull_only:
-                message = await self.run_blocking(self.outbox.read_message, entry.id)
-                result = await send_transaction(
-                    connection, entry.sender, entry.recipients, [message],
-                    size=entry.size if "SIZE" in keywords else None,
-                    body=entry.body if "8BITMIME" in keywords else None,
-                    pipelining=pipelining,
-                )
-                mode = "push"
-            else:
+            pull = "GDEL" in keywords
+            if not pull and (pull_only or not self.config.push_fallback):
                 raise _TransientPeer("peer does not offer GDEL and push_fallback is off")
+            for index, entry in enumerate(entries):
+                try:
+                    result = await self._transaction(connection, keywords, entry, pull)
+                except Exception as e:
+                    # The connection broke: this entry and the rest try again later.
+                    outcomes.extend((rest, None, e) for rest in entries[index:])
+                    break
+                outcomes.append((entry, "pull" if pull else "push", result))
         finally:
             connection.quit()
-        return mode, result
+        return outcomes
+
+    async def _transaction(self, connection, keywords: dict, entry: OutboxEntry,
+                           pull: bool) -> TransactionResult:
+        pipelining = "PIPELINING" in keywords
+        size = entry.size if "SIZE" in keywords else None
+        if pull:
+            return await send_notification(
+                connection, entry.sender, entry.recipients, entry.id, size=size,
+                pipelining=pipelining,
+            )
+        message = await self.run_blocking(self.outbox.read_message, entry.id)
+        return await send_transaction(
+            connection, entry.sender, entry.recipients, [message], size=size,
+            body=entry.body if "8BITMIME" in keywords else None, pipelining=pipelining,
+        )
 
     def _apply(self, entry: OutboxEntry, mode: str, host: str, result: TransactionResult) -> None:
         now = self.clock.seconds()

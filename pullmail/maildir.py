@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pullmail.durable import fsync_directory, write_new_file
+from pullmail.durable import DirectorySyncs, fsync_directory, write_new_file
 from pullmail.interfaces import IDeliveryAgent
 
 __all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir"]
@@ -107,46 +107,6 @@ def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[byte
     for directory in directories:
         fsync_directory(directory)
     return paths
-
-
-class DirectorySyncs:
-    """
-    Coalesced directory fsyncs: a caller whose rename is done waits for an
-    fsync of the directory that starts after it asked; everyone who asks
-    while one is running shares the next.  Concurrent sessions delivering to
-    one mailbox thus pay one directory fsync per round, not one each
-    (group commit, PERF-NOTES), and each Deferred still fires only once its
-    own entry is durable.
-    """
-
-    def __init__(self, reactor: IReactorThreads, pool) -> None:
-        self._reactor = reactor
-        self._pool = pool
-        self._running: dict[Path, list[Deferred]] = {}
-        self._next: dict[Path, list[Deferred]] = {}
-
-    def sync(self, directory: Path) -> Deferred:
-        d = Deferred()
-        if directory in self._running:
-            self._next.setdefault(directory, []).append(d)
-        else:
-            self._start(directory, [d])
-        return d
-
-    def _start(self, directory: Path, waiters: list[Deferred]) -> None:
-        self._running[directory] = waiters
-        d = deferToThreadPool(self._reactor, self._pool, fsync_directory, directory)
-        d.addBoth(self._done, directory)
-
-    def _done(self, result, directory: Path) -> None:
-        for waiter in self._running.pop(directory):
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
-        waiting = self._next.pop(directory, None)
-        if waiting:
-            self._start(directory, waiting)
 
 
 @implementer(IDeliveryAgent)

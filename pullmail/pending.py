@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pullmail import record
-from pullmail.durable import write_atomically
+from pullmail.durable import replace_file, write_atomically
 
 __all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
 
@@ -118,6 +118,16 @@ class PendingStore:
     def save(self, notification: Notification) -> None:
         """Blocking: write the record durably, then index it."""
         write_atomically(self.root / f"{notification.key}.json", notification.to_json())
+        self._remember(notification)
+
+    def write(self, notification: Notification) -> None:
+        """
+        Blocking: write the record, fsynced, but not yet its directory
+        entry; call L{remember} once the directory is fsynced too.
+        """
+        replace_file(self.root / f"{notification.key}.json", notification.to_json())
+
+    def remember(self, notification: Notification) -> None:
         self._remember(notification)
 
     def remove(self, notification: Notification) -> None:

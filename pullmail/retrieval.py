@@ -37,8 +37,9 @@ __all__ = ["Retriever"]
 
 log = Logger(namespace="pullmail.retrieval")
 
-# Connections (one per notifying address) retrieving at once.
+# Retrieval connections open at once, in all and to one notifying address.
 MAX_CONNECTIONS = 20
+CONNECTIONS_PER_PEER = 4
 
 
 class Retriever:
@@ -61,7 +62,9 @@ class Retriever:
         client_tls=None,
         resolver=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
+        directory_syncs=None,
     ) -> None:
+        self.directory_syncs = directory_syncs
         self.store = store
         self.resolver = resolver
         self.sender_authorised = sender_authorised
@@ -80,7 +83,11 @@ class Retriever:
         self.deliver = deliver
         self.client_tls = client_tls
         self._due_queue = DueQueue(clock, self._wake)
-        self._busy_peers: set[str] = set()
+        self._held: dict[str, deque[Notification]] = {}   # due, waiting for a connection
+        self._held_keys: set[str] = set()
+        self._connections: dict[str, int] = {}            # open, per peer
+        self._open = 0
+        self._dispatching = self._dispatch_again = False
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -129,7 +136,7 @@ class Retriever:
         notification.notified_at, notification.peer = now, session.peer
         notification.next_attempt = retrieval_at(0, now, self.schedule)
         try:
-            await self.run_blocking(self.store.save, notification)
+            await self._save(notification)
         except OSError as e:
             log.error("storing notification {id} failed: {error}", id=request.gdel_id,
                       error=str(e), event="store-failed")
@@ -140,6 +147,18 @@ class Retriever:
         self._push(notification)
         self._arm()
         return self._accepted(request.gdel_id)
+
+    async def _save(self, notification: Notification) -> None:
+        """
+        Store a record durably; concurrent saves share the fsync of the
+        pending folder (group commit) when a L{DirectorySyncs} is given.
+        """
+        if self.directory_syncs is None:
+            await self.run_blocking(self.store.save, notification)
+            return
+        await self.run_blocking(self.store.write, notification)
+        await self.directory_syncs.sync(self.store.root)
+        self.store.remember(notification)
 
     @staticmethod
     def _accepted(gdel_id: str) -> Reply:
@@ -174,41 +193,74 @@ class Retriever:
         return bool(found)
 
     def _wake(self) -> None:
+        """Move due notifications to their peer's line; open connections."""
         now = self.clock.seconds()
-        due_by_peer: dict[str, list[Notification]] = {}
-        deferred: list[tuple[float, str]] = []
         while self._due_queue.due_now(now):
             due, key = self._due_queue.pop()
             notification = self.store.by_key(key)
-            if notification is None or self._due(notification) != due:
+            if notification is None or self._due(notification) != due or key in self._held_keys:
                 continue
             if notification.state == RETRIEVED:
                 self.store.remove(notification)
                 continue
-            if notification.peer in self._busy_peers or (
-                len(self._busy_peers) + len(due_by_peer) >= MAX_CONNECTIONS
-                and notification.peer not in due_by_peer
-            ):
-                deferred.append((due, key))
-                continue
             next_slot = self._rate_limited(notification.peer, now)
             if next_slot is not None:
                 notification.next_attempt = next_slot
-                deferred.append((next_slot, key))
+                self._push(notification)
                 continue
-            due_by_peer.setdefault(notification.peer, []).append(notification)
-        for due, key in deferred:
-            self._due_queue.add(due, key)
+            self._held.setdefault(notification.peer, deque()).append(notification)
+            self._held_keys.add(key)
         self._forget_quiet_peers(now)
-        for peer, notifications in due_by_peer.items():
-            self._busy_peers.add(peer)
-            d = defer.Deferred.fromCoroutine(self._retrieve_from(peer, notifications))
-            d.addErrback(lambda f, p=peer: log.failure("retrieval from {peer}", f, peer=p))
-            d.addBoth(lambda _, p=peer: self._peer_done(p))
-        if any(key_due <= now for key_due, _ in deferred):
-            # Busy peers are retried when their connection ends.
-            return
+        self._dispatch()
         self._arm()
+
+    def _dispatch(self) -> None:
+        """
+        Give held notifications connections: up to CONNECTIONS_PER_PEER per
+        peer, MAX_CONNECTIONS in all, the line of a peer shared evenly
+        between its free connections.  Costs O(peers), not O(notifications).
+        A connection that ends at once asks again; that is done here, after
+        this pass, not inside it.
+        """
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._dispatch_once()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_once(self) -> None:
+        for peer in list(self._held):
+            held = self._held[peer]
+            while held and self._open < MAX_CONNECTIONS and (
+                self._connections.get(peer, 0) < CONNECTIONS_PER_PEER
+            ):
+                free = CONNECTIONS_PER_PEER - self._connections.get(peer, 0)
+                take = -(-len(held) // free)
+                batch = []
+                while held and len(batch) < take:
+                    notification = held.popleft()
+                    self._held_keys.discard(notification.key)
+                    if self.store.by_key(notification.key) is notification and (
+                        notification.state == PENDING
+                    ):
+                        batch.append(notification)
+                if batch:
+                    self._connect_to(peer, batch)
+            if not held:
+                self._held.pop(peer, None)
+
+    def _connect_to(self, peer: str, batch: list[Notification]) -> None:
+        self._open += 1
+        self._connections[peer] = self._connections.get(peer, 0) + 1
+        d = defer.Deferred.fromCoroutine(self._retrieve_from(peer, batch))
+        d.addErrback(lambda f: log.failure("retrieval from {peer}", f, peer=peer))
+        d.addBoth(lambda _: self._peer_done(peer))
 
     def _rate_limited(self, peer: str, now: float) -> float | None:
         """
@@ -229,7 +281,11 @@ class Retriever:
             del self._recent[peer]
 
     def _peer_done(self, peer: str) -> None:
-        self._busy_peers.discard(peer)
+        self._open -= 1
+        left = self._connections.pop(peer) - 1
+        if left:
+            self._connections[peer] = left
+        self._dispatch()
         self._arm()
 
     # -- one connection ------------------------------------------------------------------
@@ -335,7 +391,7 @@ class Retriever:
             if reply.positive:
                 notification.state = RETRIEVED
                 notification.keep_until = self.clock.seconds() + self.keep_for
-                await self.run_blocking(self.store.save, notification)
+                await self._save(notification)
                 log.info("retrieved {id} from {peer}", id=notification.gdel_id,
                          peer=notification.peer, event="retrieved")
                 self._push(notification)
@@ -357,7 +413,7 @@ class Retriever:
                  id=notification.gdel_id, peer=notification.peer, reason=reason,
                  when=notification.next_attempt, attempts=notification.attempts,
                  event="retrieval-deferred")
-        d = self.run_blocking(self.store.save, notification)
+        d = defer.Deferred.fromCoroutine(self._save(notification))
         d.addCallback(lambda _: (self._push(notification), self._arm()))
         d.addErrback(lambda f: log.failure("saving notification {id}", f,
                                            id=notification.gdel_id))

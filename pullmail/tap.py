@@ -27,6 +27,7 @@ from pullmail.accounts import Accounts, AccountsError
 from pullmail.auth import Authenticator, make_portal
 from pullmail.control import SOCKET_NAME, ControlFactory
 from pullmail.delivery import Outbound
+from pullmail.durable import DirectorySyncs
 from pullmail.dns import Resolver, make_dnspython_resolver
 from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
 from pullmail.esmtp.server import Authenticate, CheckPush, CheckSender, Deliver, ServerPolicy
@@ -87,6 +88,19 @@ def load_config(path: str | None, overrides=()) -> configuration.Config:
     for option, value in overrides:
         config = configuration.override(config, option, value)
     return config
+
+
+# Twisted's listen backlog is 50; a burst of connecting peers beyond it is
+# dropped by the kernel before pullmail sees it.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A tcp endpoint string gets ``backlog=LISTEN_BACKLOG`` unless it has one."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 class ThreadPoolService(service.Service):
@@ -180,6 +194,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
+        directory_syncs=DirectorySyncs(reactor, disk_pool),
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME
@@ -220,7 +235,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         )
         wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
         for description in getattr(config.listen, service_name):
-            endpoint = endpoints.serverFromString(reactor, description)
+            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
             listener = StreamServerEndpointService(endpoint, wrapped)
             listener._raiseSynchronously = True
             listener.setServiceParent(node)

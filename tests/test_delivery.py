@@ -549,3 +549,19 @@ def test_delay_warning(tmp_path) -> None:
     assert len(world.bounces) == 2
     assert b"Action: failed" in world.bounces[1][1]
     assert world.outbox.get(entry.id) is None
+
+
+def test_due_entries_of_one_domain_share_a_connection(tmp_path) -> None:
+    """
+    Messages for one domain that fall due together go over one connection,
+    one transaction each (and one TLS handshake in real life), not one
+    connection apiece.
+    """
+    world = World(tmp_path)
+    for n in range(3):
+        result_of(world.outbound.enqueue(f"QID{n}", SENDER, [BOB], MESSAGE))
+    world.settle()
+    assert world.attempts_to(MX1) == 1
+    assert sorted(n.gdel_id for n in world.peer.notifications) == sorted(
+        e.id for e in world.outbox.entries())
+    assert {e.state for e in world.outbox.entries()} == {NOTIFIED}

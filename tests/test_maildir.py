@@ -279,7 +279,7 @@ class DirectorySyncTests(SynchronousTestCase):
             self.synced.append(path)
             real(path)
 
-        patcher = mock.patch("pullmail.maildir.fsync_directory", recording)
+        patcher = mock.patch("pullmail.durable.fsync_directory", recording)
         patcher.start()
         self.addCleanup(patcher.stop)
 
