@@ -314,9 +314,9 @@ class Outbound:
                     outcomes = await self._session(entries, host, address, port, pull_only)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
-                    log.info("session for {domain} with {host} [{address}] failed: {error}",
-                             domain=domain, host=host, address=address, error=str(e),
-                             event="attempt")
+                    log.info("session for {domain} ({ids}) with {host} [{address}] failed: "
+                             "{error}", domain=domain, ids=" ".join(e.id for e in entries),
+                             host=host, address=address, error=str(e), event="attempt")
                     continue
                 return host, outcomes
         raise _Transient("; ".join(errors) or "no address for any mail host")

@@ -438,10 +438,12 @@ class SMTPServerFactory(Factory):
 class ClientConnection(SMTPConnection):
     """An outbound connection: starts in the client role, idle-timed."""
 
-    def __init__(self, clock: IReactorTime, timeout: float, performers: Mapping = {}) -> None:
+    def __init__(self, clock: IReactorTime, timeout: float, performers: Mapping = {},
+                 log_commands: bool = False) -> None:
         super().__init__()
         self._client_clock, self._client_timeout = clock, timeout
         self.performers = performers
+        self.log_commands = log_commands
 
     def connectionMade(self) -> None:
         self.become_client()
@@ -461,7 +463,8 @@ class Connector:
     """
 
     def __init__(self, reactor, clock: IReactorTime, bind_address: str,
-                 connect_timeout: float, idle_timeout: float) -> None:
+                 connect_timeout: float, idle_timeout: float, log_commands: bool = False) -> None:
+        self._log_commands = log_commands
         self._reactor = reactor
         self._clock = clock
         self._bind = bind_address
@@ -475,6 +478,6 @@ class Connector:
         bind = (self._bind, 0) if self._bind else None
         endpoint = kind(self._reactor, address, port, timeout=self._connect_timeout,
                         bindAddress=bind)
-        return connectProtocol(
-            endpoint, ClientConnection(self._clock, self._idle_timeout, performers)
-        )
+        return connectProtocol(endpoint, ClientConnection(
+            self._clock, self._idle_timeout, performers, self._log_commands,
+        ))

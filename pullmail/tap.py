@@ -161,7 +161,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
     router = Router(hostname, accounts, delivery, reactor, hooks=hooks)
     connect = Connector(reactor, reactor, config.delivery.bind_address,
-                        config.delivery.connect_timeout, config.limits.idle_timeout)
+                        config.delivery.connect_timeout, config.limits.idle_timeout,
+                        config.node.log_commands)
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)

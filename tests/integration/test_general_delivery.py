@@ -327,8 +327,8 @@ def test_notification_retried_while_receiver_is_down(net):
     queue_id, gdel_id = send(sender, token)
 
     # No answer at 127.0.0.3: deferred, and tried again on push_retry.
-    sender.wait_log(rf"attempt {gdel_id} to mx\.receiver\.test \[{re.escape(RECEIVER_IP)}\] "
-                    r"failed", 10)
+    sender.wait_log(rf"session for receiver\.test \({gdel_id}\) with mx\.receiver\.test "
+                    rf"\[{re.escape(RECEIVER_IP)}\] failed", 10)
     wait_until(lambda: count(sender, rf"deferred {gdel_id} ") >= 2, 10,
                message=lambda: "two deferrals\n" + sender.diagnostics())
     assert position(sender, rf"pull attempt {gdel_id}") == -1
