@@ -83,6 +83,7 @@ class Outbound:
         self.sender_authorised = sender_authorised
         self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
+        self._renotifying: set[str] = set()   # in flight, but still retrievable
         self._sessions = 0
 
     # -- life cycle -----------------------------------------------------------
@@ -146,6 +147,13 @@ class Outbound:
                 self._push(entry)
         self._arm()
 
+    def in_flight(self, entry_id: str) -> bool:
+        """
+        Whether an attempt that may change the entry (its notification or
+        push) is under way; a mere re-notification does not count.
+        """
+        return entry_id in self._in_flight and entry_id not in self._renotifying
+
     def delete(self, entry_id: str) -> bool:
         """Drop an entry without bouncing it (``pullmail queue --delete``)."""
         entry = self.outbox.get(entry_id)
@@ -193,6 +201,7 @@ class Outbound:
                 if len(group) >= ENTRIES_PER_SESSION:
                     self._start(attempts.pop(entry.domain), self._attempt(group))
             elif entry.renotify_at is not None and entry.renotify_at <= now < entry.expires:
+                self._renotifying.add(entry.id)
                 self._start([entry], self._renotify(entry))
             else:
                 self._check_notified(entry, now)
@@ -212,6 +221,7 @@ class Outbound:
     def _attempt_done(self, ids: list[str]) -> None:
         self._sessions -= 1
         self._in_flight.difference_update(ids)
+        self._renotifying.difference_update(ids)
         self._arm()
 
     # -- notified entries: expiry and delay warnings ------------------------------
@@ -249,10 +259,17 @@ class Outbound:
                 self._retry_later(entry, str(e))
             return
         for entry, mode, result in outcomes:
-            if isinstance(result, Exception):
-                self._retry_later(entry, f"{result.__class__.__name__}: {result}")
-            else:
-                self._apply(entry, mode, host, result)
+            if entry.id not in self._in_flight:
+                continue  # applied as soon as its own reply came
+            self._finish(entry, mode, host, result)
+
+    def _finish(self, entry: OutboxEntry, mode: str | None, host: str, result) -> None:
+        """Record one entry's outcome; it is no longer in flight."""
+        self._in_flight.discard(entry.id)
+        if isinstance(result, Exception):
+            self._retry_later(entry, f"{result.__class__.__name__}: {result}")
+        else:
+            self._apply(entry, mode, host, result)
 
     async def _renotify(self, entry: OutboxEntry) -> None:
         """
@@ -344,7 +361,12 @@ class Outbound:
                     # The connection broke: this entry and the rest try again later.
                     outcomes.extend((rest, None, e) for rest in entries[index:])
                     break
-                outcomes.append((entry, "pull" if pull else "push", result))
+                mode = "pull" if pull else "push"
+                outcomes.append((entry, mode, result))
+                if not pull_only:
+                    # At once, not after the session: the receiver may send
+                    # RETR for this id while we notify the next one.
+                    self._finish(entry, mode, host, result)
         finally:
             connection.quit()
         return outcomes

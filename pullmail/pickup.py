@@ -21,7 +21,6 @@ from pullmail.dns import DNSPermanentError, DNSTemporaryError, mail_host_address
 from pullmail.esmtp.client import send_transaction
 from pullmail.esmtp.pull import Retrieve
 from pullmail.esmtp.server import Reverse
-from pullmail.outbox import NOTIFIED
 from pullmail.replies import Reply
 from pullmail.throttle import FailureTracker
 
@@ -48,8 +47,10 @@ class PickupCounter:
         peer, gdel_id = request.session.peer, request.gdel_id
         entry = self.outbox.get(gdel_id)
         now = self.clock.seconds()
-        if entry is None or entry.state != NOTIFIED or (entry.expires or 0) <= now:
-            return await self._refuse(peer, gdel_id, "unknown or not notified")
+        # A queued entry is served too: its notification may have been taken
+        # with the reply lost, and only a notification could reveal the id.
+        if entry is None or (entry.expires is not None and entry.expires <= now):
+            return await self._refuse(peer, gdel_id, "unknown or expired")
         try:
             destined = await mail_host_addresses(self.resolver, entry.domain)
         except DNSTemporaryError as e:
@@ -60,6 +61,8 @@ class PickupCounter:
             destined = []
         if peer not in destined:
             return await self._refuse(peer, gdel_id, f"not an MX of {entry.domain}")
+        if self.outbound.in_flight(gdel_id):
+            return replies.S451_IN_PROGRESS
         claimed = self.outbox.claim(gdel_id)
         if claimed is None:
             return replies.S451_IN_PROGRESS

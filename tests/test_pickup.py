@@ -85,6 +85,10 @@ class FailureTrackerTests(SynchronousTestCase):
 class RecordingOutbound:
     def __init__(self) -> None:
         self.finished: list = []
+        self.busy: set[str] = set()
+
+    def in_flight(self, entry_id) -> bool:
+        return entry_id in self.busy
 
     def retrieval_finished(self, entry, result, peer) -> None:
         self.finished.append((entry, result, peer))
@@ -163,10 +167,21 @@ class PickupCounterTests(SynchronousTestCase):
         self.assertRefusedAfter(self.retr(peer=MX_ADDRESS), 1.0)
         self.assertIsInstance(self.successResultOf(self.retr(peer="192.0.2.77")), Reverse)
 
-    def test_not_notified(self) -> None:
-        """An entry still queued (never notified) is not handed out."""
+    def test_queued_entry_served_to_destined_host(self) -> None:
+        """
+        An entry still queued (its GDEL reply lost, or not yet recorded) is
+        handed to a destined host: only our notification could reveal its id,
+        and a 550 would make the receiver drop it (SPEC 4: never lost).
+        """
         self.outbox.update(make_entry(id=GDEL_ID, state=QUEUED, expires=None))
-        self.assertRefusedAfter(self.retr(), 1.0)
+        self.assertIsInstance(self.successResultOf(self.retr()), Reverse)
+
+    def test_entry_being_attempted_is_in_progress(self) -> None:
+        """While an outbound attempt for the entry runs, RETR is 451 4.3.0."""
+        self.counter.outbound.busy.add(GDEL_ID)
+        reply = self.successResultOf(self.retr())
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+        self.assertFalse(self.outbox.get(GDEL_ID).claimed)
 
     def test_expired(self) -> None:
         self.clock.advance(4000)
