@@ -15,6 +15,7 @@ entries cost nothing until they are due.
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -44,8 +45,10 @@ log = Logger(namespace="pullmail.delivery")
 
 # Concurrent outbound sessions; more would only contend for the uplink.
 MAX_SESSIONS = 20
-# Due entries of one domain sent over one connection, one after another.
-ENTRIES_PER_SESSION = 50
+# Connections open to one domain at once, and the entries a session takes
+# from the domain's line at a time.
+SESSIONS_PER_DOMAIN = 4
+ENTRIES_PER_TAKE = 10
 
 
 class _Transient(Exception):
@@ -84,7 +87,9 @@ class Outbound:
         self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
         self._renotifying: set[str] = set()   # in flight, but still retrievable
+        self._lines: dict[str, deque[OutboxEntry]] = {}   # due, waiting for a session
         self._sessions = 0
+        self._domain_sessions: dict[str, int] = {}
 
     # -- life cycle -----------------------------------------------------------
 
@@ -185,43 +190,72 @@ class Outbound:
         self._due_queue.arm()
 
     def _wake(self) -> None:
+        """Due entries join their domain's line; sessions take from it."""
         now = self.clock.seconds()
-        attempts: dict[str, list[OutboxEntry]] = {}
         while self._due_queue.due_now(now):
-            if self._sessions + len(attempts) >= MAX_SESSIONS:
-                break
             due, entry_id = self._due_queue.pop()
             entry = self.outbox.get(entry_id)
             if entry is None or entry_id in self._in_flight or self._due(entry) != due:
                 continue  # stale heap item: the entry moved on
             if entry.state == QUEUED:
-                # Due entries of one domain share a connection (and its TLS).
-                group = attempts.setdefault(entry.domain, [])
-                group.append(entry)
-                if len(group) >= ENTRIES_PER_SESSION:
-                    self._start(attempts.pop(entry.domain), self._attempt(group))
+                self._in_flight.add(entry_id)
+                self._lines.setdefault(entry.domain, deque()).append(entry)
             elif entry.renotify_at is not None and entry.renotify_at <= now < entry.expires:
                 self._renotifying.add(entry.id)
-                self._start([entry], self._renotify(entry))
+                self._in_flight.add(entry.id)
+                self._start(None, self._renotify(entry), [entry.id])
             else:
                 self._check_notified(entry, now)
-        for group in attempts.values():
-            self._start(group, self._attempt(group))
-        if self._sessions < MAX_SESSIONS:
-            self._arm()
+        self._dispatch()
+        self._arm()
 
-    def _start(self, entries: list[OutboxEntry], attempt) -> None:
+    def _dispatch(self) -> None:
+        """
+        Open sessions for the domains with a line: up to SESSIONS_PER_DOMAIN
+        each, MAX_SESSIONS in all.  A session keeps taking entries from its
+        domain's line until it is empty, so a stream of messages for one
+        domain shares a few connections (and their TLS handshakes).
+        """
+        for domain in list(self._lines):
+            while self._lines.get(domain) and self._sessions < MAX_SESSIONS and (
+                self._domain_sessions.get(domain, 0) < SESSIONS_PER_DOMAIN
+            ):
+                batch = self._take(domain)
+                if batch:
+                    self._start(domain, self._attempt(batch), [e.id for e in batch])
+            if not self._lines.get(domain):
+                self._lines.pop(domain, None)
+
+    def _take(self, domain: str) -> list[OutboxEntry]:
+        """Up to ENTRIES_PER_TAKE entries from C{domain}'s line, counted as attempts."""
+        line = self._lines.get(domain)
+        batch: list[OutboxEntry] = []
+        while line and len(batch) < ENTRIES_PER_TAKE:
+            entry = line.popleft()
+            if self.outbox.get(entry.id) is entry and entry.state == QUEUED and not entry.claimed:
+                entry.attempts += 1
+                batch.append(entry)
+            else:
+                self._in_flight.discard(entry.id)
+        return batch
+
+    def _start(self, domain: str | None, attempt, ids: list[str]) -> None:
         self._sessions += 1
-        ids = [entry.id for entry in entries]
-        self._in_flight.update(ids)
+        if domain is not None:
+            self._domain_sessions[domain] = self._domain_sessions.get(domain, 0) + 1
         d = defer.Deferred.fromCoroutine(attempt)
         d.addErrback(lambda f: log.failure("attempt {ids}", f, ids=ids))
-        d.addBoth(lambda _: self._attempt_done(ids))
+        d.addBoth(lambda _: self._attempt_done(domain, ids))
 
-    def _attempt_done(self, ids: list[str]) -> None:
+    def _attempt_done(self, domain: str | None, ids: list[str]) -> None:
         self._sessions -= 1
+        if domain is not None:
+            left = self._domain_sessions.pop(domain) - 1
+            if left:
+                self._domain_sessions[domain] = left
         self._in_flight.difference_update(ids)
         self._renotifying.difference_update(ids)
+        self._dispatch()
         self._arm()
 
     # -- notified entries: expiry and delay warnings ------------------------------
@@ -245,8 +279,6 @@ class Outbound:
 
     async def _attempt(self, entries: list[OutboxEntry]) -> None:
         """One session to the domain of C{entries}: notify or push each."""
-        for entry in entries:
-            entry.attempts += 1
         try:
             host, outcomes = await self._try_hosts(entries)
         except _Permanent as e:
@@ -354,19 +386,24 @@ class Outbound:
             pull = "GDEL" in keywords
             if not pull and (pull_only or not self.config.push_fallback):
                 raise _TransientPeer("peer does not offer GDEL and push_fallback is off")
-            for index, entry in enumerate(entries):
+            pending = list(entries)
+            while pending:
+                entry = pending.pop(0)
                 try:
                     result = await self._transaction(connection, keywords, entry, pull)
                 except Exception as e:
                     # The connection broke: this entry and the rest try again later.
-                    outcomes.extend((rest, None, e) for rest in entries[index:])
+                    outcomes.extend((rest, None, e) for rest in [entry] + pending)
                     break
                 mode = "pull" if pull else "push"
                 outcomes.append((entry, mode, result))
-                if not pull_only:
-                    # At once, not after the session: the receiver may send
-                    # RETR for this id while we notify the next one.
-                    self._finish(entry, mode, host, result)
+                if pull_only:
+                    continue
+                # At once, not after the session: the receiver may send RETR
+                # for this id while we notify the next one.
+                self._finish(entry, mode, host, result)
+                if not pending:
+                    pending = self._take(entry.domain)
         finally:
             connection.quit()
         return outcomes

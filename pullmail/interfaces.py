@@ -48,6 +48,9 @@ class IOutbox(Interface):
     def update(entry):
         """Persist a changed entry durably (blocking)."""
 
+    def flushed(entry_id):
+        """A Deferred firing once the entry's pending writes are on disk."""
+
     def claim(entry_id):
         """Take the entry for one retrieval: the entry, or None if taken."""
 

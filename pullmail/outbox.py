@@ -19,18 +19,23 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pullmail import record
-from pullmail.durable import fsync_directory, write_atomically, write_new_file
+from pullmail.durable import fsync_directory, replace_file, write_atomically, write_new_file
 from pullmail.ids import is_gdel_id
 from pullmail.interfaces import IOutbox
 
 __all__ = ["OutboxEntry", "MaildirOutbox", "QUEUED", "NOTIFIED"]
+
+log = Logger(namespace="pullmail.outbox")
 
 RECORD_VERSION = 1
 QUEUED = "queued"        # an attempt (push or notification) is due at next_attempt
@@ -67,12 +72,26 @@ class OutboxEntry:
         return record.load(cls, data, RECORD_VERSION)
 
 
+def _unlink_all(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 @implementer(IOutbox)
 class MaildirOutbox:
     """The default outbox: files in one folder, claims by rename."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, run_blocking=None) -> None:
+        """
+        With C{run_blocking} (a pool runner returning Deferreds), state
+        changes are written off the reactor thread: the index changes at
+        once, the files follow in order per entry (L{flushed} waits for
+        them).  Without it every method does its I/O before returning.
+        """
         self.root = root
+        self._run = run_blocking
+        self._operations: dict[str, deque] = {}
+        self._flush_waiters: dict[str, list[Deferred]] = {}
         self._data = root / "data"
         self._entries = root / "entries"
         self._claimed = root / "claimed"
@@ -142,20 +161,66 @@ class MaildirOutbox:
         self._index[entry.id] = entry
 
     def update(self, entry: OutboxEntry) -> None:
-        """Persist a changed entry (claimed or not)."""
-        self._write(entry)
+        """
+        Persist a changed entry (claimed or not).  The record is replaced
+        whole and fsynced; its directory is not: losing the rename in a
+        crash brings back the previous state, which every transition of an
+        entry tolerates (a notification is sent again, and deduplicated).
+        """
         self._index[entry.id] = entry
+        folder = self._claimed if entry.claimed else self._entries
+        self._in_order(entry.id, replace_file, folder / f"{entry.id}.json", entry.to_json())
 
     def _write(self, entry: OutboxEntry) -> None:
         folder = self._claimed if entry.claimed else self._entries
         write_atomically(folder / f"{entry.id}.json", entry.to_json())
 
+    # -- the per-entry order of disk operations --------------------------------
+
+    def _in_order(self, entry_id: str, function, *args) -> None:
+        if self._run is None:
+            function(*args)
+            return
+        queue = self._operations.get(entry_id)
+        if queue is None:
+            queue = self._operations[entry_id] = deque()
+        queue.append((function, args))
+        if len(queue) == 1:
+            self._next_operation(entry_id)
+
+    def _next_operation(self, entry_id: str) -> None:
+        function, args = self._operations[entry_id][0]
+        d = self._run(function, *args)
+        d.addErrback(lambda f: log.failure("outbox write for {id}", f, id=entry_id))
+        d.addBoth(lambda _: self._operation_done(entry_id))
+
+    def _operation_done(self, entry_id: str) -> None:
+        queue = self._operations[entry_id]
+        queue.popleft()
+        if queue:
+            self._next_operation(entry_id)
+            return
+        del self._operations[entry_id]
+        for waiter in self._flush_waiters.pop(entry_id, []):
+            waiter.callback(None)
+
+    def flushed(self, entry_id: str) -> Deferred:
+        """Fires once every disk operation queued for the entry is done."""
+        if entry_id not in self._operations:
+            return succeed(None)
+        waiter = Deferred()
+        self._flush_waiters.setdefault(entry_id, []).append(waiter)
+        return waiter
+
     # -- claims (a rename each; cheap enough for the reactor thread) ---------
 
     def claim(self, entry_id: str) -> OutboxEntry | None:
-        """Take the entry for one retrieval; None if someone else has it."""
+        """
+        Take the entry for one retrieval; None if someone else has it.  Wait
+        for L{flushed} first: the rename must find the entry's latest file.
+        """
         entry = self._index.get(entry_id)
-        if entry is None or entry.claimed:
+        if entry is None or entry.claimed or entry_id in self._operations:
             return None
         try:
             os.rename(self._entries / f"{entry_id}.json", self._claimed / f"{entry_id}.json")
@@ -168,8 +233,9 @@ class MaildirOutbox:
         entry = self._index.get(entry_id)
         if entry is None or not entry.claimed:
             return
-        os.rename(self._claimed / f"{entry_id}.json", self._entries / f"{entry_id}.json")
         entry.claimed = False
+        self._in_order(entry_id, os.rename, self._claimed / f"{entry_id}.json",
+                       self._entries / f"{entry_id}.json")
 
     def remove(self, entry_id: str) -> None:
         """Forget an entry: delivered, bounced or expired."""
@@ -177,5 +243,5 @@ class MaildirOutbox:
         if entry is None:
             return
         folder = self._claimed if entry.claimed else self._entries
-        (folder / f"{entry_id}.json").unlink(missing_ok=True)
-        self.message_path(entry_id).unlink(missing_ok=True)
+        self._in_order(entry_id, _unlink_all, folder / f"{entry_id}.json",
+                       self.message_path(entry_id))

@@ -63,6 +63,7 @@ class PickupCounter:
             return await self._refuse(peer, gdel_id, f"not an MX of {entry.domain}")
         if self.outbound.in_flight(gdel_id):
             return replies.S451_IN_PROGRESS
+        await self.outbox.flushed(gdel_id)
         claimed = self.outbox.claim(gdel_id)
         if claimed is None:
             return replies.S451_IN_PROGRESS

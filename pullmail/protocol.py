@@ -119,6 +119,7 @@ class SMTPConnection(Protocol):
             self.transport.write(refusal.render())
             self.transport.loseConnection()
             return
+        self.no_delay()
         self.start_timer(factory.clock, factory.idle_timeout)
         self.send_reply(self.machine.greeting())
 
@@ -150,6 +151,17 @@ class SMTPConnection(Protocol):
             self.transport.loseConnection()
             return
         self.close(replies.S421_TIMEOUT)
+
+    def no_delay(self) -> None:
+        """
+        TCP_NODELAY: SMTP is a dialogue of small writes, and a reply followed
+        at once by a command (the end of a reversed turn, then the next RETR)
+        would otherwise wait ~40 ms for the peer's delayed ACK (Nagle).
+        """
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (tests, UNIX sockets)
 
     def start_timer(self, clock: IReactorTime, timeout: float) -> None:
         self._clock, self._timeout = clock, timeout
@@ -447,6 +459,7 @@ class ClientConnection(SMTPConnection):
 
     def connectionMade(self) -> None:
         self.become_client()
+        self.no_delay()
         self.start_timer(self._client_clock, self._client_timeout)
 
     def quit(self) -> None:

@@ -40,6 +40,8 @@ log = Logger(namespace="pullmail.retrieval")
 # Retrieval connections open at once, in all and to one notifying address.
 MAX_CONNECTIONS = 20
 CONNECTIONS_PER_PEER = 4
+# Notifications an open connection takes from its peer's line at a time.
+RETRS_PER_TAKE = 10
 
 
 class Retriever:
@@ -240,20 +242,24 @@ class Retriever:
             while held and self._open < MAX_CONNECTIONS and (
                 self._connections.get(peer, 0) < CONNECTIONS_PER_PEER
             ):
-                free = CONNECTIONS_PER_PEER - self._connections.get(peer, 0)
-                take = -(-len(held) // free)
-                batch = []
-                while held and len(batch) < take:
-                    notification = held.popleft()
-                    self._held_keys.discard(notification.key)
-                    if self.store.by_key(notification.key) is notification and (
-                        notification.state == PENDING
-                    ):
-                        batch.append(notification)
+                batch = self._take(peer, -(-len(held) // CONNECTIONS_PER_PEER))
                 if batch:
                     self._connect_to(peer, batch)
             if not held:
                 self._held.pop(peer, None)
+
+    def _take(self, peer: str, count: int) -> list[Notification]:
+        """Up to C{count} still-pending notifications from C{peer}'s line."""
+        held = self._held.get(peer)
+        batch: list[Notification] = []
+        while held and len(batch) < count:
+            notification = held.popleft()
+            self._held_keys.discard(notification.key)
+            if self.store.by_key(notification.key) is notification and (
+                notification.state == PENDING
+            ):
+                batch.append(notification)
+        return batch
 
     def _connect_to(self, peer: str, batch: list[Notification]) -> None:
         self._open += 1
@@ -346,6 +352,9 @@ class Retriever:
             while remaining:
                 await self._retrieve_one(connection, address, remaining[0], "_TLS" in keywords)
                 remaining.pop(0)
+                if not remaining and address == notifications[0].peer:
+                    # Keep the connection busy while the peer's line is not empty.
+                    remaining.extend(self._take(address, RETRS_PER_TAKE))
             connection.quit()
         except Exception as e:
             log.info("retrieval from {peer} broke off: {error}", peer=address, error=str(e),

@@ -166,7 +166,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
-    outbox = MaildirOutbox(state / "outbox")
+    outbox = MaildirOutbox(state / "outbox", run_blocking)
     outbound = Outbound(
         outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,

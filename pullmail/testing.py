@@ -154,6 +154,9 @@ class MemoryOutbox:
         self.disk["entries"][entry.id] = entry.to_json()
         self._index[entry.id] = entry
 
+    def flushed(self, entry_id: str) -> defer.Deferred:
+        return defer.succeed(None)
+
     def claim(self, entry_id: str) -> OutboxEntry | None:
         entry = self._index.get(entry_id)
         if entry is None or entry.claimed or entry_id in self.disk["claimed"]:

@@ -269,3 +269,57 @@ def test_claim_lost_race_on_disk(tmp_path) -> None:
     assert one.claim(ID1) is not None
     assert two.claim(ID1) is None
     assert not two.get(ID1).claimed
+
+
+class HeldRunner:
+    """A run_blocking whose work waits until the test runs it, in order."""
+
+    def __init__(self) -> None:
+        self.work: list = []
+
+    def __call__(self, function, *args):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.work.append((function, args, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.work:
+            function, args, d = self.work.pop(0)
+            d.callback(function(*args))
+
+
+def test_async_updates_keep_their_order_and_gate_claims(tmp_path) -> None:
+    """
+    With a pool runner, the index changes at once and the files follow in
+    order per entry; a claim waits for them (a rename must find the latest
+    file), and a removal queued behind an update leaves nothing behind.
+    """
+    runner = HeldRunner()
+    outbox = MaildirOutbox(tmp_path / "outbox", runner)
+    outbox.load()
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    entry = outbox.get(ID1)
+    entry.state = NOTIFIED
+    entry.expires = 100.0
+    outbox.update(entry)
+    assert outbox.get(ID1).state == NOTIFIED            # the index: at once
+    on_disk = json.loads((tmp_path / "outbox" / "entries" / f"{ID1}.json").read_bytes())
+    assert on_disk["state"] == QUEUED                   # the file: not yet
+    flushed = outbox.flushed(ID1)
+    assert not flushed.called
+    assert outbox.claim(ID1) is None                    # not while a write is pending
+    runner.run_all()
+    assert flushed.called
+    on_disk = json.loads((tmp_path / "outbox" / "entries" / f"{ID1}.json").read_bytes())
+    assert on_disk["state"] == NOTIFIED
+    assert outbox.claim(ID1) is entry
+    outbox.release(ID1)
+    entry.attempts = 5
+    outbox.update(entry)
+    outbox.remove(ID1)
+    runner.run_all()
+    assert list((tmp_path / "outbox" / "entries").iterdir()) == []
+    assert list((tmp_path / "outbox" / "claimed").iterdir()) == []
+    assert list((tmp_path / "outbox" / "data").iterdir()) == []
