@@ -239,6 +239,12 @@ class Outbound:
                 self._in_flight.discard(entry.id)
         return batch
 
+    def _untake(self, domain: str, entries: list[OutboxEntry]) -> None:
+        """Give entries back, untried and uncounted, to the front of the line."""
+        for entry in reversed(entries):
+            entry.attempts -= 1
+            self._lines.setdefault(domain, deque()).appendleft(entry)
+
     def _start(self, domain: str | None, attempt, ids: list[str]) -> None:
         self._sessions += 1
         if domain is not None:
@@ -253,7 +259,9 @@ class Outbound:
             left = self._domain_sessions.pop(domain) - 1
             if left:
                 self._domain_sessions[domain] = left
-        self._in_flight.difference_update(ids)
+        # Entries handed back to the line are still on their way.
+        waiting = {entry.id for entry in self._lines.get(domain, ())}
+        self._in_flight.difference_update(set(ids) - waiting)
         self._renotifying.difference_update(ids)
         self._dispatch()
         self._arm()
@@ -402,6 +410,12 @@ class Outbound:
                 # At once, not after the session: the receiver may send RETR
                 # for this id while we notify the next one.
                 self._finish(entry, mode, host, result)
+                if result.refused(permanent=False) or (
+                    result.final is not None and result.final.transient
+                ):
+                    # The peer is struggling: leave the rest to new sessions.
+                    self._untake(entry.domain, pending)
+                    break
                 if not pending:
                     pending = self._take(entry.domain)
         finally:
