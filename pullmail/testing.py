@@ -276,6 +276,19 @@ class FakeNetwork:
             moved_any = True
         raise AssertionError("the network never went quiet")
 
+
+    def settle(self) -> None:
+        """Run the clock's due calls and move bytes until nothing happens."""
+        for _ in range(100):
+            self.clock.advance(0)
+            if not self.flush():
+                return
+        raise AssertionError("never settled")
+
+    def advance(self, seconds: float) -> None:
+        """Let C{seconds} pass on the clock, then settle."""
+        self.clock.advance(seconds)
+        self.settle()
     def open_connections(self) -> int:
         return len(self.pumps)
 
