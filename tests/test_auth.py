@@ -1,0 +1,85 @@
+"""
+AUTH backend: the twisted.cred checker over the users file, and the
+throttling of addresses that keep failing.  Deterministic: task.Clock.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from pullmail import replies
+from pullmail.accounts import Accounts, hash_password
+from pullmail.auth import AccountsChecker, Authenticator, make_portal
+from pullmail.esmtp.server import Authenticate
+from pullmail.throttle import FailureTracker
+
+
+def run_blocking(function, *args):
+    return defer.maybeDeferred(function, *args)
+
+
+ACCOUNTS = Accounts(frozenset({"example.org"}),
+                    users={"alice@example.org": hash_password("secret", salt=b"s" * 16)})
+
+
+def connection(peer: str):
+    return SimpleNamespace(machine=SimpleNamespace(session=SimpleNamespace(peer=peer)))
+
+
+class CheckerTests(SynchronousTestCase):
+    def test_interface(self):
+        """The checker is a twisted.cred ICredentialsChecker."""
+        self.assertTrue(verifyObject(ICredentialsChecker, AccountsChecker(ACCOUNTS, run_blocking)))
+
+    def test_right_password(self):
+        """The avatar id is the user's address, normalised to lower case."""
+        checker = AccountsChecker(ACCOUNTS, run_blocking)
+        d = checker.requestAvatarId(UsernamePassword(b"Alice@Example.org", b"secret"))
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+
+    def test_wrong_password_and_unknown_user(self):
+        """Both fail the same way: UnauthorizedLogin."""
+        checker = AccountsChecker(ACCOUNTS, run_blocking)
+        for user, password in [(b"alice@example.org", b"nope"), (b"bob@example.org", b"secret")]:
+            self.failureResultOf(
+                checker.requestAvatarId(UsernamePassword(user, password)), UnauthorizedLogin
+            )
+
+
+class AuthenticatorTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.failures = FailureTracker(self.clock, limit=3, window=3600, block=900,
+                                       tarpit_max=10, what="AUTH")
+        self.authenticate = Authenticator(make_portal(ACCOUNTS, run_blocking), self.failures,
+                                          self.clock)
+
+    def test_success_is_immediate(self):
+        d = self.authenticate(connection("192.0.2.1"), Authenticate("alice@example.org", "secret"))
+        self.assertIs(self.successResultOf(d), True)
+
+    def test_failures_answered_later_each_time_then_blocked(self):
+        """
+        RFC 4954 15: failures are answered after 1 s, then 2 s ...; at the
+        limit the address is refused at connect (421 4.7.0); others are not.
+        """
+        peer = "192.0.2.7"
+        for delay in (1.0, 2.0, 4.0):
+            d = self.authenticate(connection(peer), Authenticate("alice@example.org", "bad"))
+            self.assertNoResult(d)
+            self.clock.advance(delay - 0.01)
+            self.assertNoResult(d)
+            self.clock.advance(0.01)
+            self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.failures.refuse_connection(peer), replies.S421_BLOCKED)
+        self.assertIsNone(self.failures.refuse_connection("192.0.2.8"))
+        self.clock.advance(900)
+        self.assertIsNone(self.failures.refuse_connection(peer))
