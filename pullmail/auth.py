@@ -14,6 +14,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from zope.interface import Interface, implementer
 
+from pullmail import replies
 from pullmail.accounts import Accounts
 
 __all__ = ["Authenticator", "AccountsChecker", "ISubmitter", "make_portal"]
@@ -76,12 +77,20 @@ class Authenticator:
         self.clock = clock
 
     def __call__(self, connection, request) -> defer.Deferred:
+        """
+        Fires with True (logged in), False (535), or a reply to close with:
+        an address that is blocked is not let to guess on, even on a
+        connection it opened before the block.
+        """
         peer = connection.machine.session.peer
+        if self.failures.blocked(peer):
+            return defer.succeed(replies.S421_BLOCKED)
         d = self.portal.login(UsernamePassword(request.user, request.password), None, ISubmitter)
 
         def refused(failure):
             failure.trap(error.UnauthorizedLogin)
             delay = self.failures.failed(peer)
-            return task.deferLater(self.clock, delay, lambda: False)
+            verdict = replies.S421_BLOCKED if self.failures.blocked(peer) else False
+            return task.deferLater(self.clock, delay, lambda: verdict)
 
         return d.addCallbacks(lambda avatar: True, refused)

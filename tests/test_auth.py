@@ -72,14 +72,17 @@ class AuthenticatorTests(SynchronousTestCase):
         limit the address is refused at connect (421 4.7.0); others are not.
         """
         peer = "192.0.2.7"
-        for delay in (1.0, 2.0, 4.0):
+        for delay, verdict in ((1.0, False), (2.0, False), (4.0, replies.S421_BLOCKED)):
             d = self.authenticate(connection(peer), Authenticate("alice@example.org", "bad"))
             self.assertNoResult(d)
             self.clock.advance(delay - 0.01)
             self.assertNoResult(d)
             self.clock.advance(0.01)
-            self.assertIs(self.successResultOf(d), False)
+            self.assertEqual(self.successResultOf(d), verdict)
         self.assertEqual(self.failures.refuse_connection(peer), replies.S421_BLOCKED)
+        # Not even the right password, on a connection opened before the block.
+        d = self.authenticate(connection(peer), Authenticate("alice@example.org", "secret"))
+        self.assertEqual(self.successResultOf(d), replies.S421_BLOCKED)
         self.assertIsNone(self.failures.refuse_connection("192.0.2.8"))
         self.clock.advance(900)
         self.assertIsNone(self.failures.refuse_connection(peer))

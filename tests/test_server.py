@@ -701,3 +701,15 @@ class StartTLSTests(SynchronousTestCase):
         self.assertIsNone(m.envelope)
         self.assertEqual(m.handle("MAIL FROM:<alice@example.org>").code, 503)
         self.assertEqual(m.handle("EHLO client.test").code, 250)
+
+
+class BlockedAuthTests(SynchronousTestCase):
+    def test_blocked_address_is_disconnected(self):
+        """An AUTH answered with a refusal reply (the address is blocked) closes."""
+        m = _machine("submission", tls=True)
+        m.handle("EHLO client.test")
+        request = m.handle("AUTH PLAIN " + _b64("\0alice@example.org\0secret"))
+        action = m.resolve(request, replies.S421_BLOCKED)
+        self.assertIsInstance(action, Close)
+        self.assertEqual(action.reply, replies.S421_BLOCKED)
+        self.assertIsNone(m.session.user)

@@ -542,7 +542,10 @@ class ServerMachine:
 
         return self._sasl_wait(password_step, _LOGIN_PASSWORD_PROMPT)
 
-    def _resolve_authentication(self, request: Authenticate, ok: bool) -> Reply:
+    def _resolve_authentication(self, request: Authenticate, ok: bool | Reply) -> object:
+        if isinstance(ok, Reply):
+            self.state = State.CLOSED
+            return Close(ok)
         if not ok:
             return replies.S535_BAD_CREDENTIALS
         self.session = self.session.evolve(user=request.user)
