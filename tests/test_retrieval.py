@@ -386,3 +386,39 @@ def test_deferred_delivery_retries(tmp_path) -> None:
     assert notification.next_attempt == START + 10 * MINUTE
     assert world.smta.outbox.get(GDEL_ID) is not None
     assert not world.smta.outbox.get(GDEL_ID).claimed
+
+
+def test_falls_back_to_origin_mx_hosts_that_pass_spf(tmp_path) -> None:
+    """
+    SPEC 4: when the notifying address does not answer, the RMTA may try
+    the origin domain's MX hosts whose addresses pass the same SPF check --
+    and never any address that does not.
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    stranger, down = "192.0.2.99", "192.0.2.11"
+    resolver = FakeResolver(
+        mx={"sender.example": [(10, "mx2.sender.example"), (20, "mx.sender.example")]},
+        addresses={"mx2.sender.example": [stranger], "mx.sender.example": [SMTA]},
+    )
+    checked = []
+
+    def authorised(address, sender):
+        checked.append((address, sender))
+        return defer.succeed(address == SMTA)
+
+    world.retriever.stop()
+    world.retriever = Retriever(
+        store=world.store, trust=world.trust, connect=world.connect, clock=world.clock,
+        run_blocking=run_blocking, hostname="mx.receiver.example", schedule=SCHEDULE,
+        remote_port=25, keep_for=48 * HOUR, pending_per_origin=100, policy=world.policy,
+        deliver=world.deliver, resolver=resolver, sender_authorised=authorised,
+    )
+    world.retriever.start()
+    assert world.notify(peer=down).code == 250
+    world.settle()
+    assert world.network.attempts[0] == (down, 25)
+    assert (stranger, 25) not in world.network.attempts      # failed SPF: never contacted
+    assert (stranger, "postmaster@sender.example") in checked
+    assert world.smta.retrs == [GDEL_ID]
+    assert len(world.deliveries) == 1
