@@ -41,6 +41,10 @@ __all__ = ["SMTPServerFactory", "SMTPConnection", "SMTPServerProtocol", "Connect
 log = Logger(namespace="pullmail.smtp")
 
 
+# Input kept while a request runs before the transport stops reading:
+# enough for any pipelined group of commands (RFC 2920) and a DATA burst.
+MAX_BUFFERED_WHILE_BUSY = 256 * 1024
+
 # What the peer hears when carrying out a request fails on our side.
 _FAILURE_REPLIES = {Authenticate: replies.S454_AUTH_TEMP}  # RFC 4954 6
 
@@ -85,6 +89,7 @@ class SMTPConnection(Protocol):
         self._turn_done: defer.Deferred | None = None
         self._buffer = b""
         self._busy = False          # a request is running; input waits
+        self._paused = False        # the transport is paused (backpressure)
         self._reader: DataReader | None = None
         self._discarding = False    # skipping the rest of an over-long line
         self._timer = None
@@ -186,7 +191,17 @@ class SMTPConnection(Protocol):
             self._hand_out_replies()
             return
         self._buffer += data
+        if self._busy and len(self._buffer) > MAX_BUFFERED_WHILE_BUSY and not self._paused:
+            # Backpressure: a peer pipelining this much behind a pending
+            # request waits in the kernel's buffers, not in ours.
+            self._paused = True
+            self.transport.pauseProducing()
         self._process()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
 
     # -- the client role -----------------------------------------------------
 
@@ -359,14 +374,13 @@ class SMTPConnection(Protocol):
         if performer is None:
             raise TypeError(f"no performer for {request!r}")
         self._busy = True
-        self.transport.pauseProducing()
         d = defer.maybeDeferred(performer, self, request)
 
         def resolved(result: object) -> None:
             self._busy = False
             if self._closing:
                 return
-            self.transport.resumeProducing()
+            self._resume_reading()
             try:
                 action = self.machine.resolve(request, result)
             except Exception:
@@ -381,7 +395,7 @@ class SMTPConnection(Protocol):
             self.machine.reset()
             if self._closing:
                 return
-            self.transport.resumeProducing()
+            self._resume_reading()
             self._act(_FAILURE_REPLIES.get(type(request), replies.S451_LOCAL_ERROR), line)
             self._process()
 

@@ -286,6 +286,26 @@ class DataTests(ProtocolTestCase):
             [b"250", b"250", b"250", b"354"],
         )
 
+    def test_reading_goes_on_while_delivering_until_much_is_buffered(self):
+        """
+        While a delivery is pending the transport keeps reading (pipelined
+        commands wait in our buffer) until more than MAX_BUFFERED_WHILE_BUSY
+        has piled up; then it pauses, and resumes once the reply is sent.
+        """
+        from pullmail.protocol import MAX_BUFFERED_WHILE_BUSY
+
+        self.harness.auto_deliver = None
+        self.start_data()
+        self.protocol.dataReceived(b"body\r\n.\r\nNOOP\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.protocol.dataReceived(b"NOOP\r\n" * (MAX_BUFFERED_WHILE_BUSY // 6 + 1))
+        self.assertEqual(self.transport.producerState, "paused")
+        self.transport.clear()
+        self.harness.deliveries[0][1].callback(Reply(250, "2.0.0", "Ok: queued as Q9"))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.transport.value().splitlines()[:2],
+                         [b"250 2.0.0 Ok: queued as Q9", b"250 2.0.0 Ok"])
+
     def test_delivered(self):
         """The message goes to the performer; its reply is sent."""
         self.start_data()
