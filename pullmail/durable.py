@@ -32,15 +32,29 @@ def write_new_file(path: Path, chunks, mode: int = 0o600) -> None:
     """Create C{path} (which must not exist), write C{chunks}, fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            for chunk in chunks:
-                f.write(chunk)
+        _write_all(fd, [memoryview(chunk) for chunk in chunks if chunk])
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+# writev(2) takes at most IOV_MAX (1024 on Linux) buffers at a time.
+_IOV_MAX = 1024
+
+
+def _write_all(fd: int, views: list) -> None:
+    """All of C{views} with as few writev(2) calls as the kernel allows."""
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:
