@@ -41,6 +41,12 @@ class Notification:
     keep_until: float = 0.0
     last_error: str = ""
     size: int | None = None
+    delivering: bool = False   # a delivery began: a retry must look before storing
+
+    @property
+    def queue_id(self) -> str:
+        """The queue id of the retrieved message: the same on every retry."""
+        return "G" + self.key[:15].upper()
 
     @property
     def key(self) -> str:

@@ -65,8 +65,10 @@ class Retriever:
         resolver=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
         directory_syncs=None,
+        delivered_already: Callable | None = None,
     ) -> None:
         self.directory_syncs = directory_syncs
+        self.delivered_already = delivered_already
         self.store = store
         self.resolver = resolver
         self.sender_authorised = sender_authorised
@@ -390,13 +392,23 @@ class Retriever:
 
     def _performer(self, notification: Notification) -> Callable:
         async def deliver(connection, request: Deliver) -> Reply:
-            if notification.keep_until:  # delivered before: drop the duplicate
+            # Exactly once: a notification whose delivery began before (we
+            # crashed before marking it retrieved) looks in the mailboxes
+            # first; one marked retrieved is a known duplicate.
+            if notification.keep_until or (
+                notification.delivering and self.delivered_already is not None
+                and await self.run_blocking(self.delivered_already, notification.queue_id,
+                                            request.envelope.recipients)
+            ):
                 reply = Reply(250, "2.0.0", "Ok: already delivered, duplicate dropped")
                 log.info("duplicate {id} from {peer} dropped", id=notification.gdel_id,
                          peer=notification.peer, event="duplicate")
             else:
+                if not notification.delivering:
+                    notification.delivering = True
+                    await self._save(notification)
                 reply = await self.deliver(request.session, request.envelope, request.chunks,
-                                           request.size)
+                                           request.size, queue_id=notification.queue_id)
             if reply.positive:
                 notification.state = RETRIEVED
                 notification.keep_until = self.clock.seconds() + self.keep_for

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import os
 from typing import Sequence
 
 from twisted.internet import defer
@@ -20,6 +21,7 @@ from pullmail.envelope import Envelope, Session
 from pullmail.headers import complete_submission
 from pullmail.ids import new_queue_id
 from pullmail.interfaces import IDeliveryAgent
+from pullmail.maildir import mailbox_path
 from pullmail.replies import Reply
 
 __all__ = ["Router", "received_header"]
@@ -87,6 +89,25 @@ class Router:
                     remote[final] = None
         return list(local), list(remote)
 
+    def delivered_already(self, queue_id: str, recipients: Sequence[str]) -> bool:
+        """
+        Blocking: whether a message stored under C{queue_id} is in the
+        maildir of any local recipient (new/ or cur/).  Maildir names carry
+        ``_<queue id>.`` (L{MaildirNames}).
+        """
+        marker = f"_{queue_id}."
+        local, _ = self.split(recipients)
+        for address in local:
+            box = mailbox_path(self.delivery.root, address)
+            for sub in ("new", "cur"):
+                try:
+                    names = os.listdir(box / sub)
+                except FileNotFoundError:
+                    continue
+                if any(marker in name for name in names):
+                    return True
+        return False
+
     @defer.inlineCallbacks
     def inject(self, sender: str, recipients: Sequence[str], chunks: Sequence[bytes]):
         """
@@ -104,9 +125,14 @@ class Router:
         return queue_id
 
     @defer.inlineCallbacks
-    def accept(self, session: Session, envelope: Envelope, chunks: list, size: int):
-        """Store a message; fire with the reply to end-of-data."""
-        queue_id = new_queue_id()
+    def accept(self, session: Session, envelope: Envelope, chunks: list, size: int,
+               queue_id: str | None = None):
+        """
+        Store a message; fire with the reply to end-of-data.  A given
+        C{queue_id} (retrieved mail) names the stored files, so that
+        L{delivered_already} can find them again.
+        """
+        queue_id = queue_id or new_queue_id()
         header = received_header(
             session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
         )

@@ -196,6 +196,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
         directory_syncs=DirectorySyncs(reactor, disk_pool),
+        delivered_already=router.delivered_already,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME

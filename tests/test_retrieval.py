@@ -112,7 +112,7 @@ class World:
         self.connect_times.append(self.clock.seconds() - START)
         return self.network(address, port, performers)
 
-    def deliver(self, session, envelope, chunks, size):
+    def deliver(self, session, envelope, chunks, size, queue_id=None):
         self.deliveries.append((session, envelope, b"".join(chunks), size))
         return defer.succeed(self.deliver_reply)
 
@@ -422,3 +422,67 @@ def test_falls_back_to_origin_mx_hosts_that_pass_spf(tmp_path) -> None:
     assert (stranger, "postmaster@sender.example") in checked
     assert world.smta.retrs == [GDEL_ID]
     assert len(world.deliveries) == 1
+
+
+def _retriever_with(world, delivered_already) -> Retriever:
+    world.retriever.stop()
+    retriever = Retriever(
+        store=world.store, trust=world.trust, connect=world.connect, clock=world.clock,
+        run_blocking=run_blocking, hostname="mx.receiver.example", schedule=SCHEDULE,
+        remote_port=25, keep_for=48 * HOUR, pending_per_origin=100, policy=world.policy,
+        deliver=world.deliver, delivered_already=delivered_already,
+    )
+    retriever.start()
+    return retriever
+
+
+def test_delivery_is_marked_before_the_message_is_stored(tmp_path) -> None:
+    """
+    Exactly once: the notification is durably marked 'delivering' before
+    the message is stored, and the message is stored under a queue id that
+    is the same on every retry.
+    """
+    import json
+
+    world = World(tmp_path)
+    world.smta.hold()
+    seen = []
+
+    def deliver(session, envelope, chunks, size, queue_id=None):
+        [record] = [json.loads(p.read_bytes()) for p in (tmp_path / "pending").glob("*.json")]
+        seen.append((record["delivering"], queue_id))
+        return defer.succeed(Reply(250, "2.0.0", "Ok"))
+
+    world.deliver = deliver
+    world.retriever = _retriever_with(world, lambda queue_id, recipients: False)
+    world.notify()
+    world.settle()
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert seen == [(True, notification.queue_id)]
+    assert notification.state == RETRIEVED
+
+
+def test_retry_after_a_crash_finds_the_stored_copy(tmp_path) -> None:
+    """
+    A notification whose delivery began before a crash (marked
+    'delivering', not yet 'retrieved') is retrieved again so the SMTA can let
+    go, but if the mailbox already holds its message it is not stored twice.
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    asked = []
+
+    def delivered_already(queue_id, recipients):
+        asked.append((queue_id, tuple(recipients)))
+        return True
+
+    world.retriever = _retriever_with(world, delivered_already)
+    world.notify()
+    notification = world.store.get("sender.example", GDEL_ID)
+    notification.delivering = True          # as left on disk by the crashed run
+    world.store.save(notification)
+    world.settle()
+    assert world.deliveries == []           # not stored again
+    assert asked == [(notification.queue_id, (BOB,))]
+    assert world.smta.retrs == [GDEL_ID]    # but retrieved, so the SMTA sees its 250
+    assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED

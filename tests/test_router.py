@@ -222,3 +222,24 @@ class AcceptTests(SynchronousTestCase):
         reply = self.successResultOf(router.accept(self.session, envelope, [b"x\r\n"], 3))
         self.assertEqual(reply.code, 451)
         self.assertEqual(self.delivery.calls, [])
+
+
+class DeliveredAlreadyTests(SynchronousTestCase):
+    def test_finds_a_stored_message_by_queue_id(self):
+        """Retrieved mail is found again by its queue id, in new/ or in cur/."""
+        import tempfile
+        from pathlib import Path
+
+        from pullmail.maildir import MaildirNames, store
+
+        root = Path(tempfile.mkdtemp())
+        self.addCleanup(__import__("shutil").rmtree, root)
+        router = Router("mx.example.org", _accounts(), type("D", (), {"root": root})(), Clock())
+        names = MaildirNames(Clock(), "mx.example.org", 1)
+        self.assertFalse(router.delivered_already("GABC", ["alice@example.org"]))
+        [path] = store(root, names.next("GABC"), ["alice@example.org"], [b"x\r\n"])
+        self.assertTrue(router.delivered_already("GABC", ["alice@example.org"]))
+        self.assertFalse(router.delivered_already("GABD", ["alice@example.org"]))
+        self.assertFalse(router.delivered_already("GABC", ["bob@example.org"]))
+        path.rename(path.parent.parent / "cur" / (path.name + ":2,S"))
+        self.assertTrue(router.delivered_already("GABC", ["alice@example.org"]))
