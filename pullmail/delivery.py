@@ -86,7 +86,7 @@ class Outbound:
         self.sender_authorised = sender_authorised
         self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
-        self._renotifying: set[str] = set()   # in flight, but still retrievable
+        self._transmitting: set[str] = set()  # a transaction on the wire now
         self._lines: dict[str, deque[OutboxEntry]] = {}   # due, waiting for a session
         self._sessions = 0
         self._domain_sessions: dict[str, int] = {}
@@ -154,10 +154,11 @@ class Outbound:
 
     def in_flight(self, entry_id: str) -> bool:
         """
-        Whether an attempt that may change the entry (its notification or
-        push) is under way; a mere re-notification does not count.
+        Whether the entry's notification or push is on the wire right now.
+        An entry merely waiting in its domain's line can be retrieved (the
+        session skips it then), and a re-notification changes nothing.
         """
-        return entry_id in self._in_flight and entry_id not in self._renotifying
+        return entry_id in self._transmitting
 
     def delete(self, entry_id: str) -> bool:
         """Drop an entry without bouncing it (``pullmail queue --delete``)."""
@@ -201,7 +202,6 @@ class Outbound:
                 self._in_flight.add(entry_id)
                 self._lines.setdefault(entry.domain, deque()).append(entry)
             elif entry.renotify_at is not None and entry.renotify_at <= now < entry.expires:
-                self._renotifying.add(entry.id)
                 self._in_flight.add(entry.id)
                 self._start(None, self._renotify(entry), [entry.id])
             else:
@@ -262,7 +262,6 @@ class Outbound:
         # Entries handed back to the line are still on their way.
         waiting = {entry.id for entry in self._lines.get(domain, ())}
         self._in_flight.difference_update(set(ids) - waiting)
-        self._renotifying.difference_update(ids)
         self._dispatch()
         self._arm()
 
@@ -397,12 +396,20 @@ class Outbound:
             pending = list(entries)
             while pending:
                 entry = pending.pop(0)
+                if entry.claimed or self.outbox.get(entry.id) is not entry:
+                    # Retrieved while it waited: the RETR won; nothing to send.
+                    self._in_flight.discard(entry.id)
+                    continue
+                if not pull_only:
+                    self._transmitting.add(entry.id)
                 try:
                     result = await self._transaction(connection, keywords, entry, pull)
                 except Exception as e:
                     # The connection broke: this entry and the rest try again later.
                     outcomes.extend((rest, None, e) for rest in [entry] + pending)
                     break
+                finally:
+                    self._transmitting.discard(entry.id)
                 mode = "pull" if pull else "push"
                 outcomes.append((entry, mode, result))
                 if pull_only:

@@ -560,3 +560,20 @@ def test_due_entries_of_one_domain_share_a_connection(tmp_path) -> None:
     assert sorted(n.gdel_id for n in world.peer.notifications) == sorted(
         e.id for e in world.outbox.entries())
     assert {e.state for e in world.outbox.entries()} == {NOTIFIED}
+
+
+def test_entry_waiting_in_line_is_retrievable_and_then_skipped(tmp_path) -> None:
+    """
+    An entry taken by a session but not yet on the wire is not "in flight"
+    for RETR: a retrieval may claim it, and the session then skips it.
+    """
+    world = World(tmp_path)
+    for n in range(2):
+        result_of(world.outbound.enqueue(f"QID{n}", SENDER, [BOB], MESSAGE))
+    world.clock.advance(0)                   # a session starts; nothing moved yet
+    first, second = sorted(world.outbox.entries(), key=lambda e: e.queue_id)
+    assert not world.outbound.in_flight(second.id)
+    assert world.outbox.claim(second.id) is second
+    world.settle()
+    assert [n.gdel_id for n in world.peer.notifications] == [first.id]
+    assert world.outbox.get(second.id).claimed
