@@ -317,7 +317,8 @@ class Outbound:
         push_retry until the entry expires.
         """
         try:
-            _, [(_, _, result)] = await self._try_hosts([entry], pull_only=True)
+            _, outcomes = await self._try_hosts([entry], pull_only=True)
+            result = outcomes[0][2] if outcomes else _Transient("no notification was sent")
             if isinstance(result, Exception):
                 raise _Transient(str(result))
             accepted, reason = bool(result.final and result.final.positive), str(result.final)
@@ -396,7 +397,7 @@ class Outbound:
             pending = list(entries)
             while pending:
                 entry = pending.pop(0)
-                if entry.claimed or self.outbox.get(entry.id) is not entry:
+                if not pull_only and (entry.claimed or self.outbox.get(entry.id) is not entry):
                     # Retrieved while it waited: the RETR won; nothing to send.
                     self._in_flight.discard(entry.id)
                     continue
