@@ -93,7 +93,7 @@ class SMTPConnection(Protocol):
         self._reader: DataReader | None = None
         self._discarding = False    # skipping the rest of an over-long line
         self._timer = None
-        self._limited = False
+        self._counted = False        # holds a place in the connection limits
         self.machine: ServerMachine | None = None
         self._closing = False
         self.performers: Mapping[type, Callable] = {}
@@ -113,10 +113,10 @@ class SMTPConnection(Protocol):
             event="connection",
         )
         refusal = factory.refuse_connection(address)
-        if refusal is None and not factory.limits.acquire(address):
-            refusal = replies.S421_TOO_MANY_CONNECTIONS
-        else:
-            self._limited = refusal is None
+        if refusal is None:
+            self._counted = factory.limits.acquire(address)
+            if not self._counted:
+                refusal = replies.S421_TOO_MANY_CONNECTIONS
         if refusal is not None:
             log.info("refused connection from {peer}: {reply}", peer=address,
                      reply=str(refusal), event="rejected", code=refusal.code)
@@ -132,8 +132,8 @@ class SMTPConnection(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._limited:
-            self._limited = False
+        if self._counted:
+            self._counted = False
             self.factory.limits.release(self.machine.session.peer)
         self._reader = None
         self._closing = True
