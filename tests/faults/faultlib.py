@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from integration.harness import (  # noqa: F401  (re-exported for the tests)
+    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
@@ -45,12 +46,6 @@ FAST = {
 TOKEN_HEADER = re.compile(rb"^X-Fault-Token: (\S+)\r?$", re.MULTILINE)
 
 
-def merged(*layers) -> dict:
-    result: dict = {}
-    for layer in layers:
-        for section, table in (layer or {}).items():
-            result.setdefault(section, {}).update(table)
-    return result
 
 
 def domain_records(domains: dict[str, str]) -> dict:
@@ -95,7 +90,7 @@ class Network:
         common = {"dns": {"nameservers": [dns.nameserver] if dns else [], "timeout": "2s"}}
         node = Node(self.workdir, name, address, [domain], f"mx.{domain}",
                     users={u: PASSWORD for u in users},
-                    settings=merged(FAST, common, settings))
+                    settings=merge_settings(FAST, common, settings))
         self.nodes.append(node)
         if start:
             node.start()

@@ -174,12 +174,13 @@ def toml_dumps(document: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def merge_settings(
-    base: Mapping[str, Mapping[str, Any]], override: Mapping[str, Mapping[str, Any]]
+    *layers: Mapping[str, Mapping[str, Any]] | None,
 ) -> dict[str, dict[str, Any]]:
-    """C{override} merged over C{base}, key by key within each section."""
-    result = {section: dict(table) for section, table in base.items()}
-    for section, table in override.items():
-        result.setdefault(section, {}).update(table)
+    """Each layer merged over the ones before it, key by key within each section."""
+    result: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, table in (layer or {}).items():
+            result.setdefault(section, {}).update(table)
     return result
 
 
@@ -259,14 +260,16 @@ class _Process:
         return code
 
 
-def _greets(address: str, port: int, timeout: float = 1.0) -> bool:
+def _greets(address: str, port: int, timeout: float = 1.0, source: str | None = None) -> bool:
     """
     Whether C{address:port} accepts a connection and greets with C{220}.
     The probe then says QUIT and waits for the server to close, so that the
     server has forgotten the connection (per-IP limits) when this returns.
     """
     try:
-        sock = socket.create_connection((address, port), timeout=timeout)
+        sock = socket.create_connection(
+            (address, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
     except OSError:
         return False
     with sock:

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from .harness import _greets
+
 __all__ = [
     "PostfixInstance",
     "PostfixError",
@@ -355,7 +357,7 @@ class PostfixInstance:
         self.run("start")
         self.started = True
         deadline = time.monotonic() + timeout
-        while not _greets(self.address, self.port, source=self.address):
+        while not _greets(self.address, self.port, timeout=2, source=self.address):
             if time.monotonic() >= deadline:
                 self.stop()
                 raise PostfixError(
@@ -562,27 +564,3 @@ def _accepts(address: str, port: int, source: str | None = None) -> bool:
         return False
 
 
-def _greets(address: str, port: int, source: str | None = None) -> bool:
-    try:
-        sock = socket.create_connection(
-            (address, port), timeout=2, source_address=(source, 0) if source else None
-        )
-    except OSError:
-        return False
-    with sock:
-        try:
-            data = b""
-            while b"\n" not in data:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    return False
-                data += chunk
-            if not data.startswith(b"220"):
-                return False
-            sock.sendall(b"QUIT\r\n")
-            with contextlib.suppress(OSError):
-                while sock.recv(4096):
-                    pass
-            return True
-        except OSError:
-            return False

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from .harness import (
+    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     DNSServer,
@@ -71,12 +72,6 @@ FAST = {
 }
 
 
-def merged(*layers):
-    result: dict = {}
-    for layer in layers:
-        for section, table in (layer or {}).items():
-            result.setdefault(section, {}).update(table)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ class Network:
         common = {"dns": {"nameservers": [self.dns.nameserver], "timeout": "2s"}}
         node = Node(self.workdir, name, address, [domain], f"mx.{domain}",
                     users={u: PASSWORD for u in users},
-                    settings=merged(FAST, common, settings))
+                    settings=merge_settings(FAST, common, settings))
         self.nodes.append(node)
         if start:
             node.start()

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .harness import (
+    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
@@ -106,12 +107,6 @@ FAST = {
 }
 
 
-def merged(*layers):
-    result: dict = {}
-    for layer in layers:
-        for section, table in (layer or {}).items():
-            result.setdefault(section, {}).update(table)
-    return result
 
 
 def b64(text: str) -> str:
@@ -163,7 +158,7 @@ def node(tmp_path_factory, dns):
     n = Node(tmp_path_factory.mktemp("sub-node"), "sub", NODE_IP, ["example.test"], HOSTNAME,
              users={ALICE: PASSWORD, BOB: BOB_PASSWORD},
              aliases="sales@example.test: alice@example.test\n",
-             settings=merged(FAST, common(dns)))
+             settings=merge_settings(FAST, common(dns)))
     assert not (n.dir / "var" / "tls" / "cert.pem").exists()
     with n:
         yield n
@@ -680,7 +675,7 @@ def verify_world(tmp_path_factory, dns, ca):
     nodes = []
 
     def make(name, address, domain, user, tls=None, delivery=None):
-        settings = merged(FAST, common(dns), {"tls": tls or {}, "delivery": delivery or {}})
+        settings = merge_settings(FAST, common(dns), {"tls": tls or {}, "delivery": delivery or {}})
         n = Node(workdir, name, address, [domain], f"mx.{domain}", users={user: PASSWORD},
                  settings=settings)
         nodes.append(n)

@@ -35,6 +35,7 @@ import dns.resolver
 import pytest
 
 from .harness import (
+    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     ConnectionCounter,
@@ -155,12 +156,6 @@ VETO_PLUGIN = textwrap.dedent('''
 ''')
 
 
-def merged(*layers) -> dict:
-    result: dict = {}
-    for layer in layers:
-        for section, table in (layer or {}).items():
-            result.setdefault(section, {}).update(table)
-    return result
 
 
 def new_id() -> str:
@@ -197,7 +192,7 @@ def nodes():
 
 def _node(nodes, workdir, name, address, domains, users, settings, **kwargs) -> Node:
     node = Node(workdir, name, address, domains, f"mx.{domains[0]}",
-                users={u: PASSWORD for u in users}, settings=merged(FAST, settings),
+                users={u: PASSWORD for u in users}, settings=merge_settings(FAST, settings),
                 **kwargs)
     nodes.append(node)
     node.start()
