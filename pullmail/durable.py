@@ -2,18 +2,15 @@
 Writing files so that a crash never shows half of one: write to a temporary
 name, fsync the file, rename into place, fsync the directory (chasquid's
 safeio; POSIX rename atomicity).  The functions block: run them off the
-reactor; L{DirectorySyncs} does the last step for many writers at once.
+reactor thread; L{DirectorySyncs} does the last step for many writers at once.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 
 __all__ = [
     "fsync_directory", "write_atomically", "write_new_file", "replace_file", "DirectorySyncs",
@@ -77,40 +74,47 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 class DirectorySyncs:
     """
-    Coalesced directory fsyncs: a caller whose rename is done waits for an
-    fsync of the directory that starts after it asked; everyone who asks
-    while one is running shares the next.  Concurrent sessions delivering to
-    one mailbox thus pay one directory fsync per round, not one each
-    (group commit, PERF-NOTES), and each Deferred still fires only once its
-    own entry is durable.
+    Coalesced directory fsyncs, for worker threads (group commit,
+    PERF-NOTES): a thread whose rename is done returns once an fsync of the
+    directory that began after it asked has finished.  Threads that ask
+    while one runs share the next, so concurrent sessions delivering to one
+    mailbox pay one directory fsync per round, not one each.
     """
 
-    def __init__(self, reactor: IReactorThreads, pool) -> None:
-        self._reactor = reactor
-        self._pool = pool
-        self._running: dict[Path, list[Deferred]] = {}
-        self._next: dict[Path, list[Deferred]] = {}
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._state: dict[Path, _SyncState] = {}
 
-    def sync(self, directory: Path) -> Deferred:
-        d = Deferred()
-        if directory in self._running:
-            self._next.setdefault(directory, []).append(d)
-        else:
-            self._start(directory, [d])
-        return d
-
-    def _start(self, directory: Path, waiters: list[Deferred]) -> None:
-        self._running[directory] = waiters
-        d = deferToThreadPool(self._reactor, self._pool, fsync_directory, directory)
-        d.addBoth(self._done, directory)
-
-    def _done(self, result, directory: Path) -> None:
-        for waiter in self._running.pop(directory):
-            if isinstance(result, Failure):
-                waiter.errback(result)
+    def sync(self, directory: Path) -> None:
+        with self._changed:
+            state = self._state.setdefault(directory, _SyncState())
+            state.asked += 1
+            ticket = state.asked
+            while state.covered < ticket:
+                if not state.running:
+                    state.running = True
+                    covering = state.asked
+                    break
+                self._changed.wait()
             else:
-                waiter.callback(None)
-        waiting = self._next.pop(directory, None)
-        if waiting:
-            self._start(directory, waiting)
+                return
+        synced = False
+        try:
+            fsync_directory(directory)
+            synced = True
+        finally:
+            with self._changed:
+                state.running = False
+                if synced:
+                    state.covered = max(state.covered, covering)
+                self._changed.notify_all()
 
+
+class _SyncState:
+    """Per directory: requests so far, requests an fsync has covered."""
+
+    __slots__ = ("asked", "covered", "running")
+
+    def __init__(self) -> None:
+        self.asked = self.covered = 0
+        self.running = False

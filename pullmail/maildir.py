@@ -5,8 +5,8 @@ The message is written once, to ``tmp/`` of the first mailbox, and fsynced;
 the other mailboxes get hard links in their ``new/``; finally the first is
 renamed into ``new/`` and every touched ``new/`` directory is fsynced.  Only
 then does the Deferred fire, and only then does the server say ``250``.
-The blocking part runs in a bounded thread pool so the reactor keeps
-serving other sessions during the disk wait.
+The blocking part runs in the disk threads so the reactor keeps serving
+other sessions during the disk wait.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from pullmail.durable import DirectorySyncs, fsync_directory, write_new_file
@@ -101,41 +99,37 @@ def place(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[byte
     return written, {path.parent for path in written}
 
 
-def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
-    """Blocking: write one message durably, directory entries included."""
-    paths, directories = place(root, name, addresses, chunks, set())
+def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
+          known: set[Path] | None = None, syncs: DirectorySyncs | None = None) -> list[Path]:
+    """
+    Blocking: write one message durably, directory entries included.
+    With C{syncs}, concurrent callers share the directory fsyncs.
+    """
+    paths, directories = place(root, name, addresses, chunks, set() if known is None else known)
     for directory in directories:
-        fsync_directory(directory)
+        if syncs is None:
+            fsync_directory(directory)
+        else:
+            syncs.sync(directory)
     return paths
 
 
 @implementer(IDeliveryAgent)
 class MaildirDelivery:
     """
-    Delivers to maildirs under C{root}, off the reactor thread: files are
-    written and fsynced in parallel in the pool, directory fsyncs are
-    coalesced by L{DirectorySyncs}.
+    Delivers to maildirs under C{root} off the reactor thread, one job per
+    message: C{run_blocking} runs L{store} in the disk threads, where
+    concurrent deliveries share their directory fsyncs.
     """
 
-    def __init__(self, root: Path, names: MaildirNames, reactor: IReactorThreads, pool) -> None:
+    def __init__(self, root: Path, names: MaildirNames,
+                 run_blocking: Callable[..., Deferred]) -> None:
         self.root = root
         self._names = names
-        self._reactor = reactor
-        self._pool = pool
+        self._run_blocking = run_blocking
         self._known: set[Path] = set()
-        self._directories = DirectorySyncs(reactor, pool)
+        self._syncs = DirectorySyncs()
 
     def deliver(self, queue_id: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> Deferred:
-        name = self._names.next(queue_id)
-        d = deferToThreadPool(self._reactor, self._pool, place, self.root, name,
-                              list(addresses), list(chunks), self._known)
-        return d.addCallback(self._make_durable)
-
-    def _make_durable(self, placed: tuple[list[Path], set[Path]]) -> Deferred:
-        paths, directories = placed
-        synced = gatherResults(
-            [self._directories.sync(directory) for directory in directories],
-            consumeErrors=True,
-        )
-        synced.addErrback(lambda failure: failure.value.subFailure)
-        return synced.addCallback(lambda _: paths)
+        return self._run_blocking(store, self.root, self._names.next(queue_id), list(addresses),
+                                  list(chunks), self._known, self._syncs)

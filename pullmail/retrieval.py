@@ -155,14 +155,18 @@ class Retriever:
     async def _save(self, notification: Notification) -> None:
         """
         Store a record durably; concurrent saves share the fsync of the
-        pending folder (group commit) when a L{DirectorySyncs} is given.
+        pending folder (group commit) when L{DirectorySyncs} are given.
         """
         if self.directory_syncs is None:
             await self.run_blocking(self.store.save, notification)
             return
-        await self.run_blocking(self.store.write, notification)
-        await self.directory_syncs.sync(self.store.root)
+        await self.run_blocking(self._write_shared_sync, notification)
         self.store.remember(notification)
+
+    def _write_shared_sync(self, notification: Notification) -> None:
+        """Blocking: write the record, then share the folder's fsync."""
+        self.store.write(notification)
+        self.directory_syncs.sync(self.store.root)
 
     @staticmethod
     def _accepted(gdel_id: str) -> Reply:

@@ -27,6 +27,7 @@ from pullmail.accounts import Accounts, AccountsError
 from pullmail.auth import Authenticator, make_portal
 from pullmail.control import SOCKET_NAME, ControlFactory
 from pullmail.delivery import Outbound
+from pullmail.diskpool import DiskPool
 from pullmail.durable import DirectorySyncs
 from pullmail.dns import Resolver, make_dnspython_resolver
 from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
@@ -145,18 +146,17 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     accounts = Accounts.load(config.node.domains, config.accounts.users, config.accounts.aliases)
     domains = tuple(config.node.domains)
 
-    disk_pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="pullmail-disk")
+    run_blocking = DiskPool(reactor, DISK_THREADS)
+    Startable(run_blocking.start, run_blocking.stop).setServiceParent(node)
     dns_pool = ThreadPool(minthreads=1, maxthreads=DNS_THREADS, name="pullmail-dns")
-    for pool in (disk_pool, dns_pool):
-        ThreadPoolService(pool).setServiceParent(node)
-    run_blocking = functools.partial(deferToThreadPool, reactor, disk_pool)
+    ThreadPoolService(dns_pool).setServiceParent(node)
     run_dns = functools.partial(deferToThreadPool, reactor, dns_pool)
 
     resolver = Resolver(
         make_dnspython_resolver(config.dns.nameservers, config.dns.timeout), reactor, dns_pool
     )
-    delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()), reactor,
-                               disk_pool)
+    delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
+                               run_blocking)
     hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
     policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
     router = Router(hostname, accounts, delivery, reactor, hooks=hooks)
@@ -195,7 +195,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
-        directory_syncs=DirectorySyncs(reactor, disk_pool),
+        directory_syncs=DirectorySyncs(),
         delivered_already=router.delivered_already,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)

@@ -28,7 +28,7 @@ MODULES = [
 class DeliveryAgentTests(SynchronousTestCase):
     def test_maildir_delivery(self):
         """MaildirDelivery provides IDeliveryAgent."""
-        delivery = MaildirDelivery(Path("/m"), MaildirNames(Clock(), "h", 1), object(), object())
+        delivery = MaildirDelivery(Path("/m"), MaildirNames(Clock(), "h", 1), object())
         self.assertTrue(verifyObject(IDeliveryAgent, delivery))
         self.assertTrue(verifyClass(IDeliveryAgent, MaildirDelivery))
         self.assertEqual(delivery.root, Path("/m"))

@@ -9,11 +9,12 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from unittest import mock
 
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
+from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail import durable
@@ -27,53 +28,15 @@ def _tempdir(case) -> Path:
     case.addCleanup(shutil.rmtree, path, True)
     return path
 
-class ImmediateThreadPool:
-    """
-    Runs work at once, in the calling thread, the way
-    C{deferToThreadPool} expects a pool to report (C{callInThreadWithCallback}).
-    """
+class RecordingRunner:
+    """A run_blocking that runs each job at once and counts them."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.jobs = []
 
-    def callInThreadWithCallback(self, onResult, function, *args, **kwargs):
-        self.calls += 1
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
-
-
-class HeldThreadPool:
-    """Queues work until the test runs it: to see what waits for what."""
-
-    def __init__(self) -> None:
-        self.work = []
-
-    def callInThreadWithCallback(self, onResult, function, *args, **kwargs):
-        self.work.append((onResult, function, args, kwargs))
-
-    def run_next(self, name: str | None = None):
-        """Run the oldest job (of the function called C{name}, if given)."""
-        index = next(i for i, job in enumerate(self.work)
-                     if name is None or job[1].__name__ == name)
-        onResult, function, args, kwargs = self.work.pop(index)
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
-        return function
-
-
-class ImmediateReactor:
-    """callFromThread runs the call at once."""
-
-    def callFromThread(self, function, *args, **kwargs):
-        function(*args, **kwargs)
+    def __call__(self, function, *args, **kwargs):
+        self.jobs.append(function)
+        return maybeDeferred(function, *args, **kwargs)
 
 
 class NamesTests(SynchronousTestCase):
@@ -200,31 +163,32 @@ class StoreTests(SynchronousTestCase):
 
 
 class DeliveryTests(SynchronousTestCase):
-    """MaildirDelivery runs store in the pool and fires its Deferred."""
+    """MaildirDelivery stores each message in one blocking job."""
 
     def setUp(self):
         self.root = _tempdir(self)
-        self.pool = ImmediateThreadPool()
+        self.run_blocking = RecordingRunner()
         clock = Clock()
         clock.advance(1700000000)
         self.delivery = MaildirDelivery(
-            self.root, MaildirNames(clock, "mx.example.org", 7), ImmediateReactor(), self.pool
+            self.root, MaildirNames(clock, "mx.example.org", 7), self.run_blocking
         )
 
     def test_deliver(self):
-        """The Deferred fires with the paths written, via the pool."""
-        paths = self.successResultOf(
-            self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
-        )
-        # Both the file write and the directory fsync ran in the pool.
-        self.assertEqual(self.pool.calls, 2)
+        """The Deferred fires with the paths written, after one job: write, rename, dir fsync."""
+        with mock.patch("pullmail.durable.fsync_directory") as fsync_directory:
+            paths = self.successResultOf(
+                self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+            )
+        self.assertEqual(self.run_blocking.jobs, [store])
         [path] = paths
         self.assertEqual(path.parent, self.root / "example.org" / "alice" / "new")
+        fsync_directory.assert_called_once_with(path.parent)
         self.assertIn("_QID.", path.name)
         self.assertEqual(path.read_bytes(), b"x\r\n")
 
     def test_deliver_fails(self):
-        """An OSError in the pool fails the Deferred with it."""
+        """An OSError in the job fails the Deferred with it."""
         (self.root / "example.org").write_text("not a directory")
         failure = self.failureResultOf(
             self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"]), OSError
@@ -263,54 +227,95 @@ class DurableTests(SynchronousTestCase):
 
 
 class DirectorySyncTests(SynchronousTestCase):
-    """Directory fsyncs are shared by deliveries that wait at the same time."""
+    """
+    Threads share directory fsyncs: each returns after an fsync that began
+    after it asked.  Real threads; the fsync is held on an Event so the test
+    decides who arrives while it runs.
+    """
 
     def setUp(self):
-        self.root = Path(tempfile.mkdtemp())
-        self.addCleanup(shutil.rmtree, self.root)
-        self.pool = HeldThreadPool()
-        self.delivery = MaildirDelivery(
-            self.root, MaildirNames(Clock(), "mx.example.org", 1), ImmediateReactor(), self.pool
-        )
-        self.synced = []
+        self.directory = _tempdir(self)
+        self.syncs = durable.DirectorySyncs()
+        self.started = []                     # one Event per fsync begun
+        self.release = []                     # one Event per fsync, set by the test
+        self.lock = threading.Lock()
         real = durable.fsync_directory
 
-        def recording(path):
-            self.synced.append(path)
+        def held(path):
+            with self.lock:
+                go = threading.Event()
+                self.release.append(go)
+                began = self.started[len(self.release) - 1]
+            began.set()
+            self.assertTrue(go.wait(10))
             real(path)
 
-        patcher = mock.patch("pullmail.durable.fsync_directory", recording)
+        self.started = [threading.Event() for _ in range(10)]
+        patcher = mock.patch("pullmail.durable.fsync_directory", held)
         patcher.start()
         self.addCleanup(patcher.stop)
 
-    def test_waits_for_its_directory_fsync(self):
-        """A delivery fires only after an fsync of its directory that began after its rename."""
-        d = self.delivery.deliver("Q1", ["alice@example.org"], [b"x\r\n"])
-        self.pool.run_next()                      # write + fsync + rename
-        self.assertNoResult(d)
-        self.pool.run_next()                      # the directory fsync
-        self.assertEqual(len(self.successResultOf(d)), 1)
-        self.assertEqual(self.synced, [self.root / "example.org" / "alice" / "new"])
+    def _thread(self, done: list):
+        thread = threading.Thread(target=lambda: done.append(self.syncs.sync(self.directory)))
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        return thread
 
-    def test_shared_by_deliveries_waiting_together(self):
+    def _wait_asked(self, count: int) -> None:
+        """Wait until C{count} threads have asked (they block inside sync)."""
+        state = self.syncs._state[self.directory]
+        with self.syncs._changed:
+            self.assertTrue(self.syncs._changed.wait_for(lambda: state.asked >= count, 10))
+
+    def test_waiters_share_the_next_fsync(self):
         """
-        Three deliveries renamed while one directory fsync runs share the next
-        one: four messages, two directory fsyncs; none fires early.
+        One fsync runs; three threads ask meanwhile; they share one more
+        fsync, and none returns before it has finished.
         """
-        first = self.delivery.deliver("Q0", ["alice@example.org"], [b"0\r\n"])
-        self.pool.run_next()                      # Q0 placed; its dir fsync queued
-        later = [self.delivery.deliver(f"Q{n}", ["alice@example.org"], [b"n\r\n"])
-                 for n in (1, 2, 3)]
-        for _ in later:
-            self.pool.run_next("place")           # placed while Q0's fsync runs
-        for d in later:
-            self.assertNoResult(d)
-        self.pool.run_next("recording")           # Q0's directory fsync
-        self.successResultOf(first)
-        for d in later:
-            self.assertNoResult(d)                # their renames came after it began
-        self.pool.run_next()                      # one fsync for all three
-        for d in later:
-            self.successResultOf(d)
-        self.assertEqual(len(self.synced), 2)
-        self.assertEqual(self.pool.work, [])
+        first_done, later_done = [], []
+        first = self._thread(first_done)
+        self.assertTrue(self.started[0].wait(10))
+        later = [self._thread(later_done) for _ in range(3)]
+        self._wait_asked(4)
+        self.release[0].set()
+        first.join(10)
+        self.assertEqual(first_done, [None])
+        self.assertTrue(self.started[1].wait(10))   # one of the three runs the next
+        self.assertEqual(later_done, [])              # their renames came after #1 began
+        self.release[1].set()
+        for thread in later:
+            thread.join(10)
+        self.assertEqual(later_done, [None] * 3)
+        self.assertEqual(len(self.release), 2)
+
+    def test_failed_fsync_is_retried_by_a_waiter(self):
+        """An fsync that fails covers no one: the failing caller raises, a waiter runs another."""
+        errors, done, calls = [], [], []
+
+        def failing_then_ok(path):
+            calls.append(path)
+            if len(calls) == 1:
+                self.started[0].set()
+                self.assertTrue(self.release_first.wait(10))
+                raise OSError(errno.EIO, "I/O error")
+            self.started[1].set()
+
+        self.release_first = threading.Event()
+        with mock.patch("pullmail.durable.fsync_directory", failing_then_ok):
+            def first():
+                try:
+                    self.syncs.sync(self.directory)
+                except OSError as e:
+                    errors.append(e.errno)
+
+            failing = threading.Thread(target=first)
+            failing.start()
+            self.assertTrue(self.started[0].wait(10))
+            waiter = self._thread(done)
+            self._wait_asked(2)
+            self.release_first.set()
+            failing.join(10)
+            waiter.join(10)
+        self.assertEqual(errors, [errno.EIO])
+        self.assertEqual(done, [None])
+        self.assertTrue(self.started[1].is_set())
