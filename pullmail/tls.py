@@ -63,10 +63,12 @@ def ensure_certificate(certificate: Path, key: Path, hostname: str, generate: bo
 
 
 def server_context(certificate: Path, key: Path) -> ssl.CertificateOptions:
-    private = ssl.PrivateCertificate.loadPEM(key.read_bytes() + b"\n" + certificate.read_bytes())
+    """The first certificate of the file is ours; the rest is its chain."""
+    chain = x509.load_pem_x509_certificates(certificate.read_bytes())
     return ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
+        privateKey=serialization.load_pem_private_key(key.read_bytes(), password=None),
+        certificate=chain[0],
+        extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
 

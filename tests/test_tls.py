@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -120,3 +121,16 @@ class ContextTests(SynchronousTestCase):
         server, client = self.server(), self.client(SSL.TLS1_1_VERSION)
         with self.assertRaises(SSL.Error):
             _handshake(server, client)
+
+    def test_chain_is_served(self):
+        """A full-chain file (ours, then an intermediate) sends both to the client."""
+        intermediate, _ = self_signed_pair("intermediate.example.org", NOW)
+        self.cert.write_bytes(self.cert.read_bytes() + intermediate)
+        self.context = server_context(self.cert, self.key).getContext()
+        server, client = self.server(), self.client()
+        _handshake(server, client)
+        names = [
+            cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            for cert in client.get_peer_cert_chain(as_cryptography=True)
+        ]
+        self.assertEqual(names, ["mx.example.org", "intermediate.example.org"])
