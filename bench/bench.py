@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import (  # noqa: E402
     AiosmtpdServer, CountingProxy, PostfixServer, PullmailServer, RSSSampler, SinkServer,
-    SMTPClient, fmt, make_message, pullmail_node, ratio, smtp_source, status_kb, summary,
-    table, wait_until, cpu_seconds, count_files, PASSWORD,
+    SMTPClient, fmt, make_message, pullmail_node, ratio, smtp_source, status_kb, table,
+    wait_until, cpu_seconds, count_files, PASSWORD,
 )
 
 SECTIONS = ("push", "gd", "scale", "idle", "wire", "profile")
@@ -129,7 +129,6 @@ async def _submit_load(node, total, sessions, size, sender, rcpt):
 
 
 def bench_gd(args, workdir, dns):
-    rows_n = []
     # a) notifications accepted per second
     node = pullmail_node(workdir, "notify", common.NOTIFY_NODE_IP, "n.bench", ["bob@n.bench"],
                          settings={"retrieval": {"schedule": ["10h"]}}, dns=dns)

@@ -17,17 +17,16 @@ import secrets
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from twisted.internet import defer, task
 
-from common import PASSWORD, STARTUP_IP, fmt, pullmail_node, status_kb, table
+from common import STARTUP_IP, fmt, pullmail_node, status_kb, table
 from pullmail.config import DeliveryConfig
 from pullmail.delivery import Outbound
 from pullmail.envelope import Session
 from pullmail.esmtp.pull import Retrieve
 from pullmail.outbox import NOTIFIED, MaildirOutbox, OutboxEntry
-from pullmail.pending import Notification, PendingStore, PENDING
+from pullmail.pending import Notification, PendingStore
 from pullmail.pickup import PickupCounter
 from pullmail.retrieval import Retriever
 from pullmail.throttle import FailureTracker

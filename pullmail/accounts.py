@@ -14,7 +14,6 @@ import base64
 import functools
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass, field

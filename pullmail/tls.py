@@ -6,7 +6,6 @@ start (``[tls] generate``).  Contexts refuse anything older than TLS 1.2.
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 from cryptography import x509

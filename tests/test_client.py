@@ -5,7 +5,6 @@ client dialogues against a scripted channel.
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer

@@ -6,7 +6,6 @@ turn.  Lines in, actions out; no I/O.
 
 from __future__ import annotations
 
-import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail import replies

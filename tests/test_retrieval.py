@@ -7,7 +7,6 @@ drives both.
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 

@@ -10,7 +10,6 @@ C{serve_turn} with a L{TurnMachine}.
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock

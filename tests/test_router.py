@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import re
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 
-import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail import replies

@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -273,6 +274,63 @@ class LoadClient(threading.Thread):
 
 
 # -- processes --------------------------------------------------------------------
+
+
+class NotifiedRMTA(threading.Thread):
+    """
+    A bare MX for a fake domain that accepts every GDEL and records its id;
+    with C{hang_up_on_first_gdel} it drops the first connection right after
+    reading a GDEL, before any reply (a reply lost on the way).
+    """
+
+    def __init__(self, address: str, port: int, hostname: str,
+                 hang_up_on_first_gdel: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.hostname = hostname.encode()
+        self.hang_up_on_first_gdel = hang_up_on_first_gdel
+        self.ids: list[str] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError), conn.makefile("rwb") as f:
+                conn.settimeout(10)
+                self._serve(f)
+
+    def _serve(self, f) -> None:
+        f.write(b"220 " + self.hostname + b" ESMTP fake\r\n")
+        f.flush()
+        for line in f:
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                f.write(b"250-" + self.hostname + b"\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n"
+                        b"250-8BITMIME\r\n250-GDEL\r\n250 RETR\r\n")
+            elif verb == b"GDEL":
+                self.ids.append(line.split()[1].decode())
+                if self.hang_up_on_first_gdel and len(self.ids) == 1:
+                    return
+                f.write(b"250 2.0.0 notification accepted\r\n")
+            elif verb == b"QUIT":
+                f.write(b"221 bye\r\n")
+                f.flush()
+                return
+            else:
+                f.write(b"250 2.0.0 ok\r\n")
+            f.flush()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(2)
+        self.sock.close()
 
 
 def open_fds(pid: int) -> int:

@@ -19,13 +19,13 @@ import contextlib
 import random
 import socket
 import ssl
-import threading
 import time
 
 import pytest
 
 from .faultlib import (
     SMTP_PORT,
+    NotifiedRMTA,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
     RawSMTP,
@@ -42,51 +42,6 @@ NODE_IP, FAKE_RMTA_IP, CLIENT_IP = "127.0.2.31", "127.0.2.32", "127.0.2.56"
 ALICE, CAROL = "alice@gdsrc.test", "carol@fake.test"
 ROUNDS = 200
 FD_SLACK = 8
-
-
-class FakeRMTA(threading.Thread):
-    """An MX for fake.test that accepts every notification and records its id."""
-
-    def __init__(self, address: str) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, SMTP_PORT))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.ids: list[str] = []
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn, contextlib.suppress(OSError), conn.makefile("rwb") as f:
-                conn.settimeout(10)
-                f.write(b"220 mx.fake.test ESMTP fake\r\n")
-                f.flush()
-                for line in f:
-                    verb = line.split(b" ", 1)[0].strip().upper()
-                    if verb in (b"EHLO", b"HELO"):
-                        f.write(b"250-mx.fake.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n"
-                                b"250-8BITMIME\r\n250-GDEL\r\n250 RETR\r\n")
-                    elif verb == b"GDEL":
-                        self.ids.append(line.split()[1].decode())
-                        f.write(b"250 2.0.0 notification accepted\r\n")
-                    elif verb == b"QUIT":
-                        f.write(b"221 bye\r\n")
-                        f.flush()
-                        break
-                    else:
-                        f.write(b"250 2.0.0 ok\r\n")
-                    f.flush()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -210,7 +165,7 @@ def entry_state(node, gdel_id: str) -> str | None:
 def test_disconnect_mid_retr_turn(setup, seed):
     node = setup
     rng = random.Random(seed)
-    fake = FakeRMTA(FAKE_RMTA_IP)
+    fake = NotifiedRMTA(FAKE_RMTA_IP, SMTP_PORT, "mx.fake.test")
     fake.start()
     try:
         assert submit_as(NODE_IP, ALICE, [CAROL], message("mid-retr", ALICE, CAROL),

@@ -17,14 +17,11 @@ sits in the outbox until it bounces (seen in test_kill: seed 607821016).
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 
-import pytest
 
 from .faultlib import (
     SMTP_PORT,
+    NotifiedRMTA,
     RawSMTP,
     domain_records,
     message,
@@ -37,62 +34,12 @@ NODE_IP, FAKE_RMTA_IP, CLIENT_IP = "127.0.2.36", "127.0.2.37", "127.0.2.57"
 ALICE, CAROL = "alice@lost.test", "carol@fake2.test"
 
 
-class SilentRMTA(threading.Thread):
-    """Accepts notifications; hangs up on the first GDEL without replying."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((FAKE_RMTA_IP, SMTP_PORT))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.ids: list[str] = []
-        self.answered: list[str] = []
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn, contextlib.suppress(OSError), conn.makefile("rwb") as f:
-                conn.settimeout(10)
-                f.write(b"220 mx.fake2.test ESMTP\r\n")
-                f.flush()
-                for line in f:
-                    verb = line.split(b" ", 1)[0].strip().upper()
-                    if verb == b"EHLO":
-                        f.write(b"250-mx.fake2.test\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n"
-                                b"250-GDEL\r\n250 RETR\r\n")
-                    elif verb == b"GDEL":
-                        gdel_id = line.split()[1].decode()
-                        self.ids.append(gdel_id)
-                        if len(self.ids) == 1:
-                            break          # stored, then gone before the 250
-                        self.answered.append(gdel_id)
-                        f.write(b"250 2.0.0 notification accepted\r\n")
-                    elif verb == b"QUIT":
-                        f.write(b"221 bye\r\n")
-                        f.flush()
-                        break
-                    else:
-                        f.write(b"250 2.0.0 ok\r\n")
-                    f.flush()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.join(2)
-        self.sock.close()
-
-
 def test_retr_after_a_lost_gdel_reply_is_not_refused(net):
     dns = net.dns(domain_records({"lost.test": NODE_IP, "fake2.test": FAKE_RMTA_IP}))
     # A slow retry, so that the RETR below comes before the SMTA notifies again.
     node = net.node("node", NODE_IP, "lost.test", [ALICE], dns,
                     settings={"delivery": {"push_retry": ["20s"]}})
-    fake = SilentRMTA()
+    fake = NotifiedRMTA(FAKE_RMTA_IP, SMTP_PORT, "mx.fake2.test", hang_up_on_first_gdel=True)
     fake.start()
     try:
         assert submit_as(NODE_IP, ALICE, [CAROL], message("lost-reply", ALICE, CAROL),
