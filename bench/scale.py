@@ -128,7 +128,7 @@ def _measure_outbox(n: int, log) -> dict:
     clock.advance(base - DAY)
     bounces = []
     outbound = Outbound(outbox=MaildirOutbox(root), resolver=FakeResolver(), connect=None,
-                        clock=clock, run_blocking=None, hostname="mx.s.bench",
+                        clock=clock, run_blocking=defer.maybeDeferred, hostname="mx.s.bench",
                         config=DeliveryConfig(), send_bounce=lambda s, m: bounces.append(s))
     t = time.perf_counter()
     outbound.start()

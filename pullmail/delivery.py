@@ -271,15 +271,18 @@ class Outbound:
         if now >= entry.expires:
             log.info("{id} not retrieved in time, bouncing", id=entry.id, event="expired",
                      queue_id=entry.queue_id)
-            self._bounce(entry, entry.recipients, "5.4.7", None,
-                         "message not retrieved by the recipient's server in time")
-            self.outbox.remove(entry.id)
+            self.outbox.remove(entry.id, after=self._bounce(
+                entry, entry.recipients, "5.4.7", None,
+                "message not retrieved by the recipient's server in time",
+            ))
             return
         if self.config.delay_warning > 0 and not entry.warned:
             entry.warned = True
             self.outbox.update(entry)
-            self._bounce(entry, entry.recipients, "4.4.7", None,
-                         "message not yet retrieved; still waiting", action="delayed")
+            self._unwatched(self._bounce(
+                entry, entry.recipients, "4.4.7", None,
+                "message not yet retrieved; still waiting", action="delayed",
+            ), entry)
         self._push(entry)
 
     # -- one attempt --------------------------------------------------------------
@@ -290,8 +293,9 @@ class Outbound:
             host, outcomes = await self._try_hosts(entries)
         except _Permanent as e:
             for entry in entries:
-                self._bounce(entry, entry.recipients, "5.1.2", None, str(e))
-                self.outbox.remove(entry.id)
+                self.outbox.remove(entry.id, after=self._bounce(
+                    entry, entry.recipients, "5.1.2", None, str(e)
+                ))
             return
         except _Transient as e:
             for entry in entries:
@@ -450,7 +454,7 @@ class Outbound:
         accepted = result.accepted()
         permanent = result.refused(permanent=True)
         transient = result.refused(permanent=False)
-        self._bounce_refused(entry, permanent, result, host)
+        bounced = self._bounce_refused(entry, permanent, result, host)
         log.info(
             "{mode} attempt {id} ({queue_id}) to {host}: accepted {accepted}, "
             "refused {permanent}, deferred {transient}",
@@ -472,8 +476,9 @@ class Outbound:
                      recipients=accepted, host=host, event="delivered")
         entry.recipients = transient
         if not transient:
-            self.outbox.remove(entry.id)
+            self.outbox.remove(entry.id, after=bounced)
             return
+        self._unwatched(bounced, entry)
         self._retry_later(entry, str(result.recipients[transient[0]]))
 
     def _split_off(self, entry: OutboxEntry, recipients: list[str], result) -> None:
@@ -490,9 +495,10 @@ class Outbound:
         if when is None:
             log.info("giving up on {id} ({queue_id}): {reason}", id=entry.id,
                      queue_id=entry.queue_id, reason=reason, event="expired")
-            self._bounce(entry, entry.recipients, "4.4.7", None,
-                         f"delivery time expired; last error: {reason}")
-            self.outbox.remove(entry.id)
+            self.outbox.remove(entry.id, after=self._bounce(
+                entry, entry.recipients, "4.4.7", None,
+                f"delivery time expired; last error: {reason}",
+            ))
             return
         entry.state, entry.next_attempt = QUEUED, when
         self.outbox.update(entry)
@@ -523,7 +529,7 @@ class Outbound:
         accepted = result.accepted()
         permanent = result.refused(permanent=True)
         # The peer is known by address only; Remote-MTA wants a host name.
-        self._bounce_refused(entry, permanent, result, None)
+        bounced = self._bounce_refused(entry, permanent, result, None)
         log.info("retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, refused {refused}",
                  id=entry.id, queue_id=entry.queue_id, peer=peer, accepted=accepted,
                  refused=permanent, event="retrieved")
@@ -531,8 +537,9 @@ class Outbound:
             r for r in entry.recipients if r not in result.recipients
         ]
         if not remaining:
-            self.outbox.remove(entry.id)
+            self.outbox.remove(entry.id, after=bounced)
             return
+        self._unwatched(bounced, entry)
         entry.recipients = remaining
         self.outbox.update(entry)
         self.outbox.release(entry.id)
@@ -541,7 +548,7 @@ class Outbound:
 
     # -- bounces --------------------------------------------------------------------
 
-    def _bounce_refused(self, entry, recipients, result: TransactionResult, host) -> None:
+    def _bounce_refused(self, entry, recipients, result: TransactionResult, host) -> defer.Deferred:
         """One DSN for every recipient the peer refused, each with its reply."""
         failed = []
         for recipient in recipients:
@@ -550,24 +557,43 @@ class Outbound:
                 recipient, reply.enhanced or "5.0.0",
                 f"{reply.code} {reply.enhanced} {reply.text}".strip(), host,
             ))
-        self._send_dsn(entry, failed, "failed")
+        return self._send_dsn(entry, failed, "failed")
 
     def _bounce(self, entry: OutboxEntry, recipients: Sequence[str], status: str,
-                diagnostic: str | None, reason: str | None, *, action: str = "failed") -> None:
+                diagnostic: str | None, reason: str | None, *, action: str = "failed") -> defer.Deferred:
         failed = [
             bounce.FailedRecipient(r, status, diagnostic or reason, None, action)
             for r in recipients
         ]
-        self._send_dsn(entry, failed, action)
+        return self._send_dsn(entry, failed, action)
 
-    def _send_dsn(self, entry: OutboxEntry, failed: list, action: str) -> None:
+    def _send_dsn(self, entry: OutboxEntry, failed: list, action: str) -> defer.Deferred:
+        """
+        Fires once the DSN is stored, or rightly not sent; fails if storing
+        it failed.  Callers remove the entry only after it (L{IOutbox.remove}).
+        """
         if not failed:
-            return
+            return defer.succeed(None)
         if not bounce.should_bounce(entry.sender):
             log.info("not bouncing a bounce: {id}", id=entry.id, event="bounce-dropped")
-            return
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self._send_bounce(entry, failed, action))
+
+    @staticmethod
+    def _unwatched(bounced: defer.Deferred, entry: OutboxEntry) -> None:
+        """A DSN whose entry stays: a failure to store it is only logged."""
+        bounced.addErrback(lambda f: log.failure("sending a DSN for {id}", f, id=entry.id))
+
+    async def _send_bounce(self, entry: OutboxEntry, failed: list, action: str) -> None:
+        # SPEC 7: never bounce to an address that failed SPF (no backscatter).
+        if entry.origin and self.sender_authorised is not None:
+            if not await self.sender_authorised(entry.origin, entry.sender):
+                log.info("not bouncing {queue_id} to <{sender}>: SPF does not authorise "
+                         "{origin}", queue_id=entry.queue_id, sender=entry.sender,
+                         origin=entry.origin, event="bounce-dropped")
+                return
         try:
-            original = self.outbox.read_message(entry.id)
+            original = await self.run_blocking(self.outbox.read_message, entry.id)
         except OSError:
             original = b""
         message = bounce.build_dsn(
@@ -576,21 +602,8 @@ class Outbound:
             now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
             message_id=f"{secrets.token_hex(12)}@{self.hostname}",
         )
-        d = defer.Deferred.fromCoroutine(self._send_bounce(
-            entry, message, action, [f.address for f in failed],
-            ",".join(sorted({f.status for f in failed})),
-        ))
-        d.addErrback(lambda f: log.failure("sending a DSN for {id}", f, id=entry.id))
-
-    async def _send_bounce(self, entry: OutboxEntry, message: bytes, action: str,
-                           recipients: list[str], status: str) -> None:
-        # SPEC 7: never bounce to an address that failed SPF (no backscatter).
-        if entry.origin and self.sender_authorised is not None:
-            if not await self.sender_authorised(entry.origin, entry.sender):
-                log.info("not bouncing {queue_id} to <{sender}>: SPF does not authorise "
-                         "{origin}", queue_id=entry.queue_id, sender=entry.sender,
-                         origin=entry.origin, event="bounce-dropped")
-                return
+        recipients = [f.address for f in failed]
+        status = ",".join(sorted({f.status for f in failed}))
         log.info("{action} DSN for {queue_id} to <{sender}>: {recipients} {status}",
                  action=action, queue_id=entry.queue_id, sender=entry.sender,
                  recipients=recipients, status=status, event="bounced")

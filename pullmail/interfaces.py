@@ -57,8 +57,11 @@ class IOutbox(Interface):
     def release(entry_id):
         """Give a claimed entry back (the retrieval broke off)."""
 
-    def remove(entry_id):
-        """Forget an entry and its message."""
+    def remove(entry_id, after=None):
+        """
+        Forget an entry and its message; with C{after} (a Deferred), delete
+        the stored copy only once it has fired, and keep it if it fails.
+        """
 
     def read_message(entry_id):
         """The message bytes of an entry (blocking)."""

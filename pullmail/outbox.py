@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pullmail import record
@@ -237,11 +238,27 @@ class MaildirOutbox:
         self._in_order(entry_id, os.rename, self._claimed / f"{entry_id}.json",
                        self._entries / f"{entry_id}.json")
 
-    def remove(self, entry_id: str) -> None:
-        """Forget an entry: delivered, bounced or expired."""
+    def remove(self, entry_id: str, after: Deferred | None = None) -> None:
+        """
+        Forget an entry: delivered, bounced or expired.  With C{after} (a
+        bounce being stored), the files go only once it has fired, and stay
+        if it fails: a crash or a failed bounce then brings the entry back
+        at the next start, to be bounced again, rather than losing both.
+        """
         entry = self._index.pop(entry_id, None)
         if entry is None:
             return
         folder = self._claimed if entry.claimed else self._entries
-        self._in_order(entry_id, _unlink_all, folder / f"{entry_id}.json",
-                       self.message_path(entry_id))
+        paths = (folder / f"{entry_id}.json", self.message_path(entry_id))
+        if after is None:
+            self._in_order(entry_id, _unlink_all, *paths)
+            return
+
+        def delete(result: object) -> object:
+            self._in_order(entry_id, _unlink_all, *paths)
+            return result
+
+        def keep(failure: Failure) -> None:
+            log.failure("keeping outbox entry {id} until the next start", failure, id=entry_id)
+
+        after.addCallbacks(delete, keep)

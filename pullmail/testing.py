@@ -172,8 +172,20 @@ class MemoryOutbox:
         self.disk["claimed"].discard(entry_id)
         entry.claimed = False
 
-    def remove(self, entry_id: str) -> None:
-        self._index.pop(entry_id, None)
+    def remove(self, entry_id: str, after: defer.Deferred | None = None) -> None:
+        if self._index.pop(entry_id, None) is None:
+            return
+        if after is None:
+            self._forget_on_disk(entry_id)
+            return
+
+        def forget(result):
+            self._forget_on_disk(entry_id)
+            return result
+
+        after.addCallbacks(forget, lambda failure: None)
+
+    def _forget_on_disk(self, entry_id: str) -> None:
         self.disk["entries"].pop(entry_id, None)
         self.disk["claimed"].discard(entry_id)
         self.disk["data"].pop(entry_id, None)

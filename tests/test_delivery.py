@@ -230,6 +230,79 @@ def test_notified_entry_expires(tmp_path) -> None:
     assert b"Action: failed" in message
 
 
+def _held_bounces(world: World) -> list[tuple[str, bytes, defer.Deferred]]:
+    """Bounces wait to be stored until the test fires their Deferreds."""
+    held = []
+
+    def send_bounce(sender, message):
+        d = defer.Deferred()
+        held.append((sender, message, d))
+        return d
+
+    world.outbound.send_bounce = send_bounce
+    return held
+
+
+def _files_of(world: World, entry_id: str) -> list[str]:
+    root = world.tmp_path / "outbox"
+    return sorted(p.parent.name for p in (root / "entries" / f"{entry_id}.json",
+                                          root / "data" / f"{entry_id}.eml") if p.exists())
+
+
+def test_expired_entry_kept_on_disk_until_its_bounce_is_stored(tmp_path) -> None:
+    """
+    Nothing is lost in between: an expired entry leaves the index at once
+    (no second bounce, no RETR), but its files go only once the DSN is stored.
+    """
+    world = World(tmp_path)
+    held = _held_bounces(world)
+    [entry] = world.send([BOB])
+    world.advance(48 * HOUR)
+    [(to, message, stored)] = held
+    assert world.outbox.get(entry.id) is None
+    assert _files_of(world, entry.id) == ["data", "entries"]
+    world.advance(HOUR)
+    assert len(held) == 1
+    stored.callback(None)
+    assert _files_of(world, entry.id) == []
+
+
+def test_failed_bounce_keeps_the_entry_for_the_next_start(tmp_path) -> None:
+    """A DSN that cannot be stored leaves the entry on disk: the next start bounces it again."""
+    world = World(tmp_path)
+    held = _held_bounces(world)
+    [entry] = world.send([BOB])
+    world.advance(48 * HOUR)
+    [(_, _, stored)] = held
+    stored.errback(OSError(28, "No space left on device"))
+    assert _files_of(world, entry.id) == ["data", "entries"]
+    world.outbound.stop()
+    world.outbound = world.new_outbound()
+    world.settle()
+    [(to, message)] = world.bounces
+    assert to == SENDER
+    assert_dsn(message, "5.4.7", BOB)
+    assert _files_of(world, entry.id) == []
+
+
+def test_bounce_reads_the_original_off_the_reactor_thread(tmp_path) -> None:
+    """The message quoted in a DSN is read through run_blocking (the disk threads)."""
+    world = World(tmp_path)
+    ran = []
+
+    def recording(function, *args, **kwargs):
+        ran.append(getattr(function, "__name__", function))
+        return run_blocking(function, *args, **kwargs)
+
+    world.outbound.run_blocking = recording
+    world.send([BOB])
+    ran.clear()
+    world.advance(48 * HOUR)
+    assert ran == ["read_message"]
+    [(_, message)] = world.bounces
+    assert b"Subject: hello" in message
+
+
 def test_expiry_counts_from_creation(tmp_path) -> None:
     """A notification after some retries still expires at created + outbox_lifetime."""
     world = World(tmp_path)

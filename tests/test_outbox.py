@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
 
 from pullmail.interfaces import IOutbox
@@ -136,6 +137,36 @@ def test_remove(kind, tmp_path) -> None:
     again = _reopen(kind, outbox, tmp_path)
     again.load()
     assert again.get(ID1) is None and again.get(ID2) is not None
+
+
+def test_remove_after_keeps_the_files_until_it_fires(kind, tmp_path) -> None:
+    """remove(after=d): gone from the index at once, from disk once d fires."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    stored = Deferred()
+    outbox.remove(ID1, after=stored)
+    assert outbox.get(ID1) is None
+    assert outbox.read_message(ID1) == b"".join(MESSAGE)
+    stored.callback(None)
+    with pytest.raises(OSError):
+        outbox.read_message(ID1)
+    again = _reopen(kind, outbox, tmp_path)
+    again.load()
+    assert again.get(ID1) is None
+
+
+def test_remove_after_a_failure_keeps_the_entry(kind, tmp_path) -> None:
+    """If d fails, the entry stays on disk and comes back at the next start."""
+    outbox = _open(kind, tmp_path)
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    stored = Deferred()
+    outbox.remove(ID1, after=stored)
+    stored.errback(OSError(28, "No space left on device"))
+    assert outbox.get(ID1) is None
+    again = _reopen(kind, outbox, tmp_path)
+    again.load()
+    assert again.get(ID1) is not None
+    assert again.read_message(ID1) == b"".join(MESSAGE)
 
 
 def test_remove_claimed(kind, tmp_path) -> None:
