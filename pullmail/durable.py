@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 __all__ = [
-    "fsync_directory", "write_atomically", "write_new_file", "replace_file", "DirectorySyncs",
+    "fsync_directory", "write_all", "write_atomically", "write_new_file", "replace_file", "DirectorySyncs",
 ]
 
 
@@ -29,7 +29,7 @@ def write_new_file(path: Path, chunks, mode: int = 0o600) -> None:
     """Create C{path} (which must not exist), write C{chunks}, fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        _write_all(fd, [memoryview(chunk) for chunk in chunks if chunk])
+        write_all(fd, chunks)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -42,8 +42,9 @@ def write_new_file(path: Path, chunks, mode: int = 0o600) -> None:
 _IOV_MAX = 1024
 
 
-def _write_all(fd: int, views: list) -> None:
-    """All of C{views} with as few writev(2) calls as the kernel allows."""
+def write_all(fd: int, chunks) -> None:
+    """All of C{chunks} with as few writev(2) calls as the kernel allows."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
     while views:
         written = os.writev(fd, views[:_IOV_MAX])
         while written and views:

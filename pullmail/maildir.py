@@ -5,8 +5,8 @@ The message is written once, to ``tmp/`` of the first mailbox, and fsynced;
 the other mailboxes get hard links in their ``new/``; finally the first is
 renamed into ``new/`` and every touched ``new/`` directory is fsynced.  Only
 then does the Deferred fire, and only then does the server say ``250``.
-The blocking part runs in the disk threads so the reactor keeps serving
-other sessions during the disk wait.
+The waits (the fsyncs) happen in a helper process, so the reactor keeps
+serving other sessions meanwhile.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pullmail.durable import DirectorySyncs, fsync_directory, write_new_file
+from pullmail.durable import fsync_directory, write_all
 from pullmail.interfaces import IDeliveryAgent
 
 __all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir"]
@@ -66,70 +67,117 @@ class MaildirNames:
         )
 
 
-def place(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
-          known: set[Path]) -> tuple[list[Path], set[Path]]:
+class BlockingFsync:
+    """fsync in the calling thread, for tools and tests (the node uses L{FsyncHelper})."""
+
+    def fsync(self, fd: int) -> Deferred:
+        """fsync C{fd}, then close it."""
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return succeed(None)
+
+    def fsync_directory(self, directory: str) -> Deferred:
+        fsync_directory(directory)
+        return succeed(None)
+
+
+def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
+    """Create C{path} (which must not exist), write C{chunks}, have it fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        write_all(fd, chunks)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+
+    def failed(failure: Failure) -> Failure:
+        os.unlink(path)
+        return failure
+
+    return maybeDeferred(syncer.fsync, fd).addErrback(failed)
+
+
+def _unlink_quietly(paths: Sequence[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
+                 syncer, boxes_made: dict[str, str]) -> list[Path]:
     """
-    Blocking: write one message (fsynced) into the ``new/`` of every
-    mailbox of C{addresses}; return the paths and the directories whose
-    entries still need an fsync.  C{known} remembers maildirs made before.
+    Write one message into the ``new/`` of every mailbox of C{addresses}:
+    once, fsynced, to the first ``tmp/``; hard links (or copies, across
+    file systems) for the others; the rename; then the directory fsyncs.
+    C{boxes_made} maps the addresses whose maildirs exist to their paths.
     """
-    boxes = [mailbox_path(root, a) for a in addresses]
-    for box in boxes:
-        if box not in known:
-            ensure_maildir(box)
-            known.add(box)
-    first_tmp = boxes[0] / "tmp" / name
-    write_new_file(first_tmp, chunks)
-    written = []
+    boxes = [boxes_made.get(a) or _make_box(root, a, boxes_made) for a in addresses]
+    first_tmp = f"{boxes[0]}/tmp/{name}"
+    await _write_synced(first_tmp, chunks, syncer)
+    written: list[str] = []
     try:
         for box in boxes[1:]:
-            target = box / "new" / name
+            target = f"{box}/new/{name}"
             try:
                 os.link(first_tmp, target)
             except OSError:
-                write_new_file(box / "tmp" / name, chunks)
-                os.rename(box / "tmp" / name, target)
+                await _write_synced(f"{box}/tmp/{name}", chunks, syncer)
+                os.rename(f"{box}/tmp/{name}", target)
             written.append(target)
-        os.rename(first_tmp, boxes[0] / "new" / name)
-        written.insert(0, boxes[0] / "new" / name)
+        os.rename(first_tmp, f"{boxes[0]}/new/{name}")
+        written.insert(0, f"{boxes[0]}/new/{name}")
     except BaseException:
-        for path in written + [first_tmp]:
-            path.unlink(missing_ok=True)
+        _unlink_quietly(written + [first_tmp])
         raise
-    return written, {path.parent for path in written}
+    try:
+        await gatherResults([syncer.fsync_directory(d) for d in {f"{box}/new" for box in boxes}],
+                            consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+    except BaseException:
+        _unlink_quietly(written)    # not acknowledged: the client will send it again
+        raise
+    return [Path(path) for path in written]
 
 
-def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
-          known: set[Path] | None = None, syncs: DirectorySyncs | None = None) -> list[Path]:
-    """
-    Blocking: write one message durably, directory entries included.
-    With C{syncs}, concurrent callers share the directory fsyncs.
-    """
-    paths, directories = place(root, name, addresses, chunks, set() if known is None else known)
-    for directory in directories:
-        if syncs is None:
-            fsync_directory(directory)
-        else:
-            syncs.sync(directory)
-    return paths
+def _make_box(root: Path, address: str, boxes_made: dict[str, str]) -> str:
+    box = mailbox_path(root, address)
+    ensure_maildir(box)
+    boxes_made[address] = str(box)
+    return boxes_made[address]
+
+
+def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
+    """Blocking: write one message durably, directory entries included."""
+    outcome: list = []
+    Deferred.fromCoroutine(
+        _store(root, name, addresses, chunks, BlockingFsync(), {})
+    ).addBoth(outcome.append)
+    [result] = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
 
 
 @implementer(IDeliveryAgent)
 class MaildirDelivery:
     """
-    Delivers to maildirs under C{root} off the reactor thread, one job per
-    message: C{run_blocking} runs L{store} in the disk threads, where
-    concurrent deliveries share their directory fsyncs.
+    Delivers to maildirs under C{root}: the reactor thread writes the file
+    (page-cache speed) and C{syncer} makes it durable out of the way
+    (L{pullmail.syncer.FsyncHelper}: no disk threads to share the GIL with).
     """
 
-    def __init__(self, root: Path, names: MaildirNames,
-                 run_blocking: Callable[..., Deferred]) -> None:
+    def __init__(self, root: Path, names: MaildirNames, syncer) -> None:
         self.root = root
         self._names = names
-        self._run_blocking = run_blocking
-        self._known: set[Path] = set()
-        self._syncs = DirectorySyncs()
+        self._syncer = syncer
+        self._boxes: dict[str, str] = {}
 
     def deliver(self, queue_id: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> Deferred:
-        return self._run_blocking(store, self.root, self._names.next(queue_id), list(addresses),
-                                  list(chunks), self._known, self._syncs)
+        return Deferred.fromCoroutine(_store(
+            self.root, self._names.next(queue_id), list(addresses), list(chunks),
+            self._syncer, self._boxes,
+        ))

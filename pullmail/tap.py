@@ -41,6 +41,7 @@ from pullmail.pickup import PickupCounter
 from pullmail.throttle import FailureTracker
 from pullmail.protocol import ConnectionLimits, Connector, SMTPServerFactory
 from pullmail.retrieval import Retriever
+from pullmail.syncer import FsyncHelper
 from pullmail.router import Router
 from pullmail.tls import OutboundTLS, client_context, ensure_certificate, server_context
 from pullmail.trust.policy import TrustChecker
@@ -155,8 +156,10 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     resolver = Resolver(
         make_dnspython_resolver(config.dns.nameservers, config.dns.timeout), reactor, dns_pool
     )
+    fsync_helper = FsyncHelper(reactor)
+    Startable(fsync_helper.start, fsync_helper.stop).setServiceParent(node)
     delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
-                               run_blocking)
+                               fsync_helper)
     hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
     policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
     router = Router(hostname, accounts, delivery, reactor, hooks=hooks)

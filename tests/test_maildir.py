@@ -14,11 +14,13 @@ from pathlib import Path
 from unittest import mock
 
 from twisted.internet.task import Clock
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail import durable
-from pullmail.maildir import MaildirDelivery, MaildirNames, ensure_maildir, mailbox_path, store
+from pullmail.maildir import (
+    BlockingFsync, MaildirDelivery, MaildirNames, ensure_maildir, mailbox_path, store,
+)
 
 
 
@@ -28,15 +30,24 @@ def _tempdir(case) -> Path:
     case.addCleanup(shutil.rmtree, path, True)
     return path
 
-class RecordingRunner:
-    """A run_blocking that runs each job at once and counts them."""
+class HeldSyncer:
+    """Records fsync requests; the test fires them."""
 
     def __init__(self) -> None:
-        self.jobs = []
+        self.files: list[tuple[str, Deferred]] = []
+        self.directories: list[tuple[str, Deferred]] = []
 
-    def __call__(self, function, *args, **kwargs):
-        self.jobs.append(function)
-        return maybeDeferred(function, *args, **kwargs)
+    def fsync(self, fd: int) -> Deferred:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        os.close(fd)
+        d = Deferred()
+        self.files.append((path, d))
+        return d
+
+    def fsync_directory(self, directory: str) -> Deferred:
+        d = Deferred()
+        self.directories.append((directory, d))
+        return d
 
 
 class NamesTests(SynchronousTestCase):
@@ -163,43 +174,71 @@ class StoreTests(SynchronousTestCase):
 
 
 class DeliveryTests(SynchronousTestCase):
-    """MaildirDelivery stores each message in one blocking job."""
+    """
+    MaildirDelivery writes in the calling thread and waits for its syncer:
+    the Deferred fires only after the file and then its directory are synced.
+    """
 
     def setUp(self):
         self.root = _tempdir(self)
-        self.run_blocking = RecordingRunner()
+        self.syncer = HeldSyncer()
         clock = Clock()
         clock.advance(1700000000)
-        self.delivery = MaildirDelivery(
-            self.root, MaildirNames(clock, "mx.example.org", 7), self.run_blocking
-        )
+        self.delivery = MaildirDelivery(self.root, MaildirNames(clock, "mx.example.org", 7),
+                                        self.syncer)
+        self.box = self.root / "example.org" / "alice"
 
     def test_deliver(self):
-        """The Deferred fires with the paths written, after one job: write, rename, dir fsync."""
-        with mock.patch("pullmail.durable.fsync_directory") as fsync_directory:
-            paths = self.successResultOf(
-                self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
-            )
-        self.assertEqual(self.run_blocking.jobs, [store])
-        [path] = paths
-        self.assertEqual(path.parent, self.root / "example.org" / "alice" / "new")
-        fsync_directory.assert_called_once_with(path.parent)
-        self.assertIn("_QID.", path.name)
-        self.assertEqual(path.read_bytes(), b"x\r\n")
+        """tmp/ file synced, then renamed into new/, then new/ synced, then the result."""
+        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+        [(path, file_synced)] = self.syncer.files
+        self.assertEqual(Path(path).parent, self.box / "tmp")
+        self.assertEqual(list((self.box / "new").iterdir()), [])
+        self.assertEqual(self.syncer.directories, [])
+        file_synced.callback(None)
+        [(directory, directory_synced)] = self.syncer.directories
+        self.assertEqual(directory, str(self.box / "new"))
+        self.assertNoResult(d)
+        directory_synced.callback(None)
+        [written] = self.successResultOf(d)
+        self.assertEqual(written.parent, self.box / "new")
+        self.assertIn("_QID.", written.name)
+        self.assertEqual(written.read_bytes(), b"x\r\n")
+        self.assertEqual(list((self.box / "tmp").iterdir()), [])
 
-    def test_deliver_fails(self):
-        """An OSError in the job fails the Deferred with it."""
+    def test_file_sync_fails(self):
+        """A failed fsync fails the delivery and leaves nothing behind."""
+        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+        self.syncer.files[0][1].errback(OSError(errno.EIO, "I/O error"))
+        self.failureResultOf(d, OSError)
+        self.assertEqual(list((self.box / "tmp").iterdir()), [])
+        self.assertEqual(list((self.box / "new").iterdir()), [])
+
+    def test_directory_sync_fails(self):
+        """
+        A failed directory fsync fails the delivery, and the file leaves
+        new/ again: the client will send the message again, once.
+        """
+        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+        self.syncer.files[0][1].callback(None)
+        self.syncer.directories[0][1].errback(OSError(errno.EIO, "I/O error"))
+        self.failureResultOf(d, OSError)
+        self.assertEqual(list((self.box / "new").iterdir()), [])
+
+    def test_unwritable_mailbox(self):
+        """An OSError before any sync fails the Deferred with it."""
         (self.root / "example.org").write_text("not a directory")
         failure = self.failureResultOf(
             self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"]), OSError
         )
         self.assertIsInstance(failure.value, OSError)
 
-    def test_two_messages(self):
-        """Two deliveries make two files."""
-        self.successResultOf(self.delivery.deliver("A", ["alice@example.org"], [b"1\r\n"]))
-        self.successResultOf(self.delivery.deliver("B", ["alice@example.org"], [b"2\r\n"]))
-        self.assertEqual(len(list((self.root / "example.org" / "alice" / "new").iterdir())), 2)
+    def test_blocking_syncer(self):
+        """With BlockingFsync, two deliveries make two files at once."""
+        delivery = MaildirDelivery(self.root, MaildirNames(Clock(), "h", 1), BlockingFsync())
+        self.successResultOf(delivery.deliver("A", ["alice@example.org"], [b"1\r\n"]))
+        self.successResultOf(delivery.deliver("B", ["alice@example.org"], [b"2\r\n"]))
+        self.assertEqual(len(list((self.box / "new").iterdir())), 2)
 
 
 class DurableTests(SynchronousTestCase):

@@ -1,0 +1,110 @@
+"""
+The fsync helper process: a real helper, driven by the real reactor
+(pullmail.syncer.FsyncHelper), and its serving loop on a socket pair
+(pullmail.fsyncd.serve).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pullmail.fsyncd import ANSWER, REQUEST, serve
+from pullmail.syncer import FsyncHelper
+
+
+class ServeTests(SynchronousTestCase):
+    """The helper's loop answers each tag with an errno, then ends on EOF."""
+
+    def test_answers(self):
+        node, helper = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(node.close)
+        thread = threading.Thread(target=serve, args=(helper, 2))
+        thread.start()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        file_fd = os.open(os.path.join(folder, "f"), os.O_WRONLY | os.O_CREAT)
+        read_end, write_end = os.pipe()          # fsync of a pipe: EINVAL
+        for tag, fd in ((1, file_fd), (2, read_end)):
+            socket.send_fds(node, [REQUEST.pack(tag)], [fd])
+            os.close(fd)
+        os.close(write_end)
+        answers = dict(ANSWER.unpack(node.recv(ANSWER.size)) for _ in range(2))
+        self.assertEqual(answers, {1: 0, 2: errno.EINVAL})
+        node.shutdown(socket.SHUT_WR)
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        helper.close()
+
+
+class FsyncHelperTests(TestCase):
+    """A real helper process."""
+
+    def setUp(self):
+        self.helper = FsyncHelper(reactor)
+        self.helper.start()
+        self.addCleanup(self.helper.stop)
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def _file(self, name="f") -> int:
+        fd = os.open(os.path.join(self.folder, name), os.O_WRONLY | os.O_CREAT)
+        os.write(fd, b"data")
+        return fd
+
+    @inlineCallbacks
+    def test_file_and_directory(self):
+        """fsync of a file and of a directory succeed; the caller's fd is taken over."""
+        fd = self._file()
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        yield self.helper.fsync(fd)
+        still_ours = [n for n in os.listdir("/proc/self/fd")
+                      if os.path.realpath(f"/proc/self/fd/{n}") == path]
+        self.assertEqual(still_ours, [])          # closed once sent
+        yield self.helper.fsync_directory(self.folder)
+
+    @inlineCallbacks
+    def test_error_comes_back(self):
+        """An fsync that fails fails its Deferred with the errno."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        with self.assertRaises(OSError) as caught:
+            yield self.helper.fsync(read_end)
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+
+    def test_missing_directory(self):
+        """A directory that cannot be opened fails at once."""
+        self.failureResultOf(self.helper.fsync_directory(os.path.join(self.folder, "no")),
+                             FileNotFoundError)
+
+    @inlineCallbacks
+    def test_helper_death_fails_waiters_and_restarts(self):
+        """
+        If the helper dies, what it held fails with EIO (nothing waits for
+        ever), and the next request starts a new helper.
+        """
+        old = self.helper._process
+        os.kill(old.pid, signal.SIGSTOP)          # hold the request in the helper
+        waiting = self.helper.fsync(self._file("a"))
+        os.kill(old.pid, signal.SIGKILL)
+        with self.assertRaises(OSError) as caught:
+            yield waiting
+        self.assertEqual(caught.exception.errno, errno.EIO)
+        yield self.helper.fsync(self._file("b"))
+        self.assertIsNot(self.helper._process, old)
+        self.assertEqual(old.poll(), -signal.SIGKILL)
+
+    def test_stop_ends_the_helper(self):
+        """stop() closes the socket; the helper exits by itself."""
+        process = self.helper._process
+        self.helper.stop()
+        self.assertEqual(process.returncode, 0)
