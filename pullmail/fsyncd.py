@@ -1,16 +1,18 @@
 """
-The fsync helper process (``python -m pullmail.fsyncd FD``), started by
+The fsync helper process (``python -m pullmail.fsyncd FD NODE_PID``), started by
 L{pullmail.syncer.FsyncHelper}.
 
-It reads requests from the UNIX socket FD: a frame (a tag) with one file
-descriptor attached (SCM_RIGHTS).  A few threads fsync the descriptors in
-parallel and answer each tag with the errno (0: on disk).  It ends when the
-node closes its end of the socket.
+It reads requests from the UNIX socket FD, one per datagram: FSYNC, with
+one file descriptor attached (SCM_RIGHTS), or STORE, with two paths and the
+data: create the first, write, fsync, rename to the second, fsync its
+directory.  A few threads work in parallel and answer each tag with an
+errno (0: on disk).  It ends when the node closes its end of the socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import signal
@@ -19,9 +21,49 @@ import struct
 import sys
 import threading
 
-REQUEST = struct.Struct("!Q")          # tag
+REQUEST = struct.Struct("!QBHH")      # tag, operation, path lengths (STORE)
 ANSWER = struct.Struct("!QI")          # tag, errno (0 = done)
+FSYNC, STORE = 1, 2
+INLINE_LIMIT = 128 * 1024              # STORE data fits one datagram below this
+MAX_REQUEST = REQUEST.size + 2 * 4096 + INLINE_LIMIT
 THREADS = 8
+
+
+def store(temporary: bytes, final: bytes, data: memoryview) -> None:
+    """Create C{temporary}, write and fsync it, rename it to C{final}, fsync that directory."""
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    finally:
+        os.close(fd)
+    os.rename(temporary, final)
+    try:
+        directory = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException:
+        os.unlink(final)
+        raise
+
+
+def _run(request: bytes, fds: list[int]) -> None:
+    tag, operation, temporary_size, final_size = REQUEST.unpack_from(request)
+    if operation == FSYNC:
+        try:
+            os.fsync(fds[0])
+        finally:
+            os.close(fds[0])
+    else:
+        view = memoryview(request)[REQUEST.size:]
+        store(bytes(view[:temporary_size]), bytes(view[temporary_size:temporary_size + final_size]),
+              view[temporary_size + final_size:])
 
 
 def serve(channel: socket.socket, threads: int = THREADS) -> None:
@@ -30,33 +72,46 @@ def serve(channel: socket.socket, threads: int = THREADS) -> None:
 
     def work() -> None:
         while (job := jobs.get()) is not None:
-            tag, fd = job
+            request, fds = job
             try:
-                os.fsync(fd)
+                _run(request, fds)
                 error = 0
             except OSError as e:
                 error = e.errno or 5
-            finally:
-                os.close(fd)
             with answering, contextlib.suppress(OSError):   # the node is gone
-                channel.sendall(ANSWER.pack(tag, error))
+                channel.sendall(ANSWER.pack(REQUEST.unpack_from(request)[0], error))
 
     workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
     for worker in workers:
         worker.start()
     while True:
-        frame, fds, _, _ = socket.recv_fds(channel, REQUEST.size, 1)
-        if not frame:
+        request, fds, _, _ = socket.recv_fds(channel, MAX_REQUEST, 1)
+        if not request:
             break
-        (tag,) = REQUEST.unpack(frame)
-        jobs.put((tag, fds[0]))
+        jobs.put((request, fds))
     for _ in workers:
         jobs.put(None)
     for worker in workers:
         worker.join()
 
 
+def die_with_the_node(node_pid: int) -> None:
+    """
+    Linux: if the node is killed, so is the helper (PR_SET_PDEATHSIG), at
+    once, as the node's own threads would be: nothing it had not answered
+    yet becomes visible after the node's death.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != node_pid:               # the node died before that
+        sys.exit(1)
+
+
 if __name__ == "__main__":
+    die_with_the_node(int(sys.argv[2]))
     # Ctrl-C in a terminal reaches the whole process group; the helper
     # ends when the node closes the socket, after its last answers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

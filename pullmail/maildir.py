@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pullmail.durable import fsync_directory, write_all
+from pullmail.durable import fsync_directory, write_all, write_new_file
 from pullmail.interfaces import IDeliveryAgent
 
 __all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir"]
@@ -82,6 +82,13 @@ class BlockingFsync:
         fsync_directory(directory)
         return succeed(None)
 
+    inline_limit = 1 << 62
+
+    def store(self, temporary: str, final: str, data: bytes) -> Deferred:
+        write_new_file(Path(temporary), [data])
+        os.rename(temporary, final)
+        return self.fsync_directory(os.path.dirname(final))
+
 
 def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
     """Create C{path} (which must not exist), write C{chunks}, have it fsynced."""
@@ -114,10 +121,14 @@ async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequen
     Write one message into the ``new/`` of every mailbox of C{addresses}:
     once, fsynced, to the first ``tmp/``; hard links (or copies, across
     file systems) for the others; the rename; then the directory fsyncs.
+    A small message for one mailbox is all one request to the C{syncer}.
     C{boxes_made} maps the addresses whose maildirs exist to their paths.
     """
     boxes = [boxes_made.get(a) or _make_box(root, a, boxes_made) for a in addresses]
     first_tmp = f"{boxes[0]}/tmp/{name}"
+    if len(boxes) == 1 and sum(map(len, chunks)) < syncer.inline_limit:
+        await syncer.store(first_tmp, f"{boxes[0]}/new/{name}", b"".join(chunks))
+        return [Path(f"{boxes[0]}/new/{name}")]
     await _write_synced(first_tmp, chunks, syncer)
     written: list[str] = []
     try:

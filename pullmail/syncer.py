@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
-from pullmail.fsyncd import ANSWER, REQUEST
+from pullmail.fsyncd import ANSWER, FSYNC, INLINE_LIMIT, REQUEST, STORE
 
 __all__ = ["FsyncHelper"]
 
@@ -38,12 +38,14 @@ class FsyncHelper:
     client hears 451) and the next request starts a new one.
     """
 
+    inline_limit = INLINE_LIMIT
+
     def __init__(self, reactor: IReactorFDSet) -> None:
         self._reactor = reactor
         self._socket: socket.socket | None = None
         self._process: subprocess.Popen | None = None
         self._waiting: dict[int, Deferred] = {}
-        self._unsent: deque[tuple[bytes, int]] = deque()
+        self._unsent: deque[tuple[bytes, int | None]] = deque()
         self._tags = 0
 
     # -- the process ------------------------------------------------------------
@@ -53,7 +55,8 @@ class FsyncHelper:
         node_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "pullmail.fsyncd", str(helper_end.fileno())],
+                [sys.executable, "-m", "pullmail.fsyncd", str(helper_end.fileno()),
+                 str(os.getpid())],
                 pass_fds=[helper_end.fileno()], stdin=subprocess.DEVNULL,
             )
         except BaseException:
@@ -89,7 +92,8 @@ class FsyncHelper:
         self._socket.close()
         self._socket = None
         for _, fd in self._unsent:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._unsent.clear()
         waiting, self._waiting = self._waiting, {}
         for d in waiting.values():
@@ -99,16 +103,34 @@ class FsyncHelper:
 
     def fsync(self, fd: int) -> Deferred:
         """fsync C{fd}, which this takes over (and closes once it is sent)."""
+        try:
+            tag = self._next_tag()
+        except OSError:
+            os.close(fd)
+            raise
+        return self._request(REQUEST.pack(tag, FSYNC, 0, 0), fd)
+
+    def store(self, temporary: str, final: str, data: bytes) -> Deferred:
+        """
+        The whole durable write in the helper, for data under C{inline_limit}:
+        create C{temporary}, write, fsync, rename to C{final}, fsync its
+        directory.  Even creating a file can wait for the file system's
+        journal, so the reactor thread leaves all of it to the helper.
+        """
+        paths = [os.fsencode(temporary), os.fsencode(final)]
+        header = REQUEST.pack(self._next_tag(), STORE, len(paths[0]), len(paths[1]))
+        return self._request(b"".join([header, *paths, data]), None)
+
+    def _next_tag(self) -> int:
         if self._socket is None:
-            try:
-                self.start()
-            except OSError:
-                os.close(fd)
-                raise
+            self.start()
         self._tags += 1
+        return self._tags
+
+    def _request(self, frame: bytes, fd: int | None) -> Deferred:
         d = Deferred()
-        self._waiting[self._tags] = d
-        self._unsent.append((REQUEST.pack(self._tags), fd))
+        self._waiting[REQUEST.unpack_from(frame)[0]] = d
+        self._unsent.append((frame, fd))
         self._send()
         return d
 
@@ -128,7 +150,10 @@ class FsyncHelper:
         while self._unsent:
             frame, fd = self._unsent[0]
             try:
-                socket.send_fds(self._socket, [frame], [fd])
+                if fd is None:
+                    self._socket.send(frame)
+                else:
+                    socket.send_fds(self._socket, [frame], [fd])
             except BlockingIOError:
                 self._reactor.addWriter(self)
                 return
@@ -137,7 +162,8 @@ class FsyncHelper:
                 self._drop(errno.EIO)
                 return
             self._unsent.popleft()
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._reactor.removeWriter(self)
 
     def doWrite(self) -> None:

@@ -31,11 +31,18 @@ def _tempdir(case) -> Path:
     return path
 
 class HeldSyncer:
-    """Records fsync requests; the test fires them."""
+    """Records fsync and store requests; the test fires them."""
 
-    def __init__(self) -> None:
+    def __init__(self, inline_limit: int = 0) -> None:
+        self.inline_limit = inline_limit
         self.files: list[tuple[str, Deferred]] = []
         self.directories: list[tuple[str, Deferred]] = []
+        self.stores: list[tuple[str, str, bytes, Deferred]] = []
+
+    def store(self, temporary: str, final: str, data: bytes) -> Deferred:
+        d = Deferred()
+        self.stores.append((temporary, final, data, d))
+        return d
 
     def fsync(self, fd: int) -> Deferred:
         path = os.readlink(f"/proc/self/fd/{fd}")
@@ -232,6 +239,28 @@ class DeliveryTests(SynchronousTestCase):
             self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"]), OSError
         )
         self.assertIsInstance(failure.value, OSError)
+
+    def test_small_message_for_one_mailbox_is_one_store(self):
+        """Under the syncer's inline limit, one mailbox: the whole write is one request."""
+        self.syncer.inline_limit = 1000
+        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n", b"y\r\n"])
+        [(temporary, final, data, stored)] = self.syncer.stores
+        self.assertEqual(Path(temporary).parent, self.box / "tmp")
+        self.assertEqual(Path(final), self.box / "new" / Path(temporary).name)
+        self.assertEqual(data, b"x\r\ny\r\n")
+        self.assertEqual(self.syncer.files, [])
+        self.assertNoResult(d)
+        stored.callback(None)
+        self.assertEqual(self.successResultOf(d), [Path(final)])
+
+    def test_big_or_shared_messages_take_the_fsync_path(self):
+        """At the limit, or for two mailboxes, the file is written here and fsynced."""
+        self.syncer.inline_limit = 3
+        self.delivery.deliver("Q1", ["alice@example.org"], [b"x\r\n"])
+        self.syncer.inline_limit = 1000
+        self.delivery.deliver("Q2", ["alice@example.org", "bob@example.org"], [b"x\r\n"])
+        self.assertEqual(len(self.syncer.files), 2)
+        self.assertEqual(self.syncer.stores, [])
 
     def test_blocking_syncer(self):
         """With BlockingFsync, two deliveries make two files at once."""

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pullmail.fsyncd import ANSWER, REQUEST, serve
+from pullmail.fsyncd import ANSWER, FSYNC, REQUEST, STORE, serve
 from pullmail.syncer import FsyncHelper
 
 
@@ -35,11 +35,24 @@ class ServeTests(SynchronousTestCase):
         file_fd = os.open(os.path.join(folder, "f"), os.O_WRONLY | os.O_CREAT)
         read_end, write_end = os.pipe()          # fsync of a pipe: EINVAL
         for tag, fd in ((1, file_fd), (2, read_end)):
-            socket.send_fds(node, [REQUEST.pack(tag)], [fd])
+            socket.send_fds(node, [REQUEST.pack(tag, FSYNC, 0, 0)], [fd])
             os.close(fd)
         os.close(write_end)
         answers = dict(ANSWER.unpack(node.recv(ANSWER.size)) for _ in range(2))
         self.assertEqual(answers, {1: 0, 2: errno.EINVAL})
+        temporary, final = os.path.join(folder, "t"), os.path.join(folder, "done")
+        for tag in (3, 4):          # a second STORE to the same name replaces the first
+            paths = [os.fsencode(temporary), os.fsencode(final)]
+            node.send(b"".join([REQUEST.pack(tag, STORE, len(paths[0]), len(paths[1])), *paths,
+                                b"message %d" % tag]))
+            answer = ANSWER.unpack(node.recv(ANSWER.size))
+            self.assertEqual(answer, (tag, 0))
+            with open(final, "rb") as f:
+                self.assertEqual(f.read(), b"message %d" % tag)
+            self.assertFalse(os.path.exists(temporary))
+        open(temporary, "w").close()        # O_EXCL: a temporary that exists is refused
+        node.send(b"".join([REQUEST.pack(5, STORE, len(paths[0]), len(paths[1])), *paths, b"x"]))
+        self.assertEqual(ANSWER.unpack(node.recv(ANSWER.size)), (5, errno.EEXIST))
         node.shutdown(socket.SHUT_WR)
         thread.join(10)
         self.assertFalse(thread.is_alive())
@@ -80,6 +93,17 @@ class FsyncHelperTests(TestCase):
         with self.assertRaises(OSError) as caught:
             yield self.helper.fsync(read_end)
         self.assertEqual(caught.exception.errno, errno.EINVAL)
+
+    @inlineCallbacks
+    def test_store(self):
+        """store(): the data lands under the final name, the temporary is gone."""
+        temporary, final = os.path.join(self.folder, "tmp1"), os.path.join(self.folder, "new1")
+        yield self.helper.store(temporary, final, b"hello\r\n")
+        with open(final, "rb") as f:
+            self.assertEqual(f.read(), b"hello\r\n")
+        self.assertFalse(os.path.exists(temporary))
+        with self.assertRaises(FileNotFoundError):
+            yield self.helper.store(os.path.join(self.folder, "no", "t"), final, b"x")
 
     def test_missing_directory(self):
         """A directory that cannot be opened fails at once."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import smtplib
 import threading
 import time
@@ -112,3 +113,40 @@ def test_sigkill_loses_no_acknowledged_message(make_node):
     assert not unknown, unknown
     # At most the one transaction in flight at the kill may be stored unacknowledged.
     assert len(set(found) - acknowledged) <= 1, sorted(set(found) - acknowledged)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_fsync_helper_dies_with_the_node(make_node):
+    """
+    The node's fsync helper (pullmail.fsyncd) runs while the node runs and
+    dies with it, even by SIGKILL: nothing can land in a maildir after the
+    node that would have acknowledged it is gone.
+    """
+    node = make_node("helper", "127.0.0.95", ["example.org"], "helper.example.org",
+                     users={ALICE: "alice-password"})
+    with smtp(node) as client:      # a delivery: the helper is up and serving
+        assert client.sendmail("load@outside.test", [ALICE], message("tok-1-0001")) == {}
+    [helper] = _children(node.pid)
+    with open(f"/proc/{helper}/cmdline", "rb") as f:
+        assert b"pullmail.fsyncd" in f.read()
+    # Stopped, the helper cannot notice the socket closing: only the
+    # kernel's parent-death signal can end it now.
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        node.kill()
+        wait_until(lambda: _gone(helper), 10, message="the helper to die with the node")
+    finally:
+        if not _gone(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
+    except FileNotFoundError:
+        return True
