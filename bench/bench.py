@@ -24,7 +24,7 @@ import common  # noqa: E402
 from common import (  # noqa: E402
     AiosmtpdServer, CountingProxy, PostfixServer, PullmailServer, RSSSampler, SinkServer,
     SMTPClient, fmt, make_message, pullmail_node, ratio, smtp_source, status_kb, table,
-    wait_until, cpu_seconds, count_files, PASSWORD,
+    wait_until, tree_cpu_seconds, count_files, PASSWORD,
 )
 
 SECTIONS = ("push", "gd", "scale", "idle", "wire", "profile")
@@ -137,9 +137,9 @@ def bench_gd(args, workdir, dns):
     try:
         asyncio.run(_notify_load(node.address, 20, 20, "bob@n.bench"))  # warm SPF cache
         for rnd in range(args.rounds):
-            cpu0 = cpu_seconds(node.pid)
+            cpu0 = tree_cpu_seconds(node.pid)
             rate = asyncio.run(_notify_load(node.address, args.ngdel, 20, "bob@n.bench"))
-            cpus.append((cpu_seconds(node.pid) - cpu0) / args.ngdel * 1000)
+            cpus.append((tree_cpu_seconds(node.pid) - cpu0) / args.ngdel * 1000)
             rates.append(rate)
             log(f"GDEL round {rnd + 1}: {rate:.0f}/s")
         rss = status_kb(node.pid, "VmHWM") / 1024
@@ -165,14 +165,14 @@ def bench_gd(args, workdir, dns):
                 receiver.start()
                 count = args.ne2e if rnd else 20
                 before = len(receiver.delivered_paths("bob@r.bench"))
-                c0 = cpu_seconds(sender.pid) + cpu_seconds(receiver.pid)
+                c0 = tree_cpu_seconds(sender.pid) + tree_cpu_seconds(receiver.pid)
                 start = time.monotonic()
                 asyncio.run(_submit_load(sender, count, 10, 2048, "alice@s.bench", "bob@r.bench"))
                 submitted = time.monotonic() - start
                 wait_until(lambda: len(receiver.delivered_paths("bob@r.bench")) >= before + count,
                            300, interval=0.02, message=f"{mode}: {count} delivered")
                 elapsed = time.monotonic() - start
-                used = cpu_seconds(sender.pid) + cpu_seconds(receiver.pid) - c0
+                used = tree_cpu_seconds(sender.pid) + tree_cpu_seconds(receiver.pid) - c0
                 wait_until(lambda: count_files(outbox) == 0, 60, message="sender outbox to empty")
                 if rnd:
                     results[mode].append(count / elapsed)

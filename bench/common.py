@@ -172,6 +172,28 @@ def ratio(a: list[float], b: list[float]) -> str:
 
 # -- servers ------------------------------------------------------------------------
 
+def process_tree(pid: int) -> list[int]:
+    """C{pid} and its descendants (a pullmail node and its fsync helper)."""
+    found = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found.extend(process_tree(int(child)))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of C{pid} and its live descendants."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 class Server:
     name = "?"
     address = "?"
@@ -260,7 +282,7 @@ class PullmailServer(Server):
         self.node.stop()
 
     def pids(self):
-        return [self.node.pid] if self.node.pid else []
+        return process_tree(self.node.pid) if self.node.pid else []
 
     def delivered(self):
         return count_files(self.node.maildir(self.rcpt) / "new")

@@ -2,18 +2,17 @@
 Writing files so that a crash never shows half of one: write to a temporary
 name, fsync the file, rename into place, fsync the directory (chasquid's
 safeio; POSIX rename atomicity).  The functions block: run them off the
-reactor thread; L{DirectorySyncs} does the last step for many writers at once.
+reactor thread; L{pullmail.fsyncd} does the same steps in a helper process.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 
 __all__ = [
-    "fsync_directory", "write_all", "write_atomically", "write_new_file", "replace_file", "DirectorySyncs",
+    "fsync_directory", "write_all", "write_atomically", "write_new_file", "replace_file",
 ]
 
 
@@ -71,51 +70,3 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """L{replace_file}, then make the new entry durable."""
     replace_file(path, data, mode)
     fsync_directory(path.parent)
-
-
-class DirectorySyncs:
-    """
-    Coalesced directory fsyncs, for worker threads (group commit,
-    PERF-NOTES): a thread whose rename is done returns once an fsync of the
-    directory that began after it asked has finished.  Threads that ask
-    while one runs share the next, so concurrent sessions delivering to one
-    mailbox pay one directory fsync per round, not one each.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._state: dict[Path, _SyncState] = {}
-
-    def sync(self, directory: Path) -> None:
-        with self._changed:
-            state = self._state.setdefault(directory, _SyncState())
-            state.asked += 1
-            ticket = state.asked
-            while state.covered < ticket:
-                if not state.running:
-                    state.running = True
-                    covering = state.asked
-                    break
-                self._changed.wait()
-            else:
-                return
-        synced = False
-        try:
-            fsync_directory(directory)
-            synced = True
-        finally:
-            with self._changed:
-                state.running = False
-                if synced:
-                    state.covered = max(state.covered, covering)
-                self._changed.notify_all()
-
-
-class _SyncState:
-    """Per directory: requests so far, requests an fsync has covered."""
-
-    __slots__ = ("asked", "covered", "running")
-
-    def __init__(self) -> None:
-        self.asked = self.covered = 0
-        self.running = False

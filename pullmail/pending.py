@@ -12,12 +12,13 @@ again (so the SMTA can let go of it) but its copy is dropped at delivery.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pullmail import record
-from pullmail.durable import replace_file, write_atomically
+from pullmail.durable import write_atomically
 
 __all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
 
@@ -72,12 +73,16 @@ class PendingStore:
         # Which peer each pending record was counted for: records change in
         # place, so their own fields cannot say what was counted.
         self._counted: dict[str, str] = {}
+        self._writes = 0
 
     def load(self) -> None:
         """Blocking: read every record (start-up)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._index, self._pending_by_peer, self._counted = {}, {}, {}
         for path in self.root.iterdir():
+            if path.name.startswith(".") and path.suffix == ".tmp":
+                path.unlink(missing_ok=True)     # a write cut short by a crash
+                continue
             if path.suffix != ".json" or path.name.startswith("."):
                 continue
             try:
@@ -126,12 +131,11 @@ class PendingStore:
         write_atomically(self.root / f"{notification.key}.json", notification.to_json())
         self._remember(notification)
 
-    def write(self, notification: Notification) -> None:
-        """
-        Blocking: write the record, fsynced, but not yet its directory
-        entry; call L{remember} once the directory is fsynced too.
-        """
-        replace_file(self.root / f"{notification.key}.json", notification.to_json())
+    def paths_for(self, notification: Notification) -> tuple[str, str]:
+        """A fresh temporary name and the record's name, for a write elsewhere."""
+        self._writes += 1
+        return (f"{self.root}/.{notification.key}.{os.getpid()}.{self._writes}.tmp",
+                f"{self.root}/{notification.key}.json")
 
     def remember(self, notification: Notification) -> None:
         self._remember(notification)

@@ -64,10 +64,10 @@ class Retriever:
         client_tls=None,
         resolver=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
-        directory_syncs=None,
+        store_file: Callable[[str, str, bytes], defer.Deferred] | None = None,
         delivered_already: Callable | None = None,
     ) -> None:
-        self.directory_syncs = directory_syncs
+        self.store_file = store_file
         self.delivered_already = delivered_already
         self.store = store
         self.resolver = resolver
@@ -154,19 +154,15 @@ class Retriever:
 
     async def _save(self, notification: Notification) -> None:
         """
-        Store a record durably; concurrent saves share the fsync of the
-        pending folder (group commit) when L{DirectorySyncs} are given.
+        Store a record durably.  With C{store_file} (the fsync helper's
+        store) the whole write happens outside this process's GIL.
         """
-        if self.directory_syncs is None:
+        if self.store_file is None:
             await self.run_blocking(self.store.save, notification)
             return
-        await self.run_blocking(self._write_shared_sync, notification)
+        temporary, final = self.store.paths_for(notification)
+        await self.store_file(temporary, final, notification.to_json())
         self.store.remember(notification)
-
-    def _write_shared_sync(self, notification: Notification) -> None:
-        """Blocking: write the record, then share the folder's fsync."""
-        self.store.write(notification)
-        self.directory_syncs.sync(self.store.root)
 
     @staticmethod
     def _accepted(gdel_id: str) -> Reply:

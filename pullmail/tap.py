@@ -28,7 +28,6 @@ from pullmail.auth import Authenticator, make_portal
 from pullmail.control import SOCKET_NAME, ControlFactory
 from pullmail.delivery import Outbound
 from pullmail.diskpool import DiskPool
-from pullmail.durable import DirectorySyncs
 from pullmail.dns import Resolver, make_dnspython_resolver
 from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
 from pullmail.esmtp.server import Authenticate, CheckPush, CheckSender, Deliver, ServerPolicy
@@ -198,7 +197,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
-        directory_syncs=DirectorySyncs(),
+        store_file=fsync_helper.store,
         delivered_already=router.delivered_already,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)

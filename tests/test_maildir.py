@@ -9,7 +9,6 @@ import errno
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from unittest import mock
 
@@ -292,98 +291,3 @@ class DurableTests(SynchronousTestCase):
         with self.assertRaises(FileExistsError):
             durable.write_new_file(path, [b"c"])
         self.assertEqual(path.read_bytes(), b"ab")
-
-
-class DirectorySyncTests(SynchronousTestCase):
-    """
-    Threads share directory fsyncs: each returns after an fsync that began
-    after it asked.  Real threads; the fsync is held on an Event so the test
-    decides who arrives while it runs.
-    """
-
-    def setUp(self):
-        self.directory = _tempdir(self)
-        self.syncs = durable.DirectorySyncs()
-        self.started = []                     # one Event per fsync begun
-        self.release = []                     # one Event per fsync, set by the test
-        self.lock = threading.Lock()
-        real = durable.fsync_directory
-
-        def held(path):
-            with self.lock:
-                go = threading.Event()
-                self.release.append(go)
-                began = self.started[len(self.release) - 1]
-            began.set()
-            self.assertTrue(go.wait(10))
-            real(path)
-
-        self.started = [threading.Event() for _ in range(10)]
-        patcher = mock.patch("pullmail.durable.fsync_directory", held)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-
-    def _thread(self, done: list):
-        thread = threading.Thread(target=lambda: done.append(self.syncs.sync(self.directory)))
-        thread.start()
-        self.addCleanup(thread.join, 10)
-        return thread
-
-    def _wait_asked(self, count: int) -> None:
-        """Wait until C{count} threads have asked (they block inside sync)."""
-        state = self.syncs._state[self.directory]
-        with self.syncs._changed:
-            self.assertTrue(self.syncs._changed.wait_for(lambda: state.asked >= count, 10))
-
-    def test_waiters_share_the_next_fsync(self):
-        """
-        One fsync runs; three threads ask meanwhile; they share one more
-        fsync, and none returns before it has finished.
-        """
-        first_done, later_done = [], []
-        first = self._thread(first_done)
-        self.assertTrue(self.started[0].wait(10))
-        later = [self._thread(later_done) for _ in range(3)]
-        self._wait_asked(4)
-        self.release[0].set()
-        first.join(10)
-        self.assertEqual(first_done, [None])
-        self.assertTrue(self.started[1].wait(10))   # one of the three runs the next
-        self.assertEqual(later_done, [])              # their renames came after #1 began
-        self.release[1].set()
-        for thread in later:
-            thread.join(10)
-        self.assertEqual(later_done, [None] * 3)
-        self.assertEqual(len(self.release), 2)
-
-    def test_failed_fsync_is_retried_by_a_waiter(self):
-        """An fsync that fails covers no one: the failing caller raises, a waiter runs another."""
-        errors, done, calls = [], [], []
-
-        def failing_then_ok(path):
-            calls.append(path)
-            if len(calls) == 1:
-                self.started[0].set()
-                self.assertTrue(self.release_first.wait(10))
-                raise OSError(errno.EIO, "I/O error")
-            self.started[1].set()
-
-        self.release_first = threading.Event()
-        with mock.patch("pullmail.durable.fsync_directory", failing_then_ok):
-            def first():
-                try:
-                    self.syncs.sync(self.directory)
-                except OSError as e:
-                    errors.append(e.errno)
-
-            failing = threading.Thread(target=first)
-            failing.start()
-            self.assertTrue(self.started[0].wait(10))
-            waiter = self._thread(done)
-            self._wait_asked(2)
-            self.release_first.set()
-            failing.join(10)
-            waiter.join(10)
-        self.assertEqual(errors, [errno.EIO])
-        self.assertEqual(done, [None])
-        self.assertTrue(self.started[1].is_set())

@@ -7,6 +7,8 @@ drives both.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -18,6 +20,7 @@ from pullmail.envelope import Envelope, Session
 from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
 from pullmail.esmtp.server import ServerPolicy
 from pullmail.outbox import NOTIFIED
+from pullmail.maildir import BlockingFsync
 from pullmail.pending import PENDING, RETRIEVED, PendingStore
 from pullmail.pickup import FailureTracker, PickupCounter
 from pullmail.protocol import ConnectionLimits, SMTPServerFactory
@@ -191,6 +194,40 @@ def test_accepted_and_stored(tmp_path) -> None:
     assert notification.recipients == [BOB]
     assert notification.notified_at == START
     assert notification.size == len(MESSAGE)
+
+
+def test_stored_through_store_file_before_the_reply(tmp_path) -> None:
+    """
+    With store_file (the fsync helper's store), the record goes out as one
+    request: a fresh temporary, the record's name, its JSON; no 250 before
+    that request has finished, and a crash's leftover temporary is swept.
+    """
+    world = World(tmp_path)
+    world.network.stop_listening(SMTA, 25)
+    requests = []
+
+    def store_file(temporary, final, data):
+        d = defer.Deferred()
+        requests.append((temporary, final, data, d))
+        return d
+
+    world.retriever.store_file = store_file
+    session = Session(SMTA, "smtp", helo="mx.sender.example", esmtp=True)
+    answers = []
+    world.retriever(object(), Notify(session, Envelope(SENDER, (BOB,), len(MESSAGE)), GDEL_ID)
+                    ).addBoth(answers.append)
+    [(temporary, final, data, d)] = requests
+    assert answers == []
+    assert temporary.startswith(str(tmp_path / "pending" / ".")) and temporary.endswith(".tmp")
+    assert final.endswith(".json") and final.startswith(str(tmp_path / "pending"))
+    BlockingFsync().store(temporary, final, data)
+    open(str(tmp_path / "pending" / ".leftover.1.2.tmp"), "wb").close()
+    d.callback(None)
+    assert answers == [Reply(250, "2.0.0", f"{GDEL_ID} notification accepted")]
+    stored = PendingStore(tmp_path / "pending")
+    stored.load()
+    assert stored.get("sender.example", GDEL_ID).recipients == [BOB]
+    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == [Path(final).name]
 
 
 def test_same_id_again(tmp_path) -> None:
