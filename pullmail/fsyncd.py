@@ -12,6 +12,7 @@ errno (0: on disk).  It ends when the node closes its end of the socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ctypes
 import os
 import queue
@@ -85,9 +86,15 @@ def serve(channel: socket.socket, threads: int = THREADS) -> None:
     for worker in workers:
         worker.start()
     while True:
-        request, fds, _, _ = socket.recv_fds(channel, MAX_REQUEST, 1)
+        request, fds, flags, _ = socket.recv_fds(channel, MAX_REQUEST, 1)
         if not request:
             break
+        if flags & socket.MSG_TRUNC:          # never store part of a message
+            for fd in fds:
+                os.close(fd)
+            with answering:
+                channel.sendall(ANSWER.pack(REQUEST.unpack_from(request)[0], errno.EMSGSIZE))
+            continue
         jobs.put((request, fds))
     for _ in workers:
         jobs.put(None)

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
-from pullmail.fsyncd import ANSWER, FSYNC, INLINE_LIMIT, REQUEST, STORE
+from pullmail.fsyncd import ANSWER, FSYNC, INLINE_LIMIT, MAX_REQUEST, REQUEST, STORE
 
 __all__ = ["FsyncHelper"]
 
@@ -65,6 +65,7 @@ class FsyncHelper:
         finally:
             helper_end.close()
         node_end.setblocking(False)
+        node_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_REQUEST)
         self._socket = node_end
         self._reactor.addReader(self)
         log.info("fsync helper started, pid {pid}", pid=self._process.pid)
@@ -118,6 +119,8 @@ class FsyncHelper:
         journal, so the reactor thread leaves all of it to the helper.
         """
         paths = [os.fsencode(temporary), os.fsencode(final)]
+        if REQUEST.size + len(paths[0]) + len(paths[1]) + len(data) > MAX_REQUEST:
+            return fail(OSError(errno.EMSGSIZE, "too big for the fsync helper"))
         header = REQUEST.pack(self._next_tag(), STORE, len(paths[0]), len(paths[1]))
         return self._request(b"".join([header, *paths, data]), None)
 
@@ -158,6 +161,12 @@ class FsyncHelper:
                 self._reactor.addWriter(self)
                 return
             except OSError as e:
+                if e.errno == errno.EMSGSIZE:     # this request only: too big to send
+                    self._unsent.popleft()
+                    if fd is not None:
+                        os.close(fd)
+                    self._waiting.pop(REQUEST.unpack_from(frame)[0]).errback(e)
+                    continue
                 log.error("fsync helper unreachable: {error}", error=str(e))
                 self._drop(errno.EIO)
                 return

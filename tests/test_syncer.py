@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pullmail.fsyncd import ANSWER, FSYNC, REQUEST, STORE, serve
+from pullmail.fsyncd import ANSWER, FSYNC, MAX_REQUEST, REQUEST, STORE, serve
 from pullmail.syncer import FsyncHelper
 
 
@@ -50,6 +50,12 @@ class ServeTests(SynchronousTestCase):
             with open(final, "rb") as f:
                 self.assertEqual(f.read(), b"message %d" % tag)
             self.assertFalse(os.path.exists(temporary))
+        oversized = REQUEST.pack(6, STORE, len(paths[0]), len(paths[1])) + b"".join(paths)
+        node.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_REQUEST)
+        node.send(oversized + b"y" * MAX_REQUEST)    # would be cut: refused, nothing written
+        self.assertEqual(ANSWER.unpack(node.recv(ANSWER.size)), (6, errno.EMSGSIZE))
+        with open(final, "rb") as f:
+            self.assertEqual(f.read(), b"message 4")
         open(temporary, "w").close()        # O_EXCL: a temporary that exists is refused
         node.send(b"".join([REQUEST.pack(5, STORE, len(paths[0]), len(paths[1])), *paths, b"x"]))
         self.assertEqual(ANSWER.unpack(node.recv(ANSWER.size)), (5, errno.EEXIST))
@@ -104,6 +110,15 @@ class FsyncHelperTests(TestCase):
         self.assertFalse(os.path.exists(temporary))
         with self.assertRaises(FileNotFoundError):
             yield self.helper.store(os.path.join(self.folder, "no", "t"), final, b"x")
+
+    @inlineCallbacks
+    def test_too_big_fails_alone(self):
+        """A request too big for one datagram fails by itself; the helper keeps serving."""
+        big = os.path.join(self.folder, "big")
+        with self.assertRaises(OSError) as caught:
+            yield self.helper.store(big + ".tmp", big, b"x" * (4 << 20))
+        self.assertEqual(caught.exception.errno, errno.EMSGSIZE)
+        yield self.helper.fsync(self._file("after"))
 
     def test_missing_directory(self):
         """A directory that cannot be opened fails at once."""
