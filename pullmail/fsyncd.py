@@ -86,13 +86,16 @@ def serve(channel: socket.socket, threads: int = THREADS) -> None:
     for worker in workers:
         worker.start()
     while True:
-        request, fds, flags, _ = socket.recv_fds(channel, MAX_REQUEST, 1)
+        try:
+            request, fds, flags, _ = socket.recv_fds(channel, MAX_REQUEST, 1)
+        except ConnectionError:               # the node is gone (killed)
+            break
         if not request:
             break
         if flags & socket.MSG_TRUNC:          # never store part of a message
             for fd in fds:
                 os.close(fd)
-            with answering:
+            with answering, contextlib.suppress(OSError):
                 channel.sendall(ANSWER.pack(REQUEST.unpack_from(request)[0], errno.EMSGSIZE))
             continue
         jobs.put((request, fds))

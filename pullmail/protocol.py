@@ -352,6 +352,16 @@ class SMTPConnection(Protocol):
         d.addBoth(turn_over)
         d.addErrback(self._turn_failed)
 
+    def _abandon(self, result: object) -> None:
+        """
+        The peer left while a request ran.  A reversal granted meanwhile
+        still runs its turn, which fails at once on the closed channel: the
+        turn's own cleanup (giving back a claimed outbox entry) must happen.
+        """
+        if isinstance(result, Reverse):
+            d = defer.Deferred.fromCoroutine(result.turn(self))
+            d.addErrback(self._turn_failed)
+
     def _turn_failed(self, failure: Failure) -> None:
         if failure.check(error.ConnectionDone, error.ConnectionLost):
             log.info("peer left during the reversed turn", event="turn-aborted")
@@ -379,6 +389,7 @@ class SMTPConnection(Protocol):
         def resolved(result: object) -> None:
             self._busy = False
             if self._closing:
+                self._abandon(result)
                 return
             self._resume_reading()
             try:

@@ -165,6 +165,34 @@ class SMTASideTests(SynchronousTestCase):
         # A peer leaving is an ordinary event, logged without a traceback.
         self.assertEqual(self.flushLoggedErrors(error.ConnectionDone), [])
 
+    def test_connection_lost_before_the_turn_begins(self) -> None:
+        """
+        The RMTA leaves while its RETR is still being answered: the turn
+        granted after that still runs, and fails at once, so whatever it
+        holds (the claimed outbox entry) is given back; nothing is written.
+        """
+        granted = defer.Deferred()
+        self.smta.protocol.performers = {Retrieve: lambda connection, request: granted}
+        self.start_turn()
+        self.smta.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.smta.transport.clear()
+        ran = []
+
+        async def turn(channel) -> None:
+            ran.append(True)
+            try:
+                await send_transaction(channel, SENDER, [RECIPIENT], [MESSAGE])
+            except BaseException:
+                self.smta.turn_errors.append(Failure())
+                raise
+
+        granted.callback(Reverse(Reply(250, "2.0.0", f"{GDEL_ID} follows"), turn))
+        self.assertEqual(ran, [True])
+        [failure] = self.smta.turn_errors
+        self.assertTrue(failure.check(error.ConnectionLost, error.ConnectionDone))
+        self.assertEqual(self.smta.transport.value(), b"")
+        self.assertEqual(self.flushLoggedErrors(error.ConnectionLost, error.ConnectionDone), [])
+
     def test_garbage_from_rmta_closes(self) -> None:
         """Something that is not a reply during the SMTA's turn closes the connection."""
         self.start_turn()
