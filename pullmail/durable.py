@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 __all__ = [
-    "fsync_directory", "write_all", "write_atomically", "write_new_file", "replace_file",
+    "fsync_directory", "publish_new_file", "remove_files", "write_all", "write_atomically",
+    "write_new_file", "replace_file",
 ]
 
 
@@ -70,3 +71,28 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """L{replace_file}, then make the new entry durable."""
     replace_file(path, data, mode)
     fsync_directory(path.parent)
+
+
+def publish_new_file(temporary: str | Path, final: str | Path, chunks) -> None:
+    """
+    The whole durable write of a new file: C{chunks} into C{temporary}
+    (which must not exist), fsynced, renamed to C{final}, whose directory
+    is fsynced.  If that last fsync fails, C{final} goes again: a caller
+    that was never told "stored" will write it again.
+    """
+    write_new_file(Path(temporary), chunks)
+    os.rename(temporary, final)
+    try:
+        fsync_directory(Path(final).parent)
+    except BaseException:
+        os.unlink(final)
+        raise
+
+
+def remove_files(*paths: str | Path) -> None:
+    """Unlink each of C{paths} that exists."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

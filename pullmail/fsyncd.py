@@ -12,8 +12,8 @@ errno (0: on disk).  It ends when the node closes its end of the socket.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ctypes
+import errno
 import os
 import queue
 import signal
@@ -22,36 +22,14 @@ import struct
 import sys
 import threading
 
+from pullmail.durable import publish_new_file
+
 REQUEST = struct.Struct("!QBHH")      # tag, operation, path lengths (STORE)
 ANSWER = struct.Struct("!QI")          # tag, errno (0 = done)
 FSYNC, STORE = 1, 2
 INLINE_LIMIT = 128 * 1024              # STORE data fits one datagram below this
 MAX_REQUEST = REQUEST.size + 2 * 4096 + INLINE_LIMIT
 THREADS = 8
-
-
-def store(temporary: bytes, final: bytes, data: memoryview) -> None:
-    """Create C{temporary}, write and fsync it, rename it to C{final}, fsync that directory."""
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    finally:
-        os.close(fd)
-    os.rename(temporary, final)
-    try:
-        directory = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException:
-        os.unlink(final)
-        raise
 
 
 def _run(request: bytes, fds: list[int]) -> None:
@@ -63,8 +41,9 @@ def _run(request: bytes, fds: list[int]) -> None:
             os.close(fds[0])
     else:
         view = memoryview(request)[REQUEST.size:]
-        store(bytes(view[:temporary_size]), bytes(view[temporary_size:temporary_size + final_size]),
-              view[temporary_size + final_size:])
+        publish_new_file(os.fsdecode(bytes(view[:temporary_size])),
+                         os.fsdecode(bytes(view[temporary_size:temporary_size + final_size])),
+                         [view[temporary_size + final_size:]])
 
 
 def serve(channel: socket.socket, threads: int = THREADS) -> None:

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pullmail.durable import fsync_directory, write_all, write_new_file
+from pullmail.durable import fsync_directory, publish_new_file, remove_files, write_all
 from pullmail.interfaces import IDeliveryAgent
 
 __all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir"]
@@ -70,6 +70,8 @@ class MaildirNames:
 class BlockingFsync:
     """fsync in the calling thread, for tools and tests (the node uses L{FsyncHelper})."""
 
+    inline_limit = 1 << 62
+
     def fsync(self, fd: int) -> Deferred:
         """fsync C{fd}, then close it."""
         try:
@@ -82,12 +84,9 @@ class BlockingFsync:
         fsync_directory(directory)
         return succeed(None)
 
-    inline_limit = 1 << 62
-
     def store(self, temporary: str, final: str, data: bytes) -> Deferred:
-        write_new_file(Path(temporary), [data])
-        os.rename(temporary, final)
-        return self.fsync_directory(os.path.dirname(final))
+        publish_new_file(temporary, final, [data])
+        return succeed(None)
 
 
 def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
@@ -105,14 +104,6 @@ def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
         return failure
 
     return maybeDeferred(syncer.fsync, fd).addErrback(failed)
-
-
-def _unlink_quietly(paths: Sequence[str]) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
@@ -143,13 +134,13 @@ async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequen
         os.rename(first_tmp, f"{boxes[0]}/new/{name}")
         written.insert(0, f"{boxes[0]}/new/{name}")
     except BaseException:
-        _unlink_quietly(written + [first_tmp])
+        remove_files(*written, first_tmp)
         raise
     try:
         await gatherResults([syncer.fsync_directory(d) for d in {f"{box}/new" for box in boxes}],
                             consumeErrors=True).addErrback(lambda f: f.value.subFailure)
     except BaseException:
-        _unlink_quietly(written)    # not acknowledged: the client will send it again
+        remove_files(*written)    # not acknowledged: the client will send it again
         raise
     return [Path(path) for path in written]
 

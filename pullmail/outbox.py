@@ -30,7 +30,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pullmail import record
-from pullmail.durable import fsync_directory, replace_file, write_atomically, write_new_file
+from pullmail.durable import (
+    fsync_directory, remove_files, replace_file, write_atomically, write_new_file,
+)
 from pullmail.ids import is_gdel_id
 from pullmail.interfaces import IOutbox
 
@@ -71,11 +73,6 @@ class OutboxEntry:
     @classmethod
     def from_json(cls, data: bytes) -> "OutboxEntry":
         return record.load(cls, data, RECORD_VERSION)
-
-
-def _unlink_all(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
 
 
 @implementer(IOutbox)
@@ -251,11 +248,11 @@ class MaildirOutbox:
         folder = self._claimed if entry.claimed else self._entries
         paths = (folder / f"{entry_id}.json", self.message_path(entry_id))
         if after is None:
-            self._in_order(entry_id, _unlink_all, *paths)
+            self._in_order(entry_id, remove_files, *paths)
             return
 
         def delete(result: object) -> object:
-            self._in_order(entry_id, _unlink_all, *paths)
+            self._in_order(entry_id, remove_files, *paths)
             return result
 
         def keep(failure: Failure) -> None:

@@ -49,8 +49,8 @@ __all__ = ["Options", "makeService"]
 
 log = Logger(namespace="pullmail.node")
 
-# Threads for blocking disk and password work: enough to overlap fsyncs of
-# concurrent sessions, few enough not to thrash a small machine.
+# Threads for the blocking disk work the fsync helper does not take (the
+# outbox) and for password hashing: a few, not to thrash a small machine.
 DISK_THREADS = 4
 # sockaddr_un.sun_path holds 108 bytes on Linux.
 MAX_UNIX_PATH = 107

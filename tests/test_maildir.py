@@ -283,6 +283,19 @@ class DurableTests(SynchronousTestCase):
         self.assertEqual(path.read_bytes(), b"two")
         self.assertEqual([p.name for p in self.dir.iterdir()], ["f"])
 
+    def test_publish_new_file(self):
+        """publish_new_file: the data under the final name, no temporary left."""
+        durable.publish_new_file(str(self.dir / "t"), str(self.dir / "f"), [b"a", b"b"])
+        self.assertEqual(sorted(p.name for p in self.dir.iterdir()), ["f"])
+        self.assertEqual((self.dir / "f").read_bytes(), b"ab")
+
+    def test_publish_new_file_directory_sync_fails(self):
+        """A failed directory fsync takes the published file away again, and raises."""
+        with mock.patch.object(durable, "fsync_directory", side_effect=OSError(errno.EIO, "EIO")):
+            with self.assertRaises(OSError):
+                durable.publish_new_file(str(self.dir / "t"), str(self.dir / "f"), [b"a"])
+        self.assertEqual(list(self.dir.iterdir()), [])
+
     def test_new_file_exclusive(self):
         """write_new_file refuses to overwrite."""
         path = self.dir / "g"
