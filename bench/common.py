@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from tests.integration.harness import DNSServer, Node, wait_until  # noqa: E402
+from tests.integration.harness import DNSServer, Node, accepts, wait_until  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 SMTP_SOURCE = shutil.which("smtp-source", path="/usr/sbin:/usr/bin") or "/usr/sbin/smtp-source"
@@ -346,7 +345,7 @@ class SinkServer(Server):
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "ab"),
             start_new_session=True,
         )
-        wait_until(lambda: _accepts(self.address, self.port), 10, message="smtp-sink to listen")
+        wait_until(lambda: accepts(self.address, self.port), 10, message="smtp-sink to listen")
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -407,14 +406,6 @@ class PostfixServer(Server):
 
     def delivered(self):
         return count_files(self.instance.maildir(self.rcpt) / "new")
-
-
-def _accepts(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 # -- load -----------------------------------------------------------------------------

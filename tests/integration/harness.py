@@ -291,9 +291,12 @@ def _greets(address: str, port: int, timeout: float = 1.0, source: str | None = 
             return False
 
 
-def _accepts(address: str, port: int) -> bool:
+def accepts(address: str, port: int, source: str | None = None) -> bool:
+    """Whether something accepts TCP connections there (from C{source}, if given)."""
     try:
-        socket.create_connection((address, port), timeout=0.5).close()
+        socket.create_connection(
+            (address, port), timeout=0.5, source_address=(source, 0) if source else None
+        ).close()
         return True
     except OSError:
         return False
@@ -464,7 +467,7 @@ class Node:
         if self.running():
             raise NodeError(f"{self!r} is already running")
         host, port = self.mx_endpoint
-        if _accepts(host, port):
+        if accepts(host, port):
             raise NodeError(
                 f"something already listens on {host}:{port}; "
                 "a node of another test still running?"

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .harness import _greets
+from .harness import _greets, accepts
 
 __all__ = [
     "PostfixInstance",
@@ -351,7 +351,7 @@ class PostfixInstance:
         """C{postfix -c DIR start}; returns once smtpd greets on address:port."""
         if self.master_pid() is not None:
             raise PostfixError(f"{self!r} is already running")
-        if _accepts(self.address, self.port, source=self.address):
+        if accepts(self.address, self.port, source=self.address):
             raise PostfixError(f"something already listens on {self.address}:{self.port}")
         self.check()
         self.run("start")
@@ -552,15 +552,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _accepts(address: str, port: int, source: str | None = None) -> bool:
-    try:
-        socket.create_connection(
-            (address, port), timeout=0.5, source_address=(source, 0) if source else None
-        ).close()
-        return True
-    except OSError:
-        return False
-
-
