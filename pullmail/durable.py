@@ -8,11 +8,12 @@ reactor thread; L{pullmail.fsyncd} does the same steps in a helper process.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
 __all__ = [
-    "fsync_directory", "publish_new_file", "remove_files", "write_all", "write_atomically",
+    "DirectorySyncs", "fsync_directory", "publish_new_file", "remove_files", "write_all", "write_atomically",
     "write_new_file", "replace_file",
 ]
 
@@ -73,17 +74,19 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_directory(path.parent)
 
 
-def publish_new_file(temporary: str | Path, final: str | Path, chunks) -> None:
+def publish_new_file(temporary: str | Path, final: str | Path, chunks,
+                     sync_directory=None) -> None:
     """
     The whole durable write of a new file: C{chunks} into C{temporary}
     (which must not exist), fsynced, renamed to C{final}, whose directory
-    is fsynced.  If that last fsync fails, C{final} goes again: a caller
-    that was never told "stored" will write it again.
+    is fsynced (by C{sync_directory}, e.g. a L{DirectorySyncs}).  If that
+    last fsync fails, C{final} goes again: a caller that was never told
+    "stored" will write it again.
     """
     write_new_file(Path(temporary), chunks)
     os.rename(temporary, final)
     try:
-        fsync_directory(Path(final).parent)
+        (sync_directory or fsync_directory)(Path(final).parent)
     except BaseException:
         os.unlink(final)
         raise
@@ -96,3 +99,53 @@ def remove_files(*paths: str | Path) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+class DirectorySyncs:
+    """
+    Group commit of directory fsyncs, for threads: a thread whose rename is
+    done returns once an fsync of the folder that began after it asked has
+    finished.  Threads that ask while one runs share the next, so twenty
+    sessions storing into one mailbox pay one directory fsync per round
+    rather than twenty (each is a synchronous disk write, and most of the
+    kernel time of a delivery).
+    """
+
+    def __init__(self, fsync=fsync_directory) -> None:
+        self._fsync = fsync
+        self._changed = threading.Condition()
+        self._state: dict[Path, _SyncState] = {}
+
+    def __call__(self, directory: Path) -> None:
+        with self._changed:
+            state = self._state.setdefault(directory, _SyncState())
+            state.asked += 1
+            ticket = state.asked
+            while state.covered < ticket:
+                if not state.running:
+                    state.running = True
+                    covering = state.asked
+                    break
+                self._changed.wait()
+            else:
+                return
+        synced = False
+        try:
+            self._fsync(directory)
+            synced = True
+        finally:
+            with self._changed:
+                state.running = False
+                if synced:
+                    state.covered = covering
+                self._changed.notify_all()
+
+
+class _SyncState:
+    """Per folder: requests so far, and how many of them a finished fsync covered."""
+
+    __slots__ = ("asked", "covered", "running")
+
+    def __init__(self) -> None:
+        self.asked = self.covered = 0
+        self.running = False

@@ -22,7 +22,7 @@ import struct
 import sys
 import threading
 
-from pullmail.durable import publish_new_file
+from pullmail.durable import DirectorySyncs, publish_new_file
 
 REQUEST = struct.Struct("!QBHH")      # tag, operation, path lengths (STORE)
 ANSWER = struct.Struct("!QI")          # tag, errno (0 = done)
@@ -32,7 +32,7 @@ MAX_REQUEST = REQUEST.size + 2 * 4096 + INLINE_LIMIT
 THREADS = 8
 
 
-def _run(request: bytes, fds: list[int]) -> None:
+def _run(request: bytes, fds: list[int], sync_directory) -> None:
     tag, operation, temporary_size, final_size = REQUEST.unpack_from(request)
     if operation == FSYNC:
         try:
@@ -43,18 +43,19 @@ def _run(request: bytes, fds: list[int]) -> None:
         view = memoryview(request)[REQUEST.size:]
         publish_new_file(os.fsdecode(bytes(view[:temporary_size])),
                          os.fsdecode(bytes(view[temporary_size:temporary_size + final_size])),
-                         [view[temporary_size + final_size:]])
+                         [view[temporary_size + final_size:]], sync_directory)
 
 
 def serve(channel: socket.socket, threads: int = THREADS) -> None:
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     answering = threading.Lock()
+    sync_directory = DirectorySyncs()
 
     def work() -> None:
         while (job := jobs.get()) is not None:
             request, fds = job
             try:
-                _run(request, fds)
+                _run(request, fds, sync_directory)
                 error = 0
             except OSError as e:
                 error = e.errno or 5

@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -304,3 +305,94 @@ class DurableTests(SynchronousTestCase):
         with self.assertRaises(FileExistsError):
             durable.write_new_file(path, [b"c"])
         self.assertEqual(path.read_bytes(), b"ab")
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    """
+    The fsync helper's threads share directory fsyncs: each returns after an
+    fsync that began after it asked.  Real threads; each fsync is held on an
+    Event, so the test decides who arrives while one runs.
+    """
+
+    def setUp(self):
+        self.directory = _tempdir(self)
+        self.started = [threading.Event() for _ in range(10)]   # one per fsync begun
+        self.release = [threading.Event() for _ in range(10)]   # set by the test
+        self.calls = 0
+        self.failures = set()                                    # fsync numbers that fail
+
+        def held(path):
+            number, self.calls = self.calls, self.calls + 1
+            self.started[number].set()
+            self.assertTrue(self.release[number].wait(10))
+            if number in self.failures:
+                raise OSError(errno.EIO, "I/O error")
+            durable.fsync_directory(path)
+
+        self.syncs = durable.DirectorySyncs(fsync=held)
+
+    def _thread(self, outcomes: list):
+        def sync():
+            try:
+                outcomes.append(self.syncs(self.directory))
+            except OSError as e:
+                outcomes.append(e.errno)
+
+        thread = threading.Thread(target=sync)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        return thread
+
+    def _wait_asked(self, count: int) -> None:
+        """Wait until C{count} threads have asked (they block inside the call)."""
+        with self.syncs._changed:
+            self.assertTrue(self.syncs._changed.wait_for(
+                lambda: self.directory in self.syncs._state
+                and self.syncs._state[self.directory].asked >= count, 10))
+
+    def test_waiters_share_the_next_fsync(self):
+        """
+        One fsync runs; three threads ask meanwhile; they share one more
+        fsync, and none returns before it has finished.
+        """
+        first_done, later_done = [], []
+        first = self._thread(first_done)
+        self.assertTrue(self.started[0].wait(10))
+        later = [self._thread(later_done) for _ in range(3)]
+        self._wait_asked(4)
+        self.release[0].set()
+        first.join(10)
+        self.assertEqual(first_done, [None])
+        self.assertTrue(self.started[1].wait(10))   # one of the three runs the next
+        self.assertEqual(later_done, [])              # their renames came after #1 began
+        self.release[1].set()
+        for thread in later:
+            thread.join(10)
+        self.assertEqual(later_done, [None] * 3)
+        self.assertEqual(self.calls, 2)
+
+    def test_failed_fsync_is_retried_by_a_waiter(self):
+        """An fsync that fails covers no one: the failing caller raises, a waiter runs another."""
+        self.failures.add(0)
+        failed, done = [], []
+        failing = self._thread(failed)
+        self.assertTrue(self.started[0].wait(10))
+        waiter = self._thread(done)
+        self._wait_asked(2)
+        self.release[0].set()
+        self.release[1].set()
+        failing.join(10)
+        waiter.join(10)
+        self.assertEqual(failed, [errno.EIO])
+        self.assertEqual(done, [None])
+        self.assertEqual(self.calls, 2)
+
+    def test_published_file_taken_back_when_the_shared_fsync_fails(self):
+        """publish_new_file through the shared fsync: a failure removes the new name."""
+        self.failures.add(0)
+        self.release[0].set()
+        final = self.directory / "new-file"
+        with self.assertRaises(OSError):
+            durable.publish_new_file(self.directory / ".tmp", final, [b"x"], self.syncs)
+        self.assertFalse(final.exists())
+        self.assertFalse((self.directory / ".tmp").exists())
