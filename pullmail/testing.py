@@ -8,6 +8,8 @@ no threads, no global reactor.
     simulated restart (L{MemoryOutbox.restarted}).
   - L{run_blocking}: runs the "blocking" call at once, as a Deferred.
   - L{FakeTrust}: an L{ITrustPolicy} with fixed verdicts.
+  - L{cache_dns_answer}, L{cache_dns_nxdomain}: fill a real dnspython
+    resolver's cache, as lookups would have.
   - L{FakeNetwork}: a C{connect(address, port, performers={})} that pairs a
     L{ClientConnection} with an in-memory server through
     L{twisted.test.iosim}; C{flush()} moves the bytes.
@@ -19,6 +21,13 @@ import ipaddress
 import itertools
 from typing import Callable, Iterable, Mapping, Sequence
 
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
@@ -38,6 +47,8 @@ __all__ = [
     "FakeTrust",
     "FakeNetwork",
     "make_entry",
+    "cache_dns_answer",
+    "cache_dns_nxdomain",
 ]
 
 
@@ -314,3 +325,25 @@ def make_entry(**fields) -> OutboxEntry:
     defaults.update(fields)
     return OutboxEntry(**defaults)
 
+
+def cache_dns_answer(resolver, name: str, rdtype: str, *texts: str) -> None:
+    """Put an answer into C{resolver}'s cache as a lookup would (none: no-answer)."""
+    query = dns.message.make_query(name, rdtype)
+    response = dns.message.make_response(query)
+    if texts:
+        response.answer.append(dns.rrset.from_text(name + ".", 300, "IN", rdtype, *texts))
+    response = dns.message.from_wire(response.to_wire())
+    qname, qtype = dns.name.from_text(name), dns.rdatatype.from_text(rdtype)
+    answer = dns.resolver.Answer(qname, qtype, dns.rdataclass.IN, response)
+    resolver.cache.put((qname, qtype, dns.rdataclass.IN), answer)
+
+
+def cache_dns_nxdomain(resolver, name: str) -> None:
+    """Put a NXDOMAIN for C{name} into C{resolver}'s cache."""
+    query = dns.message.make_query(name, "A")
+    response = dns.message.make_response(query)
+    response.set_rcode(dns.rcode.NXDOMAIN)
+    response = dns.message.from_wire(response.to_wire())
+    qname = dns.name.from_text(name)
+    answer = dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN, response)
+    resolver.cache.put((qname, dns.rdatatype.ANY, dns.rdataclass.IN), answer)

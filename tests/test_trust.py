@@ -17,7 +17,8 @@ from pullmail.config import TrustConfig
 from pullmail.interfaces import ITrustPolicy
 from pullmail.trust.policy import TrustChecker, decide_spf, dnsbl_name, listed
 from pullmail.trust.spf import SPFResult
-from pullmail.testing import FakeResolver, FakeTrust
+from pullmail.dns import Resolver, make_dnspython_resolver
+from pullmail.testing import FakeResolver, FakeTrust, cache_dns_answer
 
 
 def _code(reply):
@@ -240,3 +241,19 @@ def test_plugins_veto_after_spf() -> None:
     checker, _ = _checker(SPFResult.FAIL, plugins=(veto,))
     assert _code(_check(checker)) == (550, "5.7.23")
     assert veto.calls == 1
+
+
+def test_spf_answered_from_the_dns_cache_without_a_thread() -> None:
+    """
+    A known origin (its SPF records cached) is checked in the calling
+    thread; a new one goes to the DNS threads (run_blocking).
+    """
+    dnspython = make_dnspython_resolver([("192.0.2.1", 53)], 0.1)
+    cache_dns_answer(dnspython, "cached.example", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')
+    checker, stub = _checker(SPFResult.FAIL, resolver=Resolver(dnspython, None, None))
+    assert _check(checker, domain="cached.example", sender="a@cached.example") is None
+    assert _code(_check(checker, peer="192.0.2.9", domain="cached.example",
+                        sender="a@cached.example")) == (550, "5.7.23")
+    assert stub.calls == []
+    assert _code(_check(checker, domain="new.example", sender="a@new.example")) == (550, "5.7.23")
+    assert stub.calls == [("198.51.100.7", "new.example", "a@new.example")]

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from pullmail import replies
 from pullmail.config import TrustConfig
-from pullmail.dns import DNSPermanentError, DNSTemporaryError, Resolver
+from pullmail.dns import DNSPermanentError, DNSTemporaryError, NotCached, Resolver
 from pullmail.envelope import Envelope, Session
 from pullmail.interfaces import ITrustPolicy
 from pullmail.replies import Reply
@@ -107,9 +107,12 @@ class TrustChecker:
 
     async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
                    accepted: tuple[str, ...]) -> Reply | None:
-        result, explanation = await self.run_blocking(
-            check_host, self.resolver.dnspython, peer, domain, sender or "", helo, self.timeout
-        )
+        arguments = (self.resolver.dnspython, peer, domain, sender or "", helo, self.timeout)
+        try:
+            # A known origin's records are in the cache: no thread needed.
+            result, explanation = check_host(*arguments, cache_only=True)
+        except NotCached:
+            result, explanation = await self.run_blocking(check_host, *arguments)
         verdict = decide_spf(result, accepted)
         log.info("SPF {result} for {domain} from {peer}: {verdict}", result=result.value,
                  domain=domain, peer=peer, verdict=str(verdict) if verdict else "trusted",

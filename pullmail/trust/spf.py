@@ -20,6 +20,8 @@ import dns.exception
 import dns.resolver
 import spf as pyspf
 
+from pullmail.dns import DNSPermanentError, NotCached, cached_answer
+
 __all__ = ["SPFResult", "check_host"]
 
 
@@ -40,13 +42,19 @@ _original_lookup = pyspf.DNSLookup
 
 def _lookup(name, qtype, strict=True, timeout=20):
     resolver = getattr(_thread, "resolver", None)
+    cache_only = getattr(_thread, "cache_only", False)
     if resolver is None:
+        if cache_only:
+            raise NotCached(name)
         return _original_lookup(name, qtype, strict, timeout)
     found = []
     try:
-        answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
-                                   search=False)
-    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+        if cache_only:
+            answers = cached_answer(resolver, name, qtype)   # NotCached ends the check
+        else:
+            answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
+                                       search=False)
+    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN, DNSPermanentError):
         return found
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
         raise pyspf.TempError(f"DNS {e}") from None
@@ -71,13 +79,18 @@ def _install() -> None:
 
 
 def check_host(resolver, ip: str, domain: str, sender: str, helo: str,
-               timeout: float) -> tuple[SPFResult, str]:
+               timeout: float, cache_only: bool = False) -> tuple[SPFResult, str]:
     """
     Blocking: RFC 7208 check_host(ip, domain, sender); run it in a thread.
     C{timeout} bounds the whole check (RFC 7208 4.6.4 suggests 20 s).
+
+    With C{cache_only} it never blocks: every DNS answer comes from the
+    resolver's cache, and L{pullmail.dns.NotCached} is raised at the first
+    that is not there (then run it again, in a thread).
     """
     _install()
     _thread.resolver = resolver
+    _thread.cache_only = cache_only
     try:
         # pyspf takes the domain from the sender; check the one asked for.
         if not sender or sender.rpartition("@")[2].lower() != domain.lower():
@@ -90,6 +103,7 @@ def check_host(resolver, ip: str, domain: str, sender: str, helo: str,
             explanation = explanation or "SPF check timed out"
     finally:
         _thread.resolver = None
+        _thread.cache_only = False
     try:
         return SPFResult(result), explanation
     except ValueError:
