@@ -86,7 +86,8 @@ class Outbound:
         self.sender_authorised = sender_authorised
         self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
-        self._transmitting: set[str] = set()  # a transaction on the wire now
+        # A transaction on the wire now, and who waits for its outcome.
+        self._transmitting: dict[str, list[defer.Deferred]] = {}
         self._lines: dict[str, deque[OutboxEntry]] = {}   # due, waiting for a session
         self._sessions = 0
         self._domain_sessions: dict[str, int] = {}
@@ -159,6 +160,23 @@ class Outbound:
         session skips it then), and a re-notification changes nothing.
         """
         return entry_id in self._transmitting
+
+    def transmitted(self, entry_id: str) -> defer.Deferred:
+        """
+        Fires once the entry is no longer in flight and its outcome (say,
+        "notified") is recorded: an RMTA may act on our GDEL's 250, and
+        send RETR on another connection, before we have read that reply.
+        """
+        waiters = self._transmitting.get(entry_id)
+        if waiters is None:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        waiters.append(waiter)
+        return waiter
+
+    def _transmission_over(self, entry_id: str) -> None:
+        for waiter in self._transmitting.pop(entry_id, ()):
+            waiter.callback(None)
 
     def delete(self, entry_id: str) -> bool:
         """Drop an entry without bouncing it (``pullmail queue --delete``)."""
@@ -406,22 +424,24 @@ class Outbound:
                     self._in_flight.discard(entry.id)
                     continue
                 if not pull_only:
-                    self._transmitting.add(entry.id)
+                    self._transmitting[entry.id] = []
                 try:
                     result = await self._transaction(connection, keywords, entry, pull)
                 except Exception as e:
                     # The connection broke: this entry and the rest try again later.
+                    self._transmission_over(entry.id)
                     outcomes.extend((rest, None, e) for rest in [entry] + pending)
                     break
-                finally:
-                    self._transmitting.discard(entry.id)
                 mode = "pull" if pull else "push"
                 outcomes.append((entry, mode, result))
                 if pull_only:
                     continue
                 # At once, not after the session: the receiver may send RETR
                 # for this id while we notify the next one.
-                self._finish(entry, mode, host, result)
+                try:
+                    self._finish(entry, mode, host, result)
+                finally:
+                    self._transmission_over(entry.id)
                 if result.refused(permanent=False) or (
                     result.final is not None and result.final.transient
                 ):

@@ -28,6 +28,10 @@ __all__ = ["FailureTracker", "PickupCounter"]
 
 log = Logger(namespace="pullmail.pickup")
 
+# How long a RETR waits for the outcome of the same id's notification, still
+# on the wire, before it is answered 451 (a peer slower than this retries).
+IN_FLIGHT_WAIT = 30.0
+
 class PickupCounter:
     """Carries out L{Retrieve} requests for the MX service."""
 
@@ -62,7 +66,13 @@ class PickupCounter:
         if peer not in destined:
             return await self._refuse(peer, gdel_id, f"not an MX of {entry.domain}")
         if self.outbound.in_flight(gdel_id):
-            return replies.S451_IN_PROGRESS
+            # The RMTA acted on our GDEL's 250 before we read it: wait for it.
+            try:
+                await self.outbound.transmitted(gdel_id).addTimeout(IN_FLIGHT_WAIT, self.clock)
+            except defer.TimeoutError:
+                return replies.S451_IN_PROGRESS
+            if self.outbox.get(gdel_id) is not entry:
+                return await self._refuse(peer, gdel_id, "gone while notified")
         await self.outbox.flushed(gdel_id)
         claimed = self.outbox.claim(gdel_id)
         if claimed is None:

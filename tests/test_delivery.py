@@ -650,3 +650,28 @@ def test_entry_waiting_in_line_is_retrievable_and_then_skipped(tmp_path) -> None
     world.settle()
     assert [n.gdel_id for n in world.peer.notifications] == [first.id]
     assert world.outbox.get(second.id).claimed
+
+
+def test_transmitted_fires_once_the_outcome_is_recorded(tmp_path) -> None:
+    """
+    While a GDEL is on the wire the entry is in flight; transmitted() fires
+    after its reply has been read and applied (the entry is notified), so a
+    RETR that overtook the reply can go on at once.
+    """
+    world = World(tmp_path)
+    result_of(world.outbound.enqueue("QID", SENDER, [BOB], MESSAGE))
+    [entry] = world.outbox.entries()
+    for _ in range(100):
+        if world.outbound.in_flight(entry.id):
+            break
+        world.clock.advance(0)
+        for pump in list(world.network.pumps):
+            pump.pump()
+    assert world.outbound.in_flight(entry.id)
+    states = []
+    world.outbound.transmitted(entry.id).addCallback(
+        lambda _: states.append(world.outbox.get(entry.id).state))
+    assert states == []
+    world.settle()
+    assert states == [NOTIFIED]
+    assert world.outbound.transmitted(entry.id).called       # nothing in flight: at once

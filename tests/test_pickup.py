@@ -16,7 +16,7 @@ from pullmail.envelope import Session
 from pullmail.esmtp.pull import Retrieve
 from pullmail.esmtp.server import Reverse
 from pullmail.outbox import NOTIFIED, QUEUED
-from pullmail.pickup import FailureTracker, PickupCounter
+from pullmail.pickup import IN_FLIGHT_WAIT, FailureTracker, PickupCounter
 from pullmail.replies import Reply
 from pullmail.testing import FakeNetwork, FakeResolver, MemoryOutbox, make_entry, run_blocking
 
@@ -89,6 +89,14 @@ class RecordingOutbound:
 
     def in_flight(self, entry_id) -> bool:
         return entry_id in self.busy
+
+    def transmitted(self, entry_id) -> defer.Deferred:
+        self.waiter = defer.Deferred()
+        return self.waiter
+
+    def transmission_over(self, entry_id) -> None:
+        self.busy.discard(entry_id)
+        self.waiter.callback(None)
 
     def retrieval_finished(self, entry, result, peer) -> None:
         self.finished.append((entry, result, peer))
@@ -176,13 +184,6 @@ class PickupCounterTests(SynchronousTestCase):
         self.outbox.update(make_entry(id=GDEL_ID, state=QUEUED, expires=None))
         self.assertIsInstance(self.successResultOf(self.retr()), Reverse)
 
-    def test_entry_being_attempted_is_in_progress(self) -> None:
-        """While an outbound attempt for the entry runs, RETR is 451 4.3.0."""
-        self.counter.outbound.busy.add(GDEL_ID)
-        reply = self.successResultOf(self.retr())
-        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
-        self.assertFalse(self.outbox.get(GDEL_ID).claimed)
-
     def test_expired(self) -> None:
         self.clock.advance(4000)
         self.assertRefusedAfter(self.retr(), 1.0)
@@ -210,6 +211,29 @@ class PickupCounterTests(SynchronousTestCase):
         self.assertIsInstance(self.successResultOf(self.retr()), Reverse)
         reply = self.successResultOf(self.retr())
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+
+    def test_waits_for_the_notification_on_the_wire(self) -> None:
+        """
+        RETR for an id whose GDEL reply we have not read yet (the RMTA was
+        quicker): it waits for that outcome, then hands the entry over.
+        """
+        self.outbound.busy.add(GDEL_ID)
+        d = self.retr()
+        self.assertNoResult(d)
+        self.clock.advance(IN_FLIGHT_WAIT - 1)
+        self.assertNoResult(d)
+        self.outbound.transmission_over(GDEL_ID)
+        self.assertIsInstance(self.successResultOf(d), Reverse)
+        self.assertTrue(self.outbox.get(GDEL_ID).claimed)
+
+    def test_notification_on_the_wire_too_long(self) -> None:
+        """A notification still unanswered after IN_FLIGHT_WAIT: 451 4.3.0, nothing claimed."""
+        self.outbound.busy.add(GDEL_ID)
+        d = self.retr()
+        self.clock.advance(IN_FLIGHT_WAIT)
+        reply = self.successResultOf(d)
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+        self.assertFalse(self.outbox.get(GDEL_ID).claimed)
 
     def test_success(self) -> None:
         """A destined host gets '250 2.0.0 <id> follows' and the entry is claimed."""
