@@ -42,7 +42,9 @@ class Notification:
     keep_until: float = 0.0
     last_error: str = ""
     size: int | None = None
-    delivering: bool = False   # a delivery began: a retry must look before storing
+    # A delivery may have begun (this process began one, or the record was
+    # read at start-up): a retry must look in the mailboxes before storing.
+    delivering: bool = False
 
     @property
     def queue_id(self) -> str:
@@ -89,6 +91,7 @@ class PendingStore:
                 notification = Notification.from_json(path.read_bytes())
             except (ValueError, TypeError, KeyError):
                 continue
+            notification.delivering = notification.state == PENDING
             self._remember(notification)
 
     def _remember(self, notification: Notification) -> None:

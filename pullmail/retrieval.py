@@ -392,9 +392,11 @@ class Retriever:
 
     def _performer(self, notification: Notification) -> Callable:
         async def deliver(connection, request: Deliver) -> Reply:
-            # Exactly once: a notification whose delivery began before (we
-            # crashed before marking it retrieved) looks in the mailboxes
-            # first; one marked retrieved is a known duplicate.
+            # Exactly once: a notification whose delivery may have begun
+            # (earlier in this process, or in one that died: every record
+            # read at start-up) looks in the mailboxes first; one marked
+            # retrieved is a known duplicate.  Nothing is written before a
+            # delivery: the record of a crashed one is still pending.
             if notification.keep_until or (
                 notification.delivering and self.delivered_already is not None
                 and await self.run_blocking(self.delivered_already, notification.queue_id,
@@ -404,9 +406,7 @@ class Retriever:
                 log.info("duplicate {id} from {peer} dropped", id=notification.gdel_id,
                          peer=notification.peer, event="duplicate")
             else:
-                if not notification.delivering:
-                    notification.delivering = True
-                    await self._save(notification)
+                notification.delivering = True
                 reply = await self.deliver(request.session, request.envelope, request.chunks,
                                            request.size, queue_id=notification.queue_id)
             if reply.positive:

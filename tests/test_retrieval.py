@@ -472,11 +472,13 @@ def _retriever_with(world, delivered_already) -> Retriever:
     return retriever
 
 
-def test_delivery_is_marked_before_the_message_is_stored(tmp_path) -> None:
+def test_delivery_takes_no_extra_write_and_a_stable_queue_id(tmp_path) -> None:
     """
-    Exactly once: the notification is durably marked 'delivering' before
-    the message is stored, and the message is stored under a queue id that
-    is the same on every retry.
+    Exactly once without a write before each delivery: the record on disk
+    is still the notification's when the message is stored (a crash then
+    leaves it pending, and records read at start-up are checked: below),
+    and the message is stored under a queue id that is the same on every
+    retry.
     """
     import json
 
@@ -486,7 +488,7 @@ def test_delivery_is_marked_before_the_message_is_stored(tmp_path) -> None:
 
     def deliver(session, envelope, chunks, size, queue_id=None):
         [record] = [json.loads(p.read_bytes()) for p in (tmp_path / "pending").glob("*.json")]
-        seen.append((record["delivering"], queue_id))
+        seen.append((record["state"], record["delivering"], queue_id))
         return defer.succeed(Reply(250, "2.0.0", "Ok"))
 
     world.deliver = deliver
@@ -494,7 +496,52 @@ def test_delivery_is_marked_before_the_message_is_stored(tmp_path) -> None:
     world.notify()
     world.settle()
     notification = world.store.get("sender.example", GDEL_ID)
-    assert seen == [(True, notification.queue_id)]
+    assert seen == [(PENDING, False, notification.queue_id)]
+    assert notification.state == RETRIEVED
+
+
+def test_records_read_at_start_up_are_checked_before_storing(tmp_path) -> None:
+    """
+    A pending record read at start-up may be one whose delivery the dead
+    process had begun: its retrieval looks in the mailboxes first.
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    world.notify()                          # on disk: pending, never marked
+    asked = []
+
+    def delivered_already(queue_id, recipients):
+        asked.append(queue_id)
+        return True
+
+    world.retriever = _retriever_with(world, delivered_already)    # the restart
+    world.settle()
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert asked == [notification.queue_id]
+    assert world.deliveries == []
+    assert notification.state == RETRIEVED
+
+
+def test_a_retry_in_the_same_process_looks_first(tmp_path) -> None:
+    """A delivery that failed after it began: the next attempt looks before storing."""
+    world = World(tmp_path)
+    asked = []
+
+    def delivered_already(queue_id, recipients):
+        asked.append(queue_id)
+        return False
+
+    world.retriever = _retriever_with(world, delivered_already)
+    world.deliver_reply = replies.S451_LOCAL_ERROR
+    world.smta.hold()
+    world.notify()
+    world.settle()
+    world.advance(300)                      # the stuck turn ends on the SMTA's idle timer
+    assert asked == [] and len(world.deliveries) == 1   # fresh: nothing to look for
+    world.deliver_reply = Reply(250, "2.0.0", "Ok: stored")
+    world.advance(SCHEDULE[1])
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert asked == [notification.queue_id]
     assert notification.state == RETRIEVED
 
 
