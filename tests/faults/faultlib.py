@@ -28,6 +28,7 @@ from integration.harness import (  # noqa: F401  (re-exported for the tests)
     DNSServer,
     Node,
     NodeError,
+    NodeFactory,
     RawSMTP,
     free_port,
     wait_until,
@@ -75,7 +76,7 @@ class Network:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.nodes: list[Node] = []
+        self.nodes = NodeFactory(workdir)
         self.dns_servers: list[DNSServer] = []
 
     def dns(self, records: dict, ttl: int = 60, name: str = "dns") -> DNSServer:
@@ -88,18 +89,11 @@ class Network:
     def node(self, name: str, address: str, domain: str, users: Iterable[str] = (),
              dns: DNSServer | None = None, settings: dict | None = None,
              start: bool = True) -> Node:
-        common = {"dns": {"nameservers": [dns.nameserver] if dns else [], "timeout": "2s"}}
-        node = Node(self.workdir, name, address, [domain], f"mx.{domain}",
-                    users={u: PASSWORD for u in users},
-                    settings=merge_settings(FAST, common, settings))
-        self.nodes.append(node)
-        if start:
-            node.start()
-        return node
+        return self.nodes.for_domain(name, address, domain, users, PASSWORD, FAST, dns,
+                                     settings, start)
 
     def close(self) -> None:
-        for node in self.nodes:
-            node.kill()
+        self.nodes.close()
         for server in self.dns_servers:
             server.stop()
 

@@ -6,11 +6,10 @@ teardown, and a DNS server on a free port.
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
 
-from .harness import DNSServer, Node, free_port
+from .harness import DNSServer, NodeFactory, free_port
 
 
 def pytest_pycollect_makeitem(collector, name, obj):
@@ -18,26 +17,6 @@ def pytest_pycollect_makeitem(collector, name, obj):
     if inspect.isclass(obj) and name.endswith("Tests") and not name.startswith("_"):
         return pytest.Class.from_parent(collector, name=name, obj=obj)
     return None
-
-
-class NodeFactory:
-    """Makes L{Node}s under one folder and kills them all at teardown."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.nodes: list[Node] = []
-
-    def __call__(self, name: str, address: str, domains, hostname: str,
-                 start: bool = True, **kwargs) -> Node:
-        node = Node(self.workdir, name, address, domains, hostname, **kwargs)
-        self.nodes.append(node)
-        if start:
-            node.start()
-        return node
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.kill()
 
 
 @pytest.fixture

@@ -1077,3 +1077,38 @@ class DNSServer:
     def __exit__(self, *exc_info) -> None:
         if self.process is not None:
             self.process.kill()
+
+
+class NodeFactory:
+    """Makes L{Node}s under one folder and kills them all at teardown."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.nodes: list[Node] = []
+
+    def __call__(self, name: str, address: str, domains, hostname: str,
+                 start: bool = True, **kwargs) -> Node:
+        node = Node(self.workdir, name, address, domains, hostname, **kwargs)
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def for_domain(self, name: str, address: str, domain: str, users: Iterable[str] = (),
+                   password: str = "", base: Mapping | None = None,
+                   dns: "DNSServer | None" = None, settings: Mapping | None = None,
+                   start: bool = True) -> Node:
+        """
+        A node for one C{domain} (host name mx.<domain>) whose C{users}
+        share C{password}, on C{base} settings plus C{settings}, resolving
+        through C{dns}.
+        """
+        resolver = {"dns": {"nameservers": [dns.nameserver] if dns else [], "timeout": "2s"}}
+        return self(name, address, [domain], f"mx.{domain}", start=start,
+                    users={u: password for u in users},
+                    settings=merge_settings(base, resolver, settings))
+

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 
 from .harness import (
-    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     DNSServer,
     Node,
+    NodeFactory,
     RawSMTP,
     free_port,
     submit,
@@ -85,19 +85,12 @@ class Network:
     """Makes the nodes of one test; kills them all at teardown."""
 
     def __init__(self, workdir: Path, dns: DNSServer) -> None:
-        self.workdir = workdir
         self.dns = dns
-        self.nodes: list[Node] = []
+        self.factory = NodeFactory(workdir)
 
     def node(self, name, address, domain, users, settings=None, start=True) -> Node:
-        common = {"dns": {"nameservers": [self.dns.nameserver], "timeout": "2s"}}
-        node = Node(self.workdir, name, address, [domain], f"mx.{domain}",
-                    users={u: PASSWORD for u in users},
-                    settings=merge_settings(FAST, common, settings))
-        self.nodes.append(node)
-        if start:
-            node.start()
-        return node
+        return self.factory.for_domain(name, address, domain, users, PASSWORD, FAST, self.dns,
+                                       settings, start)
 
     def sender(self, settings=None, start=True) -> Node:
         return self.node("sender", SENDER_IP, "sender.test", [ALICE], settings, start)
@@ -106,8 +99,7 @@ class Network:
         return self.node("receiver", RECEIVER_IP, "receiver.test", [BOB], settings, start)
 
     def close(self) -> None:
-        for node in self.nodes:
-            node.kill()
+        self.factory.close()
 
 
 @pytest.fixture
