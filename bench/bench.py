@@ -47,8 +47,8 @@ def bench_push(args, workdir, dns):
         s.start()
     try:
         for label, size, sessions, count in loads:
-            for s in servers:  # warm-up: one small run each
-                smtp_source(s, sessions, size, sessions * 2)
+            for s in servers:  # warm-up, the same for each: a quarter of a measured run
+                smtp_source(s, sessions, size, max(sessions * 2, count // 4))
             for rnd in range(args.rounds):
                 order = servers if rnd % 2 == 0 else servers[::-1]
                 for s in order:
