@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 __all__ = [
-    "DirectorySyncs", "fsync_directory", "publish_new_file", "remove_files", "write_all", "write_atomically",
-    "write_new_file", "replace_file",
+    "DirectorySyncs", "fsync_directory", "publish_new_file", "remove_files", "replace_file",
+    "write_all", "write_atomically", "write_new_file",
 ]
 
 

@@ -44,6 +44,7 @@ class Notification:
     size: int | None = None
     # A delivery may have begun (this process began one, or the record was
     # read at start-up): a retry must look in the mailboxes before storing.
+    # Known in memory only: L{PendingStore.load} derives it from the state.
     delivering: bool = False
 
     @property
@@ -56,7 +57,7 @@ class Notification:
         return notification_key(self.origin, self.gdel_id)
 
     def to_json(self) -> bytes:
-        return record.dump(self, RECORD_VERSION)
+        return record.dump(self, RECORD_VERSION, exclude=("delivering",))
 
     @classmethod
     def from_json(cls, data: bytes) -> "Notification":
