@@ -30,6 +30,7 @@ from integration.harness import (  # noqa: F401  (re-exported for the tests)
     NodeError,
     NodeFactory,
     RawSMTP,
+    ScriptedPeer,
     free_port,
     wait_until,
 )
@@ -270,7 +271,7 @@ class LoadClient(threading.Thread):
 # -- processes --------------------------------------------------------------------
 
 
-class NotifiedRMTA(threading.Thread):
+class NotifiedRMTA(ScriptedPeer):
     """
     A bare MX for a fake domain that accepts every GDEL and records its id;
     with C{hang_up_on_first_gdel} it drops the first connection right after
@@ -279,26 +280,14 @@ class NotifiedRMTA(threading.Thread):
 
     def __init__(self, address: str, port: int, hostname: str,
                  hang_up_on_first_gdel: bool = False) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
+        super().__init__(address, port)
         self.hostname = hostname.encode()
         self.hang_up_on_first_gdel = hang_up_on_first_gdel
         self.ids: list[str] = []
-        self.stopped = threading.Event()
 
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn, contextlib.suppress(OSError), conn.makefile("rwb") as f:
-                conn.settimeout(10)
-                self._serve(f)
+    def handle(self, conn: socket.socket, source) -> None:
+        with conn.makefile("rwb") as f:
+            self._serve(f)
 
     def _serve(self, f) -> None:
         f.write(b"220 " + self.hostname + b" ESMTP fake\r\n")
@@ -320,11 +309,6 @@ class NotifiedRMTA(threading.Thread):
             else:
                 f.write(b"250 2.0.0 ok\r\n")
             f.flush()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.join(2)
-        self.sock.close()
 
 
 def open_fds(pid: int) -> int:

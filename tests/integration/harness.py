@@ -30,6 +30,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "toml_dumps",
     "wait_until",
     "Snapshot",
+    "ScriptedPeer",
     "ConnectionCounter",
     "SilentUDP",
 ]
@@ -883,32 +885,28 @@ class RawSMTP:
 # -- fake peers -------------------------------------------------------------------
 
 
-class ConnectionCounter:
+class ScriptedPeer(threading.Thread):
     """
-    A TCP listener on C{address:port} that counts (and records the source
-    of) every connection it accepts, says nothing and closes it: a victim
-    that must never be contacted.  A context manager; the thread stops at
-    exit.
+    A loopback listener a test runs in a thread, taking one connection at a
+    time: a subclass says in C{handle} what happens on each.  A handler that
+    finds the node off its script raises AssertionError; that, and broken
+    connections, are kept in C{errors}.  Start with C{start()}; C{close()}
+    stops the thread and the listener.
     """
 
     def __init__(self, address: str, port: int = SMTP_PORT) -> None:
-        import threading
-
+        super().__init__(daemon=True, name=f"{type(self).__name__}-{address}:{port}")
         self.address = address
         self.port = port
-        self.sources: list[tuple[str, int]] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((address, port))
-        self._sock.listen(128)
+        self.errors: list[str] = []
+        self._sock = socket.create_server((address, port), backlog=128)
         self._sock.settimeout(0.1)
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"counter-{address}:{port}")
-        self._thread.start()
 
-    def _run(self) -> None:
+    def handle(self, conn: socket.socket, source: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
         while not self._stopped.is_set():
             try:
                 conn, source = self._sock.accept()
@@ -916,21 +914,41 @@ class ConnectionCounter:
                 continue
             except OSError:
                 return
-            with self._lock:
-                self.sources.append(source)
-            with contextlib.suppress(OSError):
-                conn.close()
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self.handle(conn, source)
+                except (OSError, AssertionError) as e:
+                    self.errors.append(repr(e))
+
+    def close(self) -> None:
+        self._stopped.set()
+        self.join(5)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+class ConnectionCounter(ScriptedPeer):
+    """
+    Counts (and records the source of) every connection, says nothing and
+    closes it: a victim that must never be contacted.  A context manager,
+    started at once; the thread stops at exit.
+    """
+
+    def __init__(self, address: str, port: int = SMTP_PORT) -> None:
+        super().__init__(address, port)
+        self.sources: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self.start()
+
+    def handle(self, conn: socket.socket, source: tuple[str, int]) -> None:
+        with self._lock:
+            self.sources.append(source)
 
     @property
     def count(self) -> int:
         with self._lock:
             return len(self.sources)
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._thread.join(2.0)
-        with contextlib.suppress(OSError):
-            self._sock.close()
 
     def __enter__(self) -> "ConnectionCounter":
         return self

@@ -20,19 +20,18 @@ import json
 import re
 import secrets
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from .harness import (
-    SMTP_PORT,
     SUBMISSION_PORT,
     DNSServer,
     Node,
     NodeFactory,
     RawSMTP,
+    ScriptedPeer,
     free_port,
     submit,
     wait_until,
@@ -359,38 +358,17 @@ def test_retrieval_retried_while_sender_is_down(net):
 # -- 5. a receiver that never retrieves ----------------------------------------------
 
 
-class FakeMX(threading.Thread):
+class FakeMX(ScriptedPeer):
     """
     A peer on 127.0.0.3:2525 that takes every notification and never
     retrieves; it records the commands it was sent.
     """
 
     def __init__(self, address: str = RECEIVER_IP) -> None:
-        super().__init__(daemon=True)
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((address, SMTP_PORT))
-        self.listener.listen(8)
-        self.listener.settimeout(0.2)
+        super().__init__(address)
         self.commands: list[str] = []
-        self.stopping = False
 
-    def run(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                try:
-                    self.serve(conn)
-                except OSError:
-                    pass
-
-    def serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, source) -> None:
         conn.sendall(b"220 mx.receiver.test ESMTP fake\r\n")
         buffer = b""
         while True:
@@ -415,11 +393,6 @@ class FakeMX(threading.Thread):
                 return
             else:
                 conn.sendall(b"502 5.5.1 Not here\r\n")
-
-    def close(self) -> None:
-        self.stopping = True
-        self.listener.close()
-        self.join(5)
 
 
 def test_unretrieved_message_bounces_after_outbox_lifetime(net):
@@ -476,29 +449,19 @@ def settle_and_check_one(sender: Node, receiver: Node, token: str, gdel_id: str,
     assert sender.delivered(ALICE) == [], "a bounce (false) for a delivered message"
 
 
-def test_receiver_killed_mid_retrieval(net):
+@pytest.mark.parametrize("victim", ["receiver", "sender"])
+def test_node_killed_mid_retrieval(net, victim):
+    """Either end killed while a large message is on its way: one copy, no bounce."""
     sender = net.sender()
     receiver = net.receiver()
-    token = "rkill-" + secrets.token_hex(6)
+    token = f"{victim}-kill-" + secrets.token_hex(6)
     queue_id, gdel_id = send(sender, token, size=BIG)
     receiver.wait_log(rf"RETR {gdel_id} at \S+: 250 ", 15)
-    receiver.kill()
+    killed = sender if victim == "sender" else receiver
+    killed.kill()
     landed = "inside" if not with_token(receiver, BOB, token) else "after"
-    print(f"receiver killed {landed} the transfer")
-    receiver.start()
-    settle_and_check_one(sender, receiver, token, gdel_id, queue_id)
-
-
-def test_sender_killed_mid_retrieval(net):
-    sender = net.sender()
-    receiver = net.receiver()
-    token = "skill-" + secrets.token_hex(6)
-    queue_id, gdel_id = send(sender, token, size=BIG)
-    receiver.wait_log(rf"RETR {gdel_id} at \S+: 250 ", 15)
-    sender.kill()
-    landed = "inside" if not with_token(receiver, BOB, token) else "after"
-    print(f"sender killed {landed} the transfer")
-    sender.start()
+    print(f"{victim} killed {landed} the transfer")
+    killed.start()
     settle_and_check_one(sender, receiver, token, gdel_id, queue_id)
 
 
@@ -716,7 +679,7 @@ def test_broken_retrieval_releases_the_claim(net):
     assert sender.delivered(ALICE) == []
 
 
-class FakeSMTA(threading.Thread):
+class FakeSMTA(ScriptedPeer):
     """
     An SMTA on 127.0.0.2:2525 played by hand: it serves RETR for the ids in
     C{messages} (id -> message) every time it is asked, playing its turn
@@ -724,34 +687,12 @@ class FakeSMTA(threading.Thread):
     """
 
     def __init__(self, messages: dict[str, bytes], address: str = SENDER_IP) -> None:
-        super().__init__(daemon=True)
+        super().__init__(address)
         self.messages = messages
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((address, SMTP_PORT))
-        self.listener.listen(8)
-        self.listener.settimeout(0.2)
         self.final_replies: list[tuple[str, str]] = []
         self.commands: list[str] = []  # what the RMTA said in the client role
-        self.errors: list[str] = []
-        self.stopping = False
 
-    def run(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                try:
-                    self.serve(conn)
-                except (OSError, AssertionError) as e:
-                    self.errors.append(repr(e))
-
-    def serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, source) -> None:
         stream = conn.makefile("rb")
 
         def reply() -> str:
@@ -793,11 +734,6 @@ class FakeSMTA(threading.Thread):
                 conn.sendall(b"550 5.7.1 no such message for you\r\n")
             else:
                 conn.sendall(b"502 5.5.1 Not here\r\n")
-
-    def close(self) -> None:
-        self.stopping = True
-        self.listener.close()
-        self.join(5)
 
 
 def notify(gdel_id: str) -> tuple[int, list[str]]:
