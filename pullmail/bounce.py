@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 import textwrap
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import format_datetime
+
+from pullmail.headers import rfc5322_date
 
 __all__ = [
     "FailedRecipient",
@@ -228,7 +228,7 @@ def build_dsn(
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{original_sender}>",
         f"Subject: {_SUBJECTS[kind]}",
-        f"Date: {_date(now)}",
+        f"Date: {rfc5322_date(now)}",
         f"Message-ID: <{message_id}>",
         # RFC 3834 5: a machine answering, so no one answers it in turn.
         "Auto-Submitted: auto-replied",
@@ -283,7 +283,7 @@ def _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients) -> 
     per_message = [
         f"Reporting-MTA: dns; {reporting_mta}",  # RFC 3464 2.2.2
         f"X-Pullmail-Queue-ID: {queue_id}",  # extension field, RFC 3464 2.4
-        f"Arrival-Date: {_date(arrival_date)}",  # RFC 3464 2.2.5
+        f"Arrival-Date: {rfc5322_date(arrival_date)}",  # RFC 3464 2.2.5
     ]
     blocks = [_lines(per_message)]
     for rcpt in recipients:
@@ -297,7 +297,7 @@ def _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients) -> 
         if rcpt.diagnostic is not None:
             # RFC 3464 2.3.6; long replies are folded (RFC 3464 2.1.1).
             fields.append(_fold(f"Diagnostic-Code: smtp; {_one_line(rcpt.diagnostic)}"))
-        fields.append(f"Last-Attempt-Date: {_date(now)}")  # RFC 3464 2.3.7
+        fields.append(f"Last-Attempt-Date: {rfc5322_date(now)}")  # RFC 3464 2.3.7
         blocks.append(_lines(fields))
     return b"\r\n".join(blocks)
 
@@ -324,11 +324,6 @@ def _crlf(data: bytes) -> bytes:
 
 def _lines(lines: list[str]) -> bytes:
     return "".join(line + "\r\n" for line in lines).encode("utf-8")
-
-
-def _date(timestamp: float) -> str:
-    """An RFC 5322 3.3 date-time in UTC, e.g. ``Tue, 01 Jul 2025 12:00:00 +0000``."""
-    return format_datetime(datetime.fromtimestamp(timestamp, timezone.utc))
 
 
 def _one_line(text: str) -> str:

@@ -110,12 +110,13 @@ class MaildirOutbox:
                 os.rename(path, self._entries / path.name)
                 released.append(path.stem)
         self._index = {}
-        for path in self._entries.iterdir():
-            if path.suffix != ".json" or not is_gdel_id(path.stem):
+        messages = set(os.listdir(self._data))
+        for stem, data in record.read_folder(self._entries):
+            if not is_gdel_id(stem):
                 continue
-            entry = OutboxEntry.from_json(path.read_bytes())
-            if entry.id == path.stem and (self._data / f"{entry.id}.eml").exists():
-                self._index[entry.id] = entry
+            entry = OutboxEntry.from_json(data)
+            if entry.id == stem and f"{stem}.eml" in messages:
+                self._index[stem] = entry
         return released
 
     # -- reading ------------------------------------------------------------

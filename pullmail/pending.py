@@ -82,14 +82,11 @@ class PendingStore:
         """Blocking: read every record (start-up)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._index, self._pending_by_peer, self._counted = {}, {}, {}
-        for path in self.root.iterdir():
-            if path.name.startswith(".") and path.suffix == ".tmp":
-                path.unlink(missing_ok=True)     # a write cut short by a crash
-                continue
-            if path.suffix != ".json" or path.name.startswith("."):
-                continue
+        for path in self.root.glob(".*.tmp"):
+            path.unlink(missing_ok=True)     # a write cut short by a crash
+        for _, data in record.read_folder(self.root):
             try:
-                notification = Notification.from_json(path.read_bytes())
+                notification = Notification.from_json(data)
             except (ValueError, TypeError, KeyError):
                 continue
             notification.delivering = notification.state == PENDING

@@ -6,8 +6,6 @@ to the outbound queue.  The reply to end-of-data is decided here, and it is
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import os
 from typing import Sequence
 
@@ -18,7 +16,7 @@ from twisted.logger import Logger
 from pullmail import replies
 from pullmail.accounts import Accounts
 from pullmail.envelope import Envelope, Session
-from pullmail.headers import complete_submission
+from pullmail.headers import complete_submission, rfc5322_date
 from pullmail.ids import new_queue_id
 from pullmail.interfaces import IDeliveryAgent
 from pullmail.maildir import mailbox_path
@@ -40,8 +38,7 @@ def received_header(
         f"Received: from {source}",
         f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",
     ]
-    # RFC 5322 3.3: "+0000" is UTC; "-0000" would mean "zone unknown".
-    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
+    date = rfc5322_date(now)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:

@@ -105,6 +105,15 @@ def test_versioned_json(store) -> None:
         Notification.from_json(json.dumps(record).encode())
 
 
+def test_load_removes_writes_cut_short(store) -> None:
+    store.save(_notification())
+    leftover = store.root / f".{notification_key('sender.example', ID2)}.4242.7.tmp"
+    leftover.write_bytes(b'{"version": 1, "gdel_')
+    reloaded = _reloaded(store)
+    assert not leftover.exists()
+    assert len(reloaded) == 1 and reloaded.get("sender.example", ID1) is not None
+
+
 def test_load_skips_bad_records(store) -> None:
     store.save(_notification())
     (store.root / "junk.json").write_text("{not json")
