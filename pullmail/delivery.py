@@ -529,10 +529,11 @@ class Outbound:
     # -- results of retrievals (from the RETR counter) ---------------------------
 
     def retrieval_finished(self, entry: OutboxEntry, result: TransactionResult | None,
-                           peer: str) -> None:
+                           peer: str, host: str | None = None) -> None:
         """
         SPEC 4: accepted recipients are done, 5xx ones bounce, 4xx ones wait
         for another RETR; a broken transfer (C{result} None) releases the claim.
+        C{host} is the MX host name that C{peer} proved to be (Remote-MTA).
         """
         if result is None:
             # SPEC 4 "no false bounce": the receiver may have stored the
@@ -548,8 +549,7 @@ class Outbound:
             return
         accepted = result.accepted()
         permanent = result.refused(permanent=True)
-        # The peer is known by address only; Remote-MTA wants a host name.
-        bounced = self._bounce_refused(entry, permanent, result, None)
+        bounced = self._bounce_refused(entry, permanent, result, host)
         log.info("retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, refused {refused}",
                  id=entry.id, queue_id=entry.queue_id, peer=peer, accepted=accepted,
                  refused=permanent, event="retrieved")

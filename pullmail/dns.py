@@ -178,9 +178,14 @@ def mail_hosts(resolver: Resolver, domain: str):
 
 @inlineCallbacks
 def mail_host_addresses(resolver: Resolver, domain: str):
-    """Every address of every mail host of C{domain} (the destined hosts)."""
+    """
+    Every address of every mail host of C{domain} (the destined hosts), in
+    preference order, each mapped to its host's name (the first host that
+    has it): the name a DSN gives as Remote-MTA.
+    """
     hosts = yield mail_hosts(resolver, domain)
-    found: list[str] = []
+    found: dict[str, str] = {}
     for host in hosts:
-        found.extend((yield resolver.addresses(host)))
+        for address in (yield resolver.addresses(host)):
+            found.setdefault(address, host)
     return found

@@ -62,8 +62,9 @@ class PickupCounter:
                      error=str(e), event="retr-dns-error")
             return replies.S451_DNS_ERROR
         except DNSPermanentError:
-            destined = []
-        if peer not in destined:
+            destined = {}
+        host = destined.get(peer)
+        if host is None:
             return await self._refuse(peer, gdel_id, f"not an MX of {entry.domain}")
         if self.outbound.in_flight(gdel_id):
             # The RMTA acted on our GDEL's 250 before we read it: wait for it.
@@ -79,7 +80,7 @@ class PickupCounter:
             return replies.S451_IN_PROGRESS
         log.info("RETR {id} ({queue_id}) by {peer}: handing over", id=gdel_id,
                  queue_id=entry.queue_id, peer=peer, event="retr")
-        return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer))
+        return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer, host))
 
     async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply:
         delay = self.failures.failed(peer)
@@ -88,7 +89,7 @@ class PickupCounter:
         await task.deferLater(self.clock, delay, lambda: None)
         return replies.S550_NO_SUCH_MESSAGE
 
-    def _turn(self, entry, peer: str):
+    def _turn(self, entry, peer: str, host: str):
         async def turn(channel) -> None:
             result = None
             try:
@@ -98,6 +99,6 @@ class PickupCounter:
                     size=entry.size, body=entry.body, smtputf8=entry.smtputf8,
                 )
             finally:
-                self.outbound.retrieval_finished(entry, result, peer)
+                self.outbound.retrieval_finished(entry, result, peer, host)
 
         return turn

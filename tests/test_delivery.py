@@ -504,13 +504,15 @@ def test_retrieval_finished_mixed(tmp_path) -> None:
     ok, later = Reply(250, "2.0.0", "Ok"), Reply(450, "4.2.1", "busy")
     refused = Reply(550, "5.1.1", "No such user")
     world.outbound.retrieval_finished(claimed, TransactionResult(
-        ok, {BOB: ok, CAROL: later, DAVE: refused}, ok), MX1)
+        ok, {BOB: ok, CAROL: later, DAVE: refused}, ok), MX1, "mx1.receiver.example")
     stored = world.outbox.get(entry.id)
     assert stored.recipients == [CAROL]
     assert not stored.claimed
     assert stored.state == NOTIFIED
     [(to, message)] = world.bounces
     assert_dsn(message, "5.1.1", DAVE)
+    assert b"Remote-MTA: dns; mx1.receiver.example\r\n" in message
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 No such user\r\n" in message
     assert world.outbox.claim(entry.id) is not None
 
 

@@ -98,8 +98,8 @@ class RecordingOutbound:
         self.busy.discard(entry_id)
         self.waiter.callback(None)
 
-    def retrieval_finished(self, entry, result, peer) -> None:
-        self.finished.append((entry, result, peer))
+    def retrieval_finished(self, entry, result, peer, host=None) -> None:
+        self.finished.append((entry, result, peer, host))
 
 
 class ScriptedChannel:
@@ -253,9 +253,9 @@ class PickupCounterTests(SynchronousTestCase):
                          b"MAIL FROM:<alice@sender.example> SIZE=17 BODY=8BITMIME\r\n"
                          b"RCPT TO:<bob@receiver.example>\r\nRCPT TO:<carol@receiver.example>\r\n")
         self.assertEqual(channel.sent[-1], b"Subject: x\r\n\r\nhi\r\n.\r\n")
-        [(entry, result, peer)] = self.outbound.finished
+        [(entry, result, peer, host)] = self.outbound.finished
         self.assertEqual(entry.id, GDEL_ID)
-        self.assertEqual(peer, MX_ADDRESS)
+        self.assertEqual((peer, host), (MX_ADDRESS, "mx.receiver.example"))
         self.assertEqual(result.accepted(), ["bob@receiver.example", "carol@receiver.example"])
         self.assertEqual(result.final, final)
 
@@ -265,7 +265,7 @@ class PickupCounterTests(SynchronousTestCase):
         channel = ScriptedChannel([OK, error.ConnectionLost()])
         self.failureResultOf(defer.Deferred.fromCoroutine(action.turn(channel)),
                              error.ConnectionLost)
-        [(entry, result, peer)] = self.outbound.finished
+        [(entry, result, peer, host)] = self.outbound.finished
         self.assertIsNone(result)
 
     def test_broken_transfer_releases_claim(self) -> None:
