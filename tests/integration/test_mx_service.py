@@ -185,22 +185,19 @@ class DeliveryTests:
         ids = {send_one(mx, ALICE, message(f"id {i}")) for i in range(3)}
         assert len(ids) == 3
 
-    def test_alias(self, mx):
-        """info@example.org is an alias of alice."""
-        before = set(mx.delivered_paths(ALICE))
-        original = message("alias")
-        send_one(mx, "info@example.org", original)
-        (data,) = new_messages(mx, ALICE, before)
+    @pytest.mark.parametrize("recipient, mailbox", [
+        ("info@example.org", ALICE),                     # an alias of alice
+        ("whoever.else@catchall.example.org", BOB),      # a catch-all domain of bob's
+        ("ALICE@EXAMPLE.ORG", ALICE),                    # addresses are case-insensitive
+    ])
+    def test_recipient_reaches_its_mailbox(self, mx, recipient, mailbox):
+        before = set(mx.delivered_paths(mailbox))
+        original = message(f"to {recipient}")
+        send_one(mx, recipient, original)
+        (data,) = new_messages(mx, mailbox, before)
         assert split_received(data)[1] == original
-        assert not mx.delivered("info@example.org")
-
-    def test_catch_all(self, mx):
-        """Any local part at catchall.example.org goes to bob."""
-        before = set(mx.delivered_paths(BOB))
-        original = message("catch-all")
-        send_one(mx, "whoever.else@catchall.example.org", original)
-        (data,) = new_messages(mx, BOB, before)
-        assert split_received(data)[1] == original
+        if recipient.lower() != mailbox:
+            assert not mx.delivered(recipient)
 
     def test_postmaster(self, mx):
         """postmaster@ a local domain is accepted without being a user."""
@@ -219,16 +216,6 @@ class DeliveryTests:
         # The first of node.domains is the node's primary domain.
         assert len(added) == 1, added
         assert added[0].startswith("example.org/postmaster/"), added
-
-    def test_case_insensitive_address(self, mx):
-        """C{<ALICE@EXAMPLE.ORG>} is alice: accepted and in her maildir."""
-        before = set(mx.delivered_paths(ALICE))
-        original = message("upper case")
-        with raw(mx) as client:
-            code, text = client.sendmail(SENDER, ["ALICE@EXAMPLE.ORG"], original)
-        assert code == 250, text
-        (data,) = new_messages(mx, ALICE, before)
-        assert split_received(data)[1] == original
 
     def test_two_recipients_one_transaction(self, mx):
         before_a, before_b = set(mx.delivered_paths(ALICE)), set(mx.delivered_paths(BOB))
