@@ -114,7 +114,13 @@ class MaildirOutbox:
         for stem, data in record.read_folder(self._entries):
             if not is_gdel_id(stem):
                 continue
-            entry = OutboxEntry.from_json(data)
+            try:
+                entry = OutboxEntry.from_json(data)
+            except (ValueError, TypeError) as e:
+                # Left in place: a later version may read it (a downgrade).
+                log.error("outbox entry {id} unreadable, left on disk: {error}", id=stem,
+                          error=str(e), event="outbox-unreadable")
+                continue
             if entry.id == stem and f"{stem}.eml" in messages:
                 self._index[stem] = entry
         return released

@@ -9,6 +9,7 @@ import json
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from pullmail.interfaces import IOutbox
@@ -278,6 +279,31 @@ def test_load_skips_strays(tmp_path) -> None:
     again = MaildirOutbox(root)
     again.load()
     assert [e.id for e in again.entries()] == [ID1]
+
+
+def test_load_leaves_unreadable_entries_on_disk(tmp_path) -> None:
+    """A record of another version, or garbled, is logged and skipped, not fatal."""
+    root = tmp_path / "outbox"
+    outbox = MaildirOutbox(root)
+    outbox.load()
+    outbox.add([make_entry(id=ID1)], MESSAGE)
+    outbox.add([make_entry(id=ID2)], MESSAGE)
+    newer = json.loads(make_entry(id=ID2).to_json())
+    newer["version"] += 1
+    (root / "entries" / f"{ID2}.json").write_text(json.dumps(newer))
+    third = ID3
+    outbox.add([make_entry(id=third)], MESSAGE)
+    (root / "entries" / f"{third}.json").write_bytes(b'{"version": 1, "id": ')
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        again = MaildirOutbox(root)
+        again.load()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e.id for e in again.entries()] == [ID1]
+    assert sorted(e["id"] for e in events if e.get("event") == "outbox-unreadable") == sorted([ID2, third])
+    assert (root / "entries" / f"{ID2}.json").exists() and (root / "data" / f"{ID2}.eml").exists()
 
 
 def test_message_path_checks_id(tmp_path) -> None:
