@@ -461,7 +461,7 @@ class SMTPServerFactory(Factory):
         self.performers = dict(performers)
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        self.extensions = extensions
+        self.extensions = tuple(extensions)
         self.refuse_connection = refuse_connection
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -227,11 +228,12 @@ def _b64decode(text: str) -> str:
         raise _SASLError(replies.S501_BAD_BASE64) from None
 
 
-@dataclass
+@dataclass(eq=False)
 class Extension:
     """
     A set of extra verbs (e.g. General Delivery): their EHLO keywords, the
-    states they are allowed in, and their handlers.
+    states they are allowed in, and their handlers.  Compared (and hashed)
+    by identity: a listener's extensions are made once.
     """
 
     keywords: Callable[[Session], list[str]]
@@ -240,6 +242,32 @@ class Extension:
     resolvers: Mapping[type, Callable[["ServerMachine", object, object], object]] = field(
         default_factory=dict
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
+    """
+    The verbs a machine of C{machine_class} answers: the states each is
+    allowed in, its handler and the resolvers of its requests, as functions
+    taking the machine.  Made once per class and set of extensions, not
+    per connection.  Looked up on the class, so that a subclass (the
+    reversed turn) can override how a request's answer is taken.
+    """
+    allowed = dict(ALLOWED)
+    handlers: dict[str, Callable] = {
+        verb: getattr(machine_class, "_" + verb.lower()) for verb in ALLOWED
+    }
+    resolvers: dict[type, Callable] = {
+        CheckSender: machine_class._resolve_sender,
+        CheckPush: machine_class._resolve_push,
+        Deliver: machine_class._resolve_delivery,
+        Authenticate: machine_class._resolve_authentication,
+    }
+    for extension in extensions:
+        allowed.update(extension.allowed)
+        handlers.update(extension.handlers)
+        resolvers.update(extension.resolvers)
+    return allowed, handlers, resolvers
 
 
 class ServerMachine:
@@ -253,24 +281,7 @@ class ServerMachine:
         self.state = State.CONNECTED
         self.envelope: Envelope | None = None
         self._extensions = extensions
-        self._allowed = dict(ALLOWED)
-        self._handlers: dict[str, Callable[[str], object]] = {
-            verb: getattr(self, "_" + verb.lower()) for verb in ALLOWED
-        }
-        # Looked up on the instance's class, so that subclasses (the
-        # reversed turn) can override how a request's answer is taken.
-        cls = type(self)
-        self._resolvers: dict[type, Callable] = {
-            CheckSender: cls._resolve_sender,
-            CheckPush: cls._resolve_push,
-            Deliver: cls._resolve_delivery,
-            Authenticate: cls._resolve_authentication,
-        }
-        for extension in extensions:
-            self._allowed.update(extension.allowed)
-            for verb, handler in extension.handlers.items():
-                self._handlers[verb] = (lambda h: lambda arg: h(self, arg))(handler)
-            self._resolvers.update(extension.resolvers)
+        self._allowed, self._handlers, self._resolvers = _verb_table(type(self), extensions)
         self._sasl: Callable[[str], object] | None = None
         self.implicit_tls = False
 
@@ -294,7 +305,7 @@ class ServerMachine:
             return replies.S500_UNRECOGNIZED
         if self.state not in self._allowed[verb]:
             return _sequence_error(self.state, verb)
-        return handler(argument.strip(" ") if verb != "AUTH" else argument)
+        return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
 
     def resolve(self, request: object, result: object) -> object:
         """The glue's answer to a request -> the next action."""
