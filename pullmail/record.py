@@ -44,20 +44,22 @@ def _field_names(cls: type) -> frozenset[str]:
 
 def read_folder(folder: Path, suffix: str = ".json") -> Iterator[tuple[str, bytes]]:
     """
-    Yield (stem, contents) for each file in C{folder} named C{*suffix}
-    (dot files aside), in the order of their inode numbers: the order of
-    the inode tables on disk, so that a start-up with a cold cache reads
-    them in one sweep rather than in the directory's hash order.  Files
-    are opened relative to the folder, without resolving its path again.
+    Yield (stem, contents) for each regular file in C{folder} named
+    C{*suffix} (dot files, folders and symbolic links aside), in the order
+    of their inode numbers: the order of the inode tables on disk, so that
+    a start-up with a cold cache reads them in one sweep rather than in the
+    directory's hash order.  Files are opened relative to the folder,
+    without resolving its path again.
     """
     with os.scandir(folder) as listing:
         names = sorted((item.inode(), item.name) for item in listing
-                       if item.name.endswith(suffix) and not item.name.startswith("."))
+                       if item.name.endswith(suffix) and not item.name.startswith(".")
+                       and item.is_file(follow_symlinks=False))
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for _, name in names:
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=folder_fd)
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=folder_fd)
             except FileNotFoundError:
                 continue
             try:

@@ -68,3 +68,12 @@ def test_read_folder_other_suffix(tmp_path) -> None:
     (tmp_path / "a.eml").write_bytes(b"message")
     (tmp_path / "a.json").write_bytes(b"{}")
     assert list(record.read_folder(tmp_path, ".eml")) == [("a", b"message")]
+
+
+def test_read_folder_skips_folders_and_links(tmp_path) -> None:
+    (tmp_path / "real.json").write_bytes(b"{}")
+    (tmp_path / "folder.json").mkdir()
+    secret = tmp_path.parent / f"{tmp_path.name}-secret"
+    secret.write_bytes(b"not a record")
+    (tmp_path / "link.json").symlink_to(secret)
+    assert list(record.read_folder(tmp_path)) == [("real", b"{}")]
