@@ -15,7 +15,7 @@ notification (logged).
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -65,10 +65,10 @@ class Retriever:
         resolver=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
         store_file: Callable[[str, str, bytes], defer.Deferred] | None = None,
-        delivered_already: Callable | None = None,
+        delivered_of: Callable[[Mapping[str, Sequence[str]]], set[str]] | None = None,
     ) -> None:
         self.store_file = store_file
-        self.delivered_already = delivered_already
+        self.delivered_of = delivered_of
         self.store = store
         self.resolver = resolver
         self.sender_authorised = sender_authorised
@@ -98,6 +98,7 @@ class Retriever:
     def start(self) -> None:
         """Resume from stored state: due times are kept, not restarted."""
         self.store.load()
+        self._look_for_interrupted_deliveries()
         for notification in self.store:
             self._push(notification)
         self._arm()
@@ -105,6 +106,22 @@ class Retriever:
 
     def stop(self) -> None:
         self._due_queue.stop()
+
+    def _look_for_interrupted_deliveries(self) -> None:
+        """
+        Blocking, at start-up.  Every pending record read may be one whose
+        delivery the dead process had begun (nothing is written before a
+        delivery), so its retrieval would look in the mailboxes first.  One
+        look now, each mailbox concerned listed once, clears the many whose
+        message is nowhere; only those found are looked for again when
+        retrieved.  (A turn's recipients are bound to the notification's.)
+        """
+        if self.delivered_of is None:
+            return
+        suspects = [n for n in self.store if n.delivering and n.recipients]
+        found = self.delivered_of({n.queue_id: n.recipients for n in suspects}) if suspects else set()
+        for notification in suspects:
+            notification.delivering = notification.queue_id in found
 
     # -- notifications (the Notify performer) ----------------------------------------
 
@@ -398,9 +415,9 @@ class Retriever:
             # retrieved is a known duplicate.  Nothing is written before a
             # delivery: the record of a crashed one is still pending.
             if notification.keep_until or (
-                notification.delivering and self.delivered_already is not None
-                and await self.run_blocking(self.delivered_already, notification.queue_id,
-                                            request.envelope.recipients)
+                notification.delivering and self.delivered_of is not None
+                and notification.queue_id in await self.run_blocking(
+                    self.delivered_of, {notification.queue_id: request.envelope.recipients})
             ):
                 reply = Reply(250, "2.0.0", "Ok: already delivered, duplicate dropped")
                 log.info("duplicate {id} from {peer} dropped", id=notification.gdel_id,

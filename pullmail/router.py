@@ -7,7 +7,8 @@ to the outbound queue.  The reply to end-of-data is decided here, and it is
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -86,24 +87,29 @@ class Router:
                     remote[final] = None
         return list(local), list(remote)
 
-    def delivered_already(self, queue_id: str, recipients: Sequence[str]) -> bool:
+    def delivered_of(self, wanted: Mapping[str, Sequence[str]]) -> set[str]:
         """
-        Blocking: whether a message stored under C{queue_id} is in the
-        maildir of any local recipient (new/ or cur/).  Maildir names carry
-        ``_<queue id>.`` (L{MaildirNames}).
+        Blocking: which queue ids of C{wanted} (queue id -> recipients) have
+        a message in the maildir, new/ or cur/, of one of their local
+        recipients.  Maildir names carry ``_<queue id>.`` (L{MaildirNames});
+        each mailbox is listed once, however many ids are looked for in it.
         """
-        marker = f"_{queue_id}."
-        local, _ = self.split(recipients)
-        for address in local:
-            box = mailbox_path(self.delivery.root, address)
+        looked_for: dict[Path, set[str]] = {}
+        for queue_id, recipients in wanted.items():
+            for address in self.split(recipients)[0]:
+                looked_for.setdefault(mailbox_path(self.delivery.root, address), set()).add(queue_id)
+        found: set[str] = set()
+        for box, queue_ids in looked_for.items():
             for sub in ("new", "cur"):
                 try:
                     names = os.listdir(box / sub)
                 except FileNotFoundError:
                     continue
-                if any(marker in name for name in names):
-                    return True
-        return False
+                for name in names:
+                    _, marked, rest = name.partition("_")
+                    if marked and (queue_id := rest.partition(".")[0]) in queue_ids:
+                        found.add(queue_id)
+        return found
 
     @defer.inlineCallbacks
     def inject(self, sender: str, recipients: Sequence[str], chunks: Sequence[bytes]):
@@ -127,7 +133,7 @@ class Router:
         """
         Store a message; fire with the reply to end-of-data.  A given
         C{queue_id} (retrieved mail) names the stored files, so that
-        L{delivered_already} can find them again.
+        L{delivered_of} can find them again.
         """
         queue_id = queue_id or new_queue_id()
         header = received_header(

@@ -198,7 +198,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
         store_file=fsync_helper.store,
-        delivered_already=router.delivered_already,
+        delivered_of=router.delivered_of,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME

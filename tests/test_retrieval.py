@@ -460,16 +460,25 @@ def test_falls_back_to_origin_mx_hosts_that_pass_spf(tmp_path) -> None:
     assert len(world.deliveries) == 1
 
 
-def _retriever_with(world, delivered_already) -> Retriever:
+def _retriever_with(world, delivered_of) -> Retriever:
     world.retriever.stop()
     retriever = Retriever(
         store=world.store, trust=world.trust, connect=world.connect, clock=world.clock,
         run_blocking=run_blocking, hostname="mx.receiver.example", schedule=SCHEDULE,
         remote_port=25, keep_for=48 * HOUR, pending_per_origin=100, policy=world.policy,
-        deliver=world.deliver, delivered_already=delivered_already,
+        deliver=world.deliver, delivered_of=delivered_of,
     )
     retriever.start()
     return retriever
+
+
+def _mailboxes(asked: list, holding: bool):
+    """A Router.delivered_of that records each question; every id is found, or none."""
+    def delivered_of(wanted):
+        asked.append({queue_id: tuple(recipients) for queue_id, recipients in wanted.items()})
+        return set(wanted) if holding else set()
+
+    return delivered_of
 
 
 def test_delivery_takes_no_extra_write_and_a_stable_queue_id(tmp_path) -> None:
@@ -492,7 +501,7 @@ def test_delivery_takes_no_extra_write_and_a_stable_queue_id(tmp_path) -> None:
         return defer.succeed(Reply(250, "2.0.0", "Ok"))
 
     world.deliver = deliver
-    world.retriever = _retriever_with(world, lambda queue_id, recipients: False)
+    world.retriever = _retriever_with(world, lambda wanted: set())
     world.notify()
     world.settle()
     notification = world.store.get("sender.example", GDEL_ID)
@@ -509,29 +518,41 @@ def test_records_read_at_start_up_are_checked_before_storing(tmp_path) -> None:
     world.smta.hold()
     world.notify()                          # on disk: pending, never marked
     asked = []
-
-    def delivered_already(queue_id, recipients):
-        asked.append(queue_id)
-        return True
-
-    world.retriever = _retriever_with(world, delivered_already)    # the restart
+    world.retriever = _retriever_with(world, _mailboxes(asked, holding=True))    # the restart
     world.settle()
     notification = world.store.get("sender.example", GDEL_ID)
-    assert asked == [notification.queue_id]
+    # once at start-up, once more before storing (found the first time)
+    assert asked == [{notification.queue_id: (BOB,)}] * 2
     assert world.deliveries == []
     assert notification.state == RETRIEVED
+
+
+def test_start_up_looks_once_for_all_records(tmp_path) -> None:
+    """
+    Many pending records at start-up: one question covers them all (each
+    mailbox is listed once), and those whose message is nowhere are then
+    delivered without another look.
+    """
+    world = World(tmp_path)
+    ids = [f"Pending_id_{i:010}" for i in range(5)]
+    for gdel_id in ids:
+        world.smta.hold(gdel_id)
+        world.notify(gdel_id)
+    queue_ids = {world.store.get("sender.example", g).queue_id for g in ids}
+    asked = []
+    world.retriever = _retriever_with(world, _mailboxes(asked, holding=False))    # the restart
+    assert asked == [{queue_id: (BOB,) for queue_id in queue_ids}]
+    world.settle()
+    assert len(asked) == 1
+    assert len(world.deliveries) == 5
+    assert all(world.store.get("sender.example", g).state == RETRIEVED for g in ids)
 
 
 def test_a_retry_in_the_same_process_looks_first(tmp_path) -> None:
     """A delivery that failed after it began: the next attempt looks before storing."""
     world = World(tmp_path)
     asked = []
-
-    def delivered_already(queue_id, recipients):
-        asked.append(queue_id)
-        return False
-
-    world.retriever = _retriever_with(world, delivered_already)
+    world.retriever = _retriever_with(world, _mailboxes(asked, holding=False))
     world.deliver_reply = replies.S451_LOCAL_ERROR
     world.smta.hold()
     world.notify()
@@ -541,7 +562,7 @@ def test_a_retry_in_the_same_process_looks_first(tmp_path) -> None:
     world.deliver_reply = Reply(250, "2.0.0", "Ok: stored")
     world.advance(SCHEDULE[1])
     notification = world.store.get("sender.example", GDEL_ID)
-    assert asked == [notification.queue_id]
+    assert asked == [{notification.queue_id: (BOB,)}]
     assert notification.state == RETRIEVED
 
 
@@ -554,18 +575,13 @@ def test_retry_after_a_crash_finds_the_stored_copy(tmp_path) -> None:
     world = World(tmp_path)
     world.smta.hold()
     asked = []
-
-    def delivered_already(queue_id, recipients):
-        asked.append((queue_id, tuple(recipients)))
-        return True
-
-    world.retriever = _retriever_with(world, delivered_already)
+    world.retriever = _retriever_with(world, _mailboxes(asked, holding=True))
     world.notify()
     notification = world.store.get("sender.example", GDEL_ID)
     notification.delivering = True          # as left on disk by the crashed run
     world.store.save(notification)
     world.settle()
     assert world.deliveries == []           # not stored again
-    assert asked == [(notification.queue_id, (BOB,))]
+    assert asked == [{notification.queue_id: (BOB,)}]
     assert world.smta.retrs == [GDEL_ID]    # but retrieved, so the SMTA sees its 250
     assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED

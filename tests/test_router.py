@@ -223,7 +223,7 @@ class AcceptTests(SynchronousTestCase):
         self.assertEqual(self.delivery.calls, [])
 
 
-class DeliveredAlreadyTests(SynchronousTestCase):
+class DeliveredOfTests(SynchronousTestCase):
     def test_finds_a_stored_message_by_queue_id(self):
         """Retrieved mail is found again by its queue id, in new/ or in cur/."""
         import tempfile
@@ -235,10 +235,16 @@ class DeliveredAlreadyTests(SynchronousTestCase):
         self.addCleanup(__import__("shutil").rmtree, root)
         router = Router("mx.example.org", _accounts(), type("D", (), {"root": root})(), Clock())
         names = MaildirNames(Clock(), "mx.example.org", 1)
-        self.assertFalse(router.delivered_already("GABC", ["alice@example.org"]))
-        [path] = store(root, names.next("GABC"), ["alice@example.org"], [b"x\r\n"])
-        self.assertTrue(router.delivered_already("GABC", ["alice@example.org"]))
-        self.assertFalse(router.delivered_already("GABD", ["alice@example.org"]))
-        self.assertFalse(router.delivered_already("GABC", ["bob@example.org"]))
+        alice, bob = ["alice@example.org"], ["bob@example.org"]
+        self.assertEqual(router.delivered_of({"GABC": alice}), set())
+        [path] = store(root, names.next("GABC"), alice, [b"x\r\n"])
+        store(root, names.next("GABE"), ["alice@example.org", "bob@example.org"], [b"y\r\n"])
+        self.assertEqual(router.delivered_of({"GABC": alice}), {"GABC"})
+        self.assertEqual(router.delivered_of({"GABD": alice}), set())
+        self.assertEqual(router.delivered_of({"GABC": bob}), set())
+        # Many ids at once: each found in a mailbox of its own recipients.
+        self.assertEqual(router.delivered_of({"GABC": alice + bob, "GABD": alice, "GABE": bob,
+                                              "GABF": ["carol@elsewhere.example"]}),
+                         {"GABC", "GABE"})
         path.rename(path.parent.parent / "cur" / (path.name + ":2,S"))
-        self.assertTrue(router.delivered_already("GABC", ["alice@example.org"]))
+        self.assertEqual(router.delivered_of({"GABC": alice}), {"GABC"})
