@@ -132,8 +132,7 @@ def test_disconnect_mid_tls_handshake(setup, seed):
             port = SMTP_PORT if kind == 0 else SUBMISSION_PORT
             with RawSMTP(NODE_IP, port, source=CLIENT_IP, timeout=10) as client:
                 client.ehlo()
-                code, texts = client.command("STARTTLS")
-                assert code == 220, (code, texts)
+                client.expect("STARTTLS", 220)
                 client.sock.sendall(hello[:cut])
         elif kind == 2:     # implicit TLS on submissions
             with socket.create_connection((NODE_IP, SUBMISSIONS_PORT), timeout=10,

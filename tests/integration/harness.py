@@ -807,6 +807,12 @@ class RawSMTP:
         self.send(line + b"\r\n")
         return self.read_reply(timeout)
 
+    def expect(self, line: str | bytes, code: int) -> list[str]:
+        """Send C{line}, and fail unless the reply has C{code}; its texts."""
+        got, texts = self.command(line)
+        assert got == code, (line, got, texts)
+        return texts
+
     def ehlo(self, name: str = "client.outside.test") -> tuple[int, list[str]]:
         code, texts = self.command(f"EHLO {name}")
         if code != 250:
