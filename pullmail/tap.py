@@ -9,6 +9,7 @@ clock, a thread runner and a connector.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -134,6 +135,20 @@ class Startable(service.Service):
         self._stop()
 
 
+def freeze_start_up_heap() -> None:
+    """
+    The outbox index and the notifications read at start-up live as long as
+    their entries, and hold no reference cycles (refcounting frees them).
+    Frozen out of the garbage collector's sight, they no longer make every
+    full collection walk them: at 100k outbox entries that walk stopped the
+    reactor for 80 ms each time, at a million for 1.1 s.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("start-up heap frozen: {objects} objects", objects=gc.get_freeze_count(),
+             event="heap-frozen")
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = service.MultiService()
@@ -212,6 +227,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         log.warn("state_dir path too long for the control socket; "
                  "`pullmail queue` will work on the files only")
     Startable(retriever.start, retriever.stop).setServiceParent(node)
+    Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
 
     performers = {
         Deliver: lambda protocol, request: router.accept(

@@ -345,6 +345,7 @@ def test_retrieval_retried_while_sender_is_down(net):
     assert receiver.delivered(BOB) == []
     sender.start()
     sender.wait_log(r"outbox loaded: 1 entries, 0 claims released", 5)
+    sender.wait_log(r"start-up heap frozen: \d+ objects", 5)
 
     raw = receiver.wait_delivered(BOB, timeout=20)
     assert_body_intact(raw[0], token)
