@@ -328,22 +328,21 @@ def make_entry(**fields) -> OutboxEntry:
 
 def cache_dns_answer(resolver, name: str, rdtype: str, *texts: str) -> None:
     """Put an answer into C{resolver}'s cache as a lookup would (none: no-answer)."""
-    query = dns.message.make_query(name, rdtype)
-    response = dns.message.make_response(query)
+    response = dns.message.make_response(dns.message.make_query(name, rdtype))
     if texts:
         response.answer.append(dns.rrset.from_text(name + ".", 300, "IN", rdtype, *texts))
-    response = dns.message.from_wire(response.to_wire())
-    qname, qtype = dns.name.from_text(name), dns.rdatatype.from_text(rdtype)
-    answer = dns.resolver.Answer(qname, qtype, dns.rdataclass.IN, response)
-    resolver.cache.put((qname, qtype, dns.rdataclass.IN), answer)
+    _cache_response(resolver, name, dns.rdatatype.from_text(rdtype), response)
 
 
 def cache_dns_nxdomain(resolver, name: str) -> None:
-    """Put a NXDOMAIN for C{name} into C{resolver}'s cache."""
-    query = dns.message.make_query(name, "A")
-    response = dns.message.make_response(query)
+    """Put a NXDOMAIN for C{name} into C{resolver}'s cache (dnspython keys it under ANY)."""
+    response = dns.message.make_response(dns.message.make_query(name, "A"))
     response.set_rcode(dns.rcode.NXDOMAIN)
-    response = dns.message.from_wire(response.to_wire())
+    _cache_response(resolver, name, dns.rdatatype.ANY, response)
+
+
+def _cache_response(resolver, name: str, rdtype, response) -> None:
+    response = dns.message.from_wire(response.to_wire())   # as received off the wire
     qname = dns.name.from_text(name)
-    answer = dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN, response)
-    resolver.cache.put((qname, dns.rdatatype.ANY, dns.rdataclass.IN), answer)
+    answer = dns.resolver.Answer(qname, rdtype, dns.rdataclass.IN, response)
+    resolver.cache.put((qname, rdtype, dns.rdataclass.IN), answer)
