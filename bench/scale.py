@@ -204,8 +204,8 @@ def _measure_expiry(sizes: list[int], log) -> dict[int, dict]:
         for rig in rigs.values():
             rig.close()
     return {n: {"start_s": rigs[n].start_s, "idle_wake_us": rigs[n].idle_wake_us,
-                "expiry_cpu_us": statistics.median(results[n]["in_reactor"]),
-                "expiry_us": statistics.median(results[n]["with_files"])} for n in sizes}
+                "expiry_reactor_us": statistics.median(results[n]["in_reactor"]),
+                "expiry_with_files_us": statistics.median(results[n]["with_files"])} for n in sizes}
 
 
 def _measure_startup(n: int, workdir: Path, dns, log) -> tuple[float, float]:
@@ -297,7 +297,7 @@ def run(args, workdir, log) -> None:
         r = res[n]
         rows.append([f"{n:,}", f"{r['load_s']:.2f}", f"{r['load_s'] / n * 1e6:.1f}",
                      f"{r['get_ns']:.0f}", f"{r['retr_us']:.1f}", f"{r['start_s']:.2f}",
-                     f"{r['idle_wake_us']:.1f}", f"{r['expiry_cpu_us']:.0f}", f"{r['expiry_us']:.0f}",
+                     f"{r['idle_wake_us']:.1f}", f"{r['expiry_reactor_us']:.0f}", f"{r['expiry_with_files_us']:.0f}",
                      fmt(startup[n][0], 2), f"{startup[n][1]:.0f}"])
     table("3. Outbox scale (warm page cache; RETR lookup = PickupCounter.retrieve with a fake "
           "resolver: get + destined check + claim rename, median; expiry = one Outbound._wake "
@@ -314,9 +314,9 @@ def run(args, workdir, log) -> None:
         [f"get() {hi:,}/{lo:,}", f"{res[hi]['get_ns'] / res[lo]['get_ns']:.2f}",
          "(part of RETR lookup; the dict outgrows the CPU caches)"],
         [f"expiry per entry in the reactor {hi:,}/{lo:,}",
-         f"{res[hi]['expiry_cpu_us'] / res[lo]['expiry_cpu_us']:.2f}", "≤ 1.2"],
+         f"{res[hi]['expiry_reactor_us'] / res[lo]['expiry_reactor_us']:.2f}", "≤ 1.2"],
         [f"expiry per entry with its file I/O {hi:,}/{lo:,}",
-         f"{res[hi]['expiry_us'] / res[lo]['expiry_us']:.2f}", "≤ 1.2"],
+         f"{res[hi]['expiry_with_files_us'] / res[lo]['expiry_with_files_us']:.2f}", "≤ 1.2"],
         [f"load per entry {hi:,}/{lo:,}",
          f"{(res[hi]['load_s'] / hi) / (res[lo]['load_s'] / lo):.2f}", "(flat)"],
     ]
