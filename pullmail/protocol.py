@@ -215,7 +215,24 @@ class SMTPConnection(Protocol):
             self.transport.write(data)
 
     def start_tls(self, options) -> None:
-        """Client role: start TLS right after the peer's 220 to STARTTLS."""
+        """
+        Client role: start TLS right after the peer's 220 to STARTTLS.
+
+        Anything the peer sent behind that 220 is plaintext that a man in
+        the middle may have injected (the client-side twin of
+        CVE-2011-0411): read as the first replies under TLS, it would put
+        every later reply out of step, and a message could be taken as
+        delivered that never was.  Such a session is broken off; the
+        caller's transaction fails and its mail stays queued.
+        """
+        injected = self._replies.take_rest() if self._replies is not None else b""
+        if injected:
+            log.warn("{peer} sent {count} octets behind its 220 to STARTTLS; "
+                     "dropping the session", peer=self.transport.getPeer(),
+                     count=len(injected), event="tls-injection")
+            self._closing = True
+            self.transport.abortConnection()
+            raise ProtocolError("data received behind the 220 to STARTTLS (injection)")
         self.transport.startTLS(options)
 
     def send_reply(self, reply: Reply) -> None:

@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from pullmail import replies
 from pullmail.accounts import Accounts
 from pullmail.esmtp.server import Authenticate, Deliver, ServerPolicy
-from pullmail.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.esmtp.client import ProtocolError, open_session
+from pullmail.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
 from pullmail.replies import Reply
 
 IDLE = 300.0
@@ -444,3 +445,47 @@ class AuthTests(ProtocolTestCase):
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(lines, [b"454", b"250"])
         self.assertEqual(self.transport.value().splitlines()[0][:9], b"454 4.7.0")
+
+
+class ClientSTARTTLSInjectionTests(SynchronousTestCase):
+    """
+    The sending side's twin of CVE-2011-0411: a peer (or a man in the
+    middle) that writes more behind its 220 to STARTTLS must not have those
+    plaintext lines read as replies under TLS.
+    """
+
+    EHLO = b"250-mx.peer.example\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+    def setUp(self) -> None:
+        self.connection = ClientConnection(Clock(), IDLE)
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 25))
+        self.connection.makeConnection(self.transport)
+        self.session = defer.Deferred.fromCoroutine(
+            open_session(self.connection, "mx.example.org", tls_options=object())
+        )
+        self.connection.dataReceived(b"220 mx.peer.example ESMTP\r\n")
+        self.connection.dataReceived(self.EHLO)
+        self.assertEqual(self.transport.value().splitlines()[-1], b"STARTTLS")
+
+    def test_injected_replies_break_the_session(self) -> None:
+        """
+        220 and a fake EHLO reply in one write: no handshake, no EHLO under
+        TLS, the connection is dropped and the session fails (the mail
+        stays queued).
+        """
+        self.connection.dataReceived(
+            b"220 2.0.0 go\r\n250-fake\r\n250 PIPELINING\r\n"
+        )
+        self.failureResultOf(self.session, ProtocolError)
+        self.assertEqual(self.transport.tls_started, [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value().splitlines()[-1], b"STARTTLS")
+
+    def test_clean_220_starts_tls(self) -> None:
+        """A 220 alone starts the handshake and EHLO is said again."""
+        self.connection.dataReceived(b"220 2.0.0 go\r\n")
+        self.assertEqual(len(self.transport.tls_started), 1)
+        self.assertEqual(self.transport.value().splitlines()[-1], b"EHLO mx.example.org")
+        self.connection.dataReceived(b"250-mx.peer.example\r\n250 PIPELINING\r\n")
+        keywords = self.successResultOf(self.session)
+        self.assertIn("PIPELINING", keywords)

@@ -208,6 +208,10 @@ async def send_transaction(
     go_ahead = await channel.reply()
     accepted = result.accepted()
     if go_ahead.code != 354:
+        if go_ahead.positive:
+            # Only 354 lets the data go: a 2xx here means the replies are
+            # out of step, and taking it would mark unsent mail delivered.
+            raise ProtocolError(f"unexpected reply to DATA: {go_ahead}")
         _refuse_all(result, accepted, go_ahead)
         result.final = go_ahead
         return result
