@@ -22,9 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import (  # noqa: E402
-    AiosmtpdServer, CountingProxy, PostfixServer, PullmailServer, RSSSampler, SinkServer,
-    SMTPClient, fmt, make_message, pullmail_node, ratio, smtp_source, status_kb, table,
-    wait_until, tree_cpu_seconds, count_files, PASSWORD,
+    PASSWORD,
+    AiosmtpdServer,
+    CountingProxy,
+    PostfixServer,
+    PullmailServer,
+    RSSSampler,
+    SinkServer,
+    SMTPClient,
+    count_files,
+    fmt,
+    make_message,
+    pullmail_node,
+    ratio,
+    smtp_source,
+    status_kb,
+    table,
+    tree_cpu_seconds,
+    wait_until,
 )
 
 SECTIONS = ("push", "gd", "scale", "idle", "wire", "profile")

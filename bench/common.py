@@ -364,7 +364,11 @@ class PostfixServer(Server):
     name = "postfix"
 
     def __init__(self, workdir: Path) -> None:
-        from tests.integration.postfix import PostfixInstance, make_workdir, postfix_unavailable
+        from tests.integration.postfix import (
+            PostfixInstance,
+            make_workdir,
+            postfix_unavailable,
+        )
 
         why = postfix_unavailable()
         if why:

@@ -18,18 +18,18 @@ import statistics
 import time
 from pathlib import Path
 
+from common import STARTUP_IP, fmt, pullmail_node, status_kb, table
 from twisted.internet import defer, task
 
-from common import STARTUP_IP, fmt, pullmail_node, status_kb, table
 from pullmail.config import DeliveryConfig
-from pullmail.delivery import Outbound
-from pullmail.envelope import Session
-from pullmail.esmtp.pull import Retrieve
-from pullmail.outbox import NOTIFIED, MaildirOutbox, OutboxEntry
-from pullmail.pending import Notification, PendingStore
-from pullmail.pickup import PickupCounter
-from pullmail.retrieval import Retriever
-from pullmail.throttle import FailureTracker
+from pullmail.outbound.delivery import Outbound
+from pullmail.pull.retrieve import Retriever
+from pullmail.pull.serve import PickupCounter
+from pullmail.pull.verbs import Retrieve
+from pullmail.smtp.envelope import Session
+from pullmail.storage.outbox import NOTIFIED, MaildirOutbox, OutboxEntry
+from pullmail.storage.pending import Notification, PendingStore
+from pullmail.trust.throttle import FailureTracker
 
 CACHE = Path(os.environ.get("PULLMAIL_BENCH_CACHE", "/tmp/pullmail-bench-cache"))
 EXPIRE = 100          # entries expired in one measured pass, whatever N

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "parse",
     "load",
+    "load_config",
     "embedded_default",
     "parse_duration",
     "parse_size",
@@ -432,3 +433,14 @@ def override(config: Config, option: str, value: str) -> Config:
     result = _absolute(replace(config, **{section: new_section}))
     _check(result)
     return result
+
+
+def load_config(path: str | None, overrides=()) -> Config:
+    """
+    The file at C{path} (the embedded default when None), then each
+    C{--set section.key=value} override: what every command and twistd run.
+    """
+    config = load(path) if path else embedded_default(Path.cwd())
+    for option, value in overrides:
+        config = override(config, option, value)
+    return config

@@ -2,7 +2,7 @@
 Public fakes for testing pullmail and code built on it: no sockets, no DNS,
 no threads, no global reactor.
 
-  - L{FakeResolver}: the L{pullmail.dns.Resolver} seam (C{mx}, C{addresses},
+  - L{FakeResolver}: the L{pullmail.net.dns.Resolver} seam (C{mx}, C{addresses},
     C{txt}) answered from dicts, failing on demand.
   - L{MemoryOutbox}: an L{IOutbox} in memory, with a "disk" that survives a
     simulated restart (L{MemoryOutbox.restarted}).
@@ -10,6 +10,8 @@ no threads, no global reactor.
   - L{FakeTrust}: an L{ITrustPolicy} with fixed verdicts.
   - L{cache_dns_answer}, L{cache_dns_nxdomain}: fill a real dnspython
     resolver's cache, as lookups would have.
+  - L{result_of}, L{failure_of}, L{assert_no_result}: what trial's
+    C{successResultOf} and friends do, for plain pytest tests.
   - L{FakeNetwork}: a C{connect(address, port, performers={})} that pairs a
     L{ClientConnection} with an in-memory server through
     L{twisted.test.iosim}; C{flush()} moves the bytes.
@@ -31,25 +33,67 @@ import dns.rrset
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from pullmail.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.interfaces import IOutbox, ITrustPolicy
-from pullmail.outbox import OutboxEntry
-from pullmail.protocol import ClientConnection
-from pullmail.replies import Reply
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.smtp.protocol import ClientConnection
+from pullmail.smtp.replies import Reply
+from pullmail.storage.outbox import OutboxEntry
 
 __all__ = [
     "FakeResolver",
     "MemoryOutbox",
     "run_blocking",
+    "result_of",
+    "failure_of",
+    "assert_no_result",
     "FakeTrust",
     "FakeNetwork",
     "make_entry",
     "cache_dns_answer",
     "cache_dns_nxdomain",
 ]
+
+
+def _outcome(d: defer.Deferred) -> object:
+    """Take the result C{d} already has (it is consumed, as trial's are)."""
+    outcome: list = []
+    d.addBoth(outcome.append)
+    if not outcome:
+        raise AssertionError(f"{d!r} has no result yet")
+    return outcome[0]
+
+
+def result_of(d: defer.Deferred) -> object:
+    """The result C{d} already has; AssertionError if it has none or failed."""
+    result = _outcome(d)
+    if isinstance(result, Failure):
+        raise AssertionError(f"{d!r} failed: {result.getTraceback()}")
+    return result
+
+
+def failure_of(d: defer.Deferred, *expected: type[BaseException]) -> Failure:
+    """
+    The failure C{d} already has (of one of the C{expected} types, when
+    given); AssertionError if it has none or succeeded.
+    """
+    result = _outcome(d)
+    if not isinstance(result, Failure):
+        raise AssertionError(f"{d!r} succeeded with {result!r}")
+    if expected and not result.check(*expected):
+        raise AssertionError(f"{d!r} failed with {result.type}, not {expected}")
+    return result
+
+
+def assert_no_result(d: defer.Deferred) -> None:
+    """AssertionError if C{d} already has a result."""
+    seen: list = []
+    d.addBoth(lambda result: seen.append(result) or result)
+    if seen:
+        raise AssertionError(f"{d!r} already has a result: {seen[0]!r}")
 
 
 def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
@@ -59,7 +103,7 @@ def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
 
 class FakeResolver:
     """
-    The L{pullmail.dns.Resolver} seam, answered from dicts.  A name in
+    The L{pullmail.net.dns.Resolver} seam, answered from dicts.  A name in
     C{temporary} fails with L{DNSTemporaryError}, one in C{permanent} with
     L{DNSPermanentError}, for every record type.  Names not in a dict have no records of that type.
     Every question is recorded in C{queries} as C{(rdtype, name)}.
@@ -119,7 +163,7 @@ class FakeResolver:
 @implementer(IOutbox)
 class MemoryOutbox:
     """
-    An outbox in memory.  Like L{pullmail.outbox.MaildirOutbox}, it keeps a
+    An outbox in memory.  Like L{pullmail.storage.outbox.MaildirOutbox}, it keeps a
     "disk" (entries as JSON, claims, messages) apart from its index, so a
     restart can be simulated: L{restarted} gives a new outbox over the same
     disk, whose L{load} releases the stale claims.

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.accounts}: password hashes, the users and aliases
+Tests for L{pullmail.accounts.users}: password hashes, the users and aliases
 files, alias expansion and sender ownership.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail.accounts import (
+from pullmail.accounts.users import (
     Accounts,
     AccountsError,
     add_user,

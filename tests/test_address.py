@@ -1,12 +1,12 @@
 """
-Tests for L{pullmail.address}: RFC 5321 paths and the relay rule.
+Tests for L{pullmail.smtp.address}: RFC 5321 paths and the relay rule.
 """
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail.address import (
+from pullmail.smtp.address import (
     AddressError,
     Forbidden,
     Local,

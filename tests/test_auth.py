@@ -15,11 +15,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from pullmail import replies
-from pullmail.accounts import Accounts, hash_password
-from pullmail.auth import AccountsChecker, Authenticator, make_portal
-from pullmail.esmtp.server import Authenticate
-from pullmail.throttle import FailureTracker
+from pullmail.accounts.login import AccountsChecker, Authenticator, make_portal
+from pullmail.accounts.users import Accounts, hash_password
+from pullmail.smtp import replies
+from pullmail.smtp.server import Authenticate
+from pullmail.trust.throttle import FailureTracker
 
 
 def run_blocking(function, *args):

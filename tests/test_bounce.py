@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.bounce}: DSNs parsed back with the standard library's
+Tests for L{pullmail.outbound.bounce}: DSNs parsed back with the standard library's
 C{email} package, and one compared byte for byte with an expected-output file.
 """
 
@@ -15,7 +15,12 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail.bounce import FailedRecipient, build_dsn, is_bounce, should_bounce
+from pullmail.outbound.bounce import (
+    FailedRecipient,
+    build_dsn,
+    is_bounce,
+    should_bounce,
+)
 
 EXPECTED = Path(__file__).parent / "data" / "dsn-expected.eml"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.cli}: the ``pullmail`` operator command.
+Tests for L{pullmail.node.cli}: the ``pullmail`` operator command.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import cli
-from pullmail.accounts import read_users, verify_password
-
+from pullmail.accounts.users import read_users, verify_password
+from pullmail.node import cli
 
 
 def _tempdir(case) -> Path:

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.esmtp.client}: the reply reader, dot-stuffing, and the
+Tests for L{pullmail.smtp.client}: the reply reader, dot-stuffing, and the
 client dialogues against a scripted channel.
 """
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail.esmtp.client import (
+from pullmail.smtp.client import (
     MAX_REPLY_LINES,
     ProtocolError,
     Refused,
@@ -21,8 +21,8 @@ from pullmail.esmtp.client import (
     send_notification,
     send_transaction,
 )
-from pullmail.esmtp.data import DataReader
-from pullmail.replies import Reply
+from pullmail.smtp.data import DataReader
+from pullmail.smtp.replies import Reply
 
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

@@ -16,7 +16,15 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail import config as configuration
-from pullmail.config import Config, ConfigError, load, override, parse, parse_duration, parse_size
+from pullmail.config import (
+    Config,
+    ConfigError,
+    load,
+    override,
+    parse,
+    parse_duration,
+    parse_size,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "etc" / "pullmail.toml"

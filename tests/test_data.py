@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.esmtp.data}: framing the message after 354, including
+Tests for L{pullmail.smtp.data}: framing the message after 354, including
 the SMTP smuggling regressions (RFC 5321 2.3.8 and 4.1.1.4).
 """
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import replies
-from pullmail.esmtp.data import MAX_TEXT_LINE, DataComplete, DataReader
+from pullmail.smtp import replies
+from pullmail.smtp.data import MAX_TEXT_LINE, DataComplete, DataReader
 
 LIMIT = 100_000
 

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.delivery.Outbound}: the SMTA's outbound side (SPEC 4,
+Tests for L{pullmail.outbound.delivery.Outbound}: the SMTA's outbound side (SPEC 4,
 5, 7) against in-memory peers (a real L{SMTPServerFactory} with fake
 performers) on a L{FakeNetwork}, with a L{Clock}.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from pullmail.accounts import Accounts
+from pullmail.accounts.users import Accounts
 from pullmail.config import DeliveryConfig
-from pullmail.delivery import Outbound
-from pullmail.esmtp.pull import Notify, pull_extension
-from pullmail.esmtp.server import Deliver, ServerPolicy
-from pullmail.outbox import NOTIFIED, QUEUED, MaildirOutbox
-from pullmail.protocol import ConnectionLimits, SMTPServerFactory
-from pullmail.replies import Reply
+from pullmail.outbound.delivery import Outbound
+from pullmail.pull.verbs import Notify, pull_extension
+from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import Deliver, ServerPolicy
+from pullmail.storage.outbox import NOTIFIED, QUEUED, MaildirOutbox
 from pullmail.testing import FakeNetwork, FakeResolver, make_entry, run_blocking
 
 START = 1_000_000.0
@@ -482,7 +482,7 @@ def test_null_sender_expiry_not_bounced(tmp_path) -> None:
 
 def test_retrieval_finished_removes(tmp_path) -> None:
     """SPEC 4: 250 to end-of-data: the entry is done."""
-    from pullmail.esmtp.client import TransactionResult
+    from pullmail.smtp.client import TransactionResult
 
     world = World(tmp_path)
     [entry] = world.send([BOB, CAROL])
@@ -496,7 +496,7 @@ def test_retrieval_finished_removes(tmp_path) -> None:
 
 def test_retrieval_finished_mixed(tmp_path) -> None:
     """5xx recipients bounce; 4xx ones stay for a later RETR, released."""
-    from pullmail.esmtp.client import TransactionResult
+    from pullmail.smtp.client import TransactionResult
 
     world = World(tmp_path)
     [entry] = world.send([BOB, CAROL, DAVE])

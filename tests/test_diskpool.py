@@ -6,7 +6,7 @@ import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail.diskpool import DiskPool
+from pullmail.storage.disk_threads import DiskPool
 
 
 class HeldReactor:

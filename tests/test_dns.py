@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.dns}: answers already in the resolver's cache are given
+Tests for L{pullmail.net.dns}: answers already in the resolver's cache are given
 in the calling thread (no hop to the DNS pool), anything else goes to the
 pool; and L{cached_answer}, the cache-only lookup behind both that and the
 cache-only SPF check.
@@ -10,10 +10,15 @@ from __future__ import annotations
 import pytest
 from twisted.internet import defer
 
-from pullmail.dns import (
-    DNSPermanentError, NotCached, Resolver, cached_answer, make_dnspython_resolver,
+from pullmail.net.dns import (
+    DNSPermanentError,
+    NotCached,
+    Resolver,
+    cached_answer,
+    make_dnspython_resolver,
 )
-from pullmail.testing import cache_dns_answer as cache, cache_dns_nxdomain as cache_nxdomain
+from pullmail.testing import cache_dns_answer as cache
+from pullmail.testing import cache_dns_nxdomain as cache_nxdomain
 from pullmail.trust.spf import SPFResult, check_host
 
 
@@ -58,7 +63,7 @@ def _result(d: defer.Deferred):
 def test_resolver_answers_from_the_cache_without_the_pool(dnspython, monkeypatch) -> None:
     """A cached question never leaves the reactor thread."""
     hops = []
-    monkeypatch.setattr("pullmail.dns.deferToThreadPool",
+    monkeypatch.setattr("pullmail.net.dns.deferToThreadPool",
                         lambda *a, **k: hops.append(a) or defer.Deferred())
     resolver = Resolver(dnspython, reactor=None, pool=None)
     cache(dnspython, "r.example", "MX", "10 mx.r.example.")

@@ -1,10 +1,10 @@
-"""Tests for L{pullmail.headers}: the dates we write, completing a submission."""
+"""Tests for L{pullmail.inbound.headers}: the dates we write, completing a submission."""
 
 from __future__ import annotations
 
 import email.utils
 
-from pullmail.headers import complete_submission, rfc5322_date
+from pullmail.inbound.headers import complete_submission, rfc5322_date
 
 NOON = 1751371200.0  # Tue, 01 Jul 2025 12:00:00 +0000
 

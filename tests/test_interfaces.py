@@ -13,15 +13,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from pullmail.interfaces import IDeliveryAgent, IOutbox, ITrustPolicy
-from pullmail.maildir import MaildirDelivery, MaildirNames
-from pullmail.outbox import MaildirOutbox
+from pullmail.storage.maildir import MaildirDelivery, MaildirNames
+from pullmail.storage.outbox import MaildirOutbox
 from pullmail.trust.policy import TrustChecker
 
 MODULES = [
-    "pullmail", "pullmail.config", "pullmail.address", "pullmail.accounts", "pullmail.durable",
-    "pullmail.maildir", "pullmail.ids", "pullmail.replies", "pullmail.envelope",
-    "pullmail.interfaces", "pullmail.esmtp.data", "pullmail.esmtp.server", "pullmail.protocol",
-    "pullmail.router", "pullmail.tls", "pullmail.cli", "pullmail.tap",
+    "pullmail", "pullmail.config", "pullmail.smtp.address", "pullmail.accounts.users", "pullmail.storage.durable",
+    "pullmail.storage.maildir", "pullmail.ids", "pullmail.smtp.replies", "pullmail.smtp.envelope",
+    "pullmail.interfaces", "pullmail.smtp.data", "pullmail.smtp.server", "pullmail.smtp.protocol",
+    "pullmail.inbound.router", "pullmail.net.tls", "pullmail.node.cli", "pullmail.node.tap",
 ]
 
 

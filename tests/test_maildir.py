@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.maildir} and L{pullmail.durable}: local delivery into
+Tests for L{pullmail.storage.maildir} and L{pullmail.storage.durable}: local delivery into
 maildirs, through a synchronous stand-in for the thread pool.
 """
 
@@ -13,15 +13,19 @@ import threading
 from pathlib import Path
 from unittest import mock
 
-from twisted.internet.task import Clock
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import durable
-from pullmail.maildir import (
-    BlockingFsync, MaildirDelivery, MaildirNames, ensure_maildir, mailbox_path, store,
+from pullmail.storage import durable
+from pullmail.storage.maildir import (
+    BlockingFsync,
+    MaildirDelivery,
+    MaildirNames,
+    ensure_maildir,
+    mailbox_path,
+    store,
 )
-
 
 
 def _tempdir(case) -> Path:

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.outbox}: the maildir-like outbox (SPEC 2, 4, 7), and
+Tests for L{pullmail.storage.outbox}: the maildir-like outbox (SPEC 2, 4, 7), and
 the L{pullmail.testing.MemoryOutbox} fake that mirrors it.
 """
 
@@ -13,7 +13,13 @@ from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from pullmail.interfaces import IOutbox
-from pullmail.outbox import NOTIFIED, QUEUED, RECORD_VERSION, MaildirOutbox, OutboxEntry
+from pullmail.storage.outbox import (
+    NOTIFIED,
+    QUEUED,
+    RECORD_VERSION,
+    MaildirOutbox,
+    OutboxEntry,
+)
 from pullmail.testing import MemoryOutbox, make_entry
 
 ID1 = "First_entry_id_00001"

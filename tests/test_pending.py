@@ -1,17 +1,16 @@
 """
-Tests for L{pullmail.pending}: pending notifications at the RMTA (SPEC 3,
+Tests for L{pullmail.storage.pending}: pending notifications at the RMTA (SPEC 3,
 5), stored as versioned JSON, one file per (origin, id).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import pytest
 
-from pullmail.pending import (
+from pullmail.storage.pending import (
     RECORD_VERSION,
     RETRIEVED,
     Notification,

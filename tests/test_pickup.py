@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.pickup}: the SMTA's answer to ``RETR`` (SPEC 4) -- the
+Tests for L{pullmail.pull.serve}: the SMTA's answer to ``RETR`` (SPEC 4) -- the
 destined-host check, claims, and the brute-force tarpit -- on a L{Clock}.
 """
 
@@ -9,16 +9,22 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import replies
 from pullmail.config import DeliveryConfig
-from pullmail.delivery import Outbound
-from pullmail.envelope import Session
-from pullmail.esmtp.pull import Retrieve
-from pullmail.esmtp.server import Reverse
-from pullmail.outbox import NOTIFIED, QUEUED
-from pullmail.pickup import IN_FLIGHT_WAIT, FailureTracker, PickupCounter
-from pullmail.replies import Reply
-from pullmail.testing import FakeNetwork, FakeResolver, MemoryOutbox, make_entry, run_blocking
+from pullmail.outbound.delivery import Outbound
+from pullmail.pull.serve import IN_FLIGHT_WAIT, FailureTracker, PickupCounter
+from pullmail.pull.verbs import Retrieve
+from pullmail.smtp import replies
+from pullmail.smtp.envelope import Session
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import Reverse
+from pullmail.storage.outbox import NOTIFIED, QUEUED
+from pullmail.testing import (
+    FakeNetwork,
+    FakeResolver,
+    MemoryOutbox,
+    make_entry,
+    run_blocking,
+)
 
 GDEL_ID = "Notified_entry_00001"
 MX_ADDRESS = "192.0.2.25"

@@ -28,13 +28,21 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from pullmail import config as configuration
-from pullmail import replies
-from pullmail.accounts import Accounts
-from pullmail.address import AddressError, parse_mail_argument, parse_mailbox, parse_rcpt_argument
-from pullmail.envelope import Session
-from pullmail.esmtp.data import DataReader
-from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
-from pullmail.esmtp.server import (
+from pullmail.accounts.users import Accounts
+from pullmail.ids import is_gdel_id
+from pullmail.pull.verbs import Notify, Retrieve, pull_extension
+from pullmail.smtp import replies
+from pullmail.smtp.address import (
+    AddressError,
+    parse_mail_argument,
+    parse_mailbox,
+    parse_rcpt_argument,
+)
+from pullmail.smtp.data import DataReader
+from pullmail.smtp.envelope import Session
+from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import (
     Authenticate,
     BeginData,
     CheckPush,
@@ -46,9 +54,6 @@ from pullmail.esmtp.server import (
     ServerPolicy,
     StartTLS,
 )
-from pullmail.ids import is_gdel_id
-from pullmail.protocol import ConnectionLimits, SMTPServerFactory
-from pullmail.replies import Reply
 
 # PULLMAIL_PROPERTY_EXAMPLES raises the count for the long form.
 PROPERTY = settings(derandomize=True, deadline=None,

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.protocol}: the Twisted glue around the server
+Tests for L{pullmail.smtp.protocol}: the Twisted glue around the server
 machine, as bytes in and reply lines out, on a L{StringTransport} and a
 L{Clock}.
 """
@@ -14,12 +14,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import replies
-from pullmail.accounts import Accounts
-from pullmail.esmtp.server import Authenticate, Deliver, ServerPolicy
-from pullmail.esmtp.client import ProtocolError, open_session
-from pullmail.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
-from pullmail.replies import Reply
+from pullmail.accounts.users import Accounts
+from pullmail.smtp import replies
+from pullmail.smtp.client import ProtocolError, open_session
+from pullmail.smtp.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import Authenticate, Deliver, ServerPolicy
 
 IDLE = 300.0
 GREETING = b"220 mx.example.org ESMTP pullmail"
@@ -292,7 +292,7 @@ class DataTests(ProtocolTestCase):
         commands wait in our buffer) until more than MAX_BUFFERED_WHILE_BUSY
         has piled up; then it pauses, and resumes once the reply is sent.
         """
-        from pullmail.protocol import MAX_BUFFERED_WHILE_BUSY
+        from pullmail.smtp.protocol import MAX_BUFFERED_WHILE_BUSY
 
         self.harness.auto_deliver = None
         self.start_data()

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.esmtp.pull}: the GDEL and RETR verbs on the server
+Tests for L{pullmail.pull.verbs}: the GDEL and RETR verbs on the server
 machine (SPEC 1-4), and the L{TurnMachine} that serves the SMTA's reversed
 turn.  Lines in, actions out; no I/O.
 """
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import replies
-from pullmail.accounts import Accounts
-from pullmail.envelope import Session
-from pullmail.esmtp.pull import Notify, Retrieve, TurnMachine, pull_extension
-from pullmail.esmtp.server import (
+from pullmail.accounts.users import Accounts
+from pullmail.pull.verbs import Notify, Retrieve, TurnMachine, pull_extension
+from pullmail.smtp import replies
+from pullmail.smtp.envelope import Session
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import (
     BeginData,
     Close,
     Deliver,
@@ -22,7 +23,6 @@ from pullmail.esmtp.server import (
     ServerPolicy,
     State,
 )
-from pullmail.replies import Reply
 
 DOMAIN = "example.org"
 GOOD_ID = "Abc_-123456789xyz"  # 17 characters

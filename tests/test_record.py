@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.record}: versioned JSON records, and reading a folder
+Tests for L{pullmail.storage.record}: versioned JSON records, and reading a folder
 of them at start-up.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pullmail import record
+from pullmail.storage import record
 
 
 @dataclass

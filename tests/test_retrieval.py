@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.retrieval.Retriever}: the RMTA's side of General
+Tests for L{pullmail.pull.retrieve.Retriever}: the RMTA's side of General
 Delivery (SPEC 3-5).  The SMTA is a real MX server machine with a real
 L{PickupCounter} over a L{MemoryOutbox}, on a L{FakeNetwork}; one L{Clock}
 drives both.
@@ -12,20 +12,20 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from pullmail import replies
-from pullmail.accounts import Accounts
+from pullmail.accounts.users import Accounts
 from pullmail.config import DeliveryConfig
-from pullmail.delivery import Outbound
-from pullmail.envelope import Envelope, Session
-from pullmail.esmtp.pull import Notify, Retrieve, pull_extension
-from pullmail.esmtp.server import ServerPolicy
-from pullmail.outbox import NOTIFIED
-from pullmail.maildir import BlockingFsync
-from pullmail.pending import PENDING, RETRIEVED, PendingStore
-from pullmail.pickup import FailureTracker, PickupCounter
-from pullmail.protocol import ConnectionLimits, SMTPServerFactory
-from pullmail.replies import Reply
-from pullmail.retrieval import Retriever
+from pullmail.outbound.delivery import Outbound
+from pullmail.pull.retrieve import Retriever
+from pullmail.pull.serve import FailureTracker, PickupCounter
+from pullmail.pull.verbs import Notify, Retrieve, pull_extension
+from pullmail.smtp import replies
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import ServerPolicy
+from pullmail.storage.maildir import BlockingFsync
+from pullmail.storage.outbox import NOTIFIED
+from pullmail.storage.pending import PENDING, RETRIEVED, PendingStore
 from pullmail.testing import (
     FakeNetwork,
     FakeResolver,
@@ -363,7 +363,7 @@ def test_due_ids_of_one_address_share_few_connections(tmp_path) -> None:
     Due ids of one address are spread over at most CONNECTIONS_PER_PEER
     connections, several RETRs each; every id is retrieved once.
     """
-    from pullmail.retrieval import CONNECTIONS_PER_PEER
+    from pullmail.pull.retrieve import CONNECTIONS_PER_PEER
 
     world = World(tmp_path)
     ids = [f"Retrievable_id_{n:06d}" for n in range(10)]

@@ -1,6 +1,6 @@
 """
 Tests for the role reversal of General Delivery (SPEC 4) in
-L{pullmail.protocol}: one connection swapping the server and client roles
+L{pullmail.smtp.protocol}: one connection swapping the server and client roles
 after ``RETR``, bytes in and bytes out on a L{StringTransport}.
 
 The SMTA side is an L{SMTPServerFactory} protocol whose Retrieve performer
@@ -17,14 +17,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import replies
-from pullmail.accounts import Accounts
-from pullmail.envelope import Session
-from pullmail.esmtp.client import send_transaction
-from pullmail.esmtp.pull import Retrieve, TurnMachine, pull_extension
-from pullmail.esmtp.server import Deliver, Reverse, ServerPolicy
-from pullmail.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
-from pullmail.replies import Reply
+from pullmail.accounts.users import Accounts
+from pullmail.pull.verbs import Retrieve, TurnMachine, pull_extension
+from pullmail.smtp import replies
+from pullmail.smtp.client import send_transaction
+from pullmail.smtp.envelope import Session
+from pullmail.smtp.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import Deliver, Reverse, ServerPolicy
 
 GDEL_ID = "Id_of_the_message_0123"
 SENDER = "alice@sender.example"

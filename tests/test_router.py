@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.router}: the Received header, alias expansion, and
+Tests for L{pullmail.inbound.router}: the Received header, alias expansion, and
 the reply to end-of-data.
 """
 
@@ -14,10 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from pullmail.accounts import Accounts
-from pullmail.envelope import Envelope, Session
+from pullmail.accounts.users import Accounts
+from pullmail.inbound.router import Router, received_header
 from pullmail.interfaces import IDeliveryAgent
-from pullmail.router import Router, received_header
+from pullmail.smtp.envelope import Envelope, Session
 
 # 2024-01-02 03:04:05 UTC
 NOW = 1704164645.0
@@ -229,7 +229,7 @@ class DeliveredOfTests(SynchronousTestCase):
         import tempfile
         from pathlib import Path
 
-        from pullmail.maildir import MaildirNames, store
+        from pullmail.storage.maildir import MaildirNames, store
 
         root = Path(tempfile.mkdtemp())
         self.addCleanup(__import__("shutil").rmtree, root)

@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.schedule}: the retry schedules (SPEC 4, 5) as pure
+Tests for L{pullmail.scheduling.schedule}: the retry schedules (SPEC 4, 5) as pure
 functions of stored facts.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pullmail.schedule import push_retry_at, retrieval_at, tarpit_delay
+from pullmail.scheduling.schedule import push_retry_at, retrieval_at, tarpit_delay
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 PUSH_RETRY = (5 * MINUTE, 15 * MINUTE, HOUR, 4 * HOUR)

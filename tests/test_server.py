@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.esmtp.server}: the ESMTP state machine, driven by
+Tests for L{pullmail.smtp.server}: the ESMTP state machine, driven by
 command lines, without any I/O.
 """
 
@@ -9,10 +9,11 @@ import base64
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail import replies
-from pullmail.accounts import Accounts
-from pullmail.envelope import Envelope, Session
-from pullmail.esmtp.server import (
+from pullmail.accounts.users import Accounts
+from pullmail.smtp import replies
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import (
     ALLOWED,
     Authenticate,
     BeginData,
@@ -25,7 +26,6 @@ from pullmail.esmtp.server import (
     StartTLS,
     State,
 )
-from pullmail.replies import Reply
 
 DOMAIN = "example.org"
 

@@ -1,7 +1,7 @@
 """
 The fsync helper process: a real helper, driven by the real reactor
-(pullmail.syncer.FsyncHelper), and its serving loop on a socket pair
-(pullmail.fsyncd.serve).
+(pullmail.storage.fsync_helper.FsyncHelper), and its serving loop on a socket pair
+(pullmail.storage.fsync_process.serve).
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pullmail.fsyncd import ANSWER, FSYNC, MAX_REQUEST, REQUEST, STORE, serve
-from pullmail.syncer import FsyncHelper
+from pullmail.storage.fsync_helper import FsyncHelper
+from pullmail.storage.fsync_process import (
+    ANSWER,
+    FSYNC,
+    MAX_REQUEST,
+    REQUEST,
+    STORE,
+    serve,
+)
 
 
 class ServeTests(SynchronousTestCase):

@@ -1,4 +1,4 @@
-"""Tests for L{pullmail.tap}: the parts of node assembly that run in-process."""
+"""Tests for L{pullmail.node.tap}: the parts of node assembly that run in-process."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 from twisted.logger import globalLogPublisher
 
-from pullmail.tap import freeze_start_up_heap
+from pullmail.node.tap import freeze_start_up_heap
 
 
 def test_start_up_heap_is_frozen_out_of_full_collections() -> None:

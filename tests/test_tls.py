@@ -1,5 +1,5 @@
 """
-Tests for L{pullmail.tls}: self-signed pairs and server contexts.
+Tests for L{pullmail.net.tls}: self-signed pairs and server contexts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from pullmail.tls import ensure_certificate, self_signed_pair, server_context
+from pullmail.net.tls import ensure_certificate, self_signed_pair, server_context
 
 NOW = datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone.utc)
 

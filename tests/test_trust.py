@@ -12,13 +12,13 @@ from twisted.internet import defer
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from pullmail import replies
 from pullmail.config import TrustConfig
 from pullmail.interfaces import ITrustPolicy
+from pullmail.net.dns import Resolver, make_dnspython_resolver
+from pullmail.smtp import replies
+from pullmail.testing import FakeResolver, FakeTrust, cache_dns_answer
 from pullmail.trust.policy import TrustChecker, decide_spf, dnsbl_name, listed
 from pullmail.trust.spf import SPFResult
-from pullmail.dns import Resolver, make_dnspython_resolver
-from pullmail.testing import FakeResolver, FakeTrust, cache_dns_answer
 
 
 def _code(reply):

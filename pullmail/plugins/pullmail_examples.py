@@ -10,8 +10,8 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from pullmail import replies
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
+from pullmail.smtp import replies
 
 
 @implementer(IPlugin, ITrustPolicy)

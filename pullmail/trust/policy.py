@@ -13,12 +13,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pullmail import replies
 from pullmail.config import TrustConfig
-from pullmail.dns import DNSPermanentError, DNSTemporaryError, NotCached, Resolver
-from pullmail.envelope import Envelope, Session
 from pullmail.interfaces import ITrustPolicy
-from pullmail.replies import Reply
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached, Resolver
+from pullmail.smtp import replies
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
 from pullmail.trust.spf import SPFResult, check_host
 
 __all__ = ["TrustChecker", "decide_spf", "listed"]

@@ -20,7 +20,7 @@ import dns.exception
 import dns.resolver
 import spf as pyspf
 
-from pullmail.dns import DNSPermanentError, NotCached, cached_answer
+from pullmail.net.dns import DNSPermanentError, NotCached, cached_answer
 
 __all__ = ["SPFResult", "check_host"]
 
@@ -85,7 +85,7 @@ def check_host(resolver, ip: str, domain: str, sender: str, helo: str,
     C{timeout} bounds the whole check (RFC 7208 4.6.4 suggests 20 s).
 
     With C{cache_only} it never blocks: every DNS answer comes from the
-    resolver's cache, and L{pullmail.dns.NotCached} is raised at the first
+    resolver's cache, and L{pullmail.net.dns.NotCached} is raised at the first
     that is not there (then run it again, in a thread).
     """
     _install()

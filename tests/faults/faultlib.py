@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterable
 
 from integration.harness import (  # noqa: F401  (re-exported for the tests)
-    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
@@ -32,6 +31,7 @@ from integration.harness import (  # noqa: F401  (re-exported for the tests)
     RawSMTP,
     ScriptedPeer,
     free_port,
+    merge_settings,
     wait_until,
 )
 

@@ -25,9 +25,9 @@ import pytest
 
 from .faultlib import (
     SMTP_PORT,
-    NotifiedRMTA,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
+    NotifiedRMTA,
     RawSMTP,
     domain_records,
     log_problems,

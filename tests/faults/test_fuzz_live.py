@@ -23,10 +23,10 @@ import socket
 import time
 
 from .faultlib import (
+    PASSWORD,
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
-    PASSWORD,
     Ledger,
     RawSMTP,
     domain_records,

@@ -22,8 +22,8 @@ import random
 import time
 
 from .faultlib import (
-    LoadClient,
     Ledger,
+    LoadClient,
     domain_records,
     log_problems,
     verdict,

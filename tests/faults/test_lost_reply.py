@@ -17,8 +17,6 @@ sits in the outbox until it bounces (seen in test_kill: seed 607821016).
 
 from __future__ import annotations
 
-
-
 from .faultlib import (
     SMTP_PORT,
     NotifiedRMTA,

@@ -410,14 +410,14 @@ class Node:
         timeout: float = 30.0,
     ) -> subprocess.CompletedProcess:
         """
-        Run C{python -m pullmail.cli ARGS --config <this node's config>}
+        Run C{python -m pullmail.node.cli ARGS --config <this node's config>}
         (the C{pullmail} operator command).  With C{check}, a non-zero exit
         raises L{NodeError} with its output.
         """
         if isinstance(input, str):
             input = input.encode("utf-8")
         command, rest = args[0], list(args[1:])
-        argv = [PYTHON, "-m", "pullmail.cli", command, "--config", str(self.config_path)]
+        argv = [PYTHON, "-m", "pullmail.node.cli", command, "--config", str(self.config_path)]
         result = subprocess.run(
             argv + rest,
             cwd=REPO,

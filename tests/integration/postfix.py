@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
-import pwd
 import pty
+import pwd
 import re
 import shutil
 import signal
@@ -297,7 +297,7 @@ class PostfixInstance:
             return
         import datetime
 
-        from pullmail.tls import self_signed_pair
+        from pullmail.net.tls import self_signed_pair
 
         cert_pem, key_pem = self_signed_pair(
             self.myhostname, datetime.datetime.now(datetime.timezone.utc)

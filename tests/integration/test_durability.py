@@ -122,7 +122,7 @@ def _children(pid: int) -> list[int]:
 
 def test_fsync_helper_dies_with_the_node(make_node):
     """
-    The node's fsync helper (pullmail.fsyncd) runs while the node runs and
+    The node's fsync helper (pullmail.storage.fsync_process) runs while the node runs and
     dies with it, even by SIGKILL: nothing can land in a maildir after the
     node that would have acknowledged it is gone.
     """
@@ -132,7 +132,7 @@ def test_fsync_helper_dies_with_the_node(make_node):
         assert client.sendmail("load@outside.test", [ALICE], message("tok-1-0001")) == {}
     [helper] = _children(node.pid)
     with open(f"/proc/{helper}/cmdline", "rb") as f:
-        assert b"pullmail.fsyncd" in f.read()
+        assert b"pullmail.storage.fsync_process" in f.read()
     # Stopped, the helper cannot notice the socket closing: only the
     # kernel's parent-death signal can end it now.
     os.kill(helper, signal.SIGSTOP)

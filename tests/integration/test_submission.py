@@ -41,7 +41,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .harness import (
-    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
@@ -49,6 +48,7 @@ from .harness import (
     Node,
     RawSMTP,
     free_port,
+    merge_settings,
     wait_until,
 )
 

@@ -35,7 +35,6 @@ import dns.resolver
 import pytest
 
 from .harness import (
-    merge_settings,
     SMTP_PORT,
     SUBMISSION_PORT,
     ConnectionCounter,
@@ -44,6 +43,7 @@ from .harness import (
     RawSMTP,
     SilentUDP,
     free_port,
+    merge_settings,
     wait_until,
 )
 
@@ -138,7 +138,7 @@ VETO_PLUGIN = textwrap.dedent('''
     from twisted.plugin import IPlugin
     from zope.interface import implementer
 
-    from pullmail import replies
+    from pullmail.smtp import replies
     from pullmail.interfaces import ITrustPolicy
 
 

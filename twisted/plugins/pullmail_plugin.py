@@ -9,7 +9,7 @@ from twisted.application.service import ServiceMaker
 
 pullmail = ServiceMaker(
     "pullmail",
-    "pullmail.tap",
+    "pullmail.node.tap",
     "A small-domain MTA with pull-based General Delivery",
     "pullmail",
 )

@@ -1,0 +1,8 @@
+"""
+What happens to a message once it is accepted, on any service: the header
+fields we add (L{headers}), and the L{router} that sends local recipients to
+their mailboxes and the rest to the outbound queue, and decides the reply to
+end-of-data.
+
+May import: L{pullmail.smtp}, L{pullmail.storage}, L{pullmail.accounts}.
+"""

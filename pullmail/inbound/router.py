@@ -1,0 +1,170 @@
+"""
+Where an accepted message goes: local recipients into maildirs, the rest
+to the outbound queue.  The reply to end-of-data is decided here, and it is
+``250`` only when every copy is durable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pullmail.accounts.users import Accounts
+from pullmail.ids import new_queue_id
+from pullmail.inbound.headers import complete_submission, rfc5322_date
+from pullmail.interfaces import IDeliveryAgent
+from pullmail.smtp import replies
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
+from pullmail.storage.maildir import mailbox_path
+
+__all__ = ["Router", "received_header"]
+
+log = Logger(namespace="pullmail.outbound.delivery")
+
+
+def received_header(
+    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float
+) -> bytes:
+    """The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values)."""
+    # RFC 5321 4.1.3: IPv6 address literals carry an "IPv6:" tag.
+    literal = f"IPv6:{session.peer}" if ":" in session.peer else session.peer
+    source = f"{session.helo or 'unknown'} ([{literal}])"
+    lines = [
+        f"Received: from {source}",
+        f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",
+    ]
+    date = rfc5322_date(now)
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+class Router:
+    def __init__(
+        self,
+        hostname: str,
+        accounts: Accounts,
+        delivery: IDeliveryAgent,
+        clock: IReactorTime,
+        outbound=None,
+        hooks: Sequence = (),
+    ) -> None:
+        self.hostname = hostname
+        self.accounts = accounts
+        self.delivery = delivery
+        self.clock = clock
+        self.outbound = outbound
+        self.hooks = tuple(hooks)
+
+    @defer.inlineCallbacks
+    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message):
+        paths = yield self.delivery.deliver(queue_id, mailboxes, message)
+        for hook in self.hooks:
+            try:
+                yield defer.maybeDeferred(hook.delivered, queue_id, sender, mailboxes, paths)
+            except Exception:
+                log.failure("delivery hook {name} failed", name=hook.name)
+        return paths
+
+    def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Expand aliases: (local mailboxes, remote addresses)."""
+        local: dict[str, None] = {}
+        remote: dict[str, None] = {}
+        for recipient in recipients:
+            for final in self.accounts.expand(recipient):
+                if final.rpartition("@")[2] in self.accounts.domains:
+                    local[final] = None
+                else:
+                    remote[final] = None
+        return list(local), list(remote)
+
+    def delivered_of(self, wanted: Mapping[str, Sequence[str]]) -> set[str]:
+        """
+        Blocking: which queue ids of C{wanted} (queue id -> recipients) have
+        a message in the maildir, new/ or cur/, of one of their local
+        recipients.  Maildir names carry ``_<queue id>.`` (L{MaildirNames});
+        each mailbox is listed once, however many ids are looked for in it.
+        """
+        looked_for: dict[Path, set[str]] = {}
+        for queue_id, recipients in wanted.items():
+            for address in self.split(recipients)[0]:
+                looked_for.setdefault(mailbox_path(self.delivery.root, address), set()).add(queue_id)
+        found: set[str] = set()
+        for box, queue_ids in looked_for.items():
+            for sub in ("new", "cur"):
+                try:
+                    names = os.listdir(box / sub)
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    _, marked, rest = name.partition("_")
+                    if marked and (queue_id := rest.partition(".")[0]) in queue_ids:
+                        found.add(queue_id)
+        return found
+
+    @defer.inlineCallbacks
+    def inject(self, sender: str, recipients: Sequence[str], chunks: Sequence[bytes]):
+        """
+        Send a message this node made itself (a bounce): local recipients
+        get it in their maildirs, others through the outbound queue.
+        """
+        queue_id = new_queue_id()
+        local, remote = self.split(recipients)
+        if local:
+            yield self._deliver_locally(queue_id, sender, local, list(chunks))
+        if remote and self.outbound is not None:
+            yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
+        log.info("injected {queue_id} from <{sender}> for {recipients}", queue_id=queue_id,
+                 sender=sender, recipients=list(recipients), event="injected")
+        return queue_id
+
+    @defer.inlineCallbacks
+    def accept(self, session: Session, envelope: Envelope, chunks: list, size: int,
+               queue_id: str | None = None):
+        """
+        Store a message; fire with the reply to end-of-data.  A given
+        C{queue_id} (retrieved mail) names the stored files, so that
+        L{delivered_of} can find them again.
+        """
+        queue_id = queue_id or new_queue_id()
+        header = received_header(
+            session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
+        )
+        if session.service != "smtp":
+            chunks = complete_submission(
+                chunks, self.hostname, self.clock.seconds(), f"{queue_id}.{new_queue_id()}"
+            )
+        message = [header] + list(chunks)
+        local, remote = self.split(envelope.recipients)
+        if remote and self.outbound is None:
+            log.warn("no outbound queue for {recipients}", recipients=remote)
+            return replies.S451_LOCAL_ERROR
+        try:
+            if local:
+                yield self._deliver_locally(queue_id, envelope.sender, local, message)
+            if remote:
+                origin = None if session.user else session.peer
+                yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
+                                            origin=origin)
+        except OSError as e:
+            log.error(
+                "storing {queue_id} failed: {error}", queue_id=queue_id, error=str(e),
+                event="store-failed",
+            )
+            return replies.storage_failure(e)
+        log.info(
+            "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
+            queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
+            size=size + len(header), peer=session.peer, delivered=local, queued=remote,
+            event="accepted",
+        )
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

@@ -1,0 +1,8 @@
+"""
+The network seams every part shares: one DNS resolver aimed at
+``[dns] nameservers`` (L{dns}) and the TLS certificates and contexts
+(L{tls}).
+
+May import: the standard library, Twisted, dnspython and
+L{pullmail.storage.durable}.
+"""

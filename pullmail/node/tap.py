@@ -1,0 +1,273 @@
+"""
+``twistd pullmail``: options, and the node built as a MultiService.
+
+This is the only module that touches the global reactor: it builds every
+other object from its slice of the L{Config} and hands the reactor in as a
+clock, a thread runner and a connector.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+from dataclasses import replace
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from pullmail import config as configuration
+from pullmail.accounts.login import Authenticator, make_portal
+from pullmail.accounts.users import Accounts, AccountsError
+from pullmail.inbound.router import Router
+from pullmail.interfaces import IDeliveryHook, ITrustPolicy
+from pullmail.net.dns import Resolver, make_dnspython_resolver
+from pullmail.net.tls import (
+    OutboundTLS,
+    client_context,
+    ensure_certificate,
+    server_context,
+)
+from pullmail.node.control import SOCKET_NAME, ControlFactory
+from pullmail.node.plugin import enabled_plugins
+from pullmail.outbound.delivery import Outbound
+from pullmail.pull.retrieve import Retriever
+from pullmail.pull.serve import PickupCounter
+from pullmail.pull.verbs import Notify, Retrieve, pull_extension
+from pullmail.smtp.protocol import ConnectionLimits, Connector, SMTPServerFactory
+from pullmail.smtp.server import (
+    Authenticate,
+    CheckPush,
+    CheckSender,
+    Deliver,
+    ServerPolicy,
+)
+from pullmail.storage.disk_threads import DiskPool
+from pullmail.storage.fsync_helper import FsyncHelper
+from pullmail.storage.maildir import MaildirDelivery, MaildirNames
+from pullmail.storage.outbox import MaildirOutbox
+from pullmail.storage.pending import PendingStore
+from pullmail.trust.policy import TrustChecker
+from pullmail.trust.throttle import FailureTracker
+
+__all__ = ["Options", "makeService"]
+
+log = Logger(namespace="pullmail.node")
+
+# Threads for the blocking disk work the fsync helper does not take (the
+# outbox) and for password hashing: a few, not to thrash a small machine.
+DISK_THREADS = 4
+# sockaddr_un.sun_path holds 108 bytes on Linux.
+MAX_UNIX_PATH = 107
+# DNS waits on the network, not the disk: more threads, their own pool.
+DNS_THREADS = 10
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--set section.key=value ...]"
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file (default: the embedded default)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overrides: list[tuple[str, str]] = []
+
+    def opt_set(self, assignment: str) -> None:
+        """Override one key: --set limits.recipients=50 (repeatable)."""
+        option, equals, value = assignment.partition("=")
+        if not equals:
+            raise usage.UsageError(f"--set needs section.key=value, not {assignment!r}")
+        self.overrides.append((option.strip(), value.strip()))
+
+    def postOptions(self) -> None:
+        try:
+            self["node_config"] = configuration.load_config(self["config"], self.overrides)
+        except (configuration.ConfigError, AccountsError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+# Twisted's listen backlog is 50; a burst of connecting peers beyond it is
+# dropped by the kernel before pullmail sees it.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A tcp endpoint string gets ``backlog=LISTEN_BACKLOG`` unless it has one."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
+class ThreadPoolService(service.Service):
+    """Runs a thread pool for the life of the node."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class Startable(service.Service):
+    """Runs C{start} and C{stop} with the node (after the thread pools)."""
+
+    def __init__(self, start, stop) -> None:
+        self._start, self._stop = start, stop
+
+    def startService(self) -> None:
+        super().startService()
+        self._start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stop()
+
+
+def freeze_start_up_heap() -> None:
+    """
+    The outbox index and the notifications read at start-up live as long as
+    their entries, and hold no reference cycles (refcounting frees them).
+    Frozen out of the garbage collector's sight, they no longer make every
+    full collection walk them: at 100k outbox entries that walk stopped the
+    reactor for 80 ms each time, at a million for 1.1 s.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("start-up heap frozen: {objects} objects", objects=gc.get_freeze_count(),
+             event="heap-frozen")
+
+
+def build_node(config: configuration.Config, reactor) -> service.MultiService:
+    """Every service of one node, from its config."""
+    node = service.MultiService()
+    hostname = config.node.hostname
+    state = config.state_dir
+    mail_root = state / "mail"
+    mail_root.mkdir(parents=True, exist_ok=True)
+    ensure_certificate(config.tls.certificate, config.tls.key, hostname, config.tls.generate)
+    tls_context = server_context(config.tls.certificate, config.tls.key)
+    accounts = Accounts.load(config.node.domains, config.accounts.users, config.accounts.aliases)
+    domains = tuple(config.node.domains)
+
+    run_blocking = DiskPool(reactor, DISK_THREADS)
+    Startable(run_blocking.start, run_blocking.stop).setServiceParent(node)
+    dns_pool = ThreadPool(minthreads=1, maxthreads=DNS_THREADS, name="pullmail-dns")
+    ThreadPoolService(dns_pool).setServiceParent(node)
+    run_dns = functools.partial(deferToThreadPool, reactor, dns_pool)
+
+    resolver = Resolver(
+        make_dnspython_resolver(config.dns.nameservers, config.dns.timeout), reactor, dns_pool
+    )
+    fsync_helper = FsyncHelper(reactor)
+    Startable(fsync_helper.start, fsync_helper.stop).setServiceParent(node)
+    delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
+                               fsync_helper)
+    hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
+    policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
+    router = Router(hostname, accounts, delivery, reactor, hooks=hooks)
+    connect = Connector(reactor, reactor, config.delivery.bind_address,
+                        config.delivery.connect_timeout, config.limits.idle_timeout,
+                        config.node.log_commands)
+    client_tls = client_context()
+    outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
+    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
+    outbox = MaildirOutbox(state / "outbox", run_blocking)
+    outbound = Outbound(
+        outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
+        run_blocking=run_blocking, hostname=hostname, config=config.delivery,
+        send_bounce=lambda sender, message: router.inject("", [sender], [message]),
+        client_tls=outbound_tls,
+        sender_authorised=trust.spf_passes,
+    )
+    router.outbound = outbound
+    failures = FailureTracker(reactor, config.limits.retr_fail_limit,
+                              config.limits.retr_fail_window, config.limits.retr_block,
+                              config.limits.retr_tarpit_max)
+    auth_failures = FailureTracker(reactor, config.limits.auth_fail_limit,
+                                   config.limits.auth_fail_window, config.limits.auth_block,
+                                   config.limits.auth_tarpit_max, what="AUTH")
+    pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking)
+    mx_policy = ServerPolicy(
+        hostname=hostname, domains=domains, accounts=accounts, service="smtp",
+        max_size=config.limits.message_size, max_recipients=config.limits.recipients,
+        tls_available=True, push=config.trust.push,
+    )
+    retriever = Retriever(
+        store=PendingStore(state / "pending"), trust=trust, connect=connect, clock=reactor,
+        run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
+        remote_port=config.delivery.remote_port, keep_for=config.delivery.outbox_lifetime,
+        pending_per_origin=config.limits.pending_per_origin,
+        per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
+        deliver=router.accept, client_tls=client_tls, resolver=resolver,
+        sender_authorised=trust.spf_passes,
+        store_file=fsync_helper.store,
+        delivered_of=router.delivered_of,
+    )
+    Startable(outbound.start, outbound.stop).setServiceParent(node)
+    control_socket = state / SOCKET_NAME
+    if len(str(control_socket)) < MAX_UNIX_PATH:
+        control_socket.unlink(missing_ok=True)
+        StreamServerEndpointService(
+            endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
+            ControlFactory(outbound, retriever, reactor),
+        ).setServiceParent(node)
+    else:
+        log.warn("state_dir path too long for the control socket; "
+                 "`pullmail queue` will work on the files only")
+    Startable(retriever.start, retriever.stop).setServiceParent(node)
+    Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
+
+    performers = {
+        Deliver: lambda protocol, request: router.accept(
+            request.session, request.envelope, request.chunks, request.size
+        ),
+        Authenticate: Authenticator(make_portal(accounts, run_blocking), auth_failures, reactor),
+        Notify: retriever,
+        Retrieve: pickup,
+        CheckSender: lambda protocol, request: trust.check_own_domain(
+            request.session, request.envelope
+        ),
+        CheckPush: lambda protocol, request: trust.check_push(request.session, request.envelope),
+    }
+    limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
+    pull = (pull_extension(config.trust.bare_gdel, enabled=config.trust.gdel),)
+    for service_name in ("smtp", "submission", "submissions"):
+        implicit = service_name == "submissions"
+        policy = replace(mx_policy, service=service_name, tls_available=not implicit)
+        factory = SMTPServerFactory(
+            policy, reactor, limits, config.limits.idle_timeout, performers,
+            tls_context=tls_context, implicit_tls=implicit,
+            extensions=pull, log_commands=config.node.log_commands,
+            refuse_connection=failures.refuse_connection if service_name == "smtp"
+            else auth_failures.refuse_connection,
+        )
+        wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
+        for description in getattr(config.listen, service_name):
+            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
+            listener = StreamServerEndpointService(endpoint, wrapped)
+            listener._raiseSynchronously = True
+            listener.setServiceParent(node)
+    log.info(
+        "pullmail node {hostname} for {domains}, state in {state_dir}",
+        hostname=hostname, domains=sorted(domains), state_dir=str(state),
+    )
+    return node
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    return build_node(options["node_config"], reactor)

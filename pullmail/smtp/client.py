@@ -1,0 +1,280 @@
+"""
+The client side of SMTP: a reply reader without I/O, and the client
+dialogues written once as coroutines over a L{Channel}.
+
+The same L{send_transaction} serves classic push (on an outbound
+connection) and the SMTA's reversed turn after ``RETR`` (on the connection
+the RMTA opened); L{send_notification} is the transaction form of ``GDEL``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from twisted.internet.defer import Deferred
+
+from pullmail.smtp.replies import Reply
+
+__all__ = [
+    "ReplyReader",
+    "ProtocolError",
+    "Channel",
+    "TransactionResult",
+    "send_transaction",
+    "send_notification",
+    "parse_ehlo",
+    "dot_stuff",
+]
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+# A reply line is at most 512 octets (RFC 5321 4.5.3.1.5); a multi-line
+# reply of more than this many lines is hostile.
+MAX_REPLY_LINE = 512
+MAX_REPLY_LINES = 100
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not an SMTP reply."""
+
+
+class ReplyReader:
+    """Bytes in, complete L{Reply} values out (RFC 5321 4.2)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._lines: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def take_rest(self) -> bytes:
+        """What arrived after the last complete reply taken."""
+        rest, self._buffer = self._buffer, b""
+        self._lines = []
+        return rest
+
+    def next_reply(self) -> Reply | None:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    raise ProtocolError("reply line too long")
+                return None
+            raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            if len(raw) + 1 > MAX_REPLY_LINE:
+                raise ProtocolError("reply line too long")
+            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+                raise ProtocolError(f"not a reply: {line[:60]!r}")
+            if self._lines and self._lines[0][:3] != line[:3]:
+                raise ProtocolError("reply code changed inside a multi-line reply")
+            self._lines.append(line)
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise ProtocolError("reply has too many lines")
+            if line[3:4] != "-":
+                lines, self._lines = self._lines, []
+                return _reply_from_lines(lines)
+
+
+def _reply_from_lines(lines: list[str]) -> Reply:
+    code = int(lines[0][:3])
+    texts = [line[4:] for line in lines]
+    match = _ENHANCED.match(texts[0])
+    enhanced = ""
+    if match and match.group(1) == str(code)[0]:
+        enhanced = match.group(0).strip()
+        texts = [t[len(enhanced):].lstrip(" ") if _ENHANCED.match(t) else t for t in texts]
+    return Reply(code, enhanced, "\n".join(texts))
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) -> their parameters."""
+    keywords = {}
+    for line in reply.text.split("\n")[1:]:
+        keyword, _, parameters = line.partition(" ")
+        keywords[keyword.upper()] = parameters
+    return keywords
+
+
+class Channel(Protocol):
+    """A connection in the client role."""
+
+    def send(self, data: bytes) -> None:
+        ...
+
+    def reply(self) -> Deferred:
+        """The next reply from the peer, as a Deferred L{Reply}."""
+
+
+@dataclass
+class TransactionResult:
+    """
+    The outcome of one mail transaction.  C{recipients} maps each address
+    to the reply that decided it: the RCPT reply if it was refused, else
+    the reply to end-of-data (or to GDEL).
+    """
+
+    mail: Reply | None = None
+    recipients: dict[str, Reply] = field(default_factory=dict)
+    final: Reply | None = None
+
+    def accepted(self) -> list[str]:
+        return [r for r, reply in self.recipients.items() if reply.positive]
+
+    def refused(self, permanent: bool) -> list[str]:
+        return [
+            r for r, reply in self.recipients.items()
+            if (reply.permanent if permanent else reply.transient)
+        ]
+
+
+def dot_stuff(chunks: Sequence[bytes]) -> bytes:
+    """RFC 5321 4.5.2: double a leading dot; end with CRLF . CRLF."""
+    message = b"".join(chunks)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    stuffed = (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:]
+    return stuffed + b".\r\n"
+
+
+def _mail_command(sender: str, size: int | None, body: str | None, smtputf8: bool) -> bytes:
+    parameters = ""
+    if size is not None:
+        parameters += f" SIZE={size}"
+    if body:
+        parameters += f" BODY={body}"
+    if smtputf8:
+        parameters += " SMTPUTF8"
+    return f"MAIL FROM:<{sender}>{parameters}\r\n".encode("utf-8")
+
+
+async def _envelope(
+    channel: Channel, sender: str, recipients: Sequence[str], size: int | None,
+    body: str | None, smtputf8: bool, pipelining: bool,
+) -> TransactionResult:
+    """MAIL and RCPT, pipelined when allowed (RFC 2920)."""
+    result = TransactionResult()
+    commands = [_mail_command(sender, size, body, smtputf8)] + [
+        f"RCPT TO:<{r}>\r\n".encode("utf-8") for r in recipients
+    ]
+    if pipelining:
+        channel.send(b"".join(commands))
+        result.mail = await channel.reply()
+        for recipient in recipients:
+            result.recipients[recipient] = await channel.reply()
+        return result
+    channel.send(commands[0])
+    result.mail = await channel.reply()
+    if not result.mail.positive:
+        return result
+    for recipient, command in zip(recipients, commands[1:]):
+        channel.send(command)
+        result.recipients[recipient] = await channel.reply()
+    return result
+
+
+def _refuse_all(result: TransactionResult, recipients: Sequence[str], reply: Reply) -> None:
+    for recipient in recipients:
+        result.recipients[recipient] = reply
+
+
+async def _reset_after_refusal(channel: Channel, result: TransactionResult,
+                               recipients: Sequence[str]) -> bool:
+    """
+    When MAIL or every RCPT was refused, say RSET and report the refusal;
+    True when the transaction cannot go on.
+    """
+    if result.mail.positive and result.accepted():
+        return False
+    if not result.mail.positive:
+        _refuse_all(result, recipients, result.mail)
+    channel.send(b"RSET\r\n")
+    result.final = await channel.reply()
+    return True
+
+
+async def send_transaction(
+    channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
+    *, size: int | None = None, body: str | None = None, smtputf8: bool = False,
+    pipelining: bool = True,
+) -> TransactionResult:
+    """MAIL, RCPT..., DATA, message; or RSET when nobody is accepted."""
+    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
+    if await _reset_after_refusal(channel, result, recipients):
+        return result
+    channel.send(b"DATA\r\n")
+    go_ahead = await channel.reply()
+    accepted = result.accepted()
+    if go_ahead.code != 354:
+        if go_ahead.positive:
+            # Only 354 lets the data go: a 2xx here means the replies are
+            # out of step, and taking it would mark unsent mail delivered.
+            raise ProtocolError(f"unexpected reply to DATA: {go_ahead}")
+        _refuse_all(result, accepted, go_ahead)
+        result.final = go_ahead
+        return result
+    channel.send(dot_stuff(chunks))
+    result.final = await channel.reply()
+    _refuse_all(result, accepted, result.final)
+    return result
+
+
+async def send_notification(
+    channel: Channel, sender: str, recipients: Sequence[str], gdel_id: str,
+    *, size: int | None = None, pipelining: bool = True,
+) -> TransactionResult:
+    """SPEC 3: MAIL, RCPT..., then GDEL <id> in place of DATA."""
+    result = await _envelope(channel, sender, recipients, size, None, False, pipelining)
+    if await _reset_after_refusal(channel, result, recipients):
+        return result
+    channel.send(f"GDEL {gdel_id}\r\n".encode("ascii"))
+    result.final = await channel.reply()
+    _refuse_all(result, result.accepted(), result.final)
+    return result
+
+
+class Refused(Exception):
+    """The peer refused the session itself (greeting, EHLO, STARTTLS)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+async def open_session(channel, hostname: str, tls_options=None,
+                       require_tls: bool = False) -> dict[str, str]:
+    """
+    Read the greeting, say EHLO (HELO when EHLO is refused), and start TLS
+    when the peer offers it and C{tls_options} is given (RFC 3207: EHLO
+    again after the handshake).  Returns the EHLO keywords.  With
+    C{require_tls}, a peer without STARTTLS is refused.
+    """
+    greeting = await channel.reply()
+    if greeting.code != 220:
+        raise Refused(greeting)
+    keywords = await _hello(channel, hostname)
+    if require_tls and "STARTTLS" not in keywords:
+        raise Refused(Reply(454, "4.7.0", "peer does not offer STARTTLS (tls = verify)"))
+    if tls_options is not None and "STARTTLS" in keywords:
+        channel.send(b"STARTTLS\r\n")
+        ready = await channel.reply()
+        if ready.code != 220:
+            raise Refused(ready)
+        channel.start_tls(tls_options)
+        keywords = await _hello(channel, hostname)
+        keywords["_TLS"] = ""
+    return keywords
+
+
+async def _hello(channel, hostname: str) -> dict[str, str]:
+    channel.send(f"EHLO {hostname}\r\n".encode("ascii"))
+    reply = await channel.reply()
+    if reply.code == 250:
+        return parse_ehlo(reply)
+    channel.send(f"HELO {hostname}\r\n".encode("ascii"))
+    reply = await channel.reply()
+    if reply.code != 250:
+        raise Refused(reply)
+    return {}

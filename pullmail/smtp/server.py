@@ -1,0 +1,563 @@
+"""
+The ESMTP server as a state machine without I/O (the h11 pattern).
+
+``ServerMachine.handle(line)`` takes one command line and returns an action:
+a L{Reply} to send, or a request (L{CheckSender}, L{Deliver},
+L{Authenticate}, L{StartTLS}, L{BeginData}, L{Close}, or an extension's
+own) that the Twisted glue carries out before calling ``resolve``.  Which
+command may come in which state is one table, L{ALLOWED}; policy decisions
+come from L{ServerPolicy}, a value built from the config.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from pullmail.accounts.users import Accounts
+from pullmail.smtp import replies
+from pullmail.smtp.address import (
+    AddressError,
+    Forbidden,
+    Local,
+    Remote,
+    classify,
+    parse_mail_argument,
+    parse_rcpt_argument,
+)
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
+
+__all__ = [
+    "State",
+    "ServerPolicy",
+    "ServerMachine",
+    "CheckSender",
+    "CheckPush",
+    "Deliver",
+    "Authenticate",
+    "StartTLS",
+    "BeginData",
+    "Close",
+    "Reverse",
+    "EndTurn",
+    "MAX_COMMAND_LINE",
+    "MAX_SASL_LINE",
+]
+
+# RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+MAX_COMMAND_LINE = 512
+# RFC 4954 4: a SASL response line may be up to 12288 octets.
+MAX_SASL_LINE = 12288
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"      # greeted; no EHLO/HELO yet
+    READY = "ready"              # no transaction
+    MAIL = "mail"                # sender given, no recipient accepted yet
+    RCPT = "rcpt"                # at least one recipient accepted
+    DATA = "data"                # the glue is reading the message
+    AUTH = "auth"                # inside a SASL exchange
+    CLOSED = "closed"
+
+
+# -- requests: points where the machine waits for the glue ------------------
+
+
+@dataclass(frozen=True)
+class CheckSender:
+    """
+    A sender claims one of our own domains from outside: its SPF must
+    pass (SPEC 6), or the MAIL is refused.  Resolve with None or a refusal.
+    """
+
+    session: Session
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class CheckPush:
+    """
+    Classic push on the MX service, judged by ``[trust] push`` before the
+    data is taken.  Resolve with None or a refusal.
+    """
+
+    session: Session
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """Store an accepted message; resolve with the reply to end-of-data."""
+
+    session: Session
+    envelope: Envelope
+    chunks: list
+    size: int
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """Check a SASL identity; resolve with True or False."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Send C{reply}, drop buffered input (CVE-2011-0411), start TLS."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class BeginData:
+    """Send C{reply} (354) and read the message with a DataReader."""
+
+    reply: Reply
+    max_size: int
+
+
+@dataclass(frozen=True)
+class Close:
+    """Send C{reply} and close the connection."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Reverse:
+    """
+    Send C{reply}, drop buffered input, and play the client: run C{turn}
+    (a coroutine function taking a channel); then serve again (SPEC 4).
+    """
+
+    reply: Reply
+    turn: object
+
+
+@dataclass(frozen=True)
+class EndTurn:
+    """Send C{reply}, drop buffered input, give the client role back."""
+
+    reply: Reply
+
+
+# -- policy ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """
+    What a service allows.  C{service} is ``smtp`` (MX: local recipients,
+    no AUTH), ``submission`` or ``submissions`` (AUTH required).
+    """
+
+    hostname: str
+    domains: tuple[str, ...]    # in config order: the first is the main one
+    accounts: Accounts
+    service: str = "smtp"
+    max_size: int = 25_000_000
+    max_recipients: int = 100
+    tls_available: bool = False
+    push: str = "accept"           # [trust] push
+
+    @property
+    def submission(self) -> bool:
+        return self.service != "smtp"
+
+    @property
+    def postmaster_domain(self) -> str:
+        """Where a bare <Postmaster> goes (RFC 5321 4.1.1.3): the main domain."""
+        return self.domains[0]
+
+
+# Every command a state accepts; anything else gets the state's refusal.
+_ANY = {State.CONNECTED, State.READY, State.MAIL, State.RCPT}
+_GREETED = {State.READY, State.MAIL, State.RCPT}
+ALLOWED: Mapping[str, set[State]] = {
+    "EHLO": _ANY,
+    "HELO": _ANY,
+    "MAIL": {State.READY},
+    "RCPT": {State.MAIL, State.RCPT},
+    "DATA": {State.RCPT},
+    "RSET": _ANY,
+    "NOOP": _ANY,
+    "QUIT": _ANY,
+    "VRFY": _ANY,
+    "HELP": _ANY,
+    "STARTTLS": {State.READY},
+    "AUTH": {State.READY},
+}
+
+
+def _sequence_error(state: State, verb: str) -> Reply:
+    if state is State.CONNECTED:
+        return replies.S503_NEED_EHLO
+    if verb == "MAIL":
+        return replies.S503_NESTED_MAIL
+    if verb == "RCPT":
+        return replies.S503_NEED_MAIL
+    if verb == "DATA":
+        return replies.S503_NEED_MAIL if state is State.READY else replies.S503_NEED_RCPT
+    return replies.S503_BAD_SEQUENCE
+
+
+_HELO_ARGUMENT = re.compile(r"[\x21-\x7e]{1,255}")
+_SASL_MECHANISMS = ("PLAIN", "LOGIN")
+_LOGIN_USER_PROMPT = Reply(334, "", base64.b64encode(b"Username:").decode())
+_LOGIN_PASSWORD_PROMPT = Reply(334, "", base64.b64encode(b"Password:").decode())
+_PLAIN_PROMPT = Reply(334, "", "")
+
+
+class _SASLError(Exception):
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+
+def _b64decode(text: str) -> str:
+    try:
+        return base64.b64decode(text.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise _SASLError(replies.S501_BAD_BASE64) from None
+
+
+@dataclass(eq=False)
+class Extension:
+    """
+    A set of extra verbs (e.g. General Delivery): their EHLO keywords, the
+    states they are allowed in, and their handlers.  Compared (and hashed)
+    by identity: a listener's extensions are made once.
+    """
+
+    keywords: Callable[[Session], list[str]]
+    allowed: Mapping[str, set[State]]
+    handlers: Mapping[str, Callable[["ServerMachine", str], object]]
+    resolvers: Mapping[type, Callable[["ServerMachine", object, object], object]] = field(
+        default_factory=dict
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
+    """
+    The verbs a machine of C{machine_class} answers: the states each is
+    allowed in, its handler and the resolvers of its requests, as functions
+    taking the machine.  Made once per class and set of extensions, not
+    per connection.  Looked up on the class, so that a subclass (the
+    reversed turn) can override how a request's answer is taken.
+    """
+    allowed = dict(ALLOWED)
+    handlers: dict[str, Callable] = {
+        verb: getattr(machine_class, "_" + verb.lower()) for verb in ALLOWED
+    }
+    resolvers: dict[type, Callable] = {
+        CheckSender: machine_class._resolve_sender,
+        CheckPush: machine_class._resolve_push,
+        Deliver: machine_class._resolve_delivery,
+        Authenticate: machine_class._resolve_authentication,
+    }
+    for extension in extensions:
+        allowed.update(extension.allowed)
+        handlers.update(extension.handlers)
+        resolvers.update(extension.resolvers)
+    return allowed, handlers, resolvers
+
+
+class ServerMachine:
+    """One SMTP session's state, driven by lines; no I/O."""
+
+    def __init__(
+        self, policy: ServerPolicy, session: Session, extensions: tuple[Extension, ...] = ()
+    ) -> None:
+        self.policy = policy
+        self.session = session
+        self.state = State.CONNECTED
+        self.envelope: Envelope | None = None
+        self._extensions = extensions
+        self._allowed, self._handlers, self._resolvers = _verb_table(type(self), extensions)
+        self._sasl: Callable[[str], object] | None = None
+        self.implicit_tls = False
+
+    # -- entry points -------------------------------------------------------
+
+    @property
+    def max_line(self) -> int:
+        return MAX_SASL_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
+
+    def greeting(self) -> Reply:
+        return Reply(220, "", f"{self.policy.hostname} ESMTP pullmail")
+
+    def handle(self, line: str) -> object:
+        """One command line (without CRLF) -> an action."""
+        if self.state is State.AUTH:
+            return self._sasl_step(line)
+        verb, _, argument = line.partition(" ")
+        verb = verb.upper()
+        handler = self._handlers.get(verb)
+        if handler is None:
+            return replies.S500_UNRECOGNIZED
+        if self.state not in self._allowed[verb]:
+            return _sequence_error(self.state, verb)
+        return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
+
+    def resolve(self, request: object, result: object) -> object:
+        """The glue's answer to a request -> the next action."""
+        return self._resolvers[type(request)](self, request, result)
+
+    def reset(self) -> None:
+        self.envelope = None
+        if self.state in (State.MAIL, State.RCPT, State.DATA):
+            self.state = State.READY
+
+    def tls_started(self) -> None:
+        """RFC 3207 4.2: forget everything learnt before the handshake."""
+        self.session = self.session.evolve(tls=True, helo="", esmtp=False, user=None)
+        self.envelope = None
+        self.state = State.CONNECTED
+
+    def ehlo_keywords(self) -> list[str]:
+        keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
+                    "ENHANCEDSTATUSCODES"]
+        if self.policy.tls_available and not self.session.tls:
+            keywords.append("STARTTLS")
+        if self.policy.submission and self.session.tls and not self.session.user:
+            keywords.append("AUTH " + " ".join(_SASL_MECHANISMS))
+        for extension in self._extensions:
+            keywords.extend(extension.keywords(self.session))
+        return keywords
+
+    # -- commands -----------------------------------------------------------
+
+    def _ehlo(self, argument: str) -> Reply:
+        return self._greet(argument, esmtp=True)
+
+    def _helo(self, argument: str) -> Reply:
+        return self._greet(argument, esmtp=False)
+
+    def _greet(self, argument: str, esmtp: bool) -> Reply:
+        # RFC 5321 4.1.1.1: a domain or an address literal; printable ASCII.
+        if not _HELO_ARGUMENT.fullmatch(argument):
+            return replies.S501_SYNTAX.with_text("Syntax: EHLO hostname")
+        self.session = self.session.evolve(helo=argument, esmtp=esmtp)
+        self.envelope = None
+        self.state = State.READY
+        first = f"{self.policy.hostname} Hello {argument} [{self.session.peer}]"
+        if not esmtp:
+            return Reply(250, "", first)
+        return Reply(250, "", "\n".join([first] + self.ehlo_keywords()))
+
+    def _mail(self, argument: str) -> object:
+        if self.policy.submission and not self.session.user:
+            return replies.S530_NEED_AUTH
+        try:
+            sender, params = parse_mail_argument(argument)
+        except AddressError as e:
+            return replies.S501_BAD_SENDER.with_text(f"Bad sender address syntax: {e}")
+        if params and not self.session.esmtp:
+            # RFC 5321 4.1.1.11: parameters need the extensions EHLO offered.
+            return replies.S555_BAD_PARAMETER.with_text("Parameters need EHLO")
+        problem = self._check_mail_params(params)
+        if isinstance(problem, Reply):
+            return problem
+        size, body = problem
+        sender_text = str(sender) if sender is not None else ""
+        if self.policy.submission and not self.policy.accounts.owns(
+            self.session.user, sender_text
+        ):
+            return replies.S553_NOT_OWNED
+        envelope = Envelope(sender_text, (), size, body, params)
+        if (
+            sender is not None
+            and not self.policy.submission
+            and sender.domain in self.policy.domains
+        ):
+            return CheckSender(self.session, envelope)
+        return self._accept_sender(envelope)
+
+    def _check_mail_params(self, params) -> Reply | tuple[int | None, str | None]:
+        size = body = None
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.S501_SYNTAX.with_text("Bad SIZE parameter")
+                size = int(value)
+                if size > self.policy.max_size:
+                    return replies.S552_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.S501_SYNTAX.with_text("Bad BODY parameter")
+                body = value.upper()
+            elif key == "AUTH" and value is not None:
+                pass  # RFC 4954 5: may be ignored.
+            else:
+                return replies.S555_BAD_PARAMETER.with_text(f"Unsupported parameter {key}")
+        return size, body
+
+    def _accept_sender(self, envelope: Envelope) -> Reply:
+        self.envelope = envelope
+        self.state = State.MAIL
+        return replies.S250_SENDER_OK
+
+    def _resolve_sender(self, request: CheckSender, verdict: Reply | None) -> Reply:
+        if verdict is not None:
+            return verdict
+        return self._accept_sender(request.envelope)
+
+    def _rcpt(self, argument: str) -> Reply:
+        try:
+            mailbox, params = parse_rcpt_argument(argument)
+        except AddressError as e:
+            return replies.S501_BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {e}")
+        if params:
+            return replies.S555_BAD_PARAMETER.with_text(
+                f"Unsupported parameter {next(iter(params))}"
+            )
+        if len(self.envelope.recipients) >= self.policy.max_recipients:
+            return replies.S452_TOO_MANY_RECIPIENTS
+        verdict = classify(mailbox, self.policy.domains, self.policy.postmaster_domain)
+        if isinstance(verdict, Forbidden):
+            return replies.S550_RELAY_DENIED
+        if isinstance(verdict, Remote):
+            if not self.session.user:
+                return replies.S550_RELAY_DENIED
+            recipient = str(verdict.mailbox)
+        else:
+            assert isinstance(verdict, Local)
+            if not self.policy.accounts.exists(verdict.address):
+                return replies.S550_NO_SUCH_USER
+            recipient = verdict.address
+        if recipient not in self.envelope.recipients:
+            self.envelope = self.envelope.add(recipient)
+        self.state = State.RCPT
+        return replies.S250_RECIPIENT_OK
+
+    def _data(self, argument: str) -> object:
+        if argument:
+            return replies.S501_SYNTAX.with_text("DATA takes no arguments")
+        if self.policy.push != "accept" and not self.session.user:
+            return CheckPush(self.session, self.envelope)
+        return self._begin_data()
+
+    def _begin_data(self) -> BeginData:
+        self.state = State.DATA
+        return BeginData(replies.S354_START_DATA, self.policy.max_size)
+
+    def _resolve_push(self, request: CheckPush, verdict: Reply | None) -> object:
+        if verdict is not None:
+            self.reset()
+            return verdict
+        return self._begin_data()
+
+    def data_received(self, chunks: list, size: int, error: Reply | None) -> object:
+        """The glue read the whole message (or refused it with C{error})."""
+        envelope = self.envelope
+        self.reset()
+        if error is not None:
+            return error
+        return Deliver(self.session, envelope, chunks, size)
+
+    def _resolve_delivery(self, request: Deliver, reply: Reply) -> Reply:
+        return reply
+
+    def _rset(self, argument: str) -> Reply:
+        self.reset()
+        return replies.S250_RESET
+
+    def _noop(self, argument: str) -> Reply:
+        return replies.S250_NOOP
+
+    def _quit(self, argument: str) -> Close:
+        self.state = State.CLOSED
+        return Close(replies.S221_BYE)
+
+    def _vrfy(self, argument: str) -> Reply:
+        # RFC 5321 3.5.3: 252 tells nothing about who exists.
+        return replies.S252_CANNOT_VRFY
+
+    def _help(self, argument: str) -> Reply:
+        return replies.S214_HELP
+
+    def _starttls(self, argument: str) -> object:
+        if argument:
+            return replies.S501_SYNTAX.with_text("STARTTLS takes no arguments")
+        if self.session.tls:
+            return replies.S503_ALREADY_TLS
+        if not self.policy.tls_available:
+            return replies.S454_TLS_UNAVAILABLE
+        return StartTLS(replies.S220_READY_TLS)
+
+    # -- AUTH (RFC 4954; PLAIN RFC 4616; LOGIN) ------------------------------
+
+    def _auth(self, argument: str) -> object:
+        if not self.policy.submission:
+            return replies.S502_NOT_IMPLEMENTED
+        if not self.session.tls:
+            return replies.S530_NEED_TLS
+        if self.session.user:
+            return replies.S503_ALREADY_AUTH
+        mechanism, _, initial = argument.strip(" ").partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in _SASL_MECHANISMS:
+            return replies.S504_AUTH_MECHANISM
+        if mechanism == "PLAIN":
+            if initial:
+                return self._sasl_guard(self._plain, initial)
+            return self._sasl_wait(self._plain, _PLAIN_PROMPT)
+        if initial:
+            return self._sasl_guard(self._login_user, initial)
+        return self._sasl_wait(self._login_user, _LOGIN_USER_PROMPT)
+
+    def _sasl_wait(self, step: Callable[[str], object], prompt: Reply) -> Reply:
+        self._sasl = step
+        self.state = State.AUTH
+        return prompt
+
+    def _sasl_step(self, line: str) -> object:
+        step, self._sasl = self._sasl, None
+        self.state = State.READY
+        if line.strip() == "*":
+            return replies.S501_AUTH_CANCELLED
+        return self._sasl_guard(step, line)
+
+    def _sasl_guard(self, step: Callable[[str], object], line: str) -> object:
+        try:
+            return step(line)
+        except _SASLError as e:
+            self._sasl = None
+            self.state = State.READY
+            return e.reply
+
+    def _plain(self, response: str) -> object:
+        if response.strip() == "=":
+            response = ""
+        parts = _b64decode(response).split("\0")
+        if len(parts) != 3:
+            raise _SASLError(replies.S501_BAD_BASE64.with_text("Malformed PLAIN response"))
+        authzid, user, password = parts
+        if authzid and authzid.lower() != user.lower():
+            raise _SASLError(replies.S535_BAD_CREDENTIALS)
+        return Authenticate(user.lower(), password)
+
+    def _login_user(self, response: str) -> object:
+        user = _b64decode(response)
+
+        def password_step(line: str) -> object:
+            return Authenticate(user.lower(), _b64decode(line))
+
+        return self._sasl_wait(password_step, _LOGIN_PASSWORD_PROMPT)
+
+    def _resolve_authentication(self, request: Authenticate, ok: bool | Reply) -> object:
+        if isinstance(ok, Reply):
+            self.state = State.CLOSED
+            return Close(ok)
+        if not ok:
+            return replies.S535_BAD_CREDENTIALS
+        self.session = self.session.evolve(user=request.user)
+        return replies.S235_AUTH_OK

@@ -1,0 +1,272 @@
+"""
+The outbox: outbound mail waiting to be pushed, or notified and waiting to
+be pulled (SPEC 2, 4, 7).
+
+One entry per (message, recipient domain), named by its General Delivery
+id.  On disk, under the outbox folder::
+
+    data/<id>.eml        the message, written once (entries of one message
+                         share it through hard links)
+    entries/<id>.json    the entry's state, versioned JSON, replaced atomically
+    claimed/<id>.json    an entry being retrieved right now
+
+A claim is a rename from ``entries/`` to ``claimed/``: of two nodes sharing
+the folder, exactly one rename succeeds.  At start-up claimed entries are
+released (their retrieval died with the process) and an in-memory index is
+built, so a RETR lookup or an expiry pass never walks the folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pullmail.ids import is_gdel_id
+from pullmail.interfaces import IOutbox
+from pullmail.storage import record
+from pullmail.storage.durable import (
+    fsync_directory,
+    remove_files,
+    replace_file,
+    write_atomically,
+    write_new_file,
+)
+
+__all__ = ["OutboxEntry", "MaildirOutbox", "QUEUED", "NOTIFIED"]
+
+log = Logger(namespace="pullmail.storage.outbox")
+
+RECORD_VERSION = 1
+QUEUED = "queued"        # an attempt (push or notification) is due at next_attempt
+NOTIFIED = "notified"    # the peer accepted GDEL; waiting for RETR until expires
+
+
+@dataclass
+class OutboxEntry:
+    id: str
+    queue_id: str
+    sender: str
+    domain: str
+    recipients: list[str]
+    created: float
+    size: int
+    state: str = QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    notified_at: float | None = None
+    expires: float | None = None
+    warned: bool = False
+    last_error: str = ""
+    body: str | None = None
+    smtputf8: bool = False
+    origin: str | None = None   # the outside address it was pushed from, if any
+    renotify_at: float | None = None  # a notified entry to announce again
+    claimed: bool = field(default=False, compare=False)
+
+    def to_json(self) -> bytes:
+        return record.dump(self, RECORD_VERSION, exclude=("claimed",))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "OutboxEntry":
+        return record.load(cls, data, RECORD_VERSION)
+
+
+@implementer(IOutbox)
+class MaildirOutbox:
+    """The default outbox: files in one folder, claims by rename."""
+
+    def __init__(self, root: Path, run_blocking=None) -> None:
+        """
+        With C{run_blocking} (a pool runner returning Deferreds), state
+        changes are written off the reactor thread: the index changes at
+        once, the files follow in order per entry (L{flushed} waits for
+        them).  Without it every method does its I/O before returning.
+        """
+        self.root = root
+        self._run = run_blocking
+        self._operations: dict[str, deque] = {}
+        self._flush_waiters: dict[str, list[Deferred]] = {}
+        self._data = root / "data"
+        self._entries = root / "entries"
+        self._claimed = root / "claimed"
+        self._index: dict[str, OutboxEntry] = {}
+
+    # -- start-up -----------------------------------------------------------
+
+    def load(self) -> list[str]:
+        """
+        Build the index from disk; release entries left claimed by a dead
+        process.  Returns the ids released.  Blocking; call at start-up.
+        """
+        for folder in (self._data, self._entries, self._claimed, self.root / "tmp"):
+            folder.mkdir(parents=True, exist_ok=True)
+        released = []
+        for path in self._claimed.iterdir():
+            if path.suffix == ".json" and is_gdel_id(path.stem):
+                os.rename(path, self._entries / path.name)
+                released.append(path.stem)
+        self._index = {}
+        messages = set(os.listdir(self._data))
+        for stem, data in record.read_folder(self._entries):
+            if not is_gdel_id(stem):
+                continue
+            try:
+                entry = OutboxEntry.from_json(data)
+            except (ValueError, TypeError) as e:
+                # Left in place: a later version may read it (a downgrade).
+                log.error("outbox entry {id} unreadable, left on disk: {error}", id=stem,
+                          error=str(e), event="outbox-unreadable")
+                continue
+            if entry.id == stem and f"{stem}.eml" in messages:
+                self._index[stem] = entry
+        return released
+
+    # -- reading ------------------------------------------------------------
+
+    def get(self, entry_id: str) -> OutboxEntry | None:
+        return self._index.get(entry_id)
+
+    def entries(self) -> Iterator[OutboxEntry]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def message_path(self, entry_id: str) -> Path:
+        if not is_gdel_id(entry_id):
+            raise ValueError("bad id")
+        return self._data / f"{entry_id}.eml"
+
+    def read_message(self, entry_id: str) -> bytes:
+        return self.message_path(entry_id).read_bytes()
+
+    # -- writing (blocking: run in a thread) ----------------------------------
+
+    def add(self, entries: Sequence[OutboxEntry], chunks: Sequence[bytes]) -> None:
+        """Store one message and its entries durably."""
+        first = self.message_path(entries[0].id)
+        write_new_file(first, chunks)
+        for entry in entries[1:]:
+            os.link(first, self.message_path(entry.id))
+        fsync_directory(self._data)
+        for entry in entries:
+            self._write(entry)
+        for entry in entries:
+            self._index[entry.id] = entry
+
+    def add_sibling(self, existing_id: str, entry: OutboxEntry) -> None:
+        """A new entry for some recipients of an existing one's message."""
+        os.link(self.message_path(existing_id), self.message_path(entry.id))
+        fsync_directory(self._data)
+        self._write(entry)
+        self._index[entry.id] = entry
+
+    def update(self, entry: OutboxEntry) -> None:
+        """
+        Persist a changed entry (claimed or not).  The record is replaced
+        whole and fsynced; its directory is not: losing the rename in a
+        crash brings back the previous state, which every transition of an
+        entry tolerates (a notification is sent again, and deduplicated).
+        """
+        self._index[entry.id] = entry
+        folder = self._claimed if entry.claimed else self._entries
+        self._in_order(entry.id, replace_file, folder / f"{entry.id}.json", entry.to_json())
+
+    def _write(self, entry: OutboxEntry) -> None:
+        folder = self._claimed if entry.claimed else self._entries
+        write_atomically(folder / f"{entry.id}.json", entry.to_json())
+
+    # -- the per-entry order of disk operations --------------------------------
+
+    def _in_order(self, entry_id: str, function, *args) -> None:
+        if self._run is None:
+            function(*args)
+            return
+        queue = self._operations.get(entry_id)
+        if queue is None:
+            queue = self._operations[entry_id] = deque()
+        queue.append((function, args))
+        if len(queue) == 1:
+            self._next_operation(entry_id)
+
+    def _next_operation(self, entry_id: str) -> None:
+        function, args = self._operations[entry_id][0]
+        d = self._run(function, *args)
+        d.addErrback(lambda f: log.failure("outbox write for {id}", f, id=entry_id))
+        d.addBoth(lambda _: self._operation_done(entry_id))
+
+    def _operation_done(self, entry_id: str) -> None:
+        queue = self._operations[entry_id]
+        queue.popleft()
+        if queue:
+            self._next_operation(entry_id)
+            return
+        del self._operations[entry_id]
+        for waiter in self._flush_waiters.pop(entry_id, []):
+            waiter.callback(None)
+
+    def flushed(self, entry_id: str) -> Deferred:
+        """Fires once every disk operation queued for the entry is done."""
+        if entry_id not in self._operations:
+            return succeed(None)
+        waiter = Deferred()
+        self._flush_waiters.setdefault(entry_id, []).append(waiter)
+        return waiter
+
+    # -- claims (a rename each; cheap enough for the reactor thread) ---------
+
+    def claim(self, entry_id: str) -> OutboxEntry | None:
+        """
+        Take the entry for one retrieval; None if someone else has it.  Wait
+        for L{flushed} first: the rename must find the entry's latest file.
+        """
+        entry = self._index.get(entry_id)
+        if entry is None or entry.claimed or entry_id in self._operations:
+            return None
+        try:
+            os.rename(self._entries / f"{entry_id}.json", self._claimed / f"{entry_id}.json")
+        except FileNotFoundError:
+            return None
+        entry.claimed = True
+        return entry
+
+    def release(self, entry_id: str) -> None:
+        entry = self._index.get(entry_id)
+        if entry is None or not entry.claimed:
+            return
+        entry.claimed = False
+        self._in_order(entry_id, os.rename, self._claimed / f"{entry_id}.json",
+                       self._entries / f"{entry_id}.json")
+
+    def remove(self, entry_id: str, after: Deferred | None = None) -> None:
+        """
+        Forget an entry: delivered, bounced or expired.  With C{after} (a
+        bounce being stored), the files go only once it has fired, and stay
+        if it fails: a crash or a failed bounce then brings the entry back
+        at the next start, to be bounced again, rather than losing both.
+        """
+        entry = self._index.pop(entry_id, None)
+        if entry is None:
+            return
+        folder = self._claimed if entry.claimed else self._entries
+        paths = (folder / f"{entry_id}.json", self.message_path(entry_id))
+        if after is None:
+            self._in_order(entry_id, remove_files, *paths)
+            return
+
+        def delete(result: object) -> object:
+            self._in_order(entry_id, remove_files, *paths)
+            return result
+
+        def keep(failure: Failure) -> None:
+            log.failure("keeping outbox entry {id} until the next start", failure, id=entry_id)
+
+        after.addCallbacks(delete, keep)

@@ -1,0 +1,147 @@
+"""
+Pending notifications at the RMTA (SPEC 3, 5): what was notified, by whom,
+and when to try to retrieve it next.
+
+One versioned JSON file per (origin, id) under ``<state_dir>/pending/``,
+named by a hash of the two, so that an id never becomes a file name and two
+origins cannot collide.  After a successful retrieval the record stays,
+marked retrieved, until ``keep_until``: a re-notified id is then fetched
+again (so the SMTA can let go of it) but its copy is dropped at delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pullmail.storage import record
+from pullmail.storage.durable import write_atomically
+
+__all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
+
+RECORD_VERSION = 1
+PENDING = "pending"
+RETRIEVED = "retrieved"
+
+
+@dataclass
+class Notification:
+    gdel_id: str
+    origin: str              # the trust identity: sender domain or EHLO domain
+    peer: str                # the address that notified; retrieval goes there
+    helo: str
+    sender: str | None       # None for the bare form
+    recipients: list[str] | None
+    notified_at: float
+    attempts: int = 0
+    next_attempt: float = 0.0
+    state: str = PENDING
+    keep_until: float = 0.0
+    last_error: str = ""
+    size: int | None = None
+    # A delivery may have begun (this process began one, or the record was
+    # read at start-up): a retry must look in the mailboxes before storing.
+    # Known in memory only: L{PendingStore.load} derives it from the state.
+    delivering: bool = False
+
+    @property
+    def queue_id(self) -> str:
+        """The queue id of the retrieved message: the same on every retry."""
+        return "G" + self.key[:15].upper()
+
+    @property
+    def key(self) -> str:
+        return notification_key(self.origin, self.gdel_id)
+
+    def to_json(self) -> bytes:
+        return record.dump(self, RECORD_VERSION, exclude=("delivering",))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Notification":
+        return record.load(cls, data, RECORD_VERSION)
+
+
+def notification_key(origin: str, gdel_id: str) -> str:
+    return hashlib.sha256(f"{origin.lower()}\0{gdel_id}".encode()).hexdigest()[:40]
+
+
+class PendingStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._index: dict[str, Notification] = {}
+        self._pending_by_peer: dict[str, int] = {}
+        # Which peer each pending record was counted for: records change in
+        # place, so their own fields cannot say what was counted.
+        self._counted: dict[str, str] = {}
+        self._writes = 0
+
+    def load(self) -> None:
+        """Blocking: read every record (start-up)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index, self._pending_by_peer, self._counted = {}, {}, {}
+        for path in self.root.glob(".*.tmp"):
+            path.unlink(missing_ok=True)     # a write cut short by a crash
+        for _, data in record.read_folder(self.root):
+            try:
+                notification = Notification.from_json(data)
+            except (ValueError, TypeError, KeyError):
+                continue
+            notification.delivering = notification.state == PENDING
+            self._remember(notification)
+
+    def _remember(self, notification: Notification) -> None:
+        key = notification.key
+        self._uncount(key)
+        self._index[key] = notification
+        if notification.state == PENDING:
+            self._counted[key] = notification.peer
+            self._count(notification.peer, +1)
+
+    def _uncount(self, key: str) -> None:
+        peer = self._counted.pop(key, None)
+        if peer is not None:
+            self._count(peer, -1)
+
+    def _count(self, peer: str, change: int) -> None:
+        count = self._pending_by_peer.get(peer, 0) + change
+        if count > 0:
+            self._pending_by_peer[peer] = count
+        else:
+            self._pending_by_peer.pop(peer, None)
+
+    def get(self, origin: str, gdel_id: str) -> Notification | None:
+        return self._index.get(notification_key(origin, gdel_id))
+
+    def by_key(self, key: str) -> Notification | None:
+        return self._index.get(key)
+
+    def pending_from(self, peer: str) -> int:
+        return self._pending_by_peer.get(peer, 0)
+
+    def __iter__(self) -> Iterator[Notification]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def save(self, notification: Notification) -> None:
+        """Blocking: write the record durably, then index it."""
+        write_atomically(self.root / f"{notification.key}.json", notification.to_json())
+        self._remember(notification)
+
+    def paths_for(self, notification: Notification) -> tuple[str, str]:
+        """A fresh temporary name and the record's name, for a write elsewhere."""
+        self._writes += 1
+        return (f"{self.root}/.{notification.key}.{os.getpid()}.{self._writes}.tmp",
+                f"{self.root}/{notification.key}.json")
+
+    def remember(self, notification: Notification) -> None:
+        self._remember(notification)
+
+    def remove(self, notification: Notification) -> None:
+        (self.root / f"{notification.key}.json").unlink(missing_ok=True)
+        self._index.pop(notification.key, None)
+        self._uncount(notification.key)
