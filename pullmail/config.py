@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from twisted.internet import endpoints
-from twisted.internet.testing import MemoryReactor
 
 __all__ = [
     "Config",
@@ -78,16 +77,24 @@ def parse_size(text: str | int) -> int:
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
 
 
+# Server endpoints touch their reactor only when they listen, so a
+# description is checked by building its endpoint around no reactor at all.
+_NOT_LISTENING = object()
+_PORT_FIRST = {"tcp", "tcp6", "ssl"}
+
+
 def _endpoint(text: str) -> str:
     """Check that a server endpoint string parses, without listening."""
     try:
-        endpoint = endpoints.serverFromString(MemoryReactor(), text)
+        endpoints.serverFromString(_NOT_LISTENING, text)
     except Exception as e:  # parsers raise anything, e.g. OSError for ssl: files
         raise ValueError(f"bad endpoint {text!r}: {e}") from None
     # The parser takes any integer as a TCP port; listening would fail later.
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port < 65536:
-        raise ValueError(f"bad endpoint {text!r}: port {port} out of range")
+    kind, _, arguments = text.partition(":")
+    if kind.lower() in _PORT_FIRST:
+        port = arguments.split(":", 1)[0].removeprefix("port=")
+        if not 0 <= int(port) < 65536:
+            raise ValueError(f"bad endpoint {text!r}: port {port} out of range")
     return text
 
 

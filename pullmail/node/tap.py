@@ -14,7 +14,6 @@ import os
 from dataclasses import replace
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -35,6 +34,7 @@ from pullmail.net.tls import (
     server_context,
 )
 from pullmail.node.control import SOCKET_NAME, ControlFactory
+from pullmail.node.listeners import Listener
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.retrieve import Retriever
@@ -220,7 +220,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     control_socket = state / SOCKET_NAME
     if len(str(control_socket)) < MAX_UNIX_PATH:
         control_socket.unlink(missing_ok=True)
-        StreamServerEndpointService(
+        Listener(
             endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
             ControlFactory(outbound, retriever, reactor),
         ).setServiceParent(node)
@@ -257,9 +257,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
         for description in getattr(config.listen, service_name):
             endpoint = endpoints.serverFromString(reactor, with_backlog(description))
-            listener = StreamServerEndpointService(endpoint, wrapped)
-            listener._raiseSynchronously = True
-            listener.setServiceParent(node)
+            Listener(endpoint, wrapped).setServiceParent(node)
     log.info(
         "pullmail node {hostname} for {domains}, state in {state_dir}",
         hostname=hostname, domains=sorted(domains), state_dir=str(state),
