@@ -10,6 +10,7 @@ import inspect
 import pytest
 
 from .harness import DNSServer, NodeFactory, free_port
+from .world import RECORDS
 
 
 def pytest_pycollect_makeitem(collector, name, obj):
@@ -49,5 +50,13 @@ def dns_port():
 def dns_server(tmp_path, dns_port):
     """A started L{DNSServer} with no records; C{update()} to serve some."""
     server = DNSServer(tmp_path / "dns", {}, dns_port)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def world_dns(tmp_path_factory):
+    """A DNS server holding the records of L{world} (one per test module)."""
+    server = DNSServer(tmp_path_factory.mktemp("world-dns"), RECORDS, free_port("127.0.0.1"))
     with server:
         yield server

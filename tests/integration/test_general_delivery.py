@@ -21,43 +21,29 @@ import re
 import secrets
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from .harness import (
     SUBMISSION_PORT,
-    DNSServer,
     Node,
-    NodeFactory,
     RawSMTP,
     ScriptedPeer,
-    free_port,
     submit,
     wait_until,
 )
-
-SENDER_IP = "127.0.0.2"
-RECEIVER_IP = "127.0.0.3"
-OTHER_IP = "127.0.0.4"
-STRANGER_IP = "127.0.0.9"
-
-ALICE = "alice@sender.test"
-BOB = "bob@receiver.test"
-CAROL = "carol@other.test"
-PASSWORD = "pw-" + "x" * 8
-
-RECORDS = {
-    "sender.test": {"A": [SENDER_IP], "MX": [[10, "mx.sender.test"]],
-                    "TXT": [f"v=spf1 ip4:{SENDER_IP} -all"]},
-    "mx.sender.test": {"A": [SENDER_IP]},
-    "receiver.test": {"A": [RECEIVER_IP], "MX": [[10, "mx.receiver.test"]],
-                      "TXT": [f"v=spf1 ip4:{RECEIVER_IP} -all"]},
-    "mx.receiver.test": {"A": [RECEIVER_IP]},
-    "other.test": {"A": [OTHER_IP], "MX": [[10, "mx.other.test"]],
-                   "TXT": [f"v=spf1 ip4:{OTHER_IP} -all"]},
-    "mx.other.test": {"A": [OTHER_IP]},
-}
+from .world import (
+    ALICE,
+    BOB,
+    CAROL,
+    OTHER_IP,
+    PASSWORD,
+    RECEIVER_IP,
+    SENDER_IP,
+    STRANGER_IP,
+    Network,
+    outbox_ids,
+)
 
 # Short timers for every node (SPEC 5): retrieval and push retries within
 # seconds, a tarpit capped at 2 s, blocking after 4 failed RETRs.
@@ -73,37 +59,9 @@ FAST = {
 
 
 
-@pytest.fixture(scope="module")
-def gd_dns(tmp_path_factory):
-    server = DNSServer(tmp_path_factory.mktemp("gd-dns"), RECORDS, free_port("127.0.0.1"))
-    with server:
-        yield server
-
-
-class Network:
-    """Makes the nodes of one test; kills them all at teardown."""
-
-    def __init__(self, workdir: Path, dns: DNSServer) -> None:
-        self.dns = dns
-        self.factory = NodeFactory(workdir)
-
-    def node(self, name, address, domain, users, settings=None, start=True) -> Node:
-        return self.factory.for_domain(name, address, domain, users, PASSWORD, FAST, self.dns,
-                                       settings, start)
-
-    def sender(self, settings=None, start=True) -> Node:
-        return self.node("sender", SENDER_IP, "sender.test", [ALICE], settings, start)
-
-    def receiver(self, settings=None, start=True) -> Node:
-        return self.node("receiver", RECEIVER_IP, "receiver.test", [BOB], settings, start)
-
-    def close(self) -> None:
-        self.factory.close()
-
-
 @pytest.fixture
-def net(tmp_path, gd_dns):
-    network = Network(tmp_path, gd_dns)
+def net(tmp_path, world_dns):
+    network = Network(tmp_path, world_dns, FAST)
     try:
         yield network
     finally:
@@ -153,16 +111,6 @@ def assert_body_intact(raw: bytes, token: str, size: int = 0) -> None:
     body = raw.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in raw else raw.split(b"\n\n", 1)[1]
     expected = message(token, size).split(b"\r\n\r\n", 1)[1]
     assert body.replace(b"\r\n", b"\n") == expected.replace(b"\r\n", b"\n")
-
-
-def outbox_ids(node: Node) -> set[str]:
-    """The ids of the entries in the node's outbox (waiting or claimed)."""
-    ids = set()
-    for folder in ("entries", "claimed"):
-        path = node.state_dir / "outbox" / folder
-        if path.is_dir():
-            ids |= {p.stem for p in path.glob("*.json")}
-    return ids
 
 
 def pending_record(node: Node, gdel_id: str) -> dict | None:

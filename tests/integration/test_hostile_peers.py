@@ -2,8 +2,8 @@
 Hostile peers against real nodes: what outside testing tried, case by case
 (the "hostile peers, round two" issue).
 
-    sender.test    127.0.0.2  mx.sender.test   alice (the node under test)
-    other.test     127.0.0.4  mx.other.test    a scripted peer, push only
+In the world of L{world}: the node under test is sender.test's, and the
+MX of other.test (127.0.0.4) is a scripted peer.
 """
 
 from __future__ import annotations
@@ -16,50 +16,19 @@ import time
 
 import pytest
 
-from .harness import DNSServer, NodeFactory, ScriptedPeer, free_port, submit, wait_until
-
-SENDER_IP = "127.0.0.2"
-PEER_IP = "127.0.0.4"
-ALICE = "alice@sender.test"
-CAROL = "carol@other.test"
-PASSWORD = "pw-" + "x" * 8
-
-RECORDS = {
-    "sender.test": {"A": [SENDER_IP], "MX": [[10, "mx.sender.test"]],
-                    "TXT": [f"v=spf1 ip4:{SENDER_IP} -all"]},
-    "mx.sender.test": {"A": [SENDER_IP]},
-    "other.test": {"A": [PEER_IP], "MX": [[10, "mx.other.test"]],
-                   "TXT": [f"v=spf1 ip4:{PEER_IP} -all"]},
-    "mx.other.test": {"A": [PEER_IP]},
-}
+from .harness import ScriptedPeer, submit, wait_until
+from .world import ALICE, CAROL, OTHER_IP, PASSWORD, Network, outbox_ids
 
 FAST = {"delivery": {"push_retry": ["1s", "2s"], "connect_timeout": "3s"}}
 
 
-@pytest.fixture(scope="module")
-def hostile_dns(tmp_path_factory):
-    server = DNSServer(tmp_path_factory.mktemp("hostile-dns"), RECORDS, free_port("127.0.0.1"))
-    with server:
-        yield server
-
-
 @pytest.fixture
-def sender(tmp_path, hostile_dns):
-    factory = NodeFactory(tmp_path)
+def sender(tmp_path, world_dns):
+    network = Network(tmp_path, world_dns, FAST)
     try:
-        yield factory.for_domain("sender", SENDER_IP, "sender.test", [ALICE], PASSWORD,
-                                 FAST, hostile_dns)
+        yield network.sender()
     finally:
-        factory.close()
-
-
-def outbox_ids(node) -> set[str]:
-    ids = set()
-    for folder in ("entries", "claimed"):
-        path = node.state_dir / "outbox" / folder
-        if path.is_dir():
-            ids |= {p.stem for p in path.glob("*.json")}
-    return ids
+        network.close()
 
 
 class STARTTLSInjector(ScriptedPeer):
@@ -73,7 +42,7 @@ class STARTTLSInjector(ScriptedPeer):
     INJECTED = b"220 2.0.0 go ahead\r\n250-mx.fake\r\n250 PIPELINING\r\n"
 
     def __init__(self, certificate, key) -> None:
-        super().__init__(PEER_IP)
+        super().__init__(OTHER_IP)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(certificate, key)
         self.connections = 0

@@ -25,6 +25,7 @@ Every GDEL carries a fresh 32-character id; every wait polls a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import textwrap
@@ -263,18 +264,25 @@ def node_c(nodes, workdir, zone, plugins_root) -> Node:
 # -- clients ----------------------------------------------------------------------------
 
 
-def gdel(node: Node, source: str, sender: str | None, ehlo: str = "client.outside.test",
-         gdel_id: str | None = None, timeout: float = 20.0) -> tuple[int, list[str]]:
-    """
-    The transaction form (C{sender} None: the null sender), from C{source};
-    returns the reply to GDEL.  MAIL and RCPT must be accepted.
-    """
+@contextlib.contextmanager
+def _envelope(node: Node, source: str, sender: str | None, ehlo: str, timeout: float):
+    """A raw session from C{source} with MAIL and RCPT accepted."""
     with RawSMTP(node.address, source=source, timeout=timeout) as client:
         client.ehlo(ehlo)
         code, texts = client.command(f"MAIL FROM:<{sender or ''}>")
         assert code == 250, f"MAIL FROM:<{sender}> -> {code} {texts}"
         code, texts = client.command(f"RCPT TO:<{BOB}>")
         assert code == 250, f"RCPT -> {code} {texts}"
+        yield client
+
+
+def gdel(node: Node, source: str, sender: str | None, ehlo: str = "client.outside.test",
+         gdel_id: str | None = None, timeout: float = 20.0) -> tuple[int, list[str]]:
+    """
+    The transaction form (C{sender} None: the null sender), from C{source};
+    returns the reply to GDEL.  MAIL and RCPT must be accepted.
+    """
+    with _envelope(node, source, sender, ehlo, timeout) as client:
         return client.command(f"GDEL {gdel_id or new_id()}")
 
 
@@ -290,12 +298,7 @@ def push(node: Node, source: str, sender: str | None, ehlo: str = "client.outsid
     MAIL/RCPT/DATA; returns (DATA code, texts, reply to end of data or
     None when DATA was refused).
     """
-    with RawSMTP(node.address, source=source, timeout=timeout) as client:
-        client.ehlo(ehlo)
-        code, texts = client.command(f"MAIL FROM:<{sender or ''}>")
-        assert code == 250, f"MAIL FROM:<{sender}> -> {code} {texts}"
-        code, texts = client.command(f"RCPT TO:<{BOB}>")
-        assert code == 250, f"RCPT -> {code} {texts}"
+    with _envelope(node, source, sender, ehlo, timeout) as client:
         code, texts = client.command("DATA")
         if code != 354:
             return code, texts, None
