@@ -9,6 +9,8 @@ import pytest
 from pullmail.storage.disk_threads import DiskPool
 from pullmail.testing import assert_no_result, failure_of, result_of
 
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
+
 
 class HeldReactor:
     """Keeps what the threads hand over until the test runs it."""
