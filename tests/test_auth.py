@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -20,6 +21,8 @@ from pullmail.smtp import replies
 from pullmail.smtp.server import Authenticate
 from pullmail.testing import assert_no_result, failure_of, result_of
 from pullmail.trust.throttle import FailureTracker
+
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
 
 def run_blocking(function, *args):
