@@ -28,6 +28,8 @@ from pullmail.storage.fsync_process import (
 )
 from pullmail.testing import failure_of
 
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
+
 # A request that never comes back fails the test instead of hanging it (as
 # trial's default timeout did).
 TIMEOUT = 60
