@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -16,3 +18,18 @@ def logged_events():
         yield observer
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def no_logged_failures(logged_events):
+    """
+    Fail the test if it logged a failure or dropped a failed Deferred
+    unhandled: the check trial's TestCase makes after every test.  Opt in
+    with C{pytestmark = pytest.mark.usefixtures("no_logged_failures")}.
+    """
+    gc.collect()  # what earlier tests left is not this test's
+    start = len(logged_events)
+    yield
+    gc.collect()  # an unhandled failed Deferred is logged when collected
+    failures = [event["log_failure"] for event in logged_events[start:] if "log_failure" in event]
+    assert not failures, "\n".join(failure.getTraceback() for failure in failures)

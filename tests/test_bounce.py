@@ -13,7 +13,7 @@ from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+import pytest
 
 from pullmail.outbound.bounce import (
     FailedRecipient,
@@ -76,21 +76,20 @@ def report_blocks(message: EmailMessage) -> list[EmailMessage]:
     return parts(message)[1].get_payload()
 
 
-class StructureTests(SynchronousTestCase):
+class StructureTests:
     def test_multipartReport(self) -> None:
         """
         A DSN is a C{multipart/report; report-type=delivery-status} of a text
         part, the delivery status and the returned message, in that order.
         """
         message = parse(dsn())
-        self.assertEqual(message.get_content_type(), "multipart/report")
-        self.assertEqual(message.get_param("report-type"), "delivery-status")
-        self.assertEqual(message.get_boundary(), "=_pullmail_dsn_0001")
-        self.assertEqual(
-            [part.get_content_type() for part in parts(message)],
-            ["text/plain", "message/delivery-status", "message/rfc822"],
-        )
-        self.assertEqual(message.defects, [])
+        assert message.get_content_type() == "multipart/report"
+        assert message.get_param("report-type") == "delivery-status"
+        assert message.get_boundary() == "=_pullmail_dsn_0001"
+        assert [part.get_content_type() for part in parts(message)] == [
+            "text/plain", "message/delivery-status", "message/rfc822",
+        ]
+        assert message.defects == []
 
     def test_headers(self) -> None:
         """
@@ -98,29 +97,29 @@ class StructureTests(SynchronousTestCase):
         original sender, is dated C{now} and marked as an automatic reply.
         """
         message = parse(dsn())
-        self.assertEqual(message["From"], "Mail Delivery System <MAILER-DAEMON@mx.sender.test>")
-        self.assertEqual(message["To"], "alice@sender.test")
-        self.assertEqual(message["Subject"], "Undelivered Mail Returned to Sender")
-        self.assertEqual(message["Message-ID"], "<dsn.5F3A9C01D2E4B677@mx.sender.test>")
-        self.assertEqual(message["Auto-Submitted"], "auto-replied")
-        self.assertEqual(message["MIME-Version"], "1.0")
-        self.assertEqual(message["Date"].datetime.timestamp(), NOW)
+        assert message["From"] == "Mail Delivery System <MAILER-DAEMON@mx.sender.test>"
+        assert message["To"] == "alice@sender.test"
+        assert message["Subject"] == "Undelivered Mail Returned to Sender"
+        assert message["Message-ID"] == "<dsn.5F3A9C01D2E4B677@mx.sender.test>"
+        assert message["Auto-Submitted"] == "auto-replied"
+        assert message["MIME-Version"] == "1.0"
+        assert message["Date"].datetime.timestamp() == NOW
 
     def test_textNamesEveryRecipient(self) -> None:
         """The text part names each recipient with the remote reply or the status."""
         text = parts(parse(dsn()))[0].get_content()
-        self.assertIn("<bob@receiver.test>: 550 5.1.1", text)
-        self.assertIn("(from mx.receiver.test)", text)
-        self.assertIn("<carol@far.test>: delivery time expired (4.4.7)", text)
+        assert "<bob@receiver.test>: 550 5.1.1" in text
+        assert "(from mx.receiver.test)" in text
+        assert "<carol@far.test>: delivery time expired (4.4.7)" in text
 
 
-class DeliveryStatusTests(SynchronousTestCase):
+class DeliveryStatusTests:
     def test_perMessageFields(self) -> None:
         """Reporting-MTA and Arrival-Date come first, in their own block."""
         per_message = report_blocks(parse(dsn()))[0]
-        self.assertEqual(per_message["Reporting-MTA"], "dns; mx.sender.test")
-        self.assertEqual(per_message["X-Pullmail-Queue-ID"], "5F3A9C01D2E4B677")
-        self.assertEqual(parsedate_to_datetime(per_message["Arrival-Date"]).timestamp(), ARRIVAL)
+        assert per_message["Reporting-MTA"] == "dns; mx.sender.test"
+        assert per_message["X-Pullmail-Queue-ID"] == "5F3A9C01D2E4B677"
+        assert parsedate_to_datetime(per_message["Arrival-Date"]).timestamp() == ARRIVAL
 
     def test_perRecipientFields(self) -> None:
         """
@@ -128,19 +127,18 @@ class DeliveryStatusTests(SynchronousTestCase):
         Status; Remote-MTA and Diagnostic-Code only when a server replied.
         """
         bob, carol = report_blocks(parse(dsn()))[1:]
-        self.assertEqual(bob["Final-Recipient"], "rfc822; bob@receiver.test")
-        self.assertEqual(bob["Action"], "failed")
-        self.assertEqual(bob["Status"], "5.1.1")
-        self.assertEqual(bob["Remote-MTA"], "dns; mx.receiver.test")
-        self.assertEqual(
-            bob["Diagnostic-Code"],
-            "smtp; 550 5.1.1 <bob@receiver.test>: Recipient address rejected: User unknown",
+        assert bob["Final-Recipient"] == "rfc822; bob@receiver.test"
+        assert bob["Action"] == "failed"
+        assert bob["Status"] == "5.1.1"
+        assert bob["Remote-MTA"] == "dns; mx.receiver.test"
+        assert bob["Diagnostic-Code"] == (
+            "smtp; 550 5.1.1 <bob@receiver.test>: Recipient address rejected: User unknown"
         )
-        self.assertEqual(parsedate_to_datetime(bob["Last-Attempt-Date"]).timestamp(), NOW)
-        self.assertEqual(carol["Final-Recipient"], "rfc822; carol@far.test")
-        self.assertEqual(carol["Status"], "4.4.7")
-        self.assertNotIn("Remote-MTA", carol)
-        self.assertNotIn("Diagnostic-Code", carol)
+        assert parsedate_to_datetime(bob["Last-Attempt-Date"]).timestamp() == NOW
+        assert carol["Final-Recipient"] == "rfc822; carol@far.test"
+        assert carol["Status"] == "4.4.7"
+        assert "Remote-MTA" not in carol
+        assert "Diagnostic-Code" not in carol
 
     def test_multiLineReply(self) -> None:
         """
@@ -154,8 +152,8 @@ class DeliveryStatusTests(SynchronousTestCase):
         )
         data = dsn(recipients=[replace(BOB, status="5.7.1", diagnostic=reply)])
         bob = report_blocks(parse(data))[1]
-        self.assertEqual(bob["Diagnostic-Code"], "smtp; " + " ".join(reply.split()))
-        self.assertTrue(all(len(line) <= 78 for line in data.split(b"\r\n")))
+        assert bob["Diagnostic-Code"] == "smtp; " + " ".join(reply.split())
+        assert all(len(line) <= 78 for line in data.split(b"\r\n"))
 
     def test_delayed(self) -> None:
         """
@@ -170,22 +168,22 @@ class DeliveryStatusTests(SynchronousTestCase):
             action="delayed",
         )
         message = parse(dsn(recipients=[late]))
-        self.assertEqual(message["Subject"], "Delayed Mail (still being retried)")
+        assert message["Subject"] == "Delayed Mail (still being retried)"
         bob = report_blocks(message)[1]
-        self.assertEqual(bob["Action"], "delayed")
-        self.assertEqual(bob["Status"], "4.4.1")
-        self.assertIn("will keep trying", parts(message)[0].get_content())
-        self.assertEqual(parts(message)[2].get_content_type(), "message/rfc822")
+        assert bob["Action"] == "delayed"
+        assert bob["Status"] == "4.4.1"
+        assert "will keep trying" in parts(message)[0].get_content()
+        assert parts(message)[2].get_content_type() == "message/rfc822"
 
 
-class ReturnedMessageTests(SynchronousTestCase):
+class ReturnedMessageTests:
     def test_smallReturnedWhole(self) -> None:
         """An original no larger than the limit is returned whole, in CRLF."""
         data = dsn(full_message_limit=len(ORIGINAL))
         returned = parts(parse(data))[2]
-        self.assertEqual(returned.get_content_type(), "message/rfc822")
-        self.assertEqual(returned.get_content()["Subject"], "lunch")
-        self.assertIn(ORIGINAL.replace(b"\n", b"\r\n"), data)
+        assert returned.get_content_type() == "message/rfc822"
+        assert returned.get_content()["Subject"] == "lunch"
+        assert ORIGINAL.replace(b"\n", b"\r\n") in data
 
     def test_largeReturnedAsHeaders(self) -> None:
         """
@@ -194,10 +192,10 @@ class ReturnedMessageTests(SynchronousTestCase):
         """
         data = dsn(full_message_limit=len(ORIGINAL) - 1)
         returned = parts(parse(data))[2]
-        self.assertEqual(returned.get_content_type(), "text/rfc822-headers")
+        assert returned.get_content_type() == "text/rfc822-headers"
         headers = ORIGINAL.split(b"\n\n")[0].replace(b"\n", b"\r\n") + b"\r\n"
-        self.assertIn(b"\r\n\r\n" + headers + b"\r\n--=_pullmail_dsn_0001--\r\n", data)
-        self.assertNotIn(b"Noon", data)
+        assert b"\r\n\r\n" + headers + b"\r\n--=_pullmail_dsn_0001--\r\n" in data
+        assert b"Noon" not in data
 
     def test_crlfOnly(self) -> None:
         """
@@ -206,26 +204,27 @@ class ReturnedMessageTests(SynchronousTestCase):
         """
         mixed = b"Subject: x\r\nTo: bob@receiver.test\n\rbody\rmore\n"
         data = dsn(original=mixed)
-        self.assertIsNone(re.search(rb"[^\r]\n|\r[^\n]", data))
-        self.assertTrue(data.endswith(b"\r\n"))
-        self.assertIn(b"Subject: x\r\nTo: bob@receiver.test\r\n\r\nbody\r\nmore\r\n", data)
+        assert re.search(rb"[^\r]\n|\r[^\n]", data) is None
+        assert data.endswith(b"\r\n")
+        assert b"Subject: x\r\nTo: bob@receiver.test\r\n\r\nbody\r\nmore\r\n" in data
 
 
-class DeterminismTests(SynchronousTestCase):
+class DeterminismTests:
     def test_sameInputsSameBytes(self) -> None:
         """The DSN depends on its inputs only."""
-        self.assertEqual(dsn(), dsn())
+        assert dsn() == dsn()
 
     def test_expectedOutput(self) -> None:
         """The DSN matches the checked-in expected output, byte for byte."""
-        self.assertEqual(dsn(), EXPECTED.read_bytes())
+        assert dsn() == EXPECTED.read_bytes()
 
 
-class ValidationTests(SynchronousTestCase):
+class ValidationTests:
     def test_boundaryInContent(self) -> None:
         """A boundary that occurs in the original is refused: pick another."""
         original = ORIGINAL + b"--=_pullmail_dsn_0001\n"
-        self.assertRaises(ValueError, dsn, original=original)
+        with pytest.raises(ValueError):
+            dsn(original=original)
 
     def test_invalidInputs(self) -> None:
         """Inputs that would make a malformed DSN are refused."""
@@ -237,16 +236,17 @@ class ValidationTests(SynchronousTestCase):
             dict(original_sender=""),
             dict(boundary="ends in a space "),
         ]:
-            self.assertRaises(ValueError, dsn, **changes)
+            with pytest.raises(ValueError):
+                dsn(**changes)
 
 
-class ShouldBounceTests(SynchronousTestCase):
+class ShouldBounceTests:
     def test_nullSender(self) -> None:
         """The null reverse-path marks a bounce, and a bounce is never bounced."""
-        self.assertTrue(is_bounce(""))
-        self.assertFalse(should_bounce(""))
+        assert is_bounce("")
+        assert not should_bounce("")
 
     def test_sender(self) -> None:
         """Any other sender is told about failures."""
-        self.assertFalse(is_bounce("alice@sender.test"))
-        self.assertTrue(should_bounce("alice@sender.test"))
+        assert not is_bounce("alice@sender.test")
+        assert should_bounce("alice@sender.test")

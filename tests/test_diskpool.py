@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 
-from twisted.trial.unittest import SynchronousTestCase
+import pytest
 
 from pullmail.storage.disk_threads import DiskPool
+from pullmail.testing import assert_no_result, failure_of, result_of
+
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
 
 class HeldReactor:
@@ -24,12 +27,14 @@ class HeldReactor:
             function(*args, **kwargs)
 
 
-class DiskPoolTests(SynchronousTestCase):
-    def setUp(self):
+class DiskPoolTests:
+    @pytest.fixture(autouse=True)
+    def _pool(self):
         self.reactor = HeldReactor()
         self.pool = DiskPool(self.reactor, 2, name="test-disk")
         self.pool.start()
-        self.addCleanup(self.pool.stop)
+        yield
+        self.pool.stop()
 
     def _drain(self) -> None:
         """Let the threads finish what is queued (stop waits), then restart them."""
@@ -43,24 +48,24 @@ class DiskPoolTests(SynchronousTestCase):
                        1, b=2)
         bad = self.pool(int, "not a number")
         self._drain()
-        self.assertNoResult(ok)
+        assert_no_result(ok)
         self.reactor.run_calls()
-        self.assertEqual(self.successResultOf(ok), 3)
-        self.failureResultOf(bad, ValueError)
-        self.assertTrue(ran_in[0].startswith("test-disk-"))
+        assert result_of(ok) == 3
+        failure_of(bad, ValueError)
+        assert ran_in[0].startswith("test-disk-")
 
     def test_one_wake_up_per_burst(self):
         """Jobs finishing while a wake-up is pending ride on it: one call for many."""
         results = [self.pool(pow, 2, n) for n in range(20)]
         self._drain()
-        self.assertEqual(len(self.reactor.calls), 1)
+        assert len(self.reactor.calls) == 1
         self.reactor.run_calls()
-        self.assertEqual([self.successResultOf(d) for d in results], [2 ** n for n in range(20)])
+        assert [result_of(d) for d in results] == [2 ** n for n in range(20)]
         later = self.pool(pow, 3, 2)
         self._drain()
-        self.assertEqual(len(self.reactor.calls), 1)   # a new burst wakes the reactor again
+        assert len(self.reactor.calls) == 1   # a new burst wakes the reactor again
         self.reactor.run_calls()
-        self.assertEqual(self.successResultOf(later), 9)
+        assert result_of(later) == 9
 
     def test_stop_finishes_queued_jobs(self):
         """stop() runs every job queued before it, then the threads end."""
@@ -70,7 +75,7 @@ class DiskPoolTests(SynchronousTestCase):
         gate.set()
         self.pool.stop()
         self.reactor.run_calls()
-        self.assertTrue(self.successResultOf(blocked))
-        self.assertEqual([self.successResultOf(d) for d in queued], list(range(5)))
-        self.assertEqual([t for t in threading.enumerate() if t.name.startswith("test-disk-")], [])
+        assert result_of(blocked)
+        assert [result_of(d) for d in queued] == list(range(5))
+        assert [t for t in threading.enumerate() if t.name.startswith("test-disk-")] == []
         self.pool.start()

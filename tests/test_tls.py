@@ -5,15 +5,12 @@ Tests for L{pullmail.net.tls}: self-signed pairs and server contexts.
 from __future__ import annotations
 
 import datetime
-import shutil
 import stat
-import tempfile
-from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail.net.tls import ensure_certificate, self_signed_pair, server_context
 
@@ -41,51 +38,44 @@ def _handshake(server: SSL.Connection, client: SSL.Connection) -> None:
     raise AssertionError("handshake did not finish")
 
 
-
-def _tempdir(case) -> Path:
-    """A fresh folder outside the source tree, removed after the test."""
-    path = Path(tempfile.mkdtemp(prefix="pullmail-test-")).resolve()
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
-class SelfSignedTests(SynchronousTestCase):
-    def setUp(self):
-        self.dir = _tempdir(self)
+class SelfSignedTests:
+    @pytest.fixture(autouse=True)
+    def _files(self, tmp_path):
+        self.dir = tmp_path
         self.cert, self.key = self.dir / "tls" / "cert.pem", self.dir / "tls" / "key.pem"
 
     def test_pair(self):
         """The pair names the host and is valid from the given time on."""
         cert_pem, key_pem = self_signed_pair("mx.example.org", NOW)
         certificate = x509.load_pem_x509_certificate(cert_pem)
-        self.assertEqual(
-            certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value,
-            "mx.example.org",
-        )
+        common_name = certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+        assert common_name[0].value == "mx.example.org"
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        self.assertEqual(names.get_values_for_type(x509.DNSName), ["mx.example.org"])
-        self.assertLessEqual(certificate.not_valid_before_utc, NOW)
-        self.assertGreater(certificate.not_valid_after_utc, NOW + datetime.timedelta(days=365))
-        self.assertIn(b"PRIVATE KEY", key_pem)
+        assert names.get_values_for_type(x509.DNSName) == ["mx.example.org"]
+        assert certificate.not_valid_before_utc <= NOW
+        assert certificate.not_valid_after_utc > NOW + datetime.timedelta(days=365)
+        assert b"PRIVATE KEY" in key_pem
 
     def test_generate(self):
         """Missing files are made once, key private, and load as a context."""
-        self.assertTrue(ensure_certificate(self.cert, self.key, "mx.example.org", True))
-        self.assertEqual(stat.S_IMODE(self.key.stat().st_mode), 0o600)
+        assert ensure_certificate(self.cert, self.key, "mx.example.org", True)
+        assert stat.S_IMODE(self.key.stat().st_mode) == 0o600
         first = self.cert.read_bytes()
-        self.assertFalse(ensure_certificate(self.cert, self.key, "mx.example.org", True))
-        self.assertEqual(self.cert.read_bytes(), first)
-        self.assertIsNotNone(server_context(self.cert, self.key).getContext())
+        assert not ensure_certificate(self.cert, self.key, "mx.example.org", True)
+        assert self.cert.read_bytes() == first
+        assert server_context(self.cert, self.key).getContext() is not None
 
     def test_no_generate(self):
         """With generate off, missing files are an error and nothing is made."""
-        with self.assertRaises(FileNotFoundError):
+        with pytest.raises(FileNotFoundError):
             ensure_certificate(self.cert, self.key, "mx.example.org", False)
-        self.assertFalse(self.cert.exists())
+        assert not self.cert.exists()
 
 
-class ContextTests(SynchronousTestCase):
-    def setUp(self):
-        folder = _tempdir(self)
+class ContextTests:
+    @pytest.fixture(autouse=True)
+    def _context(self, tmp_path):
+        folder = tmp_path
         self.cert, self.key = folder / "c.pem", folder / "k.pem"
         ensure_certificate(self.cert, self.key, "mx.example.org", True)
         self.context = server_context(self.cert, self.key).getContext()
@@ -107,19 +97,19 @@ class ContextTests(SynchronousTestCase):
     def test_old_versions_disabled(self):
         """The context sets the options that refuse TLS 1.0 and 1.1."""
         options = self.context.set_options(0)
-        self.assertTrue(options & SSL.OP_NO_TLSv1)
-        self.assertTrue(options & SSL.OP_NO_TLSv1_1)
+        assert options & SSL.OP_NO_TLSv1
+        assert options & SSL.OP_NO_TLSv1_1
 
     def test_handshake_tls12(self):
         """A TLS 1.2 client completes a handshake."""
         server, client = self.server(), self.client(SSL.TLS1_2_VERSION)
         _handshake(server, client)
-        self.assertEqual(server.get_protocol_version_name(), "TLSv1.2")
+        assert server.get_protocol_version_name() == "TLSv1.2"
 
     def test_handshake_tls11_refused(self):
         """A TLS 1.1 client is refused."""
         server, client = self.server(), self.client(SSL.TLS1_1_VERSION)
-        with self.assertRaises(SSL.Error):
+        with pytest.raises(SSL.Error):
             _handshake(server, client)
 
     def test_chain_is_served(self):
@@ -133,4 +123,4 @@ class ContextTests(SynchronousTestCase):
             cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
             for cert in client.get_peer_cert_chain(as_cryptography=True)
         ]
-        self.assertEqual(names, ["mx.example.org", "intermediate.example.org"])
+        assert names == ["mx.example.org", "intermediate.example.org"]

@@ -5,19 +5,10 @@ teardown, and a DNS server on a free port.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
 from .harness import DNSServer, NodeFactory, free_port
 from .world import RECORDS
-
-
-def pytest_pycollect_makeitem(collector, name, obj):
-    """Collect classes named C{FooTests} here too (pytest's default is C{Test*})."""
-    if inspect.isclass(obj) and name.endswith("Tests") and not name.startswith("_"):
-        return pytest.Class.from_parent(collector, name=name, obj=obj)
-    return None
 
 
 @pytest.fixture
