@@ -14,17 +14,27 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Iterator
 
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
-__all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
+__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED"]
 
 RECORD_VERSION = 1
-PENDING = "pending"
-RETRIEVED = "retrieved"
+
+
+class NotificationState(StrEnum):
+    """The values are what records say on disk, as they always have."""
+
+    PENDING = "pending"        # to retrieve at next_attempt
+    RETRIEVED = "retrieved"    # delivered; kept until keep_until to drop duplicates
+
+
+PENDING = NotificationState.PENDING
+RETRIEVED = NotificationState.RETRIEVED
 
 
 @dataclass
@@ -38,7 +48,7 @@ class Notification:
     notified_at: float
     attempts: int = 0
     next_attempt: float = 0.0
-    state: str = PENDING
+    state: NotificationState = PENDING
     keep_until: float = 0.0
     last_error: str = ""
     size: int | None = None
@@ -46,6 +56,9 @@ class Notification:
     # read at start-up): a retry must look in the mailboxes before storing.
     # Known in memory only: L{PendingStore.load} derives it from the state.
     delivering: bool = False
+
+    def __post_init__(self) -> None:
+        self.state = NotificationState(self.state)   # a record's string; ValueError if unknown
 
     @property
     def queue_id(self) -> str:
