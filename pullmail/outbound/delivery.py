@@ -39,9 +39,9 @@ from pullmail.outbound.lifecycle import (
     NotifyAgain,
     Release,
     Remove,
+    Renotified,
     RetrievalBroken,
     Retrieved,
-    Renotified,
     SplitOff,
     Unreachable,
     Update,
@@ -282,7 +282,8 @@ class Outbound:
         # SPEC 4 "no false bounce": after a broken transfer the receiver may
         # have stored the message, so it must be told again, and will fetch
         # it again (dropping the duplicate) to let us see 250.
-        self._step(entry, RetrievalBroken(peer) if result is None else Retrieved(result, peer, host))
+        outcome = RetrievalBroken(peer) if result is None else Retrieved(result, peer, host)
+        self._step(entry, outcome)
         self._arm()
 
     # -- carrying out the lifecycle's decisions ----------------------------------------

@@ -143,10 +143,11 @@ class Courier:
             pull = "GDEL" in keywords
             if not pull and (pull_only or not self.owner.config.push_fallback):
                 raise TransientPeer("peer does not offer GDEL and push_fallback is off")
+            outbox = self.owner.outbox
             pending = list(entries)
             while pending:
                 entry = pending.pop(0)
-                if not pull_only and (entry.claimed or self.owner.outbox.get(entry.id) is not entry):
+                if not pull_only and (entry.claimed or outbox.get(entry.id) is not entry):
                     # Retrieved while it waited: the RETR won; nothing to send.
                     self.dispatcher.done_with(entry.id)
                     continue
@@ -198,6 +199,7 @@ class Courier:
 
 
 def count_attempts(entries: list[OutboxEntry]) -> list[OutboxEntry]:
+    """Entries taken for a session: each is one more attempt (SPEC 5's retry count)."""
     for entry in entries:
         entry.attempts += 1
     return entries

@@ -31,5 +31,6 @@ class RateWindow:
 
     def forget_quiet(self, now: float) -> None:
         """Drop the keys with nothing in their window (memory stays bounded)."""
-        for key in [k for k, sent in self._recent.items() if not sent or sent[-1] <= now - self.window]:
+        horizon = now - self.window
+        for key in [k for k, sent in self._recent.items() if not sent or sent[-1] <= horizon]:
             del self._recent[key]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from enum import StrEnum
 from pathlib import Path
 from typing import Iterator
@@ -65,8 +66,9 @@ class Notification:
         """The queue id of the retrieved message: the same on every retry."""
         return "G" + self.key[:15].upper()
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """Hashed once: origin and id never change (the scheduler asks often)."""
         return notification_key(self.origin, self.gdel_id)
 
     def to_json(self) -> bytes:
