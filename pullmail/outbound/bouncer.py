@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery -*-
 """
 Sending the DSNs the outbox lifecycle decides on (L{lifecycle.Bounce}):
 read the original, build the report (L{bounce}), hand it to the router.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_lifecycle -*-
 """
 The life of an outbox entry as one pure function (SPEC 4, 5, 7):
 L{step}C{(entry, outcome, now, config)} returns the entry as it is to be,

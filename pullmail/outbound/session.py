@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery -*-
 """
 Outbound sessions (SPEC 7), for L{delivery.Outbound}: find the domain's
 mail hosts, connect to the first that answers, EHLO, STARTTLS when

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_retrieval -*-
 """
 One retrieval connection (SPEC 4), for the L{Retriever}: connect back to
 the notifying address (or to an MX of the same origin that passes the same

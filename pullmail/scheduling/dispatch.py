@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dispatch -*-
 """
 What runs next: one dispatcher for the outbound sessions and the
 retrieval connections alike.

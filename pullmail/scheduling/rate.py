@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_rate -*-
 """
 A sliding window of events per key: how many in the last C{window}
 seconds, and when the next may come once it is full.
