@@ -265,13 +265,8 @@ def _measure_scheduler(n: int, peers: int = 200) -> dict:
 
 
 def _stop_timer(obj) -> None:
-    """Cancel the owner's pending wake-up, whichever timer layout it has."""
-    queue = getattr(obj, "_due_queue", None)
-    if queue is not None:
-        queue.stop()
-    timer = getattr(obj, "_timer", None)
-    if timer is not None and timer.active():
-        timer.cancel()
+    """Cancel the service's pending wake-up (its next _arm sets it again)."""
+    obj.stop()
 
 
 def run(args, workdir, log) -> None:

@@ -17,6 +17,7 @@ from pullmail.storage.outbox import (
     NOTIFIED,
     QUEUED,
     RECORD_VERSION,
+    EntryState,
     MaildirOutbox,
     OutboxEntry,
 )
@@ -253,6 +254,37 @@ def test_entry_json_round_trip() -> None:
     entry = make_entry(id=ID1, state=NOTIFIED, notified_at=5.0, expires=9.0, body="8BITMIME",
                        last_error="451 try later", warned=True, smtputf8=True)
     assert OutboxEntry.from_json(entry.to_json()) == entry
+
+
+# A record as the version before the state Enum wrote it, by hand.
+OLD_RECORD = {
+    "attempts": 1, "body": None, "created": 1000.0, "domain": "receiver.example",
+    "expires": 173800.0, "id": ID1, "last_error": "", "next_attempt": 1000.0,
+    "notified_at": 1010.0, "origin": None, "queue_id": "QID1",
+    "recipients": ["bob@receiver.example"],
+    "renotify_at": None, "sender": "alice@sender.example", "size": 42, "smtputf8": False,
+    "state": "notified", "version": 1, "warned": False,
+}
+
+
+def test_records_of_the_previous_version_load() -> None:
+    """The state on disk is the same string as before; it loads as the Enum."""
+    entry = OutboxEntry.from_json(json.dumps(OLD_RECORD).encode())
+    assert entry.state is EntryState.NOTIFIED
+    assert entry.recipients == ["bob@receiver.example"]
+
+
+def test_states_are_written_as_before() -> None:
+    for state, text in [(QUEUED, "queued"), (NOTIFIED, "notified")]:
+        assert json.loads(make_entry(id=ID1, state=state).to_json())["state"] == text
+    loaded = OutboxEntry.from_json(json.dumps(OLD_RECORD).encode())
+    assert json.loads(loaded.to_json()) == OLD_RECORD
+
+
+def test_unknown_state_refused() -> None:
+    """A state this version does not know is not guessed at (the record stays on disk)."""
+    with pytest.raises(ValueError):
+        OutboxEntry.from_json(json.dumps({**OLD_RECORD, "state": "frozen"}).encode())
 
 
 def test_unknown_version_refused() -> None:

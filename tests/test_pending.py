@@ -11,9 +11,11 @@ import json
 import pytest
 
 from pullmail.storage.pending import (
+    PENDING,
     RECORD_VERSION,
     RETRIEVED,
     Notification,
+    NotificationState,
     PendingStore,
     notification_key,
 )
@@ -102,6 +104,33 @@ def test_versioned_json(store) -> None:
     record["version"] = RECORD_VERSION + 1
     with pytest.raises(ValueError):
         Notification.from_json(json.dumps(record).encode())
+
+
+# A record as the version before the state Enum wrote it, by hand.
+OLD_RECORD = {
+    "attempts": 2, "gdel_id": ID1, "helo": "mx.sender.example", "keep_until": 9000.0,
+    "last_error": "", "next_attempt": 100.0, "notified_at": 100.0, "origin": "sender.example",
+    "peer": "192.0.2.1", "recipients": ["bob@example.org"], "sender": "alice@sender.example",
+    "size": None, "state": "retrieved", "version": 1,
+}
+
+
+def test_records_of_the_previous_version_load(store) -> None:
+    """The state on disk is the same string as before; it loads as the Enum."""
+    (store.root / "old.json").write_text(json.dumps(OLD_RECORD))
+    loaded = _reloaded(store).get("sender.example", ID1)
+    assert loaded.state is NotificationState.RETRIEVED
+    assert json.loads(loaded.to_json()) == OLD_RECORD
+
+
+def test_states_are_written_as_before() -> None:
+    for state, text in [(PENDING, "pending"), (RETRIEVED, "retrieved")]:
+        assert json.loads(_notification(state=state).to_json())["state"] == text
+
+
+def test_unknown_state_skipped(store) -> None:
+    (store.root / "odd.json").write_text(json.dumps({**OLD_RECORD, "state": "frozen"}))
+    assert len(_reloaded(store)) == 0
 
 
 def test_load_removes_writes_cut_short(store) -> None:

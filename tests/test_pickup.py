@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail.config import DeliveryConfig
 from pullmail.outbound.delivery import Outbound
-from pullmail.pull.serve import IN_FLIGHT_WAIT, FailureTracker, PickupCounter
+from pullmail.pull.serve import IN_FLIGHT_WAIT, PickupCounter
 from pullmail.pull.verbs import Retrieve
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Session
@@ -25,6 +25,7 @@ from pullmail.testing import (
     make_entry,
     run_blocking,
 )
+from pullmail.trust.throttle import FailureTracker
 
 GDEL_ID = "Notified_entry_00001"
 MX_ADDRESS = "192.0.2.25"

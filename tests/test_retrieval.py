@@ -16,7 +16,7 @@ from pullmail.accounts.users import Accounts
 from pullmail.config import DeliveryConfig
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.retrieve import Retriever
-from pullmail.pull.serve import FailureTracker, PickupCounter
+from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Envelope, Session
@@ -34,6 +34,7 @@ from pullmail.testing import (
     make_entry,
     run_blocking,
 )
+from pullmail.trust.throttle import FailureTracker
 
 START = 2_000_000.0
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0

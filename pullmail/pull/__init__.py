@@ -2,7 +2,7 @@
 General Delivery (SPEC 1-5), both sides: the GDEL and RETR verbs on the
 server machine (L{verbs}), the SMTA answering a RETR from its outbox
 (L{serve}), and the RMTA taking notifications and retrieving the messages
-they announce (L{retrieve}).
+they announce (L{retrieve}, its connections in L{fetch}).
 
 May import: L{pullmail.smtp}, L{pullmail.storage}, L{pullmail.scheduling},
 L{pullmail.trust}, L{pullmail.net}.

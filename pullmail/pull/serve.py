@@ -12,6 +12,8 @@ slowly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -22,9 +24,11 @@ from pullmail.smtp import replies
 from pullmail.smtp.client import send_transaction
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Reverse
-from pullmail.trust.throttle import FailureTracker
 
-__all__ = ["FailureTracker", "PickupCounter"]
+if TYPE_CHECKING:
+    from pullmail.trust.throttle import FailureTracker
+
+__all__ = ["PickupCounter"]
 
 log = Logger(namespace="pullmail.pull.serve")
 

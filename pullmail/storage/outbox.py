@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -40,13 +41,25 @@ from pullmail.storage.durable import (
     write_new_file,
 )
 
-__all__ = ["OutboxEntry", "MaildirOutbox", "QUEUED", "NOTIFIED"]
+__all__ = ["EntryState", "OutboxEntry", "MaildirOutbox", "QUEUED", "NOTIFIED"]
 
 log = Logger(namespace="pullmail.storage.outbox")
 
 RECORD_VERSION = 1
-QUEUED = "queued"        # an attempt (push or notification) is due at next_attempt
-NOTIFIED = "notified"    # the peer accepted GDEL; waiting for RETR until expires
+
+
+class EntryState(StrEnum):
+    """
+    Where an entry is in its life (L{pullmail.outbound.lifecycle}).  The
+    values are what records say on disk, as they always have.
+    """
+
+    QUEUED = "queued"        # an attempt (push or notification) is due at next_attempt
+    NOTIFIED = "notified"    # the peer accepted GDEL; waiting for RETR until expires
+
+
+QUEUED = EntryState.QUEUED
+NOTIFIED = EntryState.NOTIFIED
 
 
 @dataclass
@@ -58,7 +71,7 @@ class OutboxEntry:
     recipients: list[str]
     created: float
     size: int
-    state: str = QUEUED
+    state: EntryState = QUEUED
     attempts: int = 0
     next_attempt: float = 0.0
     notified_at: float | None = None
@@ -70,6 +83,9 @@ class OutboxEntry:
     origin: str | None = None   # the outside address it was pushed from, if any
     renotify_at: float | None = None  # a notified entry to announce again
     claimed: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.state = EntryState(self.state)   # a record's string; ValueError if unknown
 
     def to_json(self) -> bytes:
         return record.dump(self, RECORD_VERSION, exclude=("claimed",))

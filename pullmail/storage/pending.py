@@ -14,17 +14,28 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
+from enum import StrEnum
 from pathlib import Path
 from typing import Iterator
 
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
-__all__ = ["Notification", "PendingStore", "PENDING", "RETRIEVED"]
+__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED"]
 
 RECORD_VERSION = 1
-PENDING = "pending"
-RETRIEVED = "retrieved"
+
+
+class NotificationState(StrEnum):
+    """The values are what records say on disk, as they always have."""
+
+    PENDING = "pending"        # to retrieve at next_attempt
+    RETRIEVED = "retrieved"    # delivered; kept until keep_until to drop duplicates
+
+
+PENDING = NotificationState.PENDING
+RETRIEVED = NotificationState.RETRIEVED
 
 
 @dataclass
@@ -38,7 +49,7 @@ class Notification:
     notified_at: float
     attempts: int = 0
     next_attempt: float = 0.0
-    state: str = PENDING
+    state: NotificationState = PENDING
     keep_until: float = 0.0
     last_error: str = ""
     size: int | None = None
@@ -47,13 +58,17 @@ class Notification:
     # Known in memory only: L{PendingStore.load} derives it from the state.
     delivering: bool = False
 
+    def __post_init__(self) -> None:
+        self.state = NotificationState(self.state)   # a record's string; ValueError if unknown
+
     @property
     def queue_id(self) -> str:
         """The queue id of the retrieved message: the same on every retry."""
         return "G" + self.key[:15].upper()
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """Hashed once: origin and id never change (the scheduler asks often)."""
         return notification_key(self.origin, self.gdel_id)
 
     def to_json(self) -> bytes:

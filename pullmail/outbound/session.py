@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.test_delivery -*-
+"""
+Outbound sessions (SPEC 7), for L{delivery.Outbound}: find the domain's
+mail hosts, connect to the first that answers, EHLO, STARTTLS when
+offered, then notify (GDEL) or push each entry of the batch, taking more
+of the domain's line while it lasts.  Each entry's outcome goes back to
+the Outbound as soon as its reply comes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, mail_hosts
+from pullmail.scheduling.dispatch import Dispatcher, Work
+from pullmail.smtp.client import (
+    TransactionResult,
+    open_session,
+    send_notification,
+    send_transaction,
+)
+from pullmail.storage.outbox import OutboxEntry
+
+if TYPE_CHECKING:
+    from pullmail.outbound.delivery import Outbound
+
+__all__ = ["Courier", "Permanent", "Transient", "TransientPeer"]
+
+log = Logger(namespace="pullmail.outbound.delivery")
+
+# The entries a session takes from its domain's line at a time.
+ENTRIES_PER_TAKE = 10
+
+
+class Transient(Exception):
+    """This attempt failed for a reason that may pass (4xx, no answer)."""
+
+
+class Permanent(Exception):
+    """The destination cannot be reached at all (no such domain, null MX)."""
+
+
+class TransientPeer(Transient):
+    """The peer can take neither a notification nor a push."""
+
+
+class Courier:
+    """Runs the Outbound's sessions, with the Outbound's settings."""
+
+    def __init__(self, owner: Outbound, dispatcher: Dispatcher[OutboxEntry]) -> None:
+        self.owner = owner
+        self.dispatcher = dispatcher
+        # A transaction on the wire now, and who waits for its outcome.
+        self._transmitting: dict[str, list[defer.Deferred]] = {}
+
+    # -- entries on the wire ---------------------------------------------------------
+
+    def on_the_wire(self, entry_id: str) -> bool:
+        return entry_id in self._transmitting
+
+    def transmitted(self, entry_id: str) -> defer.Deferred:
+        """Fires once the entry is no longer on the wire and its outcome is recorded."""
+        waiters = self._transmitting.get(entry_id)
+        if waiters is None:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        waiters.append(waiter)
+        return waiter
+
+    def _transmission_over(self, entry_id: str) -> None:
+        for waiter in self._transmitting.pop(entry_id, ()):
+            waiter.callback(None)
+
+    # -- the domain's line -------------------------------------------------------------
+
+    def take_more(self, work: Work[OutboxEntry]) -> list[OutboxEntry]:
+        """Up to ENTRIES_PER_TAKE more entries of the line, each counted as an attempt."""
+        return count_attempts(self.dispatcher.take(work, ENTRIES_PER_TAKE))
+
+    def _give_back(self, work: Work[OutboxEntry], entries: list[OutboxEntry]) -> None:
+        """Untried and uncounted, to the front of the line."""
+        for entry in entries:
+            entry.attempts -= 1
+        self.dispatcher.give_back(work, entries)
+
+    # -- one session --------------------------------------------------------------------
+
+    async def try_hosts(self, work: Work[OutboxEntry], pull_only: bool = False):
+        """
+        Open a session with the first mail host that answers, in preference
+        order, and run every entry's transaction over it.  Returns the host
+        and, per entry, (entry, mode, result or the exception that broke it).
+        """
+        entries = list(work.items)
+        domain = entries[0].domain
+        if self.owner.config.smarthost:
+            host, port = self.owner.config.smarthost
+            targets = [(host, port)]
+        else:
+            try:
+                hosts = await mail_hosts(self.owner.resolver, domain)
+            except DNSPermanentError as e:
+                raise Permanent(f"domain {domain} does not exist") from e
+            except DNSTemporaryError as e:
+                raise Transient(f"DNS: {e}") from e
+            if not hosts:
+                raise Permanent(f"domain {domain} accepts no mail (null MX)")
+            targets = [(host, self.owner.config.remote_port) for host in hosts]
+        errors = []
+        for host, port in targets:
+            try:
+                addresses = await self.owner.resolver.addresses(host)
+            except DNSTemporaryError as e:
+                errors.append(f"{host}: {e}")
+                continue
+            for address in addresses:
+                try:
+                    outcomes = await self._session(work, entries, host, address, port, pull_only)
+                except Exception as e:  # any failure of this host: try the next
+                    errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
+                    log.info("session for {domain} ({ids}) with {host} [{address}] failed: "
+                             "{error}", domain=domain, ids=" ".join(e.id for e in entries),
+                             host=host, address=address, error=str(e), event="attempt")
+                    continue
+                return host, outcomes
+        raise Transient("; ".join(errors) or "no address for any mail host")
+
+    async def _session(self, work: Work[OutboxEntry], entries: list[OutboxEntry], host: str,
+                       address: str, port: int, pull_only: bool = False) -> list:
+        connection = await self.owner.connect(address, port)
+        outcomes: list = []
+        try:
+            tls = self.owner.client_tls
+            keywords = await open_session(
+                connection, self.owner.hostname, tls.options_for(host) if tls else None,
+                require_tls=bool(tls and tls.required),
+            )
+            log.info("session with {host} [{address}]: {tls}", host=host, address=address,
+                     tls=("TLS, certificate verified" if tls and tls.required else "TLS")
+                     if "_TLS" in keywords else "no TLS (not offered)", event="tls-outcome")
+            pull = "GDEL" in keywords
+            if not pull and (pull_only or not self.owner.config.push_fallback):
+                raise TransientPeer("peer does not offer GDEL and push_fallback is off")
+            outbox = self.owner.outbox
+            pending = list(entries)
+            while pending:
+                entry = pending.pop(0)
+                if not pull_only and (entry.claimed or outbox.get(entry.id) is not entry):
+                    # Retrieved while it waited: the RETR won; nothing to send.
+                    self.dispatcher.done_with(entry.id)
+                    continue
+                if not pull_only:
+                    self._transmitting[entry.id] = []
+                try:
+                    result = await self._transaction(connection, keywords, entry, pull)
+                except Exception as e:
+                    # The connection broke: this entry and the rest try again later.
+                    self._transmission_over(entry.id)
+                    outcomes.extend((rest, None, e) for rest in [entry] + pending)
+                    break
+                mode = "pull" if pull else "push"
+                outcomes.append((entry, mode, result))
+                if pull_only:
+                    continue
+                # At once, not after the session: the receiver may send RETR
+                # for this id while we notify the next one.
+                try:
+                    self.owner.finish(entry, mode, host, result)
+                finally:
+                    self._transmission_over(entry.id)
+                if result.refused(permanent=False) or (
+                    result.final is not None and result.final.transient
+                ):
+                    # The peer is struggling: leave the rest to new sessions.
+                    self._give_back(work, pending)
+                    break
+                if not pending:
+                    pending = self.take_more(work)
+        finally:
+            connection.quit()
+        return outcomes
+
+    async def _transaction(self, connection, keywords: dict, entry: OutboxEntry,
+                           pull: bool) -> TransactionResult:
+        pipelining = "PIPELINING" in keywords
+        size = entry.size if "SIZE" in keywords else None
+        if pull:
+            return await send_notification(
+                connection, entry.sender, entry.recipients, entry.id, size=size,
+                pipelining=pipelining,
+            )
+        message = await self.owner.run_blocking(self.owner.outbox.read_message, entry.id)
+        return await send_transaction(
+            connection, entry.sender, entry.recipients, [message], size=size,
+            body=entry.body if "8BITMIME" in keywords else None, pipelining=pipelining,
+        )
+
+
+def count_attempts(entries: list[OutboxEntry]) -> list[OutboxEntry]:
+    """Entries taken for a session: each is one more attempt (SPEC 5's retry count)."""
+    for entry in entries:
+        entry.attempts += 1
+    return entries

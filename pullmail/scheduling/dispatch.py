@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.test_dispatch -*-
+"""
+What runs next: one dispatcher for the outbound sessions and the
+retrieval connections alike.
+
+Items (outbox entries, pending notifications) wait under their due time;
+when it comes, their owner lines them up under a key (a recipient domain,
+a notifying address).  The dispatcher hands the lines out as I{work} --
+one session or connection over a batch of one key's items -- at most
+C{per_key} at once per key and C{total} in all, and the owner only starts
+the work it is handed and says when it ends.  Running work may take more
+of its key's line, so a stream of items for one key shares a few
+connections (and their TLS handshakes) instead of opening one each.
+
+An item is I{busy} from the moment it is lined up until its owner is done
+with it (L{Dispatcher.done_with}) or its work ends: a due time that comes
+meanwhile is skipped, so no item is tried twice at once.
+
+No I/O here but the one timer of L{DueQueue}, on the clock passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Generic, Iterator, TypeVar
+
+from twisted.internet.interfaces import IReactorTime
+
+from pullmail.scheduling.timers import DueQueue
+
+__all__ = ["Dispatcher", "Work"]
+
+T = TypeVar("T")
+
+
+class Work(Generic[T]):
+    """
+    One session or connection, handed out by a L{Dispatcher}.
+
+    @ivar key: the line it serves, or C{None} for work outside any line.
+    @ivar items: the batch it was handed, in line order.
+    """
+
+    def __init__(self, key: str | None, items: list[T], held: set[str]) -> None:
+        self.key = key
+        self.items = items
+        self._held = held   # ids of items this work still answers for
+
+    def __repr__(self) -> str:
+        return f"<Work {self.key!r} {len(self.items)} items>"
+
+
+class Dispatcher(Generic[T]):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        wake: Callable[[], None],
+        start: Callable[[Work[T]], None],
+        ident: Callable[[T], str],
+        total: int,
+        per_key: int,
+        batch: int | None = None,
+        current: Callable[[T], bool] = lambda item: True,
+    ) -> None:
+        """
+        @param wake: called when a due time has come; the owner then reads
+            L{due} and lines items up.
+        @param start: starts one piece of work (and later calls L{finished}).
+        @param ident: an item's unique id.
+        @param total: work running at once, in all (counting L{run_now}'s).
+        @param per_key: work running at once for one key.
+        @param batch: items per piece of work handed out; C{None}: the
+            key's line shared evenly between its C{per_key} slots.
+        @param current: whether a lined-up item is still to be worked on
+            when its turn comes (it may have been deleted or taken
+            meanwhile); items that are not are dropped.
+        """
+        self._due_queue = DueQueue(clock, wake)
+        self._start = start
+        self._ident = ident
+        self._current = current
+        self.total = total
+        self.per_key = per_key
+        self.batch = batch
+        self._lines: dict[str, deque[T]] = {}     # due, waiting for work
+        self._busy: set[str] = set()
+        self._running = 0
+        self._running_for: dict[str, int] = {}
+        self._dispatching = self._dispatch_again = False
+
+    # -- due times ----------------------------------------------------------------
+
+    def schedule(self, due: float, item_id: str) -> None:
+        """Wake at C{due} for the item (after L{arm}).  Stale times are the owner's to skip."""
+        self._due_queue.add(due, item_id)
+
+    def arm(self) -> None:
+        self._due_queue.arm()
+
+    def stop(self) -> None:
+        self._due_queue.stop()
+
+    def due(self, now: float) -> Iterator[tuple[float, str]]:
+        """Pop every (due time, id) due by C{now} whose item is not busy."""
+        while self._due_queue.due_now(now):
+            due, item_id = self._due_queue.pop()
+            if item_id not in self._busy:
+                yield due, item_id
+
+    # -- lines and work ------------------------------------------------------------
+
+    def busy(self, item_id: str) -> bool:
+        return item_id in self._busy
+
+    def line_up(self, key: str, item: T) -> None:
+        """Queue a due item for work on C{key} (call L{dispatch} after)."""
+        self._busy.add(self._ident(item))
+        self._lines.setdefault(key, deque()).append(item)
+
+    def waiting(self, key: str) -> int:
+        """How many items wait in C{key}'s line."""
+        return len(self._lines.get(key, ()))
+
+    def running(self, key: str | None = None) -> int:
+        """Work running in all, or for C{key}."""
+        return self._running if key is None else self._running_for.get(key, 0)
+
+    def run_now(self, items: list[T]) -> Work[T]:
+        """
+        Work outside any line (a re-notification): never held back, but
+        counted against C{total} while it runs.  The caller starts it.
+        """
+        held = {self._ident(item) for item in items}
+        self._busy.update(held)
+        self._running += 1
+        return Work(None, list(items), held)
+
+    def dispatch(self) -> None:
+        """
+        Hand out work for the lines while the caps allow; costs O(keys), not
+        O(items).  Work that ends at once, while this runs, asks again: that
+        is done here, after this pass, not inside it.
+        """
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._dispatch_once()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_once(self) -> None:
+        for key in list(self._lines):
+            while self._lines.get(key) and self._running < self.total and (
+                self._running_for.get(key, 0) < self.per_key
+            ):
+                count = self.batch or -(-len(self._lines[key]) // self.per_key)
+                work: Work[T] = Work(key, [], set())
+                self.take(work, count)
+                if work.items:
+                    self._running += 1
+                    self._running_for[key] = self._running_for.get(key, 0) + 1
+                    self._start(work)
+            if not self._lines.get(key):
+                self._lines.pop(key, None)
+
+    def take(self, work: Work[T], count: int) -> list[T]:
+        """Up to C{count} current items from the front of C{work}'s line, now C{work}'s."""
+        line = self._lines.get(work.key)
+        batch: list[T] = []
+        while line and len(batch) < count:
+            item = line.popleft()
+            item_id = self._ident(item)
+            if self._current(item):
+                batch.append(item)
+                work._held.add(item_id)
+            else:
+                self._busy.discard(item_id)
+        work.items.extend(batch)
+        return batch
+
+    def give_back(self, work: Work[T], items: list[T]) -> None:
+        """Return untried items to the front of C{work}'s line, in order."""
+        line = self._lines.setdefault(work.key, deque())
+        for item in reversed(items):
+            work._held.discard(self._ident(item))
+            line.appendleft(item)
+
+    def done_with(self, item_id: str) -> None:
+        """The item's outcome is recorded: its due times count again."""
+        self._busy.discard(item_id)
+
+    def finished(self, work: Work[T]) -> None:
+        """C{work} ended: its slot is free, and so is every item it still held."""
+        self._running -= 1
+        if work.key is not None:
+            left = self._running_for.pop(work.key) - 1
+            if left:
+                self._running_for[work.key] = left
+        self._busy.difference_update(work._held)
+        work._held.clear()
+        self.dispatch()
+        self.arm()

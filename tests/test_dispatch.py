@@ -1,0 +1,232 @@
+"""
+Tests for L{pullmail.scheduling.dispatch.Dispatcher}: due times, lines per
+key, the per-key and total caps, work handed back, and the order work is
+handed out in.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from pullmail.scheduling.dispatch import Dispatcher, Work
+
+
+class Owner:
+    """Lines up whatever is due under the key before the colon of its id."""
+
+    def __init__(self, total: int = 3, per_key: int = 2, batch: int | None = 2) -> None:
+        self.clock = Clock()
+        self.started: list[Work[str]] = []
+        self.gone: set[str] = set()
+        self.dispatcher: Dispatcher[str] = Dispatcher(
+            self.clock, wake=self.wake, start=self.started.append, ident=lambda item: item,
+            total=total, per_key=per_key, batch=batch,
+            current=lambda item: item not in self.gone,
+        )
+        self.woken: list[tuple[float, str]] = []
+
+    def wake(self) -> None:
+        for due, item in self.dispatcher.due(self.clock.seconds()):
+            self.woken.append((due, item))
+            self.dispatcher.line_up(item.partition(":")[0], item)
+        self.dispatcher.dispatch()
+        self.dispatcher.arm()
+
+    def add(self, due: float, *items: str) -> None:
+        for item in items:
+            self.dispatcher.schedule(due, item)
+        self.dispatcher.arm()
+
+    def handed_out(self) -> list[tuple[str | None, list[str]]]:
+        return [(work.key, list(work.items)) for work in self.started]
+
+
+def test_nothing_before_its_due_time() -> None:
+    owner = Owner()
+    owner.add(10.0, "a:1")
+    owner.clock.advance(9.9)
+    assert owner.started == []
+    owner.clock.advance(0.1)
+    assert owner.handed_out() == [("a", ["a:1"])]
+
+
+def test_due_times_in_order_one_timer() -> None:
+    """Items come due in time order, whatever order they were added in."""
+    owner = Owner(total=10)
+    owner.add(30.0, "c:1")
+    owner.add(10.0, "a:1")
+    owner.add(20.0, "b:1")
+    assert len(owner.clock.getDelayedCalls()) == 1
+    owner.clock.advance(30.0)
+    assert [item for _, item in owner.woken] == ["a:1", "b:1", "c:1"]
+
+
+def test_an_earlier_due_time_rearms_the_timer() -> None:
+    owner = Owner()
+    owner.add(100.0, "a:1")
+    owner.add(5.0, "b:1")
+    owner.clock.advance(5.0)
+    assert owner.handed_out() == [("b", ["b:1"])]
+
+
+def test_cap_per_key() -> None:
+    """At most per_key pieces of work for one key; the rest of its line waits."""
+    owner = Owner(total=10, per_key=2, batch=1)
+    owner.add(1.0, "a:1", "a:2", "a:3", "b:1")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1"]), ("a", ["a:2"]), ("b", ["b:1"])]
+    assert owner.dispatcher.running("a") == 2
+    assert owner.dispatcher.waiting("a") == 1
+    owner.dispatcher.finished(owner.started[0])
+    assert owner.handed_out()[-1] == ("a", ["a:3"])
+
+
+def test_cap_in_all() -> None:
+    """At most total pieces of work at once, whatever their keys."""
+    owner = Owner(total=2, per_key=2, batch=1)
+    owner.add(1.0, "a:1", "b:1", "c:1")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1"]), ("b", ["b:1"])]
+    assert owner.dispatcher.running() == 2
+    owner.dispatcher.finished(owner.started[1])
+    assert owner.handed_out()[-1] == ("c", ["c:1"])
+    assert owner.dispatcher.running() == 2
+
+
+def test_work_outside_lines_counts_against_the_total() -> None:
+    owner = Owner(total=2, per_key=2, batch=1)
+    outside = owner.dispatcher.run_now(["x:1"])
+    assert outside.key is None and outside.items == ["x:1"]
+    owner.add(1.0, "a:1", "a:2")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1"])]
+    owner.dispatcher.finished(outside)
+    assert owner.handed_out() == [("a", ["a:1"]), ("a", ["a:2"])]
+
+
+def test_work_outside_lines_is_never_held_back() -> None:
+    owner = Owner(total=1, per_key=1, batch=1)
+    owner.add(1.0, "a:1")
+    owner.clock.advance(1.0)
+    extra = owner.dispatcher.run_now(["x:1"])
+    assert owner.dispatcher.running() == 2
+    owner.dispatcher.finished(extra)
+    assert owner.dispatcher.running() == 1
+
+
+def test_fixed_batches_in_line_order() -> None:
+    owner = Owner(total=10, per_key=10, batch=2)
+    owner.add(1.0, "a:1", "a:2", "a:3", "a:4", "a:5")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1", "a:2"]), ("a", ["a:3", "a:4"]), ("a", ["a:5"])]
+
+
+def test_shared_batches_spread_a_line_over_its_slots() -> None:
+    """
+    batch=None: each piece of work takes its share of what waits (7 over 2
+    slots: 4, then 2 of the 3 left); the rest is for work taking more.
+    """
+    owner = Owner(total=10, per_key=2, batch=None)
+    owner.add(1.0, *[f"a:{n}" for n in range(7)])
+    owner.clock.advance(1.0)
+    assert [len(items) for _, items in owner.handed_out()] == [4, 2]
+    assert owner.dispatcher.waiting("a") == 1
+
+
+def test_keys_in_the_order_their_lines_formed() -> None:
+    owner = Owner(total=10, per_key=1, batch=5)
+    owner.add(1.0, "b:1")
+    owner.add(2.0, "a:1")
+    owner.add(3.0, "b:2")
+    owner.clock.advance(3.0)
+    assert owner.handed_out() == [("b", ["b:1", "b:2"]), ("a", ["a:1"])]
+
+
+def test_running_work_takes_more_of_its_line() -> None:
+    owner = Owner(total=10, per_key=1, batch=1)
+    owner.add(1.0, "a:1", "a:2", "a:3")
+    owner.clock.advance(1.0)
+    work = owner.started[0]
+    assert owner.dispatcher.take(work, 5) == ["a:2", "a:3"]
+    assert work.items == ["a:1", "a:2", "a:3"]
+    assert owner.dispatcher.waiting("a") == 0
+    assert owner.dispatcher.take(work, 5) == []
+
+
+def test_items_no_longer_current_are_dropped() -> None:
+    owner = Owner(total=10, per_key=1, batch=1)
+    owner.add(1.0, "a:1", "a:2", "a:3")
+    owner.clock.advance(1.0)
+    owner.gone.add("a:2")
+    assert owner.dispatcher.take(owner.started[0], 5) == ["a:3"]
+    assert not owner.dispatcher.busy("a:2")
+
+
+def test_handed_back_items_go_first_to_the_next_work() -> None:
+    owner = Owner(total=10, per_key=1, batch=3)
+    owner.add(1.0, "a:1", "a:2", "a:3", "a:4")
+    owner.clock.advance(1.0)
+    work = owner.started[0]
+    owner.dispatcher.give_back(work, ["a:2", "a:3"])
+    owner.dispatcher.finished(work)
+    assert owner.handed_out()[-1] == ("a", ["a:2", "a:3", "a:4"])
+    assert owner.dispatcher.busy("a:2")      # on its way again
+    assert not owner.dispatcher.busy("a:1")  # its work is over
+
+
+def test_busy_items_skip_their_due_times() -> None:
+    """A due time that comes while the item is lined up or worked on is skipped."""
+    owner = Owner(total=1, per_key=1, batch=1)
+    owner.add(1.0, "a:1")
+    owner.clock.advance(1.0)
+    owner.add(2.0, "a:1")
+    owner.clock.advance(1.0)
+    assert owner.woken == [(1.0, "a:1")]
+    owner.dispatcher.done_with("a:1")
+    owner.add(3.0, "a:1")
+    owner.clock.advance(1.0)
+    assert owner.woken == [(1.0, "a:1"), (3.0, "a:1")]
+
+
+def test_finished_work_frees_what_it_held() -> None:
+    owner = Owner(total=1, per_key=1, batch=2)
+    owner.add(1.0, "a:1", "a:2")
+    owner.clock.advance(1.0)
+    work = owner.started[0]
+    owner.dispatcher.done_with("a:1")
+    assert owner.dispatcher.busy("a:2")
+    owner.dispatcher.finished(work)
+    assert not owner.dispatcher.busy("a:2")
+    assert owner.dispatcher.running() == 0 and owner.dispatcher.running("a") == 0
+
+
+def test_work_that_ends_at_once_does_not_recurse() -> None:
+    """
+    Work finishing inside start() gets the next work handed out after the
+    current pass, not inside it: a long line costs no stack.
+    """
+    clock = Clock()
+    depth, deepest = [0], [0]
+    dispatcher: Dispatcher[str] = Dispatcher(
+        clock, wake=lambda: None, start=lambda work: end(work), ident=lambda item: item,
+        total=1, per_key=1, batch=1,
+    )
+
+    def end(work) -> None:
+        depth[0] += 1
+        deepest[0] = max(deepest[0], depth[0])
+        dispatcher.finished(work)
+        depth[0] -= 1
+
+    for n in range(5000):
+        dispatcher.line_up("a", f"a:{n}")
+    dispatcher.dispatch()
+    assert deepest[0] == 1
+    assert dispatcher.waiting("a") == 0 and dispatcher.running() == 0
+
+
+def test_stop_cancels_the_timer() -> None:
+    owner = Owner()
+    owner.add(5.0, "a:1")
+    owner.dispatcher.stop()
+    assert owner.clock.getDelayedCalls() == []
