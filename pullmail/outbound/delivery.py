@@ -250,7 +250,9 @@ class Outbound:
         batch: list[OutboxEntry] = []
         while line and len(batch) < ENTRIES_PER_TAKE:
             entry = line.popleft()
-            if self.outbox.get(entry.id) is entry and entry.state == QUEUED and not entry.claimed:
+            if self.outbox.get(entry.id) is entry and entry.state == QUEUED and not (
+                entry.claimed or entry.held
+            ):
                 entry.attempts += 1
                 batch.append(entry)
             else:
@@ -493,7 +495,8 @@ class Outbound:
             return
         if mode == "push" and accepted:
             log.info("delivered {queue_id} to {recipients} at {host}", queue_id=entry.queue_id,
-                     recipients=accepted, host=host, event="delivered")
+                     recipients=accepted, host=host, event="delivered",
+                     seconds=self.clock.seconds() - entry.created)
         entry.recipients = transient
         if not transient:
             self.outbox.remove(entry.id, after=bounced)
@@ -552,7 +555,8 @@ class Outbound:
         bounced = self._bounce_refused(entry, permanent, result, host)
         log.info("retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, refused {refused}",
                  id=entry.id, queue_id=entry.queue_id, peer=peer, accepted=accepted,
-                 refused=permanent, event="retrieved")
+                 refused=permanent, event="retrieved",
+                 seconds=self.clock.seconds() - entry.created)
         remaining = result.refused(permanent=False) + [
             r for r in entry.recipients if r not in result.recipients
         ]

@@ -275,7 +275,7 @@ class Retriever:
             notification = held.popleft()
             self._held_keys.discard(notification.key)
             if self.store.by_key(notification.key) is notification and (
-                notification.state == PENDING
+                notification.state == PENDING and not notification.held
             ):
                 batch.append(notification)
         return batch
