@@ -192,7 +192,7 @@ def test_sendmail_unknown_local_user_bounces(make_node):
 def _queued(node, token: str) -> dict:
     assert submit(node, ALICE, PASSWORD, [f"bob@{token}.test"],
                   message(token, f"bob@{token}.test")) == {}
-    node.wait_log(rf"deferred \S+ \(\S+\) until", 10)
+    node.wait_log(r"deferred \S+ \(\S+\) until", 10)
     return wait_until(lambda: [m for m in messages_of(node, "push")
                                if m["domain"] == f"{token}.test"], 10)[0]
 
