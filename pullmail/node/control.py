@@ -120,43 +120,37 @@ def set_held(outbound, retriever, target: str, held: bool) -> bool:
     Hold or release an outbox entry or the notifications of an id.  A
     released one joins its line again (held ones were skipped there).
     """
-    found = False
+    found = []
     entry = outbound.outbox.get(target)
     if entry is not None and not entry.claimed:
-        entry.held = held
-        outbound.outbox.update(entry)
+        found.append((entry, outbound.outbox.update, outbound))
+    found += [(n, retriever.store.save, retriever) for n in retriever.store
+              if n.gdel_id == target and n.state == PENDING]
+    for record, persist, owner in found:
+        record.held = held
+        persist(record)
         if not held:
-            outbound._push(entry)
-            outbound._arm()
-        found = True
-    for notification in retriever.store:
-        if notification.gdel_id == target and notification.state == PENDING:
-            notification.held = held
-            retriever.store.save(notification)
-            if not held:
-                retriever._push(notification)
-                retriever._arm()
-            found = True
-    return found
+            owner._push(record)
+            owner._arm()
+    return bool(found)
 
 
 def offline_set_held(state_dir: Path, target: str, held: bool) -> bool:
     """L{set_held} on the files, with no node running."""
-    found = False
-    for folder in ("entries", "claimed"):
-        path = state_dir / "outbox" / folder / f"{target}.json"
-        if is_gdel_id(target) and path.exists():
-            entry = OutboxEntry.from_json(path.read_bytes())
-            entry.held = held
-            write_atomically(path, entry.to_json())
-            found = True
-    for path in (state_dir / "pending").glob("*.json"):
-        notification = Notification.from_json(path.read_bytes())
-        if notification.gdel_id == target and notification.state == PENDING:
-            notification.held = held
-            write_atomically(path, notification.to_json())
-            found = True
-    return found
+    found = []
+    if is_gdel_id(target):
+        found += [(path, OutboxEntry) for folder in ("entries", "claimed")
+                  if (path := state_dir / "outbox" / folder / f"{target}.json").exists()]
+    found += [(path, Notification) for path in (state_dir / "pending").glob("*.json")]
+    changed = False
+    for path, kind in found:
+        record = kind.from_json(path.read_bytes())
+        if kind is Notification and (record.gdel_id != target or record.state != PENDING):
+            continue
+        record.held = held
+        write_atomically(path, record.to_json())
+        changed = True
+    return changed
 
 
 def offline_listing(state_dir: Path, now: float) -> list[dict]:

@@ -24,9 +24,9 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.python import logfile
+from zope.interface import implementer
 
 from pullmail.node.lock import record_pid
-from zope.interface import implementer
 
 __all__ = ["NodeService", "log_observer", "format_text", "format_json"]
 

@@ -16,6 +16,7 @@ mutable state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -26,6 +27,8 @@ from zope.interface import implementer
 __all__ = ["EVENT_METRICS", "Metrics", "MetricsObserver", "QueueCollector", "metrics_site"]
 
 SERVICES = frozenset({"smtp", "submission", "submissions", "retrieval", "sendmail"})
+SPF_RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})
+RDTYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR"})
 # Seconds from arrival to delivery: a minute's push to days of waiting for RETR.
 DELIVERY_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
 
@@ -70,7 +73,7 @@ def _fixed(**labels: str) -> Callable[[Mapping], dict[str, str]]:
 # RMTA that fetched it).
 SMTA = "pullmail.outbound.delivery"
 RMTA = "pullmail.pull.retrieve"
-EVENT_METRICS: Mapping[tuple[str, str], tuple[Rule, ...]] = {
+EVENT_METRICS: Mapping[tuple[str, str], tuple[Rule, ...]] = MappingProxyType({
     (SMTA, "accepted"): (
         Rule("messages_accepted", lambda e: {"service": _one_of(e.get("service"), SERVICES)}),
     ),
@@ -107,9 +110,7 @@ EVENT_METRICS: Mapping[tuple[str, str], tuple[Rule, ...]] = {
     ("pullmail.net.dns", "dns-temperror"): (
         Rule("dns_temperrors", lambda e: {"rdtype": _one_of(e.get("rdtype"), RDTYPES)}),
     ),
-}
-SPF_RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})
-RDTYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR"})
+})
 # Observed into pullmail_delivery_seconds from the event's ``seconds`` field.
 TIMED_EVENTS = frozenset({(SMTA, "delivered"), (SMTA, "retrieved")})
 

@@ -54,8 +54,9 @@ def print_rows(rows: list[dict], out: TextIO) -> None:
         for row in chosen:
             who = row.get("sender") or row.get("origin") or "<>"
             recipients = ",".join(row.get("recipients") or ["(at retrieval)"])
+            state = "held" if row.get("held") else row["state"]
             line = (
-                f"  {row['id']}  age {_age(row['age'])}  {'held' if row.get('held') else row['state']}"
+                f"  {row['id']}  age {_age(row['age'])}  {state}"
                 f"  attempts {row['attempts']}  next in {_age(row['next'])}"
                 f"  from <{who}> to {recipients}"
             )

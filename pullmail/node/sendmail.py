@@ -140,7 +140,7 @@ def header_recipients(message: bytes) -> tuple[list[str], bytes]:
         match = _FIELD.match(lines[0])
         name = match.group(1).lower() if match else b""
         if name in (b"to", b"cc", b"bcc"):
-            value = b" ".join([match.group(2)] + [l.strip() for l in lines[1:]])
+            value = b" ".join([match.group(2)] + [more.strip() for more in lines[1:]])
             text = value.decode("utf-8", "replace")
             found.extend(address for _, address in email.utils.getaddresses([text]) if address)
         if name != b"bcc":
