@@ -138,7 +138,7 @@ def test_sendmail_while_the_node_is_down(make_node):
     assert b"not part of it" not in raw          # a lone "." ended it (no -i)
     assert re.search(rb"From: \"Cron Daemon\" <root@mx\.example\.org>", raw), raw
     assert b"Message-ID: <" in raw and b"\r\nDate: " in raw
-    assert not list((node.state_dir / "maildrop" / "new").iterdir())
+    wait_until(lambda: not list((node.state_dir / "maildrop" / "new").iterdir()), 5)
 
 
 def test_sendmail_to_a_running_node(make_node):
@@ -325,3 +325,34 @@ def test_json_log(make_node):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
     assert record["level"] == "info" and record["namespace"].startswith("pullmail")
     assert "accepted" in record["message"]
+
+
+def test_metrics_of_general_delivery(make_node, dns_server):
+    """A GDEL and its RETR, counted on both sides."""
+    a_ip, b_ip = "127.0.9.21", "127.0.9.22"
+    records = {}
+    for domain, address in (("a.test", a_ip), ("b.test", b_ip)):
+        records[domain] = {"MX": [[10, f"mx.{domain}"]], "TXT": [f"v=spf1 ip4:{address} -all"]}
+        records[f"mx.{domain}"] = {"A": [address]}
+    dns_server.update(records)
+    nodes = {}
+    for name, domain, address, user in (("a", "a.test", a_ip, "alice@a.test"),
+                                        ("b", "b.test", b_ip, "bob@b.test")):
+        nodes[name] = make_node.for_domain(
+            name, address, domain, users=[user], password=PASSWORD, dns=dns_server,
+            settings={"metrics": {"listen": f"tcp:{METRICS_PORT}:interface={address}"}})
+    assert submit(nodes["a"], "alice@a.test", PASSWORD, ["bob@b.test"],
+                  message("pulled", "bob@b.test")) == {}
+    nodes["b"].wait_delivered("bob@b.test", 1, timeout=20)
+
+    def scraped():
+        return samples(scrape(a_ip)[0]), samples(scrape(b_ip)[0])
+
+    retrieved = ("pullmail_deliveries_total", (("result", "retrieved"),))
+    wait_until(lambda: scraped()[0].get(retrieved), 10, message=lambda: nodes["a"].diagnostics())
+    a, b = scraped()
+    assert a[("pullmail_delivery_seconds_count", ())] == 1
+    assert b[("pullmail_gdel_total", (("verdict", "accepted"),))] == 1
+    assert b[("pullmail_retrievals_total", (("result", "retrieved"),))] == 1
+    assert b[("pullmail_messages_accepted_total", (("service", "retrieval"),))] == 1
+    assert b[("pullmail_spf_total", (("result", "pass"),))] >= 1
