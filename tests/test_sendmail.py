@@ -161,3 +161,31 @@ def test_node_sets_aside_what_it_cannot_take(tmp_path):
     result_of(_maildrop(tmp_path, router).drain())
     assert router.accepted == []
     assert len(list((tmp_path / "maildrop" / "bad").iterdir())) == 2
+
+
+def test_stale_temporary_files_removed_at_start(tmp_path):
+    from twisted.internet.task import Clock
+
+    maildrop = _maildrop(tmp_path, _Router(replies.S451_LOCAL_ERROR))
+    maildrop.clock = Clock()
+    maildrop.clock.advance(10 * 86400)
+    (tmp_path / "maildrop" / "tmp").mkdir(parents=True)
+    old, fresh = tmp_path / "maildrop" / "tmp" / "old", tmp_path / "maildrop" / "tmp" / "fresh"
+    old.write_bytes(b"half")
+    os.utime(old, (86400, 86400))
+    fresh.write_bytes(b"half")
+    os.utime(fresh, (9.5 * 86400, 9.5 * 86400))
+    maildrop.start()
+    maildrop.stop()
+    assert sorted(p.name for p in (tmp_path / "maildrop" / "tmp").iterdir()) == ["fresh"]
+
+
+def test_closed_standard_input(monkeypatch, tmp_path):
+    config = tmp_path / "pullmail.toml"
+    config.write_text('[node]\nhostname = "mx.example.org"\n')
+    monkeypatch.setattr("sys.stdin", None)
+    err = io.StringIO()
+    assert sendmail.main(["--config", str(config), "a@example.org"], err=err) == \
+        sendmail.EX_NOINPUT
+    assert "standard input is closed" in err.getvalue()
+    assert not (tmp_path / "var" / "maildrop").exists()

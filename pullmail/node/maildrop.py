@@ -43,6 +43,7 @@ log = Logger(namespace="pullmail.node.maildrop")
 MAILDROP = "maildrop"
 DROP_VERSION = 1
 SCAN_INTERVAL = 30.0
+STALE_AFTER = 86400.0     # a file left in tmp/ by a command killed mid-write
 _SHARED_MODE = 0o1733     # like Postfix's world-writable maildrop, sticky
 _FROM = re.compile(rb"^from[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
@@ -157,6 +158,7 @@ class Maildrop:
 
     def start(self) -> None:
         make_folders(self.root)
+        remove_stale(self.root / "tmp", self.clock.seconds() - STALE_AFTER)
         self._loop.start(SCAN_INTERVAL, now=True)
 
     def stop(self) -> None:
@@ -244,6 +246,14 @@ class Maildrop:
         log.error("dropped message {name} set aside in maildrop/bad: {reason}", name=name,
                   reason=reason, event="maildrop-bad")
         await self.run_blocking(os.replace, self.root / "new" / name, self.root / "bad" / name)
+
+
+def remove_stale(folder: Path, before: float) -> None:
+    """Blocking (start-up): files in C{folder} last changed before C{before}."""
+    with os.scandir(folder) as listing:
+        stale = [item.path for item in listing
+                 if item.is_file(follow_symlinks=False) and item.stat().st_mtime < before]
+    remove_files(*stale)
 
 
 def _remove_durably(path: Path) -> None:
