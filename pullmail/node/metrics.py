@@ -24,6 +24,9 @@ from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
+from pullmail.storage.outbox import NOTIFIED
+from pullmail.storage.pending import PENDING
+
 __all__ = ["EVENT_METRICS", "Metrics", "MetricsObserver", "QueueCollector", "metrics_site"]
 
 SERVICES = frozenset({"smtp", "submission", "submissions", "retrieval", "sendmail"})
@@ -183,10 +186,10 @@ class QueueCollector:
     def collect(self):
         counts = {"outbox": 0, "push": 0, "pending": 0, "held": 0, "maildrop": 0}
         for entry in self.outbox.entries():
-            counts["outbox" if entry.state == "notified" else "push"] += 1
+            counts["outbox" if entry.state == NOTIFIED else "push"] += 1
             counts["held"] += bool(getattr(entry, "held", False))
         for notification in self.pending:
-            if notification.state == "pending":
+            if notification.state == PENDING:
                 counts["pending"] += 1
                 counts["held"] += bool(getattr(notification, "held", False))
         if self.maildrop is not None:
