@@ -189,3 +189,16 @@ def test_closed_standard_input(monkeypatch, tmp_path):
         sendmail.EX_NOINPUT
     assert "standard input is closed" in err.getvalue()
     assert not (tmp_path / "var" / "maildrop").exists()
+
+
+def test_untrusted_user_may_not_choose_the_sender(tmp_path):
+    config = tmp_path / "pullmail.toml"
+    config.write_text('[node]\nhostname = "mx.example.org"\n[sendmail]\ntrusted_users = ["ops"]\n')
+    args = parse_arguments(["--config", str(config), "-f", "boss@example.org", "a@example.org"])
+    with pytest.raises(SendmailError, match="-f is not allowed for alice") as caught:
+        sendmail.send(args, io.BytesIO(b"x\n"), "alice", 1000)
+    assert caught.value.status == sendmail.EX_NOPERM
+    assert not (tmp_path / "var" / "maildrop").exists()
+    sendmail.send(args, io.BytesIO(b"x\n"), "ops", 1001)
+    [name] = (tmp_path / "var" / "maildrop" / "new").iterdir()
+    assert Drop.decode(name.read_bytes()).sender == "boss@example.org"
