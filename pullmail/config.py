@@ -4,12 +4,14 @@ The node's configuration: one TOML file parsed into frozen dataclasses.
 ``parse(mapping, base)`` is pure and does all validation; ``load(path)`` only
 reads the file.  Every error names the offending key, so that ``pullmail
 checkconfig`` can print one clear line.  Nothing here reads the wall clock,
-the hostname or the environment: the embedded default is a literal.
+the hostname or the environment: the embedded default is a literal (only
+``load_config`` looks at ``$PULLMAIL_CONFIG`` and /etc/pullmail, to find the file).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -158,6 +160,7 @@ class NodeConfig:
     domains: tuple[str, ...] = _list(["example.org"], _domain)
     state_dir: Path = _opt(Path("var"), str, _path)
     log_commands: bool = _opt(False, bool)
+    log_format: str = _opt("text", str, lambda v: _one_of({"text", "json"})(v))
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,20 @@ class LimitsConfig:
     retrievals_per_minute: int = _opt(600, int)
 
 
+def _optional_endpoint(text: str) -> str:
+    return _endpoint(text) if text else ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = _opt("", str, _optional_endpoint)
+
+
+@dataclass(frozen=True)
+class SendmailConfig:
+    trusted_users: tuple[str, ...] = _list(["root"], str)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, validated configuration; paths are absolute."""
@@ -281,6 +298,8 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     base: Path = Path(".")
 
     @property
@@ -442,11 +461,30 @@ def override(config: Config, option: str, value: str) -> Config:
     return result
 
 
-def load_config(path: str | None, overrides=()) -> Config:
+SYSTEM_CONFIG = Path("/etc/pullmail/pullmail.toml")
+
+
+def config_path(path: str | None, environ: Mapping[str, str],
+                system: Path = SYSTEM_CONFIG) -> str | None:
     """
-    The file at C{path} (the embedded default when None), then each
-    C{--set section.key=value} override: what every command and twistd run.
+    Which file to read (SPEC 11.4): C{--config}, else C{$PULLMAIL_CONFIG},
+    else C{/etc/pullmail/pullmail.toml} when it exists; None means the
+    embedded default.
     """
+    if path:
+        return path
+    if environ.get("PULLMAIL_CONFIG"):
+        return environ["PULLMAIL_CONFIG"]
+    return str(system) if system.is_file() else None
+
+
+def load_config(path: str | None, overrides=(), environ: Mapping[str, str] | None = None,
+                system: Path = SYSTEM_CONFIG) -> Config:
+    """
+    The file L{config_path} chooses, then each C{--set section.key=value}
+    override: what every command and twistd run.
+    """
+    path = config_path(path, os.environ if environ is None else environ, system)
     config = load(path) if path else embedded_default(Path.cwd())
     for option, value in overrides:
         config = override(config, option, value)

@@ -135,6 +135,7 @@ class Router:
         C{queue_id} (retrieved mail) names the stored files, so that
         L{delivered_of} can find them again.
         """
+        service = "retrieval" if queue_id else session.service
         queue_id = queue_id or new_queue_id()
         header = received_header(
             session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
@@ -165,6 +166,6 @@ class Router:
             "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
             queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=local, queued=remote,
-            event="accepted",
+            service=service, event="accepted",
         )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

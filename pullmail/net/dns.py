@@ -21,12 +21,14 @@ import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "NotCached", "cached_answer",
            "mail_hosts"]
 
 
 DNS_CACHE_ENTRIES = 50_000
+log = Logger(namespace="pullmail.net.dns")
 
 
 class DNSTemporaryError(Exception):
@@ -115,7 +117,8 @@ class Resolver:
         except DNSPermanentError as e:
             return fail(e)
         except NotCached:
-            return deferToThreadPool(self._reactor, self._pool, self._query, name, rdtype)
+            d = deferToThreadPool(self._reactor, self._pool, self._query, name, rdtype)
+            return d.addErrback(_log_temporary, rdtype)
 
     @inlineCallbacks
     def mx(self, domain: str):
@@ -160,6 +163,14 @@ class Resolver:
         d.addCallback(lambda records: [b"".join(r.strings).decode("utf-8", "replace")
                                        for r in records])
         return d
+
+
+def _log_temporary(failure, rdtype: str):
+    """One event per lookup that failed for now (the metrics count them)."""
+    if failure.check(DNSTemporaryError):
+        log.info("DNS lookup failed: {error}", error=str(failure.value), rdtype=rdtype,
+                 event="dns-temperror")
+    return failure
 
 
 @inlineCallbacks

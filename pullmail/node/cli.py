@@ -3,7 +3,9 @@ The ``pullmail`` operator command.
 
     pullmail checkconfig [--config FILE]
     pullmail adduser [--config FILE] ADDRESS     (password from stdin when piped)
-    pullmail queue [--config FILE] [--flush | --delete ID | --json]
+    pullmail queue [--config FILE] [--json] [hold ID | release ID | delete ID | flush | shape]
+    pullmail sendmail [--config FILE] [-t] [-i] [-f SENDER] [-F NAME] [RECIPIENT...]
+    pullmail doctor [--config FILE]
     pullmail spf-record [--config FILE]
 """
 
@@ -15,13 +17,13 @@ import ipaddress
 import json
 import socket
 import sys
-import time
 from typing import Sequence, TextIO
 
 from pullmail import config as configuration
 from pullmail.accounts.users import AccountsError, add_user, read_aliases, read_users
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
-from pullmail.node.control import SOCKET_NAME, offline_delete, offline_listing
+from pullmail.node import doctor, queuetools, sendmail
+from pullmail.node.control import SOCKET_NAME
 from pullmail.node.plugin import enabled_plugins
 
 __all__ = ["main"]
@@ -89,69 +91,9 @@ def _control(config: configuration.Config, request: dict) -> dict | None:
         return json.loads(stream.readline())
 
 
-def _age(seconds: float) -> str:
-    """3725 -> '1h2m': the two largest units, like Postfix's mailq."""
-    seconds = int(max(0, seconds))
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts[:2])
-
-
-_TITLES = {
-    "outbox": "Outbox (notified, waiting for retrieval; next = expiry)",
-    "push": "Push queue (waiting for an attempt)",
-    "pending": "Pending notifications (to retrieve)",
-}
-
-
-def print_rows(rows: list[dict], out: TextIO) -> None:
-    for kind, title in _TITLES.items():
-        chosen = [r for r in rows if r["kind"] == kind]
-        print(f"{title}: {len(chosen)}", file=out)
-        for row in chosen:
-            who = row.get("sender") or row.get("origin") or "<>"
-            recipients = ",".join(row.get("recipients") or ["(at retrieval)"])
-            line = (
-                f"  {row['id']}  age {_age(row['age'])}  {row['state']}"
-                f"  attempts {row['attempts']}  next in {_age(row['next'])}"
-                f"  from <{who}> to {recipients}"
-            )
-            if row.get("last_error"):
-                line += f"  ({row['last_error'][:80]})"
-            print(line, file=out)
-
-
 def queue(args, out: TextIO) -> int:
     config = _load(args)
-    if args.delete:
-        answer = _control(config, {"command": "delete", "id": args.delete})
-        deleted = answer["ok"] if answer is not None else offline_delete(
-            config.state_dir, args.delete
-        )
-        if not deleted:
-            print(f"pullmail queue: no entry {args.delete}", file=sys.stderr)
-            return 1
-        print(f"deleted {args.delete}", file=out)
-        return 0
-    if args.flush:
-        if _control(config, {"command": "flush"}) is None:
-            print("pullmail queue: no node running; everything due is tried at start",
-                  file=sys.stderr)
-            return 1
-        print("flushed: every queued entry and pending notification is due now", file=out)
-        return 0
-    answer = _control(config, {"command": "list"})
-    rows = answer["rows"] if answer is not None else offline_listing(
-        config.state_dir, time.time()
-    )
-    if args.json:
-        print(json.dumps(rows, indent=1), file=out)
-    else:
-        print_rows(rows, out)
-    return 0
+    return queuetools.run(config, args, out, lambda request: _control(config, request))
 
 
 def outbound_addresses(config: configuration.Config) -> list[str]:
@@ -208,14 +150,29 @@ def parser() -> argparse.ArgumentParser:
     command("checkconfig", checkconfig, "validate the configuration")
     command("adduser", adduser, "add a user or change a password").add_argument("address")
     command("spf-record", spf_record, "print the SPF record the local domains should publish")
-    queue_command = command("queue", queue, "list, flush or delete queued mail and notifications")
+    queue_command = command("queue", queue, "list, hold, release, delete or flush queued "
+                            "mail and notifications; shape: counts per domain and age")
+    queue_command.add_argument("action", nargs="?", default="list",
+                               choices=["list", "hold", "release", "delete", "flush", "shape"])
+    queue_command.add_argument("target", nargs="?", metavar="ID",
+                               help="the entry for hold, release or delete")
     queue_command.add_argument("--flush", action="store_true", help="try everything now")
     queue_command.add_argument("--delete", metavar="ID", help="drop one entry, no bounce")
-    queue_command.add_argument("--json", action="store_true", help="machine-readable list")
+    queue_command.add_argument("--json", action="store_true",
+                               help="one JSON document (schema in pullmail.node.queuetools)")
+    queue_command.add_argument("--queue", choices=["outbox", "push", "pending"],
+                               help="shape: only this queue (default: outbox and push)")
+    doctor_command = command("doctor", doctor.doctor,
+                             "check the DNS records of the local domains")
+    doctor_command.add_argument("--address", action="append", metavar="IP",
+                                help="this node's public address (default: from the config)")
     return top
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sendmail"]:       # Postfix's command line, not argparse's
+        return sendmail.main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.function(args, out)

@@ -16,10 +16,13 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from pullmail.ids import is_gdel_id
+from pullmail.storage.durable import write_atomically
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
-from pullmail.storage.pending import Notification
+from pullmail.storage.pending import PENDING, Notification
 
-__all__ = ["ControlFactory", "listing", "offline_listing", "offline_delete", "SOCKET_NAME"]
+__all__ = ["ControlFactory", "listing", "offline_listing", "offline_delete", "offline_set_held",
+           "set_held", "SOCKET_NAME"]
 
 log = Logger(namespace="pullmail.node.control")
 SOCKET_NAME = "control.sock"
@@ -30,6 +33,7 @@ def _entry_row(entry: OutboxEntry, now: float) -> dict:
         "kind": "outbox" if entry.state == NOTIFIED else "push",
         "id": entry.id, "queue_id": entry.queue_id, "sender": entry.sender,
         "recipients": list(entry.recipients), "age": now - entry.created,
+        "domain": entry.domain, "held": entry.held,
         "state": "claimed" if entry.claimed else entry.state, "attempts": entry.attempts,
         "next": (entry.expires if entry.state == NOTIFIED else entry.next_attempt) - now,
         "last_error": entry.last_error,
@@ -41,11 +45,17 @@ def _notification_row(notification: Notification, now: float) -> dict:
         "kind": "pending", "id": notification.gdel_id, "origin": notification.origin,
         "peer": notification.peer, "sender": notification.sender,
         "recipients": notification.recipients, "age": now - notification.notified_at,
+        "domain": _domain_of(notification.recipients), "held": notification.held,
         "state": notification.state, "attempts": notification.attempts,
         "next": (notification.next_attempt if notification.state == "pending"
                  else notification.keep_until) - now,
         "last_error": notification.last_error,
     }
+
+
+def _domain_of(recipients: list[str] | None) -> str | None:
+    """The destination domain of a notification: its recipients' (None: bare GDEL)."""
+    return recipients[0].rpartition("@")[2].lower() if recipients else None
 
 
 def listing(outbox_entries, notifications, now: float) -> list[dict]:
@@ -70,10 +80,11 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     protocol = ControlProtocol
 
-    def __init__(self, outbound, retriever, clock) -> None:
+    def __init__(self, outbound, retriever, clock, maildrop=None) -> None:
         self.outbound = outbound
         self.retriever = retriever
         self.clock = clock
+        self.maildrop = maildrop
 
     def handle(self, request: dict) -> dict:
         command = request.get("command")
@@ -92,7 +103,54 @@ class ControlFactory(Factory):
             log.info("operator deleted {id}: {deleted}", id=target, deleted=deleted,
                      event="delete")
             return {"ok": deleted, "error": "" if deleted else f"no entry {target}"}
+        if command in ("hold", "release"):
+            target = str(request.get("id", ""))
+            changed = set_held(self.outbound, self.retriever, target, command == "hold")
+            log.info("operator {command} {id}: {changed}", command=command, id=target,
+                     changed=changed, event=command)
+            return {"ok": changed, "error": "" if changed else f"no entry {target}"}
+        if command == "maildrop" and self.maildrop is not None:
+            self.maildrop.drain()
+            return {"ok": True}
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+def set_held(outbound, retriever, target: str, held: bool) -> bool:
+    """
+    Hold or release an outbox entry or the notifications of an id.  A
+    released one joins its line again (held ones were skipped there).
+    """
+    found = []
+    entry = outbound.outbox.get(target)
+    if entry is not None and not entry.claimed:
+        found.append((entry, outbound.outbox.update, outbound))
+    found += [(n, retriever.store.save, retriever) for n in retriever.store
+              if n.gdel_id == target and n.state == PENDING]
+    for record, persist, owner in found:
+        record.held = held
+        persist(record)
+        if not held:
+            owner._push(record)
+            owner._arm()
+    return bool(found)
+
+
+def offline_set_held(state_dir: Path, target: str, held: bool) -> bool:
+    """L{set_held} on the files, with no node running."""
+    found = []
+    if is_gdel_id(target):
+        found += [(path, OutboxEntry) for folder in ("entries", "claimed")
+                  if (path := state_dir / "outbox" / folder / f"{target}.json").exists()]
+    found += [(path, Notification) for path in (state_dir / "pending").glob("*.json")]
+    changed = False
+    for path, kind in found:
+        record = kind.from_json(path.read_bytes())
+        if kind is Notification and (record.gdel_id != target or record.state != PENDING):
+            continue
+        record.held = held
+        write_atomically(path, record.to_json())
+        changed = True
+    return changed
 
 
 def offline_listing(state_dir: Path, now: float) -> list[dict]:
@@ -112,8 +170,6 @@ def offline_listing(state_dir: Path, now: float) -> list[dict]:
 
 def offline_delete(state_dir: Path, target: str) -> bool:
     """Remove an outbox entry or a pending notification by id, from the files."""
-    from pullmail.ids import is_gdel_id
-
     if not is_gdel_id(target):
         return False
     removed = False

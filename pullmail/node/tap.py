@@ -35,6 +35,10 @@ from pullmail.net.tls import (
 )
 from pullmail.node.control import SOCKET_NAME, ControlFactory
 from pullmail.node.listeners import Listener
+from pullmail.node.lock import StateLocked, lock_state_dir
+from pullmail.node.logs import NodeService, log_observer, twistd_stream
+from pullmail.node.maildrop import MAILDROP, Maildrop
+from pullmail.node.metrics import Metrics, MetricsObserver, QueueCollector, metrics_site
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.retrieve import Retriever
@@ -152,7 +156,7 @@ def freeze_start_up_heap() -> None:
 
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
-    node = service.MultiService()
+    node = NodeService()
     hostname = config.node.hostname
     state = config.state_dir
     mail_root = state / "mail"
@@ -217,17 +221,21 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         delivered_of=router.delivered_of,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
+    maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
+                        config.sendmail.trusted_users, config.limits.message_size)
     control_socket = state / SOCKET_NAME
     if len(str(control_socket)) < MAX_UNIX_PATH:
         control_socket.unlink(missing_ok=True)
         Listener(
             endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
-            ControlFactory(outbound, retriever, reactor),
+            ControlFactory(outbound, retriever, reactor, maildrop),
         ).setServiceParent(node)
     else:
         log.warn("state_dir path too long for the control socket; "
                  "`pullmail queue` will work on the files only")
     Startable(retriever.start, retriever.stop).setServiceParent(node)
+    Startable(maildrop.start, maildrop.stop).setServiceParent(node)
+    add_metrics(node, config, reactor, outbox, retriever.store, maildrop)
     Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
 
     performers = {
@@ -265,7 +273,39 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     return node
 
 
+def add_metrics(node, config, reactor, outbox, pending, maildrop) -> None:
+    """C{[metrics] listen}: the counters' log observer, for the node's life, and GET /metrics."""
+    if not config.metrics.listen:
+        return
+    from twisted.logger import globalLogPublisher
+
+    metrics = Metrics()
+    metrics.registry.register(QueueCollector(outbox, pending, maildrop))
+    observer = MetricsObserver(metrics)
+    Startable(lambda: globalLogPublisher.addObserver(observer),
+              lambda: globalLogPublisher.removeObserver(observer)).setServiceParent(node)
+    StreamServerEndpointService(
+        endpoints.serverFromString(reactor, config.metrics.listen),
+        metrics_site(metrics.registry),
+    ).setServiceParent(node)
+    node.metrics = metrics
+
+
 def makeService(options: Options) -> service.MultiService:
+    """
+    The node of C{options}, holding its state dir's lock (one node per
+    state dir) and logging as C{[node] log_format} says.
+    """
     from twisted.internet import reactor
 
-    return build_node(options["node_config"], reactor)
+    config = options["node_config"]
+    try:
+        lock = lock_state_dir(config.state_dir)
+    except StateLocked as e:
+        raise SystemExit(f"pullmail: refusing to start: {e}") from None
+    node = build_node(config, reactor)
+    node.lock = lock
+    stream = twistd_stream(getattr(options, "parent", None))
+    if stream is not None:
+        node.log_observer = log_observer(config.node.log_format, stream)
+    return node

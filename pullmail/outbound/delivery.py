@@ -211,8 +211,10 @@ class Outbound:
         self._arm()
 
     def _current(self, entry: OutboxEntry) -> bool:
-        """Still queued, unclaimed and stored when its turn in the line comes."""
-        return self.outbox.get(entry.id) is entry and entry.state == QUEUED and not entry.claimed
+        """Still queued, unclaimed, not held and stored when its turn in the line comes."""
+        return self.outbox.get(entry.id) is entry and entry.state == QUEUED and not (
+            entry.claimed or entry.held
+        )
 
     def _start(self, work: Work[OutboxEntry]) -> None:
         count_attempts(work.items)

@@ -207,7 +207,7 @@ def step(entry: OutboxEntry, outcome: Outcome, now: float, config: DeliveryConfi
         _renotified(new, outcome, now, config, effects)
         kept = True
     elif isinstance(outcome, Retrieved):
-        kept = _retrieved(new, outcome, effects)
+        kept = _retrieved(new, outcome, now, effects)
     elif isinstance(outcome, RetrievalBroken):
         effects.append(Log("retrieval-broken", "retrieval of {id} by {peer} broke off; "
                            "notifying again", {"id": new.id, "peer": outcome.peer}))
@@ -275,7 +275,8 @@ def _attempted(new: OutboxEntry, outcome: Attempted, now: float, config: Deliver
         return True
     if mode == "push" and accepted:
         effects.append(Log("delivered", "delivered {queue_id} to {recipients} at {host}",
-                           {"queue_id": new.queue_id, "recipients": accepted, "host": host}))
+                           {"queue_id": new.queue_id, "recipients": accepted, "host": host,
+                            "seconds": now - new.created}))
     new.recipients = transient
     if not transient:
         effects.append(Remove())
@@ -317,7 +318,7 @@ def _renotified(new: OutboxEntry, outcome: Renotified, now: float, config: Deliv
     effects.append(Update())
 
 
-def _retrieved(new: OutboxEntry, outcome: Retrieved, effects: list) -> bool:
+def _retrieved(new: OutboxEntry, outcome: Retrieved, now: float, effects: list) -> bool:
     """
     SPEC 4: accepted recipients are done, 5xx ones bounce, 4xx ones (and
     any the turn did not reach) wait for another RETR.
@@ -330,7 +331,7 @@ def _retrieved(new: OutboxEntry, outcome: Retrieved, effects: list) -> bool:
         "retrieved", "retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, "
         "refused {refused}",
         {"id": new.id, "queue_id": new.queue_id, "peer": outcome.peer, "accepted": accepted,
-         "refused": permanent},
+         "refused": permanent, "seconds": now - new.created},
     ))
     remaining = result.refused(permanent=False) + [
         r for r in new.recipients if r not in result.recipients

@@ -236,9 +236,9 @@ class Retriever:
         self._arm()
 
     def _current(self, notification: Notification) -> bool:
-        """Still pending, and still the stored record (not deleted meanwhile)."""
+        """Still pending, not held, and still the stored record (not deleted meanwhile)."""
         return self.store.by_key(notification.key) is notification and (
-            notification.state == PENDING
+            notification.state == PENDING and not notification.held
         )
 
     def _connect_to(self, work: Work[Notification]) -> None:

@@ -59,6 +59,8 @@ class PickupCounter:
         # with the reply lost, and only a notification could reveal the id.
         if entry is None or (entry.expires is not None and entry.expires <= now):
             return await self._refuse(peer, gdel_id, "unknown or expired")
+        if entry.held:          # `pullmail queue hold`: asked again after the release
+            return replies.S451_IN_PROGRESS
         try:
             destined = await mail_host_addresses(self.resolver, entry.domain)
         except DNSTemporaryError as e:

@@ -395,6 +395,8 @@ class SMTPConnection(Protocol):
         elif self.log_commands:
             log.info("{peer} {verb}: {code}", peer=self.machine.session.peer, verb=verb,
                      code=reply.code, event="command")
+        else:   # for the metrics (pullmail.node.metrics), below the log's level
+            log.debug("{verb}: {code}", verb=verb, code=reply.code, event="reply")
 
     def _perform(self, request: object, line: str) -> None:
         performer = self.performers.get(type(request))

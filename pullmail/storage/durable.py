@@ -74,7 +74,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def publish_new_file(temporary: str | Path, final: str | Path, chunks,
-                     sync_directory=None) -> None:
+                     sync_directory=None, mode: int = 0o600) -> None:
     """
     The whole durable write of a new file: C{chunks} into C{temporary}
     (which must not exist), fsynced, renamed to C{final}, whose directory
@@ -82,7 +82,7 @@ def publish_new_file(temporary: str | Path, final: str | Path, chunks,
     last fsync fails, C{final} goes again: a caller that was never told
     "stored" will write it again.
     """
-    write_new_file(Path(temporary), chunks)
+    write_new_file(Path(temporary), chunks, mode)
     os.rename(temporary, final)
     try:
         (sync_directory or fsync_directory)(Path(final).parent)

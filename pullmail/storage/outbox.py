@@ -82,6 +82,7 @@ class OutboxEntry:
     smtputf8: bool = False
     origin: str | None = None   # the outside address it was pushed from, if any
     renotify_at: float | None = None  # a notified entry to announce again
+    held: bool = False          # `pullmail queue hold`: nothing is sent until released
     claimed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:

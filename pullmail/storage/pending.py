@@ -53,6 +53,7 @@ class Notification:
     keep_until: float = 0.0
     last_error: str = ""
     size: int | None = None
+    held: bool = False       # `pullmail queue hold`: not retrieved until released
     # A delivery may have begun (this process began one, or the record was
     # read at start-up): a retry must look in the mailboxes before storing.
     # Known in memory only: L{PendingStore.load} derives it from the state.

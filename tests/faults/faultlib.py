@@ -104,12 +104,12 @@ class Network:
 
 def queue_rows(node: Node) -> list[dict]:
     """`pullmail queue --json` of C{node}."""
-    return json.loads(node.cli("queue", "--json").stdout)
+    return json.loads(node.cli("queue", "--json").stdout)["messages"]
 
 
 def unfinished(rows: list[dict]) -> list[dict]:
     """Rows that still await work: anything but a notification already retrieved."""
-    return [r for r in rows if not (r["kind"] == "pending" and r["state"] == "retrieved")]
+    return [r for r in rows if not (r["queue"] == "pending" and r["state"] == "retrieved")]
 
 
 def wait_drained(nodes: Iterable[Node], timeout: float, extra=lambda: True) -> None:

@@ -156,7 +156,7 @@ def test_disconnect_mid_tls_handshake(setup, seed):
 
 def entry_state(node, gdel_id: str) -> str | None:
     for row in queue_rows(node):
-        if row["id"] == gdel_id and row["kind"] in ("outbox", "push"):
+        if row["id"] == gdel_id and row["queue"] in ("outbox", "push"):
             return row["state"]
     return None
 

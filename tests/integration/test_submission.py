@@ -707,7 +707,7 @@ def send_out(sender: Node, to: str, token: str) -> tuple[str, str]:
 
 
 def queue_rows(node: Node) -> list[dict]:
-    return json.loads(node.cli("queue", "--json").stdout)
+    return json.loads(node.cli("queue", "--json").stdout)["messages"]
 
 
 def test_verify_mode_delivers_to_a_valid_certificate(verify_world):
@@ -752,7 +752,7 @@ def test_verify_mode_defers_on_a_bad_certificate(verify_world, which, to, host, 
     mine = [r for r in rows if r.get("id") == gdel_id]
     assert mine, rows
     row = mine[0]
-    assert (row["kind"], row["state"], row["queue_id"]) == ("push", "queued", queue_id), row
+    assert (row["queue"], row["state"], row["queue_id"]) == ("push", "queued", queue_id), row
     assert row["recipients"] == [to] and row["attempts"] >= 1, row
     assert re.search(expected, row.get("last_error") or ""), row
     # A second attempt (push_retry 1 s) is deferred as well.

@@ -457,8 +457,8 @@ def _pending_files(node: Node) -> list[Path]:
 
 
 def _pending_rows(node: Node) -> list[dict]:
-    rows = json.loads(node.cli("queue", "--json").stdout)
-    return [row for row in rows if row.get("kind") == "pending"]
+    rows = json.loads(node.cli("queue", "--json").stdout)["messages"]
+    return [row for row in rows if row.get("queue") == "pending"]
 
 
 def test_forged_flood_never_reaches_the_victim(node_a):

@@ -1,0 +1,261 @@
+"""
+The drop folder of ``pullmail sendmail`` (Postfix's maildrop): messages
+queued while the node may be down, taken in by the node at start, on a
+poke through the control socket, and every L{SCAN_INTERVAL} otherwise.
+
+``<state_dir>/maildrop/`` holds ``tmp/`` and ``new/`` (mode 1733: anyone
+may create a file, no one may list or remove another's) and ``bad/``.  One
+file per message, written to ``tmp/``, fsynced, renamed into ``new/`` and
+the folder fsynced (L{pullmail.storage.durable}): the node sees a whole
+message or none.  A file is one JSON line (the envelope the command saw)
+then the message with CRLF line ends.
+
+The sender is not taken from the file but from its owner: the node looks up
+the Unix user of the file's uid, and honours ``-f`` only for the users in
+``[sendmail] trusted_users``, root and the node's own user (L{sender_for}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from pullmail.ids import new_queue_id
+from pullmail.outbound import bounce
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.storage.durable import fsync_directory, publish_new_file, remove_files
+
+__all__ = ["Drop", "Maildrop", "drop_message", "sender_for", "may_choose_sender",
+           "MAILDROP", "SCAN_INTERVAL"]
+
+log = Logger(namespace="pullmail.node.maildrop")
+
+MAILDROP = "maildrop"
+DROP_VERSION = 1
+SCAN_INTERVAL = 30.0
+STALE_AFTER = 86400.0     # a file left in tmp/ by a command killed mid-write
+_SHARED_MODE = 0o1733     # like Postfix's world-writable maildrop, sticky
+_FROM = re.compile(rb"^from[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """What the command queued: C{sender} only as C{-f} asked (None: the user's own)."""
+
+    sender: str | None
+    recipients: tuple[str, ...]
+    message: bytes
+    full_name: str | None = None
+
+    def encode(self) -> list[bytes]:
+        header = {"version": DROP_VERSION, "sender": self.sender,
+                  "recipients": list(self.recipients), "full_name": self.full_name}
+        return [json.dumps(header).encode("utf-8") + b"\n", self.message]
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Drop":
+        """@raise ValueError: not a drop file of this version."""
+        line, newline, message = data.partition(b"\n")
+        header = json.loads(line)
+        if not newline or not isinstance(header, dict) or header.get("version") != DROP_VERSION:
+            raise ValueError("not a version 1 drop file")
+        recipients = header.get("recipients")
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise ValueError("bad recipients")
+        sender, name = header.get("sender"), header.get("full_name")
+        if not isinstance(sender, (str, type(None))) or not isinstance(name, (str, type(None))):
+            raise ValueError("bad sender or name")
+        return cls(sender, tuple(recipients), message, name)
+
+
+def make_folders(root: Path) -> None:
+    """maildrop/{tmp,new} shared (1733), bad/ private; umask left alone."""
+    for name, mode in (("", 0o755), ("tmp", _SHARED_MODE), ("new", _SHARED_MODE),
+                       ("bad", 0o700)):
+        folder = root / name
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, mode)
+
+
+def drop_message(state_dir: Path, drop: Drop) -> str:
+    """Blocking: queue C{drop} durably in the drop folder; its file name."""
+    root = state_dir / MAILDROP
+    if not (root / "new").is_dir():
+        make_folders(root)
+    name = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(8)}"
+    # Readable by the node's user: the folders cannot be listed, the name is
+    # not guessable.
+    publish_new_file(root / "tmp" / name, root / "new" / name, drop.encode(), mode=0o644)
+    return name
+
+
+def may_choose_sender(user: str, uid: int, trusted: Collection[str], node_uid: int) -> bool:
+    """C{-f} is honoured for root, the node's own user and C{[sendmail] trusted_users}."""
+    return uid == 0 or uid == node_uid or user in trusted
+
+
+def sender_for(drop: Drop, user: str, uid: int, hostname: str, trusted: Collection[str],
+               node_uid: int) -> str:
+    if drop.sender is not None and may_choose_sender(user, uid, trusted, node_uid):
+        return drop.sender
+    return f"{user}@{hostname}"
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def with_from(message: bytes, sender: str, full_name: str | None) -> bytes:
+    """A ``From:`` (RFC 5322 3.6.2) for a message that has none, as Postfix adds."""
+    end = message.find(b"\r\n\r\n")
+    header = message[: end + 2] if end >= 0 else message
+    if message.startswith(b"\r\n"):
+        header = b""
+    if _FROM.search(header):
+        return message
+    name = re.sub(r"[\x00-\x1f\"\\\\]", "", full_name or "").strip()
+    field = f'From: "{name}" <{sender}>' if name else f"From: <{sender}>"
+    return field.encode("utf-8") + b"\r\n" + message
+
+
+def _read(path: Path) -> tuple[bytes, int]:
+    with open(path, "rb") as f:
+        return f.read(), os.fstat(f.fileno()).st_uid
+
+
+class Maildrop:
+    """The node's side: takes dropped messages in through the router (as submission)."""
+
+    def __init__(self, root: Path, router, clock, run_blocking, hostname: str,
+                 trusted_users: Collection[str], max_size: int,
+                 node_uid: int | None = None) -> None:
+        self.root = root
+        self.router = router
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.hostname = hostname
+        self.trusted_users = frozenset(trusted_users)
+        self.max_size = max_size
+        self.node_uid = os.getuid() if node_uid is None else node_uid
+        self.waiting = 0              # files in new/ at the last look (the metrics)
+        self._busy: set[str] = set()
+        self._loop = task.LoopingCall(self.drain)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        make_folders(self.root)
+        remove_stale(self.root / "tmp", self.clock.seconds() - STALE_AFTER)
+        self._loop.start(SCAN_INTERVAL, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def drain(self) -> defer.Deferred:
+        """Take in every message waiting in new/ (``pullmail sendmail`` pokes this)."""
+        return defer.Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            names = sorted(await self.run_blocking(os.listdir, self.root / "new"))
+        except OSError as e:
+            log.error("cannot read the drop folder: {error}", error=str(e), event="maildrop-error")
+            return
+        self.waiting = len(names)
+        for name in names:
+            if name in self._busy or name.startswith("."):
+                continue
+            self._busy.add(name)
+            try:
+                await self._take_in(name)
+            except Exception:
+                log.failure("taking in dropped message {name}", name=name)
+            finally:
+                self._busy.discard(name)
+        self.waiting = len(self._busy)
+
+    async def _take_in(self, name: str) -> None:
+        path = self.root / "new" / name
+        try:
+            data, uid = await self.run_blocking(_read, path)
+        except FileNotFoundError:
+            return
+        user = user_name(uid)
+        try:
+            drop = Drop.decode(data)
+        except ValueError as e:
+            await self._set_aside(name, f"unreadable drop file from {user}: {e}")
+            return
+        if len(drop.message) > self.max_size:
+            await self._set_aside(name, f"message from {user} over limits.message_size")
+            return
+        sender = sender_for(drop, user, uid, self.hostname, self.trusted_users, self.node_uid)
+        if drop.sender is not None and sender != drop.sender:
+            log.warn("sendmail -f {claimed} by {user} ignored (not a trusted user)",
+                     claimed=drop.sender, user=user, event="sendmail-sender-refused")
+        accounts = self.router.accounts
+        known = [r for r in drop.recipients if accounts.expand(r)]
+        unknown = [r for r in drop.recipients if r not in known]
+        message = with_from(drop.message, sender, drop.full_name)
+        if known:
+            session = Session("127.0.0.1", "sendmail", helo="localhost", user=user)
+            envelope = Envelope(sender, tuple(known), size=len(message))
+            reply = await self.router.accept(session, envelope, [message], len(message))
+            if not reply.positive:
+                if reply.permanent:
+                    await self._set_aside(name, f"refused: {reply}")
+                else:
+                    log.warn("dropped message {name} kept for later: {reply}", name=name,
+                             reply=str(reply), event="maildrop-deferred")
+                return
+        if unknown:
+            await self._bounce(sender, unknown, message)
+        await self.run_blocking(_remove_durably, path)
+        log.info("sendmail by {user}: <{sender}> to {recipients}, unknown {unknown}",
+                 user=user, sender=sender, recipients=known, unknown=unknown,
+                 event="maildrop-taken")
+
+    async def _bounce(self, sender: str, unknown: list[str], message: bytes) -> None:
+        if not bounce.should_bounce(sender):
+            return
+        now = self.clock.seconds()
+        dsn = bounce.build_dsn(
+            reporting_mta=self.hostname, original_sender=sender,
+            recipients=[bounce.FailedRecipient(r, "5.1.1", None, None) for r in unknown],
+            original=message, queue_id=new_queue_id(), arrival_date=now, now=now,
+            boundary="=_" + secrets.token_hex(12),
+            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+        )
+        await self.router.inject("", [sender], [dsn])
+
+    async def _set_aside(self, name: str, reason: str) -> None:
+        log.error("dropped message {name} set aside in maildrop/bad: {reason}", name=name,
+                  reason=reason, event="maildrop-bad")
+        await self.run_blocking(os.replace, self.root / "new" / name, self.root / "bad" / name)
+
+
+def remove_stale(folder: Path, before: float) -> None:
+    """Blocking (start-up): files in C{folder} last changed before C{before}."""
+    with os.scandir(folder) as listing:
+        stale = [item.path for item in listing
+                 if item.is_file(follow_symlinks=False) and item.stat().st_mtime < before]
+    remove_files(*stale)
+
+
+def _remove_durably(path: Path) -> None:
+    remove_files(path)
+    fsync_directory(path.parent)
