@@ -17,6 +17,7 @@ from pullmail.smtp.client import (
     Refused,
     ReplyReader,
     dot_stuff,
+    EHLOResult,
     open_session,
     parse_ehlo,
     send_notification,
@@ -396,13 +397,13 @@ class TestOpenSession:
 
     def test_ehlo(self) -> None:
         channel, d = self.session([GREETING, EHLO_NO_TLS])
-        assert result_of(d) == {"PIPELINING": "", "GDEL": ""}
+        assert result_of(d) == EHLOResult({"PIPELINING": "", "GDEL": ""}, tls=False)
         assert channel.sent == [b"EHLO me.example\r\n"]
 
     def test_ehlo_refused_helo(self) -> None:
         """EHLO refused: HELO, and no keywords."""
         channel, d = self.session([GREETING, Reply(500, "5.5.1", "What?"), OK])
-        assert result_of(d) == {}
+        assert result_of(d) == EHLOResult({}, tls=False)
         assert channel.sent == [b"EHLO me.example\r\n", b"HELO me.example\r\n"]
 
     def test_helo_refused(self) -> None:
@@ -417,8 +418,9 @@ class TestOpenSession:
         channel, d = self.session(
             [GREETING, EHLO, Reply(220, "2.0.0", "Ready"), after], tls_options=options
         )
-        keywords = result_of(d)
-        assert keywords == {"PIPELINING": "", "GDEL": "", "RETR": "", "_TLS": ""}
+        session = result_of(d)
+        assert session == EHLOResult({"PIPELINING": "", "GDEL": "", "RETR": ""}, tls=True)
+        assert session.offers("retr")
         assert channel.events == [
             ("reply", 220),
             ("send", b"EHLO me.example\r\n"), ("reply", 250),
@@ -429,13 +431,13 @@ class TestOpenSession:
 
     def test_no_starttls_without_options(self) -> None:
         channel, d = self.session([GREETING, EHLO])
-        assert "_TLS" not in result_of(d)
+        assert not result_of(d).tls
         assert channel.tls == []
         assert b"STARTTLS\r\n" not in channel.sent
 
     def test_no_starttls_when_not_offered(self) -> None:
         channel, d = self.session([GREETING, EHLO_NO_TLS], tls_options=object())
-        assert "_TLS" not in result_of(d)
+        assert not result_of(d).tls
         assert channel.tls == []
 
     def test_starttls_refused(self) -> None:

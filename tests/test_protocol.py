@@ -477,5 +477,5 @@ class TestClientSTARTTLSInjection:
         assert len(self.transport.tls_started) == 1
         assert self.transport.value().splitlines()[-1] == b"EHLO mx.example.org"
         self.connection.dataReceived(b"250-mx.peer.example\r\n250 PIPELINING\r\n")
-        keywords = result_of(self.session)
-        assert "PIPELINING" in keywords
+        session = result_of(self.session)
+        assert session.offers("PIPELINING")

@@ -406,13 +406,14 @@ class Outbound:
         outcomes: list = []
         try:
             tls = self.client_tls
-            keywords = await open_session(
+            session = await open_session(
                 connection, self.hostname, tls.options_for(host) if tls else None,
                 require_tls=bool(tls and tls.required),
             )
+            keywords = session.keywords
             log.info("session with {host} [{address}]: {tls}", host=host, address=address,
                      tls=("TLS, certificate verified" if tls and tls.required else "TLS")
-                     if "_TLS" in keywords else "no TLS (not offered)", event="tls-outcome")
+                     if session.tls else "no TLS (not offered)", event="tls-outcome")
             pull = "GDEL" in keywords
             if not pull and (pull_only or not self.config.push_fallback):
                 raise _TransientPeer("peer does not offer GDEL and push_fallback is off")

@@ -365,11 +365,11 @@ class Retriever:
     async def _run(self, connection, address: str, notifications: list[Notification]) -> None:
         remaining = list(notifications)
         try:
-            keywords = await open_session(connection, self.hostname, self.client_tls)
-            if "RETR" not in keywords:
+            session = await open_session(connection, self.hostname, self.client_tls)
+            if not session.offers("RETR"):
                 raise ConnectionError("peer does not offer RETR")
             while remaining:
-                await self._retrieve_one(connection, address, remaining[0], "_TLS" in keywords)
+                await self._retrieve_one(connection, address, remaining[0], session.tls)
                 remaining.pop(0)
                 if not remaining and address == notifications[0].peer:
                     # Keep the connection busy while the peer's line is not empty.

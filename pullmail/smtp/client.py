@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -26,6 +26,8 @@ __all__ = [
     "send_notification",
     "parse_ehlo",
     "dot_stuff",
+    "EHLOResult",
+    "open_session",
 ]
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -243,13 +245,27 @@ class Refused(Exception):
         self.reply = reply
 
 
+@dataclass(frozen=True)
+class EHLOResult:
+    """
+    What a session opened with: the peer's EHLO keywords (upper case ->
+    parameters; empty after HELO) and whether TLS is up.
+    """
+
+    keywords: Mapping[str, str]
+    tls: bool = False
+
+    def offers(self, keyword: str) -> bool:
+        return keyword.upper() in self.keywords
+
+
 async def open_session(channel, hostname: str, tls_options=None,
-                       require_tls: bool = False) -> dict[str, str]:
+                       require_tls: bool = False) -> EHLOResult:
     """
     Read the greeting, say EHLO (HELO when EHLO is refused), and start TLS
     when the peer offers it and C{tls_options} is given (RFC 3207: EHLO
-    again after the handshake).  Returns the EHLO keywords.  With
-    C{require_tls}, a peer without STARTTLS is refused.
+    again after the handshake).  With C{require_tls}, a peer without
+    STARTTLS is refused.
     """
     greeting = await channel.reply()
     if greeting.code != 220:
@@ -263,9 +279,8 @@ async def open_session(channel, hostname: str, tls_options=None,
         if ready.code != 220:
             raise Refused(ready)
         channel.start_tls(tls_options)
-        keywords = await _hello(channel, hostname)
-        keywords["_TLS"] = ""
-    return keywords
+        return EHLOResult(await _hello(channel, hostname), tls=True)
+    return EHLOResult(keywords)
 
 
 async def _hello(channel, hostname: str) -> dict[str, str]:
