@@ -104,10 +104,18 @@ class ProtocolCase:
         assert transport.value().splitlines() == expected
 
     def codes(self, send: bytes) -> list[bytes]:
-        """Send C{send}; the reply codes, one per final reply line."""
+        """
+        Send C{send}; the reply codes, one per final reply line.  A leading
+        EHLO goes alone, and its reply is awaited (RFC 2920 3.1).
+        """
+        codes = []
+        if send.startswith(b"EHLO ") and send.count(b"\r\n") > 1:
+            ehlo, send = send.split(b"\r\n", 1)
+            codes = self.codes(ehlo + b"\r\n")
         self.transport.clear()
         self.protocol.dataReceived(send)
-        return [line[:3] for line in self.transport.value().splitlines() if line[3:4] != b"-"]
+        return codes + [line[:3] for line in self.transport.value().splitlines()
+                        if line[3:4] != b"-"]
 
     def ehlo(self) -> None:
         self.codes(b"EHLO client.test\r\n")

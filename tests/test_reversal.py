@@ -84,7 +84,13 @@ class SMTASide:
         return defer.succeed(Reverse(Reply(250, "2.0.0", f"{GDEL_ID} follows"), turn))
 
     def receive(self, data: bytes) -> list[bytes]:
-        """Feed bytes; return the lines written in answer."""
+        """
+        Feed bytes; return the lines written in answer.  A leading EHLO
+        goes alone, as a client waits for its reply (RFC 2920 3.1).
+        """
+        if data.startswith(b"EHLO ") and data.count(b"\r\n") > 1:
+            ehlo, data = data.split(b"\r\n", 1)
+            self.protocol.dataReceived(ehlo + b"\r\n")
         self.protocol.dataReceived(data)
         written = self.transport.value()
         self.transport.clear()

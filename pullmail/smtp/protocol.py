@@ -15,14 +15,23 @@ from collections import deque
 from typing import Callable, Mapping
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pullmail.smtp import replies
 from pullmail.smtp.client import ProtocolError, ReplyReader
-from pullmail.smtp.data import DataReader
+from pullmail.logsafe import printable
+from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits, data_allowance
+from pullmail.smtp.connection import (
+    NEED_DATA,
+    BareLineEnding,
+    CommandLine,
+    Connection,
+    MessageEnd,
+)
 from pullmail.smtp.envelope import Session
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import (
@@ -36,7 +45,8 @@ from pullmail.smtp.server import (
     StartTLS,
 )
 
-__all__ = ["SMTPServerFactory", "SMTPConnection", "SMTPServerProtocol", "ConnectionLimits"]
+__all__ = ["SMTPServerFactory", "SMTPConnection", "ConnectionLimits", "ClientConnection",
+           "Connector"]
 
 log = Logger(namespace="pullmail.smtp")
 
@@ -73,12 +83,48 @@ class ConnectionLimits:
             del self._open[address]
 
 
+class _Timers:
+    """Named one-shot timers on an injected clock."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._calls: dict[str, object] = {}
+
+    def start(self, name: str, delay: float, f: Callable[[], None]) -> None:
+        self.cancel(name)
+        if delay > 0:
+            self._calls[name] = self.clock.callLater(delay, self._fire, name, f)
+
+    def _fire(self, name: str, f: Callable[[], None]) -> None:
+        del self._calls[name]
+        f()
+
+    def running(self, name: str) -> bool:
+        return name in self._calls
+
+    def reset(self, name: str, delay: float) -> None:
+        call = self._calls.get(name)
+        if call is not None:
+            call.reset(delay)
+
+    def cancel(self, name: str) -> None:
+        call = self._calls.pop(name, None)
+        if call is not None:
+            call.cancel()
+
+    def cancel_all(self) -> None:
+        for name in list(self._calls):
+            self.cancel(name)
+
+
+@implementer(IHandshakeListener)
 class SMTPConnection(Protocol):
     """
-    One SMTP connection, in the server role (a L{ServerMachine} reads
-    commands) or the client role (a L{ReplyReader} reads replies, and the
-    connection is the L{Channel} of a client dialogue).  General Delivery
-    swaps the two on one connection (SPEC 4).
+    One SMTP connection, in the server role (a L{Connection} frames the
+    input, a L{ServerMachine} reads the commands) or the client role (a
+    L{ReplyReader} reads replies, and the connection is the L{Channel} of
+    a client dialogue).  General Delivery swaps the two on one connection
+    (SPEC 4).
     """
 
     factory: "SMTPServerFactory"
@@ -87,17 +133,21 @@ class SMTPConnection(Protocol):
         self._replies: ReplyReader | None = None     # set in the client role
         self._reply_waiters: deque[defer.Deferred] = deque()
         self._turn_done: defer.Deferred | None = None
-        self._buffer = b""
+        self._input = Connection()
         self._busy = False          # a request is running; input waits
         self._paused = False        # the transport is paused (backpressure)
-        self._reader: DataReader | None = None
-        self._discarding = False    # skipping the rest of an over-long line
-        self._timer = None
+        self._timers: _Timers | None = None
+        self._timeout = 0.0
         self._counted = False        # holds a place in the connection limits
         self.machine: ServerMachine | None = None
         self._closing = False
+        self._greeted = True         # False while the pre-greet wait runs
+        self._tls_pending = False    # a TLS handshake has not completed
+        self._data_started = 0.0
         self.performers: Mapping[type, Callable] = {}
         self.log_commands = False
+        self.limits = SessionLimits()
+        self._conduct = Conduct(self.limits)
 
     # -- connection ---------------------------------------------------------
 
@@ -108,6 +158,8 @@ class SMTPConnection(Protocol):
         self.machine = factory.new_machine(Session(address, factory.service, tls=factory.implicit_tls))
         self.performers = factory.performers
         self.log_commands = factory.log_commands
+        self.limits = factory.session_limits
+        self._conduct = Conduct(self.limits)
         log.info(
             "connection from {peer} on {service}", peer=address, service=factory.service,
             event="connection",
@@ -126,16 +178,30 @@ class SMTPConnection(Protocol):
             return
         self.no_delay()
         self.start_timer(factory.clock, factory.idle_timeout)
-        self.send_reply(self.machine.greeting())
+        if factory.implicit_tls:
+            self._expect_handshake()
+        greeting = self.machine.greeting()
+        if self.limits.pregreet_wait > 0:
+            # postscreen's pre-greet test: a multi-line greeting, and a
+            # client that speaks before its last line is no MTA (RFC 5321
+            # 4.3.1, 4.5.3.2.1: the client waits for the greeting).
+            self._greeted = False
+            self.transport.write(f"220-{greeting.text}\r\n".encode("utf-8"))
+            self._timers.start("pregreet", self.limits.pregreet_wait,
+                               lambda: self._greet(greeting))
+        else:
+            self._greet(greeting)
+
+    def _greet(self, greeting: Reply) -> None:
+        self._greeted = True
+        self.send_reply(greeting)
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._timers is not None:
+            self._timers.cancel_all()
         if self._counted:
             self._counted = False
             self.factory.limits.release(self.machine.session.peer)
-        self._reader = None
         self._closing = True
         waiters, self._reply_waiters = self._reply_waiters, deque()
         for waiter in waiters:
@@ -143,19 +209,6 @@ class SMTPConnection(Protocol):
         if self._turn_done is not None:
             done, self._turn_done = self._turn_done, None
             done.errback(reason)
-
-    def _timed_out(self) -> None:
-        if self._busy:
-            # The silence is ours (a delivery or check is running), not the peer's.
-            self._timer = self._clock.callLater(self._timeout, self._timed_out)
-            return
-        self._timer = None
-        log.info("idle timeout for {peer}", peer=self.transport.getPeer(), event="timeout")
-        if self._replies is not None:
-            self._closing = True
-            self.transport.loseConnection()
-            return
-        self.close(replies.S421_TIMEOUT)
 
     def no_delay(self) -> None:
         """
@@ -169,29 +222,95 @@ class SMTPConnection(Protocol):
             pass  # not TCP (tests, UNIX sockets)
 
     def start_timer(self, clock: IReactorTime, timeout: float) -> None:
-        self._clock, self._timeout = clock, timeout
-        self._timer = clock.callLater(timeout, self._timed_out)
+        self._timers, self._timeout = _Timers(clock), timeout
+        self._timers.start("idle", timeout, self._timed_out)
 
     def close(self, reply: Reply | None = None) -> None:
         if reply is not None:
             self.send_reply(reply)
         self._closing = True
-        self._buffer = b""
-        self.transport.loseConnection()
+        self._input.discard()
+        if self._tls_pending:
+            # Nothing gets through an unfinished handshake, not even a 421:
+            # waiting to flush it would hold the slot for ever.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- timeouts (RFC 5321 4.5.3.2) -------------------------------------------
+
+    def _timed_out(self, reply: Reply = replies.S421_TIMEOUT, event: str = "timeout") -> None:
+        if self._busy:
+            # The silence is ours (a delivery or check is running), not the peer's.
+            self._timers.start("idle", self._timeout, self._timed_out)
+            return
+        log.info("{what} for {peer}", what=reply.text.split(",")[0].lower(),
+                 peer=self.transport.getPeer(), event=event)
+        if self._replies is not None:
+            self._closing = True
+            (self.transport.abortConnection if self._tls_pending
+             else self.transport.loseConnection)()
+            return
+        self.close(reply)
+
+    def _expect_handshake(self) -> None:
+        self._tls_pending = True
+        self._timers.start("handshake", self.limits.tls_handshake_timeout,
+                           self._handshake_timed_out)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done."""
+        self._tls_pending = False
+        if self._timers is not None:
+            self._timers.cancel("handshake")
+
+    def _handshake_timed_out(self) -> None:
+        log.info("TLS handshake timeout for {peer}", peer=self.transport.getPeer(),
+                 event="tls-timeout")
+        self._closing = True
+        self.transport.abortConnection()
+
+    def _watch_deadlines(self) -> None:
+        """
+        The command deadline runs from the first octet of a command line to
+        its CRLF, however slowly the octets come (a slowloris resets an idle
+        timer with every byte; this one it cannot).
+        """
+        if self._timers is None or self._closing:
+            return
+        if self._input.partial_line:
+            if not self._timers.running("command"):
+                self._timers.start("command", self.limits.command_timeout, lambda: self._timed_out(
+                    replies.S421_COMMAND_TIMEOUT, "command-timeout"))
+        else:
+            self._timers.cancel("command")
+
+    def _check_data_rate(self) -> None:
+        allowed = data_allowance(self.limits, self._input.data_octets)
+        left = self._data_started + allowed - self._timers.clock.seconds()
+        if left > 0:
+            self._timers.start("data", left, self._check_data_rate)
+        else:
+            self._timed_out(replies.S421_DATA_TIMEOUT, "data-timeout")
 
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._timer is not None:
-            self._timer.reset(self._timeout)
+        if self._timers is not None:
+            self._timers.reset("idle", self._timeout)
         if self._replies is not None:
             self._replies.feed(data)
             self._hand_out_replies()
             return
-        self._buffer += data
-        if self._busy and len(self._buffer) > MAX_BUFFERED_WHILE_BUSY and not self._paused:
+        if not self._greeted:
+            log.info("{peer} spoke before the greeting ended", event="rejected",
+                     peer=self.machine.session.peer, code=554)
+            self.close(replies.S554_PREGREET)
+            return
+        self._input.receive_data(data)
+        if self._busy and self._input.buffered > MAX_BUFFERED_WHILE_BUSY and not self._paused:
             # Backpressure: a peer pipelining this much behind a pending
             # request waits in the kernel's buffers, not in ours.
             self._paused = True
@@ -233,6 +352,7 @@ class SMTPConnection(Protocol):
             self._closing = True
             self.transport.abortConnection()
             raise ProtocolError("data received behind the 220 to STARTTLS (injection)")
+        self._tls_pending = True
         self.transport.startTLS(options)
 
     def send_reply(self, reply: Reply) -> None:
@@ -255,7 +375,7 @@ class SMTPConnection(Protocol):
                 reply = self._replies.next_reply()
             except ProtocolError as e:
                 log.info("protocol error from {peer}: {error}",
-                         peer=self.transport.getPeer(), error=str(e))
+                         peer=self.transport.getPeer(), error=printable(e))
                 self._closing = True
                 self.transport.loseConnection()
                 return
@@ -269,69 +389,99 @@ class SMTPConnection(Protocol):
         its last reply is the first input.  Fires when the machine ends the
         turn, with the connection back in the client role.
         """
-        rest = self._replies.take_rest() if self._replies else b""
-        self._replies = None
-        self.machine = machine
-        self._buffer = rest
+        self._serve(machine)
         self._turn_done = defer.Deferred()
         done = self._turn_done
         self._process()
         return done
 
-    def _process(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
-            if self._reader is not None:
-                self._feed_data()
-                continue
-            end = self._buffer.find(b"\n")
-            if self._discarding:
-                if end < 0:
-                    self._buffer = b""
-                    return
-                self._discarding = False
-                self._buffer = self._buffer[end + 1:]
-                continue
-            limit = self.machine.max_line
-            if end < 0:
-                if len(self._buffer) > limit:
-                    self._line_too_long()
-                return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
-            if len(line) + 1 > limit:
-                self._line_too_long(discard=False)
-                continue
-            self._command(line.removesuffix(b"\r"))
+    def _serve(self, machine: ServerMachine) -> None:
+        """Back to the server role; what followed the last reply is input."""
+        rest = self._replies.take_rest() if self._replies else b""
+        self._replies = None
+        self.machine = machine
+        self._input.receive_data(rest)
 
-    def _line_too_long(self, discard: bool = True) -> None:
-        self._discarding = discard
-        if discard:
-            self._buffer = b""
-        self._log_outcome("<too long>", replies.S500_LINE_TOO_LONG)
-        self.send_reply(replies.S500_LINE_TOO_LONG)
+    # -- the server role: events --------------------------------------------
+
+    def _process(self) -> None:
+        while not self._busy and not self._closing and self._replies is None:
+            event = self._input.next_event(self.machine.max_line)
+            if event is NEED_DATA:
+                break
+            if isinstance(event, CommandLine):
+                self._command(event.line)
+            elif isinstance(event, MessageEnd):
+                self._timers.cancel("data")
+                self._act(self.machine.data_received(event.chunks, event.size, event.error),
+                          "DATA")
+            elif isinstance(event, BareLineEnding):
+                self._answer("<bare line ending>", replies.S500_BARE_LINE_ENDING)
+            else:
+                self._answer("<too long>", replies.S500_LINE_TOO_LONG)
+        self._watch_deadlines()
 
     def _command(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "surrogateescape")
         try:
             action = self.machine.handle(line)
         except Exception:
-            log.failure("error handling {line!r}", line=line[:80])
+            log.failure("error handling {line}", line=printable(line[:80]))
             action = replies.S451_LOCAL_ERROR
         self._act(action, line)
+        verb = line.split(" ", 1)[0].upper()
+        if (verb in ENDS_GROUP and self._input.buffered and not self._closing
+                and self._replies is None and self.limits.reject_improper_pipelining):
+            # RFC 2920 3.1: EHLO and HELO end a group; a client that does
+            # not wait for their reply is a bot, not an MTA.
+            self._improper_pipelining(verb)
+
+    def _improper_pipelining(self, verb: str) -> None:
+        log.info("{peer} pipelined behind {verb}", peer=self.machine.session.peer,
+                 verb=verb, event="improper-pipelining")
+        self._log_outcome(verb, replies.S554_IMPROPER_PIPELINING)
+        self.close(replies.S554_IMPROPER_PIPELINING)
+
+    def _answer(self, line: str, reply: Reply) -> None:
+        """
+        Send a reply to a command, keeping the session's score: past half of
+        C{max_errors} each error waits longer; at the limit, or past
+        C{max_junk_commands}, the connection closes with 421.
+        """
+        self._log_outcome(line, reply)
+        judgement = self._conduct.judge(line.split(" ", 1)[0].upper(), reply)
+        if judgement.delay and not judgement.close:
+            self._busy = True
+
+            def later() -> None:
+                self._busy = False
+                self.send_reply(reply)
+                self._resume_reading()
+                self._process()
+
+            self._timers.start("tarpit", judgement.delay, later)
+            return
+        self.send_reply(reply)
+        if judgement.close is not None:
+            log.info("closing {peer}: {reply}", peer=self.machine.session.peer,
+                     reply=str(judgement.close), errors=self._conduct.errors,
+                     junk=self._conduct.junk, event="error-limit")
+            self.close(judgement.close)
 
     def _act(self, action: object, line: str = "") -> None:
         if isinstance(action, Reply):
-            self._log_outcome(line, action)
-            self.send_reply(action)
+            self._answer(line, action)
         elif isinstance(action, BeginData):
-            self._reader = DataReader(action.max_size)
-            self.send_reply(action.reply)
+            self._begin_data(action)
         elif isinstance(action, StartTLS):
             self.send_reply(action.reply)
             # CVE-2011-0411: what was pipelined behind STARTTLS is plaintext
             # an attacker may have injected; it must never run under TLS.
-            self._buffer = b""
+            self._input.discard()
             self._start_tls()
         elif isinstance(action, Close):
+            if action.reply.code >= 400:
+                self._log_outcome(line, action.reply)
             self.close(action.reply)
         elif isinstance(action, Reverse):
             self._reverse(action)
@@ -340,7 +490,7 @@ class SMTPConnection(Protocol):
             self.send_reply(action.reply)
             # SPEC 4: the side that replies to the input ending the turn
             # drops whatever the peer pipelined behind it.
-            self._buffer = b""
+            self._input.discard()
             self.become_client()
             done, self._turn_done = self._turn_done, None
             if done is not None:
@@ -348,10 +498,22 @@ class SMTPConnection(Protocol):
         else:
             self._perform(action, line)
 
+    def _begin_data(self, action: BeginData) -> None:
+        if self._input.buffered and self.limits.reject_improper_pipelining:
+            # RFC 2920 3.1: DATA ends a group; message text sent before
+            # the 354 is a bot's (or a smuggler's).
+            self.machine.reset()
+            self._improper_pipelining("DATA")
+            return
+        self.send_reply(action.reply)
+        self._input.read_message(action.max_size)
+        self._data_started = self._timers.clock.seconds()
+        self._timers.start("data", data_allowance(self.limits, 0), self._check_data_rate)
+
     def _reverse(self, action: Reverse) -> None:
         """SPEC 4, SMTA side: after '250 ... follows', be the client."""
         self.send_reply(action.reply)
-        self._buffer = b""
+        self._input.discard()
         self.become_client()
         self._busy = True
         d = defer.Deferred.fromCoroutine(action.turn(self))
@@ -360,9 +522,7 @@ class SMTPConnection(Protocol):
             self._busy = False
             if self._closing:
                 return result
-            rest = self._replies.take_rest()
-            self._replies = None
-            self._buffer = rest + self._buffer
+            self._serve(self.machine)
             self._process()
             return result
 
@@ -386,11 +546,11 @@ class SMTPConnection(Protocol):
             log.failure("reversed turn failed", failure)
 
     def _log_outcome(self, line: str, reply: Reply) -> None:
-        verb = line.split(" ", 1)[0].upper()[:16]
+        verb = printable(line.split(" ", 1)[0].upper()[:16])
         if reply.code >= 400:
             log.info(
                 "{peer} {verb}: {reply}", peer=self.machine.session.peer, verb=verb,
-                reply=str(reply), code=reply.code, event="rejected",
+                reply=printable(reply), code=reply.code, event="rejected",
             )
         elif self.log_commands:
             log.info("{peer} {verb}: {code}", peer=self.machine.session.peer, verb=verb,
@@ -429,23 +589,12 @@ class SMTPConnection(Protocol):
 
         d.addCallbacks(resolved, failed)
 
-    def _feed_data(self) -> None:
-        data, self._buffer = self._buffer, b""
-        done = self._reader.feed(data)
-        if done is None:
-            return
-        self._reader = None
-        self._buffer = done.rest
-        self._act(self.machine.data_received(done.chunks, done.size, done.error), "DATA")
-
     def _start_tls(self) -> None:
         context = self.factory.tls_context
         self.transport.startTLS(context)
+        self._expect_handshake()
         self.machine.tls_started()
         log.info("TLS started with {peer}", peer=self.machine.session.peer, event="tls")
-
-
-SMTPServerProtocol = SMTPConnection
 
 
 class SMTPServerFactory(Factory):
@@ -455,7 +604,7 @@ class SMTPServerFactory(Factory):
     I{performers} that carry out the machine's requests.
     """
 
-    protocol = SMTPServerProtocol
+    protocol = SMTPConnection
 
     def __init__(
         self,
@@ -469,7 +618,9 @@ class SMTPServerFactory(Factory):
         extensions: tuple = (),
         refuse_connection: Callable[[str], Reply | None] = lambda address: None,
         log_commands: bool = False,
+        session_limits: SessionLimits = SessionLimits(),
     ) -> None:
+        self.session_limits = session_limits
         self.log_commands = log_commands
         self.policy = policy
         self.clock = clock
@@ -492,11 +643,12 @@ class SMTPServerFactory(Factory):
 class ClientConnection(SMTPConnection):
     """An outbound connection: starts in the client role, idle-timed."""
 
-    def __init__(self, clock: IReactorTime, timeout: float, performers: Mapping = {},
+    def __init__(self, clock: IReactorTime, timeout: float,
+                 performers: Mapping[type, Callable] | None = None,
                  log_commands: bool = False) -> None:
         super().__init__()
         self._client_clock, self._client_timeout = clock, timeout
-        self.performers = performers
+        self.performers = dict(performers or {})
         self.log_commands = log_commands
 
     def connectionMade(self) -> None:
@@ -526,7 +678,8 @@ class Connector:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
 
-    def __call__(self, address: str, port: int, performers: Mapping = {}) -> defer.Deferred:
+    def __call__(self, address: str, port: int,
+                 performers: Mapping[type, Callable] | None = None) -> defer.Deferred:
         from twisted.internet.endpoints import (
             TCP4ClientEndpoint,
             TCP6ClientEndpoint,
