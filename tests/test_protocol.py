@@ -10,6 +10,8 @@ from pullmail.testing import result_of, failure_of
 
 import base64
 
+import pytest
+
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -18,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from pullmail.accounts.users import Accounts
 from pullmail.smtp import replies
 from pullmail.smtp.client import ProtocolError, open_session
+from pullmail.smtp.conduct import SessionLimits
 from pullmail.smtp.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Authenticate, Deliver, ServerPolicy
@@ -42,12 +45,19 @@ class TLSStringTransport(StringTransport):
     def startTLS(self, context) -> None:
         self.tls_started.append((context, self.value()))
 
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
 
 class Harness:
     """One factory with fake performers; each connection a StringTransport."""
 
     def __init__(self, service: str = "smtp", limits: ConnectionLimits | None = None,
-                 refuse=lambda address: None) -> None:
+                 refuse=lambda address: None, session_limits: SessionLimits = SessionLimits(),
+                 implicit_tls: bool = False) -> None:
         self.clock = Clock()
         self.deliveries: list[tuple[Deliver, defer.Deferred]] = []
         self.auto_deliver: Reply | None = Reply(250, "2.0.0", "Ok: queued as Q1")
@@ -69,6 +79,8 @@ class Harness:
             {Deliver: self.deliver, Authenticate: lambda protocol, request: request.password == "pw"},
             tls_context=self.tls_context,
             refuse_connection=refuse,
+            session_limits=session_limits,
+            implicit_tls=implicit_tls,
         )
 
     def deliver(self, protocol, request: Deliver):
@@ -487,3 +499,223 @@ class TestClientSTARTTLSInjection:
         self.connection.dataReceived(b"250-mx.peer.example\r\n250 PIPELINING\r\n")
         session = result_of(self.session)
         assert session.offers("PIPELINING")
+
+
+# -- limits against hostile peers (issue 18) -------------------------------------
+
+
+def connect(**session_limits) -> tuple[Harness, object, TLSStringTransport]:
+    """A harness with these SessionLimits, one connection, its greeting read."""
+    implicit = session_limits.pop("implicit_tls", False)
+    harness = Harness(session_limits=SessionLimits(**session_limits), implicit_tls=implicit)
+    protocol, transport = harness.connect()
+    transport.clear()
+    return harness, protocol, transport
+
+
+def said(protocol, transport, data: bytes) -> list[bytes]:
+    transport.clear()
+    protocol.dataReceived(data)
+    return transport.value().splitlines()
+
+
+def ehlo(protocol, transport) -> None:
+    assert said(protocol, transport, b"EHLO client.test\r\n")[-1].startswith(b"250 ")
+
+
+class TestBareLineEndings:
+    """Issue 18 item 5: a command line with a bare CR or LF is 500 5.5.2."""
+
+    @pytest.mark.parametrize("line", [b"MAIL FROM:<a@remote.test>\nRCPT TO:<alice@example.org>",
+                                      b"NOOP\rRSET", b"NOOP\n"])
+    def test_refused_whole(self, line):
+        _, protocol, transport = connect()
+        ehlo(protocol, transport)
+        lines = said(protocol, transport, line + b"\r\nNOOP\r\n")
+        assert lines == [replies.S500_BARE_LINE_ENDING.render().rstrip(), b"250 2.0.0 Ok"]
+
+    def test_smuggled_command_never_runs(self):
+        """The MAIL before the bare LF did not start a transaction."""
+        _, protocol, transport = connect()
+        ehlo(protocol, transport)
+        said(protocol, transport, b"MAIL FROM:<a@remote.test>\nRCPT TO:<alice@example.org>\r\n")
+        assert said(protocol, transport, b"RCPT TO:<alice@example.org>\r\n")[0][:3] == b"503"
+
+
+class TestImproperPipelining:
+    """Issue 18 item 8: RFC 2920 3.1, EHLO/HELO and DATA end a group."""
+
+    @pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+    def test_commands_behind_ehlo(self, verb, logged_events):
+        _, protocol, transport = connect()
+        lines = said(protocol, transport, verb + b" bot.test\r\nMAIL FROM:<a@remote.test>\r\n")
+        assert lines[-1] == b"554 5.5.0 Improper use of SMTP command pipelining (RFC 2920 3.1)"
+        assert lines[-2].startswith(b"250 ")
+        assert transport.disconnecting
+        assert [e["verb"] for e in logged_events
+                if e.get("event") == "improper-pipelining"] == [verb.decode()]
+
+    def test_text_before_354(self):
+        _, protocol, transport = connect()
+        ehlo(protocol, transport)
+        lines = said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\n"
+                     b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: spam\r\n")
+        assert [line[:9] for line in lines] == [b"250 2.1.0", b"250 2.1.5", b"554 5.5.0"]
+        assert transport.disconnecting
+
+    def test_mail_rcpt_data_group_is_proper(self):
+        """RFC 2920: MAIL, RCPT and DATA may go in one group, DATA last."""
+        harness, protocol, transport = connect()
+        ehlo(protocol, transport)
+        lines = said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\n"
+                     b"RCPT TO:<alice@example.org>\r\nDATA\r\n")
+        assert [line[:3] for line in lines] == [b"250", b"250", b"354"]
+        assert said(protocol, transport, b"hi\r\n.\r\n")[0][:3] == b"250"
+        assert not transport.disconnecting
+
+    def test_allow(self):
+        _, protocol, transport = connect(improper_pipelining="allow")
+        lines = said(protocol, transport, b"EHLO bot.test\r\nMAIL FROM:<a@remote.test>\r\n")
+        assert lines[-1] == b"250 2.1.0 Ok"
+        assert not transport.disconnecting
+
+
+class TestPregreet:
+    """Issue 18 item 8: postscreen's pre-greet test."""
+
+    def test_multiline_greeting_after_the_wait(self):
+        harness = Harness(session_limits=SessionLimits(pregreet_wait=3.0))
+        protocol, transport = harness.connect()
+        assert transport.value() == b"220-mx.example.org ESMTP pullmail\r\n"
+        harness.clock.advance(3.0)
+        assert transport.value().splitlines() == [b"220-mx.example.org ESMTP pullmail",
+                                                  GREETING]
+        ehlo(protocol, transport)
+
+    def test_talker_refused(self):
+        harness = Harness(session_limits=SessionLimits(pregreet_wait=3.0))
+        protocol, transport = harness.connect()
+        harness.clock.advance(1.0)
+        lines = said(protocol, transport, b"EHLO bot.test\r\n")
+        assert lines == [replies.S554_PREGREET.render().rstrip()]
+        assert transport.disconnecting
+        harness.clock.advance(5.0)
+        assert transport.value().splitlines() == lines   # no late greeting
+
+    def test_off_by_default(self):
+        _, transport = Harness().connect()
+        assert transport.value().splitlines() == [GREETING]
+
+
+class TestDeadlines:
+    """Issue 18 items 2 and 7: RFC 5321 4.5.3.2 timeouts a slowloris cannot reset."""
+
+    def test_command_line_deadline(self):
+        """One byte every 10 s resets the idle timer, not the command deadline."""
+        harness, protocol, transport = connect(command_timeout=60.0)
+        for byte in b"NOOP NOOP":
+            protocol.dataReceived(bytes([byte]))
+            harness.clock.advance(10.0)
+            if transport.disconnecting:
+                break
+        assert transport.value().splitlines()[-1][:9] == b"421 4.4.2"
+        assert harness.clock.seconds() == 60.0
+
+    def test_complete_lines_stop_the_deadline(self):
+        harness, protocol, transport = connect(command_timeout=60.0)
+        for _ in range(10):
+            protocol.dataReceived(b"NO")
+            harness.clock.advance(5.0)
+            protocol.dataReceived(b"OP\r\n")
+            harness.clock.advance(5.0)
+        assert not transport.disconnecting
+
+    def test_data_trickle_cut_off(self):
+        harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
+        ehlo(protocol, transport)
+        said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+             b"DATA\r\n")
+        while not transport.disconnecting and harness.clock.seconds() < 600:
+            protocol.dataReceived(b"x")
+            harness.clock.advance(1.0)
+        assert transport.value().splitlines()[-1][:9] == b"421 4.4.2"
+        assert 60.0 <= harness.clock.seconds() <= 61.0
+
+    def test_data_at_the_minimum_rate_goes_through(self):
+        """2000 octets/s against a 1000 octets/s minimum: 5 minutes are fine."""
+        harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
+        ehlo(protocol, transport)
+        said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+             b"DATA\r\n")
+        for _ in range(300):
+            protocol.dataReceived(b"y" * 998 + b"\r\n" + b"z" * 998 + b"\r\n")
+            harness.clock.advance(1.0)
+        lines = said(protocol, transport, b".\r\n")
+        assert not transport.disconnecting
+        assert lines[0][:3] == b"552"    # over the harness's 10 kB limit, but not cut off
+
+    def test_starttls_handshake_deadline(self):
+        harness, protocol, transport = connect(tls_handshake_timeout=30.0)
+        ehlo(protocol, transport)
+        assert said(protocol, transport, b"STARTTLS\r\n")[0][:3] == b"220"
+        harness.clock.advance(29.0)
+        assert not transport.disconnecting
+        harness.clock.advance(1.0)
+        assert transport.aborted
+
+    def test_completed_handshake_cancels_the_deadline(self):
+        harness, protocol, transport = connect(tls_handshake_timeout=30.0)
+        ehlo(protocol, transport)
+        said(protocol, transport, b"STARTTLS\r\n")
+        protocol.handshakeCompleted()
+        harness.clock.advance(100.0)
+        assert not transport.disconnecting
+        ehlo(protocol, transport)
+
+    def test_implicit_tls_handshake_deadline(self):
+        harness, protocol, transport = connect(tls_handshake_timeout=30.0, implicit_tls=True)
+        harness.clock.advance(30.0)
+        assert transport.aborted
+
+    def test_idle_timeout_during_handshake_aborts(self):
+        """The idle 421 cannot get through an unfinished handshake: abort instead."""
+        harness, protocol, transport = connect(tls_handshake_timeout=10 * IDLE)
+        ehlo(protocol, transport)
+        said(protocol, transport, b"STARTTLS\r\n")
+        harness.clock.advance(IDLE)
+        assert transport.aborted
+
+
+class TestBudgets:
+    """Issue 18 item 9: error and junk budgets, forbidden verbs."""
+
+    def test_errors_slow_down_then_close(self):
+        harness, protocol, transport = connect(max_errors=4)
+        assert said(protocol, transport, b"FOO\r\nBAR\r\n")[-1][:3] == b"500"
+        assert said(protocol, transport, b"BAZ\r\nQUX\r\n") == []   # the third waits 1 s
+        harness.clock.advance(1.0)
+        lines = transport.value().splitlines()
+        assert [line[:3] for line in lines] == [b"500", b"500", b"421"]
+        assert lines[-1] == replies.S421_TOO_MANY_ERRORS.render().rstrip()
+        assert transport.disconnecting
+
+    def test_junk_commands(self):
+        harness, protocol, transport = connect(max_junk_commands=5)
+        lines = said(protocol, transport, b"NOOP\r\n" * 5 + b"RSET\r\n")
+        assert lines[-1] == replies.S421_TOO_MANY_JUNK.render().rstrip()
+        assert transport.disconnecting
+
+    @pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"CONNECT mx:25 HTTP/1.0", b"USER root"])
+    def test_forbidden_verbs_close_at_once(self, line):
+        _, protocol, transport = connect()
+        lines = said(protocol, transport, line + b"\r\nHost: x\r\n\r\n")
+        assert lines == [b"554 5.5.0 Not an SMTP command, closing connection"]
+        assert transport.disconnecting
+
+
+def test_peer_text_escaped_in_logs(logged_events):
+    """Issue 18 item 14: an unknown verb with ESC and BS is logged escaped."""
+    _, protocol, transport = connect()
+    said(protocol, transport, b"\x1b[2J\x08EVIL\xff x\r\n")
+    [event] = [e for e in logged_events if e.get("event") == "rejected"]
+    assert event["verb"] == "\\x1b[2J\\x08EVIL\\xff"
