@@ -445,3 +445,16 @@ class TestOpenSession:
         channel, d = self.session([GREETING, EHLO, refusal], tls_options=object())
         assert failure_of(d, Refused).value.reply == refusal
         assert channel.tls == []
+
+
+def test_reply_text_from_a_peer_is_printable():
+    """
+    Issue 18 item 14: a peer's escape sequences (RFC 5321 4.2 allows only
+    printable text) are escaped as the reply is read, so they reach no log
+    or bounce as they are.
+    """
+    reader = ReplyReader()
+    reader.feed(b"550 5.1.1 \x1b[2Jgone\x08 \xff\r\n")
+    reply = reader.next_reply()
+    assert (reply.code, reply.enhanced) == (550, "5.1.1")
+    assert reply.text == "\\x1b[2Jgone\\x08 \\xff"

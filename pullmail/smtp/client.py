@@ -15,6 +15,7 @@ from typing import Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
+from pullmail.logsafe import printable
 from pullmail.smtp.replies import Reply
 
 __all__ = [
@@ -67,7 +68,9 @@ class ReplyReader:
             raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
             if len(raw) + 1 > MAX_REPLY_LINE:
                 raise ProtocolError("reply line too long")
-            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
+            # RFC 5321 4.2: reply text is printable; a peer's escape
+            # sequences would otherwise reach logs and bounces as they are.
+            line = printable(raw.removesuffix(b"\r"), limit=MAX_REPLY_LINE)
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
                 raise ProtocolError(f"not a reply: {line[:60]!r}")
             if self._lines and self._lines[0][:3] != line[:3]:
