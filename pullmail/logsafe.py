@@ -8,8 +8,6 @@ injection); a CR or LF forges a log line.  L{printable} escapes them.
 
 from __future__ import annotations
 
-import unicodedata
-
 __all__ = ["printable"]
 
 # Long enough for any legitimate command line (RFC 5321 4.5.3.1.4).
@@ -27,9 +25,10 @@ def _escape(ch: str) -> str:
 
 def printable(value: object, limit: int = MAX_LOGGED) -> str:
     """
-    C{value} (text, bytes or anything with a C{str}) with control and
-    format characters, line separators, backslashes and bytes that are not
-    UTF-8 escaped (``\\x1b``), cut to C{limit} characters.
+    C{value} (text, bytes or anything with a C{str}) with what is not
+    printable (controls, format characters such as bidi overrides, line and
+    odd space separators), backslashes and bytes that are not UTF-8 escaped
+    (``\\x1b``), cut to C{limit} characters.
     """
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", "surrogateescape")
@@ -38,8 +37,4 @@ def printable(value: object, limit: int = MAX_LOGGED) -> str:
         text = text[:limit] + "..."
     if text.isprintable() and "\\" not in text:
         return text
-    return "".join(
-        _escape(ch) if ch == "\\" or unicodedata.category(ch)[0] == "C"
-        or unicodedata.category(ch) in ("Zl", "Zp") else ch
-        for ch in text
-    )
+    return "".join(ch if ch.isprintable() and ch != "\\" else _escape(ch) for ch in text)

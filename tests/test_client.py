@@ -5,19 +5,18 @@ client dialogues against a scripted channel.
 
 from __future__ import annotations
 
-from pullmail.testing import result_of, failure_of
-
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 
 from pullmail.smtp.client import (
     MAX_REPLY_LINES,
+    EHLOResult,
     ProtocolError,
     Refused,
     ReplyReader,
     dot_stuff,
-    EHLOResult,
     open_session,
     parse_ehlo,
     send_notification,
@@ -25,7 +24,7 @@ from pullmail.smtp.client import (
 )
 from pullmail.smtp.data import DataReader
 from pullmail.smtp.replies import Reply
-import pytest
+from pullmail.testing import failure_of, result_of
 
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

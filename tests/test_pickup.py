@@ -5,15 +5,12 @@ destined-host check, claims, and the brute-force tarpit -- on a L{Clock}.
 
 from __future__ import annotations
 
-from pullmail.testing import assert_no_result, failure_of, result_of
-
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 
 from pullmail.config import DeliveryConfig
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.serve import IN_FLIGHT_WAIT, PickupCounter
-from pullmail.trust.throttle import FailureTracker
 from pullmail.pull.verbs import Retrieve
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Session
@@ -24,9 +21,13 @@ from pullmail.testing import (
     FakeNetwork,
     FakeResolver,
     MemoryOutbox,
+    assert_no_result,
+    failure_of,
     make_entry,
+    result_of,
     run_blocking,
 )
+from pullmail.trust.throttle import FailureTracker
 
 GDEL_ID = "Notified_entry_00001"
 MX_ADDRESS = "192.0.2.25"

@@ -6,12 +6,9 @@ L{Clock}.
 
 from __future__ import annotations
 
-from pullmail.testing import result_of, failure_of
-
 import base64
 
 import pytest
-
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -24,6 +21,7 @@ from pullmail.smtp.conduct import SessionLimits
 from pullmail.smtp.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Authenticate, Deliver, ServerPolicy
+from pullmail.testing import failure_of, result_of
 
 IDLE = 300.0
 GREETING = b"220 mx.example.org ESMTP pullmail"
@@ -76,7 +74,8 @@ class Harness:
             self.clock,
             limits or ConnectionLimits(100, 10),
             IDLE,
-            {Deliver: self.deliver, Authenticate: lambda protocol, request: request.password == "pw"},
+            {Deliver: self.deliver,
+             Authenticate: lambda protocol, request: request.password == "pw"},
             tls_context=self.tls_context,
             refuse_connection=refuse,
             session_limits=session_limits,
@@ -148,7 +147,8 @@ class TestCommand(ProtocolCase):
         """A pipelined group is answered in order, one reply per command."""
         assert self.codes(
                 b"EHLO client.test\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
-                b"RCPT TO:<nobody@example.org>\r\nRCPT TO:<x@remote.test>\r\nNOOP\r\nFOO\r\nRSET\r\n"
+                b"RCPT TO:<nobody@example.org>\r\nRCPT TO:<x@remote.test>\r\n"
+                b"NOOP\r\nFOO\r\nRSET\r\n"
             ) == \
             [b"250", b"250", b"250", b"550", b"550", b"250", b"500", b"250"]
 
@@ -257,7 +257,9 @@ class TestLimit:
 
     def test_refused_by_policy(self):
         """A refusal from refuse_connection is sent and the connection closed."""
-        harness = Harness(refuse=lambda address: replies.S421_BLOCKED if address == "192.0.2.66" else None)
+        harness = Harness(
+            refuse=lambda address: replies.S421_BLOCKED if address == "192.0.2.66" else None
+        )
         protocol, transport = harness.connect("192.0.2.66")
         assert transport.value().splitlines()[0][:9] == b"421 4.7.0"
         assert transport.disconnecting
@@ -277,7 +279,8 @@ class TestStartTLS(ProtocolCase):
         assert context is self.harness.tls_context
         assert written.splitlines() == [b"220 2.0.0 Ready to start TLS"]
         # Nothing from before the handshake carries over: a new EHLO is needed.
-        self.assert_server_response(b"MAIL FROM:<a@remote.test>\r\n", [b"503 5.5.1 Send EHLO/HELO first"])
+        self.assert_server_response(b"MAIL FROM:<a@remote.test>\r\n",
+                                    [b"503 5.5.1 Send EHLO/HELO first"])
 
     def test_injection_with_mail(self):
         """An injected transaction behind STARTTLS is dropped entirely."""
@@ -332,7 +335,8 @@ class TestData(ProtocolCase):
     def test_delivered(self):
         """The message goes to the performer; its reply is sent."""
         self.start_data()
-        self.assert_server_response(b"Subject: x\r\n\r\n..hi\r\n.\r\n", [b"250 2.0.0 Ok: queued as Q1"])
+        self.assert_server_response(b"Subject: x\r\n\r\n..hi\r\n.\r\n",
+                                    [b"250 2.0.0 Ok: queued as Q1"])
         [(request, _)] = self.harness.deliveries
         assert b"".join(request.chunks) == b"Subject: x\r\n\r\n.hi\r\n"
         assert request.envelope.recipients == ("alice@example.org",)
@@ -345,8 +349,8 @@ class TestData(ProtocolCase):
     def test_smuggling(self):
         """A smuggled end of data is refused and its 'commands' are data."""
         self.start_data()
-        assert self.codes(b"a\r\n\n.\nMAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
-                       b"DATA\r\nevil\r\n.\r\nNOOP\r\n") == \
+        assert self.codes(b"a\r\n\n.\nMAIL FROM:<evil@remote.test>\r\n"
+                       b"RCPT TO:<alice@example.org>\r\nDATA\r\nevil\r\n.\r\nNOOP\r\n") == \
             [b"550", b"250"]
         assert self.harness.deliveries == []
 
@@ -400,7 +404,8 @@ class TestData(ProtocolCase):
     def test_long_line(self):
         """A data line over 1000 octets is 550 5.6.0 after the end of data."""
         self.start_data()
-        self.assert_server_response(b"x" * 1200 + b"\r\n.\r\n", [replies.S550_DATA_LINE_TOO_LONG.render().rstrip()])
+        self.assert_server_response(b"x" * 1200 + b"\r\n.\r\n",
+                                    [replies.S550_DATA_LINE_TOO_LONG.render().rstrip()])
 
 
 class TestAuth(ProtocolCase):
@@ -418,13 +423,15 @@ class TestAuth(ProtocolCase):
         self.ehlo()
         assert self.codes(b"STARTTLS\r\n") == [b"220"]
         plain = base64.b64encode(b"\0alice@example.org\0pw")
-        assert self.codes(b"EHLO client.test\r\nAUTH PLAIN " + plain + b"\r\nMAIL FROM:<alice@example.org>\r\n") == \
+        assert self.codes(b"EHLO client.test\r\nAUTH PLAIN " + plain
+                          + b"\r\nMAIL FROM:<alice@example.org>\r\n") == \
             [b"250", b"235", b"250"]
 
     def test_auth_before_tls(self):
         """AUTH before TLS is 530 5.7.0 through the glue too."""
         self.ehlo()
-        self.assert_server_response(b"AUTH PLAIN AGFAYg==\r\n", [b"530 5.7.0 Must issue a STARTTLS command first"])
+        self.assert_server_response(b"AUTH PLAIN AGFAYg==\r\n",
+                                    [b"530 5.7.0 Must issue a STARTTLS command first"])
 
     def test_bad_password(self):
         """A refused password is 535 5.7.8 and MAIL still needs AUTH."""
@@ -523,6 +530,15 @@ def ehlo(protocol, transport) -> None:
     assert said(protocol, transport, b"EHLO client.test\r\n")[-1].startswith(b"250 ")
 
 
+ENVELOPE = b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+
+
+def envelope_then(protocol, transport, after: bytes) -> list[bytes]:
+    """EHLO, then MAIL and RCPT pipelined with C{after}; the replies to the group."""
+    ehlo(protocol, transport)
+    return said(protocol, transport, ENVELOPE + after)
+
+
 class TestBareLineEndings:
     """Issue 18 item 5: a command line with a bare CR or LF is 500 5.5.2."""
 
@@ -557,18 +573,14 @@ class TestImproperPipelining:
 
     def test_text_before_354(self):
         _, protocol, transport = connect()
-        ehlo(protocol, transport)
-        lines = said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\n"
-                     b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: spam\r\n")
+        lines = envelope_then(protocol, transport, b"DATA\r\nSubject: spam\r\n")
         assert [line[:9] for line in lines] == [b"250 2.1.0", b"250 2.1.5", b"554 5.5.0"]
         assert transport.disconnecting
 
     def test_mail_rcpt_data_group_is_proper(self):
         """RFC 2920: MAIL, RCPT and DATA may go in one group, DATA last."""
         harness, protocol, transport = connect()
-        ehlo(protocol, transport)
-        lines = said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\n"
-                     b"RCPT TO:<alice@example.org>\r\nDATA\r\n")
+        lines = envelope_then(protocol, transport, b"DATA\r\n")
         assert [line[:3] for line in lines] == [b"250", b"250", b"354"]
         assert said(protocol, transport, b"hi\r\n.\r\n")[0][:3] == b"250"
         assert not transport.disconnecting
@@ -632,9 +644,7 @@ class TestDeadlines:
 
     def test_data_trickle_cut_off(self):
         harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
-        ehlo(protocol, transport)
-        said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
-             b"DATA\r\n")
+        envelope_then(protocol, transport, b"DATA\r\n")
         while not transport.disconnecting and harness.clock.seconds() < 600:
             protocol.dataReceived(b"x")
             harness.clock.advance(1.0)
@@ -644,9 +654,7 @@ class TestDeadlines:
     def test_data_at_the_minimum_rate_goes_through(self):
         """2000 octets/s against a 1000 octets/s minimum: 5 minutes are fine."""
         harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
-        ehlo(protocol, transport)
-        said(protocol, transport, b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
-             b"DATA\r\n")
+        envelope_then(protocol, transport, b"DATA\r\n")
         for _ in range(300):
             protocol.dataReceived(b"y" * 998 + b"\r\n" + b"z" * 998 + b"\r\n")
             harness.clock.advance(1.0)

@@ -6,7 +6,6 @@ turn.  Lines in, actions out; no I/O.
 
 from __future__ import annotations
 
-
 from pullmail.accounts.users import Accounts
 from pullmail.pull.verbs import Notify, Retrieve, TurnMachine, pull_extension
 from pullmail.smtp import replies

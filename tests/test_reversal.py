@@ -10,8 +10,6 @@ C{serve_turn} with a L{TurnMachine}.
 
 from __future__ import annotations
 
-from pullmail.testing import result_of, failure_of, assert_no_result
-
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -26,6 +24,7 @@ from pullmail.smtp.envelope import Session
 from pullmail.smtp.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver, Reverse, ServerPolicy
+from pullmail.testing import assert_no_result, failure_of, result_of
 
 GDEL_ID = "Id_of_the_message_0123"
 SENDER = "alice@sender.example"

@@ -136,8 +136,10 @@ SEQUENCE_TABLE = [
 class TestAllowedTable:
     """Every verb in every state gets its proper reply or a 503."""
 
-    @pytest.mark.parametrize("state, line, code, after", SEQUENCE_TABLE,
-                             ids=[f"{s.name}-{line.split()[0]}" for s, line, _, _ in SEQUENCE_TABLE])
+    @pytest.mark.parametrize(
+        "state, line, code, after", SEQUENCE_TABLE,
+        ids=[f"{s.name}-{line.split()[0]}" for s, line, _, _ in SEQUENCE_TABLE],
+    )
     def test_every_state_and_verb(self, state, line, code, after):
         """
         Each verb in each state gets the reply and leads to the state
@@ -574,7 +576,8 @@ class TestSubmission:
         """Even after AUTH, routing tricks in a local domain are refused."""
         m = _authenticated()
         m.handle("MAIL FROM:<alice@example.org>")
-        for path in ('<"x@remote.test"@example.org>', "<x%remote.test@example.org>", "<a@[192.0.2.9]>"):
+        for path in ('<"x@remote.test"@example.org>', "<x%remote.test@example.org>",
+                     "<a@[192.0.2.9]>"):
             assert m.handle(f"RCPT TO:{path}").code == 550, path
 
 
@@ -690,7 +693,8 @@ class TestAuth:
         for tls in (False, True):
             m = _machine("smtp", tls=tls)
             m.handle("EHLO client.test")
-            assert _code(m.handle("AUTH PLAIN " + _b64("\0alice@example.org\0pw"))) == (502, "5.5.1")
+            auth = m.handle("AUTH PLAIN " + _b64("\0alice@example.org\0pw"))
+            assert _code(auth) == (502, "5.5.1")
 
 
 class TestStartTLS:

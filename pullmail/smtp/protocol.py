@@ -21,9 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pullmail.logsafe import printable
 from pullmail.smtp import replies
 from pullmail.smtp.client import ProtocolError, ReplyReader
-from pullmail.logsafe import printable
 from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits, data_allowance
 from pullmail.smtp.connection import (
     NEED_DATA,
@@ -155,7 +155,9 @@ class SMTPConnection(Protocol):
         factory = self.factory
         peer = self.transport.getPeer()
         address = getattr(peer, "host", "unknown")
-        self.machine = factory.new_machine(Session(address, factory.service, tls=factory.implicit_tls))
+        self.machine = factory.new_machine(
+            Session(address, factory.service, tls=factory.implicit_tls)
+        )
         self.performers = factory.performers
         self.log_commands = factory.log_commands
         self.limits = factory.session_limits

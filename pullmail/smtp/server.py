@@ -22,7 +22,6 @@ from typing import Callable, Mapping
 
 from pullmail.accounts.users import Accounts
 from pullmail.smtp import replies
-from pullmail.smtp.connection import MAX_COMMAND_LINE
 from pullmail.smtp.address import (
     AddressError,
     Forbidden,
@@ -32,6 +31,7 @@ from pullmail.smtp.address import (
     parse_mail_argument,
     parse_rcpt_argument,
 )
+from pullmail.smtp.connection import MAX_COMMAND_LINE
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.replies import Reply
 
@@ -262,22 +262,16 @@ class Extension:
     )
 
 
-# Each verb's handler: called with the machine, so that a subclass (the
-# reversed turn) overrides a command by overriding the method.
-HANDLERS: Mapping[str, Callable[["ServerMachine", str], object]] = {
-    "EHLO": lambda machine, argument: machine._ehlo(argument),
-    "HELO": lambda machine, argument: machine._helo(argument),
-    "MAIL": lambda machine, argument: machine._mail(argument),
-    "RCPT": lambda machine, argument: machine._rcpt(argument),
-    "DATA": lambda machine, argument: machine._data(argument),
-    "RSET": lambda machine, argument: machine._rset(argument),
-    "NOOP": lambda machine, argument: machine._noop(argument),
-    "QUIT": lambda machine, argument: machine._quit(argument),
-    "VRFY": lambda machine, argument: machine._vrfy(argument),
-    "HELP": lambda machine, argument: machine._help(argument),
-    "STARTTLS": lambda machine, argument: machine._starttls(argument),
-    "AUTH": lambda machine, argument: machine._auth(argument),
-}
+def _handlers(cls: type) -> dict[str, Callable[["ServerMachine", str], object]]:
+    """
+    Each verb's handler, as C{cls} defines it: a subclass (the reversed
+    turn) changes a command by overriding its method.
+    """
+    return {
+        "EHLO": cls._ehlo, "HELO": cls._helo, "MAIL": cls._mail, "RCPT": cls._rcpt,
+        "DATA": cls._data, "RSET": cls._rset, "NOOP": cls._noop, "QUIT": cls._quit,
+        "VRFY": cls._vrfy, "HELP": cls._help, "STARTTLS": cls._starttls, "AUTH": cls._auth,
+    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -290,7 +284,7 @@ def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
     turn) can change its table and how a request's answer is taken.
     """
     transitions = {**TRANSITIONS, **machine_class.TRANSITION_CHANGES}
-    handlers: dict[str, Callable] = dict(HANDLERS)
+    handlers: dict[str, Callable] = _handlers(machine_class)
     resolvers: dict[type, Callable] = {
         CheckSender: machine_class._resolve_sender,
         CheckPush: machine_class._resolve_push,
@@ -607,3 +601,7 @@ class ServerMachine:
             return replies.S535_BAD_CREDENTIALS
         self.session = self.session.evolve(user=request.user)
         return replies.S235_AUTH_OK
+
+
+# The core verbs' handlers (extensions add their own).
+HANDLERS: Mapping[str, Callable[[ServerMachine, str], object]] = _handlers(ServerMachine)
