@@ -24,7 +24,7 @@ from zope.interface import implementer
 from pullmail.logsafe import printable
 from pullmail.smtp import replies
 from pullmail.smtp.client import ProtocolError, ReplyReader
-from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits, data_allowance
+from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits
 from pullmail.smtp.connection import (
     NEED_DATA,
     BareLineEnding,
@@ -32,6 +32,7 @@ from pullmail.smtp.connection import (
     Connection,
     MessageEnd,
 )
+from pullmail.smtp.deadlines import Deadlines
 from pullmail.smtp.envelope import Session
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import (
@@ -83,67 +84,203 @@ class ConnectionLimits:
             del self._open[address]
 
 
-class _Timers:
-    """Named one-shot timers on an injected clock."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self.clock = clock
-        self._calls: dict[str, object] = {}
-
-    def start(self, name: str, delay: float, f: Callable[[], None]) -> None:
-        self.cancel(name)
-        if delay > 0:
-            self._calls[name] = self.clock.callLater(delay, self._fire, name, f)
-
-    def _fire(self, name: str, f: Callable[[], None]) -> None:
-        del self._calls[name]
-        f()
-
-    def running(self, name: str) -> bool:
-        return name in self._calls
-
-    def reset(self, name: str, delay: float) -> None:
-        call = self._calls.get(name)
-        if call is not None:
-            call.reset(delay)
-
-    def cancel(self, name: str) -> None:
-        call = self._calls.pop(name, None)
-        if call is not None:
-            call.cancel()
-
-    def cancel_all(self) -> None:
-        for name in list(self._calls):
-            self.cancel(name)
-
-
 @implementer(IHandshakeListener)
-class SMTPConnection(Protocol):
+class ReplyChannel(Protocol):
+    """
+    The client role of a connection: a L{ReplyReader} reads the peer's
+    replies, and the connection is the L{Channel} of a client dialogue; and
+    the switches into it and out of it that General Delivery's reversed
+    turns make (SPEC 4).  The server role is L{SMTPConnection}'s.
+    """
+
+    def __init__(self) -> None:
+        self._replies: ReplyReader | None = None     # set in the client role
+        self._reply_waiters: deque[defer.Deferred] = deque()
+        self._closing = False
+        self._busy = False          # a request (or a reversed turn) is running
+        self.deadlines: Deadlines | None = None
+
+    def become_client(self, rest: bytes = b"") -> None:
+        self._replies = ReplyReader()
+        self._replies.feed(rest)
+
+    def send(self, data: bytes) -> None:
+        """Send commands (the Channel interface)."""
+        if not self._closing:
+            self.transport.write(data)
+
+    def start_tls(self, options) -> None:
+        """
+        Client role: start TLS right after the peer's 220 to STARTTLS.
+
+        Anything the peer sent behind that 220 is plaintext that a man in
+        the middle may have injected (the client-side twin of
+        CVE-2011-0411): read as the first replies under TLS, it would put
+        every later reply out of step, and a message could be taken as
+        delivered that never was.  Such a session is broken off; the
+        caller's transaction fails and its mail stays queued.
+        """
+        injected = self._replies.take_rest() if self._replies is not None else b""
+        if injected:
+            log.warn("{peer} sent {count} octets behind its 220 to STARTTLS; "
+                     "dropping the session", peer=self.transport.getPeer(),
+                     count=len(injected), event="tls-injection")
+            self._closing = True
+            self.transport.abortConnection()
+            raise ProtocolError("data received behind the 220 to STARTTLS (injection)")
+        self.deadlines.start_handshake(timed=False)
+        self.transport.startTLS(options)
+
+    def reply(self) -> defer.Deferred:
+        """The next reply from the peer (the Channel interface)."""
+        d = defer.Deferred()
+        if self._closing:
+            d.errback(error.ConnectionLost("connection closed"))
+            return d
+        self._reply_waiters.append(d)
+        self._hand_out_replies()
+        return d
+
+    def _hand_out_replies(self) -> None:
+        while self._reply_waiters and self._replies is not None:
+            try:
+                reply = self._replies.next_reply()
+            except ProtocolError as e:
+                log.info("protocol error from {peer}: {error}",
+                         peer=self.transport.getPeer(), error=printable(e))
+                self._closing = True
+                self.transport.loseConnection()
+                return
+            if reply is None:
+                return
+            self._reply_waiters.popleft().callback(reply)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done."""
+        if self.deadlines is not None:
+            self.deadlines.handshake_done()
+
+    def _fail_waiters(self, reason: Failure) -> None:
+        waiters, self._reply_waiters = self._reply_waiters, deque()
+        for waiter in waiters:
+            waiter.errback(reason)
+
+    def no_delay(self) -> None:
+        """
+        TCP_NODELAY: SMTP is a dialogue of small writes, and a reply followed
+        at once by a command (the end of a reversed turn, then the next RETR)
+        would otherwise wait ~40 ms for the peer's delayed ACK (Nagle).
+        """
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (tests, UNIX sockets)
+
+    def start_timer(self, clock: IReactorTime, timeout: float,
+                    limits: SessionLimits = SessionLimits()) -> None:
+        self.deadlines = Deadlines(clock, timeout, limits, self._timed_out, self._abort,
+                                   lambda: self._busy)
+
+    def _abort(self) -> None:
+        log.info("TLS handshake timeout for {peer}", peer=self.transport.getPeer(),
+                 event="tls-timeout")
+        self._closing = True
+        self.transport.abortConnection()
+
+    def _hang_up(self) -> None:
+        """
+        Close; abort if a TLS handshake is unfinished: nothing gets through
+        it, not even a 421, and waiting to flush would hold the slot for ever.
+        """
+        self._closing = True
+        if self.deadlines is not None and self.deadlines.handshaking:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- switching roles (SPEC 4) -------------------------------------------
+
+    def serve_turn(self, machine: ServerMachine) -> defer.Deferred:
+        """
+        Take the server role for one reversed turn: what the peer sent after
+        its last reply is the first input.  Fires when the machine ends the
+        turn, with the connection back in the client role.
+        """
+        self._serve(machine)
+        self._turn_done = defer.Deferred()
+        done = self._turn_done
+        self._process()
+        return done
+
+    def _serve(self, machine: ServerMachine) -> None:
+        """Back to the server role; what followed the last reply is input."""
+        rest = self._replies.take_rest() if self._replies else b""
+        self._replies = None
+        self.machine = machine
+        self._input.receive_data(rest)
+
+    def _reverse(self, action: Reverse) -> None:
+        """SPEC 4, SMTA side: after '250 ... follows', be the client."""
+        self.send_reply(action.reply)
+        self._input.discard()
+        self.become_client()
+        self._busy = True
+        d = defer.Deferred.fromCoroutine(action.turn(self))
+
+        def turn_over(result: object) -> object:
+            self._busy = False
+            if self._closing:
+                return result
+            self._serve(self.machine)
+            self._process()
+            return result
+
+        d.addBoth(turn_over)
+        d.addErrback(self._turn_failed)
+
+    def _abandon(self, result: object) -> None:
+        """
+        The peer left while a request ran.  A reversal granted meanwhile
+        still runs its turn, which fails at once on the closed channel: the
+        turn's own cleanup (giving back a claimed outbox entry) must happen.
+        """
+        if isinstance(result, Reverse):
+            d = defer.Deferred.fromCoroutine(result.turn(self))
+            d.addErrback(self._turn_failed)
+
+    def _turn_failed(self, failure: Failure) -> None:
+        if failure.check(error.ConnectionDone, error.ConnectionLost):
+            log.info("peer left during the reversed turn", event="turn-aborted")
+        else:
+            log.failure("reversed turn failed", failure)
+
+    def _timed_out(self, reply: Reply, event: str) -> None:
+        log.info("{what} for {peer}", what=reply.text.split(",")[0].lower(),
+                 peer=self.transport.getPeer(), event=event)
+        if self._replies is not None:
+            self._hang_up()
+        else:
+            self.close(reply)
+
+
+class SMTPConnection(ReplyChannel):
     """
     One SMTP connection, in the server role (a L{Connection} frames the
-    input, a L{ServerMachine} reads the commands) or the client role (a
-    L{ReplyReader} reads replies, and the connection is the L{Channel} of
-    a client dialogue).  General Delivery swaps the two on one connection
+    input, a L{ServerMachine} reads the commands) or the client role (see
+    L{ReplyChannel}).  General Delivery swaps the two on one connection
     (SPEC 4).
     """
 
     factory: "SMTPServerFactory"
 
     def __init__(self) -> None:
-        self._replies: ReplyReader | None = None     # set in the client role
-        self._reply_waiters: deque[defer.Deferred] = deque()
+        super().__init__()
         self._turn_done: defer.Deferred | None = None
         self._input = Connection()
-        self._busy = False          # a request is running; input waits
         self._paused = False        # the transport is paused (backpressure)
-        self._timers: _Timers | None = None
-        self._timeout = 0.0
         self._counted = False        # holds a place in the connection limits
         self.machine: ServerMachine | None = None
-        self._closing = False
         self._greeted = True         # False while the pre-greet wait runs
-        self._tls_pending = False    # a TLS handshake has not completed
-        self._data_started = 0.0
         self.performers: Mapping[type, Callable] = {}
         self.log_commands = False
         self.limits = SessionLimits()
@@ -179,9 +316,9 @@ class SMTPConnection(Protocol):
             self.transport.loseConnection()
             return
         self.no_delay()
-        self.start_timer(factory.clock, factory.idle_timeout)
+        self.start_timer(factory.clock, factory.idle_timeout, self.limits)
         if factory.implicit_tls:
-            self._expect_handshake()
+            self.deadlines.start_handshake()
         greeting = self.machine.greeting()
         if self.limits.pregreet_wait > 0:
             # postscreen's pre-greet test: a multi-line greeting, and a
@@ -189,8 +326,8 @@ class SMTPConnection(Protocol):
             # 4.3.1, 4.5.3.2.1: the client waits for the greeting).
             self._greeted = False
             self.transport.write(f"220-{greeting.text}\r\n".encode("utf-8"))
-            self._timers.start("pregreet", self.limits.pregreet_wait,
-                               lambda: self._greet(greeting))
+            self.deadlines.later("pregreet", self.limits.pregreet_wait,
+                                 lambda: self._greet(greeting))
         else:
             self._greet(greeting)
 
@@ -199,109 +336,34 @@ class SMTPConnection(Protocol):
         self.send_reply(greeting)
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._timers is not None:
-            self._timers.cancel_all()
+        if self.deadlines is not None:
+            self.deadlines.cancel_all()
         if self._counted:
             self._counted = False
             self.factory.limits.release(self.machine.session.peer)
         self._closing = True
-        waiters, self._reply_waiters = self._reply_waiters, deque()
-        for waiter in waiters:
-            waiter.errback(reason)
+        self._fail_waiters(reason)
         if self._turn_done is not None:
             done, self._turn_done = self._turn_done, None
             done.errback(reason)
 
-    def no_delay(self) -> None:
-        """
-        TCP_NODELAY: SMTP is a dialogue of small writes, and a reply followed
-        at once by a command (the end of a reversed turn, then the next RETR)
-        would otherwise wait ~40 ms for the peer's delayed ACK (Nagle).
-        """
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass  # not TCP (tests, UNIX sockets)
-
-    def start_timer(self, clock: IReactorTime, timeout: float) -> None:
-        self._timers, self._timeout = _Timers(clock), timeout
-        self._timers.start("idle", timeout, self._timed_out)
-
     def close(self, reply: Reply | None = None) -> None:
         if reply is not None:
             self.send_reply(reply)
-        self._closing = True
         self._input.discard()
-        if self._tls_pending:
-            # Nothing gets through an unfinished handshake, not even a 421:
-            # waiting to flush it would hold the slot for ever.
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        self._hang_up()
 
-    # -- timeouts (RFC 5321 4.5.3.2) -------------------------------------------
-
-    def _timed_out(self, reply: Reply = replies.S421_TIMEOUT, event: str = "timeout") -> None:
-        if self._busy:
-            # The silence is ours (a delivery or check is running), not the peer's.
-            self._timers.start("idle", self._timeout, self._timed_out)
-            return
-        log.info("{what} for {peer}", what=reply.text.split(",")[0].lower(),
-                 peer=self.transport.getPeer(), event=event)
-        if self._replies is not None:
-            self._closing = True
-            (self.transport.abortConnection if self._tls_pending
-             else self.transport.loseConnection)()
-            return
-        self.close(reply)
-
-    def _expect_handshake(self) -> None:
-        self._tls_pending = True
-        self._timers.start("handshake", self.limits.tls_handshake_timeout,
-                           self._handshake_timed_out)
-
-    def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake is done."""
-        self._tls_pending = False
-        if self._timers is not None:
-            self._timers.cancel("handshake")
-
-    def _handshake_timed_out(self) -> None:
-        log.info("TLS handshake timeout for {peer}", peer=self.transport.getPeer(),
-                 event="tls-timeout")
-        self._closing = True
-        self.transport.abortConnection()
-
-    def _watch_deadlines(self) -> None:
-        """
-        The command deadline runs from the first octet of a command line to
-        its CRLF, however slowly the octets come (a slowloris resets an idle
-        timer with every byte; this one it cannot).
-        """
-        if self._timers is None or self._closing:
-            return
-        if self._input.partial_line:
-            if not self._timers.running("command"):
-                self._timers.start("command", self.limits.command_timeout, lambda: self._timed_out(
-                    replies.S421_COMMAND_TIMEOUT, "command-timeout"))
-        else:
-            self._timers.cancel("command")
-
-    def _check_data_rate(self) -> None:
-        allowed = data_allowance(self.limits, self._input.data_octets)
-        left = self._data_started + allowed - self._timers.clock.seconds()
-        if left > 0:
-            self._timers.start("data", left, self._check_data_rate)
-        else:
-            self._timed_out(replies.S421_DATA_TIMEOUT, "data-timeout")
+    def send_reply(self, reply: Reply) -> None:
+        if not self._closing:
+            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
 
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._timers is not None:
-            self._timers.reset("idle", self._timeout)
+        if self.deadlines is not None:
+            self.deadlines.touch()
         if self._replies is not None:
             self._replies.feed(data)
             self._hand_out_replies()
@@ -324,85 +386,7 @@ class SMTPConnection(Protocol):
             self._paused = False
             self.transport.resumeProducing()
 
-    # -- the client role -----------------------------------------------------
-
-    def become_client(self, rest: bytes = b"") -> None:
-        self._replies = ReplyReader()
-        self._replies.feed(rest)
-
-    def send(self, data: bytes) -> None:
-        """Send commands (the Channel interface)."""
-        if not self._closing:
-            self.transport.write(data)
-
-    def start_tls(self, options) -> None:
-        """
-        Client role: start TLS right after the peer's 220 to STARTTLS.
-
-        Anything the peer sent behind that 220 is plaintext that a man in
-        the middle may have injected (the client-side twin of
-        CVE-2011-0411): read as the first replies under TLS, it would put
-        every later reply out of step, and a message could be taken as
-        delivered that never was.  Such a session is broken off; the
-        caller's transaction fails and its mail stays queued.
-        """
-        injected = self._replies.take_rest() if self._replies is not None else b""
-        if injected:
-            log.warn("{peer} sent {count} octets behind its 220 to STARTTLS; "
-                     "dropping the session", peer=self.transport.getPeer(),
-                     count=len(injected), event="tls-injection")
-            self._closing = True
-            self.transport.abortConnection()
-            raise ProtocolError("data received behind the 220 to STARTTLS (injection)")
-        self._tls_pending = True
-        self.transport.startTLS(options)
-
-    def send_reply(self, reply: Reply) -> None:
-        if not self._closing:
-            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
-
-    def reply(self) -> defer.Deferred:
-        """The next reply from the peer (the Channel interface)."""
-        d = defer.Deferred()
-        if self._closing:
-            d.errback(error.ConnectionLost("connection closed"))
-            return d
-        self._reply_waiters.append(d)
-        self._hand_out_replies()
-        return d
-
-    def _hand_out_replies(self) -> None:
-        while self._reply_waiters and self._replies is not None:
-            try:
-                reply = self._replies.next_reply()
-            except ProtocolError as e:
-                log.info("protocol error from {peer}: {error}",
-                         peer=self.transport.getPeer(), error=printable(e))
-                self._closing = True
-                self.transport.loseConnection()
-                return
-            if reply is None:
-                return
-            self._reply_waiters.popleft().callback(reply)
-
-    def serve_turn(self, machine: ServerMachine) -> defer.Deferred:
-        """
-        Take the server role for one reversed turn: what the peer sent after
-        its last reply is the first input.  Fires when the machine ends the
-        turn, with the connection back in the client role.
-        """
-        self._serve(machine)
-        self._turn_done = defer.Deferred()
-        done = self._turn_done
-        self._process()
-        return done
-
-    def _serve(self, machine: ServerMachine) -> None:
-        """Back to the server role; what followed the last reply is input."""
-        rest = self._replies.take_rest() if self._replies else b""
-        self._replies = None
-        self.machine = machine
-        self._input.receive_data(rest)
+    # -- the server role ----------------------------------------------------
 
     # -- the server role: events --------------------------------------------
 
@@ -414,14 +398,15 @@ class SMTPConnection(Protocol):
             if isinstance(event, CommandLine):
                 self._command(event.line)
             elif isinstance(event, MessageEnd):
-                self._timers.cancel("data")
+                self.deadlines.end_data()
                 self._act(self.machine.data_received(event.chunks, event.size, event.error),
                           "DATA")
             elif isinstance(event, BareLineEnding):
                 self._answer("<bare line ending>", replies.S500_BARE_LINE_ENDING)
             else:
                 self._answer("<too long>", replies.S500_LINE_TOO_LONG)
-        self._watch_deadlines()
+        if self.deadlines is not None and not self._closing:
+            self.deadlines.watch_line(self._input.partial_line)
 
     def _command(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "surrogateescape")
@@ -461,7 +446,7 @@ class SMTPConnection(Protocol):
                 self._resume_reading()
                 self._process()
 
-            self._timers.start("tarpit", judgement.delay, later)
+            self.deadlines.later("tarpit", judgement.delay, later)
             return
         self.send_reply(reply)
         if judgement.close is not None:
@@ -509,43 +494,7 @@ class SMTPConnection(Protocol):
             return
         self.send_reply(action.reply)
         self._input.read_message(action.max_size)
-        self._data_started = self._timers.clock.seconds()
-        self._timers.start("data", data_allowance(self.limits, 0), self._check_data_rate)
-
-    def _reverse(self, action: Reverse) -> None:
-        """SPEC 4, SMTA side: after '250 ... follows', be the client."""
-        self.send_reply(action.reply)
-        self._input.discard()
-        self.become_client()
-        self._busy = True
-        d = defer.Deferred.fromCoroutine(action.turn(self))
-
-        def turn_over(result: object) -> object:
-            self._busy = False
-            if self._closing:
-                return result
-            self._serve(self.machine)
-            self._process()
-            return result
-
-        d.addBoth(turn_over)
-        d.addErrback(self._turn_failed)
-
-    def _abandon(self, result: object) -> None:
-        """
-        The peer left while a request ran.  A reversal granted meanwhile
-        still runs its turn, which fails at once on the closed channel: the
-        turn's own cleanup (giving back a claimed outbox entry) must happen.
-        """
-        if isinstance(result, Reverse):
-            d = defer.Deferred.fromCoroutine(result.turn(self))
-            d.addErrback(self._turn_failed)
-
-    def _turn_failed(self, failure: Failure) -> None:
-        if failure.check(error.ConnectionDone, error.ConnectionLost):
-            log.info("peer left during the reversed turn", event="turn-aborted")
-        else:
-            log.failure("reversed turn failed", failure)
+        self.deadlines.start_data(lambda: self._input.data_octets)
 
     def _log_outcome(self, line: str, reply: Reply) -> None:
         verb = printable(line.split(" ", 1)[0].upper()[:16])
@@ -594,7 +543,7 @@ class SMTPConnection(Protocol):
     def _start_tls(self) -> None:
         context = self.factory.tls_context
         self.transport.startTLS(context)
-        self._expect_handshake()
+        self.deadlines.start_handshake()
         self.machine.tls_started()
         log.info("TLS started with {peer}", peer=self.machine.session.peer, event="tls")
 

@@ -301,8 +301,7 @@ def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
 class ServerMachine:
     """One SMTP session's state, driven by lines; no I/O."""
 
-    # What a subclass changes in L{TRANSITIONS}.
-    TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}
+    TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
 
     def __init__(
         self, policy: ServerPolicy, session: Session, extensions: tuple[Extension, ...] = ()
@@ -312,9 +311,7 @@ class ServerMachine:
         self.state = State.CONNECTED
         self.envelope: Envelope | None = None
         self._extensions = extensions
-        self._transitions, self._handlers, self._resolvers = _verb_table(
-            type(self), extensions
-        )
+        self._transitions, self._handlers, self._resolvers = _verb_table(type(self), extensions)
         self._sasl: Callable[[str], object] | None = None
 
     # -- entry points -------------------------------------------------------
@@ -343,8 +340,7 @@ class ServerMachine:
         return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
 
     def _advance(self, verb: str) -> None:
-        """C{verb} succeeded: go where the table says."""
-        self.state = self._transitions[(self.state, verb)]
+        self.state = self._transitions[(self.state, verb)]  # C{verb} succeeded
 
     def resolve(self, request: object, result: object) -> object:
         """The glue's answer to a request -> the next action."""

@@ -108,6 +108,25 @@ def test_implicit_tls_port_without_handshake_is_aborted(guarded):
     assert time.monotonic() - started < 5.0
 
 
+def test_completed_handshakes_outlive_the_deadline(guarded):
+    """A handshake that completes stops its clock: the session goes on past it."""
+    import ssl
+
+    with raw(guarded) as client:
+        assert client.starttls()[0] == 220
+        time.sleep(3)
+        client.ehlo()
+        assert client.command("NOOP")[0] == 250
+    context = ssl._create_unverified_context()
+    with socket.create_connection((guarded.address, SUBMISSIONS_PORT), timeout=8) as sock:
+        with context.wrap_socket(sock) as tls:
+            time.sleep(3)
+            greeting = tls.recv(4096)
+            assert greeting.startswith(b"220 "), greeting
+            tls.sendall(b"NOOP\r\n")
+            assert tls.recv(4096).startswith(b"250 "), "no reply after the deadline"
+
+
 # -- item 5: bare CR or LF in a command line --------------------------------------
 
 
