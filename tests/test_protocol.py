@@ -418,6 +418,18 @@ class TestAuth(ProtocolCase):
         assert self.codes(b"STARTTLS\r\n") == [b"220"]
         self.ehlo()
 
+    def test_sasl_responses_never_logged(self, logged_events):
+        """A refused AUTH LOGIN is logged as AUTH, never with its base64 lines."""
+        self.tls()
+        user = base64.b64encode(b"alice@example.org")
+        secret = base64.b64encode(b"not-the-password")
+        assert self.codes(b"AUTH LOGIN\r\n" + user + b"\r\n" + secret + b"\r\n") == \
+            [b"334", b"334", b"535"]
+        [event] = [e for e in logged_events if e.get("event") == "rejected"]
+        assert event["verb"] == "AUTH"
+        text = repr(logged_events)
+        assert user.decode()[:12] not in text and secret.decode()[:12] not in text
+
     def test_auth_flow(self):
         """STARTTLS, EHLO, AUTH PLAIN, MAIL: 220, 250, 235, 250."""
         self.ehlo()

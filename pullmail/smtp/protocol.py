@@ -30,6 +30,7 @@ from pullmail.smtp.connection import (
     BareLineEnding,
     CommandLine,
     Connection,
+    LineTooLong,
     MessageEnd,
 )
 from pullmail.smtp.deadlines import Deadlines
@@ -44,6 +45,7 @@ from pullmail.smtp.server import (
     ServerMachine,
     ServerPolicy,
     StartTLS,
+    State,
 )
 
 __all__ = ["SMTPServerFactory", "SMTPConnection", "ConnectionLimits", "ClientConnection",
@@ -403,20 +405,24 @@ class SMTPConnection(ReplyChannel):
                           "DATA")
             elif isinstance(event, BareLineEnding):
                 self._answer("<bare line ending>", replies.S500_BARE_LINE_ENDING)
-            else:
+            elif isinstance(event, LineTooLong):
                 self._answer("<too long>", replies.S500_LINE_TOO_LONG)
+            else:   # Octets: nothing reads exact counts yet (BDAT will)
+                raise TypeError(f"unexpected event {event!r}")
         if self.deadlines is not None and not self._closing:
             self.deadlines.watch_line(self._input.partial_line)
 
     def _command(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "surrogateescape")
+        # A SASL response is a credential: it is never logged, nor a verb.
+        sasl = self.machine.state is State.AUTH
         try:
             action = self.machine.handle(line)
         except Exception:
-            log.failure("error handling {line}", line=printable(line[:80]))
+            log.failure("error handling {line}", line="<sasl>" if sasl else printable(line[:80]))
             action = replies.S451_LOCAL_ERROR
-        self._act(action, line)
-        verb = line.split(" ", 1)[0].upper()
+        self._act(action, "AUTH" if sasl else line)
+        verb = "" if sasl else line.split(" ", 1)[0].upper()
         if (verb in ENDS_GROUP and self._input.buffered and not self._closing
                 and self._replies is None and self.limits.reject_improper_pipelining):
             # RFC 2920 3.1: EHLO and HELO end a group; a client that does
