@@ -1,14 +1,18 @@
 """
 Tests for L{pullmail.smtp.conduct} (error and junk budgets, the DATA
-deadline) and L{pullmail.logsafe} (peer text in logs).  Pure.
+deadline, the [limits] keys behind them) and L{pullmail.logsafe} (peer
+text in logs).  Pure.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pullmail.config import ConfigError, parse
 from pullmail.logsafe import printable
 from pullmail.smtp import replies
 from pullmail.smtp.conduct import Conduct, Judgement, SessionLimits, data_allowance
@@ -98,3 +102,41 @@ def test_printable_cuts():
 def test_printable_never_lets_a_control_through(value):
     text = printable(value, limit=10_000)
     assert text.isprintable()
+
+
+# -- the [limits] keys behind SessionLimits ---------------------------------------
+
+_BASE = Path("/srv/pullmail")
+_NODE = {"node": {"domains": ["example.org"]}}
+
+
+def test_limits_defaults():
+    limits = parse(_NODE, _BASE).limits
+    assert (limits.tls_handshake_timeout, limits.command_timeout, limits.data_timeout,
+            limits.min_data_rate, limits.improper_pipelining, limits.pregreet_wait,
+            limits.max_errors, limits.max_junk_commands) == \
+        (30.0, 300.0, 300.0, 1024, "reject", 0.0, 20, 100)
+    assert SessionLimits() == SessionLimits(30.0, 300.0, 300.0, 1024, "reject", 0.0, 20, 100)
+
+
+def test_limits_values():
+    limits = parse({**_NODE, "limits": {
+        "tls_handshake_timeout": "10s", "command_timeout": "1m", "data_timeout": "2m",
+        "min_data_rate": "2KiB", "improper_pipelining": "allow", "pregreet_wait": "3s",
+        "max_errors": 0, "max_junk_commands": 7,
+    }}, _BASE).limits
+    assert (limits.tls_handshake_timeout, limits.command_timeout, limits.data_timeout,
+            limits.min_data_rate, limits.improper_pipelining, limits.pregreet_wait,
+            limits.max_errors, limits.max_junk_commands) == \
+        (10.0, 60.0, 120.0, 2048, "allow", 3.0, 0, 7)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("tls_handshake_timeout", "0s"), ("command_timeout", "0s"), ("data_timeout", "0s"),
+    ("improper_pipelining", "maybe"), ("max_errors", -1), ("max_junk_commands", -1),
+    ("min_data_rate", "fast"), ("pregreet_wait", "soon"),
+])
+def test_limits_bad_values_name_the_key(key, value):
+    with pytest.raises(ConfigError) as caught:
+        parse({**_NODE, "limits": {key: value}}, _BASE)
+    assert caught.value.option == f"limits.{key}"

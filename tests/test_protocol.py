@@ -7,8 +7,11 @@ L{Clock}.
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -739,3 +742,33 @@ def test_peer_text_escaped_in_logs(logged_events):
     said(protocol, transport, b"\x1b[2J\x08EVIL\xff x\r\n")
     [event] = [e for e in logged_events if e.get("event") == "rejected"]
     assert event["verb"] == "\\x1b[2J\\x08EVIL\\xff"
+
+
+_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")
+_PIECES = [b"EHLO x.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<alice@example.org>\r\n",
+           b"DATA\r\n", b"text\r\n", b".\r\n", b"NOOP\r\n", b"GET / HTTP/1.1\r\n", b"\n", b"\r",
+           b"x" * 600, b"RSET\r\n", b"STARTTLS\r\n", b"\x1b[2J", b"QUIT\r\n"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(stream=st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=40)), max_size=30),
+       waits=st.lists(st.floats(0, 400), max_size=30),
+       pipelining=st.sampled_from(["reject", "allow"]))
+def test_any_input_gets_well_formed_replies(stream, waits, pipelining):
+    """
+    Whatever a peer sends, in whatever pieces, with whatever pauses: the
+    glue never raises, every line it writes is a reply line, and once it
+    has closed it writes nothing more.
+    """
+    harness, protocol, transport = connect(max_errors=6, command_timeout=60.0,
+                                           data_timeout=60.0, improper_pipelining=pipelining)
+    written_at_close = None
+    for piece, wait in zip(stream, waits + [0.0] * len(stream)):
+        protocol.dataReceived(piece)
+        harness.clock.advance(wait)
+        if transport.disconnecting and written_at_close is None:
+            written_at_close = transport.value()
+    for line in transport.value().split(b"\r\n")[:-1]:
+        assert _REPLY_LINE.fullmatch(line), line
+    if written_at_close is not None:
+        assert transport.value() == written_at_close
