@@ -1,12 +1,13 @@
 """
 Twisted glue for the ESMTP server machine: bytes in, replies out.
 
-The protocol frames command lines (512 octets at most), hands each to the
-L{ServerMachine}, writes the replies, and carries out the machine's
-requests.  While a request runs it reads nothing more, so pipelined
-commands are answered in order, one reply each.  It owns the things a pure
-machine cannot: the idle timer (on an injected clock), the connection
-limits, the STARTTLS handshake and the DATA reader.
+The protocol feeds the bytes to a sans-IO L{Connection} (the framing),
+hands each command line to the L{ServerMachine}, writes the replies, and
+carries out the machine's requests.  While a request runs it asks for no
+more events, so pipelined commands are answered in order, one reply each.
+It owns the things a pure core cannot: the clocks (L{Deadlines}, on an
+injected clock), the connection limits, the TLS handshake, and acting on
+the session's L{Conduct} (tarpit, 421) and on improper pipelining.
 """
 
 from __future__ import annotations
