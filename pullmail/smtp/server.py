@@ -249,9 +249,10 @@ def _b64decode(text: str) -> str:
 @dataclass(eq=False)
 class Extension:
     """
-    A set of extra verbs (e.g. General Delivery): their EHLO keywords, the
-    states they are allowed in, and their handlers.  Compared (and hashed)
-    by identity: a listener's extensions are made once.
+    A set of extra verbs (e.g. General Delivery): their EHLO keywords,
+    their rows of the state table ((state, verb) -> next state), and their
+    handlers.  Compared (and hashed) by identity: a listener's extensions
+    are made once.
     """
 
     keywords: Callable[[Session], list[str]]
