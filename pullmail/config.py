@@ -269,6 +269,16 @@ class LimitsConfig:
     auth_tarpit_max: float = _opt(10.0, str, parse_duration)
     pending_per_origin: int = _opt(10000, int)
     retrievals_per_minute: int = _opt(600, int)
+    # Against hostile peers (issue 18): RFC 5321 4.5.3.2 timeouts, RFC 2920
+    # 3.1 pipelining, and Postfix-like error budgets; 0 switches one off.
+    tls_handshake_timeout: float = _opt(30.0, str, parse_duration)
+    command_timeout: float = _opt(300.0, str, parse_duration)
+    data_timeout: float = _opt(300.0, str, parse_duration)
+    min_data_rate: int = _opt(1024, (str, int), parse_size)
+    improper_pipelining: str = _opt("reject", str, _one_of({"reject", "allow"}))
+    pregreet_wait: float = _opt(0.0, str, parse_duration)
+    max_errors: int = _opt(20, int)
+    max_junk_commands: int = _opt(100, int)
 
 
 def _optional_endpoint(text: str) -> str:
@@ -350,10 +360,16 @@ def _check(config: Config) -> None:
         ("limits.retrievals_per_minute", config.limits.retrievals_per_minute),
         ("limits.retr_fail_limit", config.limits.retr_fail_limit),
         ("limits.auth_fail_limit", config.limits.auth_fail_limit),
+        ("limits.tls_handshake_timeout", config.limits.tls_handshake_timeout),
+        ("limits.command_timeout", config.limits.command_timeout),
+        ("limits.data_timeout", config.limits.data_timeout),
     ]
     for option, value in positive:
         if value <= 0:
             raise ConfigError(option, "must be greater than zero")
+    for option in ("max_errors", "max_junk_commands"):
+        if getattr(config.limits, option) < 0:
+            raise ConfigError(f"limits.{option}", "must be zero (off) or more")
     if not 0 < config.delivery.remote_port < 65536:
         raise ConfigError("delivery.remote_port", "must be a port number (1-65535)")
     if not config.retrieval.schedule:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail.smtp import replies
 from pullmail.smtp.data import MAX_TEXT_LINE, DataComplete, DataReader
@@ -41,34 +40,34 @@ def stuff(text: bytes) -> bytes:
     return b"".join(line + b"\r\n" for line in stuffed) + b".\r\n"
 
 
-class FramingTests(SynchronousTestCase):
+class TestFraming:
     """The end of data is CRLF . CRLF and nothing else."""
 
     def test_simple(self):
         """A message and its terminator give the message, CRLF-ended."""
         done = feed_all(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
-        self.assertIsNone(done.error)
-        self.assertEqual(b"".join(done.chunks), b"Subject: hi\r\n\r\nbody\r\n")
-        self.assertEqual(done.size, len(b"Subject: hi\r\n\r\nbody\r\n"))
-        self.assertEqual(done.rest, b"")
+        assert done.error is None
+        assert b"".join(done.chunks) == b"Subject: hi\r\n\r\nbody\r\n"
+        assert done.size == len(b"Subject: hi\r\n\r\nbody\r\n")
+        assert done.rest == b""
 
     def test_empty_message(self):
         """A terminator right away is an empty message."""
         done = feed_all(b".\r\n")
-        self.assertIsNone(done.error)
-        self.assertEqual(b"".join(done.chunks), b"")
-        self.assertEqual(done.size, 0)
+        assert done.error is None
+        assert b"".join(done.chunks) == b""
+        assert done.size == 0
 
     def test_one_empty_line(self):
         """An empty line then the terminator is one empty line."""
         done = feed_all(b"\r\n.\r\n")
-        self.assertEqual(b"".join(done.chunks), b"\r\n")
+        assert b"".join(done.chunks) == b"\r\n"
 
     def test_not_finished(self):
         """Without the terminator the reader keeps waiting."""
         reader = DataReader(LIMIT)
         for chunk in (b"a\r\n", b".\r", b"x\r\n", b"..\r\n"):
-            self.assertIsNone(reader.feed(chunk))
+            assert reader.feed(chunk) is None
 
     def test_terminator_split_everywhere(self):
         """The terminator is found wherever the chunk boundaries fall."""
@@ -76,17 +75,17 @@ class FramingTests(SynchronousTestCase):
         expected = b"line one\r\n.dotted\r\nlast\r\n"
         for cut in range(1, len(data)):
             done = feed_all(data, [cut])
-            self.assertIsNotNone(done, cut)
-            self.assertIsNone(done.error, cut)
-            self.assertEqual(b"".join(done.chunks), expected, cut)
-            self.assertEqual(done.rest, b"QUIT\r\n", cut)
+            assert done is not None, cut
+            assert done.error is None, cut
+            assert b"".join(done.chunks) == expected, cut
+            assert done.rest == b"QUIT\r\n", cut
 
     def test_terminator_byte_by_byte(self):
         """One byte per chunk works too."""
         data = b"a\r\n.b\r\n\r\n.\r\nNOOP\r\n"
         done = feed_all(data, range(1, data.index(b"NOOP")))
-        self.assertEqual(b"".join(done.chunks), b"a\r\nb\r\n\r\n")
-        self.assertEqual(done.rest, b"NOOP\r\n")
+        assert b"".join(done.chunks) == b"a\r\nb\r\n\r\n"
+        assert done.rest == b"NOOP\r\n"
 
     def test_two_cuts(self):
         """Any two boundaries around and inside the terminator."""
@@ -94,23 +93,23 @@ class FramingTests(SynchronousTestCase):
         for a in range(1, len(data)):
             for b in range(a, len(data)):
                 done = feed_all(data, [a, b])
-                self.assertEqual(b"".join(done.chunks), b"x\r\n", (a, b))
+                assert b"".join(done.chunks) == b"x\r\n", (a, b)
 
     def test_dot_unstuffing(self):
         """A leading dot is removed from every line that has one (4.5.2)."""
         done = feed_all(b"..\r\n...\r\n.x\r\nx.\r\n.\r\n")
-        self.assertEqual(b"".join(done.chunks), b".\r\n..\r\nx\r\nx.\r\n")
+        assert b"".join(done.chunks) == b".\r\n..\r\nx\r\nx.\r\n"
 
     def test_dot_first_line(self):
         """A stuffed dot on the very first line is removed too."""
         done = feed_all(b"..first\r\n.\r\n")
-        self.assertEqual(b"".join(done.chunks), b".first\r\n")
+        assert b"".join(done.chunks) == b".first\r\n"
 
     def test_pipelined_rest(self):
         """Everything after the terminator is handed back untouched."""
         done = feed_all(b"a\r\n.\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n.\r\n")
-        self.assertEqual(b"".join(done.chunks), b"a\r\n")
-        self.assertEqual(done.rest, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n.\r\n")
+        assert b"".join(done.chunks) == b"a\r\n"
+        assert done.rest == b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n.\r\n"
 
     @settings(max_examples=150, deadline=None)
     @given(
@@ -128,11 +127,11 @@ class FramingTests(SynchronousTestCase):
         wire = stuff(text)
         points = sorted({c % (len(wire) + 1) for c in cuts} - {0, len(wire)})
         done = feed_all(wire + b"NEXT", points)
-        self.assertIsNotNone(done)
-        self.assertIsNone(done.error)
-        self.assertEqual(b"".join(done.chunks), text)
-        self.assertEqual(done.size, len(text))
-        self.assertEqual(done.rest, b"NEXT")
+        assert done is not None
+        assert done.error is None
+        assert b"".join(done.chunks) == text
+        assert done.size == len(text)
+        assert done.rest == b"NEXT"
 
 
 # (data, what ends it): each has a real terminator after the sequence under test.
@@ -148,7 +147,7 @@ SMUGGLING = [
 ]
 
 
-class SmugglingTests(SynchronousTestCase):
+class TestSmuggling:
     """A bare CR or LF never ends the data and makes the message refused."""
 
     def test_sequences_do_not_end_data(self):
@@ -156,17 +155,17 @@ class SmugglingTests(SynchronousTestCase):
         for sequence in SMUGGLING:
             for cut in range(len(sequence) + 1):
                 reader = DataReader(LIMIT)
-                self.assertIsNone(reader.feed(sequence[:cut]), (sequence, cut))
-                self.assertIsNone(reader.feed(sequence[cut:]), (sequence, cut))
+                assert reader.feed(sequence[:cut]) is None, (sequence, cut)
+                assert reader.feed(sequence[cut:]) is None, (sequence, cut)
 
     def test_sequences_refused_then_real_end(self):
         """After a smuggling sequence the real terminator ends a refused message."""
         for sequence in SMUGGLING:
             done = feed_all(sequence + b"more\r\n.\r\nNOOP\r\n")
-            self.assertIsNotNone(done, sequence)
-            self.assertEqual(done.error, replies.S550_BARE_LINE_ENDING, sequence)
-            self.assertEqual(done.chunks, [], sequence)
-            self.assertEqual(done.rest, b"NOOP\r\n", sequence)
+            assert done is not None, sequence
+            assert done.error == replies.S550_BARE_LINE_ENDING, sequence
+            assert done.chunks == [], sequence
+            assert done.rest == b"NOOP\r\n", sequence
 
     def test_bare_cr_lf_anywhere(self):
         """A bare CR or LF at any position of a line refuses the message."""
@@ -176,49 +175,49 @@ class SmugglingTests(SynchronousTestCase):
                 bad = line[:position] + bare + line[position:]
                 for data in (bad + b"\r\n.\r\n", b"ok\r\n" + bad + b"\r\n.\r\n"):
                     done = feed_all(data)
-                    self.assertIsNotNone(done, data)
-                    self.assertEqual(done.error, replies.S550_BARE_LINE_ENDING, data)
-                    self.assertEqual(done.chunks, [], data)
+                    assert done is not None, data
+                    assert done.error == replies.S550_BARE_LINE_ENDING, data
+                    assert done.chunks == [], data
 
     def test_bare_before_terminator_split(self):
         """A bare CR just before the real terminator, split anywhere, is refused."""
         data = b"abc\r\r\n.\r\n"
         for cut in range(1, len(data)):
             done = feed_all(data, [cut])
-            self.assertEqual(done.error, replies.S550_BARE_LINE_ENDING, cut)
+            assert done.error == replies.S550_BARE_LINE_ENDING, cut
 
     def test_bare_lf_alone_line(self):
         """A bare LF as the whole first octet refuses the message."""
-        self.assertEqual(feed_all(b"\n\r\n.\r\n").error, replies.S550_BARE_LINE_ENDING)
-        self.assertEqual(feed_all(b"\r\r\n.\r\n").error, replies.S550_BARE_LINE_ENDING)
+        assert feed_all(b"\n\r\n.\r\n").error == replies.S550_BARE_LINE_ENDING
+        assert feed_all(b"\r\r\n.\r\n").error == replies.S550_BARE_LINE_ENDING
 
 
-class LimitTests(SynchronousTestCase):
+class TestLimit:
     """Line length (RFC 5321 4.5.3.1.6) and size (RFC 1870) limits."""
 
     def test_longest_line(self):
         """998 octets plus CRLF is the longest line allowed."""
         line = b"x" * (MAX_TEXT_LINE - 2)
         done = feed_all(line + b"\r\n.\r\n")
-        self.assertIsNone(done.error)
-        self.assertEqual(b"".join(done.chunks), line + b"\r\n")
+        assert done.error is None
+        assert b"".join(done.chunks) == line + b"\r\n"
 
     def test_line_too_long(self):
         """999 octets plus CRLF refuses the message with 550 5.6.0."""
         line = b"x" * (MAX_TEXT_LINE - 1)
         done = feed_all(b"ok\r\n" + line + b"\r\nafter\r\n.\r\nQUIT\r\n")
-        self.assertEqual(done.error, replies.S550_DATA_LINE_TOO_LONG)
-        self.assertEqual(done.chunks, [])
-        self.assertEqual(done.rest, b"QUIT\r\n")
+        assert done.error == replies.S550_DATA_LINE_TOO_LONG
+        assert done.chunks == []
+        assert done.rest == b"QUIT\r\n"
 
     def test_endless_line_in_chunks(self):
         """A huge line fed in pieces is refused, and the real end still ends it."""
         reader = DataReader(10_000_000)
         for _ in range(100):
-            self.assertIsNone(reader.feed(b"y" * 1000))
+            assert reader.feed(b"y" * 1000) is None
         done = reader.feed(b"\r\n.\r\nNOOP\r\n")
-        self.assertEqual(done.error, replies.S550_DATA_LINE_TOO_LONG)
-        self.assertEqual(done.rest, b"NOOP\r\n")
+        assert done.error == replies.S550_DATA_LINE_TOO_LONG
+        assert done.rest == b"NOOP\r\n"
 
     def test_endless_line_terminator_split(self):
         """After a too-long line, a terminator split across chunks still ends it."""
@@ -226,35 +225,35 @@ class LimitTests(SynchronousTestCase):
             reader = DataReader(10_000_000)
             reader.feed(b"z" * 5000)
             tail = b"\r\n.\r\nREST"
-            self.assertIsNone(reader.feed(tail[:cut]))
+            assert reader.feed(tail[:cut]) is None
             done = reader.feed(tail[cut:])
-            self.assertIsNotNone(done, cut)
-            self.assertEqual(done.error, replies.S550_DATA_LINE_TOO_LONG)
-            self.assertEqual(done.rest, b"REST")
+            assert done is not None, cut
+            assert done.error == replies.S550_DATA_LINE_TOO_LONG
+            assert done.rest == b"REST"
 
     def test_size_exact(self):
         """A message of exactly the limit is accepted."""
         body = b"a" * 8 + b"\r\n"
         done = feed_all(body + b".\r\n", max_size=len(body))
-        self.assertIsNone(done.error)
+        assert done.error is None
 
     def test_size_over(self):
         """One octet over the limit is 552 5.3.4, after the real end of data."""
         body = b"a" * 9 + b"\r\n"
         done = feed_all(body + b".\r\nRSET\r\n", max_size=len(body) - 1)
-        self.assertEqual(done.error, replies.S552_TOO_BIG)
-        self.assertEqual(done.chunks, [])
-        self.assertEqual(done.rest, b"RSET\r\n")
+        assert done.error == replies.S552_TOO_BIG
+        assert done.chunks == []
+        assert done.rest == b"RSET\r\n"
 
     def test_size_over_in_chunks(self):
         """A big message in many chunks is refused and not kept."""
         reader = DataReader(1000)
         for _ in range(50):
-            self.assertIsNone(reader.feed(b"x" * 98 + b"\r\n"))
+            assert reader.feed(b"x" * 98 + b"\r\n") is None
         done = reader.feed(b".\r\n")
-        self.assertEqual(done.error, replies.S552_TOO_BIG)
-        self.assertEqual(done.chunks, [])
-        self.assertGreater(done.size, 1000)
+        assert done.error == replies.S552_TOO_BIG
+        assert done.chunks == []
+        assert done.size > 1000
 
 
 def reference(data: bytes, max_size: int = LIMIT):
@@ -279,7 +278,7 @@ def reference(data: bytes, max_size: int = LIMIT):
     return (b"" if error else text), error, rest
 
 
-class ReferenceTests(SynchronousTestCase):
+class TestReference:
     """The reader agrees with a simple reference on arbitrary input."""
 
     @settings(max_examples=300, deadline=None)
@@ -296,10 +295,10 @@ class ReferenceTests(SynchronousTestCase):
         points = sorted({c % (len(data) + 1) for c in cuts} - {0, len(data)})
         done = feed_all(data, points)
         if expected is None:
-            self.assertIsNone(done)
+            assert done is None
             return
-        self.assertIsNotNone(done)
+        assert done is not None
         message, error, rest = expected
-        self.assertEqual(done.error, error)
-        self.assertEqual(b"".join(done.chunks), message)
-        self.assertEqual(done.rest, rest)
+        assert done.error == error
+        assert b"".join(done.chunks) == message
+        assert done.rest == rest

@@ -15,7 +15,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from pullmail.accounts.users import Accounts
 from pullmail.pull.verbs import Retrieve, TurnMachine, pull_extension
@@ -25,6 +24,7 @@ from pullmail.smtp.envelope import Session
 from pullmail.smtp.protocol import ClientConnection, ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver, Reverse, ServerPolicy
+from pullmail.testing import assert_no_result, failure_of, result_of
 
 GDEL_ID = "Id_of_the_message_0123"
 SENDER = "alice@sender.example"
@@ -38,6 +38,12 @@ def _lines(data: bytes) -> list[bytes]:
 
 
 # -- the SMTA: server, then client for one turn, then server again -----------------
+
+
+def logged_failures(events, *types) -> list:
+    """The logged failures of one of C{types} among captured events."""
+    return [e["log_failure"] for e in events
+            if "log_failure" in e and e["log_failure"].check(*types)]
 
 
 class SMTASide:
@@ -77,7 +83,13 @@ class SMTASide:
         return defer.succeed(Reverse(Reply(250, "2.0.0", f"{GDEL_ID} follows"), turn))
 
     def receive(self, data: bytes) -> list[bytes]:
-        """Feed bytes; return the lines written in answer."""
+        """
+        Feed bytes; return the lines written in answer.  A leading EHLO
+        goes alone, as a client waits for its reply (RFC 2920 3.1).
+        """
+        if data.startswith(b"EHLO ") and data.count(b"\r\n") > 1:
+            ehlo, data = data.split(b"\r\n", 1)
+            self.protocol.dataReceived(ehlo + b"\r\n")
         self.protocol.dataReceived(data)
         written = self.transport.value()
         self.transport.clear()
@@ -87,8 +99,8 @@ class SMTASide:
 MAIL_RCPT = [f"MAIL FROM:<{SENDER}>".encode(), f"RCPT TO:<{RECIPIENT}>".encode()]
 
 
-class SMTASideTests(SynchronousTestCase):
-    def setUp(self) -> None:
+class TestSMTASide:
+    def setup_method(self) -> None:
         self.smta = SMTASide()
 
     def start_turn(self, trailer: bytes = b"") -> list[bytes]:
@@ -98,20 +110,20 @@ class SMTASideTests(SynchronousTestCase):
     def test_retr_reverses_roles(self) -> None:
         """After '250 ... follows' the SMTA speaks first, as the client: MAIL, RCPT."""
         lines = self.start_turn()
-        self.assertTrue(lines[0].startswith(b"250-mx.sender.example"))
+        assert lines[0].startswith(b"250-mx.sender.example")
         follows = lines.index(f"250 2.0.0 {GDEL_ID} follows".encode())
-        self.assertEqual(lines[follows + 1:], MAIL_RCPT)
-        self.assertEqual(self.smta.requests[0].gdel_id, GDEL_ID)
-        self.assertEqual(self.smta.requests[0].session.peer, "192.0.2.20")
+        assert lines[follows + 1:] == MAIL_RCPT
+        assert self.smta.requests[0].gdel_id == GDEL_ID
+        assert self.smta.requests[0].session.peer == "192.0.2.20"
 
     def test_input_behind_retr_discarded(self) -> None:
         """SPEC 4: input pipelined behind RETR in the same packet is dropped, not answered."""
         lines = self.start_turn(b"NOOP\r\nQUIT\r\n")
         follows = lines.index(f"250 2.0.0 {GDEL_ID} follows".encode())
-        self.assertEqual(lines[follows + 1:], MAIL_RCPT)
-        self.assertFalse(self.smta.transport.disconnecting)
+        assert lines[follows + 1:] == MAIL_RCPT
+        assert not self.smta.transport.disconnecting
         # The turn goes on: the discarded lines were not read as replies either.
-        self.assertEqual(self.smta.receive(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"), [b"DATA"])
+        assert self.smta.receive(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n") == [b"DATA"]
 
     def test_whole_turn_then_server_again(self) -> None:
         """
@@ -119,15 +131,15 @@ class SMTASideTests(SynchronousTestCase):
         a command in the same packet as that reply is answered.
         """
         self.start_turn()
-        self.assertEqual(self.smta.receive(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"), [b"DATA"])
-        self.assertEqual(self.smta.receive(b"354 Go ahead\r\n"),
-                         [b"Subject: hello", b"", b"..hi", b"."])
+        assert self.smta.receive(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n") == [b"DATA"]
+        assert self.smta.receive(b"354 Go ahead\r\n") == \
+                         [b"Subject: hello", b"", b"..hi", b"."]
         lines = self.smta.receive(b"250 2.0.0 Ok: stored\r\nQUIT\r\n")
-        self.assertEqual(lines, [b"221 2.0.0 Bye"])
-        self.assertTrue(self.smta.transport.disconnecting)
+        assert lines == [b"221 2.0.0 Bye"]
+        assert self.smta.transport.disconnecting
         [result] = self.smta.results
-        self.assertEqual(result.accepted(), [RECIPIENT])
-        self.assertEqual(result.final, Reply(250, "2.0.0", "Ok: stored"))
+        assert result.accepted() == [RECIPIENT]
+        assert result.final == Reply(250, "2.0.0", "Ok: stored")
 
     def test_next_retr_after_turn(self) -> None:
         """The session survives the turn: EHLO is remembered, another RETR is served."""
@@ -135,37 +147,37 @@ class SMTASideTests(SynchronousTestCase):
         self.smta.receive(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
         self.smta.receive(b"354 Go ahead\r\n")
         lines = self.smta.receive(b"250 2.0.0 Ok\r\nRETR Unknown_id_0123456789\r\n")
-        self.assertEqual(lines, [b"550 5.7.1 no such message for you"])
-        self.assertEqual(self.smta.receive(b"RETR " + GDEL_ID.encode() + b"\r\n"),
-                         [f"250 2.0.0 {GDEL_ID} follows".encode()] + MAIL_RCPT)
+        assert lines == [b"550 5.7.1 no such message for you"]
+        assert self.smta.receive(b"RETR " + GDEL_ID.encode() + b"\r\n") == \
+                         [f"250 2.0.0 {GDEL_ID} follows".encode()] + MAIL_RCPT
 
     def test_rset_ends_turn(self) -> None:
         """MAIL refused: the SMTA sends RSET; its turn ends after the reply to RSET."""
         self.start_turn()
-        self.assertEqual(self.smta.receive(b"550 5.7.1 Sender differs\r\n503 5.5.1 Need MAIL\r\n"),
-                         [b"RSET"])
-        self.assertEqual(self.smta.receive(b"250 2.0.0 Ok\r\nNOOP\r\n"), [b"250 2.0.0 Ok"])
+        assert self.smta.receive(b"550 5.7.1 Sender differs\r\n503 5.5.1 Need MAIL\r\n") == \
+                         [b"RSET"]
+        assert self.smta.receive(b"250 2.0.0 Ok\r\nNOOP\r\n") == [b"250 2.0.0 Ok"]
         [result] = self.smta.results
-        self.assertEqual(result.accepted(), [])
-        self.assertEqual(result.refused(permanent=True), [RECIPIENT])
+        assert result.accepted() == []
+        assert result.refused(permanent=True) == [RECIPIENT]
 
     def test_refused_retr_stays_server(self) -> None:
         """A RETR answered with a refusal keeps the roles; the next command is served."""
         lines = self.smta.receive(b"EHLO mx.receiver.example\r\nRETR Unknown_id_0123456789\r\n"
                                   b"NOOP\r\n")
-        self.assertEqual(lines[-2:], [b"550 5.7.1 no such message for you", b"250 2.0.0 Ok"])
+        assert lines[-2:] == [b"550 5.7.1 no such message for you", b"250 2.0.0 Ok"]
 
-    def test_connection_lost_mid_turn(self) -> None:
+    def test_connection_lost_mid_turn(self, logged_events) -> None:
         """A connection lost during the turn fails the turn's transaction."""
         self.start_turn()
         self.smta.protocol.connectionLost(Failure(error.ConnectionDone()))
         [failure] = self.smta.turn_errors
-        self.assertTrue(failure.check(error.ConnectionDone))
-        self.assertEqual(self.smta.results, [])
+        assert failure.check(error.ConnectionDone)
+        assert self.smta.results == []
         # A peer leaving is an ordinary event, logged without a traceback.
-        self.assertEqual(self.flushLoggedErrors(error.ConnectionDone), [])
+        assert logged_failures(logged_events, error.ConnectionDone) == []
 
-    def test_connection_lost_before_the_turn_begins(self) -> None:
+    def test_connection_lost_before_the_turn_begins(self, logged_events) -> None:
         """
         The RMTA leaves while its RETR is still being answered: the turn
         granted after that still runs, and fails at once, so whatever it
@@ -187,17 +199,17 @@ class SMTASideTests(SynchronousTestCase):
                 raise
 
         granted.callback(Reverse(Reply(250, "2.0.0", f"{GDEL_ID} follows"), turn))
-        self.assertEqual(ran, [True])
+        assert ran == [True]
         [failure] = self.smta.turn_errors
-        self.assertTrue(failure.check(error.ConnectionLost, error.ConnectionDone))
-        self.assertEqual(self.smta.transport.value(), b"")
-        self.assertEqual(self.flushLoggedErrors(error.ConnectionLost, error.ConnectionDone), [])
+        assert failure.check(error.ConnectionLost, error.ConnectionDone)
+        assert self.smta.transport.value() == b""
+        assert logged_failures(logged_events, error.ConnectionLost, error.ConnectionDone) == []
 
     def test_garbage_from_rmta_closes(self) -> None:
         """Something that is not a reply during the SMTA's turn closes the connection."""
         self.start_turn()
         self.smta.receive(b"MAIL FROM:<x@y.example>\r\n")
-        self.assertTrue(self.smta.transport.disconnecting)
+        assert self.smta.transport.disconnecting
 
 
 # -- the RMTA: client, then server for one turn, then client again ------------------------
@@ -249,32 +261,30 @@ class RMTASide:
         return _lines(written)
 
 
-class RMTASideTests(SynchronousTestCase):
+class TestRMTASide:
     FOLLOWS = b"250 2.0.0 " + GDEL_ID.encode() + b" follows\r\n"
 
-    def setUp(self) -> None:
+    def setup_method(self) -> None:
         self.rmta = RMTASide()
 
     def test_mail_in_same_packet_as_follows(self) -> None:
         """SPEC 4: what follows '250 follows' is the first command of the turn, and is served."""
         d = self.rmta.retr(self.FOLLOWS + f"MAIL FROM:<{SENDER}>\r\n".encode())
-        self.assertEqual(self.successResultOf(d).code, 250)
-        self.assertEqual(_lines(self.rmta.transport.value()), [b"250 2.1.0 Ok"])
+        assert result_of(d).code == 250
+        assert _lines(self.rmta.transport.value()) == [b"250 2.1.0 Ok"]
 
     def test_follows_alone(self) -> None:
         d = self.rmta.retr(self.FOLLOWS)
-        self.successResultOf(d)
-        self.assertEqual(self.rmta.transport.value(), b"")
-        self.assertEqual(self.rmta.receive(f"MAIL FROM:<{SENDER}>\r\n".encode()),
-                         [b"250 2.1.0 Ok"])
+        result_of(d)
+        assert self.rmta.transport.value() == b""
+        assert self.rmta.receive(f"MAIL FROM:<{SENDER}>\r\n".encode()) == \
+                         [b"250 2.1.0 Ok"]
 
     def _through_data(self) -> None:
         self.rmta.retr(self.FOLLOWS + f"MAIL FROM:<{SENDER}>\r\n".encode())
         self.rmta.transport.clear()
-        self.assertEqual(
-            self.rmta.receive(f"RCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()),
-            [b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>"],
-        )
+        assert self.rmta.receive(f"RCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()) == \
+            [b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>"]
 
     def test_turn_ends_after_reply_to_end_of_data(self) -> None:
         """
@@ -283,69 +293,69 @@ class RMTASideTests(SynchronousTestCase):
         """
         self._through_data()
         lines = self.rmta.receive(b"Subject: x\r\n\r\n..hi\r\n.\r\nNOOP\r\nQUIT\r\n")
-        self.assertEqual(lines, [b"250 2.0.0 Ok: stored"])
+        assert lines == [b"250 2.0.0 Ok: stored"]
         [request] = self.rmta.deliveries
-        self.assertEqual(request.chunks, [b"Subject: x\r\n\r\n.hi\r\n"])
-        self.assertEqual(request.envelope.recipients, (RECIPIENT,))
-        self.assertIsNone(self.successResultOf(self.rmta.turn))
-        self.assertEqual(self.rmta.machine.outcome.code, 250)
+        assert request.chunks == [b"Subject: x\r\n\r\n.hi\r\n"]
+        assert request.envelope.recipients == (RECIPIENT,)
+        assert result_of(self.rmta.turn) is None
+        assert self.rmta.machine.outcome.code == 250
         # Back in the client role; the dropped NOOP/QUIT are not taken as replies.
         self.rmta.connection.send(b"QUIT\r\n")
         d = self.rmta.connection.reply()
-        self.assertNoResult(d)
+        assert_no_result(d)
         self.rmta.receive(b"221 2.0.0 Bye\r\n")
-        self.assertEqual(self.successResultOf(d).code, 221)
-        self.assertFalse(self.rmta.transport.disconnecting)
+        assert result_of(d).code == 221
+        assert not self.rmta.transport.disconnecting
 
     def test_deferred_delivery_ends_turn(self) -> None:
         """A 4xx reply to end-of-data ends the turn too."""
         self.rmta = RMTASide(deliver_reply=replies.S451_LOCAL_ERROR)
         self._through_data()
-        self.assertEqual(self.rmta.receive(b"hi\r\n.\r\n"),
-                         [b"451 4.3.0 Local error in processing, try again later"])
-        self.successResultOf(self.rmta.turn)
-        self.assertEqual(self.rmta.machine.outcome, replies.S451_LOCAL_ERROR)
+        assert self.rmta.receive(b"hi\r\n.\r\n") == \
+                         [b"451 4.3.0 Local error in processing, try again later"]
+        result_of(self.rmta.turn)
+        assert self.rmta.machine.outcome == replies.S451_LOCAL_ERROR
 
     def test_refused_data_ends_turn(self) -> None:
         """Data the reader refuses (a bare LF) ends the turn with that refusal."""
         self._through_data()
         lines = self.rmta.receive(b"bare\nLF\r\n.\r\nJUNK\r\n")
-        self.assertEqual(lines, [b"550 5.6.0 Message refused: bare CR or LF in data "
-                                 b"(RFC 5321 2.3.8)"])
-        self.assertEqual(self.rmta.deliveries, [])
-        self.successResultOf(self.rmta.turn)
+        assert lines == [b"550 5.6.0 Message refused: bare CR or LF in data "
+                                 b"(RFC 5321 2.3.8)"]
+        assert self.rmta.deliveries == []
+        result_of(self.rmta.turn)
         d = self.rmta.connection.reply()
         self.rmta.receive(b"250 2.0.0 Ok\r\n")
-        self.assertEqual(self.successResultOf(d).code, 250)
+        assert result_of(d).code == 250
 
     def test_rset_ends_turn(self) -> None:
         """SPEC 4: MAIL refused, RSET: the reply to RSET ends the turn; input behind it dropped."""
         self.rmta.retr(self.FOLLOWS + b"MAIL FROM:<mallory@sender.example>\r\n")
-        self.assertEqual(_lines(self.rmta.transport.value()),
-                         [b"550 5.7.1 Sender differs from the notification"])
+        assert _lines(self.rmta.transport.value()) == \
+                         [b"550 5.7.1 Sender differs from the notification"]
         self.rmta.transport.clear()
-        self.assertEqual(self.rmta.receive(b"RSET\r\nMAIL FROM:<x@y.example>\r\n"),
-                         [b"250 2.0.0 Ok"])
-        self.successResultOf(self.rmta.turn)
+        assert self.rmta.receive(b"RSET\r\nMAIL FROM:<x@y.example>\r\n") == \
+                         [b"250 2.0.0 Ok"]
+        result_of(self.rmta.turn)
         d = self.rmta.connection.reply()
         self.rmta.receive(b"221 2.0.0 Bye\r\n")
-        self.assertEqual(self.successResultOf(d).code, 221)
+        assert result_of(d).code == 221
 
     def test_refused_retr_stays_client(self) -> None:
         """A 550 to RETR is just a reply; no turn is served."""
         d = self.rmta.retr(b"550 5.7.1 no such message for you\r\n")
-        self.assertEqual(self.successResultOf(d).code, 550)
-        self.assertIsNone(self.rmta.turn)
+        assert result_of(d).code == 550
+        assert self.rmta.turn is None
         d = self.rmta.connection.reply()
         self.rmta.receive(b"250 2.0.0 Ok\r\n")
-        self.assertEqual(self.successResultOf(d).code, 250)
+        assert result_of(d).code == 250
 
     def test_connection_lost_mid_turn(self) -> None:
         """The serve_turn Deferred fails when the connection drops during the turn."""
         self.rmta.retr(self.FOLLOWS + f"MAIL FROM:<{SENDER}>\r\n".encode())
-        self.assertNoResult(self.rmta.turn)
+        assert_no_result(self.rmta.turn)
         self.rmta.connection.connectionLost(Failure(error.ConnectionLost()))
-        self.failureResultOf(self.rmta.turn, error.ConnectionLost)
+        failure_of(self.rmta.turn, error.ConnectionLost)
 
     def test_connection_lost_during_delivery(self) -> None:
         """Lost while the message is being stored: the turn fails, and nothing is written."""
@@ -355,6 +365,6 @@ class RMTASideTests(SynchronousTestCase):
         self._through_data()
         self.rmta.receive(b"hi\r\n.\r\n")
         self.rmta.connection.connectionLost(Failure(error.ConnectionLost()))
-        self.failureResultOf(self.rmta.turn, error.ConnectionLost)
+        failure_of(self.rmta.turn, error.ConnectionLost)
         pending.callback(Reply(250, "2.0.0", "Ok"))
-        self.assertEqual(self.rmta.transport.value(), b"")
+        assert self.rmta.transport.value() == b""

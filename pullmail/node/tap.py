@@ -44,6 +44,7 @@ from pullmail.outbound.delivery import Outbound
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
+from pullmail.smtp.conduct import SessionLimits
 from pullmail.smtp.protocol import ConnectionLimits, Connector, SMTPServerFactory
 from pullmail.smtp.server import (
     Authenticate,
@@ -251,6 +252,16 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         CheckPush: lambda protocol, request: trust.check_push(request.session, request.envelope),
     }
     limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
+    session_limits = SessionLimits(
+        tls_handshake_timeout=config.limits.tls_handshake_timeout,
+        command_timeout=config.limits.command_timeout,
+        data_timeout=config.limits.data_timeout,
+        min_data_rate=config.limits.min_data_rate,
+        improper_pipelining=config.limits.improper_pipelining,
+        pregreet_wait=config.limits.pregreet_wait,
+        max_errors=config.limits.max_errors,
+        max_junk_commands=config.limits.max_junk_commands,
+    )
     pull = (pull_extension(config.trust.bare_gdel, enabled=config.trust.gdel),)
     for service_name in ("smtp", "submission", "submissions"):
         implicit = service_name == "submissions"
@@ -259,6 +270,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
             policy, reactor, limits, config.limits.idle_timeout, performers,
             tls_context=tls_context, implicit_tls=implicit,
             extensions=pull, log_commands=config.node.log_commands,
+            # postscreen's pre-greet test is for MTAs, on the MX service only.
+            session_limits=session_limits if service_name == "smtp"
+            else replace(session_limits, pregreet_wait=0.0),
             refuse_connection=failures.refuse_connection if service_name == "smtp"
             else auth_failures.refuse_connection,
         )

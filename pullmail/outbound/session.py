@@ -134,13 +134,14 @@ class Courier:
         outcomes: list = []
         try:
             tls = self.owner.client_tls
-            keywords = await open_session(
+            session = await open_session(
                 connection, self.owner.hostname, tls.options_for(host) if tls else None,
                 require_tls=bool(tls and tls.required),
             )
+            keywords = session.keywords
             log.info("session with {host} [{address}]: {tls}", host=host, address=address,
                      tls=("TLS, certificate verified" if tls and tls.required else "TLS")
-                     if "_TLS" in keywords else "no TLS (not offered)", event="tls-outcome")
+                     if session.tls else "no TLS (not offered)", event="tls-outcome")
             pull = "GDEL" in keywords
             if not pull and (pull_only or not self.owner.config.push_fallback):
                 raise TransientPeer("peer does not offer GDEL and push_fallback is off")

@@ -94,11 +94,11 @@ class Fetcher:
         """C{work}: the peer's line to keep the connection busy with."""
         remaining = list(notifications)
         try:
-            keywords = await open_session(connection, self.owner.hostname, self.owner.client_tls)
-            if "RETR" not in keywords:
+            session = await open_session(connection, self.owner.hostname, self.owner.client_tls)
+            if "RETR" not in session.keywords:
                 raise ConnectionError("peer does not offer RETR")
             while remaining:
-                await self._retrieve_one(connection, address, remaining[0], "_TLS" in keywords)
+                await self._retrieve_one(connection, address, remaining[0], session.tls)
                 remaining.pop(0)
                 if not remaining and work is not None:
                     # Keep the connection busy while the peer's line is not empty.

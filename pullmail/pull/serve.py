@@ -6,27 +6,26 @@ address must be an address of an MX host (or, with no MX, of the domain
 itself) of the entry's recipient domain.  Unknown, expired, retrieved and
 not-yours ids all get the same ``550 5.7.1``, after a delay that doubles
 with each failure from that address; too many failures in a window and the
-address is refused at connect.  A guesser learns nothing and learns it
-slowly.
+address is refused at connect, and the connection that reached the limit
+is closed with ``421`` (as AUTH does).  A guesser learns nothing and
+learns it slowly.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail.logsafe import printable
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, mail_host_addresses
 from pullmail.pull.verbs import Retrieve
 from pullmail.smtp import replies
 from pullmail.smtp.client import send_transaction
 from pullmail.smtp.replies import Reply
-from pullmail.smtp.server import Reverse
-
-if TYPE_CHECKING:
-    from pullmail.trust.throttle import FailureTracker
+from pullmail.smtp.server import Close, Reverse
+from pullmail.trust.throttle import FailureTracker
 
 __all__ = ["PickupCounter"]
 
@@ -35,6 +34,7 @@ log = Logger(namespace="pullmail.pull.serve")
 # How long a RETR waits for the outcome of the same id's notification, still
 # on the wire, before it is answered 451 (a peer slower than this retries).
 IN_FLIGHT_WAIT = 30.0
+
 
 class PickupCounter:
     """Carries out L{Retrieve} requests for the MX service."""
@@ -53,6 +53,9 @@ class PickupCounter:
 
     async def retrieve(self, request: Retrieve) -> object:
         peer, gdel_id = request.session.peer, request.gdel_id
+        if self.failures.blocked(peer):
+            # Blocked while this connection was open: it guesses no more.
+            return Close(replies.S421_BLOCKED)
         entry = self.outbox.get(gdel_id)
         now = self.clock.seconds()
         # A queued entry is served too: its notification may have been taken
@@ -88,11 +91,13 @@ class PickupCounter:
                  queue_id=entry.queue_id, peer=peer, event="retr")
         return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer, host))
 
-    async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply:
+    async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply | Close:
         delay = self.failures.failed(peer)
-        log.info("RETR {id} from {peer} refused ({why}); answering in {delay}s", id=gdel_id,
-                 peer=peer, why=why, delay=delay, event="retr-refused")
+        log.info("RETR {id} from {peer} refused ({why}); answering in {delay}s",
+                 id=printable(gdel_id), peer=peer, why=why, delay=delay, event="retr-refused")
         await task.deferLater(self.clock, delay, lambda: None)
+        if self.failures.blocked(peer):
+            return Close(replies.S421_BLOCKED)
         return replies.S550_NO_SUCH_MESSAGE
 
     def _turn(self, entry, peer: str, host: str):

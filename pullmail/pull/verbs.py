@@ -84,7 +84,14 @@ def pull_extension(bare_gdel: bool = True, enabled: bool = True) -> Extension:
 
     return Extension(
         keywords=keywords,
-        allowed={"GDEL": {State.READY, State.MAIL, State.RCPT}, "RETR": {State.READY}},
+        # GDEL is allowed where DATA would be refused in sequence, to say why
+        # (503 Need RCPT); it ends the transaction like DATA (SPEC 3).
+        transitions={
+            (State.READY, "GDEL"): State.READY,
+            (State.MAIL, "GDEL"): State.MAIL,
+            (State.RCPT, "GDEL"): State.RCPT,
+            (State.READY, "RETR"): State.READY,
+        },
         handlers={"GDEL": gdel, "RETR": retr},
         resolvers={Notify: notified, Retrieve: retrieved},
     )
@@ -97,6 +104,11 @@ class TurnMachine(ServerMachine):
     end-of-data, or to RSET.  C{sender} and C{recipients}, when known from
     the notification, bind what the SMTA may send.
     """
+
+    # SPEC 4: RSET ends the turn.
+    TRANSITION_CHANGES = {
+        (state, "RSET"): State.CLOSED for state in (State.READY, State.MAIL, State.RCPT)
+    }
 
     def __init__(
         self, policy: ServerPolicy, session: Session, sender: str | None = None,
@@ -140,8 +152,8 @@ class TurnMachine(ServerMachine):
         return self._begin_data()
 
     def _rset(self, argument: str) -> object:
-        self.reset()
-        self.state = State.CLOSED
+        self.envelope = None
+        self._advance("RSET")
         return EndTurn(replies.S250_RESET)
 
     def _quit(self, argument: str) -> Close:

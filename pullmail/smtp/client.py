@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
+from pullmail.logsafe import printable
 from pullmail.smtp.replies import Reply
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "send_notification",
     "parse_ehlo",
     "dot_stuff",
+    "EHLOResult",
+    "open_session",
 ]
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -65,7 +68,9 @@ class ReplyReader:
             raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
             if len(raw) + 1 > MAX_REPLY_LINE:
                 raise ProtocolError("reply line too long")
-            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
+            # RFC 5321 4.2: reply text is printable; a peer's escape
+            # sequences would otherwise reach logs and bounces as they are.
+            line = printable(raw.removesuffix(b"\r"), limit=MAX_REPLY_LINE)
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
                 raise ProtocolError(f"not a reply: {line[:60]!r}")
             if self._lines and self._lines[0][:3] != line[:3]:
@@ -243,13 +248,27 @@ class Refused(Exception):
         self.reply = reply
 
 
+@dataclass(frozen=True)
+class EHLOResult:
+    """
+    What a session opened with: the peer's EHLO keywords (upper case ->
+    parameters; empty after HELO) and whether TLS is up.
+    """
+
+    keywords: Mapping[str, str]
+    tls: bool = False
+
+    def offers(self, keyword: str) -> bool:
+        return keyword.upper() in self.keywords
+
+
 async def open_session(channel, hostname: str, tls_options=None,
-                       require_tls: bool = False) -> dict[str, str]:
+                       require_tls: bool = False) -> EHLOResult:
     """
     Read the greeting, say EHLO (HELO when EHLO is refused), and start TLS
     when the peer offers it and C{tls_options} is given (RFC 3207: EHLO
-    again after the handshake).  Returns the EHLO keywords.  With
-    C{require_tls}, a peer without STARTTLS is refused.
+    again after the handshake).  With C{require_tls}, a peer without
+    STARTTLS is refused.
     """
     greeting = await channel.reply()
     if greeting.code != 220:
@@ -263,9 +282,8 @@ async def open_session(channel, hostname: str, tls_options=None,
         if ready.code != 220:
             raise Refused(ready)
         channel.start_tls(tls_options)
-        keywords = await _hello(channel, hostname)
-        keywords["_TLS"] = ""
-    return keywords
+        return EHLOResult(await _hello(channel, hostname), tls=True)
+    return EHLOResult(keywords)
 
 
 async def _hello(channel, hostname: str) -> dict[str, str]:

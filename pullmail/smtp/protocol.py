@@ -1,12 +1,13 @@
 """
 Twisted glue for the ESMTP server machine: bytes in, replies out.
 
-The protocol frames command lines (512 octets at most), hands each to the
-L{ServerMachine}, writes the replies, and carries out the machine's
-requests.  While a request runs it reads nothing more, so pipelined
-commands are answered in order, one reply each.  It owns the things a pure
-machine cannot: the idle timer (on an injected clock), the connection
-limits, the STARTTLS handshake and the DATA reader.
+The protocol feeds the bytes to a sans-IO L{Connection} (the framing),
+hands each command line to the L{ServerMachine}, writes the replies, and
+carries out the machine's requests.  While a request runs it asks for no
+more events, so pipelined commands are answered in order, one reply each.
+It owns the things a pure core cannot: the clocks (L{Deadlines}, on an
+injected clock), the connection limits, the TLS handshake, and acting on
+the session's L{Conduct} (tarpit, 421) and on improper pipelining.
 """
 
 from __future__ import annotations
@@ -15,14 +16,25 @@ from collections import deque
 from typing import Callable, Mapping
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from pullmail.logsafe import printable
 from pullmail.smtp import replies
 from pullmail.smtp.client import ProtocolError, ReplyReader
-from pullmail.smtp.data import DataReader
+from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits
+from pullmail.smtp.connection import (
+    NEED_DATA,
+    BareLineEnding,
+    CommandLine,
+    Connection,
+    LineTooLong,
+    MessageEnd,
+)
+from pullmail.smtp.deadlines import Deadlines
 from pullmail.smtp.envelope import Session
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import (
@@ -34,9 +46,11 @@ from pullmail.smtp.server import (
     ServerMachine,
     ServerPolicy,
     StartTLS,
+    State,
 )
 
-__all__ = ["SMTPServerFactory", "SMTPConnection", "SMTPServerProtocol", "ConnectionLimits"]
+__all__ = ["SMTPServerFactory", "SMTPConnection", "ConnectionLimits", "ClientConnection",
+           "Connector"]
 
 log = Logger(namespace="pullmail.smtp")
 
@@ -73,137 +87,21 @@ class ConnectionLimits:
             del self._open[address]
 
 
-class SMTPConnection(Protocol):
+@implementer(IHandshakeListener)
+class ReplyChannel(Protocol):
     """
-    One SMTP connection, in the server role (a L{ServerMachine} reads
-    commands) or the client role (a L{ReplyReader} reads replies, and the
-    connection is the L{Channel} of a client dialogue).  General Delivery
-    swaps the two on one connection (SPEC 4).
+    The client role of a connection: a L{ReplyReader} reads the peer's
+    replies, and the connection is the L{Channel} of a client dialogue; and
+    the switches into it and out of it that General Delivery's reversed
+    turns make (SPEC 4).  The server role is L{SMTPConnection}'s.
     """
-
-    factory: "SMTPServerFactory"
 
     def __init__(self) -> None:
         self._replies: ReplyReader | None = None     # set in the client role
         self._reply_waiters: deque[defer.Deferred] = deque()
-        self._turn_done: defer.Deferred | None = None
-        self._buffer = b""
-        self._busy = False          # a request is running; input waits
-        self._paused = False        # the transport is paused (backpressure)
-        self._reader: DataReader | None = None
-        self._discarding = False    # skipping the rest of an over-long line
-        self._timer = None
-        self._counted = False        # holds a place in the connection limits
-        self.machine: ServerMachine | None = None
         self._closing = False
-        self.performers: Mapping[type, Callable] = {}
-        self.log_commands = False
-
-    # -- connection ---------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        factory = self.factory
-        peer = self.transport.getPeer()
-        address = getattr(peer, "host", "unknown")
-        self.machine = factory.new_machine(Session(address, factory.service, tls=factory.implicit_tls))
-        self.performers = factory.performers
-        self.log_commands = factory.log_commands
-        log.info(
-            "connection from {peer} on {service}", peer=address, service=factory.service,
-            event="connection",
-        )
-        refusal = factory.refuse_connection(address)
-        if refusal is None:
-            self._counted = factory.limits.acquire(address)
-            if not self._counted:
-                refusal = replies.S421_TOO_MANY_CONNECTIONS
-        if refusal is not None:
-            log.info("refused connection from {peer}: {reply}", peer=address,
-                     reply=str(refusal), event="rejected", code=refusal.code)
-            self._closing = True
-            self.transport.write(refusal.render())
-            self.transport.loseConnection()
-            return
-        self.no_delay()
-        self.start_timer(factory.clock, factory.idle_timeout)
-        self.send_reply(self.machine.greeting())
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._counted:
-            self._counted = False
-            self.factory.limits.release(self.machine.session.peer)
-        self._reader = None
-        self._closing = True
-        waiters, self._reply_waiters = self._reply_waiters, deque()
-        for waiter in waiters:
-            waiter.errback(reason)
-        if self._turn_done is not None:
-            done, self._turn_done = self._turn_done, None
-            done.errback(reason)
-
-    def _timed_out(self) -> None:
-        if self._busy:
-            # The silence is ours (a delivery or check is running), not the peer's.
-            self._timer = self._clock.callLater(self._timeout, self._timed_out)
-            return
-        self._timer = None
-        log.info("idle timeout for {peer}", peer=self.transport.getPeer(), event="timeout")
-        if self._replies is not None:
-            self._closing = True
-            self.transport.loseConnection()
-            return
-        self.close(replies.S421_TIMEOUT)
-
-    def no_delay(self) -> None:
-        """
-        TCP_NODELAY: SMTP is a dialogue of small writes, and a reply followed
-        at once by a command (the end of a reversed turn, then the next RETR)
-        would otherwise wait ~40 ms for the peer's delayed ACK (Nagle).
-        """
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass  # not TCP (tests, UNIX sockets)
-
-    def start_timer(self, clock: IReactorTime, timeout: float) -> None:
-        self._clock, self._timeout = clock, timeout
-        self._timer = clock.callLater(timeout, self._timed_out)
-
-    def close(self, reply: Reply | None = None) -> None:
-        if reply is not None:
-            self.send_reply(reply)
-        self._closing = True
-        self._buffer = b""
-        self.transport.loseConnection()
-
-    # -- input --------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._timer is not None:
-            self._timer.reset(self._timeout)
-        if self._replies is not None:
-            self._replies.feed(data)
-            self._hand_out_replies()
-            return
-        self._buffer += data
-        if self._busy and len(self._buffer) > MAX_BUFFERED_WHILE_BUSY and not self._paused:
-            # Backpressure: a peer pipelining this much behind a pending
-            # request waits in the kernel's buffers, not in ours.
-            self._paused = True
-            self.transport.pauseProducing()
-        self._process()
-
-    def _resume_reading(self) -> None:
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-
-    # -- the client role -----------------------------------------------------
+        self._busy = False          # a request (or a reversed turn) is running
+        self.deadlines: Deadlines | None = None
 
     def become_client(self, rest: bytes = b"") -> None:
         self._replies = ReplyReader()
@@ -233,11 +131,8 @@ class SMTPConnection(Protocol):
             self._closing = True
             self.transport.abortConnection()
             raise ProtocolError("data received behind the 220 to STARTTLS (injection)")
+        self.deadlines.start_handshake(timed=False)
         self.transport.startTLS(options)
-
-    def send_reply(self, reply: Reply) -> None:
-        if not self._closing:
-            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
 
     def reply(self) -> defer.Deferred:
         """The next reply from the peer (the Channel interface)."""
@@ -255,7 +150,7 @@ class SMTPConnection(Protocol):
                 reply = self._replies.next_reply()
             except ProtocolError as e:
                 log.info("protocol error from {peer}: {error}",
-                         peer=self.transport.getPeer(), error=str(e))
+                         peer=self.transport.getPeer(), error=printable(e))
                 self._closing = True
                 self.transport.loseConnection()
                 return
@@ -263,95 +158,74 @@ class SMTPConnection(Protocol):
                 return
             self._reply_waiters.popleft().callback(reply)
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done."""
+        if self.deadlines is not None:
+            self.deadlines.handshake_done()
+
+    def _fail_waiters(self, reason: Failure) -> None:
+        waiters, self._reply_waiters = self._reply_waiters, deque()
+        for waiter in waiters:
+            waiter.errback(reason)
+
+    def no_delay(self) -> None:
+        """
+        TCP_NODELAY: SMTP is a dialogue of small writes, and a reply followed
+        at once by a command (the end of a reversed turn, then the next RETR)
+        would otherwise wait ~40 ms for the peer's delayed ACK (Nagle).
+        """
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (tests, UNIX sockets)
+
+    def start_timer(self, clock: IReactorTime, timeout: float,
+                    limits: SessionLimits = SessionLimits()) -> None:
+        self.deadlines = Deadlines(clock, timeout, limits, self._timed_out, self._abort,
+                                   lambda: self._busy)
+
+    def _abort(self) -> None:
+        log.info("TLS handshake timeout for {peer}", peer=self.transport.getPeer(),
+                 event="tls-timeout")
+        self._closing = True
+        self.transport.abortConnection()
+
+    def _hang_up(self) -> None:
+        """
+        Close; abort if a TLS handshake is unfinished: nothing gets through
+        it, not even a 421, and waiting to flush would hold the slot for ever.
+        """
+        self._closing = True
+        if self.deadlines is not None and self.deadlines.handshaking:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- switching roles (SPEC 4) -------------------------------------------
+
     def serve_turn(self, machine: ServerMachine) -> defer.Deferred:
         """
         Take the server role for one reversed turn: what the peer sent after
         its last reply is the first input.  Fires when the machine ends the
         turn, with the connection back in the client role.
         """
-        rest = self._replies.take_rest() if self._replies else b""
-        self._replies = None
-        self.machine = machine
-        self._buffer = rest
+        self._serve(machine)
         self._turn_done = defer.Deferred()
         done = self._turn_done
         self._process()
         return done
 
-    def _process(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
-            if self._reader is not None:
-                self._feed_data()
-                continue
-            end = self._buffer.find(b"\n")
-            if self._discarding:
-                if end < 0:
-                    self._buffer = b""
-                    return
-                self._discarding = False
-                self._buffer = self._buffer[end + 1:]
-                continue
-            limit = self.machine.max_line
-            if end < 0:
-                if len(self._buffer) > limit:
-                    self._line_too_long()
-                return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
-            if len(line) + 1 > limit:
-                self._line_too_long(discard=False)
-                continue
-            self._command(line.removesuffix(b"\r"))
-
-    def _line_too_long(self, discard: bool = True) -> None:
-        self._discarding = discard
-        if discard:
-            self._buffer = b""
-        self._log_outcome("<too long>", replies.S500_LINE_TOO_LONG)
-        self.send_reply(replies.S500_LINE_TOO_LONG)
-
-    def _command(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "surrogateescape")
-        try:
-            action = self.machine.handle(line)
-        except Exception:
-            log.failure("error handling {line!r}", line=line[:80])
-            action = replies.S451_LOCAL_ERROR
-        self._act(action, line)
-
-    def _act(self, action: object, line: str = "") -> None:
-        if isinstance(action, Reply):
-            self._log_outcome(line, action)
-            self.send_reply(action)
-        elif isinstance(action, BeginData):
-            self._reader = DataReader(action.max_size)
-            self.send_reply(action.reply)
-        elif isinstance(action, StartTLS):
-            self.send_reply(action.reply)
-            # CVE-2011-0411: what was pipelined behind STARTTLS is plaintext
-            # an attacker may have injected; it must never run under TLS.
-            self._buffer = b""
-            self._start_tls()
-        elif isinstance(action, Close):
-            self.close(action.reply)
-        elif isinstance(action, Reverse):
-            self._reverse(action)
-        elif isinstance(action, EndTurn):
-            self._log_outcome(line, action.reply)
-            self.send_reply(action.reply)
-            # SPEC 4: the side that replies to the input ending the turn
-            # drops whatever the peer pipelined behind it.
-            self._buffer = b""
-            self.become_client()
-            done, self._turn_done = self._turn_done, None
-            if done is not None:
-                done.callback(None)
-        else:
-            self._perform(action, line)
+    def _serve(self, machine: ServerMachine) -> None:
+        """Back to the server role; what followed the last reply is input."""
+        rest = self._replies.take_rest() if self._replies else b""
+        self._replies = None
+        self.machine = machine
+        self._input.receive_data(rest)
 
     def _reverse(self, action: Reverse) -> None:
         """SPEC 4, SMTA side: after '250 ... follows', be the client."""
         self.send_reply(action.reply)
-        self._buffer = b""
+        self._input.discard()
         self.become_client()
         self._busy = True
         d = defer.Deferred.fromCoroutine(action.turn(self))
@@ -360,9 +234,7 @@ class SMTPConnection(Protocol):
             self._busy = False
             if self._closing:
                 return result
-            rest = self._replies.take_rest()
-            self._replies = None
-            self._buffer = rest + self._buffer
+            self._serve(self.machine)
             self._process()
             return result
 
@@ -385,12 +257,258 @@ class SMTPConnection(Protocol):
         else:
             log.failure("reversed turn failed", failure)
 
+    def _timed_out(self, reply: Reply, event: str) -> None:
+        log.info("{what} for {peer}", what=reply.text.split(",")[0].lower(),
+                 peer=self.transport.getPeer(), event=event)
+        if self._replies is not None:
+            self._hang_up()
+        else:
+            self.close(reply)
+
+
+class SMTPConnection(ReplyChannel):
+    """
+    One SMTP connection, in the server role (a L{Connection} frames the
+    input, a L{ServerMachine} reads the commands) or the client role (see
+    L{ReplyChannel}).  General Delivery swaps the two on one connection
+    (SPEC 4).
+    """
+
+    factory: "SMTPServerFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._turn_done: defer.Deferred | None = None
+        self._input = Connection()
+        self._paused = False        # the transport is paused (backpressure)
+        self._counted = False        # holds a place in the connection limits
+        self.machine: ServerMachine | None = None
+        self._greeted = True         # False while the pre-greet wait runs
+        self.performers: Mapping[type, Callable] = {}
+        self.log_commands = False
+        self.limits = SessionLimits()
+        self._conduct = Conduct(self.limits)
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        peer = self.transport.getPeer()
+        address = getattr(peer, "host", "unknown")
+        self.machine = factory.new_machine(
+            Session(address, factory.service, tls=factory.implicit_tls)
+        )
+        self.performers = factory.performers
+        self.log_commands = factory.log_commands
+        self.limits = factory.session_limits
+        self._conduct = Conduct(self.limits)
+        log.info(
+            "connection from {peer} on {service}", peer=address, service=factory.service,
+            event="connection",
+        )
+        refusal = factory.refuse_connection(address)
+        if refusal is None:
+            self._counted = factory.limits.acquire(address)
+            if not self._counted:
+                refusal = replies.S421_TOO_MANY_CONNECTIONS
+        if refusal is not None:
+            log.info("refused connection from {peer}: {reply}", peer=address,
+                     reply=str(refusal), event="rejected", code=refusal.code)
+            self._closing = True
+            self.transport.write(refusal.render())
+            self.transport.loseConnection()
+            return
+        self.no_delay()
+        self.start_timer(factory.clock, factory.idle_timeout, self.limits)
+        if factory.implicit_tls:
+            self.deadlines.start_handshake()
+        greeting = self.machine.greeting()
+        if self.limits.pregreet_wait > 0:
+            # postscreen's pre-greet test: a multi-line greeting, and a
+            # client that speaks before its last line is no MTA (RFC 5321
+            # 4.3.1, 4.5.3.2.1: the client waits for the greeting).
+            self._greeted = False
+            self.transport.write(f"220-{greeting.text}\r\n".encode("utf-8"))
+            self.deadlines.later("pregreet", self.limits.pregreet_wait,
+                                 lambda: self._greet(greeting))
+        else:
+            self._greet(greeting)
+
+    def _greet(self, greeting: Reply) -> None:
+        self._greeted = True
+        self.send_reply(greeting)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.deadlines is not None:
+            self.deadlines.cancel_all()
+        if self._counted:
+            self._counted = False
+            self.factory.limits.release(self.machine.session.peer)
+        self._closing = True
+        self._fail_waiters(reason)
+        if self._turn_done is not None:
+            done, self._turn_done = self._turn_done, None
+            done.errback(reason)
+
+    def close(self, reply: Reply | None = None) -> None:
+        if reply is not None:
+            self.send_reply(reply)
+        self._input.discard()
+        self._hang_up()
+
+    def send_reply(self, reply: Reply) -> None:
+        if not self._closing:
+            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self.deadlines is not None:
+            self.deadlines.touch()
+        if self._replies is not None:
+            self._replies.feed(data)
+            self._hand_out_replies()
+            return
+        if not self._greeted:
+            log.info("{peer} spoke before the greeting ended", event="rejected",
+                     peer=self.machine.session.peer, code=554)
+            self.close(replies.S554_PREGREET)
+            return
+        self._input.receive_data(data)
+        if self._busy and self._input.buffered > MAX_BUFFERED_WHILE_BUSY and not self._paused:
+            # Backpressure: a peer pipelining this much behind a pending
+            # request waits in the kernel's buffers, not in ours.
+            self._paused = True
+            self.transport.pauseProducing()
+        self._process()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- the server role ----------------------------------------------------
+
+    # -- the server role: events --------------------------------------------
+
+    def _process(self) -> None:
+        while not self._busy and not self._closing and self._replies is None:
+            event = self._input.next_event(self.machine.max_line)
+            if event is NEED_DATA:
+                break
+            if isinstance(event, CommandLine):
+                self._command(event.line)
+            elif isinstance(event, MessageEnd):
+                self.deadlines.end_data()
+                self._act(self.machine.data_received(event.chunks, event.size, event.error),
+                          "DATA")
+            elif isinstance(event, BareLineEnding):
+                self._answer("<bare line ending>", replies.S500_BARE_LINE_ENDING)
+            elif isinstance(event, LineTooLong):
+                self._answer("<too long>", replies.S500_LINE_TOO_LONG)
+            else:   # Octets: nothing reads exact counts yet (BDAT will)
+                raise TypeError(f"unexpected event {event!r}")
+        if self.deadlines is not None and not self._closing:
+            self.deadlines.watch_line(self._input.partial_line)
+
+    def _command(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "surrogateescape")
+        # A SASL response is a credential: it is never logged, nor a verb.
+        sasl = self.machine.state is State.AUTH
+        try:
+            action = self.machine.handle(line)
+        except Exception:
+            log.failure("error handling {line}", line="<sasl>" if sasl else printable(line[:80]))
+            action = replies.S451_LOCAL_ERROR
+        self._act(action, "AUTH" if sasl else line)
+        verb = "" if sasl else line.split(" ", 1)[0].upper()
+        if (verb in ENDS_GROUP and self._input.buffered and not self._closing
+                and self._replies is None and self.limits.reject_improper_pipelining):
+            # RFC 2920 3.1: EHLO and HELO end a group; a client that does
+            # not wait for their reply is a bot, not an MTA.
+            self._improper_pipelining(verb)
+
+    def _improper_pipelining(self, verb: str) -> None:
+        log.info("{peer} pipelined behind {verb}", peer=self.machine.session.peer,
+                 verb=verb, event="improper-pipelining")
+        self._log_outcome(verb, replies.S554_IMPROPER_PIPELINING)
+        self.close(replies.S554_IMPROPER_PIPELINING)
+
+    def _answer(self, line: str, reply: Reply) -> None:
+        """
+        Send a reply to a command, keeping the session's score: past half of
+        C{max_errors} each error waits longer; at the limit, or past
+        C{max_junk_commands}, the connection closes with 421.
+        """
+        self._log_outcome(line, reply)
+        judgement = self._conduct.judge(line.split(" ", 1)[0].upper(), reply)
+        if judgement.delay and not judgement.close:
+            self._busy = True
+
+            def later() -> None:
+                self._busy = False
+                self.send_reply(reply)
+                self._resume_reading()
+                self._process()
+
+            self.deadlines.later("tarpit", judgement.delay, later)
+            return
+        self.send_reply(reply)
+        if judgement.close is not None:
+            log.info("closing {peer}: {reply}", peer=self.machine.session.peer,
+                     reply=str(judgement.close), errors=self._conduct.errors,
+                     junk=self._conduct.junk, event="error-limit")
+            self.close(judgement.close)
+
+    def _act(self, action: object, line: str = "") -> None:
+        if isinstance(action, Reply):
+            self._answer(line, action)
+        elif isinstance(action, BeginData):
+            self._begin_data(action)
+        elif isinstance(action, StartTLS):
+            self.send_reply(action.reply)
+            # CVE-2011-0411: what was pipelined behind STARTTLS is plaintext
+            # an attacker may have injected; it must never run under TLS.
+            self._input.discard()
+            self._start_tls()
+        elif isinstance(action, Close):
+            if action.reply.code >= 400:
+                self._log_outcome(line, action.reply)
+            self.close(action.reply)
+        elif isinstance(action, Reverse):
+            self._reverse(action)
+        elif isinstance(action, EndTurn):
+            self._log_outcome(line, action.reply)
+            self.send_reply(action.reply)
+            # SPEC 4: the side that replies to the input ending the turn
+            # drops whatever the peer pipelined behind it.
+            self._input.discard()
+            self.become_client()
+            done, self._turn_done = self._turn_done, None
+            if done is not None:
+                done.callback(None)
+        else:
+            self._perform(action, line)
+
+    def _begin_data(self, action: BeginData) -> None:
+        if self._input.buffered and self.limits.reject_improper_pipelining:
+            # RFC 2920 3.1: DATA ends a group; message text sent before
+            # the 354 is a bot's (or a smuggler's).
+            self.machine.reset()
+            self._improper_pipelining("DATA")
+            return
+        self.send_reply(action.reply)
+        self._input.read_message(action.max_size)
+        self.deadlines.start_data(lambda: self._input.data_octets)
+
     def _log_outcome(self, line: str, reply: Reply) -> None:
-        verb = line.split(" ", 1)[0].upper()[:16]
+        verb = printable(line.split(" ", 1)[0].upper()[:16])
         if reply.code >= 400:
             log.info(
                 "{peer} {verb}: {reply}", peer=self.machine.session.peer, verb=verb,
-                reply=str(reply), code=reply.code, event="rejected",
+                reply=printable(reply), code=reply.code, event="rejected",
             )
         elif self.log_commands:
             log.info("{peer} {verb}: {code}", peer=self.machine.session.peer, verb=verb,
@@ -431,23 +549,12 @@ class SMTPConnection(Protocol):
 
         d.addCallbacks(resolved, failed)
 
-    def _feed_data(self) -> None:
-        data, self._buffer = self._buffer, b""
-        done = self._reader.feed(data)
-        if done is None:
-            return
-        self._reader = None
-        self._buffer = done.rest
-        self._act(self.machine.data_received(done.chunks, done.size, done.error), "DATA")
-
     def _start_tls(self) -> None:
         context = self.factory.tls_context
         self.transport.startTLS(context)
+        self.deadlines.start_handshake()
         self.machine.tls_started()
         log.info("TLS started with {peer}", peer=self.machine.session.peer, event="tls")
-
-
-SMTPServerProtocol = SMTPConnection
 
 
 class SMTPServerFactory(Factory):
@@ -457,7 +564,7 @@ class SMTPServerFactory(Factory):
     I{performers} that carry out the machine's requests.
     """
 
-    protocol = SMTPServerProtocol
+    protocol = SMTPConnection
 
     def __init__(
         self,
@@ -471,7 +578,9 @@ class SMTPServerFactory(Factory):
         extensions: tuple = (),
         refuse_connection: Callable[[str], Reply | None] = lambda address: None,
         log_commands: bool = False,
+        session_limits: SessionLimits = SessionLimits(),
     ) -> None:
+        self.session_limits = session_limits
         self.log_commands = log_commands
         self.policy = policy
         self.clock = clock
@@ -494,11 +603,12 @@ class SMTPServerFactory(Factory):
 class ClientConnection(SMTPConnection):
     """An outbound connection: starts in the client role, idle-timed."""
 
-    def __init__(self, clock: IReactorTime, timeout: float, performers: Mapping = {},
+    def __init__(self, clock: IReactorTime, timeout: float,
+                 performers: Mapping[type, Callable] | None = None,
                  log_commands: bool = False) -> None:
         super().__init__()
         self._client_clock, self._client_timeout = clock, timeout
-        self.performers = performers
+        self.performers = dict(performers or {})
         self.log_commands = log_commands
 
     def connectionMade(self) -> None:
@@ -528,7 +638,8 @@ class Connector:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
 
-    def __call__(self, address: str, port: int, performers: Mapping = {}) -> defer.Deferred:
+    def __call__(self, address: str, port: int,
+                 performers: Mapping[type, Callable] | None = None) -> defer.Deferred:
         from twisted.internet.endpoints import (
             TCP4ClientEndpoint,
             TCP6ClientEndpoint,

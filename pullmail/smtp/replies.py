@@ -70,6 +70,10 @@ S421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connect
 S421_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 S421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 S421_BLOCKED = Reply(421, "4.7.0", "Too many failures, try again later")
+S421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+S421_TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands without progress, closing connection")
+S421_COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command timeout, closing connection")
+S421_DATA_TIMEOUT = Reply(421, "4.4.2", "Data timeout, closing connection")
 S451_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 S451_IN_PROGRESS = Reply(451, "4.3.0", "Retrieval in progress, try again later")
 S451_DNS_ERROR = Reply(451, "4.4.3", "DNS lookup failed, try again later")
@@ -83,6 +87,9 @@ S454_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
 # -- 5xx
 S500_UNRECOGNIZED = Reply(500, "5.5.1", "Command unrecognized")
 S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+S500_BARE_LINE_ENDING = Reply(
+    500, "5.5.2", "Bare CR or LF in command line (RFC 5321 2.3.8)"
+)
 S501_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 S501_BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 S501_BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
@@ -116,6 +123,11 @@ S550_DATA_LINE_TOO_LONG = Reply(
 S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 S553_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 S554_NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+S554_IMPROPER_PIPELINING = Reply(
+    554, "5.5.0", "Improper use of SMTP command pipelining (RFC 2920 3.1)"
+)
+S554_PREGREET = Reply(554, "5.5.0", "Spoke before the greeting ended (RFC 5321 4.3.1)")
+S554_NOT_SMTP = Reply(554, "5.5.0", "Not an SMTP command, closing connection")
 S555_BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter")
 
 

@@ -5,8 +5,9 @@ The ESMTP server as a state machine without I/O (the h11 pattern).
 a L{Reply} to send, or a request (L{CheckSender}, L{Deliver},
 L{Authenticate}, L{StartTLS}, L{BeginData}, L{Close}, or an extension's
 own) that the Twisted glue carries out before calling ``resolve``.  Which
-command may come in which state is one table, L{ALLOWED}; policy decisions
-come from L{ServerPolicy}, a value built from the config.
+command may come in which state, and the state it leads to, is one table,
+L{TRANSITIONS}; each verb's handler is named in another, L{HANDLERS}.
+Policy decisions come from L{ServerPolicy}, a value built from the config.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pullmail.smtp.address import (
     parse_mail_argument,
     parse_rcpt_argument,
 )
+from pullmail.smtp.connection import MAX_COMMAND_LINE
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.replies import Reply
 
@@ -48,10 +50,11 @@ __all__ = [
     "EndTurn",
     "MAX_COMMAND_LINE",
     "MAX_SASL_LINE",
+    "TRANSITIONS",
+    "HANDLERS",
+    "FORBIDDEN_VERBS",
 ]
 
-# RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
-MAX_COMMAND_LINE = 512
 # RFC 4954 4: a SASL response line may be up to 12288 octets.
 MAX_SASL_LINE = 12288
 
@@ -178,23 +181,38 @@ class ServerPolicy:
         return self.domains[0]
 
 
-# Every command a state accepts; anything else gets the state's refusal.
-_ANY = {State.CONNECTED, State.READY, State.MAIL, State.RCPT}
-_GREETED = {State.READY, State.MAIL, State.RCPT}
-ALLOWED: Mapping[str, set[State]] = {
-    "EHLO": _ANY,
-    "HELO": _ANY,
-    "MAIL": {State.READY},
-    "RCPT": {State.MAIL, State.RCPT},
-    "DATA": {State.RCPT},
-    "RSET": _ANY,
-    "NOOP": _ANY,
-    "QUIT": _ANY,
-    "VRFY": _ANY,
-    "HELP": _ANY,
-    "STARTTLS": {State.READY},
-    "AUTH": {State.READY},
+_ANY = (State.CONNECTED, State.READY, State.MAIL, State.RCPT)
+
+
+def _from(states, verb: str, to: State | None) -> dict[tuple[State, str], State]:
+    """C{verb} allowed in C{states}, leading to C{to} (None: the same state)."""
+    return {(state, verb): to or state for state in states}
+
+
+# (state, verb) -> the state the command leads to when it succeeds.  A pair
+# not listed is out of sequence (RFC 5321 4.1.4; 503, or 503 5.5.1 before
+# EHLO).  The rules of RFC 5321 3.3 and 4.1.4: EHLO/HELO and RSET end any
+# transaction; MAIL starts one, RCPT adds to it, DATA ends it; STARTTLS
+# goes back to the start (RFC 3207 4.2); AUTH opens a SASL exchange.
+TRANSITIONS: Mapping[tuple[State, str], State] = {
+    **_from(_ANY, "EHLO", State.READY),
+    **_from(_ANY, "HELO", State.READY),
+    **_from([State.READY], "MAIL", State.MAIL),
+    **_from([State.MAIL, State.RCPT], "RCPT", State.RCPT),
+    **_from([State.RCPT], "DATA", State.DATA),
+    **_from([State.CONNECTED], "RSET", None),
+    **_from([State.READY, State.MAIL, State.RCPT], "RSET", State.READY),
+    **_from(_ANY, "NOOP", None),
+    **_from(_ANY, "QUIT", State.CLOSED),
+    **_from(_ANY, "VRFY", None),
+    **_from(_ANY, "HELP", None),
+    **_from([State.READY], "STARTTLS", State.CONNECTED),
+    **_from([State.READY], "AUTH", State.AUTH),
 }
+
+# Verbs of other protocols (HTTP, proxies, POP3): a cross-protocol attack,
+# closed at once (Postfix's smtpd_forbidden_commands).
+FORBIDDEN_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "USER"})
 
 
 def _sequence_error(state: State, verb: str) -> Reply:
@@ -231,32 +249,43 @@ def _b64decode(text: str) -> str:
 @dataclass(eq=False)
 class Extension:
     """
-    A set of extra verbs (e.g. General Delivery): their EHLO keywords, the
-    states they are allowed in, and their handlers.  Compared (and hashed)
-    by identity: a listener's extensions are made once.
+    A set of extra verbs (e.g. General Delivery): their EHLO keywords,
+    their rows of the state table ((state, verb) -> next state), and their
+    handlers.  Compared (and hashed) by identity: a listener's extensions
+    are made once.
     """
 
     keywords: Callable[[Session], list[str]]
-    allowed: Mapping[str, set[State]]
+    transitions: Mapping[tuple[State, str], State]
     handlers: Mapping[str, Callable[["ServerMachine", str], object]]
     resolvers: Mapping[type, Callable[["ServerMachine", object, object], object]] = field(
         default_factory=dict
     )
 
 
+def _handlers(cls: type) -> dict[str, Callable[["ServerMachine", str], object]]:
+    """
+    Each verb's handler, as C{cls} defines it: a subclass (the reversed
+    turn) changes a command by overriding its method.
+    """
+    return {
+        "EHLO": cls._ehlo, "HELO": cls._helo, "MAIL": cls._mail, "RCPT": cls._rcpt,
+        "DATA": cls._data, "RSET": cls._rset, "NOOP": cls._noop, "QUIT": cls._quit,
+        "VRFY": cls._vrfy, "HELP": cls._help, "STARTTLS": cls._starttls, "AUTH": cls._auth,
+    }
+
+
 @functools.lru_cache(maxsize=64)
 def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
     """
-    The verbs a machine of C{machine_class} answers: the states each is
-    allowed in, its handler and the resolvers of its requests, as functions
-    taking the machine.  Made once per class and set of extensions, not
-    per connection.  Looked up on the class, so that a subclass (the
-    reversed turn) can override how a request's answer is taken.
+    The verbs a machine of C{machine_class} answers: the state table, the
+    handlers and the resolvers of its requests, as functions taking the
+    machine.  Made once per class and set of extensions, not per
+    connection.  Looked up on the class, so that a subclass (the reversed
+    turn) can change its table and how a request's answer is taken.
     """
-    allowed = dict(ALLOWED)
-    handlers: dict[str, Callable] = {
-        verb: getattr(machine_class, "_" + verb.lower()) for verb in ALLOWED
-    }
+    transitions = {**TRANSITIONS, **machine_class.TRANSITION_CHANGES}
+    handlers: dict[str, Callable] = _handlers(machine_class)
     resolvers: dict[type, Callable] = {
         CheckSender: machine_class._resolve_sender,
         CheckPush: machine_class._resolve_push,
@@ -264,14 +293,16 @@ def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
         Authenticate: machine_class._resolve_authentication,
     }
     for extension in extensions:
-        allowed.update(extension.allowed)
+        transitions.update(extension.transitions)
         handlers.update(extension.handlers)
         resolvers.update(extension.resolvers)
-    return allowed, handlers, resolvers
+    return transitions, handlers, resolvers
 
 
 class ServerMachine:
     """One SMTP session's state, driven by lines; no I/O."""
+
+    TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
 
     def __init__(
         self, policy: ServerPolicy, session: Session, extensions: tuple[Extension, ...] = ()
@@ -281,9 +312,8 @@ class ServerMachine:
         self.state = State.CONNECTED
         self.envelope: Envelope | None = None
         self._extensions = extensions
-        self._allowed, self._handlers, self._resolvers = _verb_table(type(self), extensions)
+        self._transitions, self._handlers, self._resolvers = _verb_table(type(self), extensions)
         self._sasl: Callable[[str], object] | None = None
-        self.implicit_tls = False
 
     # -- entry points -------------------------------------------------------
 
@@ -300,12 +330,18 @@ class ServerMachine:
             return self._sasl_step(line)
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
+        if verb in FORBIDDEN_VERBS:
+            self.state = State.CLOSED
+            return Close(replies.S554_NOT_SMTP)
         handler = self._handlers.get(verb)
         if handler is None:
             return replies.S500_UNRECOGNIZED
-        if self.state not in self._allowed[verb]:
+        if (self.state, verb) not in self._transitions:
             return _sequence_error(self.state, verb)
         return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
+
+    def _advance(self, verb: str) -> None:
+        self.state = self._transitions[(self.state, verb)]  # C{verb} succeeded
 
     def resolve(self, request: object, result: object) -> object:
         """The glue's answer to a request -> the next action."""
@@ -320,7 +356,7 @@ class ServerMachine:
         """RFC 3207 4.2: forget everything learnt before the handshake."""
         self.session = self.session.evolve(tls=True, helo="", esmtp=False, user=None)
         self.envelope = None
-        self.state = State.CONNECTED
+        self._advance("STARTTLS")
 
     def ehlo_keywords(self) -> list[str]:
         keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
@@ -336,18 +372,18 @@ class ServerMachine:
     # -- commands -----------------------------------------------------------
 
     def _ehlo(self, argument: str) -> Reply:
-        return self._greet(argument, esmtp=True)
+        return self._greet("EHLO", argument, esmtp=True)
 
     def _helo(self, argument: str) -> Reply:
-        return self._greet(argument, esmtp=False)
+        return self._greet("HELO", argument, esmtp=False)
 
-    def _greet(self, argument: str, esmtp: bool) -> Reply:
+    def _greet(self, verb: str, argument: str, esmtp: bool) -> Reply:
         # RFC 5321 4.1.1.1: a domain or an address literal; printable ASCII.
         if not _HELO_ARGUMENT.fullmatch(argument):
             return replies.S501_SYNTAX.with_text("Syntax: EHLO hostname")
         self.session = self.session.evolve(helo=argument, esmtp=esmtp)
         self.envelope = None
-        self.state = State.READY
+        self._advance(verb)
         first = f"{self.policy.hostname} Hello {argument} [{self.session.peer}]"
         if not esmtp:
             return Reply(250, "", first)
@@ -402,7 +438,7 @@ class ServerMachine:
 
     def _accept_sender(self, envelope: Envelope) -> Reply:
         self.envelope = envelope
-        self.state = State.MAIL
+        self._advance("MAIL")
         return replies.S250_SENDER_OK
 
     def _resolve_sender(self, request: CheckSender, verdict: Reply | None) -> Reply:
@@ -435,7 +471,7 @@ class ServerMachine:
             recipient = verdict.address
         if recipient not in self.envelope.recipients:
             self.envelope = self.envelope.add(recipient)
-        self.state = State.RCPT
+        self._advance("RCPT")
         return replies.S250_RECIPIENT_OK
 
     def _data(self, argument: str) -> object:
@@ -446,7 +482,7 @@ class ServerMachine:
         return self._begin_data()
 
     def _begin_data(self) -> BeginData:
-        self.state = State.DATA
+        self._advance("DATA")
         return BeginData(replies.S354_START_DATA, self.policy.max_size)
 
     def _resolve_push(self, request: CheckPush, verdict: Reply | None) -> object:
@@ -467,14 +503,15 @@ class ServerMachine:
         return reply
 
     def _rset(self, argument: str) -> Reply:
-        self.reset()
+        self.envelope = None
+        self._advance("RSET")
         return replies.S250_RESET
 
     def _noop(self, argument: str) -> Reply:
         return replies.S250_NOOP
 
     def _quit(self, argument: str) -> Close:
-        self.state = State.CLOSED
+        self._advance("QUIT")
         return Close(replies.S221_BYE)
 
     def _vrfy(self, argument: str) -> Reply:
@@ -516,7 +553,7 @@ class ServerMachine:
 
     def _sasl_wait(self, step: Callable[[str], object], prompt: Reply) -> Reply:
         self._sasl = step
-        self.state = State.AUTH
+        self._advance("AUTH")  # a SASL exchange: every line is a response
         return prompt
 
     def _sasl_step(self, line: str) -> object:
@@ -561,3 +598,7 @@ class ServerMachine:
             return replies.S535_BAD_CREDENTIALS
         self.session = self.session.evolve(user=request.user)
         return replies.S235_AUTH_OK
+
+
+# The core verbs' handlers (extensions add their own).
+HANDLERS: Mapping[str, Callable[[ServerMachine, str], object]] = _handlers(ServerMachine)

@@ -4,5 +4,5 @@ DNSBL, SPF) in L{policy}, SPF through pyspf in L{spf}, and the L{throttle}
 that slows and blocks peers that keep failing.
 
 May import: L{pullmail.smtp} (replies, envelope), L{pullmail.net},
-L{pullmail.scheduling} and L{pullmail.config}.
+L{pullmail.scheduling}, L{pullmail.config} and L{pullmail.logsafe}.
 """

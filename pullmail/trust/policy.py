@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from pullmail.config import TrustConfig
 from pullmail.interfaces import ITrustPolicy
+from pullmail.logsafe import printable
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached, Resolver
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Envelope, Session
@@ -116,7 +117,7 @@ class TrustChecker:
         verdict = decide_spf(result, accepted)
         log.info("SPF {result} for {domain} from {peer}: {verdict}", result=result.value,
                  domain=domain, peer=peer, verdict=str(verdict) if verdict else "trusted",
-                 explanation=explanation, event="spf")
+                 explanation=printable(explanation or ""), event="spf")
         return verdict
 
     def spf_passes(self, peer: str, sender: str) -> defer.Deferred:

@@ -94,10 +94,10 @@ def test_disconnect_mid_data(setup, seed):
     body = message("mid-data", "load@outside.test", ALICE, lines=40)
     for _ in range(ROUNDS):
         with RawSMTP(NODE_IP, source=CLIENT_IP, timeout=10) as client:
-            client.send(f"EHLO mid.data.test\r\nMAIL FROM:<load@outside.test>\r\n"
-                        f"RCPT TO:<{ALICE}>\r\nDATA\r\n")
-            codes = [client.read_reply()[0] for _ in range(4)]
-            assert codes == [250, 250, 250, 354], codes
+            client.ehlo("mid.data.test")
+            client.send(f"MAIL FROM:<load@outside.test>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n")
+            codes = [client.read_reply()[0] for _ in range(3)]
+            assert codes == [250, 250, 354], codes
             cut = rng.randrange(0, len(body))
             client.send(body[:cut])
             if rng.random() < 0.5:

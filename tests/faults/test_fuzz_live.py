@@ -9,6 +9,13 @@ Every connection must be greeted with 220 (the node keeps answering); every
 line the node sends must be a well-formed reply line; at the end the node
 is alive, still accepts a valid message, and its log holds no traceback, no
 "Unhandled" error and nothing critical.
+
+Some connections are hostile in the ways of issue 18 rather than random:
+slowloris commands and data (cut off by ``command_timeout`` and
+``data_timeout`` with 421 4.4.2), error floods (421 4.7.0 at
+``max_errors``) and commands pipelined behind EHLO (554 5.5.0).  Each must
+lose its connection within its limit.  Half of the dialogues wait for the
+reply to EHLO before going on, so that the fuzz reaches past it.
 """
 
 from __future__ import annotations
@@ -97,9 +104,104 @@ def stream(rng: random.Random) -> bytes:
     return mutate(rng, data) if kind < 0.9 else data
 
 
+# The fuzz node's limits against hostile peers: short, so that each attack
+# below is seen cut off within a few seconds.
+HOSTILE_LIMITS = {"command_timeout": "2s", "data_timeout": "2s", "min_data_rate": 1000,
+                  "max_errors": 8}
+# How long each hostile case may hold its connection: the limit plus slack.
+CUT_OFF_WITHIN = {"slow-command": 5.0, "slow-data": 5.0, "error-flood": 12.0,
+                  "improper-pipelining": 3.0}
+
+
+def _read_until_closed(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:
+    """Everything the node sends for up to C{seconds}; and whether it closed."""
+    deadline = time.monotonic() + seconds
+    received = b""
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return received, False
+        except OSError:
+            return received, True
+        if not chunk:
+            return received, True
+        received += chunk
+    return received, False
+
+
+def hostile_connection(n: int, rng: random.Random, kind: str) -> str | None:
+    """One issue-18 attack on the MX port; a problem description, or None."""
+    with socket.create_connection((NODE_IP, SMTP_PORT), timeout=10,
+                                  source_address=(SOURCES[n % len(SOURCES)], 0)) as sock:
+        greeting, _ = _read_until_closed_line(sock)
+        if not greeting.startswith(b"220 "):
+            return f"#{n} {kind}: greeting {greeting[:100]!r}"
+        started = time.monotonic()
+        if kind == "improper-pipelining":
+            sock.sendall(b"EHLO bot.example\r\nMAIL FROM:<a@outside.test>\r\n")
+            expected = b"554 5.5.0 "
+        elif kind == "error-flood":
+            sock.sendall(b"EHLO bot.example\r\n")
+            _read_until_closed_line(sock)
+            sock.sendall(b"".join(b"XYZZY%d\r\n" % i for i in range(30)))
+            expected = b"421 4.7.0 "
+        else:
+            sock.sendall(b"EHLO slow.example\r\n")
+            _read_until_closed_line(sock)
+            if kind == "slow-data":
+                sock.sendall(f"MAIL FROM:<a@outside.test>\r\nRCPT TO:<{ALICE}>\r\n"
+                             "DATA\r\n".encode())
+            trickle = rng.randbytes(200).replace(b"\r", b"").replace(b"\n", b"")
+            received = b""
+            for byte in trickle:
+                with contextlib.suppress(OSError):
+                    sock.sendall(bytes([byte]))
+                more, closed = _read_until_closed(sock, 0.25)
+                received += more
+                if closed:
+                    break
+            else:
+                return f"#{n} {kind}: still open after {time.monotonic() - started:.1f}s"
+            last = received.rstrip(b"\r\n").split(b"\r\n")[-1]
+            if not last.startswith(b"421 4.4.2 "):
+                return f"#{n} {kind}: last reply {last[:100]!r}"
+            expected = None
+        if expected is not None:
+            received, closed = _read_until_closed(sock, CUT_OFF_WITHIN[kind])
+            if not closed:
+                return f"#{n} {kind}: still open after {CUT_OFF_WITHIN[kind]}s"
+            last = received.rstrip(b"\r\n").split(b"\r\n")[-1]
+            if not last.startswith(expected):
+                return f"#{n} {kind}: last reply {last[:100]!r}, wanted {expected!r}"
+    took = time.monotonic() - started
+    if took > CUT_OFF_WITHIN[kind]:
+        return f"#{n} {kind}: held its connection {took:.1f}s"
+    return None
+
+
+def _read_until_closed_line(sock: socket.socket) -> tuple[bytes, bool]:
+    """One reply's worth (up to a final reply line), or what came before a close."""
+    received = b""
+    sock.settimeout(10)
+    while not re.search(rb"(^|\r\n)[2-5][0-9][0-9] [^\r\n]*\r\n$", received):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return received, True
+        received += chunk
+    return received, False
+
+
 def one_connection(n: int, seed: int) -> str | None:
     """Fuzz one connection; a problem description, or None."""
     rng = random.Random(seed * 100003 + n)
+    if rng.random() < 0.04:
+        kind = rng.choice(sorted(CUT_OFF_WITHIN))
+        try:
+            return hostile_connection(n, rng, kind)
+        except OSError as e:
+            return f"#{n} {kind}: {e}"
     port = rng.choice([SMTP_PORT] * 6 + [SUBMISSION_PORT] * 2 + [SUBMISSIONS_PORT])
     data = stream(rng)
     source = SOURCES[n % len(SOURCES)]
@@ -122,6 +224,15 @@ def one_connection(n: int, seed: int) -> str | None:
                     received += chunk
                 if not received.startswith(b"220 "):
                     return f"#{n}: greeting on {port}: {received[:100]!r}"
+                if rng.random() < 0.5 and b"\n" in data[:100]:
+                    # A client that waits for the reply to its first line
+                    # (RFC 2920 3.1: EHLO ends a group) gets past it.
+                    first = data.index(b"\n") + 1
+                    sock.sendall(data[:first])
+                    data = data[first:]
+                    sock.settimeout(0.5)
+                    with contextlib.suppress(OSError):
+                        received += sock.recv(65536)
                 pieces = sorted(rng.sample(range(len(data) + 1), min(2, len(data) + 1)))
                 for a, b in zip([0] + pieces, pieces + [len(data)]):
                     sock.sendall(data[a:b])
@@ -152,7 +263,7 @@ def test_fuzz_live_node(net, seed):
         # tarpitting and blocking the fuzzer's addresses, which is not under test.
         "limits": {"retr_fail_limit": 1000000, "retr_tarpit_max": "0s",
                    "auth_fail_limit": 1000000, "auth_tarpit_max": "0s",
-                   "idle_timeout": "5s", "connections_per_ip": 50},
+                   "idle_timeout": "5s", "connections_per_ip": 50, **HOSTILE_LIMITS},
     })
     problems = []
     started = time.monotonic()

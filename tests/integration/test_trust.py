@@ -212,6 +212,10 @@ def node_a(nodes, workdir, zone) -> Node:
             # A notification whose retrieval fails (nothing listens at the
             # clients' addresses) is dropped at once, so pending/ drains.
             "retrieval": {"schedule": ["0s"]},
+            # The flood test sends 250 refused GDELs per connection on
+            # purpose; the error budget (tested in test_hostile_protocol)
+            # would cut it off after 20.
+            "limits": {"max_errors": 0},
         },
     )
 
