@@ -10,6 +10,8 @@ no threads, no global reactor.
   - L{FakeTrust}: an L{ITrustPolicy} with fixed verdicts.
   - L{cache_dns_answer}, L{cache_dns_nxdomain}: fill a real dnspython
     resolver's cache, as lookups would have.
+  - L{FakeNameserver}: the network behind a real L{pullmail.net.dns.Resolver},
+    answering from a zone dict, or never (C{silent} names).
   - L{result_of}, L{failure_of}, L{assert_no_result}: what trial's
     C{successResultOf} and friends do, for plain pytest tests.
   - L{FakeNetwork}: a C{connect(address, port, performers={})} that pairs a
@@ -55,6 +57,7 @@ __all__ = [
     "make_entry",
     "cache_dns_answer",
     "cache_dns_nxdomain",
+    "FakeNameserver",
 ]
 
 
@@ -112,8 +115,6 @@ class FakeResolver:
     @ivar hosts: host -> [address]
     @ivar texts: name -> [text]
     """
-
-    dnspython = None
 
     def __init__(
         self,
@@ -390,3 +391,36 @@ def _cache_response(resolver, name: str, rdtype, response) -> None:
     qname = dns.name.from_text(name)
     answer = dns.resolver.Answer(qname, rdtype, dns.rdataclass.IN, response)
     resolver.cache.put((qname, rdtype, dns.rdataclass.IN), answer)
+
+
+class FakeNameserver:
+    """
+    The C{query(qname, rdtype)} of a real L{pullmail.net.dns.Resolver},
+    answered at once from C{zone} {(name, rdtype): [record texts]}: a name
+    with no entry of any type is NXDOMAIN, one without that type a
+    no-answer.  A name in C{silent} (or under one) never answers; its
+    Deferreds wait in C{waiting}.  Every question is kept in C{asked}.
+    """
+
+    def __init__(self, zone: Mapping[tuple[str, str], Sequence[str]],
+                 silent: Iterable[str] = ()) -> None:
+        self.zone = {(name.lower(), rdtype): list(texts) for (name, rdtype), texts in zone.items()}
+        self.silent = tuple(silent)
+        self.asked: list[tuple[str, str]] = []
+        self.waiting: list[defer.Deferred] = []
+
+    def __call__(self, qname, rdtype) -> defer.Deferred:
+        name = qname.to_text(omit_final_dot=True).lower()
+        type_text = dns.rdatatype.to_text(rdtype)
+        self.asked.append((name, type_text))
+        if any(name == s or name.endswith("." + s) for s in self.silent):
+            waiting = defer.Deferred()
+            self.waiting.append(waiting)
+            return waiting
+        response = dns.message.make_response(dns.message.make_query(qname, rdtype))
+        texts = self.zone.get((name, type_text))
+        if texts:
+            response.answer.append(dns.rrset.from_text(qname, 300, "IN", rdtype, *texts))
+        elif not any(known == name for known, _ in self.zone):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return defer.succeed(dns.message.from_wire(response.to_wire()))

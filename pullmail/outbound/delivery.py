@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from pullmail.config import DeliveryConfig
 from pullmail.ids import new_gdel_id
 from pullmail.interfaces import IOutbox
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, Resolver, mail_hosts
-from pullmail.outbound import bounce
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, Resolver
+from pullmail.outbound import bounce, mx
 from pullmail.scheduling.schedule import push_retry_at
 from pullmail.scheduling.timers import DueQueue
 from pullmail.smtp.client import (
@@ -57,6 +57,10 @@ class _Transient(Exception):
 
 class _Permanent(Exception):
     """The destination cannot be reached at all (no such domain, null MX)."""
+
+    def __init__(self, reason: str, status: str = "5.1.2") -> None:
+        super().__init__(reason)
+        self.status = status   # RFC 3463: 5.1.2 bad destination system
 
 
 class Outbound:
@@ -312,7 +316,7 @@ class Outbound:
         except _Permanent as e:
             for entry in entries:
                 self.outbox.remove(entry.id, after=self._bounce(
-                    entry, entry.recipients, "5.1.2", None, str(e)
+                    entry, entry.recipients, e.status, None, str(e)
                 ))
             return
         except _Transient as e:
@@ -370,25 +374,31 @@ class Outbound:
         domain = entries[0].domain
         if self.config.smarthost:
             host, port = self.config.smarthost
-            targets = [(host, port)]
+            hosts, networks = [host], ()   # named by the operator: never blocked
         else:
             try:
-                hosts = await mail_hosts(self.resolver, domain)
+                hosts = mx.mail_hosts(domain, await self.resolver.mx(domain),
+                                      self.config.mx_limit)
+            except mx.NullMX as e:
+                # RFC 7505 4.1: no attempt; X.1.10 "recipient address has null MX".
+                raise _Permanent(str(e), "5.1.10") from e
             except DNSPermanentError as e:
                 raise _Permanent(f"domain {domain} does not exist") from e
             except DNSTemporaryError as e:
                 raise _Transient(f"DNS: {e}") from e
-            if not hosts:
-                raise _Permanent(f"domain {domain} accepts no mail (null MX)")
-            targets = [(host, self.config.remote_port) for host in hosts]
+            port, networks = self.config.remote_port, self.config.blocked_networks
+        # Issue 18: at most mx_limit addresses per attempt, none in a blocked network.
+        picker = mx.TargetPicker(self.config.mx_limit, tuple(networks))
         errors = []
-        for host, port in targets:
+        for host in hosts:
+            if picker.full:
+                break
             try:
                 addresses = await self.resolver.addresses(host)
             except DNSTemporaryError as e:
                 errors.append(f"{host}: {e}")
                 continue
-            for address in addresses:
+            for address in [target.address for target in picker.offer(host, addresses)]:
                 try:
                     outcomes = await self._session(entries, host, address, port, pull_only)
                 except Exception as e:  # any failure of this host: try the next
@@ -398,7 +408,8 @@ class Outbound:
                              host=host, address=address, error=str(e), event="attempt")
                     continue
                 return host, outcomes
-        raise _Transient("; ".join(errors) or "no address for any mail host")
+        errors.append(picker.explain())
+        raise _Transient("; ".join(filter(None, errors)) or "no address for any mail host")
 
     async def _session(self, entries: list[OutboxEntry], host: str, address: str, port: int,
                        pull_only: bool = False) -> list:

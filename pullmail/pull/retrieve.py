@@ -22,7 +22,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pullmail.interfaces import ITrustPolicy
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, mail_host_addresses
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.outbound import mx
 from pullmail.pull.verbs import Notify, TurnMachine
 from pullmail.scheduling.schedule import retrieval_at
 from pullmail.scheduling.timers import DueQueue
@@ -66,7 +67,11 @@ class Retriever:
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
         store_file: Callable[[str, str, bytes], defer.Deferred] | None = None,
         delivered_of: Callable[[Mapping[str, Sequence[str]]], set[str]] | None = None,
+        mx_limit: int = 5,
+        blocked_networks: tuple = (),
     ) -> None:
+        self.mx_limit = mx_limit
+        self.blocked_networks = tuple(blocked_networks)
         self.store_file = store_file
         self.delivered_of = delivered_of
         self.store = store
@@ -351,15 +356,24 @@ class Retriever:
         if self.resolver is None or self.sender_authorised is None:
             return []
         try:
-            addresses = await mail_host_addresses(self.resolver, origin)
-        except (DNSTemporaryError, DNSPermanentError):
+            hosts = mx.mail_hosts(origin, await self.resolver.mx(origin), self.mx_limit)
+        except (DNSTemporaryError, DNSPermanentError, mx.NullMX):
             return []
+        # Issue 18: one GDEL buys at most mx_limit addresses, the peer's
+        # included, and never one in a blocked network.
+        picker = mx.TargetPicker(self.mx_limit, self.blocked_networks)
+        picker.offer("", [peer])
         trusted = []
-        for address in addresses:
-            if address != peer and address not in trusted and await self.sender_authorised(
-                address, f"postmaster@{origin}"
-            ):
-                trusted.append(address)
+        for host in hosts:
+            if picker.full:
+                break
+            try:
+                addresses = await self.resolver.addresses(host)
+            except (DNSTemporaryError, DNSPermanentError):
+                continue
+            for target in picker.offer(host, addresses):
+                if await self.sender_authorised(target.address, f"postmaster@{origin}"):
+                    trusted.append(target.address)
         return trusted
 
     async def _run(self, connection, address: str, notifications: list[Notification]) -> None:
