@@ -283,12 +283,15 @@ def test_spf_pass_for_everyone_not_trusted() -> None:
 
 
 def test_null_mx_sender_refused() -> None:
-    """RFC 7505 4.2: a sender domain with a null MX gets 550 5.7.27, before SPF."""
+    """RFC 7505 4.2: a sender domain with a null MX gets 550 5.7.27 (after SPF)."""
     resolver = FakeResolver(mx={"nomail.example": [(0, "")]})
     checker, stub = _checker(SPFResult.PASS, resolver=resolver)
     assert _code(_check(checker, domain="nomail.example", sender="a@nomail.example")) == (
         550, "5.7.27")
-    assert stub.calls == []
+    checker, stub = _checker(SPFResult.FAIL, resolver=resolver)
+    assert _code(_check(checker, domain="nomail.example", sender="a@nomail.example")) == (
+        550, "5.7.23")
+    checker, stub = _checker(SPFResult.PASS, resolver=resolver)
     # The bare form and the null sender name no sender domain: not refused for it.
     assert _check(checker, domain="nomail.example", sender=None) is None
     # DNS trouble is not a null MX.

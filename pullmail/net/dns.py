@@ -1,7 +1,7 @@
 """
 One DNS seam for MX lookups, the RETR destined-host check, SPF and DNSBL:
-questions asked on the reactor (twisted.names: UDP, then TCP when the
-answer is truncated) to ``[dns] nameservers`` (the system's when empty),
+questions asked on the reactor (L{pullmail.net.nameserver}) to
+``[dns] nameservers`` (the system's when empty),
 answers kept in a dnspython cache for their TTL.  No thread waits on the
 network, so a nameserver that never answers one origin's names delays no
 one else's check (issue 18): each question waits its own timeout.
@@ -28,8 +28,6 @@ import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
-from twisted.names import client as names_client
-from twisted.names import dns as names_dns
 from twisted.python.failure import Failure
 
 __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "NotCached", "cached_answer",
@@ -102,59 +100,18 @@ def make_dnspython_resolver(nameservers: Sequence[tuple[str, int]], timeout: flo
     return resolver
 
 
-def _servers(resolver) -> list[tuple[str, int]]:
-    """(host, port) of each nameserver C{resolver} names (system ones on port 53)."""
-    found = []
-    for nameserver in resolver.nameservers:
-        if isinstance(nameserver, dns.nameserver.Do53Nameserver):
-            found.append((nameserver.address, nameserver.port))
-        elif isinstance(nameserver, str):
-            found.append((nameserver, resolver.port))
-    return found
-
-
-class NameserverQuery:
-    """
-    Asks C{servers} one question on the reactor with twisted.names: UDP,
-    each server in turn for its share of C{timeout}, then TCP when the
-    answer is truncated (RFC 7766 5).  Fires with the response as a
-    dnspython message, or fails.
-    """
-
-    def __init__(self, servers: Sequence[tuple[str, int]], reactor, timeout: float) -> None:
-        self._timeout = timeout
-        self._share = timeout / max(len(servers), 1)
-        self._client = (names_client.Resolver(servers=list(servers), reactor=reactor)
-                        if servers else None)
-
-    def __call__(self, qname: dns.name.Name, rdtype: int) -> Deferred:
-        if self._client is None:
-            return fail(DNSTemporaryError("no nameservers configured"))
-        question = names_dns.Query(qname.to_text(omit_final_dot=True), int(rdtype))
-        d = self._client.queryUDP([question], timeout=(self._share,))
-
-        def maybe_tcp(message):
-            if message.trunc:
-                return self._client.queryTCP([question], timeout=self._timeout)
-            return message
-
-        d.addCallback(maybe_tcp)
-        d.addCallback(lambda message: dns.message.from_wire(message.toStr()))
-        return d
-
-
 class Resolver:
     """
     Asynchronous lookups into a dnspython cache.  C{query(qname, rdtype)}
-    asks the network and fires with a dnspython response (by default a
-    L{NameserverQuery} of the resolver's nameservers); C{clock} times the
-    remembered failures.
+    asks the network and fires with a dnspython response or fails (a
+    L{pullmail.net.nameserver.NameserverQuery} in a node); C{clock} times
+    the remembered failures.
     """
 
-    def __init__(self, resolver, clock, query: Callable[..., Deferred] | None = None) -> None:
+    def __init__(self, resolver, clock, query: Callable[..., Deferred]) -> None:
         self._resolver = resolver
         self._clock = clock
-        self._query = query or NameserverQuery(_servers(resolver), clock, resolver.lifetime)
+        self._query = query
         self._in_flight: dict[tuple, list[Deferred]] = {}
         self._failed: OrderedDict[tuple, tuple[float, DNSTemporaryError]] = OrderedDict()
 

@@ -26,6 +26,7 @@ from pullmail.accounts.users import Accounts, AccountsError
 from pullmail.inbound.router import Router
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
+from pullmail.net.nameserver import NameserverQuery
 from pullmail.net.tls import (
     OutboundTLS,
     client_context,
@@ -147,9 +148,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
 
     run_blocking = DiskPool(reactor, DISK_THREADS)
     Startable(run_blocking.start, run_blocking.stop).setServiceParent(node)
-    # DNS runs on the reactor (twisted.names): no thread waits on a nameserver.
-    resolver = Resolver(make_dnspython_resolver(config.dns.nameservers, config.dns.timeout),
-                        reactor)
+    # DNS runs on the reactor: no thread waits on a nameserver (issue 18).
+    dnspython = make_dnspython_resolver(config.dns.nameservers, config.dns.timeout)
+    resolver = Resolver(dnspython, reactor, NameserverQuery.of(dnspython, reactor))
     fsync_helper = FsyncHelper(reactor)
     Startable(fsync_helper.start, fsync_helper.stop).setServiceParent(node)
     delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),

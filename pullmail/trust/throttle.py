@@ -78,8 +78,8 @@ class FailureTracker:
         failures.append(self.clock.seconds())
         if len(failures) >= self.limit:
             self._blocked[network] = self.clock.seconds() + self.block
-            log.info("blocking {network} for {seconds}s after {count} failed {what}s, "
-                     "the last from {peer}", network=network, peer=address,
+            log.info("blocking {peer} for {seconds}s after {count} failed {what}s "
+                     "from {network}", network=network, peer=address,
                      seconds=self.block, count=len(failures), what=self.what,
                      event="blocked")
         return tarpit_delay(len(failures), self.tarpit_max)
