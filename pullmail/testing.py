@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
@@ -40,7 +41,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from pullmail.interfaces import IOutbox, ITrustPolicy
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
 from pullmail.storage.outbox import OutboxEntry
@@ -106,7 +107,8 @@ def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
 
 class FakeResolver:
     """
-    The L{pullmail.net.dns.Resolver} seam, answered from dicts.  A name in
+    The L{pullmail.net.dns.Resolver} seam, answered from dicts (also as
+    records through C{cached}/C{lookup}, so the real SPF check runs on it).  A name in
     C{temporary} fails with L{DNSTemporaryError}, one in C{permanent} with
     L{DNSPermanentError}, for every record type.  Names not in a dict have no records of that type.
     Every question is recorded in C{queries} as C{(rdtype, name)}.
@@ -159,6 +161,26 @@ class FakeResolver:
 
     def txt(self, name: str) -> defer.Deferred:
         return self._answer("TXT", name, self.texts)
+
+    def cached(self, name: str, rdtype: str) -> list:
+        """Nothing is ever cached: every question goes to L{lookup}."""
+        raise NotCached(name, rdtype)
+
+    def lookup(self, name: str, rdtype: str) -> defer.Deferred:
+        """The records of C{name} as dnspython rdata (what SPF reads), from the dicts."""
+        if rdtype == "MX":
+            d, texts = self._answer(rdtype, name, self.mx_records), lambda found: [
+                f"{preference} {host}." for preference, host in found]
+        elif rdtype in ("A", "AAAA"):
+            d, texts = self._answer(rdtype, name, self.hosts), lambda found: [
+                a for a in found if (":" in a) == (rdtype == "AAAA")]
+        elif rdtype == "TXT":
+            d, texts = self._answer(rdtype, name, self.texts), lambda found: [
+                '"' + t.replace('"', '\\"') + '"' for t in found]
+        else:
+            d, texts = self._answer(rdtype, name, {}), list
+        return d.addCallback(lambda found: [
+            dns.rdata.from_text("IN", rdtype, text) for text in texts(found)])
 
 
 @implementer(IOutbox)

@@ -116,7 +116,8 @@ def _outbound(resolver, clock, network, **config):
 
 
 def _send(outbound, network, domain="receiver.example"):
-    outbound.enqueue("QID1", "alice@sender.example", [f"bob@{domain}"], [b"Subject: x\r\n\r\nx\r\n"])
+    outbound.enqueue("QID1", "alice@sender.example", [f"bob@{domain}"],
+                     [b"Subject: x\r\n\r\nx\r\n"])
     network.settle()
 
 

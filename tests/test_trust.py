@@ -311,3 +311,18 @@ def test_own_literal_sender_guard(peer, allow, expected) -> None:
     envelope = Envelope("someone@[127.0.0.2]", (), None, None, {})
     assert _code(result_of(checker.check_own_domain(session, envelope))) == expected
     assert stub.calls == []
+
+
+def test_real_spf_over_the_fake_resolver() -> None:
+    """FakeResolver answers the real SPF check too (cached()/lookup() as records)."""
+    resolver = FakeResolver(
+        mx={"s.example": [(10, "mx.s.example")]},
+        addresses={"mx.s.example": ["198.51.100.7", "2001:db8::7"]},
+        txt={"s.example": ["v=spf1 mx -all"], "all.example": ["v=spf1 +all"]},
+    )
+    checker = TrustChecker(TrustConfig(), resolver, Clock(), 5.0)
+    assert _check(checker, domain="s.example", sender="a@s.example") is None
+    assert _code(_check(checker, peer="192.0.2.1", domain="s.example",
+                        sender="a@s.example")) == (550, "5.7.23")
+    assert _check(checker, peer="2001:db8::7", domain="s.example", sender="a@s.example") is None
+    assert "neutral" in _check(checker, domain="all.example", sender="a@all.example").text
