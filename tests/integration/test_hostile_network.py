@@ -178,6 +178,21 @@ def test_retrieval_fallback_within_the_cap(rx, victims) -> None:
     assert victims[VICTIMS[0]].count == 1
 
 
+def test_notifier_in_a_blocked_network_never_contacted(rx, victims) -> None:
+    """
+    A GDEL from a blocked network may pass the trust check, but the node
+    never connects back there: it goes straight to the origin's MX hosts.
+    """
+    blocked_notifier = "127.0.4.5"
+    with ConnectionCounter(blocked_notifier) as notifier:
+        code, _ = _gdel(RX, blocked_notifier, "x@cluster2.test")
+        assert code == 250
+        wait_until(lambda: victims[VICTIMS[0]].count, 15,
+                   message=lambda: "the fallback to reach " + VICTIMS[0] + "\n"
+                   + rx.diagnostics())
+        assert notifier.count == 0
+
+
 # -- items 12 and 13: outbound ------------------------------------------------------------
 
 
