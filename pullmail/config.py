@@ -231,6 +231,22 @@ def _optional_address(text: str) -> str:
     return text
 
 
+# Never connected to (see etc/pullmail.toml): from the IANA IPv4 and IPv6
+# Special-Purpose Address Registries (RFC 6890), the ranges no mail server
+# can be on.  Loopback and the private ranges are left to the operator.
+DEFAULT_BLOCKED_NETWORKS = (
+    "0.0.0.0/8",        # "this network", RFC 791 3.2 / RFC 1122 3.2.1.3
+    "169.254.0.0/16",   # link-local, RFC 3927 (cloud metadata services live here)
+    "198.18.0.0/15",    # benchmarking, RFC 2544
+    "224.0.0.0/4",      # multicast, RFC 5771
+    "240.0.0.0/4",      # reserved, RFC 1112 4; holds 255.255.255.255, RFC 919 7
+    "::/128",           # unspecified, RFC 4291 2.5.2
+    "100::/64",         # discard-only, RFC 6666
+    "fe80::/10",        # link-local, RFC 4291 2.5.6
+    "ff00::/8",         # multicast, RFC 4291 2.7
+)
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     remote_port: int = _opt(25, int)
@@ -245,6 +261,9 @@ class DeliveryConfig:
     tls_ca: Path | None = _opt(None, str, lambda text: _path(text) if text else None)
     connect_timeout: float = _opt(30.0, str, parse_duration)
     hooks: tuple[str, ...] = _list([], str)
+    # Addresses (and MX hosts) tried per attempt; Postfix's smtp_mx_address_limit.
+    mx_limit: int = _opt(5, int)
+    blocked_networks: tuple = _list(list(DEFAULT_BLOCKED_NETWORKS), _network)
 
 
 @dataclass(frozen=True)
@@ -279,6 +298,9 @@ class LimitsConfig:
     pregreet_wait: float = _opt(0.0, str, parse_duration)
     max_errors: int = _opt(20, int)
     max_junk_commands: int = _opt(100, int)
+    # Throttles count per network, not per address (Postfix's anvil, mox).
+    ipv4_prefix: int = _opt(24, int)
+    ipv6_prefix: int = _opt(64, int)
 
 
 def _optional_endpoint(text: str) -> str:
@@ -318,6 +340,31 @@ class Config:
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.node.domains
+
+    @property
+    def own_addresses(self) -> frozenset:
+        """
+        The node's own IP addresses, as far as the config names them: every
+        listener's ``interface=`` and ``[delivery] bind_address``.  Their
+        address literals are local domains (issue 18).
+        """
+        found = set()
+        texts = [self.delivery.bind_address] + [
+            match.group(1).replace("\\:", ":")
+            for description in self.listen.smtp + self.listen.submission + self.listen.submissions
+            for match in [_INTERFACE.search(description)] if match
+        ]
+        for text in texts:
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if not ip.is_unspecified:
+                found.add(ip)
+        return frozenset(found)
+
+
+_INTERFACE = re.compile(r"(?:^|:)interface=((?:\\:|[^:])+)")
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "base"}
@@ -370,6 +417,12 @@ def _check(config: Config) -> None:
     for option in ("max_errors", "max_junk_commands"):
         if getattr(config.limits, option) < 0:
             raise ConfigError(f"limits.{option}", "must be zero (off) or more")
+    if config.delivery.mx_limit <= 0:
+        raise ConfigError("delivery.mx_limit", "must be greater than zero")
+    for option, value, bits in [("limits.ipv4_prefix", config.limits.ipv4_prefix, 32),
+                                ("limits.ipv6_prefix", config.limits.ipv6_prefix, 128)]:
+        if not 0 < value <= bits:
+            raise ConfigError(option, f"must be a prefix length from 1 to {bits}")
     if not 0 < config.delivery.remote_port < 65536:
         raise ConfigError("delivery.remote_port", "must be a port number (1-65535)")
     if not config.retrieval.schedule:

@@ -10,6 +10,8 @@ no threads, no global reactor.
   - L{FakeTrust}: an L{ITrustPolicy} with fixed verdicts.
   - L{cache_dns_answer}, L{cache_dns_nxdomain}: fill a real dnspython
     resolver's cache, as lookups would have.
+  - L{FakeNameserver}: the network behind a real L{pullmail.net.dns.Resolver},
+    answering from a zone dict, or never (C{silent} names).
   - L{result_of}, L{failure_of}, L{assert_no_result}: what trial's
     C{successResultOf} and friends do, for plain pytest tests.
   - L{FakeNetwork}: a C{connect(address, port, performers={})} that pairs a
@@ -26,6 +28,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
@@ -38,7 +41,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from pullmail.interfaces import IOutbox, ITrustPolicy
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
 from pullmail.storage.outbox import OutboxEntry
@@ -55,6 +58,7 @@ __all__ = [
     "make_entry",
     "cache_dns_answer",
     "cache_dns_nxdomain",
+    "FakeNameserver",
 ]
 
 
@@ -103,7 +107,8 @@ def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
 
 class FakeResolver:
     """
-    The L{pullmail.net.dns.Resolver} seam, answered from dicts.  A name in
+    The L{pullmail.net.dns.Resolver} seam, answered from dicts (also as
+    records through C{cached}/C{lookup}, so the real SPF check runs on it).  A name in
     C{temporary} fails with L{DNSTemporaryError}, one in C{permanent} with
     L{DNSPermanentError}, for every record type.  Names not in a dict have no records of that type.
     Every question is recorded in C{queries} as C{(rdtype, name)}.
@@ -112,8 +117,6 @@ class FakeResolver:
     @ivar hosts: host -> [address]
     @ivar texts: name -> [text]
     """
-
-    dnspython = None
 
     def __init__(
         self,
@@ -158,6 +161,26 @@ class FakeResolver:
 
     def txt(self, name: str) -> defer.Deferred:
         return self._answer("TXT", name, self.texts)
+
+    def cached(self, name: str, rdtype: str) -> list:
+        """Nothing is ever cached: every question goes to L{lookup}."""
+        raise NotCached(name, rdtype)
+
+    def lookup(self, name: str, rdtype: str) -> defer.Deferred:
+        """The records of C{name} as dnspython rdata (what SPF reads), from the dicts."""
+        if rdtype == "MX":
+            d, texts = self._answer(rdtype, name, self.mx_records), lambda found: [
+                f"{preference} {host}." for preference, host in found]
+        elif rdtype in ("A", "AAAA"):
+            d, texts = self._answer(rdtype, name, self.hosts), lambda found: [
+                a for a in found if (":" in a) == (rdtype == "AAAA")]
+        elif rdtype == "TXT":
+            d, texts = self._answer(rdtype, name, self.texts), lambda found: [
+                '"' + t.replace('"', '\\"') + '"' for t in found]
+        else:
+            d, texts = self._answer(rdtype, name, {}), list
+        return d.addCallback(lambda found: [
+            dns.rdata.from_text("IN", rdtype, text) for text in texts(found)])
 
 
 @implementer(IOutbox)
@@ -390,3 +413,36 @@ def _cache_response(resolver, name: str, rdtype, response) -> None:
     qname = dns.name.from_text(name)
     answer = dns.resolver.Answer(qname, rdtype, dns.rdataclass.IN, response)
     resolver.cache.put((qname, rdtype, dns.rdataclass.IN), answer)
+
+
+class FakeNameserver:
+    """
+    The C{query(qname, rdtype)} of a real L{pullmail.net.dns.Resolver},
+    answered at once from C{zone} {(name, rdtype): [record texts]}: a name
+    with no entry of any type is NXDOMAIN, one without that type a
+    no-answer.  A name in C{silent} (or under one) never answers; its
+    Deferreds wait in C{waiting}.  Every question is kept in C{asked}.
+    """
+
+    def __init__(self, zone: Mapping[tuple[str, str], Sequence[str]],
+                 silent: Iterable[str] = ()) -> None:
+        self.zone = {(name.lower(), rdtype): list(texts) for (name, rdtype), texts in zone.items()}
+        self.silent = tuple(silent)
+        self.asked: list[tuple[str, str]] = []
+        self.waiting: list[defer.Deferred] = []
+
+    def __call__(self, qname, rdtype) -> defer.Deferred:
+        name = qname.to_text(omit_final_dot=True).lower()
+        type_text = dns.rdatatype.to_text(rdtype)
+        self.asked.append((name, type_text))
+        if any(name == s or name.endswith("." + s) for s in self.silent):
+            waiting = defer.Deferred()
+            self.waiting.append(waiting)
+            return waiting
+        response = dns.message.make_response(dns.message.make_query(qname, rdtype))
+        texts = self.zone.get((name, type_text))
+        if texts:
+            response.answer.append(dns.rrset.from_text(qname, 300, "IN", rdtype, *texts))
+        elif not any(known == name for known, _ in self.zone):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return defer.succeed(dns.message.from_wire(response.to_wire()))

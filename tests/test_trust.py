@@ -9,6 +9,7 @@ import ipaddress
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -16,7 +17,14 @@ from pullmail.config import TrustConfig
 from pullmail.interfaces import ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
 from pullmail.smtp import replies
-from pullmail.testing import FakeResolver, FakeTrust, cache_dns_answer
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.testing import (
+    FakeNameserver,
+    FakeResolver,
+    FakeTrust,
+    cache_dns_answer,
+    result_of,
+)
 from pullmail.trust.policy import TrustChecker, decide_spf, dnsbl_name, listed
 from pullmail.trust.spf import SPFResult
 
@@ -119,14 +127,14 @@ def test_dnsbl_name_v6_compressed() -> None:
 
 
 class SPFStub:
-    """run_blocking for the checker: answers check_host with a fixed result."""
+    """The checker's spf_check: answers with a fixed result."""
 
     def __init__(self, result: SPFResult) -> None:
         self.result = result
         self.calls: list[tuple] = []
 
-    def __call__(self, f, *args):
-        self.calls.append(args[1:4])
+    def __call__(self, resolver, *args):
+        self.calls.append(args[0:3])
         return defer.succeed((self.result, ""))
 
 
@@ -139,8 +147,8 @@ def _check(checker, peer="198.51.100.7", domain="sender.example", sender="a@send
 
 def _checker(spf=SPFResult.PASS, resolver=None, plugins=(), **config):
     stub = SPFStub(spf)
-    checker = TrustChecker(TrustConfig(**config), resolver or FakeResolver(), stub, 5.0,
-                           plugins=plugins)
+    checker = TrustChecker(TrustConfig(**config), resolver or FakeResolver(), Clock(), 5.0,
+                           plugins=plugins, spf_check=stub)
     return checker, stub
 
 
@@ -243,17 +251,78 @@ def test_plugins_veto_after_spf() -> None:
     assert veto.calls == 1
 
 
-def test_spf_answered_from_the_dns_cache_without_a_thread() -> None:
+def test_spf_over_the_resolver() -> None:
     """
-    A known origin (its SPF records cached) is checked in the calling
-    thread; a new one goes to the DNS threads (run_blocking).
+    The real SPF check: a known origin's records come from the cache, a new
+    one's from the network (on the reactor, no thread), once.
     """
     dnspython = make_dnspython_resolver([("192.0.2.1", 53)], 0.1)
     cache_dns_answer(dnspython, "cached.example", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')
-    checker, stub = _checker(SPFResult.FAIL, resolver=Resolver(dnspython, None, None))
+    network = FakeNameserver({("new.example", "TXT"): ['"v=spf1 ip4:192.0.2.0/24 -all"']})
+    clock = Clock()
+    checker = TrustChecker(TrustConfig(), Resolver(dnspython, clock, query=network), clock, 5.0)
     assert _check(checker, domain="cached.example", sender="a@cached.example") is None
     assert _code(_check(checker, peer="192.0.2.9", domain="cached.example",
                         sender="a@cached.example")) == (550, "5.7.23")
-    assert stub.calls == []
+    assert ("cached.example", "TXT") not in network.asked
     assert _code(_check(checker, domain="new.example", sender="a@new.example")) == (550, "5.7.23")
-    assert stub.calls == [("198.51.100.7", "new.example", "a@new.example")]
+    assert _check(checker, peer="192.0.2.9", domain="new.example", sender="a@new.example") is None
+    assert network.asked.count(("new.example", "TXT")) == 1
+
+
+def test_spf_pass_for_everyone_not_trusted() -> None:
+    """Issue 18: "+all" makes a pass that proves nothing: neutral, refused by default."""
+    dnspython = make_dnspython_resolver([("192.0.2.1", 53)], 0.1)
+    network = FakeNameserver({("evil.example", "TXT"): ['"v=spf1 +all"']})
+    clock = Clock()
+    checker = TrustChecker(TrustConfig(), Resolver(dnspython, clock, query=network), clock, 5.0)
+    verdict = _check(checker, domain="evil.example", sender="x@evil.example")
+    assert _code(verdict) == (550, "5.7.1")
+    assert "neutral" in verdict.text
+    assert result_of(checker.spf_passes("198.51.100.7", "x@evil.example")) is False
+
+
+def test_null_mx_sender_refused() -> None:
+    """RFC 7505 4.2: a sender domain with a null MX gets 550 5.7.27 (after SPF)."""
+    resolver = FakeResolver(mx={"nomail.example": [(0, "")]})
+    checker, stub = _checker(SPFResult.PASS, resolver=resolver)
+    assert _code(_check(checker, domain="nomail.example", sender="a@nomail.example")) == (
+        550, "5.7.27")
+    checker, stub = _checker(SPFResult.FAIL, resolver=resolver)
+    assert _code(_check(checker, domain="nomail.example", sender="a@nomail.example")) == (
+        550, "5.7.23")
+    checker, stub = _checker(SPFResult.PASS, resolver=resolver)
+    # The bare form and the null sender name no sender domain: not refused for it.
+    assert _check(checker, domain="nomail.example", sender=None) is None
+    # DNS trouble is not a null MX.
+    checker, _ = _checker(SPFResult.PASS, resolver=FakeResolver(temporary={"sender.example"}))
+    assert _check(checker) is None
+
+
+@pytest.mark.parametrize("peer, allow, expected", [
+    ("127.0.0.2", (), None),                                    # the host itself
+    ("198.51.100.7", (), (550, "5.7.1")),                       # a stranger
+    ("198.51.100.7", (ipaddress.ip_network("198.51.100.0/24"),), None),
+])
+def test_own_literal_sender_guard(peer, allow, expected) -> None:
+    """Issue 18: someone@[our address] from outside is a forgery, like our domain."""
+    checker, stub = _checker(SPFResult.PASS, allow=allow)
+    session = Session(peer, "smtp", helo="client.example")
+    envelope = Envelope("someone@[127.0.0.2]", (), None, None, {})
+    assert _code(result_of(checker.check_own_domain(session, envelope))) == expected
+    assert stub.calls == []
+
+
+def test_real_spf_over_the_fake_resolver() -> None:
+    """FakeResolver answers the real SPF check too (cached()/lookup() as records)."""
+    resolver = FakeResolver(
+        mx={"s.example": [(10, "mx.s.example")]},
+        addresses={"mx.s.example": ["198.51.100.7", "2001:db8::7"]},
+        txt={"s.example": ["v=spf1 mx -all"], "all.example": ["v=spf1 +all"]},
+    )
+    checker = TrustChecker(TrustConfig(), resolver, Clock(), 5.0)
+    assert _check(checker, domain="s.example", sender="a@s.example") is None
+    assert _code(_check(checker, peer="192.0.2.1", domain="s.example",
+                        sender="a@s.example")) == (550, "5.7.23")
+    assert _check(checker, peer="2001:db8::7", domain="s.example", sender="a@s.example") is None
+    assert "neutral" in _check(checker, domain="all.example", sender="a@all.example").text

@@ -1,27 +1,35 @@
 """
 One DNS seam for MX lookups, the RETR destined-host check, SPF and DNSBL:
-dnspython aimed at ``[dns] nameservers`` (the system resolver when empty),
-run in a thread so the reactor never waits on the network.
+questions asked on the reactor (L{pullmail.net.nameserver}) to
+``[dns] nameservers`` (the system's when empty),
+answers kept in a dnspython cache for their TTL.  No thread waits on the
+network, so a nameserver that never answers one origin's names delays no
+one else's check (issue 18): each question waits its own timeout.
 
 Answers are L{DNSResult}s; failures are L{DNSTemporaryError} (timeout,
 SERVFAIL: try later) or L{DNSPermanentError} (the name does not exist).
+A failure is remembered for L{FAILED_LOOKUP_TTL}, and one question in
+flight is shared by everyone who asks it meanwhile.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Sequence
+from collections import OrderedDict
+from typing import Callable, Sequence
 
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "NotCached", "cached_answer",
            "mail_hosts"]
@@ -29,6 +37,12 @@ __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "NotCached", "c
 
 DNS_CACHE_ENTRIES = 50_000
 log = Logger(namespace="pullmail.net.dns")
+
+# How long a timeout or SERVFAIL is remembered, so that a flood of questions
+# for an attacker's silent names costs one wait, not one each.  RFC 2308 7
+# allows up to five minutes; a short time lets a real outage heal quickly.
+FAILED_LOOKUP_TTL = 10.0
+FAILED_LOOKUP_ENTRIES = 10_000
 
 
 class DNSTemporaryError(Exception):
@@ -40,7 +54,11 @@ class DNSPermanentError(Exception):
 
 
 class NotCached(Exception):
-    """The answer is not in the cache: finding it would block."""
+    """The answer is not in the cache: finding it means waiting."""
+
+    def __init__(self, name: str, rdtype: str = "") -> None:
+        super().__init__(name)
+        self.name, self.rdtype = name, rdtype
 
 
 def cached_answer(resolver, name: str, rdtype: str) -> list:
@@ -54,22 +72,22 @@ def cached_answer(resolver, name: str, rdtype: str) -> list:
     """
     cache = getattr(resolver, "cache", None)
     if cache is None:
-        raise NotCached(name)
+        raise NotCached(name, rdtype)
     try:
         qname = dns.name.from_text(name)
     except dns.exception.DNSException:
-        raise NotCached(name) from None
+        raise NotCached(name, rdtype) from None
     answer = cache.get((qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN))
     if answer is not None:
         return [] if answer.rrset is None else list(answer)
     negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
     if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
         raise DNSPermanentError(f"{name}: no such domain")
-    raise NotCached(name)
+    raise NotCached(name, rdtype)
 
 
 def make_dnspython_resolver(nameservers: Sequence[tuple[str, int]], timeout: float):
-    """A dnspython Resolver for the configured nameservers."""
+    """A dnspython Resolver for the configured nameservers: the cache, and their list."""
     if nameservers:
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [
@@ -86,44 +104,103 @@ def make_dnspython_resolver(nameservers: Sequence[tuple[str, int]], timeout: flo
 
 
 class Resolver:
-    """Asynchronous lookups over a blocking dnspython resolver."""
+    """
+    Asynchronous lookups into a dnspython cache.  C{query(qname, rdtype)}
+    asks the network and fires with a dnspython response or fails (a
+    L{pullmail.net.nameserver.NameserverQuery} in a node); C{clock} times
+    the remembered failures.
+    """
 
-    def __init__(self, resolver, reactor, pool) -> None:
+    def __init__(self, resolver, clock, query: Callable[..., Deferred]) -> None:
         self._resolver = resolver
-        self._reactor = reactor
-        self._pool = pool
+        self._clock = clock
+        self._query = query
+        self._in_flight: dict[tuple, list[Deferred]] = {}
+        self._failed: OrderedDict[tuple, tuple[float, DNSTemporaryError]] = OrderedDict()
 
-    @property
-    def dnspython(self):
-        """The blocking resolver, for code already in a thread (pyspf)."""
-        return self._resolver
+    def cached(self, name: str, rdtype: str) -> list:
+        """
+        The records for (C{name}, C{rdtype}) that are known now, never
+        waiting: [] for a known no-answer; L{DNSPermanentError} for a known
+        NXDOMAIN, L{DNSTemporaryError} for a failure remembered,
+        L{NotCached} when only the network can tell.
+        """
+        remembered = self._failed.get((name.lower().rstrip("."), rdtype))
+        if remembered is not None:
+            until, error = remembered
+            if self._clock.seconds() < until:
+                raise error
+            del self._failed[(name.lower().rstrip("."), rdtype)]
+        return cached_answer(self._resolver, name, rdtype)
 
-    def _query(self, name: str, rdtype: str) -> list:
+    def lookup(self, name: str, rdtype: str) -> Deferred:
+        """The records for (C{name}, C{rdtype}), from the cache or the network."""
         try:
-            answer = self._resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            raise DNSPermanentError(f"{name}: no such domain") from None
-        except dns.resolver.NoAnswer:
-            return []
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
-            raise DNSTemporaryError(f"{name} {rdtype}: {e.__class__.__name__}") from None
-        except dns.exception.DNSException as e:
-            raise DNSTemporaryError(f"{name} {rdtype}: {e}") from None
-        return list(answer)
-
-    def _lookup(self, name: str, rdtype: str) -> Deferred:
-        try:
-            return succeed(cached_answer(self._resolver, name, rdtype))
-        except DNSPermanentError as e:
+            return succeed(self.cached(name, rdtype))
+        except (DNSPermanentError, DNSTemporaryError) as e:
             return fail(e)
         except NotCached:
-            d = deferToThreadPool(self._reactor, self._pool, self._query, name, rdtype)
-            return d.addErrback(_log_temporary, rdtype)
+            pass
+        key = (name.lower().rstrip("."), rdtype)
+        waiter = Deferred()
+        if key in self._in_flight:
+            self._in_flight[key].append(waiter)
+        else:
+            self._in_flight[key] = [waiter]
+            self._ask(key, name, rdtype)
+        return waiter
+
+    def _ask(self, key: tuple, name: str, rdtype: str) -> None:
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as e:
+            self._answered(key, DNSPermanentError(f"{name}: bad name ({e})"))
+            return
+        d = defer.maybeDeferred(self._query, qname, dns.rdatatype.from_text(rdtype))
+        d.addCallback(self._remember, qname, name, rdtype)
+        d.addErrback(self._failure, key, name, rdtype)
+        d.addBoth(lambda outcome: self._answered(key, outcome))
+
+    def _remember(self, response, qname, name: str, rdtype: str) -> list:
+        """Cache a response as dnspython's own resolve() would, and read it."""
+        rcode = response.rcode()
+        cache = self._resolver.cache
+        if rcode == dns.rcode.NXDOMAIN:
+            answer = dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN, response)
+            cache.put((qname, dns.rdatatype.ANY, dns.rdataclass.IN), answer)
+            raise DNSPermanentError(f"{name}: no such domain")
+        if rcode != dns.rcode.NOERROR:
+            raise DNSTemporaryError(f"{name} {rdtype}: {dns.rcode.to_text(rcode)}")
+        rdtype_value = dns.rdatatype.from_text(rdtype)
+        answer = dns.resolver.Answer(qname, rdtype_value, dns.rdataclass.IN, response)
+        cache.put((qname, rdtype_value, dns.rdataclass.IN), answer)
+        return [] if answer.rrset is None else list(answer)
+
+    def _failure(self, failure, key: tuple, name: str, rdtype: str):
+        """Timeouts and server failures are remembered for FAILED_LOOKUP_TTL."""
+        if failure.check(DNSPermanentError):
+            return failure
+        error = failure.value if failure.check(DNSTemporaryError) else DNSTemporaryError(
+            f"{name} {rdtype}: {failure.type.__name__}")
+        log.info("DNS lookup failed: {error}", error=str(error), rdtype=rdtype,
+                 event="dns-temperror")       # the metrics count these
+        self._failed[key] = (self._clock.seconds() + FAILED_LOOKUP_TTL, error)
+        if len(self._failed) > FAILED_LOOKUP_ENTRIES:
+            self._failed.popitem(last=False)
+        return fail(error)
+
+    def _answered(self, key: tuple, outcome) -> None:
+        """Hand the records, or the failure, to everyone who asked meanwhile."""
+        for waiter in self._in_flight.pop(key, ()):
+            if isinstance(outcome, (Failure, Exception)):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(list(outcome))
 
     @inlineCallbacks
     def mx(self, domain: str):
         """[(preference, host)] sorted; [] when the domain has no MX."""
-        records = yield self._lookup(domain, "MX")
+        records = yield self.lookup(domain, "MX")
         return sorted(
             (r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in records
         )
@@ -141,7 +218,7 @@ class Resolver:
         failure = None
         for rdtype in ("A", "AAAA"):
             try:
-                records = yield self._lookup(host, rdtype)
+                records = yield self.lookup(host, rdtype)
             except DNSPermanentError:
                 return []
             except DNSTemporaryError as e:
@@ -154,23 +231,17 @@ class Resolver:
 
     def a_records(self, name: str) -> Deferred:
         """Only the A records (DNSBL answers, RFC 5782 2.1)."""
-        d = self._lookup(name, "A")
+        d = self.lookup(name, "A")
         d.addCallback(lambda records: [r.to_text() for r in records])
         return d
 
     def txt(self, name: str) -> Deferred:
-        d = self._lookup(name, "TXT")
+        d = self.lookup(name, "TXT")
         d.addCallback(lambda records: [b"".join(r.strings).decode("utf-8", "replace")
                                        for r in records])
         return d
 
 
-def _log_temporary(failure, rdtype: str):
-    """One event per lookup that failed for now (the metrics count them)."""
-    if failure.check(DNSTemporaryError):
-        log.info("DNS lookup failed: {error}", error=str(failure.value), rdtype=rdtype,
-                 event="dns-temperror")
-    return failure
 
 
 @inlineCallbacks

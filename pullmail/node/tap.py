@@ -15,11 +15,9 @@ from dataclasses import replace
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
 from pullmail import config as configuration
 from pullmail.accounts.login import Authenticator, make_portal
@@ -27,6 +25,7 @@ from pullmail.accounts.users import Accounts, AccountsError
 from pullmail.inbound.router import Router
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
+from pullmail.net.nameserver import NameserverQuery
 from pullmail.net.tls import (
     OutboundTLS,
     client_context,
@@ -40,6 +39,7 @@ from pullmail.node.logs import NodeService, log_observer, twistd_stream
 from pullmail.node.maildrop import MAILDROP, Maildrop
 from pullmail.node.metrics import Metrics, MetricsObserver, QueueCollector, metrics_site
 from pullmail.node.plugin import enabled_plugins
+from pullmail.outbound import mx
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
@@ -59,6 +59,7 @@ from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
 from pullmail.trust.policy import TrustChecker
+from pullmail.trust import throttle
 from pullmail.trust.throttle import FailureTracker
 
 __all__ = ["Options", "makeService"]
@@ -70,8 +71,6 @@ log = Logger(namespace="pullmail.node")
 DISK_THREADS = 4
 # sockaddr_un.sun_path holds 108 bytes on Linux.
 MAX_UNIX_PATH = 107
-# DNS waits on the network, not the disk: more threads, their own pool.
-DNS_THREADS = 10
 
 
 class Options(usage.Options):
@@ -109,21 +108,6 @@ def with_backlog(description: str) -> str:
     if kind in ("tcp", "tcp6") and "backlog=" not in description:
         return f"{description}:backlog={LISTEN_BACKLOG}"
     return description
-
-
-class ThreadPoolService(service.Service):
-    """Runs a thread pool for the life of the node."""
-
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
 
 
 class Startable(service.Service):
@@ -169,13 +153,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
 
     run_blocking = DiskPool(reactor, DISK_THREADS)
     Startable(run_blocking.start, run_blocking.stop).setServiceParent(node)
-    dns_pool = ThreadPool(minthreads=1, maxthreads=DNS_THREADS, name="pullmail-dns")
-    ThreadPoolService(dns_pool).setServiceParent(node)
-    run_dns = functools.partial(deferToThreadPool, reactor, dns_pool)
-
-    resolver = Resolver(
-        make_dnspython_resolver(config.dns.nameservers, config.dns.timeout), reactor, dns_pool
-    )
+    # DNS runs on the reactor: no thread waits on a nameserver (issue 18).
+    dnspython = make_dnspython_resolver(config.dns.nameservers, config.dns.timeout)
+    resolver = Resolver(dnspython, reactor, NameserverQuery.of(dnspython, reactor))
     fsync_helper = FsyncHelper(reactor)
     Startable(fsync_helper.start, fsync_helper.stop).setServiceParent(node)
     delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
@@ -186,32 +166,41 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     connect = Connector(reactor, reactor, config.delivery.bind_address,
                         config.delivery.connect_timeout, config.limits.idle_timeout,
                         config.node.log_commands)
+    # Issue 18: no outbound connection reaches a blocked network, whoever
+    # chose the address; only the operator's smarthost is exempt.
+    guarded_connect = mx.guarded(connect, config.delivery.blocked_networks)
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
-    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
+    trust = TrustChecker(config.trust, resolver, reactor, config.dns.timeout * 4, policies)
     outbox = MaildirOutbox(state / "outbox", run_blocking)
     outbound = Outbound(
-        outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
+        outbox=outbox, resolver=resolver,
+        connect=connect if config.delivery.smarthost else guarded_connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=lambda sender, message: router.inject("", [sender], [message]),
         client_tls=outbound_tls,
         sender_authorised=trust.spf_passes,
     )
     router.outbound = outbound
+    # Issue 18: the throttles count per /ipv4_prefix and /ipv6_prefix.
+    network_of = functools.partial(throttle.network_of, ipv4_prefix=config.limits.ipv4_prefix,
+                                   ipv6_prefix=config.limits.ipv6_prefix)
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,
                               config.limits.retr_fail_window, config.limits.retr_block,
-                              config.limits.retr_tarpit_max)
+                              config.limits.retr_tarpit_max, key=network_of)
     auth_failures = FailureTracker(reactor, config.limits.auth_fail_limit,
                                    config.limits.auth_fail_window, config.limits.auth_block,
-                                   config.limits.auth_tarpit_max, what="AUTH")
+                                   config.limits.auth_tarpit_max, what="AUTH", key=network_of)
     pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking)
     mx_policy = ServerPolicy(
         hostname=hostname, domains=domains, accounts=accounts, service="smtp",
         max_size=config.limits.message_size, max_recipients=config.limits.recipients,
-        tls_available=True, push=config.trust.push,
+        tls_available=True, push=config.trust.push, own_addresses=config.own_addresses,
     )
     retriever = Retriever(
-        store=PendingStore(state / "pending"), trust=trust, connect=connect, clock=reactor,
+        store=PendingStore(state / "pending"), trust=trust, connect=guarded_connect,
+        clock=reactor, mx_limit=config.delivery.mx_limit,
+        blocked_networks=config.delivery.blocked_networks,
         run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
         remote_port=config.delivery.remote_port, keep_for=config.delivery.outbox_lifetime,
         pending_per_origin=config.limits.pending_per_origin,
@@ -251,7 +240,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         ),
         CheckPush: lambda protocol, request: trust.check_push(request.session, request.envelope),
     }
-    limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip)
+    limits = ConnectionLimits(config.limits.connections, config.limits.connections_per_ip,
+                              key=network_of)
     session_limits = SessionLimits(
         tls_handshake_timeout=config.limits.tls_handshake_timeout,
         command_timeout=config.limits.command_timeout,
@@ -298,7 +288,7 @@ def add_metrics(node, config, reactor, outbox, pending, maildrop) -> None:
     observer = MetricsObserver(metrics)
     Startable(lambda: globalLogPublisher.addObserver(observer),
               lambda: globalLogPublisher.removeObserver(observer)).setServiceParent(node)
-    StreamServerEndpointService(
+    Listener(
         endpoints.serverFromString(reactor, config.metrics.listen),
         metrics_site(metrics.registry),
     ).setServiceParent(node)

@@ -67,7 +67,6 @@ MAX_SESSIONS = 20
 # Connections open to one domain at once.
 SESSIONS_PER_DOMAIN = 4
 
-
 class Outbound:
     def __init__(
         self,
@@ -234,7 +233,7 @@ class Outbound:
             host, outcomes = await self.courier.try_hosts(work)
         except Permanent as e:
             for entry in entries:
-                self._step(entry, Unreachable(str(e)))
+                self._step(entry, Unreachable(str(e), e.status))
             return
         except Transient as e:
             for entry in entries:

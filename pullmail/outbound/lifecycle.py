@@ -76,6 +76,7 @@ class Unreachable:
     """The domain cannot be reached at all (no such domain, null MX)."""
 
     reason: str
+    status: str = "5.1.2"     # RFC 3463; a null MX is 5.1.10 (RFC 7505 4.1)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def step(entry: OutboxEntry, outcome: Outcome, now: float, config: DeliveryConfi
     elif isinstance(outcome, Failed):
         kept = _retry_later(new, outcome.reason, now, config, effects)
     elif isinstance(outcome, Unreachable):
-        effects += [_bounce(new.recipients, "5.1.2", outcome.reason), Remove()]
+        effects += [_bounce(new.recipients, outcome.status, outcome.reason), Remove()]
         kept = False
     elif isinstance(outcome, Renotified):
         _renotified(new, outcome, now, config, effects)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, mail_hosts
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.outbound import mx
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.smtp.client import (
     TransactionResult,
@@ -41,6 +42,10 @@ class Transient(Exception):
 
 class Permanent(Exception):
     """The destination cannot be reached at all (no such domain, null MX)."""
+
+    def __init__(self, reason: str, status: str = "5.1.2") -> None:
+        super().__init__(reason)
+        self.status = status   # RFC 3463: 5.1.2 bad destination system
 
 
 class TransientPeer(Transient):
@@ -96,27 +101,34 @@ class Courier:
         """
         entries = list(work.items)
         domain = entries[0].domain
-        if self.owner.config.smarthost:
-            host, port = self.owner.config.smarthost
-            targets = [(host, port)]
+        config = self.owner.config
+        if config.smarthost:
+            host, port = config.smarthost
+            hosts, networks = [host], ()   # named by the operator: never blocked
         else:
             try:
-                hosts = await mail_hosts(self.owner.resolver, domain)
+                hosts = mx.mail_hosts(domain, await self.owner.resolver.mx(domain),
+                                      config.mx_limit)
+            except mx.NullMX as e:
+                # RFC 7505 4.1: no attempt; X.1.10 "recipient address has null MX".
+                raise Permanent(str(e), "5.1.10") from e
             except DNSPermanentError as e:
                 raise Permanent(f"domain {domain} does not exist") from e
             except DNSTemporaryError as e:
                 raise Transient(f"DNS: {e}") from e
-            if not hosts:
-                raise Permanent(f"domain {domain} accepts no mail (null MX)")
-            targets = [(host, self.owner.config.remote_port) for host in hosts]
+            port, networks = config.remote_port, config.blocked_networks
+        # Issue 18: at most mx_limit addresses per attempt, none in a blocked network.
+        picker = mx.TargetPicker(config.mx_limit, tuple(networks))
         errors = []
-        for host, port in targets:
+        for host in hosts:
+            if picker.full:
+                break
             try:
                 addresses = await self.owner.resolver.addresses(host)
             except DNSTemporaryError as e:
                 errors.append(f"{host}: {e}")
                 continue
-            for address in addresses:
+            for address in [target.address for target in picker.offer(host, addresses)]:
                 try:
                     outcomes = await self._session(work, entries, host, address, port, pull_only)
                 except Exception as e:  # any failure of this host: try the next
@@ -126,7 +138,8 @@ class Courier:
                              host=host, address=address, error=str(e), event="attempt")
                     continue
                 return host, outcomes
-        raise Transient("; ".join(errors) or "no address for any mail host")
+        errors.append(picker.explain())
+        raise Transient("; ".join(filter(None, errors)) or "no address for any mail host")
 
     async def _session(self, work: Work[OutboxEntry], entries: list[OutboxEntry], host: str,
                        address: str, port: int, pull_only: bool = False) -> list:

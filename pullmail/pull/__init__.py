@@ -5,5 +5,5 @@ server machine (L{verbs}), the SMTA answering a RETR from its outbox
 they announce (L{retrieve}, its connections in L{fetch}).
 
 May import: L{pullmail.smtp}, L{pullmail.storage}, L{pullmail.scheduling},
-L{pullmail.trust}, L{pullmail.net}, L{pullmail.logsafe}.
+L{pullmail.trust}, L{pullmail.net}, L{pullmail.outbound.mx} (pure), L{pullmail.logsafe}.
 """

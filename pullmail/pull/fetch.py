@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, mail_host_addresses
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.outbound import mx
 from pullmail.pull.verbs import TurnMachine
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.smtp.client import open_session
@@ -75,18 +76,28 @@ class Fetcher:
             return None, e
 
     async def _cluster_addresses(self, origin: str, peer: str) -> list[str]:
-        if self.owner.resolver is None or self.owner.sender_authorised is None:
+        owner = self.owner
+        if owner.resolver is None or owner.sender_authorised is None:
             return []
         try:
-            addresses = await mail_host_addresses(self.owner.resolver, origin)
-        except (DNSTemporaryError, DNSPermanentError):
+            hosts = mx.mail_hosts(origin, await owner.resolver.mx(origin), owner.mx_limit)
+        except (DNSTemporaryError, DNSPermanentError, mx.NullMX):
             return []
+        # Issue 18: one GDEL buys at most mx_limit addresses, the peer's
+        # included, and never one in a blocked network.
+        picker = mx.TargetPicker(owner.mx_limit, owner.blocked_networks)
+        picker.offer("", [peer])
         trusted = []
-        for address in addresses:
-            if address != peer and address not in trusted and await self.owner.sender_authorised(
-                address, f"postmaster@{origin}"
-            ):
-                trusted.append(address)
+        for host in hosts:
+            if picker.full:
+                break
+            try:
+                addresses = await owner.resolver.addresses(host)
+            except (DNSTemporaryError, DNSPermanentError):
+                continue
+            for target in picker.offer(host, addresses):
+                if await owner.sender_authorised(target.address, f"postmaster@{origin}"):
+                    trusted.append(target.address)
         return trusted
 
     async def _run(self, connection, address: str, notifications: list[Notification],

@@ -65,7 +65,11 @@ class Retriever:
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
         store_file: Callable[[str, str, bytes], defer.Deferred] | None = None,
         delivered_of: Callable[[Mapping[str, Sequence[str]]], set[str]] | None = None,
+        mx_limit: int = 5,
+        blocked_networks: tuple = (),
     ) -> None:
+        self.mx_limit = mx_limit
+        self.blocked_networks = tuple(blocked_networks)
         self.store_file = store_file
         self.delivered_of = delivered_of
         self.store = store

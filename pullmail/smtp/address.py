@@ -10,6 +10,7 @@ literals are never local) and lenient only where clients commonly differ
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ __all__ = [
     "Remote",
     "Forbidden",
     "classify",
+    "literal_address",
+    "is_own_literal",
 ]
 
 
@@ -214,19 +217,52 @@ class Forbidden:
 _ROUTING_CHARACTERS = set("%!@")
 
 
-def classify(mailbox: Mailbox, local_domains, postmaster_domain: str):
+def literal_address(domain: str):
+    """
+    The IP address an address literal names (RFC 5321 4.1.3:
+    ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), or None for anything else.
+    """
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    text = domain[1:-1]
+    tag, colon, rest = text.partition(":")
+    if colon and tag.lower() == "ipv6":
+        text, version = rest, 6
+    else:
+        version = 4
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip if ip.version == version else None
+
+
+def is_own_literal(domain: str, own_addresses) -> bool:
+    """Whether C{domain} is an address literal of one of the node's own addresses."""
+    ip = literal_address(domain)
+    return ip is not None and ip in own_addresses
+
+
+def classify(mailbox: Mailbox, local_domains, postmaster_domain: str,
+             own_addresses=frozenset()):
     """
     Decide where a recipient belongs.  Local names are matched without
     case; anything that could be re-routed by a later hop is forbidden.
+    An address literal of the node's own (C{own_addresses}) names this
+    host (RFC 5321 4.1.3), so its mailboxes are those of the main domain
+    C{postmaster_domain}; any other literal is forbidden.
     """
     if not mailbox.domain:
         return Local(f"postmaster@{postmaster_domain}")
+    domain = mailbox.domain
     if mailbox.literal:
-        return Forbidden("address literal")
-    if mailbox.domain in local_domains:
+        if not is_own_literal(domain, own_addresses):
+            return Forbidden("address literal")
+        domain = postmaster_domain
+    if domain in local_domains:
         if _ROUTING_CHARACTERS & set(mailbox.local):
             return Forbidden("routing characters in local part")
         if not is_dot_atom(mailbox.local):
             return Forbidden("quoted local part")
-        return Local(f"{mailbox.local.lower()}@{mailbox.domain}")
+        return Local(f"{mailbox.local.lower()}@{domain}")
     return Remote(mailbox)

@@ -64,27 +64,33 @@ _FAILURE_REPLIES = {Authenticate: replies.S454_AUTH_TEMP}  # RFC 4954 6
 
 
 class ConnectionLimits:
-    """Counts open connections, in all and per peer address."""
+    """
+    Counts open connections, in all and per peer network: C{key} maps an
+    address to what is counted (its /24 or /64, issue 18; itself by default).
+    """
 
-    def __init__(self, total: int, per_address: int) -> None:
-        self.total, self.per_address = total, per_address
+    def __init__(self, total: int, per_address: int,
+                 key: Callable[[str], str] = lambda address: address) -> None:
+        self.total, self.per_address, self.key = total, per_address, key
         self._open: dict[str, int] = {}
         self._count = 0
 
     def acquire(self, address: str) -> bool:
-        if self._count >= self.total or self._open.get(address, 0) >= self.per_address:
+        network = self.key(address)
+        if self._count >= self.total or self._open.get(network, 0) >= self.per_address:
             return False
         self._count += 1
-        self._open[address] = self._open.get(address, 0) + 1
+        self._open[network] = self._open.get(network, 0) + 1
         return True
 
     def release(self, address: str) -> None:
+        network = self.key(address)
         self._count -= 1
-        left = self._open[address] - 1
+        left = self._open[network] - 1
         if left:
-            self._open[address] = left
+            self._open[network] = left
         else:
-            del self._open[address]
+            del self._open[network]
 
 
 @implementer(IHandshakeListener)

@@ -113,6 +113,8 @@ S550_RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 S550_POLICY = Reply(550, "5.7.1", "Refused by policy")
 S550_SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 S550_SPF_PERMERROR = Reply(550, "5.7.24", "SPF validation error")
+# RFC 7505 4.2 and 5: mail from a domain that publishes a null MX.
+S550_NULL_MX_SENDER = Reply(550, "5.7.27", "Sender address has null MX")
 S550_NO_SUCH_MESSAGE = Reply(550, "5.7.1", "no such message for you")
 S550_BARE_LINE_ENDING = Reply(
     550, "5.6.0", "Message refused: bare CR or LF in data (RFC 5321 2.3.8)"

@@ -28,6 +28,7 @@ from pullmail.smtp.address import (
     Local,
     Remote,
     classify,
+    is_own_literal,
     parse_mail_argument,
     parse_rcpt_argument,
 )
@@ -170,6 +171,8 @@ class ServerPolicy:
     max_recipients: int = 100
     tls_available: bool = False
     push: str = "accept"           # [trust] push
+    # The node's own IP addresses: their address literals are ours (issue 18).
+    own_addresses: frozenset = frozenset()
 
     @property
     def submission(self) -> bool:
@@ -412,7 +415,8 @@ class ServerMachine:
         if (
             sender is not None
             and not self.policy.submission
-            and sender.domain in self.policy.domains
+            and (sender.domain in self.policy.domains
+                 or is_own_literal(sender.domain, self.policy.own_addresses))
         ):
             return CheckSender(self.session, envelope)
         return self._accept_sender(envelope)
@@ -457,7 +461,8 @@ class ServerMachine:
             )
         if len(self.envelope.recipients) >= self.policy.max_recipients:
             return replies.S452_TOO_MANY_RECIPIENTS
-        verdict = classify(mailbox, self.policy.domains, self.policy.postmaster_domain)
+        verdict = classify(mailbox, self.policy.domains, self.policy.postmaster_domain,
+                           self.policy.own_addresses)
         if isinstance(verdict, Forbidden):
             return replies.S550_RELAY_DENIED
         if isinstance(verdict, Remote):

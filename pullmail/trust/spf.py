@@ -1,28 +1,30 @@
 """
 SPF (RFC 7208) through pyspf, with its DNS answered by the node's own
-dnspython resolver (``[dns] nameservers``), never the system resolver when
-nameservers are set.
+resolver (``[dns] nameservers``) and never a thread waiting on the network.
 
-pyspf looks up a module-global ``DNSLookup`` on every query.  We install,
-once, a dispatcher that answers with the resolver of the calling thread's
-check, so concurrent checks in the thread pool each use their own resolver;
-a thread with none falls back to pyspf's own lookup.  pyspf enforces the
-RFC 7208 4.6.4 limits (10 DNS-querying terms, 2 void lookups) itself.
+pyspf asks its DNS questions through a module-global ``DNSLookup``.  We
+install, once, a dispatcher that answers from the lookup function of the
+check running in this thread, which only ever reads what is known: the
+first answer missing ends the pass with L{NotCached}.  L{check_host_async}
+then fetches that name on the reactor and runs the pass again, until the
+check completes (issue 18: a silent nameserver delays only the check that
+asks it, by its own timeout).  pyspf enforces the RFC 7208 4.6.4 limits
+(10 DNS-querying terms, 2 void lookups) itself.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import threading
-import time
+from typing import Callable
 
-import dns.exception
-import dns.resolver
 import spf as pyspf
+from twisted.internet.interfaces import IReactorTime
 
-from pullmail.net.dns import DNSPermanentError, NotCached, cached_answer
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
 
-__all__ = ["SPFResult", "check_host"]
+__all__ = ["SPFResult", "check_host", "check_host_async", "authorises_everyone"]
 
 
 class SPFResult(enum.Enum):
@@ -35,31 +37,26 @@ class SPFResult(enum.Enum):
     PERMERROR = "permerror"
 
 
+# Questions one check may fetch: RFC 7208 4.6.4 allows 10 terms, each "mx"
+# up to 10 names of two address types, and the SPF records themselves.
+MAX_FETCHES = 250
+
 _thread = threading.local()
 _install_lock = threading.Lock()
 _original_lookup = pyspf.DNSLookup
 
 
 def _lookup(name, qtype, strict=True, timeout=20):
-    resolver = getattr(_thread, "resolver", None)
-    cache_only = getattr(_thread, "cache_only", False)
-    if resolver is None:
-        if cache_only:
-            raise NotCached(name)
+    known = getattr(_thread, "lookup", None)
+    if known is None:
         return _original_lookup(name, qtype, strict, timeout)
-    found = []
     try:
-        if cache_only:
-            answers = cached_answer(resolver, name, qtype)   # NotCached ends the check
-        else:
-            answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime),
-                                       search=False)
-    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN, DNSPermanentError):
-        return found
-    except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+        answers = known(name, qtype)   # NotCached ends this pass
+    except DNSPermanentError:
+        return []
+    except DNSTemporaryError as e:
         raise pyspf.TempError(f"DNS {e}") from None
-    except dns.exception.DNSException as e:
-        raise pyspf.TempError(f"DNS {e}") from None
+    found = []
     for rdata in answers:
         if qtype in ("A", "AAAA"):
             found.append(((name, qtype), rdata.address))
@@ -78,33 +75,95 @@ def _install() -> None:
             pyspf.DNSLookup = _lookup
 
 
-def check_host(resolver, ip: str, domain: str, sender: str, helo: str,
-               timeout: float, cache_only: bool = False) -> tuple[SPFResult, str]:
+def check_host(lookup: Callable[[str, str], list], ip: str, domain: str, sender: str,
+               helo: str, timeout: float) -> tuple[SPFResult, str]:
     """
-    Blocking: RFC 7208 check_host(ip, domain, sender); run it in a thread.
-    C{timeout} bounds the whole check (RFC 7208 4.6.4 suggests 20 s).
-
-    With C{cache_only} it never blocks: every DNS answer comes from the
-    resolver's cache, and L{pullmail.net.dns.NotCached} is raised at the first
-    that is not there (then run it again, in a thread).
+    One pass of RFC 7208 check_host(ip, domain, sender), never waiting:
+    every DNS answer comes from C{lookup(name, rdtype)}, which returns the
+    records, or raises L{NotCached} (which ends the pass),
+    L{DNSPermanentError} or L{DNSTemporaryError}.
     """
     _install()
-    _thread.resolver = resolver
-    _thread.cache_only = cache_only
+    _thread.lookup = lookup
     try:
         # pyspf takes the domain from the sender; check the one asked for.
         if not sender or sender.rpartition("@")[2].lower() != domain.lower():
             sender = f"postmaster@{domain}"
         query = pyspf.query(i=ip, s=sender, h=helo or domain, timeout=timeout,
                             querytime=timeout)
-        started = time.monotonic()
         result, _code, explanation = query.check()
-        if time.monotonic() - started > timeout and result == "temperror":
-            explanation = explanation or "SPF check timed out"
     finally:
-        _thread.resolver = None
-        _thread.cache_only = False
+        _thread.lookup = None
     try:
         return SPFResult(result), explanation
     except ValueError:
         return SPFResult.PERMERROR, f"unexpected SPF result {result!r}"
+
+
+async def _check(resolver, ip: str, domain: str, sender: str, helo: str, timeout: float,
+                 clock: IReactorTime) -> tuple[SPFResult, str]:
+    """Passes over what is known, fetching each missing answer in between."""
+    deadline = clock.seconds() + timeout
+    fetched: dict[tuple[str, str], object] = {}
+
+    def lookup(name: str, rdtype: str) -> list:
+        # What this check fetched wins over the cache: an answer with a TTL
+        # of 0 is used once and not asked again.
+        outcome = fetched.get((name.lower().rstrip("."), rdtype))
+        if outcome is None:
+            return resolver.cached(name, rdtype)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    for _ in range(MAX_FETCHES):
+        try:
+            return check_host(lookup, ip, domain, sender, helo, timeout)
+        except NotCached as missing:
+            if clock.seconds() >= deadline:
+                return SPFResult.TEMPERROR, "SPF check timed out"
+            key = (missing.name.lower().rstrip("."), missing.rdtype)
+            try:
+                fetched[key] = await resolver.lookup(missing.name, missing.rdtype)
+            except (DNSPermanentError, DNSTemporaryError) as e:
+                fetched[key] = e
+    return SPFResult.PERMERROR, "too many DNS lookups"
+
+
+# RFC 1122 3.2.1.3 (a) and RFC 4291 2.5.2: the unspecified address is never
+# the source of a packet, so no one can send mail from it.
+_NOBODY = {4: "0.0.0.0", 6: "::"}
+
+
+async def check_host_async(resolver, ip: str, domain: str, sender: str, helo: str,
+                           timeout: float, clock: IReactorTime) -> tuple[SPFResult, str]:
+    """
+    RFC 7208 check_host(ip, domain, sender) over C{resolver}'s C{cached}
+    and C{lookup}, bounded by C{timeout} in all.  A "pass" from a record
+    that authorises everyone is "neutral" (L{authorises_everyone}).
+    """
+    result, explanation = await _check(resolver, ip, domain, sender, helo, timeout, clock)
+    if result is SPFResult.PASS and await authorises_everyone(
+        resolver, ip, domain, sender, helo, timeout, clock
+    ):
+        return SPFResult.NEUTRAL, (
+            f"the SPF record of {domain} authorises every address; a pass proves nothing"
+        )
+    return result, explanation
+
+
+async def authorises_everyone(resolver, ip: str, domain: str, sender: str, helo: str,
+                              timeout: float, clock: IReactorTime) -> bool:
+    """
+    Whether C{domain}'s record also passes the unspecified address of
+    C{ip}'s family, which never sends mail: then it passes every address
+    (``+all`` or a bare ``all``, RFC 7208 5.1; ``ip4:0.0.0.0/0``,
+    ``ip6:::/0``, RFC 7208 5.6; ``a/0`` or ``mx/0``, 5.3-5.4; halves such as
+    ``ip4:0.0.0.0/1 ip4:128.0.0.0/1``).  Such a pass authorises nothing in
+    particular, and is taken as the "neutral" it amounts to (RFC 7208 8.2:
+    no assertion about this address; issue 18: one GDEL must not make us
+    connect wherever its MX records point).
+    """
+    nobody = _NOBODY[ipaddress.ip_address(ip).version]
+    result, _ = await _check(resolver, nobody, domain, sender, helo, timeout, clock)
+    return result is SPFResult.PASS

@@ -14,8 +14,10 @@ It answers over UDP and TCP from a JSON file mapping names to records::
 
 Record types: A, AAAA, MX ([preference, exchange]), TXT (a string, or a list
 of strings for one record of several character-strings), CNAME, PTR, NS.
-Optional top-level keys: ``"$ttl"`` (overrides ``--ttl`` for the file) and
-``"$serial"`` (echoed into the ready file, see below).
+Optional top-level keys: ``"$ttl"`` (overrides ``--ttl`` for the file),
+``"$serial"`` (echoed into the ready file, see below) and ``"$silent"``, a
+list of names that are never answered, nor any name under them: a
+nameserver an attacker controls and keeps silent.
 
 The server is authoritative for the whole name space: a name that is not in
 the file (and has no descendant in it) is NXDOMAIN; a name that exists
@@ -94,6 +96,10 @@ class Zone:
             raise ValueError("the zone file must hold a JSON object")
         self.ttl = int(mapping.get("$ttl", default_ttl))
         self.serial = mapping.get("$serial")
+        silent = mapping.get("$silent", [])
+        if not isinstance(silent, list):
+            raise ValueError("$silent must be a list of names")
+        self.silent = tuple(_normal(name) for name in silent)
         self.records: dict[bytes, list] = {}
         for name, types in mapping.items():
             if name.startswith("$"):
@@ -109,6 +115,9 @@ class Zone:
                     values = [values]
                 for value in values:
                     entries.append(_payload(rtype, value, self.ttl))
+
+    def is_silent(self, name: bytes) -> bool:
+        return any(name == s or name.endswith(b"." + s) for s in self.silent)
 
     def exists(self, name: bytes) -> bool:
         """The name has records, or is an empty non-terminal (RFC 8020)."""
@@ -143,6 +152,8 @@ class JSONAuthority(common.ResolverBase):
     def _lookup(self, name, cls, type, timeout=None):
         zone = self.zone
         key = _normal(name)
+        if zone.is_silent(key):
+            return defer.Deferred()   # never answered: the client times out
         if not zone.exists(key):
             return defer.fail(failure.Failure(dns.AuthoritativeDomainError(name)))
         answers, cnames = [], []

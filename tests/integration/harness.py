@@ -375,7 +375,9 @@ class Node:
             },
             "accounts": {"users": "users", "aliases": "aliases"},
             "delivery": {"bind_address": address, "remote_port": SMTP_PORT},
-            "limits": {"idle_timeout": "30s"},
+            # Every node and client of a test shares 127.0.0.0/24: count per
+            # address, as a node on the Internet counts per /24.
+            "limits": {"idle_timeout": "30s", "ipv4_prefix": 32},
         }
 
     def write_config(self) -> None:

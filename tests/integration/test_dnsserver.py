@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -173,3 +174,14 @@ def test_bad_zone_file_keeps_records(zone):
     assert [r.address for r in resolve(zone, "sender.test", "A")] == ["127.0.0.2"]
     zone.update({"sender.test": {"A": ["127.0.0.3"]}})
     assert [r.address for r in resolve(zone, "sender.test", "A")] == ["127.0.0.3"]
+
+
+def test_silent_names_never_answered(dns_server):
+    """"$silent": a name, and every name under it, gets no answer at all."""
+    dns_server.update({**RECORDS, "$silent": ["slow.test"]})
+    r = resolver(dns_server)
+    r.timeout = r.lifetime = 0.5
+    for name in ("slow.test", "deep.under.slow.test"):
+        with pytest.raises(dns.exception.Timeout):
+            r.resolve(name, "TXT")
+    assert [x.address for x in resolve(dns_server, "sender.test", "A")] == ["127.0.0.2"]

@@ -37,7 +37,7 @@ def test_config_file(make_node):
     config = tomllib.loads(node.config_path.read_text())
     assert config["listen"]["smtp"] == ["tcp:2525:interface=127.0.0.7"]
     assert config["delivery"] == {"bind_address": "127.0.0.7", "remote_port": 2525}
-    assert config["limits"] == {"idle_timeout": "30s", "recipients": 7}
+    assert config["limits"] == {"idle_timeout": "30s", "ipv4_prefix": 32, "recipients": 7}
     assert config["node"]["state_dir"] == "var"
 
 

@@ -289,7 +289,8 @@ RELAY_TRICKS = [
     "<alice@example.org@outside.test>",           # two @, local first
     "<victim@[127.0.0.1]>",                       # address literal
     "<victim@[127.0.0.2]>",                       # the node's own address literal
-    "<alice@[127.0.0.2]>",                        # existing user at own literal
+    # "<alice@[127.0.0.2]>" is no trick: our own literal is a local domain
+    # (issue 18 item 6), so it reaches alice -- see test_hostile_network.
     "<victim@[IPv6:::1]>",                        # IPv6 literal
     '<"victim@outside.test">',                    # quoted, no domain
     "<victim@outside.test.>",                     # trailing dot
