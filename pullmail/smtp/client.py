@@ -26,6 +26,8 @@ __all__ = [
     "send_notification",
     "parse_ehlo",
     "dot_stuff",
+    "open_lmtp_session",
+    "send_lmtp_transaction",
 ]
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -204,21 +206,29 @@ async def send_transaction(
     result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
     if await _reset_after_refusal(channel, result, recipients):
         return result
+    accepted = result.accepted()
+    if not await _send_data(channel, result, chunks):
+        return result
+    result.final = await channel.reply()
+    _refuse_all(result, accepted, result.final)
+    return result
+
+
+async def _send_data(channel: Channel, result: TransactionResult,
+                     chunks: Sequence[bytes]) -> bool:
+    """DATA, then the message after its 354; False when DATA was refused."""
     channel.send(b"DATA\r\n")
     go_ahead = await channel.reply()
-    accepted = result.accepted()
     if go_ahead.code != 354:
         if go_ahead.positive:
             # Only 354 lets the data go: a 2xx here means the replies are
             # out of step, and taking it would mark unsent mail delivered.
             raise ProtocolError(f"unexpected reply to DATA: {go_ahead}")
-        _refuse_all(result, accepted, go_ahead)
+        _refuse_all(result, result.accepted(), go_ahead)
         result.final = go_ahead
-        return result
+        return False
     channel.send(dot_stuff(chunks))
-    result.final = await channel.reply()
-    _refuse_all(result, accepted, result.final)
-    return result
+    return True
 
 
 async def send_notification(
@@ -278,3 +288,51 @@ async def _hello(channel, hostname: str) -> dict[str, str]:
     if reply.code != 250:
         raise Refused(reply)
     return {}
+
+
+# -- LMTP (RFC 2033): the same dialogue, LHLO and one reply per recipient ------
+
+
+async def open_lmtp_session(channel: Channel, hostname: str) -> dict[str, str]:
+    """
+    RFC 2033 4.1: read the greeting and say LHLO (there is no HELO to fall
+    back to).  Returns the LHLO keywords.
+    """
+    greeting = await channel.reply()
+    if greeting.code != 220:
+        raise Refused(greeting)
+    channel.send(f"LHLO {hostname}\r\n".encode("ascii"))
+    reply = await channel.reply()
+    if reply.code != 250:
+        raise Refused(reply)
+    return parse_ehlo(reply)
+
+
+async def send_lmtp_transaction(
+    channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
+    *, size: int | None = None, body: str | None = None, smtputf8: bool = False,
+    pipelining: bool = True,
+) -> TransactionResult:
+    """
+    MAIL, RCPT..., DATA, message, as L{send_transaction}; but the server
+    answers the data once for each recipient whose RCPT it accepted, in
+    RCPT order (RFC 2033 4.2), and each reply decides its own recipient.
+    When the connection breaks among these replies, the recipients still
+    waiting for theirs get a 4xx: their delivery is not known to have
+    happened.  C{final} is the last reply read.
+    """
+    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
+    if await _reset_after_refusal(channel, result, recipients):
+        return result
+    accepted = result.accepted()
+    if not await _send_data(channel, result, chunks):
+        return result
+    for position, recipient in enumerate(accepted):
+        try:
+            result.final = await channel.reply()
+        except Exception as e:  # lost, timed out, or not a reply: the rest never came
+            result.final = Reply(451, "4.4.2", f"no reply after the data: {e or type(e).__name__}")
+            _refuse_all(result, accepted[position:], result.final)
+            break
+        result.recipients[recipient] = result.final
+    return result
