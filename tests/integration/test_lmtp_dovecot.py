@@ -1,0 +1,157 @@
+"""
+LMTP delivery (RFC 2033) into a real Dovecot: a private ``dovecot -F -c``
+instance from Debian's dovecot-core and dovecot-lmtpd (installed by
+tests/run when root), and a real pullmail node with
+``[delivery] local = "lmtp:unix:<its socket>"``.
+
+    example.org  127.0.0.81  pullmail node; users alice, bob, carol
+    Dovecot      <work>/lmtp (and 127.0.0.82:2424)  knows alice and bob only
+
+Mail pushed to the node over SMTP ends up in Dovecot's maildirs; Dovecot's
+5xx for a user it does not know goes straight back to the SMTP client;
+Dovecot stopped gives the client a 4xx; and recipients Dovecot defers while
+others are delivered wait in the node's local queue and arrive once
+Dovecot can take them.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+
+import pytest
+
+from .dovecot import DovecotInstance, dovecot_unavailable, make_workdir
+from .harness import smtp, submit
+
+NODE_IP = "127.0.0.81"
+DOVECOT_INET = ("127.0.0.82", 2424)
+ALICE, BOB, CAROL = "alice@example.org", "bob@example.org", "carol@example.org"
+MESSAGE = b"From: x@outside.test\r\nSubject: over LMTP\r\n\r\n.a dot-stuffed line\r\n"
+
+pytestmark = pytest.mark.skipif(dovecot_unavailable() is not None,
+                                reason=str(dovecot_unavailable()))
+
+
+@pytest.fixture
+def dovecot():
+    workdir = make_workdir("pullmail-dovecot-")
+    instance = DovecotInstance(workdir, [ALICE, BOB], inet=DOVECOT_INET)
+    try:
+        with instance:
+            yield instance
+    finally:
+        instance.stop()
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def lmtp_node(make_node, local: str, aliases: str = ""):
+    return make_node(
+        "mx", NODE_IP, ["example.org"], "mx.example.org",
+        users={ALICE: "pw-alice-1", BOB: "pw-bob-22", CAROL: "pw-carol-3"},
+        aliases=aliases,
+        settings={"delivery": {"local": local, "push_retry": ["1s"], "connect_timeout": "2s"}},
+    )
+
+
+def send(node, recipients, message=MESSAGE):
+    with smtp(node) as client:
+        refused = client.sendmail("x@outside.test", recipients, message)
+        client.quit()
+    return refused
+
+
+def test_message_ends_up_in_dovecots_maildir(dovecot, make_node):
+    """SMTP in, LMTP out over the UNIX socket: the message lies in Dovecot's store."""
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    assert send(node, [ALICE, BOB]) == {}
+    for address in (ALICE, BOB):
+        [stored] = dovecot.wait_delivered(address)
+        assert b"\r\n" not in stored or stored.endswith(b"\r\n")
+        text = stored.replace(b"\r\n", b"\n")
+        assert b"by mx.example.org (pullmail)" in text
+        assert text.endswith(b"Subject: over LMTP\n\n.a dot-stuffed line\n")
+    assert not (node.state_dir / "mail" / "example.org" / "alice").exists()
+    node.wait_log(r'"event": "lmtp-delivery"|lmtp-delivery|LMTP delivery of')
+
+
+def test_over_tcp(dovecot, make_node):
+    """The endpoint may be TCP too: ``lmtp:tcp:127.0.0.82:2424``."""
+    node = lmtp_node(make_node, "lmtp:tcp:{}:{}".format(*DOVECOT_INET))
+    send(node, [ALICE])
+    dovecot.wait_delivered(ALICE)
+
+
+def test_unknown_user_at_dovecot_is_5xx(dovecot, make_node):
+    """Carol is a pullmail user Dovecot does not know: its 550 goes back to the client."""
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    with pytest.raises(smtplib.SMTPDataError) as raised:
+        send(node, [CAROL])
+    assert raised.value.smtp_code == 550
+    assert b"5.1.1" in raised.value.smtp_error
+
+
+def test_unknown_user_beside_a_known_one_bounces(dovecot, make_node):
+    """
+    Bob submits to Alice and Carol: Alice's copy is delivered, Carol's
+    refused, so Bob hears 250 and gets a DSN for Carol, itself delivered
+    into his Dovecot mailbox over LMTP.
+    """
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    assert submit(node, BOB, "pw-bob-22", [ALICE, CAROL], MESSAGE) == {}
+    dovecot.wait_delivered(ALICE)
+    [dsn] = dovecot.wait_delivered(BOB)
+    assert b"report-type=delivery-status" in dsn
+    assert b"Final-Recipient: rfc822; carol@example.org" in dsn
+    assert b"Status: 5.1.1" in dsn
+
+
+def test_dovecot_stopped_is_4xx_and_nothing_is_lost(dovecot, make_node):
+    """Dovecot down: the client hears 4xx (it keeps the mail); never a 250."""
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    dovecot.stop()
+    with pytest.raises(smtplib.SMTPDataError) as raised:
+        send(node, [ALICE])
+    assert raised.value.smtp_code == 451
+    dovecot.start()
+    send(node, [ALICE])
+    assert len(dovecot.wait_delivered(ALICE)) == 1
+
+
+def test_dovecot_stopped_with_a_remote_copy_is_queued_and_retried(dovecot, make_node):
+    """
+    An alias to Alice and a remote address: the remote copy is queued, so
+    the client hears 250 while Dovecot is down; Alice's copy waits in the
+    local queue and arrives once Dovecot is back.
+    """
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}",
+                     aliases="team@example.org: alice@example.org, dave@remote.test\n")
+    dovecot.stop()
+    assert send(node, ["team@example.org"]) == {}
+    node.wait_log(r"deferred local delivery of \w+ to \['alice@example.org'\]")
+    assert list((node.state_dir / "local-queue" / "entries").iterdir())
+    dovecot.start()
+    [stored] = dovecot.wait_delivered(ALICE, timeout=20)
+    assert b"Subject: over LMTP" in stored
+
+
+def test_one_recipient_deferred_by_dovecot_is_retried(dovecot, make_node):
+    """
+    Dovecot delivers to Alice and answers 4xx for Bob (his maildir is not
+    writable): 250 to the client, Bob queued, and delivered on a retry once
+    his maildir is fixed.  Alice gets exactly one copy.
+    """
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    bob = dovecot.maildir(BOB)
+    bob.mkdir(parents=True)
+    os.chown(bob.parent, dovecot.uid, dovecot.gid)
+    bob.chmod(0o500)                  # root's, not writable by the mail user
+    assert send(node, [ALICE, BOB]) == {}
+    dovecot.wait_delivered(ALICE)
+    node.wait_log(r"deferred local delivery of \w+ to \['bob@example.org'\]")
+    assert dovecot.delivered(BOB) == []
+    os.chown(bob, dovecot.uid, dovecot.gid)
+    bob.chmod(0o700)
+    dovecot.wait_delivered(BOB, timeout=20)
+    assert len(dovecot.delivered(ALICE)) == 1
