@@ -17,6 +17,7 @@ from pullmail.inbound.lmtp import MAX_CONNECTIONS, LMTPDelivery, lmtp_connector
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp.client import send_lmtp_transaction
 from pullmail.smtp.protocol import ClientConnection
+from pullmail.smtp.replies import Reply
 from pullmail.testing import FakeDeliveryAgent, assert_no_result, result_of
 
 IDLE = 300.0
@@ -228,18 +229,24 @@ def test_out_of_step_reply_is_4xx(agent, store):
     assert b"Subject" not in store.heard()
 
 
-def test_per_recipient_replies_with_a_scripted_channel():
-    """send_lmtp_transaction reads exactly one reply per accepted recipient."""
-    from tests.test_client import ScriptedChannel, run
-
-    from pullmail.smtp.replies import Reply
+def test_per_recipient_replies_read_exactly():
+    """send_lmtp_transaction reads one reply per accepted recipient, and no more."""
     ok = Reply(250, "2.0.0", "ok")
-    channel = ScriptedChannel([ok, ok, ok, Reply(354, "", "go"), ok,
-                               Reply(452, "4.2.2", "over quota")])
-    result = result_of(run(send_lmtp_transaction(channel, "s@x.test", [ALICE, BOB], [b"x\r\n"])))
+    script = [ok, ok, ok, Reply(354, "", "go"), ok, Reply(452, "4.2.2", "over quota")]
+
+    class Channel:
+        def send(self, data):
+            pass
+
+        def reply(self):
+            return defer.succeed(script.pop(0))
+
+    result = result_of(defer.Deferred.fromCoroutine(
+        send_lmtp_transaction(Channel(), "s@x.test", [ALICE, BOB], [b"x\r\n"])))
     assert result.accepted() == [ALICE]
     assert result.refused(permanent=False) == [BOB]
-    assert channel.script == []
+    assert result.final.code == 452
+    assert script == []
 
 
 def test_connections_are_limited():

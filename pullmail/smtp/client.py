@@ -203,20 +203,28 @@ async def send_transaction(
     pipelining: bool = True,
 ) -> TransactionResult:
     """MAIL, RCPT..., DATA, message; or RSET when nobody is accepted."""
-    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
-    if await _reset_after_refusal(channel, result, recipients):
-        return result
-    accepted = result.accepted()
-    if not await _send_data(channel, result, chunks):
-        return result
-    result.final = await channel.reply()
-    _refuse_all(result, accepted, result.final)
+    result, accepted = await _send_with_data(
+        channel, sender, recipients, chunks, size, body, smtputf8, pipelining
+    )
+    if accepted:
+        result.final = await channel.reply()
+        _refuse_all(result, accepted, result.final)
     return result
 
 
-async def _send_data(channel: Channel, result: TransactionResult,
-                     chunks: Sequence[bytes]) -> bool:
-    """DATA, then the message after its 354; False when DATA was refused."""
+async def _send_with_data(
+    channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
+    size: int | None, body: str | None, smtputf8: bool, pipelining: bool,
+) -> tuple[TransactionResult, list[str]]:
+    """
+    MAIL, RCPT..., then DATA and the message after its 354 (RSET when
+    nobody is accepted).  Returns the result so far and the recipients
+    whose outcome the reply to the data decides: none when no data went.
+    """
+    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
+    if await _reset_after_refusal(channel, result, recipients):
+        return result, []
+    accepted = result.accepted()
     channel.send(b"DATA\r\n")
     go_ahead = await channel.reply()
     if go_ahead.code != 354:
@@ -224,11 +232,11 @@ async def _send_data(channel: Channel, result: TransactionResult,
             # Only 354 lets the data go: a 2xx here means the replies are
             # out of step, and taking it would mark unsent mail delivered.
             raise ProtocolError(f"unexpected reply to DATA: {go_ahead}")
-        _refuse_all(result, result.accepted(), go_ahead)
+        _refuse_all(result, accepted, go_ahead)
         result.final = go_ahead
-        return False
+        return result, []
     channel.send(dot_stuff(chunks))
-    return True
+    return result, accepted
 
 
 async def send_notification(
@@ -321,12 +329,9 @@ async def send_lmtp_transaction(
     waiting for theirs get a 4xx: their delivery is not known to have
     happened.  C{final} is the last reply read.
     """
-    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
-    if await _reset_after_refusal(channel, result, recipients):
-        return result
-    accepted = result.accepted()
-    if not await _send_data(channel, result, chunks):
-        return result
+    result, accepted = await _send_with_data(
+        channel, sender, recipients, chunks, size, body, smtputf8, pipelining
+    )
     for position, recipient in enumerate(accepted):
         try:
             result.final = await channel.reply()
