@@ -24,7 +24,7 @@ import socket
 from pathlib import Path
 from typing import Iterable
 
-from .harness import _Process, wait_until
+from .harness import _Process, _tail, wait_until
 from .postfix import SBIN_PATH, make_workdir
 
 __all__ = ["DovecotInstance", "dovecot_unavailable", "make_workdir", "DOVECOT", "MAIL_USER"]
@@ -41,8 +41,7 @@ base_dir = {work}/run
 state_dir = {work}/state
 log_path = {work}/dovecot.log
 protocols = lmtp
-listen = {listen}
-ssl = no
+{listen}ssl = no
 first_valid_uid = 1
 mail_location = maildir:{work}/mail/%d/%n
 userdb {{
@@ -106,7 +105,8 @@ class DovecotInstance:
         (self.workdir / "users").write_text("".join(f"{u}::::::\n" for u in self.users))
         inet = _INET.format(address=inet[0], port=inet[1]) if inet else ""
         self.config_path.write_text(_CONFIG.format(
-            work=self.workdir, listen=inet and self.inet[0] or "", inet=inet,
+            work=self.workdir, listen=f"listen = {self.inet[0]}\n" if self.inet else "",
+            inet=inet,
             user=self.uid, group=self.gid,
         ))
 
@@ -163,8 +163,6 @@ class DovecotInstance:
         return self.delivered(address)
 
     def diagnostics(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text("utf-8", "replace")
-        except OSError:
-            text = "(no dovecot.log)"
-        return "dovecot.log:\n" + "\n".join(text.splitlines()[-lines:])
+        """The tails of dovecot.log and of the master's own output."""
+        return "\n".join(f"--- {path.name} ---\n{_tail(path, lines)}"
+                         for path in (self.log_path, self.workdir / "dovecot.out"))

@@ -155,3 +155,53 @@ def test_one_recipient_deferred_by_dovecot_is_retried(dovecot, make_node):
     bob.chmod(0o700)
     dovecot.wait_delivered(BOB, timeout=20)
     assert len(dovecot.delivered(ALICE)) == 1
+
+
+# -- General Delivery: retrieved mail takes the same way ---------------------------
+
+
+@pytest.fixture
+def gd_dovecot():
+    from .world import BOB as GD_BOB
+
+    workdir = make_workdir("pullmail-dovecot-")
+    instance = DovecotInstance(workdir, [GD_BOB])
+    try:
+        with instance:
+            yield instance
+    finally:
+        instance.stop()
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_retrieved_mail_goes_to_dovecot_and_waits_while_it_is_down(tmp_path, world_dns,
+                                                                   gd_dovecot):
+    """
+    The world of the General Delivery tests, the receiver delivering over
+    LMTP: with Dovecot down its retrieval gets 4xx, so the sender keeps the
+    message; once Dovecot is back, a later retrieval puts it in Dovecot's
+    store, once.
+    """
+    from .world import ALICE as GD_ALICE
+    from .world import BOB as GD_BOB
+    from .world import PASSWORD, Network
+
+    fast = {"retrieval": {"schedule": ["0s", "2s", "2s", "2s", "2s", "2s"]},
+            "delivery": {"push_retry": ["1s"], "connect_timeout": "3s"}}
+    network = Network(tmp_path, world_dns, fast)
+    try:
+        sender = network.sender()
+        receiver = network.receiver(
+            {"delivery": {"local": f"lmtp:unix:{gd_dovecot.socket}"}})
+        gd_dovecot.stop()
+        assert submit(sender, GD_ALICE, PASSWORD, [GD_BOB], MESSAGE) == {}
+        receiver.wait_log(r"LMTP delivery of \w+ to .*: delivered \[\], refused", 15)
+        receiver.wait_log(r"retrieval of \S+ from \S+ failed", 10)
+        gd_dovecot.start()
+        [stored] = gd_dovecot.wait_delivered(GD_BOB, timeout=20)
+        assert b"by mx.receiver.test (pullmail)" in stored.replace(b"\r\n", b"\n")
+        receiver.wait_log(r"retrieved \S+ from 127\.0\.0\.2", 10)
+        assert len(gd_dovecot.delivered(GD_BOB)) == 1
+    finally:
+        network.close()
