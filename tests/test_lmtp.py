@@ -185,7 +185,7 @@ def test_connection_lost_before_the_data_ends(agent, store):
     outcome = result_of(d)
     assert outcome.delivered == ()
     assert outcome.transient() == [ALICE, BOB]
-    assert "connection broken" in outcome.refused[ALICE].text
+    assert "mail store" in outcome.refused[ALICE].text
 
 
 def test_silent_store_times_out_as_4xx(agent, store, clock):
@@ -201,14 +201,19 @@ def test_silent_store_times_out_as_4xx(agent, store, clock):
     assert outcome.transient() == [ALICE]
 
 
-def test_refused_session_is_4xx_for_all(agent, store):
-    """A 421 (or even 5xx) greeting is the store not ready: 4xx, never a bounce."""
+def test_refused_session_is_4xx_for_all(agent, store, logged_events):
+    """
+    A 421 (or even 5xx) greeting is the store not ready: 4xx, never a
+    bounce.  The store's words go to the log, not to the SMTP client.
+    """
     d = agent.deliver("Q1", "x@remote.test", [ALICE, BOB], MESSAGE)
     store.says(b"554 5.3.2 not today\r\n")
+    [event] = [e for e in logged_events if e.get("event") == "lmtp-failed"]
+    assert event["queue_id"] == "Q1" and "554 5.3.2 not today" in event["error"]
     outcome = result_of(d)
     assert outcome.transient() == [ALICE, BOB]
     assert outcome.refused[ALICE].enhanced == "4.4.0"
-    assert "554" in outcome.refused[ALICE].text
+    assert "not ready" in outcome.refused[ALICE].text
 
 
 def test_unreachable_store_is_4xx_for_all(clock):

@@ -30,6 +30,12 @@ from pullmail.smtp.replies import Reply
 
 __all__ = ["LMTPDelivery", "lmtp_connector", "MAX_CONNECTIONS"]
 
+# What the SMTP client hears when the store could not answer at all (RFC
+# 3463: 4.4.1 no answer, 4.4.2 connection dropped, 4.4.0 other routing).
+S451_STORE_UNREACHABLE = Reply(451, "4.4.1", "Mail store unreachable, try again later")
+S451_STORE_REFUSED = Reply(451, "4.4.0", "Mail store not ready, try again later")
+S451_STORE_BROKEN = Reply(451, "4.4.2", "Connection to the mail store lost, try again later")
+
 log = Logger(namespace="pullmail.inbound.lmtp")
 
 # Connections open to the store at once; Dovecot's lmtp service starts one
@@ -81,8 +87,7 @@ class LMTPDelivery:
         try:
             connection = await self._connect()
         except Exception as e:
-            return self._outcome(queue_id, addresses, {}, Reply(
-                451, "4.4.1", f"{self.where} unreachable: {_describe(e)}"))
+            return self._failed(queue_id, addresses, S451_STORE_UNREACHABLE, _describe(e))
         try:
             keywords = await open_lmtp_session(connection, self.hostname)
             result = await send_lmtp_transaction(
@@ -94,14 +99,19 @@ class LMTPDelivery:
             )
         except Refused as e:
             # The session itself: the store is not ready, whatever it said.
-            return self._outcome(queue_id, addresses, {}, Reply(
-                451, "4.4.0", f"{self.where} refused the session: {e.reply}"))
+            return self._failed(queue_id, addresses, S451_STORE_REFUSED, str(e.reply))
         except Exception as e:  # lost, timed out, out of step
-            return self._outcome(queue_id, addresses, {}, Reply(
-                451, "4.4.2", f"{self.where} connection broken: {_describe(e)}"))
+            return self._failed(queue_id, addresses, S451_STORE_BROKEN, _describe(e))
         finally:
             connection.quit()
         return self._outcome(queue_id, addresses, result.recipients)
+
+    def _failed(self, queue_id: str, addresses: list[str], reply: Reply,
+                error: str) -> DeliveryOutcome:
+        """Nothing delivered: every address 4xx.  The details go to the log only."""
+        log.warn("LMTP delivery of {queue_id} to {where} failed: {error!r}", queue_id=queue_id,
+                 where=self.where, error=error, event="lmtp-failed")
+        return self._outcome(queue_id, addresses, {}, reply)
 
     def _outcome(self, queue_id: str, addresses: list[str], replies: dict,
                  missing: Reply | None = None) -> DeliveryOutcome:
@@ -113,7 +123,7 @@ class LMTPDelivery:
             if reply is not None and reply.positive:
                 delivered.append(address)
             else:
-                refused[address] = reply or Reply(451, "4.4.2", f"no reply from {self.where}")
+                refused[address] = reply or S451_STORE_BROKEN
         log.info("LMTP delivery of {queue_id} to {where}: delivered {delivered}, "
                  "refused {refused}", queue_id=queue_id, where=self.where, delivered=delivered,
                  refused={a: str(r) for a, r in refused.items()}, event="lmtp-delivery")
