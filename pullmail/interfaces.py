@@ -120,7 +120,9 @@ class IDeliveryHook(Interface):
 
     def delivered(queue_id, sender, recipients, paths):
         """
-        Called once the message is durable, before the 250 is sent.  The
-        return value (or a Deferred's result) is ignored, and an exception is
+        Called once the message is durable, before the 250 is sent, with
+        the C{recipients} it was delivered to (not those an LMTP store
+        refused) and the C{paths} written (none over LMTP).  The return
+        value (or a Deferred's result) is ignored, and an exception is
         logged: a hook can never make an accepted message fail.
         """

@@ -244,3 +244,19 @@ def test_lost_store_is_retried_with_the_agents_os_error():
     [entry] = node.store.entries()
     assert "I/O error" in entry.last_error
     assert entry.next_attempt == NOW + 120
+
+
+def test_hooks_hear_of_the_delivered_recipients_only():
+    """A delivery hook is told of Alice, whom the store took, not of Bob, whom it deferred."""
+    node = Node({BOB: BUSY})
+    told = []
+
+    class Hook:
+        name = "record"
+
+        def delivered(self, queue_id, sender, recipients, paths):
+            told.append((sender, recipients, paths))
+
+    node.router.hooks = (Hook(),)
+    node.accept(["team@example.org"])
+    assert told == [("x@remote.test", [ALICE], [])]
