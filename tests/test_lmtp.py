@@ -159,6 +159,8 @@ def test_eight_bit_message_says_body(agent, store):
     store.says(GREETING + LHLO_PIPELINING)
     assert store.heard().splitlines()[1] == b"MAIL FROM:<x@remote.test> BODY=8BITMIME"
     assert_no_result(d)
+    store.broken()
+    assert result_of(d).transient() == [ALICE]
 
 
 def test_connection_lost_among_the_replies(agent, store):
