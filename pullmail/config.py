@@ -247,6 +247,26 @@ DEFAULT_BLOCKED_NETWORKS = (
 )
 
 
+def _local_delivery(text: str) -> str:
+    """
+    ``"maildir"``, or ``"lmtp:"`` and a Twisted client endpoint string
+    (RFC 2033 service), checked by building its endpoint around no reactor.
+    """
+    if text == "maildir":
+        return text
+    kind, colon, description = text.partition(":")
+    if kind != "lmtp" or not colon:
+        raise ValueError(f"{text!r} is neither 'maildir' nor 'lmtp:<endpoint>'")
+    try:
+        endpoints.clientFromString(_NOT_LISTENING, description)
+    except Exception as e:  # parsers raise anything: KeyError for a missing port
+        raise ValueError(f"bad LMTP endpoint {description!r}: {e!r}") from None
+    endpoint_kind, _, path = description.partition(":")
+    if endpoint_kind == "unix" and not path.removeprefix("path=").startswith("/"):
+        raise ValueError(f"the LMTP socket path in {description!r} must be absolute")
+    return text
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     remote_port: int = _opt(25, int)
@@ -264,6 +284,7 @@ class DeliveryConfig:
     # Addresses (and MX hosts) tried per attempt; Postfix's smtp_mx_address_limit.
     mx_limit: int = _opt(5, int)
     blocked_networks: tuple = _list(list(DEFAULT_BLOCKED_NETWORKS), _network)
+    local: str = _opt("maildir", str, _local_delivery)
 
 
 @dataclass(frozen=True)

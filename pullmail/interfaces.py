@@ -3,27 +3,58 @@ The seams of pullmail, as zope interfaces.  Each implementation and each
 test fake is checked against these with C{verifyObject}.
 """
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
 from zope.interface import Attribute, Interface
 
-__all__ = ["IDeliveryAgent", "IDeliveryHook", "IOutbox", "ITrustPolicy"]
+__all__ = ["DeliveryOutcome", "IDeliveryAgent", "IDeliveryHook", "IOutbox", "ITrustPolicy"]
 
 
 class IDeliveryAgent(Interface):
-    """Puts accepted mail for local mailboxes on disk."""
+    """
+    Hands accepted mail to the local mailboxes: maildirs on this node's
+    disk, or a mail store reached over LMTP (RFC 2033).
+    """
 
-    root = Attribute("The folder holding the maildirs.")
+    root = Attribute(
+        "The folder holding the maildirs, or None when the mailboxes are not "
+        "files of this node (LMTP): then a stored copy cannot be looked for."
+    )
 
-    def deliver(queue_id, addresses, chunks):
+    def deliver(queue_id, sender, addresses, chunks):
         """
         Store one message for each of C{addresses} (normalised local
         mailbox addresses), durably.
 
         @param queue_id: the id logged for this message; part of file names.
+        @param sender: the envelope sender ("" for the null reverse-path).
         @param chunks: the message bytes, headers first, CRLF line ends.
-        @return: a Deferred firing with the list of paths written once every
-            file and directory entry is fsynced; failing with C{OSError}
-            (disk full, permissions) when nothing could be stored.
+        @return: a Deferred firing with a L{DeliveryOutcome} once every copy
+            it reports delivered is durable (fsynced, or acknowledged by
+            the store with 250); failing with C{OSError} (disk full,
+            permissions) when nothing could be stored.
         """
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """
+    What a delivery agent did with each address of one message: delivered,
+    or refused with the store's reply (4xx: try again later; 5xx: never).
+    C{paths} are the files written, when the mailboxes are files here.
+    """
+
+    delivered: tuple[str, ...] = ()
+    refused: Mapping[str, Any] = field(default_factory=dict)   # address -> Reply
+    paths: tuple[Path, ...] = ()
+
+    def transient(self) -> list[str]:
+        return [a for a, reply in self.refused.items() if reply.transient]
+
+    def permanent(self) -> list[str]:
+        return [a for a, reply in self.refused.items() if reply.permanent]
 
 
 class IOutbox(Interface):
@@ -89,7 +120,9 @@ class IDeliveryHook(Interface):
 
     def delivered(queue_id, sender, recipients, paths):
         """
-        Called once the message is durable, before the 250 is sent.  The
-        return value (or a Deferred's result) is ignored, and an exception is
+        Called once the message is durable, before the 250 is sent, with
+        the C{recipients} it was delivered to (not those an LMTP store
+        refused) and the C{paths} written (none over LMTP).  The return
+        value (or a Deferred's result) is ignored, and an exception is
         logged: a hook can never make an accepted message fail.
         """

@@ -8,6 +8,8 @@ no threads, no global reactor.
     simulated restart (L{MemoryOutbox.restarted}).
   - L{run_blocking}: runs the "blocking" call at once, as a Deferred.
   - L{FakeTrust}: an L{ITrustPolicy} with fixed verdicts.
+  - L{FakeDeliveryAgent}: an L{IDeliveryAgent} that refuses chosen
+    addresses with chosen replies (an LMTP store's per-recipient answers).
   - L{cache_dns_answer}, L{cache_dns_nxdomain}: fill a real dnspython
     resolver's cache, as lookups would have.
   - L{FakeNameserver}: the network behind a real L{pullmail.net.dns.Resolver},
@@ -40,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from pullmail.interfaces import IOutbox, ITrustPolicy
+from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent, IOutbox, ITrustPolicy
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
@@ -54,6 +56,7 @@ __all__ = [
     "failure_of",
     "assert_no_result",
     "FakeTrust",
+    "FakeDeliveryAgent",
     "FakeNetwork",
     "make_entry",
     "cache_dns_answer",
@@ -294,6 +297,38 @@ class FakeTrust:
     def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
         self.calls.append((peer, domain, helo, sender))
         return defer.succeed(self.verdicts.get(domain.lower(), self.default))
+
+
+@implementer(IDeliveryAgent)
+class FakeDeliveryAgent:
+    """
+    Delivers every address except those in C{refusals} (address -> L{Reply}),
+    which it refuses with their reply; fails with C{error} (an OSError)
+    when set.  Calls are recorded in C{calls} as C{(queue_id, sender,
+    addresses, chunks)}, and the messages delivered per address in
+    C{mailboxes}.
+    """
+
+    root = None
+
+    def __init__(self, refusals: Mapping[str, Reply] | None = None) -> None:
+        self.refusals = dict(refusals or {})
+        self.error: OSError | None = None
+        self.calls: list[tuple[str, str, list[str], list[bytes]]] = []
+        self.mailboxes: dict[str, list[bytes]] = {}
+
+    def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
+                chunks: Sequence[bytes]) -> defer.Deferred:
+        if self.error is not None:
+            return defer.fail(self.error)
+        self.calls.append((queue_id, sender, list(addresses), list(chunks)))
+        delivered = [a for a in addresses if a not in self.refusals]
+        for address in delivered:
+            self.mailboxes.setdefault(address, []).append(b"".join(chunks))
+        return defer.succeed(DeliveryOutcome(
+            delivered=tuple(delivered),
+            refused={a: self.refusals[a] for a in addresses if a in self.refusals},
+        ))
 
 
 def _address(host: str, port: int):

@@ -293,6 +293,21 @@ class ErrorTests(SynchronousTestCase):
             self.assertEqual(e.option, "listen.smtp", value)
         self.assertEqual(_error({"listen": {"submissions": ["nonsense"]}}).option, "listen.submissions")
 
+    def test_bad_local_delivery(self):
+        """[delivery] local is "maildir" or "lmtp:" and a client endpoint; errors name it."""
+        for value in ("mbox", "lmtp", "lmtp:", "lmtp:bogus:1", "lmtp:tcp:127.0.0.1",
+                      "lmtp:tcp:127.0.0.1:x", "lmtp:unix:run/lmtp", "LMTP:unix:/run/lmtp"):
+            e = _error({"delivery": {"local": value}})
+            self.assertEqual(e.option, "delivery.local", value)
+            self.assertNotIn("\n", str(e))
+
+    def test_good_local_delivery(self):
+        """The SPEC 11.3 forms are kept as written; maildir is the default."""
+        self.assertEqual(parse({}, BASE).delivery.local, "maildir")
+        for value in ("maildir", "lmtp:unix:/run/dovecot/lmtp", "lmtp:tcp:127.0.0.1:24",
+                      "lmtp:unix:path=/run/lmtp:timeout=5"):
+            self.assertEqual(parse({"delivery": {"local": value}}, BASE).delivery.local, value)
+
     def test_good_endpoints(self):
         """Ordinary endpoint strings are kept as written."""
         c = parse({"listen": {"smtp": ["tcp:25", "tcp6:25:interface=\\:\\:1", "unix:/run/p.sock"]}}, BASE)

@@ -21,7 +21,8 @@ MODULES = [
     "pullmail", "pullmail.config", "pullmail.smtp.address", "pullmail.accounts.users", "pullmail.storage.durable",
     "pullmail.storage.maildir", "pullmail.ids", "pullmail.smtp.replies", "pullmail.smtp.envelope",
     "pullmail.interfaces", "pullmail.smtp.data", "pullmail.smtp.server", "pullmail.smtp.protocol",
-    "pullmail.inbound.router", "pullmail.net.tls", "pullmail.node.cli", "pullmail.node.tap",
+    "pullmail.inbound.router", "pullmail.inbound.lmtp", "pullmail.outbound.local",
+    "pullmail.testing", "pullmail.net.tls", "pullmail.node.cli", "pullmail.node.tap",
 ]
 
 

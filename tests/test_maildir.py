@@ -201,7 +201,7 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_deliver(self):
         """tmp/ file synced, then renamed into new/, then new/ synced, then the result."""
-        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+        d = self.delivery.deliver("QID", "x@remote.test", ["alice@example.org"], [b"x\r\n"])
         [(path, file_synced)] = self.syncer.files
         self.assertEqual(Path(path).parent, self.box / "tmp")
         self.assertEqual(list((self.box / "new").iterdir()), [])
@@ -211,7 +211,10 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(directory, str(self.box / "new"))
         self.assertNoResult(d)
         directory_synced.callback(None)
-        [written] = self.successResultOf(d)
+        outcome = self.successResultOf(d)
+        self.assertEqual(outcome.delivered, ("alice@example.org",))
+        self.assertEqual(outcome.refused, {})
+        [written] = outcome.paths
         self.assertEqual(written.parent, self.box / "new")
         self.assertIn("_QID.", written.name)
         self.assertEqual(written.read_bytes(), b"x\r\n")
@@ -219,7 +222,7 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_file_sync_fails(self):
         """A failed fsync fails the delivery and leaves nothing behind."""
-        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+        d = self.delivery.deliver("QID", "x@remote.test", ["alice@example.org"], [b"x\r\n"])
         self.syncer.files[0][1].errback(OSError(errno.EIO, "I/O error"))
         self.failureResultOf(d, OSError)
         self.assertEqual(list((self.box / "tmp").iterdir()), [])
@@ -230,7 +233,7 @@ class DeliveryTests(SynchronousTestCase):
         A failed directory fsync fails the delivery, and the file leaves
         new/ again: the client will send the message again, once.
         """
-        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"])
+        d = self.delivery.deliver("QID", "x@remote.test", ["alice@example.org"], [b"x\r\n"])
         self.syncer.files[0][1].callback(None)
         self.syncer.directories[0][1].errback(OSError(errno.EIO, "I/O error"))
         self.failureResultOf(d, OSError)
@@ -240,14 +243,14 @@ class DeliveryTests(SynchronousTestCase):
         """An OSError before any sync fails the Deferred with it."""
         (self.root / "example.org").write_text("not a directory")
         failure = self.failureResultOf(
-            self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n"]), OSError
+            self.delivery.deliver("QID", "x@remote.test", ["alice@example.org"], [b"x\r\n"]), OSError
         )
         self.assertIsInstance(failure.value, OSError)
 
     def test_small_message_for_one_mailbox_is_one_store(self):
         """Under the syncer's inline limit, one mailbox: the whole write is one request."""
         self.syncer.inline_limit = 1000
-        d = self.delivery.deliver("QID", ["alice@example.org"], [b"x\r\n", b"y\r\n"])
+        d = self.delivery.deliver("QID", "x@remote.test", ["alice@example.org"], [b"x\r\n", b"y\r\n"])
         [(temporary, final, data, stored)] = self.syncer.stores
         self.assertEqual(Path(temporary).parent, self.box / "tmp")
         self.assertEqual(Path(final), self.box / "new" / Path(temporary).name)
@@ -255,22 +258,22 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(self.syncer.files, [])
         self.assertNoResult(d)
         stored.callback(None)
-        self.assertEqual(self.successResultOf(d), [Path(final)])
+        self.assertEqual(self.successResultOf(d).paths, (Path(final),))
 
     def test_big_or_shared_messages_take_the_fsync_path(self):
         """At the limit, or for two mailboxes, the file is written here and fsynced."""
         self.syncer.inline_limit = 3
-        self.delivery.deliver("Q1", ["alice@example.org"], [b"x\r\n"])
+        self.delivery.deliver("Q1", "x@remote.test", ["alice@example.org"], [b"x\r\n"])
         self.syncer.inline_limit = 1000
-        self.delivery.deliver("Q2", ["alice@example.org", "bob@example.org"], [b"x\r\n"])
+        self.delivery.deliver("Q2", "x@remote.test", ["alice@example.org", "bob@example.org"], [b"x\r\n"])
         self.assertEqual(len(self.syncer.files), 2)
         self.assertEqual(self.syncer.stores, [])
 
     def test_blocking_syncer(self):
         """With BlockingFsync, two deliveries make two files at once."""
         delivery = MaildirDelivery(self.root, MaildirNames(Clock(), "h", 1), BlockingFsync())
-        self.successResultOf(delivery.deliver("A", ["alice@example.org"], [b"1\r\n"]))
-        self.successResultOf(delivery.deliver("B", ["alice@example.org"], [b"2\r\n"]))
+        self.successResultOf(delivery.deliver("A", "x@remote.test", ["alice@example.org"], [b"1\r\n"]))
+        self.successResultOf(delivery.deliver("B", "x@remote.test", ["alice@example.org"], [b"2\r\n"]))
         self.assertEqual(len(list((self.box / "new").iterdir())), 2)
 
 

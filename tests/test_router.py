@@ -11,33 +11,16 @@ import re
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pullmail.accounts.users import Accounts
 from pullmail.inbound.router import Router, received_header
 from pullmail.interfaces import IDeliveryAgent
 from pullmail.smtp.envelope import Envelope, Session
+from pullmail.testing import FakeDeliveryAgent
 
 # 2024-01-02 03:04:05 UTC
 NOW = 1704164645.0
-
-
-@implementer(IDeliveryAgent)
-class FakeDelivery:
-    """Records deliveries; fails with C{error} when set."""
-
-    root = None
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str], list[bytes]]] = []
-        self.error: Exception | None = None
-
-    def deliver(self, queue_id, addresses, chunks):
-        if self.error is not None:
-            return defer.fail(self.error)
-        self.calls.append((queue_id, list(addresses), list(chunks)))
-        return defer.succeed([])
 
 
 class FakeOutbound:
@@ -142,7 +125,7 @@ class AcceptTests(SynchronousTestCase):
     """Router.accept: where the message goes and what the client is told."""
 
     def setUp(self):
-        self.delivery = FakeDelivery()
+        self.delivery = FakeDeliveryAgent()
         self.outbound = FakeOutbound()
         self.clock = Clock()
         self.clock.advance(NOW)
@@ -160,7 +143,7 @@ class AcceptTests(SynchronousTestCase):
     def test_local(self):
         """A local message is delivered with a Received header; 250 names the queue id."""
         reply = self.accept(["alice@example.org"])
-        [(queue_id, addresses, chunks)] = self.delivery.calls
+        [(queue_id, _, addresses, chunks)] = self.delivery.calls
         self.assertEqual(addresses, ["alice@example.org"])
         self.assertEqual((reply.code, reply.enhanced), (250, "2.0.0"))
         self.assertIn(queue_id, reply.text)
@@ -180,7 +163,7 @@ class AcceptTests(SynchronousTestCase):
         """Aliases expand to mailboxes, once each; remote targets are queued."""
         reply = self.accept(["all@example.org", "bob@example.org"])
         self.assertEqual(reply.code, 250)
-        [(queue_id, addresses, _)] = self.delivery.calls
+        [(queue_id, _, addresses, _)] = self.delivery.calls
         self.assertEqual(sorted(addresses), ["alice@example.org", "bob@example.org"])
         [(queued_id, sender, remote, _)] = self.outbound.calls
         self.assertEqual(queued_id, queue_id)

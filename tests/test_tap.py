@@ -64,3 +64,22 @@ def test_build_node_in_process(tmp_path) -> None:
     submission = _ehlo_keywords(listening[(2587, "127.0.0.2")])
     assert {"GDEL", "RETR", "STARTTLS"} <= set(mx)
     assert "GDEL" not in submission and "RETR" not in submission and "STARTTLS" in submission
+
+
+def test_local_delivery_follows_the_config(tmp_path) -> None:
+    """[delivery] local picks the agent: maildirs by default, LMTP for "lmtp:..."."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from pullmail.config import embedded_default, override
+    from pullmail.inbound.lmtp import LMTPDelivery
+    from pullmail.node.tap import local_delivery
+    from pullmail.storage.maildir import MaildirDelivery
+
+    config = embedded_default(tmp_path)
+    reactor = MemoryReactorClock()
+    assert isinstance(local_delivery(config, reactor, tmp_path / "mail", None), MaildirDelivery)
+    config = override(config, "delivery.local", '"lmtp:unix:/run/dovecot/lmtp"')
+    agent = local_delivery(config, reactor, tmp_path / "mail", None)
+    assert isinstance(agent, LMTPDelivery)
+    agent.deliver("Q1", "", ["alice@example.org"], [b"x\r\n"])
+    assert [client[0] for client in reactor.unixClients] == ["/run/dovecot/lmtp"]

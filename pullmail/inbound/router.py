@@ -1,7 +1,9 @@
 """
-Where an accepted message goes: local recipients into maildirs, the rest
-to the outbound queue.  The reply to end-of-data is decided here, and it is
-``250`` only when every copy is durable.
+Where an accepted message goes: local recipients to their mailboxes (maildirs,
+or an LMTP store), the rest to the outbound queue.  The reply to end-of-data
+is decided here, and it is ``250`` only when every copy is durable: stored,
+queued, or (for local recipients an LMTP store refused) queued for retry or
+bounced.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from twisted.logger import Logger
 from pullmail.accounts.users import Accounts
 from pullmail.ids import new_queue_id
 from pullmail.inbound.headers import complete_submission, rfc5322_date
-from pullmail.interfaces import IDeliveryAgent
+from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.replies import Reply
 from pullmail.storage.maildir import mailbox_path
 
-__all__ = ["Router", "received_header"]
+__all__ = ["Router", "received_header", "one_refusal"]
 
 log = Logger(namespace="pullmail.outbound.delivery")
 
@@ -48,6 +50,27 @@ def received_header(
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
+def one_refusal(outcome: DeliveryOutcome, queued_remote: bool) -> Reply | None:
+    """
+    The reply to end-of-data when the local store refused every local
+    recipient alike (all 4xx, or all 5xx) and nothing else was accepted:
+    its first such reply, passed straight back, so the client retries or
+    bounces itself.  None when anything was delivered or queued (or the
+    refusals differ): the client must then hear 250 (RFC 5321 has one
+    reply to DATA), and the refused recipients are the node's to retry or
+    bounce (L{Router._take_refused}).
+    """
+    if outcome.delivered or queued_remote or not outcome.refused:
+        return None
+    answers = list(outcome.refused.values())
+    if all(r.transient for r in answers) or all(r.permanent for r in answers):
+        # The store's text goes to a client: printable characters only.
+        text = "\n".join("".join(c if c.isprintable() else " " for c in line)
+                         for line in answers[0].text.split("\n"))
+        return answers[0].with_text(text)
+    return None
+
+
 class Router:
     def __init__(
         self,
@@ -64,16 +87,35 @@ class Router:
         self.clock = clock
         self.outbound = outbound
         self.hooks = tuple(hooks)
+        # Retries and bounces for local recipients an LMTP store refused
+        # (L{pullmail.outbound.local.LocalQueue}); a maildir refuses nobody.
+        self.local_queue = None
 
     @defer.inlineCallbacks
     def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message):
-        paths = yield self.delivery.deliver(queue_id, mailboxes, message)
-        for hook in self.hooks:
+        """Fires with the agent's L{DeliveryOutcome}, hooks told of what it delivered."""
+        outcome = yield self.delivery.deliver(queue_id, sender, mailboxes, message)
+        delivered = list(outcome.delivered)
+        for hook in self.hooks if delivered else ():
             try:
-                yield defer.maybeDeferred(hook.delivered, queue_id, sender, mailboxes, paths)
+                yield defer.maybeDeferred(hook.delivered, queue_id, sender, delivered,
+                                          list(outcome.paths))
             except Exception:
                 log.failure("delivery hook {name} failed", name=hook.name)
-        return paths
+        return outcome
+
+    def _take_refused(self, queue_id: str, sender: str, outcome: DeliveryOutcome, message,
+                      origin: str | None) -> defer.Deferred:
+        """
+        Local recipients the store refused once the message is ours: the
+        local queue retries the 4xx ones and bounces the 5xx ones.  Fires
+        once that is durable.
+        """
+        if not outcome.refused:
+            return defer.succeed(None)
+        if self.local_queue is None:
+            return defer.fail(OSError(f"no local queue for {sorted(outcome.refused)}"))
+        return self.local_queue.take(queue_id, sender, outcome, message, origin)
 
     def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
         """Expand aliases: (local mailboxes, remote addresses)."""
@@ -94,6 +136,8 @@ class Router:
         recipients.  Maildir names carry ``_<queue id>.`` (L{MaildirNames});
         each mailbox is listed once, however many ids are looked for in it.
         """
+        if self.delivery.root is None:
+            return set()   # LMTP: the store cannot be searched; retrieve again
         looked_for: dict[Path, set[str]] = {}
         for queue_id, recipients in wanted.items():
             for address in self.split(recipients)[0]:
@@ -120,7 +164,8 @@ class Router:
         queue_id = new_queue_id()
         local, remote = self.split(recipients)
         if local:
-            yield self._deliver_locally(queue_id, sender, local, list(chunks))
+            outcome = yield self._deliver_locally(queue_id, sender, local, list(chunks))
+            yield self._take_refused(queue_id, sender, outcome, list(chunks), None)
         if remote and self.outbound is not None:
             yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
         log.info("injected {queue_id} from <{sender}> for {recipients}", queue_id=queue_id,
@@ -149,13 +194,21 @@ class Router:
         if remote and self.outbound is None:
             log.warn("no outbound queue for {recipients}", recipients=remote)
             return replies.S451_LOCAL_ERROR
+        origin = None if session.user else session.peer
         try:
+            outcome = DeliveryOutcome()
             if local:
-                yield self._deliver_locally(queue_id, envelope.sender, local, message)
+                outcome = yield self._deliver_locally(queue_id, envelope.sender, local, message)
+            refusal = one_refusal(outcome, bool(remote))
+            if refusal is not None:
+                log.info("local delivery of {queue_id} refused: {reply}", queue_id=queue_id,
+                         reply=str(refusal), refused=sorted(outcome.refused),
+                         event="local-refused")
+                return refusal
             if remote:
-                origin = None if session.user else session.peer
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
                                             origin=origin)
+            yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:
             log.error(
                 "storing {queue_id} failed: {error}", queue_id=queue_id, error=str(e),
@@ -165,7 +218,8 @@ class Router:
         log.info(
             "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
             queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
-            size=size + len(header), peer=session.peer, delivered=local, queued=remote,
+            size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),
+            queued=remote, local_deferred=outcome.transient(), local_bounced=outcome.permanent(),
             service=service, event="accepted",
         )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

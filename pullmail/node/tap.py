@@ -22,6 +22,7 @@ from twisted.python import usage
 from pullmail import config as configuration
 from pullmail.accounts.login import Authenticator, make_portal
 from pullmail.accounts.users import Accounts, AccountsError
+from pullmail.inbound.lmtp import LMTPDelivery, lmtp_connector
 from pullmail.inbound.router import Router
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
@@ -41,6 +42,7 @@ from pullmail.node.metrics import Metrics, MetricsObserver, QueueCollector, metr
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound import mx
 from pullmail.outbound.delivery import Outbound
+from pullmail.outbound.local import LocalQueue
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -139,6 +141,18 @@ def freeze_start_up_heap() -> None:
              event="heap-frozen")
 
 
+def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helper):
+    """The L{IDeliveryAgent} that ``[delivery] local`` names: maildirs, or LMTP."""
+    hostname = config.node.hostname
+    if config.delivery.local == "maildir":
+        return MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
+                               fsync_helper)
+    description = config.delivery.local.removeprefix("lmtp:")
+    connect = lmtp_connector(reactor, reactor, description, config.delivery.connect_timeout,
+                             config.limits.idle_timeout)
+    return LMTPDelivery(connect, hostname, where=f"LMTP server {description}")
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = NodeService()
@@ -158,8 +172,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     resolver = Resolver(dnspython, reactor, NameserverQuery.of(dnspython, reactor))
     fsync_helper = FsyncHelper(reactor)
     Startable(fsync_helper.start, fsync_helper.stop).setServiceParent(node)
-    delivery = MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
-                               fsync_helper)
+    delivery = local_delivery(config, reactor, mail_root, fsync_helper)
     hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
     policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
     router = Router(hostname, accounts, delivery, reactor, hooks=hooks)
@@ -173,11 +186,15 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, reactor, config.dns.timeout * 4, policies)
     outbox = MaildirOutbox(state / "outbox", run_blocking)
+
+    def send_bounce(sender: str, message: bytes):
+        return router.inject("", [sender], [message])
+
     outbound = Outbound(
         outbox=outbox, resolver=resolver,
         connect=connect if config.delivery.smarthost else guarded_connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
-        send_bounce=lambda sender, message: router.inject("", [sender], [message]),
+        send_bounce=send_bounce,
         client_tls=outbound_tls,
         sender_authorised=trust.spf_passes,
     )
@@ -185,6 +202,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     # Issue 18: the throttles count per /ipv4_prefix and /ipv6_prefix.
     network_of = functools.partial(throttle.network_of, ipv4_prefix=config.limits.ipv4_prefix,
                                    ipv6_prefix=config.limits.ipv6_prefix)
+    # Always: entries an LMTP store deferred wait here even if [delivery]
+    # local has since gone back to maildir.
+    local_queue = LocalQueue(
+        store=MaildirOutbox(state / "local-queue", run_blocking), agent=delivery,
+        clock=reactor, run_blocking=run_blocking, hostname=hostname, config=config.delivery,
+        send_bounce=send_bounce, sender_authorised=trust.spf_passes,
+    )
+    router.local_queue = local_queue
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,
                               config.limits.retr_fail_window, config.limits.retr_block,
                               config.limits.retr_tarpit_max, key=network_of)
@@ -213,6 +238,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     Startable(outbound.start, outbound.stop).setServiceParent(node)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
                         config.sendmail.trusted_users, config.limits.message_size)
+    Startable(local_queue.start, local_queue.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME
     if len(str(control_socket)) < MAX_UNIX_PATH:
         control_socket.unlink(missing_ok=True)

@@ -29,6 +29,8 @@ __all__ = [
     "dot_stuff",
     "EHLOResult",
     "open_session",
+    "open_lmtp_session",
+    "send_lmtp_transaction",
 ]
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -206,12 +208,30 @@ async def send_transaction(
     pipelining: bool = True,
 ) -> TransactionResult:
     """MAIL, RCPT..., DATA, message; or RSET when nobody is accepted."""
+    result, accepted = await _send_with_data(
+        channel, sender, recipients, chunks, size, body, smtputf8, pipelining
+    )
+    if accepted:
+        result.final = await channel.reply()
+        _refuse_all(result, accepted, result.final)
+    return result
+
+
+async def _send_with_data(
+    channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
+    size: int | None, body: str | None, smtputf8: bool, pipelining: bool,
+) -> tuple[TransactionResult, list[str]]:
+    """
+    MAIL, RCPT..., then DATA and the message after its 354 (RSET when
+    nobody is accepted).  Returns the result so far and the recipients
+    whose outcome the reply to the data decides: none when no data went.
+    """
     result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
     if await _reset_after_refusal(channel, result, recipients):
-        return result
+        return result, []
+    accepted = result.accepted()
     channel.send(b"DATA\r\n")
     go_ahead = await channel.reply()
-    accepted = result.accepted()
     if go_ahead.code != 354:
         if go_ahead.positive:
             # Only 354 lets the data go: a 2xx here means the replies are
@@ -219,11 +239,9 @@ async def send_transaction(
             raise ProtocolError(f"unexpected reply to DATA: {go_ahead}")
         _refuse_all(result, accepted, go_ahead)
         result.final = go_ahead
-        return result
+        return result, []
     channel.send(dot_stuff(chunks))
-    result.final = await channel.reply()
-    _refuse_all(result, accepted, result.final)
-    return result
+    return result, accepted
 
 
 async def send_notification(
@@ -296,3 +314,48 @@ async def _hello(channel, hostname: str) -> dict[str, str]:
     if reply.code != 250:
         raise Refused(reply)
     return {}
+
+
+# -- LMTP (RFC 2033): the same dialogue, LHLO and one reply per recipient ------
+
+
+async def open_lmtp_session(channel: Channel, hostname: str) -> dict[str, str]:
+    """
+    RFC 2033 4.1: read the greeting and say LHLO (there is no HELO to fall
+    back to).  Returns the LHLO keywords.
+    """
+    greeting = await channel.reply()
+    if greeting.code != 220:
+        raise Refused(greeting)
+    channel.send(f"LHLO {hostname}\r\n".encode("ascii"))
+    reply = await channel.reply()
+    if reply.code != 250:
+        raise Refused(reply)
+    return parse_ehlo(reply)
+
+
+async def send_lmtp_transaction(
+    channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
+    *, size: int | None = None, body: str | None = None, smtputf8: bool = False,
+    pipelining: bool = True,
+) -> TransactionResult:
+    """
+    MAIL, RCPT..., DATA, message, as L{send_transaction}; but the server
+    answers the data once for each recipient whose RCPT it accepted, in
+    RCPT order (RFC 2033 4.2), and each reply decides its own recipient.
+    When the connection breaks among these replies, the recipients still
+    waiting for theirs get a 4xx: their delivery is not known to have
+    happened.  C{final} is the last reply read.
+    """
+    result, accepted = await _send_with_data(
+        channel, sender, recipients, chunks, size, body, smtputf8, pipelining
+    )
+    for position, recipient in enumerate(accepted):
+        try:
+            result.final = await channel.reply()
+        except Exception as e:  # lost, timed out, or not a reply: the rest never came
+            result.final = Reply(451, "4.4.2", f"no reply after the data: {e or type(e).__name__}")
+            _refuse_all(result, accepted[position:], result.final)
+            break
+        result.recipients[recipient] = result.final
+    return result

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pullmail.interfaces import IDeliveryAgent
+from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.storage.durable import (
     fsync_directory,
     publish_new_file,
@@ -183,8 +183,13 @@ class MaildirDelivery:
         self._syncer = syncer
         self._boxes: dict[str, str] = {}
 
-    def deliver(self, queue_id: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> Deferred:
-        return Deferred.fromCoroutine(_store(
+    def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
+                chunks: Sequence[bytes]) -> Deferred:
+        """Every address or none: a maildir refuses nobody, it fails (OSError)."""
+        d = Deferred.fromCoroutine(_store(
             self.root, self._names.next(queue_id), list(addresses), list(chunks),
             self._syncer, self._boxes,
         ))
+        return d.addCallback(
+            lambda paths: DeliveryOutcome(delivered=tuple(addresses), paths=tuple(paths))
+        )

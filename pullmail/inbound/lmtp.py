@@ -1,0 +1,138 @@
+# -*- test-case-name: tests.test_lmtp -*-
+"""
+Local delivery over LMTP (RFC 2033): ``[delivery] local = "lmtp:<endpoint>"``
+hands each message for local mailboxes to a mail store such as Dovecot,
+which answers once per recipient after the data.
+
+One connection per message (LMTP servers fork a process per connection,
+and a held-open connection would only hold one), at most
+L{MAX_CONNECTIONS} at once.  Each recipient is delivered when the store
+said ``250`` for it; a refusal keeps the store's own reply, 4xx or 5xx.  A
+store that cannot be reached, refuses the session or drops the connection
+before its replies gives every recipient without a ``250`` a 4xx: never a
+delivery that did not happen.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
+from pullmail.smtp.client import Refused, open_lmtp_session, send_lmtp_transaction
+from pullmail.smtp.protocol import ClientConnection
+from pullmail.smtp.replies import Reply
+
+__all__ = ["LMTPDelivery", "lmtp_connector", "MAX_CONNECTIONS"]
+
+# What the SMTP client hears when the store could not answer at all (RFC
+# 3463: 4.4.1 no answer, 4.4.2 connection dropped, 4.4.0 other routing).
+S451_STORE_UNREACHABLE = Reply(451, "4.4.1", "Mail store unreachable, try again later")
+S451_STORE_REFUSED = Reply(451, "4.4.0", "Mail store not ready, try again later")
+S451_STORE_BROKEN = Reply(451, "4.4.2", "Connection to the mail store lost, try again later")
+
+log = Logger(namespace="pullmail.inbound.lmtp")
+
+# Connections open to the store at once; Dovecot's lmtp service starts one
+# process per connection (its default process_limit is 100).
+MAX_CONNECTIONS = 10
+
+
+def lmtp_connector(reactor, clock: IReactorTime, description: str, connect_timeout: float,
+                   idle_timeout: float) -> Callable[[], defer.Deferred]:
+    """
+    A C{connect()} for L{LMTPDelivery}: a Twisted client endpoint string
+    (``unix:/run/dovecot/lmtp``, ``tcp:127.0.0.1:24``) connected to with a
+    L{ClientConnection}, which gives up after C{idle_timeout} of silence.
+    """
+    endpoint = clientFromString(reactor, description)
+
+    def connect() -> defer.Deferred:
+        connection = ClientConnection(clock, idle_timeout)
+        return connectProtocol(endpoint, connection).addTimeout(connect_timeout, clock)
+
+    return connect
+
+
+@implementer(IDeliveryAgent)
+class LMTPDelivery:
+    """
+    Delivers local mail to an LMTP server.  C{connect()} fires with a
+    L{pullmail.smtp.client.Channel} that has a C{quit()}; C{where} names
+    the server in logs and replies.
+    """
+
+    root = None
+
+    def __init__(self, connect: Callable[[], defer.Deferred], hostname: str,
+                 where: str = "LMTP server") -> None:
+        self._connect = connect
+        self.hostname = hostname
+        self.where = where
+        self._slots = defer.DeferredSemaphore(MAX_CONNECTIONS)
+
+    def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
+                chunks: Sequence[bytes]) -> defer.Deferred:
+        return self._slots.run(lambda: defer.Deferred.fromCoroutine(
+            self._deliver(queue_id, sender, list(addresses), list(chunks))
+        ))
+
+    async def _deliver(self, queue_id: str, sender: str, addresses: list[str],
+                       chunks: list[bytes]) -> DeliveryOutcome:
+        try:
+            connection = await self._connect()
+        except Exception as e:
+            return self._failed(queue_id, addresses, S451_STORE_UNREACHABLE, _describe(e))
+        try:
+            keywords = await open_lmtp_session(connection, self.hostname)
+            result = await send_lmtp_transaction(
+                connection, sender, addresses, chunks,
+                size=sum(map(len, chunks)) if "SIZE" in keywords else None,
+                body="8BITMIME" if "8BITMIME" in keywords and _eight_bit(chunks) else None,
+                smtputf8="SMTPUTF8" in keywords and not (sender + "".join(addresses)).isascii(),
+                pipelining="PIPELINING" in keywords,
+            )
+        except Refused as e:
+            # The session itself: the store is not ready, whatever it said.
+            return self._failed(queue_id, addresses, S451_STORE_REFUSED, str(e.reply))
+        except Exception as e:  # lost, timed out, out of step
+            return self._failed(queue_id, addresses, S451_STORE_BROKEN, _describe(e))
+        finally:
+            connection.quit()
+        return self._outcome(queue_id, addresses, result.recipients)
+
+    def _failed(self, queue_id: str, addresses: list[str], reply: Reply,
+                error: str) -> DeliveryOutcome:
+        """Nothing delivered: every address 4xx.  The details go to the log only."""
+        log.warn("LMTP delivery of {queue_id} to {where} failed: {error!r}", queue_id=queue_id,
+                 where=self.where, error=error, event="lmtp-failed")
+        return self._outcome(queue_id, addresses, {}, reply)
+
+    def _outcome(self, queue_id: str, addresses: list[str], replies: dict,
+                 missing: Reply | None = None) -> DeliveryOutcome:
+        """Each address by its reply; one with none gets C{missing}."""
+        refused = {}
+        delivered = []
+        for address in addresses:
+            reply = replies.get(address, missing)
+            if reply is not None and reply.positive:
+                delivered.append(address)
+            else:
+                refused[address] = reply or S451_STORE_BROKEN
+        log.info("LMTP delivery of {queue_id} to {where}: delivered {delivered}, "
+                 "refused {refused}", queue_id=queue_id, where=self.where, delivered=delivered,
+                 refused={a: str(r) for a, r in refused.items()}, event="lmtp-delivery")
+        return DeliveryOutcome(delivered=tuple(delivered), refused=refused)
+
+
+def _eight_bit(chunks: Sequence[bytes]) -> bool:
+    return any(not chunk.isascii() for chunk in chunks)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -1,0 +1,262 @@
+"""
+Tests for per-recipient local outcomes: the router's reply to end-of-data
+when a store (LMTP) answers each recipient on its own
+(L{pullmail.inbound.router.one_refusal}), and the L{LocalQueue} that
+retries deferred local recipients and bounces refused ones
+(L{pullmail.outbound.local}).
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from pullmail.accounts.users import Accounts
+from pullmail.config import DeliveryConfig
+from pullmail.inbound.router import Router, one_refusal
+from pullmail.interfaces import DeliveryOutcome
+from pullmail.outbound.local import LocalQueue
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
+from pullmail.testing import FakeDeliveryAgent, MemoryOutbox, result_of, run_blocking
+
+NOW = 1704164645.0
+ALICE, BOB = "alice@example.org", "bob@example.org"
+BUSY = Reply(450, "4.2.1", "<bob@example.org> Mailbox busy")
+OVER_QUOTA = Reply(452, "4.2.2", "<alice@example.org> Quota exceeded")
+NO_USER = Reply(550, "5.1.1", "<bob@example.org> User doesn't exist")
+CONFIG = DeliveryConfig(push_retry=(300.0, 900.0), push_lifetime=3600.0)
+
+
+class FakeOutbound:
+    def __init__(self) -> None:
+        self.calls = []
+
+    def enqueue(self, queue_id, sender, recipients, chunks, origin=None):
+        self.calls.append((queue_id, sender, list(recipients)))
+        return defer.succeed(None)
+
+
+class Node:
+    """A router, a scripted store, a local queue over a memory outbox, and the bounces sent."""
+
+    def __init__(self, refusals=None, config=CONFIG, disk=None) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.agent = FakeDeliveryAgent(refusals)
+        self.accounts = Accounts(frozenset({"example.org"}),
+                                 users={ALICE: "h", BOB: "h"},
+                                 aliases={"team@example.org": (ALICE, BOB)})
+        self.outbound = FakeOutbound()
+        self.router = Router("mx.example.org", self.accounts, self.agent, self.clock,
+                             self.outbound)
+        self.bounces: list[tuple[str, bytes]] = []
+        self.store = MemoryOutbox(disk)
+        self.queue = LocalQueue(
+            store=self.store, agent=self.agent, clock=self.clock, run_blocking=run_blocking,
+            hostname="mx.example.org", config=config, send_bounce=self.bounce,
+        )
+        self.router.local_queue = self.queue
+        self.queue.start()
+
+    def bounce(self, sender: str, message: bytes):
+        self.bounces.append((sender, message))
+        return defer.succeed(None)
+
+    def accept(self, recipients, sender="x@remote.test") -> Reply:
+        envelope = Envelope(sender, tuple(recipients))
+        session = Session("192.0.2.1", helo="client.test", esmtp=True)
+        return result_of(self.router.accept(session, envelope, [b"Subject: x\r\n\r\nhi\r\n"], 20))
+
+    def delivered(self, address: str) -> int:
+        return len(self.agent.mailboxes.get(address, []))
+
+
+# -- the reply to end-of-data -----------------------------------------------------
+
+
+@pytest.mark.parametrize("refused, queued_remote, expected", [
+    ({}, False, None),                                    # all delivered
+    ({BOB: BUSY}, False, BUSY),                           # every local one 4xx
+    ({ALICE: OVER_QUOTA, BOB: BUSY}, False, OVER_QUOTA),  # 4xx alike: the first
+    ({BOB: NO_USER}, False, NO_USER),                     # every local one 5xx
+    ({ALICE: OVER_QUOTA, BOB: NO_USER}, False, None),     # mixed: ours to sort out
+    ({BOB: BUSY}, True, None),                            # a remote copy is queued
+])
+def test_one_refusal(refused, queued_remote, expected):
+    """A refusal goes straight back only when it is every recipient's and nothing was taken."""
+    outcome = DeliveryOutcome(refused=refused)
+    assert one_refusal(outcome, queued_remote) == expected
+
+
+def test_one_refusal_with_a_delivery():
+    """Once one local copy is delivered, the client must hear 250."""
+    assert one_refusal(DeliveryOutcome(delivered=(ALICE,), refused={BOB: NO_USER}), False) is None
+
+
+def test_store_text_is_made_printable():
+    """The store's reply text goes to a client with control characters blanked."""
+    odd = Reply(550, "5.1.1", "no\x1b[31m such\x00 user")
+    reply = one_refusal(DeliveryOutcome(refused={BOB: odd}), False)
+    assert reply.text == "no [31m such  user"
+
+
+def test_all_deferred_passes_the_4xx_back():
+    """Every local recipient 4xx, nothing else: the client retries; nothing is queued here."""
+    node = Node({ALICE: OVER_QUOTA})
+    reply = node.accept([ALICE])
+    assert reply == OVER_QUOTA
+    assert len(node.store) == 0 and node.bounces == []
+
+
+def test_all_refused_passes_the_5xx_back():
+    """Every local recipient 5xx: the client bounces it; we write no DSN."""
+    node = Node({BOB: NO_USER})
+    assert node.accept([BOB]).code == 550
+    assert node.bounces == [] and len(node.store) == 0
+
+
+# -- mixed outcomes: 250, and the node takes over ---------------------------------
+
+
+def test_deferred_recipient_is_queued_and_retried():
+    """
+    Alice delivered, Bob 450: the client hears 250, Bob waits in the local
+    queue, and is delivered at the first push_retry delay.
+    """
+    node = Node({BOB: BUSY})
+    reply = node.accept(["team@example.org"])
+    assert reply.code == 250
+    [entry] = node.store.entries()
+    assert entry.recipients == [BOB]
+    assert entry.next_attempt == NOW + 300
+    assert (node.delivered(ALICE), node.delivered(BOB)) == (1, 0)
+    del node.agent.refusals[BOB]
+    node.clock.advance(299)
+    assert node.delivered(BOB) == 0
+    node.clock.advance(1)
+    assert node.delivered(BOB) == 1
+    assert node.delivered(ALICE) == 1              # never twice
+    assert len(node.store) == 0 and node.store.disk["data"] == {}
+    queue_id, sender, addresses, _ = node.agent.calls[-1]
+    assert (sender, addresses) == ("x@remote.test", [BOB])
+    assert queue_id == node.agent.calls[0][0]
+
+
+def test_refused_recipient_bounces_before_the_250():
+    """Alice delivered, Bob 550: 250 to the client, and a DSN to the sender quoting the store."""
+    node = Node({BOB: NO_USER})
+    assert node.accept(["team@example.org"]).code == 250
+    [(to, dsn)] = node.bounces
+    assert to == "x@remote.test"
+    assert b"Final-Recipient: rfc822; bob@example.org" in dsn
+    assert b"Status: 5.1.1" in dsn
+    assert b"Diagnostic-Code: smtp; 550 5.1.1" in dsn
+    assert len(node.store) == 0
+
+
+def test_deferred_local_with_a_remote_copy():
+    """A remote recipient queued, the only local one 4xx: 250, and the local one is retried."""
+    node = Node({ALICE: OVER_QUOTA})
+    assert node.accept([ALICE, "carol@remote.test"]).code == 250
+    assert [r for _, _, r in node.outbound.calls] == [["carol@remote.test"]]
+    assert [e.recipients for e in node.store.entries()] == [[ALICE]]
+
+
+def test_retries_until_the_lifetime_then_a_4_4_7_bounce():
+    """A recipient deferred on every try bounces (4.4.7) when push_lifetime runs out."""
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    for delay in (300, 900, 900, 900):
+        node.clock.advance(delay)
+        assert node.bounces == []
+        assert len(node.store) == 1
+    node.clock.advance(600)            # the hour is up
+    [(_, dsn)] = node.bounces
+    assert b"Status: 4.4.7" in dsn and b"Mailbox busy" in dsn
+    assert len(node.store) == 0
+
+
+def test_a_later_5xx_bounces_the_deferred_recipient():
+    """Deferred first, then refused for good: one bounce, entry gone."""
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    node.agent.refusals[BOB] = NO_USER
+    node.clock.advance(300)
+    assert len(node.bounces) == 1 and len(node.store) == 0
+
+
+def test_queue_survives_a_restart():
+    """The entry is on the "disk" before the 250: a restarted node retries it."""
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    node.queue.stop()
+    again = Node(disk=node.store.disk)
+    again.clock.advance(300)
+    assert again.delivered(BOB) == 1
+    assert len(again.store) == 0
+
+
+def test_storage_failure_is_4xx_not_250():
+    """When the deferred recipient cannot be queued, the client hears 4xx, never 250."""
+    node = Node({BOB: BUSY})
+
+    def full(entries, chunks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    node.store.add = full
+    assert node.accept(["team@example.org"]).code == 452
+
+
+def test_without_a_local_queue_mixed_outcomes_are_4xx():
+    """A router with no local queue never says 250 for a refused recipient."""
+    node = Node({BOB: BUSY})
+    node.router.local_queue = None
+    assert node.accept(["team@example.org"]).code == 451
+
+
+def test_bounces_are_never_bounced():
+    """A DSN (null sender) refused for good is dropped, not bounced again."""
+    node = Node({BOB: NO_USER})
+    result_of(node.router.inject("", [ALICE, BOB], [b"Subject: dsn\r\n\r\nx\r\n"]))
+    assert node.bounces == []
+    assert node.delivered(ALICE) == 1
+
+
+def test_injected_mail_deferred_is_queued():
+    """A bounce for a local mailbox the store defers waits in the local queue."""
+    node = Node({ALICE: OVER_QUOTA})
+    result_of(node.router.inject("", [ALICE], [b"Subject: dsn\r\n\r\nx\r\n"]))
+    [entry] = node.store.entries()
+    assert (entry.sender, entry.recipients) == ("", [ALICE])
+
+
+def test_lost_store_is_retried_with_the_agents_os_error():
+    """An agent failing with OSError on a retry counts as 4xx for all its recipients."""
+    node = Node({BOB: BUSY}, config=replace(CONFIG, push_retry=(60.0,)))
+    node.accept(["team@example.org"])
+    node.agent.error = OSError(errno.EIO, "I/O error")
+    node.clock.advance(60)
+    [entry] = node.store.entries()
+    assert "I/O error" in entry.last_error
+    assert entry.next_attempt == NOW + 120
+
+
+def test_hooks_hear_of_the_delivered_recipients_only():
+    """A delivery hook is told of Alice, whom the store took, not of Bob, whom it deferred."""
+    node = Node({BOB: BUSY})
+    told = []
+
+    class Hook:
+        name = "record"
+
+        def delivered(self, queue_id, sender, recipients, paths):
+            told.append((sender, recipients, paths))
+
+    node.router.hooks = (Hook(),)
+    node.accept(["team@example.org"])
+    assert told == [("x@remote.test", [ALICE], [])]
