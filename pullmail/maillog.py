@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from twisted.logger import Logger, LogLevel
 
-__all__ = ["Event", "VOCABULARY"]
+__all__ = ["Event", "VOCABULARY"]  # and one constant per event, below
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,13 @@ class Event:
     name: str
     format: str
     level: LogLevel = LogLevel.info
+    extras: tuple[str, ...] = ()     # fields beyond the format's, for metrics and searches
     fields: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         names = {f.split(".")[0].split("[")[0].split("!")[0]
                  for _, f, _, _ in string.Formatter().parse(self.format) if f}
-        object.__setattr__(self, "fields", frozenset(names))
+        object.__setattr__(self, "fields", frozenset(names) | frozenset(self.extras))
 
     def __call__(self, log: Logger, **fields: object) -> None:
         """Emit this event on C{log}; the fields must be exactly the format's."""
@@ -53,4 +54,256 @@ def _vocabulary(*events: Event) -> MappingProxyType:
     return MappingProxyType(table)
 
 
-VOCABULARY = _vocabulary()
+# -- Connections and commands (smtp/) ----------------------------------------------------
+
+IDLE_TIMEOUT = Event("idle-timeout", "{what} for {peer}")
+COMMAND_TIMEOUT = Event("command-timeout", "{what} for {peer}")
+DATA_TIMEOUT = Event("data-timeout", "{what} for {peer}")
+TLS_TIMEOUT = Event("tls-timeout", "TLS handshake timeout for {peer}")
+CONNECTION = Event("connection", "connection from {peer} on {service}")
+IMPROPER_PIPELINING = Event("improper-pipelining", "{peer} pipelined behind {verb}")
+TLS_STARTED = Event("tls-started", "TLS started with {peer}")
+TLS_INJECTION = Event(
+    "tls-injection",
+    "{peer} sent {count} octets behind its 220 to STARTTLS; dropping the session",
+    LogLevel.warn,
+)
+TURN_ABORTED = Event("turn-aborted", "peer left during the reversed turn")
+CONNECTION_REFUSED = Event(
+    "connection-refused",
+    "refused connection from {peer}: {reply}",
+    extras=("code",),
+)
+PREGREET = Event("pregreet", "{peer} spoke before the greeting ended", extras=("code",))
+BUDGET_SPENT = Event("budget-spent", "closing {peer}: {reply}", extras=("errors", "junk"))
+COMMAND_REJECTED = Event("command-rejected", "{peer} {verb}: {reply}", extras=("code",))
+COMMAND = Event("command", "{peer} {verb}: {code}")
+REPLY = Event("reply", "{verb}: {code}", LogLevel.debug)
+
+# -- Trust (trust/, net/) ----------------------------------------------------------------
+
+SPF = Event("spf", "SPF {result} for {domain} from {peer}: {verdict}", extras=("explanation",))
+POLICY_VETO = Event("policy-veto", "policy {name} refused {domain} from {peer}: {verdict}")
+BLOCKED = Event(
+    "blocked",
+    "blocking {peer} for {seconds}s after {count} failed {what}s from {network}",
+)
+DNS_TEMPERROR = Event("dns-temperror", "DNS lookup failed: {error}", extras=("rdtype",))
+
+# -- Accepted mail (inbound/) ------------------------------------------------------------
+
+LMTP_FAILED = Event(
+    "lmtp-failed",
+    "LMTP delivery of {queue_id} to {where} failed: {error!r}",
+    LogLevel.warn,
+)
+LMTP_DELIVERY = Event(
+    "lmtp-delivery",
+    "LMTP delivery of {queue_id} to {where}: delivered {delivered}, refused {refused}",
+)
+INJECTED = Event("injected", "injected {queue_id} from <{sender}> for {recipients}")
+ACCEPTED = Event(
+    "accepted",
+    "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
+    extras=("delivered", "local_bounced", "local_deferred", "queued", "service"),
+)
+LOCAL_REFUSED = Event(
+    "local-refused",
+    "local delivery of {queue_id} refused: {reply}",
+    extras=("refused",),
+)
+STORE_FAILED = Event("store-failed", "storing {queue_id} failed: {error}", LogLevel.error)
+
+# -- Outbound delivery and bounces (outbound/): the SMTA"s side --------------------------
+
+BOUNCED = Event("bounced", "{action} DSN for {queue_id} to <{sender}>: {recipients} {status}")
+BOUNCE_OF_BOUNCE_DROPPED = Event("bounce-of-bounce-dropped", "not bouncing a bounce: {id}")
+BOUNCE_UNAUTHORISED_DROPPED = Event(
+    "bounce-unauthorised-dropped",
+    "not bouncing {queue_id} to <{sender}>: SPF does not authorise {origin}",
+)
+QUEUED = Event("queued", "queued {queue_id} as {id} for {recipients}")
+DELIVERY_ATTEMPT = Event(
+    "delivery-attempt",
+    "{mode} attempt {id} ({queue_id}) to {host}: accepted {accepted}, "
+    "refused {permanent}, deferred {transient}",
+)
+DEFERRED = Event("deferred", "deferred {id} ({queue_id}) until {when}: {reason}")
+RENOTIFIED = Event("renotified", "renotified {id} ({queue_id}): {outcome}")
+RETR_SERVED = Event(
+    "retr-served",
+    "retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, refused {refused}",
+    extras=("seconds",),
+)
+OUTBOX_EXPIRED = Event(
+    "outbox-expired",
+    "{id} not retrieved in time, bouncing",
+    extras=("queue_id",),
+)
+DELIVERED = Event(
+    "delivered",
+    "delivered {queue_id} to {recipients} at {host}",
+    extras=("seconds",),
+)
+PUSH_EXPIRED = Event("push-expired", "giving up on {id} ({queue_id}): {reason}")
+RETR_BROKEN = Event("retr-broken", "retrieval of {id} by {peer} broke off; notifying again")
+LOCAL_QUEUE_LOADED = Event("local-queue-loaded", "local queue loaded: {count} entries")
+LOCAL_ATTEMPT = Event(
+    "local-attempt",
+    "local retry of {id} ({queue_id}): delivered {delivered}, refused {refused}, "
+    "deferred {deferred}",
+)
+LOCAL_BOUNCED = Event("local-bounced", "failed DSN for {queue_id} to <{sender}>: {recipients}")
+LOCAL_DEFERRED = Event(
+    "local-deferred",
+    "deferred local delivery of {queue_id} to {recipients} as {id} until {when}: {reason}",
+)
+LOCAL_BOUNCE_DROPPED = Event("local-bounce-dropped", "not bouncing {queue_id} to <{sender}>")
+SESSION_TLS = Event("session-tls", "session with {host} [{address}]: {tls}")
+SESSION_FAILED = Event(
+    "session-failed",
+    "session for {domain} ({ids}) with {host} [{address}] failed: {error}",
+)
+
+# -- General Delivery (pull/): retr-* is the SMTA answering RETR, the rest the RMTA ---
+
+RETRIEVAL_ATTEMPT = Event("retrieval-attempt", "RETR {id} at {peer}: {reply}", extras=("code",))
+RETRIEVAL_FAILED = Event("retrieval-failed", "retrieval from {peer} broke off: {error}")
+DUPLICATE_DROPPED = Event("duplicate-dropped", "duplicate {id} from {peer} dropped")
+RETRIEVAL_FALLBACK = Event(
+    "retrieval-fallback",
+    "{peer} did not answer; retrieving from {address}, an MX of {origin} that passes SPF",
+)
+NOTIFICATION_ACCEPTED = Event(
+    "notification-accepted",
+    "notification {id} from {peer} ({identity}) for {recipients} accepted",
+)
+RETRIEVED = Event("retrieved", "retrieved {id} from {peer}")
+RETRIEVAL_DEFERRED = Event(
+    "retrieval-deferred",
+    "retrieval of {id} from {peer} failed ({reason}); next attempt at {when}",
+    extras=("attempts",),
+)
+NOTIFICATION_DROPPED = Event(
+    "notification-dropped",
+    "dropping notification {id} from {peer}: {reason}",
+    LogLevel.warn,
+)
+NOTIFICATION_REFUSED = Event(
+    "notification-refused",
+    "notification {id} from {peer} ({identity}) refused: {reply}",
+    extras=("code",),
+)
+NOTIFICATION_STORE_FAILED = Event(
+    "notification-store-failed",
+    "storing notification {id} failed: {error}",
+    LogLevel.error,
+)
+RETR_HANDED_OVER = Event("retr-handed-over", "RETR {id} ({queue_id}) by {peer}: handing over")
+RETR_REFUSED = Event("retr-refused", "RETR {id} from {peer} refused ({why}); answering in {delay}s")
+RETR_DNS_ERROR = Event("retr-dns-error", "RETR {id} from {peer}: DNS failed: {error}")
+
+# -- Storage -----------------------------------------------------------------------------
+
+OUTBOX_UNREADABLE = Event(
+    "outbox-unreadable",
+    "outbox entry {id} unreadable, left on disk: {error}",
+    LogLevel.error,
+)
+
+# -- The operator's tools and the node (node/) -------------------------------------------
+
+OPERATOR_FLUSH = Event("operator-flush", "queues flushed by the operator")
+OPERATOR_DELETE = Event("operator-delete", "operator deleted {id}: {deleted}")
+OPERATOR_HOLD = Event("operator-hold", "operator {command} {id}: {changed}")
+MAILDROP_TAKEN = Event(
+    "maildrop-taken",
+    "sendmail by {user}: <{sender}> to {recipients}, unknown {unknown}",
+)
+MAILDROP_BAD = Event(
+    "maildrop-bad",
+    "dropped message {name} set aside in maildrop/bad: {reason}",
+    LogLevel.error,
+)
+SENDMAIL_SENDER_REFUSED = Event(
+    "sendmail-sender-refused",
+    "sendmail -f {claimed} by {user} ignored (not a trusted user)",
+    LogLevel.warn,
+)
+MAILDROP_ERROR = Event("maildrop-error", "cannot read the drop folder: {error}", LogLevel.error)
+MAILDROP_DEFERRED = Event(
+    "maildrop-deferred",
+    "dropped message {name} kept for later: {reply}",
+    LogLevel.warn,
+)
+HEAP_FROZEN = Event("heap-frozen", "start-up heap frozen: {objects} objects")
+
+VOCABULARY = _vocabulary(
+    ACCEPTED,
+    BLOCKED,
+    BOUNCED,
+    BOUNCE_OF_BOUNCE_DROPPED,
+    BOUNCE_UNAUTHORISED_DROPPED,
+    BUDGET_SPENT,
+    COMMAND,
+    COMMAND_REJECTED,
+    COMMAND_TIMEOUT,
+    CONNECTION,
+    CONNECTION_REFUSED,
+    DATA_TIMEOUT,
+    DEFERRED,
+    DELIVERED,
+    DELIVERY_ATTEMPT,
+    DNS_TEMPERROR,
+    DUPLICATE_DROPPED,
+    HEAP_FROZEN,
+    IDLE_TIMEOUT,
+    IMPROPER_PIPELINING,
+    INJECTED,
+    LMTP_DELIVERY,
+    LMTP_FAILED,
+    LOCAL_ATTEMPT,
+    LOCAL_BOUNCED,
+    LOCAL_BOUNCE_DROPPED,
+    LOCAL_DEFERRED,
+    LOCAL_QUEUE_LOADED,
+    LOCAL_REFUSED,
+    MAILDROP_BAD,
+    MAILDROP_DEFERRED,
+    MAILDROP_ERROR,
+    MAILDROP_TAKEN,
+    NOTIFICATION_ACCEPTED,
+    NOTIFICATION_DROPPED,
+    NOTIFICATION_REFUSED,
+    NOTIFICATION_STORE_FAILED,
+    OPERATOR_DELETE,
+    OPERATOR_FLUSH,
+    OPERATOR_HOLD,
+    OUTBOX_EXPIRED,
+    OUTBOX_UNREADABLE,
+    POLICY_VETO,
+    PREGREET,
+    PUSH_EXPIRED,
+    QUEUED,
+    RENOTIFIED,
+    REPLY,
+    RETRIEVAL_ATTEMPT,
+    RETRIEVAL_DEFERRED,
+    RETRIEVAL_FAILED,
+    RETRIEVAL_FALLBACK,
+    RETRIEVED,
+    RETR_BROKEN,
+    RETR_DNS_ERROR,
+    RETR_HANDED_OVER,
+    RETR_REFUSED,
+    RETR_SERVED,
+    SENDMAIL_SENDER_REFUSED,
+    SESSION_FAILED,
+    SESSION_TLS,
+    SPF,
+    STORE_FAILED,
+    TLS_INJECTION,
+    TLS_STARTED,
+    TLS_TIMEOUT,
+    TURN_ABORTED,
+)

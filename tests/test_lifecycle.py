@@ -12,6 +12,7 @@ import pytest
 
 from pullmail.config import DeliveryConfig
 from pullmail.outbound.bounce import FailedRecipient
+from pullmail import maillog
 from pullmail.outbound.lifecycle import (
     Attempted,
     Bounce,
@@ -72,7 +73,7 @@ def summary(effects) -> list:
     out = []
     for effect in effects:
         if isinstance(effect, Log):
-            out.append(("log", effect.event))
+            out.append(("log", effect.event.name))
         elif isinstance(effect, Bounce):
             out.append(("bounce", effect.action,
                         [(f.address, f.status, f.diagnostic, f.remote_mta) for f in effect.failed]))
@@ -96,13 +97,13 @@ TABLE = [
      {}, None, ["NotifyAgain"]),
     ("a notified entry not retrieved by its expiry bounces and goes",
      notified(), Due(), 2 * DAY, CONFIG,
-     {}, None, [("log", "expired"),
+     {}, None, [("log", "outbox-expired"),
                 ("bounce", "failed", [(BOB, "5.4.7", "message not retrieved by the "
                                        "recipient's server in time", None)]),
                 "Remove"]),
     ("a re-announcement due at or after expiry is an expiry",
      notified(renotify_at=2 * DAY), Due(), 2 * DAY, CONFIG,
-     {}, None, [("log", "expired"),
+     {}, None, [("log", "outbox-expired"),
                 ("bounce", "failed", [(BOB, "5.4.7", "message not retrieved by the "
                                        "recipient's server in time", None)]),
                 "Remove"]),
@@ -123,17 +124,17 @@ TABLE = [
     ("GDEL accepted: notified, waiting for RETR until created + outbox_lifetime",
      queued(created=100.0), Attempted("pull", HOST, result(bob=OK)), 1000.0, CONFIG,
      {"state": NOTIFIED, "notified_at": 1000.0, "expires": 100.0 + 2 * DAY}, 100.0 + 2 * DAY,
-     [("log", "attempt"), "Update"]),
+     [("log", "delivery-attempt"), "Update"]),
     ("GDEL accepted with a delay warning configured: due for the warning first",
      queued(), Attempted("pull", HOST, result(bob=OK)), 1000.0, WARNING,
      {"state": NOTIFIED, "notified_at": 1000.0, "expires": 2 * DAY}, 4 * HOUR,
-     [("log", "attempt"), "Update"]),
+     [("log", "delivery-attempt"), "Update"]),
     ("GDEL accepted for bob, 451 for carol: carol gets an entry of her own, queued",
      queued(recipients=[BOB, CAROL]), Attempted("pull", HOST, result(bob=OK, carol=BUSY)),
      1000.0, CONFIG,
      {"state": NOTIFIED, "recipients": [BOB], "notified_at": 1000.0, "expires": 2 * DAY},
      2 * DAY,
-     [("log", "attempt"),
+     [("log", "delivery-attempt"),
       ("split", "SIBLING", [CAROL], QUEUED, 1300.0, "451 4.3.0 busy", 1300.0,
        ["Update", ("log", "deferred")]),
       "Update"]),
@@ -143,24 +144,24 @@ TABLE = [
      {"state": NOTIFIED, "recipients": [BOB], "notified_at": 1000.0, "expires": 2 * DAY},
      2 * DAY,
      [("bounce", "failed", [(NOBODY, "5.1.1", "550 5.1.1 no such user", HOST)]),
-      ("log", "attempt"), "Update"]),
+      ("log", "delivery-attempt"), "Update"]),
     ("pushed and accepted: delivered, gone",
      queued(), Attempted("push", HOST, result(bob=OK)), 1000.0, CONFIG,
-     {"recipients": []}, None, [("log", "attempt"), ("log", "delivered"), "Remove"]),
+     {"recipients": []}, None, [("log", "delivery-attempt"), ("log", "delivered"), "Remove"]),
     ("pushed, every recipient refused: one DSN, gone",
      queued(recipients=[NOBODY]), Attempted("push", HOST, result(nobody=UNKNOWN)), 1000.0, CONFIG,
      {"recipients": []}, None,
      [("bounce", "failed", [(NOBODY, "5.1.1", "550 5.1.1 no such user", HOST)]),
-      ("log", "attempt"), "Remove"]),
+      ("log", "delivery-attempt"), "Remove"]),
     ("pushed, 451 after the 1st attempt: again in 5 minutes",
      queued(), Attempted("push", HOST, result(bob=BUSY)), 1000.0, CONFIG,
      {"next_attempt": 1300.0, "last_error": "451 4.3.0 busy"}, 1300.0,
-     [("log", "attempt"), "Update", ("log", "deferred")]),
+     [("log", "delivery-attempt"), "Update", ("log", "deferred")]),
     ("pushed, delivered to bob, 452 for carol: carol alone is tried again",
      queued(recipients=[BOB, CAROL], attempts=2),
      Attempted("push", HOST, result(bob=OK, carol=FULL)), 1000.0, CONFIG,
      {"recipients": [CAROL], "next_attempt": 1900.0, "last_error": "452 4.2.2 mailbox full"},
-     1900.0, [("log", "attempt"), ("log", "delivered"), "Update", ("log", "deferred")]),
+     1900.0, [("log", "delivery-attempt"), ("log", "delivered"), "Update", ("log", "deferred")]),
     ("the last delay repeats: the 7th attempt waits an hour too",
      queued(attempts=7), Failed("connection refused"), 1000.0, CONFIG,
      {"next_attempt": 4600.0, "last_error": "connection refused"}, 4600.0,
@@ -172,7 +173,7 @@ TABLE = [
     ("a failure at the end of the push lifetime: give up, 4.4.7 with the last error",
      queued(attempts=5), Attempted("push", HOST, result(bob=BUSY)), 5 * DAY, CONFIG,
      {"last_error": "451 4.3.0 busy"}, None,
-     [("log", "attempt"), ("log", "expired"),
+     [("log", "delivery-attempt"), ("log", "push-expired"),
       ("bounce", "failed", [(BOB, "4.4.7", "delivery time expired; last error: "
                              "451 4.3.0 busy", None)]),
       "Remove"]),
@@ -181,9 +182,9 @@ TABLE = [
      5 * DAY, CONFIG,
      {"state": NOTIFIED, "recipients": [BOB], "notified_at": 5 * DAY, "expires": 2 * DAY},
      2 * DAY,
-     [("log", "attempt"),
+     [("log", "delivery-attempt"),
       ("split", "SIBLING", [CAROL], QUEUED, 0.0, "451 4.3.0 busy", None,
-       [("log", "expired"),
+       [("log", "push-expired"),
         ("bounce", "failed", [(CAROL, "4.4.7", "delivery time expired; last error: "
                                "451 4.3.0 busy", None)]),
         "Remove"]),
@@ -209,22 +210,22 @@ TABLE = [
      {"attempts": 1, "renotify_at": None}, 2 * DAY, [("log", "renotified"), "Update"]),
     ("retrieved, every recipient accepted: gone",
      notified(claimed=True), Retrieved(result(bob=OK), "192.0.2.25", HOST), 1000.0, CONFIG,
-     {}, None, [("log", "retrieved"), "Remove"]),
+     {}, None, [("log", "retr-served"), "Remove"]),
     ("retrieved, one refused: it bounces naming the retrieving host",
      notified(recipients=[BOB, NOBODY], claimed=True),
      Retrieved(result(bob=OK, nobody=UNKNOWN), "192.0.2.25", HOST), 1000.0, CONFIG,
      {}, None,
      [("bounce", "failed", [(NOBODY, "5.1.1", "550 5.1.1 no such user", HOST)]),
-      ("log", "retrieved"), "Remove"]),
+      ("log", "retr-served"), "Remove"]),
     ("retrieved, 452 for carol and dave never reached: both wait for another RETR",
      notified(recipients=[BOB, CAROL, DAVE], claimed=True),
      Retrieved(result(bob=OK, carol=FULL), "192.0.2.25", HOST), 1000.0, CONFIG,
      {"recipients": [CAROL, DAVE], "claimed": False}, 2 * DAY,
-     [("log", "retrieved"), "Update", "Release"]),
+     [("log", "retr-served"), "Update", "Release"]),
     ("a retrieval broke off: released, and announced again at once (no false bounce)",
      notified(claimed=True), RetrievalBroken("192.0.2.25"), 1000.0, CONFIG,
      {"renotify_at": 1000.0, "claimed": False}, 1000.0,
-     [("log", "retrieval-broken"), "Release", "Update"]),
+     [("log", "retr-broken"), "Release", "Update"]),
 ]
 
 
@@ -246,17 +247,16 @@ def test_log_texts_and_fields_are_the_nodes_own() -> None:
     """The log lines the node writes (integration tests read them) are unchanged."""
     _, _, effects = step(queued(id="E1", queue_id="Q9"), Failed("connection refused"), 1000.0,
                          CONFIG)
-    assert effects[1] == Log("deferred", "deferred {id} ({queue_id}) until {when}: {reason}",
+    assert effects[1] == Log(maillog.DEFERRED,
                              {"id": "E1", "queue_id": "Q9", "when": 1300.0,
                               "reason": "connection refused"})
     _, _, effects = step(queued(id="E1", queue_id="Q9"), Attempted("push", HOST, result(bob=OK)),
                          1000.0, CONFIG)
     assert effects[0] == Log(
-        "attempt", "{mode} attempt {id} ({queue_id}) to {host}: accepted {accepted}, "
-        "refused {permanent}, deferred {transient}",
+        maillog.DELIVERY_ATTEMPT,
         {"mode": "push", "id": "E1", "queue_id": "Q9", "host": HOST, "accepted": [BOB],
          "permanent": [], "transient": []})
-    assert effects[1] == Log("delivered", "delivered {queue_id} to {recipients} at {host}",
+    assert effects[1] == Log(maillog.DELIVERED,
                              {"queue_id": "Q9", "recipients": [BOB], "host": HOST,
                               "seconds": 1000.0})    # since the entry was made: the metrics' time
 

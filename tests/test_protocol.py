@@ -428,7 +428,7 @@ class TestAuth(ProtocolCase):
         secret = base64.b64encode(b"not-the-password")
         assert self.codes(b"AUTH LOGIN\r\n" + user + b"\r\n" + secret + b"\r\n") == \
             [b"334", b"334", b"535"]
-        [event] = [e for e in logged_events if e.get("event") == "rejected"]
+        [event] = [e for e in logged_events if e.get("event") == "command-rejected"]
         assert event["verb"] == "AUTH"
         text = repr(logged_events)
         assert user.decode()[:12] not in text and secret.decode()[:12] not in text
@@ -740,7 +740,7 @@ def test_peer_text_escaped_in_logs(logged_events):
     """Issue 18 item 14: an unknown verb with ESC and BS is logged escaped."""
     _, protocol, transport = connect()
     said(protocol, transport, b"\x1b[2J\x08EVIL\xff x\r\n")
-    [event] = [e for e in logged_events if e.get("event") == "rejected"]
+    [event] = [e for e in logged_events if e.get("event") == "command-rejected"]
     assert event["verb"] == "\\x1b[2J\\x08EVIL\\xff"
 
 

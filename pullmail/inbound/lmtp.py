@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pullmail import maillog
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp.client import Refused, open_lmtp_session, send_lmtp_transaction
 from pullmail.smtp.protocol import ClientConnection
@@ -109,8 +110,7 @@ class LMTPDelivery:
     def _failed(self, queue_id: str, addresses: list[str], reply: Reply,
                 error: str) -> DeliveryOutcome:
         """Nothing delivered: every address 4xx.  The details go to the log only."""
-        log.warn("LMTP delivery of {queue_id} to {where} failed: {error!r}", queue_id=queue_id,
-                 where=self.where, error=error, event="lmtp-failed")
+        maillog.LMTP_FAILED(log, queue_id=queue_id, where=self.where, error=error)
         return self._outcome(queue_id, addresses, {}, reply)
 
     def _outcome(self, queue_id: str, addresses: list[str], replies: dict,
@@ -124,9 +124,10 @@ class LMTPDelivery:
                 delivered.append(address)
             else:
                 refused[address] = reply or S451_STORE_BROKEN
-        log.info("LMTP delivery of {queue_id} to {where}: delivered {delivered}, "
-                 "refused {refused}", queue_id=queue_id, where=self.where, delivered=delivered,
-                 refused={a: str(r) for a, r in refused.items()}, event="lmtp-delivery")
+        maillog.LMTP_DELIVERY(
+            log, queue_id=queue_id, where=self.where, delivered=delivered,
+            refused={a: str(r) for a, r in refused.items()},
+        )
         return DeliveryOutcome(delivered=tuple(delivered), refused=refused)
 
 

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.accounts.users import Accounts
 from pullmail.ids import new_queue_id
 from pullmail.inbound.headers import complete_submission, rfc5322_date
@@ -168,8 +169,7 @@ class Router:
             yield self._take_refused(queue_id, sender, outcome, list(chunks), None)
         if remote and self.outbound is not None:
             yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
-        log.info("injected {queue_id} from <{sender}> for {recipients}", queue_id=queue_id,
-                 sender=sender, recipients=list(recipients), event="injected")
+        maillog.INJECTED(log, queue_id=queue_id, sender=sender, recipients=list(recipients))
         return queue_id
 
     @defer.inlineCallbacks
@@ -201,25 +201,21 @@ class Router:
                 outcome = yield self._deliver_locally(queue_id, envelope.sender, local, message)
             refusal = one_refusal(outcome, bool(remote))
             if refusal is not None:
-                log.info("local delivery of {queue_id} refused: {reply}", queue_id=queue_id,
-                         reply=str(refusal), refused=sorted(outcome.refused),
-                         event="local-refused")
+                maillog.LOCAL_REFUSED(
+                    log, queue_id=queue_id, reply=str(refusal), refused=sorted(outcome.refused),
+                )
                 return refusal
             if remote:
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
                                             origin=origin)
             yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:
-            log.error(
-                "storing {queue_id} failed: {error}", queue_id=queue_id, error=str(e),
-                event="store-failed",
-            )
+            maillog.STORE_FAILED(log, queue_id=queue_id, error=str(e))
             return replies.storage_failure(e)
-        log.info(
-            "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
-            queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
+        maillog.ACCEPTED(
+            log, queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),
             queued=remote, local_deferred=outcome.transient(), local_bounced=outcome.permanent(),
-            service=service, event="accepted",
+            service=service,
         )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

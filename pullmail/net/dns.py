@@ -31,6 +31,8 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pullmail import maillog
+
 __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "NotCached", "cached_answer",
            "mail_hosts"]
 
@@ -182,8 +184,7 @@ class Resolver:
             return failure
         error = failure.value if failure.check(DNSTemporaryError) else DNSTemporaryError(
             f"{name} {rdtype}: {failure.type.__name__}")
-        log.info("DNS lookup failed: {error}", error=str(error), rdtype=rdtype,
-                 event="dns-temperror")       # the metrics count these
+        maillog.DNS_TEMPERROR(log, error=str(error), rdtype=rdtype)       # the metrics count these
         self._failed[key] = (self._clock.seconds() + FAILED_LOOKUP_TTL, error)
         if len(self._failed) > FAILED_LOOKUP_ENTRIES:
             self._failed.popitem(last=False)

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.storage.durable import write_atomically
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
@@ -95,19 +96,17 @@ class ControlFactory(Factory):
         if command == "flush":
             self.outbound.flush()
             self.retriever.flush()
-            log.info("queues flushed by the operator", event="flush")
+            maillog.OPERATOR_FLUSH(log)
             return {"ok": True}
         if command == "delete":
             target = str(request.get("id", ""))
             deleted = self.outbound.delete(target) or self.retriever.delete(target)
-            log.info("operator deleted {id}: {deleted}", id=target, deleted=deleted,
-                     event="delete")
+            maillog.OPERATOR_DELETE(log, id=target, deleted=deleted)
             return {"ok": deleted, "error": "" if deleted else f"no entry {target}"}
         if command in ("hold", "release"):
             target = str(request.get("id", ""))
             changed = set_held(self.outbound, self.retriever, target, command == "hold")
-            log.info("operator {command} {id}: {changed}", command=command, id=target,
-                     changed=changed, event=command)
+            maillog.OPERATOR_HOLD(log, command=command, id=target, changed=changed)
             return {"ok": changed, "error": "" if changed else f"no entry {target}"}
         if command == "maildrop" and self.maildrop is not None:
             self.maildrop.drain()

@@ -30,6 +30,7 @@ from typing import Collection
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.ids import new_queue_id
 from pullmail.outbound import bounce
 from pullmail.smtp.envelope import Envelope, Session
@@ -173,7 +174,7 @@ class Maildrop:
         try:
             names = sorted(await self.run_blocking(os.listdir, self.root / "new"))
         except OSError as e:
-            log.error("cannot read the drop folder: {error}", error=str(e), event="maildrop-error")
+            maillog.MAILDROP_ERROR(log, error=str(e))
             return
         self.waiting = len(names)
         for name in names:
@@ -205,8 +206,7 @@ class Maildrop:
             return
         sender = sender_for(drop, user, uid, self.hostname, self.trusted_users, self.node_uid)
         if drop.sender is not None and sender != drop.sender:
-            log.warn("sendmail -f {claimed} by {user} ignored (not a trusted user)",
-                     claimed=drop.sender, user=user, event="sendmail-sender-refused")
+            maillog.SENDMAIL_SENDER_REFUSED(log, claimed=drop.sender, user=user)
         accounts = self.router.accounts
         known = [r for r in drop.recipients if accounts.expand(r)]
         unknown = [r for r in drop.recipients if r not in known]
@@ -219,15 +219,12 @@ class Maildrop:
                 if reply.permanent:
                     await self._set_aside(name, f"refused: {reply}")
                 else:
-                    log.warn("dropped message {name} kept for later: {reply}", name=name,
-                             reply=str(reply), event="maildrop-deferred")
+                    maillog.MAILDROP_DEFERRED(log, name=name, reply=str(reply))
                 return
         if unknown:
             await self._bounce(sender, unknown, message)
         await self.run_blocking(_remove_durably, path)
-        log.info("sendmail by {user}: <{sender}> to {recipients}, unknown {unknown}",
-                 user=user, sender=sender, recipients=known, unknown=unknown,
-                 event="maildrop-taken")
+        maillog.MAILDROP_TAKEN(log, user=user, sender=sender, recipients=known, unknown=unknown)
 
     async def _bounce(self, sender: str, unknown: list[str], message: bytes) -> None:
         if not bounce.should_bounce(sender):
@@ -243,8 +240,7 @@ class Maildrop:
         await self.router.inject("", [sender], [dsn])
 
     async def _set_aside(self, name: str, reason: str) -> None:
-        log.error("dropped message {name} set aside in maildrop/bad: {reason}", name=name,
-                  reason=reason, event="maildrop-bad")
+        maillog.MAILDROP_BAD(log, name=name, reason=reason)
         await self.run_blocking(os.replace, self.root / "new" / name, self.root / "bad" / name)
 
 

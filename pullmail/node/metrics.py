@@ -1,10 +1,10 @@
 """
 Prometheus metrics (SPEC 11.4), counted from the node's own log events.
 
-The node already emits one twisted.logger event per outcome (``event=...``
-fields, SPEC 9).  L{MetricsObserver} maps those events to counters through
-one table, L{EVENT_METRICS}, so no increment is scattered through the code
-and a later rename of an event edits only that table.  Queue sizes are read
+The node already emits one twisted.logger event per outcome, each defined
+once in L{pullmail.maillog} (SPEC 9).  L{MetricsObserver} maps those events
+to counters through one table, L{EVENT_METRICS}, so no increment is
+scattered through the code.  Queue sizes are read
 from the in-memory indexes at scrape time (L{QueueCollector}), never from
 the disk.  Every label value is taken from a closed set: a peer's address or
 a domain is never a label (Prometheus keeps one series per label value).
@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
+from pullmail import maillog
 from pullmail.storage.outbox import NOTIFIED
 from pullmail.storage.pending import PENDING
 
@@ -70,52 +71,56 @@ def _fixed(**labels: str) -> Callable[[Mapping], dict[str, str]]:
     return lambda event: labels
 
 
-# (log namespace, event name) -> the counts it makes.  The namespace tells
-# apart events of the same name on both sides of General Delivery
-# ("retrieved" is logged by the SMTA whose message was fetched and by the
-# RMTA that fetched it).
-SMTA = "pullmail.outbound.delivery"
-RMTA = "pullmail.pull.retrieve"
-EVENT_METRICS: Mapping[tuple[str, str], tuple[Rule, ...]] = MappingProxyType({
-    (SMTA, "accepted"): (
+# Vocabulary event -> the counts it makes (each event name has one
+# meaning, pullmail.maillog, so the name alone says what happened).
+_REPLY_CODE = (Rule("replies", lambda e: {"code": _code(e)}),)
+_RULES: dict[maillog.Event, tuple[Rule, ...]] = {
+    maillog.ACCEPTED: (
         Rule("messages_accepted", lambda e: {"service": _one_of(e.get("service"), SERVICES)}),
     ),
-    ("pullmail.smtp", "rejected"): (Rule("replies", lambda e: {"code": _code(e)}),),
-    ("pullmail.smtp", "command"): (Rule("replies", lambda e: {"code": _code(e)}),),
-    ("pullmail.smtp", "reply"): (Rule("replies", lambda e: {"code": _code(e)}),),
-    ("pullmail.smtp", "tls"): (Rule("tls", _fixed(direction="inbound", result="ok")),),
-    (SMTA, "delivered"): (Rule("deliveries", _fixed(result="delivered")),),
-    (SMTA, "retrieved"): (Rule("deliveries", _fixed(result="retrieved")),),
-    (SMTA, "deferred"): (Rule("deliveries", _fixed(result="deferred")),),
-    (SMTA, "expired"): (Rule("deliveries", _fixed(result="expired")),),
-    (SMTA, "bounced"): (
+    maillog.COMMAND_REJECTED: _REPLY_CODE,
+    maillog.COMMAND: _REPLY_CODE,
+    maillog.REPLY: _REPLY_CODE,
+    maillog.CONNECTION_REFUSED: _REPLY_CODE,
+    maillog.PREGREET: _REPLY_CODE,
+    maillog.TLS_STARTED: (Rule("tls", _fixed(direction="inbound", result="ok")),),
+    maillog.TLS_TIMEOUT: (Rule("tls", _fixed(direction="inbound", result="failed")),),
+    maillog.DELIVERED: (Rule("deliveries", _fixed(result="delivered")),),
+    maillog.RETR_SERVED: (Rule("deliveries", _fixed(result="retrieved")),),
+    maillog.DEFERRED: (Rule("deliveries", _fixed(result="deferred")),),
+    maillog.OUTBOX_EXPIRED: (Rule("deliveries", _fixed(result="expired")),),
+    maillog.PUSH_EXPIRED: (Rule("deliveries", _fixed(result="expired")),),
+    maillog.BOUNCED: (
         Rule("deliveries", _fixed(result="bounced"), lambda e: e.get("action") == "failed"),
         Rule("deliveries", _fixed(result="delay-warned"), lambda e: e.get("action") != "failed"),
     ),
-    (SMTA, "tls-outcome"): (
+    maillog.LOCAL_BOUNCED: (Rule("deliveries", _fixed(result="bounced")),),
+    maillog.SESSION_TLS: (
         Rule("tls", lambda e: {"direction": "outbound", "result": _tls_outcome(e)}),
     ),
-    (SMTA, "attempt"): (
+    maillog.SESSION_FAILED: (
         Rule("tls", _fixed(direction="outbound", result="failed"), _tls_failed),
     ),
-    (RMTA, "notified"): (Rule("gdel", _fixed(verdict="accepted")),),
-    (RMTA, "notification-refused"): (
+    maillog.NOTIFICATION_ACCEPTED: (Rule("gdel", _fixed(verdict="accepted")),),
+    maillog.NOTIFICATION_REFUSED: (
         Rule("gdel", lambda e: {"verdict": "deferred" if _code(e).startswith("4")
                                 else "refused"}),
     ),
-    (RMTA, "retrieved"): (Rule("retrievals", _fixed(result="retrieved")),),
-    (RMTA, "duplicate"): (Rule("retrievals", _fixed(result="duplicate")),),
-    (RMTA, "retrieval-deferred"): (Rule("retrievals", _fixed(result="deferred")),),
-    (RMTA, "notification-dropped"): (Rule("retrievals", _fixed(result="dropped")),),
-    ("pullmail.trust", "spf"): (
+    maillog.RETRIEVED: (Rule("retrievals", _fixed(result="retrieved")),),
+    maillog.DUPLICATE_DROPPED: (Rule("retrievals", _fixed(result="duplicate")),),
+    maillog.RETRIEVAL_DEFERRED: (Rule("retrievals", _fixed(result="deferred")),),
+    maillog.NOTIFICATION_DROPPED: (Rule("retrievals", _fixed(result="dropped")),),
+    maillog.SPF: (
         Rule("spf", lambda e: {"result": _one_of(e.get("result"), SPF_RESULTS)}),
     ),
-    ("pullmail.net.dns", "dns-temperror"): (
+    maillog.DNS_TEMPERROR: (
         Rule("dns_temperrors", lambda e: {"rdtype": _one_of(e.get("rdtype"), RDTYPES)}),
     ),
-})
+}
+EVENT_METRICS: Mapping[str, tuple[Rule, ...]] = MappingProxyType(
+    {event.name: rules for event, rules in _RULES.items()})
 # Observed into pullmail_delivery_seconds from the event's ``seconds`` field.
-TIMED_EVENTS = frozenset({(SMTA, "delivered"), (SMTA, "retrieved")})
+TIMED_EVENTS = frozenset({maillog.DELIVERED.name, maillog.RETR_SERVED.name})
 
 
 class Metrics:
@@ -158,7 +163,7 @@ class MetricsObserver:
         self.table = table
 
     def __call__(self, event: Mapping) -> None:
-        key = (event.get("log_namespace"), event.get("event"))
+        key = event.get("event")
         rules = self.table.get(key)
         if rules is None:
             return

@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from pullmail import config as configuration
+from pullmail import maillog
 from pullmail.accounts.login import Authenticator, make_portal
 from pullmail.accounts.users import Accounts, AccountsError
 from pullmail.inbound.lmtp import LMTPDelivery, lmtp_connector
@@ -60,8 +61,8 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
-from pullmail.trust.policy import TrustChecker
 from pullmail.trust import throttle
+from pullmail.trust.policy import TrustChecker
 from pullmail.trust.throttle import FailureTracker
 
 __all__ = ["Options", "makeService"]
@@ -137,8 +138,7 @@ def freeze_start_up_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-    log.info("start-up heap frozen: {objects} objects", objects=gc.get_freeze_count(),
-             event="heap-frozen")
+    maillog.HEAP_FROZEN(log, objects=gc.get_freeze_count())
 
 
 def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helper):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.outbound import bounce
 from pullmail.storage.outbox import OutboxEntry
 
@@ -38,7 +39,7 @@ class Bouncer:
         if not failed:
             return defer.succeed(None)
         if not bounce.should_bounce(entry.sender):
-            log.info("not bouncing a bounce: {id}", id=entry.id, event="bounce-dropped")
+            maillog.BOUNCE_OF_BOUNCE_DROPPED(log, id=entry.id)
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(self._send(entry, failed, action))
 
@@ -46,9 +47,9 @@ class Bouncer:
         # SPEC 7: never bounce to an address that failed SPF (no backscatter).
         if entry.origin and self.owner.sender_authorised is not None:
             if not await self.owner.sender_authorised(entry.origin, entry.sender):
-                log.info("not bouncing {queue_id} to <{sender}>: SPF does not authorise "
-                         "{origin}", queue_id=entry.queue_id, sender=entry.sender,
-                         origin=entry.origin, event="bounce-dropped")
+                maillog.BOUNCE_UNAUTHORISED_DROPPED(
+                    log, queue_id=entry.queue_id, sender=entry.sender, origin=entry.origin,
+                )
                 return
         try:
             original = await self.owner.run_blocking(self.owner.outbox.read_message, entry.id)
@@ -62,7 +63,8 @@ class Bouncer:
         )
         recipients = [f.address for f in failed]
         status = ",".join(sorted({f.status for f in failed}))
-        log.info("{action} DSN for {queue_id} to <{sender}>: {recipients} {status}",
-                 action=action, queue_id=entry.queue_id, sender=entry.sender,
-                 recipients=recipients, status=status, event="bounced")
+        maillog.BOUNCED(
+            log, action=action, queue_id=entry.queue_id, sender=entry.sender,
+            recipients=recipients, status=status,
+        )
         await defer.maybeDeferred(self.owner.send_bounce, entry.sender, message)

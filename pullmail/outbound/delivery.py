@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.config import DeliveryConfig
 from pullmail.ids import new_gdel_id
 from pullmail.interfaces import IOutbox
@@ -148,8 +149,7 @@ class Outbound:
 
         def stored(_: object) -> None:
             for entry in entries:
-                log.info("queued {queue_id} as {id} for {recipients}", queue_id=queue_id,
-                         id=entry.id, recipients=entry.recipients, event="queued")
+                maillog.QUEUED(log, queue_id=queue_id, id=entry.id, recipients=entry.recipients)
                 self._push(entry)
             self._arm()
 
@@ -302,7 +302,7 @@ class Outbound:
         bounced = None
         for effect in effects:
             if isinstance(effect, Log):
-                log.info(effect.text, event=effect.event, **effect.fields)
+                effect.event(log, **effect.fields)
             elif isinstance(effect, Bounce):
                 self._unwatched(bounced, entry)
                 bounced = self.bouncer.send(entry, list(effect.failed), effect.action)

@@ -29,6 +29,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from pullmail import maillog
 from pullmail.config import DeliveryConfig
 from pullmail.outbound.bounce import FailedRecipient
 from pullmail.scheduling.schedule import push_retry_at
@@ -141,8 +142,9 @@ class Bounce:
 
 @dataclass(frozen=True)
 class Log:
-    event: str
-    text: str
+    """One event of the log vocabulary, with its fields."""
+
+    event: maillog.Event
     fields: dict = field(default_factory=dict)
 
 
@@ -210,8 +212,7 @@ def step(entry: OutboxEntry, outcome: Outcome, now: float, config: DeliveryConfi
     elif isinstance(outcome, Retrieved):
         kept = _retrieved(new, outcome, now, effects)
     elif isinstance(outcome, RetrievalBroken):
-        effects.append(Log("retrieval-broken", "retrieval of {id} by {peer} broke off; "
-                           "notifying again", {"id": new.id, "peer": outcome.peer}))
+        effects.append(Log(maillog.RETR_BROKEN, {"id": new.id, "peer": outcome.peer}))
         effects.append(Release())
         new.claimed = False
         new.renotify_at = now
@@ -230,8 +231,7 @@ def _due(new: OutboxEntry, now: float, config: DeliveryConfig, effects: list) ->
         effects.append(NotifyAgain())
         return False
     if now >= new.expires:
-        effects.append(Log("expired", "{id} not retrieved in time, bouncing",
-                           {"id": new.id, "queue_id": new.queue_id}))
+        effects.append(Log(maillog.OUTBOX_EXPIRED, {"id": new.id, "queue_id": new.queue_id}))
         effects += [_bounce(new.recipients, "5.4.7",
                             "message not retrieved by the recipient's server in time"),
                     Remove()]
@@ -251,12 +251,8 @@ def _attempted(new: OutboxEntry, outcome: Attempted, now: float, config: Deliver
     permanent = result.refused(permanent=True)
     transient = result.refused(permanent=False)
     effects += _refused(permanent, result, host)
-    effects.append(Log(
-        "attempt", "{mode} attempt {id} ({queue_id}) to {host}: accepted {accepted}, "
-        "refused {permanent}, deferred {transient}",
-        {"mode": mode, "id": new.id, "queue_id": new.queue_id, "host": host,
-         "accepted": accepted, "permanent": permanent, "transient": transient},
-    ))
+    effects.append(Log(maillog.DELIVERY_ATTEMPT, {"mode": mode, "id": new.id, "queue_id": new.queue_id, "host": host,
+         "accepted": accepted, "permanent": permanent, "transient": transient}))
     if mode == "pull" and accepted:
         if transient:
             if new_id is None:
@@ -275,8 +271,7 @@ def _attempted(new: OutboxEntry, outcome: Attempted, now: float, config: Deliver
         effects.append(Update())
         return True
     if mode == "push" and accepted:
-        effects.append(Log("delivered", "delivered {queue_id} to {recipients} at {host}",
-                           {"queue_id": new.queue_id, "recipients": accepted, "host": host,
+        effects.append(Log(maillog.DELIVERED, {"queue_id": new.queue_id, "recipients": accepted, "host": host,
                             "seconds": now - new.created}))
     new.recipients = transient
     if not transient:
@@ -291,15 +286,13 @@ def _retry_later(new: OutboxEntry, reason: str, now: float, config: DeliveryConf
     new.last_error = reason[:500]
     when = push_retry_at(new.attempts, now, new.created, config.push_retry, config.push_lifetime)
     if when is None:
-        effects.append(Log("expired", "giving up on {id} ({queue_id}): {reason}",
-                           {"id": new.id, "queue_id": new.queue_id, "reason": reason}))
+        effects.append(Log(maillog.PUSH_EXPIRED, {"id": new.id, "queue_id": new.queue_id, "reason": reason}))
         effects += [_bounce(new.recipients, "4.4.7",
                             f"delivery time expired; last error: {reason}"), Remove()]
         return False
     new.state, new.next_attempt = QUEUED, when
     effects.append(Update())
-    effects.append(Log("deferred", "deferred {id} ({queue_id}) until {when}: {reason}",
-                       {"id": new.id, "queue_id": new.queue_id, "when": when, "reason": reason}))
+    effects.append(Log(maillog.DEFERRED, {"id": new.id, "queue_id": new.queue_id, "when": when, "reason": reason}))
     return True
 
 
@@ -313,8 +306,7 @@ def _renotified(new: OutboxEntry, outcome: Renotified, now: float, config: Deliv
         # The deadline is the expiry itself: counted from 0, it is exactly C{expires}.
         when = push_retry_at(new.attempts, now, 0.0, config.push_retry, new.expires)
         new.renotify_at = when if when is not None and when < new.expires else None
-    effects.append(Log("renotified", "renotified {id} ({queue_id}): {outcome}",
-                       {"id": new.id, "queue_id": new.queue_id,
+    effects.append(Log(maillog.RENOTIFIED, {"id": new.id, "queue_id": new.queue_id,
                         "outcome": "accepted" if outcome.accepted else outcome.reason}))
     effects.append(Update())
 
@@ -328,12 +320,8 @@ def _retrieved(new: OutboxEntry, outcome: Retrieved, now: float, effects: list) 
     accepted = result.accepted()
     permanent = result.refused(permanent=True)
     effects += _refused(permanent, result, outcome.host)
-    effects.append(Log(
-        "retrieved", "retrieved {id} ({queue_id}) by {peer}: accepted {accepted}, "
-        "refused {refused}",
-        {"id": new.id, "queue_id": new.queue_id, "peer": outcome.peer, "accepted": accepted,
-         "refused": permanent, "seconds": now - new.created},
-    ))
+    effects.append(Log(maillog.RETR_SERVED, {"id": new.id, "queue_id": new.queue_id, "peer": outcome.peer, "accepted": accepted,
+         "refused": permanent, "seconds": now - new.created}))
     remaining = result.refused(permanent=False) + [
         r for r in new.recipients if r not in result.recipients
     ]

@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.config import DeliveryConfig
 from pullmail.ids import new_gdel_id
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent, IOutbox
@@ -72,8 +73,7 @@ class LocalQueue:
         for entry in self.store.entries():
             self._due.add(entry.next_attempt, entry.id)
         self._due.arm()
-        log.info("local queue loaded: {count} entries", count=len(self.store),
-                 event="local-queue-loaded")
+        maillog.LOCAL_QUEUE_LOADED(log, count=len(self.store))
 
     def stop(self) -> None:
         self._due.stop()
@@ -104,9 +104,10 @@ class LocalQueue:
             await self.run_blocking(self.store.add, [entry], chunks)
             self._due.add(entry.next_attempt, entry.id)
             self._due.arm()
-            log.info("deferred local delivery of {queue_id} to {recipients} as {id} until "
-                     "{when}: {reason}", queue_id=queue_id, recipients=transient, id=entry.id,
-                     when=entry.next_attempt, reason=entry.last_error, event="local-deferred")
+            maillog.LOCAL_DEFERRED(
+                log, queue_id=queue_id, recipients=transient, id=entry.id, when=entry.next_attempt,
+                reason=entry.last_error,
+            )
         await self._bounce(queue_id, sender, origin, now, b"".join(chunks), [
             _failed(address, outcome.refused[address]) for address in outcome.permanent()
         ])
@@ -149,10 +150,10 @@ class LocalQueue:
             failed += [bounce.FailedRecipient(
                 r, "4.4.7", f"delivery time expired; last error: {entry.last_error}", None)
                 for r in transient]
-        log.info("local retry of {id} ({queue_id}): delivered {delivered}, refused {refused}, "
-                 "deferred {deferred}", id=entry.id, queue_id=entry.queue_id,
-                 delivered=list(outcome.delivered), refused=[f.address for f in failed],
-                 deferred=transient if when else [], event="local-attempt")
+        maillog.LOCAL_ATTEMPT(
+            log, id=entry.id, queue_id=entry.queue_id, delivered=list(outcome.delivered),
+            refused=[f.address for f in failed], deferred=transient if when else [],
+        )
         bounced = self._bounce(entry.queue_id, entry.sender, entry.origin, entry.created,
                                message, failed)
         if when is None:
@@ -175,8 +176,7 @@ class LocalQueue:
             origin and self.sender_authorised is not None
             and not await self.sender_authorised(origin, sender)
         ):
-            log.info("not bouncing {queue_id} to <{sender}>", queue_id=queue_id, sender=sender,
-                     event="bounce-dropped")
+            maillog.LOCAL_BOUNCE_DROPPED(log, queue_id=queue_id, sender=sender)
             return
         message = bounce.build_dsn(
             reporting_mta=self.hostname, original_sender=sender, recipients=failed,
@@ -184,8 +184,9 @@ class LocalQueue:
             now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
             message_id=f"{secrets.token_hex(12)}@{self.hostname}",
         )
-        log.info("failed DSN for {queue_id} to <{sender}>: {recipients}", queue_id=queue_id,
-                 sender=sender, recipients=[f.address for f in failed], event="bounced")
+        maillog.LOCAL_BOUNCED(
+            log, queue_id=queue_id, sender=sender, recipients=[f.address for f in failed],
+        )
         await defer.maybeDeferred(self.send_bounce, sender, message)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.outbound import mx
 from pullmail.scheduling.dispatch import Dispatcher, Work
@@ -133,9 +134,10 @@ class Courier:
                     outcomes = await self._session(work, entries, host, address, port, pull_only)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
-                    log.info("session for {domain} ({ids}) with {host} [{address}] failed: "
-                             "{error}", domain=domain, ids=" ".join(e.id for e in entries),
-                             host=host, address=address, error=str(e), event="attempt")
+                    maillog.SESSION_FAILED(
+                        log, domain=domain, ids=" ".join(e.id for e in entries), host=host,
+                        address=address, error=str(e),
+                    )
                     continue
                 return host, outcomes
         errors.append(picker.explain())
@@ -152,9 +154,11 @@ class Courier:
                 require_tls=bool(tls and tls.required),
             )
             keywords = session.keywords
-            log.info("session with {host} [{address}]: {tls}", host=host, address=address,
-                     tls=("TLS, certificate verified" if tls and tls.required else "TLS")
-                     if session.tls else "no TLS (not offered)", event="tls-outcome")
+            maillog.SESSION_TLS(
+                log, host=host, address=address,
+                tls=("TLS, certificate verified" if tls and tls.required else "TLS")
+                     if session.tls else "no TLS (not offered)",
+            )
             pull = "GDEL" in keywords
             if not pull and (pull_only or not self.owner.config.push_fallback):
                 raise TransientPeer("peer does not offer GDEL and push_fallback is off")

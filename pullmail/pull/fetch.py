@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.outbound import mx
 from pullmail.pull.verbs import TurnMachine
@@ -60,9 +61,7 @@ class Fetcher:
             for address in await self._cluster_addresses(origin, peer):
                 connection, _ = await self._connect(address)
                 if connection is not None:
-                    log.info("{peer} did not answer; retrieving from {address}, an MX of "
-                             "{origin} that passes SPF", peer=peer, address=address,
-                             origin=origin, event="retrieval-fallback")
+                    maillog.RETRIEVAL_FALLBACK(log, peer=peer, address=address, origin=origin)
                     await self._run(connection, address, group)
                     break
             else:
@@ -116,8 +115,7 @@ class Fetcher:
                     remaining.extend(self.dispatcher.take(work, RETRS_PER_TAKE))
             connection.quit()
         except Exception as e:
-            log.info("retrieval from {peer} broke off: {error}", peer=address, error=str(e),
-                     event="retrieval-failed")
+            maillog.RETRIEVAL_FAILED(log, peer=address, error=str(e))
             for notification in remaining:
                 self.owner.attempt_failed(notification, str(e))
             connection.transport.loseConnection()
@@ -126,9 +124,9 @@ class Fetcher:
                             tls: bool) -> None:
         connection.send(f"RETR {notification.gdel_id}\r\n".encode("ascii"))
         reply = await connection.reply()
-        log.info("RETR {id} at {peer}: {reply}", id=notification.gdel_id,
-                 peer=address, reply=str(reply), event="retrieval-attempt",
-                 code=reply.code)
+        maillog.RETRIEVAL_ATTEMPT(
+            log, id=notification.gdel_id, peer=address, reply=str(reply), code=reply.code,
+        )
         if reply.code != 250:
             if reply.permanent:
                 self.owner.drop(notification, f"RETR refused: {reply}")
@@ -160,8 +158,7 @@ class Fetcher:
                     self.owner.delivered_of, {notification.queue_id: request.envelope.recipients})
             ):
                 reply = Reply(250, "2.0.0", "Ok: already delivered, duplicate dropped")
-                log.info("duplicate {id} from {peer} dropped", id=notification.gdel_id,
-                         peer=notification.peer, event="duplicate")
+                maillog.DUPLICATE_DROPPED(log, id=notification.gdel_id, peer=notification.peer)
             else:
                 notification.delivering = True
                 reply = await self.owner.deliver(request.session, request.envelope,

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.interfaces import ITrustPolicy
 from pullmail.pull.fetch import Fetcher
 from pullmail.pull.verbs import Notify
@@ -141,9 +142,10 @@ class Retriever:
         identity = sender.rpartition("@")[2] if sender else session.helo
         verdict = await self.trust.check(session.peer, identity, session.helo, sender)
         if verdict is not None:
-            log.info("notification {id} from {peer} ({identity}) refused: {reply}",
-                     id=request.gdel_id, peer=session.peer, identity=identity,
-                     reply=str(verdict), event="notification-refused", code=verdict.code)
+            maillog.NOTIFICATION_REFUSED(
+                log, id=request.gdel_id, peer=session.peer, identity=identity, reply=str(verdict),
+                code=verdict.code,
+            )
             return verdict
         now = self.clock.seconds()
         existing = self.store.get(identity, request.gdel_id)
@@ -165,12 +167,12 @@ class Retriever:
         try:
             await self._save(notification)
         except OSError as e:
-            log.error("storing notification {id} failed: {error}", id=request.gdel_id,
-                      error=str(e), event="store-failed")
+            maillog.NOTIFICATION_STORE_FAILED(log, id=request.gdel_id, error=str(e))
             return storage_failure(e)
-        log.info("notification {id} from {peer} ({identity}) for {recipients} accepted",
-                 id=request.gdel_id, peer=session.peer, identity=identity,
-                 recipients=notification.recipients, event="notified")
+        maillog.NOTIFICATION_ACCEPTED(
+            log, id=request.gdel_id, peer=session.peer, identity=identity,
+            recipients=notification.recipients,
+        )
         self._push(notification)
         self._arm()
         return self._accepted(request.gdel_id)
@@ -257,8 +259,7 @@ class Retriever:
         notification.state = RETRIEVED
         notification.keep_until = self.clock.seconds() + self.keep_for
         await self._save(notification)
-        log.info("retrieved {id} from {peer}", id=notification.gdel_id,
-                 peer=notification.peer, event="retrieved")
+        maillog.RETRIEVED(log, id=notification.gdel_id, peer=notification.peer)
         self._dispatcher.done_with(notification.key)
         self._push(notification)
 
@@ -272,17 +273,18 @@ class Retriever:
             self.drop(notification, f"schedule used up; last error: {reason}")
             return
         notification.next_attempt = max(when, self.clock.seconds())
-        log.info("retrieval of {id} from {peer} failed ({reason}); next attempt at {when}",
-                 id=notification.gdel_id, peer=notification.peer, reason=reason,
-                 when=notification.next_attempt, attempts=notification.attempts,
-                 event="retrieval-deferred")
+        maillog.RETRIEVAL_DEFERRED(
+            log, id=notification.gdel_id, peer=notification.peer, reason=reason,
+            when=notification.next_attempt, attempts=notification.attempts,
+        )
         d = defer.Deferred.fromCoroutine(self._save(notification))
         d.addCallback(lambda _: (self._push(notification), self._arm()))
         d.addErrback(lambda f: log.failure("saving notification {id}", f,
                                            id=notification.gdel_id))
 
     def drop(self, notification: Notification, reason: str) -> None:
-        log.warn("dropping notification {id} from {peer}: {reason}", id=notification.gdel_id,
-                 peer=notification.peer, reason=reason, event="notification-dropped")
+        maillog.NOTIFICATION_DROPPED(
+            log, id=notification.gdel_id, peer=notification.peer, reason=reason,
+        )
         self._dispatcher.done_with(notification.key)
         self.store.remove(notification)

@@ -13,11 +13,11 @@ learns it slowly.
 
 from __future__ import annotations
 
-
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.logsafe import printable
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, mail_host_addresses
 from pullmail.pull.verbs import Retrieve
@@ -67,8 +67,7 @@ class PickupCounter:
         try:
             destined = await mail_host_addresses(self.resolver, entry.domain)
         except DNSTemporaryError as e:
-            log.info("RETR {id} from {peer}: DNS failed: {error}", id=gdel_id, peer=peer,
-                     error=str(e), event="retr-dns-error")
+            maillog.RETR_DNS_ERROR(log, id=gdel_id, peer=peer, error=str(e))
             return replies.S451_DNS_ERROR
         except DNSPermanentError:
             destined = {}
@@ -87,14 +86,12 @@ class PickupCounter:
         claimed = self.outbox.claim(gdel_id)
         if claimed is None:
             return replies.S451_IN_PROGRESS
-        log.info("RETR {id} ({queue_id}) by {peer}: handing over", id=gdel_id,
-                 queue_id=entry.queue_id, peer=peer, event="retr")
+        maillog.RETR_HANDED_OVER(log, id=gdel_id, queue_id=entry.queue_id, peer=peer)
         return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer, host))
 
     async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply | Close:
         delay = self.failures.failed(peer)
-        log.info("RETR {id} from {peer} refused ({why}); answering in {delay}s",
-                 id=printable(gdel_id), peer=peer, why=why, delay=delay, event="retr-refused")
+        maillog.RETR_REFUSED(log, id=printable(gdel_id), peer=peer, why=why, delay=delay)
         await task.deferLater(self.clock, delay, lambda: None)
         if self.failures.blocked(peer):
             return Close(replies.S421_BLOCKED)

@@ -20,6 +20,7 @@ from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
+from pullmail import maillog
 from pullmail.smtp import replies
 from pullmail.smtp.conduct import SessionLimits, data_allowance
 from pullmail.smtp.replies import Reply
@@ -79,14 +80,14 @@ class Deadlines:
         self.handshaking = False
         self.timers.start("idle", idle_timeout, self._idle_passed)
 
-    def _passed(self, name: str, delay: float, reply: Reply, event: str) -> None:
+    def _passed(self, name: str, delay: float, reply: Reply, event: maillog.Event) -> None:
         if self._busy():
             self.timers.start(name, delay, lambda: self._passed(name, delay, reply, event))
         else:
             self._expired(reply, event)
 
     def _idle_passed(self) -> None:
-        self._passed("idle", self._idle, replies.S421_TIMEOUT, "timeout")
+        self._passed("idle", self._idle, replies.S421_TIMEOUT, maillog.IDLE_TIMEOUT)
 
     def touch(self) -> None:
         """The peer sent something: the idle timer starts again."""
@@ -99,7 +100,7 @@ class Deadlines:
         elif not self.timers.running("command"):
             timeout = self._limits.command_timeout
             self.timers.start("command", timeout, lambda: self._passed(
-                "command", timeout, replies.S421_COMMAND_TIMEOUT, "command-timeout"))
+                "command", timeout, replies.S421_COMMAND_TIMEOUT, maillog.COMMAND_TIMEOUT))
 
     def start_data(self, octets: Callable[[], int]) -> None:
         """After 354: C{octets()} tells how much of the message has come."""
@@ -112,7 +113,7 @@ class Deadlines:
         if left > 0:
             self.timers.start("data", left, self._check_data)
         else:
-            self._expired(replies.S421_DATA_TIMEOUT, "data-timeout")
+            self._expired(replies.S421_DATA_TIMEOUT, maillog.DATA_TIMEOUT)
 
     def end_data(self) -> None:
         self.timers.cancel("data")

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pullmail import maillog
 from pullmail.logsafe import printable
 from pullmail.smtp import replies
 from pullmail.smtp.client import ProtocolError, ReplyReader
@@ -131,9 +132,7 @@ class ReplyChannel(Protocol):
         """
         injected = self._replies.take_rest() if self._replies is not None else b""
         if injected:
-            log.warn("{peer} sent {count} octets behind its 220 to STARTTLS; "
-                     "dropping the session", peer=self.transport.getPeer(),
-                     count=len(injected), event="tls-injection")
+            maillog.TLS_INJECTION(log, peer=self.transport.getPeer(), count=len(injected))
             self._closing = True
             self.transport.abortConnection()
             raise ProtocolError("data received behind the 220 to STARTTLS (injection)")
@@ -191,8 +190,7 @@ class ReplyChannel(Protocol):
                                    lambda: self._busy)
 
     def _abort(self) -> None:
-        log.info("TLS handshake timeout for {peer}", peer=self.transport.getPeer(),
-                 event="tls-timeout")
+        maillog.TLS_TIMEOUT(log, peer=self.transport.getPeer())
         self._closing = True
         self.transport.abortConnection()
 
@@ -259,13 +257,12 @@ class ReplyChannel(Protocol):
 
     def _turn_failed(self, failure: Failure) -> None:
         if failure.check(error.ConnectionDone, error.ConnectionLost):
-            log.info("peer left during the reversed turn", event="turn-aborted")
+            maillog.TURN_ABORTED(log)
         else:
             log.failure("reversed turn failed", failure)
 
-    def _timed_out(self, reply: Reply, event: str) -> None:
-        log.info("{what} for {peer}", what=reply.text.split(",")[0].lower(),
-                 peer=self.transport.getPeer(), event=event)
+    def _timed_out(self, reply: Reply, event: maillog.Event) -> None:
+        event(log, what=reply.text.split(",")[0].lower(), peer=self.transport.getPeer())
         if self._replies is not None:
             self._hang_up()
         else:
@@ -308,18 +305,14 @@ class SMTPConnection(ReplyChannel):
         self.log_commands = factory.log_commands
         self.limits = factory.session_limits
         self._conduct = Conduct(self.limits)
-        log.info(
-            "connection from {peer} on {service}", peer=address, service=factory.service,
-            event="connection",
-        )
+        maillog.CONNECTION(log, peer=address, service=factory.service)
         refusal = factory.refuse_connection(address)
         if refusal is None:
             self._counted = factory.limits.acquire(address)
             if not self._counted:
                 refusal = replies.S421_TOO_MANY_CONNECTIONS
         if refusal is not None:
-            log.info("refused connection from {peer}: {reply}", peer=address,
-                     reply=str(refusal), event="rejected", code=refusal.code)
+            maillog.CONNECTION_REFUSED(log, peer=address, reply=str(refusal), code=refusal.code)
             self._closing = True
             self.transport.write(refusal.render())
             self.transport.loseConnection()
@@ -378,8 +371,7 @@ class SMTPConnection(ReplyChannel):
             self._hand_out_replies()
             return
         if not self._greeted:
-            log.info("{peer} spoke before the greeting ended", event="rejected",
-                     peer=self.machine.session.peer, code=554)
+            maillog.PREGREET(log, peer=self.machine.session.peer, code=554)
             self.close(replies.S554_PREGREET)
             return
         self._input.receive_data(data)
@@ -437,8 +429,7 @@ class SMTPConnection(ReplyChannel):
             self._improper_pipelining(verb)
 
     def _improper_pipelining(self, verb: str) -> None:
-        log.info("{peer} pipelined behind {verb}", peer=self.machine.session.peer,
-                 verb=verb, event="improper-pipelining")
+        maillog.IMPROPER_PIPELINING(log, peer=self.machine.session.peer, verb=verb)
         self._log_outcome(verb, replies.S554_IMPROPER_PIPELINING)
         self.close(replies.S554_IMPROPER_PIPELINING)
 
@@ -463,9 +454,10 @@ class SMTPConnection(ReplyChannel):
             return
         self.send_reply(reply)
         if judgement.close is not None:
-            log.info("closing {peer}: {reply}", peer=self.machine.session.peer,
-                     reply=str(judgement.close), errors=self._conduct.errors,
-                     junk=self._conduct.junk, event="error-limit")
+            maillog.BUDGET_SPENT(
+                log, peer=self.machine.session.peer, reply=str(judgement.close),
+                errors=self._conduct.errors, junk=self._conduct.junk,
+            )
             self.close(judgement.close)
 
     def _act(self, action: object, line: str = "") -> None:
@@ -512,15 +504,14 @@ class SMTPConnection(ReplyChannel):
     def _log_outcome(self, line: str, reply: Reply) -> None:
         verb = printable(line.split(" ", 1)[0].upper()[:16])
         if reply.code >= 400:
-            log.info(
-                "{peer} {verb}: {reply}", peer=self.machine.session.peer, verb=verb,
-                reply=printable(reply), code=reply.code, event="rejected",
+            maillog.COMMAND_REJECTED(
+                log, peer=self.machine.session.peer, verb=verb, reply=printable(reply),
+                code=reply.code,
             )
         elif self.log_commands:
-            log.info("{peer} {verb}: {code}", peer=self.machine.session.peer, verb=verb,
-                     code=reply.code, event="command")
+            maillog.COMMAND(log, peer=self.machine.session.peer, verb=verb, code=reply.code)
         else:   # for the metrics (pullmail.node.metrics), below the log's level
-            log.debug("{verb}: {code}", verb=verb, code=reply.code, event="reply")
+            maillog.REPLY(log, verb=verb, code=reply.code)
 
     def _perform(self, request: object, line: str) -> None:
         performer = self.performers.get(type(request))
@@ -560,7 +551,7 @@ class SMTPConnection(ReplyChannel):
         self.transport.startTLS(context)
         self.deadlines.start_handshake()
         self.machine.tls_started()
-        log.info("TLS started with {peer}", peer=self.machine.session.peer, event="tls")
+        maillog.TLS_STARTED(log, peer=self.machine.session.peer)
 
 
 class SMTPServerFactory(Factory):

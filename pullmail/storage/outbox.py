@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.interfaces import IOutbox
 from pullmail.storage import record
@@ -139,8 +140,7 @@ class MaildirOutbox:
                 entry = OutboxEntry.from_json(data)
             except (ValueError, TypeError) as e:
                 # Left in place: a later version may read it (a downgrade).
-                log.error("outbox entry {id} unreadable, left on disk: {error}", id=stem,
-                          error=str(e), event="outbox-unreadable")
+                maillog.OUTBOX_UNREADABLE(log, id=stem, error=str(e))
                 continue
             if entry.id == stem and f"{stem}.eml" in messages:
                 self._index[stem] = entry

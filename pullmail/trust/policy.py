@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pullmail import maillog
 from pullmail.config import TrustConfig
 from pullmail.interfaces import ITrustPolicy
 from pullmail.logsafe import printable
@@ -101,9 +102,9 @@ class TrustChecker:
         for plugin in self.plugins:
             verdict = await defer.maybeDeferred(plugin.check, peer, domain, helo, sender)
             if verdict is not None:
-                log.info("policy {name} refused {domain} from {peer}: {verdict}",
-                         name=plugin.name, domain=domain, peer=peer, verdict=str(verdict),
-                         event="policy-veto")
+                maillog.POLICY_VETO(
+                    log, name=plugin.name, domain=domain, peer=peer, verdict=str(verdict),
+                )
                 return verdict
         return None
 
@@ -130,9 +131,11 @@ class TrustChecker:
             self.resolver, peer, domain, sender or "", helo, self.timeout, self.clock
         )
         verdict = decide_spf(result, accepted)
-        log.info("SPF {result} for {domain} from {peer}: {verdict}", result=result.value,
-                 domain=domain, peer=peer, verdict=str(verdict) if verdict else "trusted",
-                 explanation=printable(explanation or ""), event="spf")
+        maillog.SPF(
+            log, result=result.value, domain=domain, peer=peer,
+            verdict=str(verdict) if verdict else "trusted",
+            explanation=printable(explanation or ""),
+        )
         return verdict
 
     def spf_passes(self, peer: str, sender: str) -> defer.Deferred:

@@ -17,6 +17,7 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pullmail import maillog
 from pullmail.scheduling.schedule import tarpit_delay
 from pullmail.smtp import replies
 from pullmail.smtp.replies import Reply
@@ -78,10 +79,10 @@ class FailureTracker:
         failures.append(self.clock.seconds())
         if len(failures) >= self.limit:
             self._blocked[network] = self.clock.seconds() + self.block
-            log.info("blocking {peer} for {seconds}s after {count} failed {what}s "
-                     "from {network}", network=network, peer=address,
-                     seconds=self.block, count=len(failures), what=self.what,
-                     event="blocked")
+            maillog.BLOCKED(
+                log, network=network, peer=address, seconds=self.block, count=len(failures),
+                what=self.what,
+            )
         return tarpit_delay(len(failures), self.tarpit_max)
 
     def blocked(self, address: str) -> bool:
