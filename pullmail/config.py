@@ -242,6 +242,8 @@ class DeliveryConfig:
     tls_ca: Path | None = _opt(None, str, lambda text: _path(text) if text else None)
     connect_timeout: float = _opt(30.0, str, parse_duration)
     hooks: tuple[str, ...] = _list([], str)
+    mta_sts: bool = _opt(False, bool)
+    mta_sts_port: int = _opt(443, int)
 
 
 @dataclass(frozen=True)
@@ -335,8 +337,10 @@ def _check(config: Config) -> None:
     for option, value in positive:
         if value <= 0:
             raise ConfigError(option, "must be greater than zero")
-    if not 0 < config.delivery.remote_port < 65536:
-        raise ConfigError("delivery.remote_port", "must be a port number (1-65535)")
+    for option, port in [("delivery.remote_port", config.delivery.remote_port),
+                         ("delivery.mta_sts_port", config.delivery.mta_sts_port)]:
+        if not 0 < port < 65536:
+            raise ConfigError(option, "must be a port number (1-65535)")
     if not config.retrieval.schedule:
         raise ConfigError("retrieval.schedule", "needs at least one attempt")
     if not config.delivery.push_retry:

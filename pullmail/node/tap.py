@@ -29,6 +29,7 @@ from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
 from pullmail.net.tls import (
     OutboundTLS,
+    SystemTrust,
     client_context,
     ensure_certificate,
     server_context,
@@ -37,6 +38,9 @@ from pullmail.node.control import SOCKET_NAME, ControlFactory
 from pullmail.node.listeners import Listener
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound.delivery import Outbound
+from pullmail.outbound.sts import MTASTS
+from pullmail.outbound.sts.cache import PolicyCache
+from pullmail.outbound.sts.fetch import PolicyFetcher
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -185,12 +189,20 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
     outbox = MaildirOutbox(state / "outbox", run_blocking)
+    mta_sts = None
+    if config.delivery.mta_sts:
+        trust_root = SystemTrust(config.delivery.tls_ca)
+        fetcher = PolicyFetcher(reactor, resolver, config.delivery.mta_sts_port, trust_root,
+                                config.delivery.bind_address)
+        mta_sts = MTASTS(resolver=resolver, fetch=fetcher.fetch, clock=reactor, trust=trust_root,
+                         cache=PolicyCache(state / "mta-sts", run_blocking))
+        Startable(mta_sts.start, lambda: None).setServiceParent(node)
     outbound = Outbound(
         outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=lambda sender, message: router.inject("", [sender], [message]),
         client_tls=outbound_tls,
-        sender_authorised=trust.spf_passes,
+        sender_authorised=trust.spf_passes, mta_sts=mta_sts,
     )
     router.outbound = outbound
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,
@@ -199,7 +211,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     auth_failures = FailureTracker(reactor, config.limits.auth_fail_limit,
                                    config.limits.auth_fail_window, config.limits.auth_block,
                                    config.limits.auth_tarpit_max, what="AUTH")
-    pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking)
+    pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking,
+                           mta_sts=mta_sts)
     mx_policy = ServerPolicy(
         hostname=hostname, domains=domains, accounts=accounts, service="smtp",
         max_size=config.limits.message_size, max_recipients=config.limits.recipients,

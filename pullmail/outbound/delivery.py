@@ -73,6 +73,7 @@ class Outbound:
         send_bounce: Callable[[str, bytes], object],
         client_tls=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
+        mta_sts=None,
     ) -> None:
         self.outbox = outbox
         self.resolver = resolver
@@ -84,6 +85,7 @@ class Outbound:
         self.send_bounce = send_bounce
         self.client_tls = client_tls
         self.sender_authorised = sender_authorised
+        self.mta_sts = mta_sts   # an outbound.sts.MTASTS when [delivery] mta_sts is on
         self._due_queue = DueQueue(clock, self._wake)
         self._in_flight: set[str] = set()
         # A transaction on the wire now, and who waits for its outcome.
@@ -381,8 +383,16 @@ class Outbound:
             if not hosts:
                 raise _Permanent(f"domain {domain} accepts no mail (null MX)")
             targets = [(host, self.config.remote_port) for host in hosts]
+        # RFC 8461 5.1: with MTA-STS, an enforce policy skips unlisted MX hosts.
+        policy = None
+        if self.mta_sts is not None and not self.config.smarthost:
+            policy = await self.mta_sts.policy_for(domain)
         errors = []
         for host, port in targets:
+            refused = policy and self.mta_sts.refusal(policy, domain, host)
+            if refused:
+                errors.append(refused)
+                continue
             try:
                 addresses = await self.resolver.addresses(host)
             except DNSTemporaryError as e:
@@ -390,7 +400,8 @@ class Outbound:
                 continue
             for address in addresses:
                 try:
-                    outcomes = await self._session(entries, host, address, port, pull_only)
+                    outcomes = await self._session(entries, host, address, port, pull_only,
+                                                   policy)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
                     log.info("session for {domain} ({ids}) with {host} [{address}] failed: "
@@ -401,15 +412,19 @@ class Outbound:
         raise _Transient("; ".join(errors) or "no address for any mail host")
 
     async def _session(self, entries: list[OutboxEntry], host: str, address: str, port: int,
-                       pull_only: bool = False) -> list:
+                       pull_only: bool = False, policy=None) -> list:
         connection = await self.connect(address, port)
         outcomes: list = []
         try:
             tls = self.client_tls
-            keywords = await open_session(
-                connection, self.hostname, tls.options_for(host) if tls else None,
-                require_tls=bool(tls and tls.required),
-            )
+            if policy is not None:
+                keywords = await self.mta_sts.open_session(
+                    policy, entries[0].domain, connection, self.hostname, host, tls)
+            else:
+                keywords = await open_session(
+                    connection, self.hostname, tls.options_for(host) if tls else None,
+                    require_tls=bool(tls and tls.required),
+                )
             log.info("session with {host} [{address}]: {tls}", host=host, address=address,
                      tls=("TLS, certificate verified" if tls and tls.required else "TLS")
                      if "_TLS" in keywords else "no TLS (not offered)", event="tls-outcome")
