@@ -18,6 +18,7 @@ from twisted.web.http import PotentialDataLoss
 
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import CachedPolicy, PolicyCache
+from pullmail.outbound.sts.discovery import FETCH_HOLDOFF
 from pullmail.outbound.sts.fetch import (
     FetchError,
     _CappedBody,
@@ -152,6 +153,22 @@ def test_bad_policy_without_cache_is_no_policy(tmp_path, clock, resolver, failur
     assert result_of(sts.policy_for(DOMAIN)) is None
     assert sts.cache.get(DOMAIN) is None
     assert not (tmp_path / "mta-sts" / f"{DOMAIN}.json").exists()
+
+
+def test_failed_fetch_not_repeated_for_a_while(tmp_path, clock, resolver):
+    """A broken policy host is asked again after FETCH_HOLDOFF, or at once for a new id."""
+    fetch = ScriptedFetch(FetchError("refused"), FetchError("refused"), BODY)
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    assert result_of(sts.policy_for(DOMAIN)) is None
+    clock.advance(FETCH_HOLDOFF - 1)
+    assert result_of(sts.policy_for(DOMAIN)) is None
+    assert len(fetch.asked) == 1
+    clock.advance(1)
+    assert result_of(sts.policy_for(DOMAIN)) is None
+    assert len(fetch.asked) == 2
+    resolver.texts[TXT_NAME] = ["v=STSv1; id=two"]
+    assert result_of(sts.policy_for(DOMAIN)).id == "two"
+    assert len(fetch.asked) == 3
 
 
 @pytest.mark.parametrize("change", ["temporary", "permanent", "removed", "garbled"])

@@ -29,6 +29,11 @@ __all__ = ["MTASTS", "PolicyRefused"]
 
 log = Logger(namespace="pullmail.outbound.sts")
 
+# After a failed fetch, the same policy id is not asked for again this
+# long: a broken policy host must not cost every delivery attempt and every
+# RETR a fetch (and its timeout).  A new id is fetched at once.
+FETCH_HOLDOFF = 300.0
+
 
 class PolicyRefused(Exception):
     """An ``enforce`` policy forbids this session (the deferral's reason)."""
@@ -50,6 +55,7 @@ class MTASTS:
         self.clock = clock
         self.trust = trust
         self._asking: dict[str, list[defer.Deferred]] = {}
+        self._failed: dict[str, tuple[str, float]] = {}   # domain -> (id, retry after)
 
     def start(self) -> None:
         self.cache.load()
@@ -88,9 +94,15 @@ class MTASTS:
             return known
         if known is not None and known.id == record_id:
             return known
+        failed_id, retry_after = self._failed.get(domain, ("", 0.0))
+        if failed_id == record_id and self.clock.seconds() < retry_after:
+            return known
         try:
             policy = parse_policy(await self.fetch(domain), record_id)
         except Exception as e:  # FetchError, PolicyError, DNS: the policy is not there
+            now = self.clock.seconds()
+            self._failed = {d: f for d, f in self._failed.items() if f[1] > now}
+            self._failed[domain] = (record_id, now + FETCH_HOLDOFF)
             log.info("MTA-STS policy of {domain} (id {id}) not usable: {error}; {fallback}",
                      domain=domain, id=record_id, error=_describe(e),
                      fallback="keeping the cached one" if known else "no policy applies",
@@ -99,6 +111,7 @@ class MTASTS:
         log.info("MTA-STS policy of {domain} (id {id}): {mode}, mx {mx}, max_age {max_age}",
                  domain=domain, id=policy.id, mode=policy.mode.value, mx=list(policy.mx),
                  max_age=policy.max_age, event="mta-sts-policy")
+        self._failed.pop(domain, None)
         self.cache.put(CachedPolicy.of(domain, policy, self.clock.seconds())).addErrback(
             lambda f: log.failure("storing the MTA-STS policy of {domain}", f, domain=domain))
         return policy
