@@ -202,6 +202,18 @@ def test_concurrent_lookups_share_one_fetch(tmp_path, clock, resolver):
     assert len(fetch.asked) == 1
 
 
+def test_a_failing_lookup_falls_back_to_the_cache(tmp_path, clock, resolver, logged_events):
+    """An unexpected error answers every waiter with the cached policy; nothing hangs."""
+    sts = make_sts(tmp_path, clock, resolver, ScriptedFetch(BODY, BODY))
+    result_of(sts.policy_for(DOMAIN))
+    resolver.texts[TXT_NAME] = ["v=STSv1; id=two"]
+    sts.cache.put = lambda cached: 1 / 0
+    first, second = sts.policy_for(DOMAIN), sts.policy_for(DOMAIN)
+    assert result_of(first) == result_of(second) == ENFORCE
+    assert any(e.get("log_failure") for e in logged_events)
+    assert sts._asking == {}
+
+
 def test_damaged_cache_file_is_skipped(tmp_path, clock, resolver, logged_events):
     folder = tmp_path / "mta-sts"
     folder.mkdir()

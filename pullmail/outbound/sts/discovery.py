@@ -11,6 +11,7 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pullmail.net.tls import ObservedTLS, verifying_options
 from pullmail.outbound.sts.cache import CachedPolicy, PolicyCache
@@ -71,18 +72,25 @@ class MTASTS:
             return waiter
         self._asking[domain] = []
 
-        def answer(policy: Policy | None) -> Policy | None:
+        def answer(policy: Policy | None | Failure) -> Policy | None:
+            if isinstance(policy, Failure):   # a bug: keep what is known, never hang
+                log.failure("MTA-STS lookup for {domain}", policy, domain=domain)
+                policy = self._known(domain)
             for waiter in self._asking.pop(domain):
                 waiter.callback(policy)
             return policy
 
-        return defer.Deferred.fromCoroutine(self._discover(domain)).addCallback(answer)
+        return defer.Deferred.fromCoroutine(self._discover(domain)).addBoth(answer)
+
+    def _known(self, domain: str) -> Policy | None:
+        """The cached policy of C{domain} while its max_age lasts."""
+        cached = self.cache.get(domain)
+        if cached is None or not cached.fresh(self.clock.seconds()):
+            return None
+        return cached.policy()
 
     async def _discover(self, domain: str) -> Policy | None:
-        cached = self.cache.get(domain)
-        if cached is not None and not cached.fresh(self.clock.seconds()):
-            cached = None
-        known = cached.policy() if cached is not None else None
+        known = self._known(domain)
         try:
             record_id = parse_txt(await self.resolver.txt(f"_mta-sts.{domain}"))
         except Exception as e:  # DNS failure, no record, a bad one
@@ -146,6 +154,8 @@ class MTASTS:
                 raise PolicyRefused(f"MTA-STS enforce ({domain}): MX {host}: {_describe(e)}") \
                     from e
             verified = "_TLS" in keywords
+            log.info("MTA-STS enforce ({domain}): MX {host} certificate verified", domain=domain,
+                     host=host, event="mta-sts-verified")
         else:
             observed = ObservedTLS(host, self.trust)
             keywords = await open_session(connection, hostname, observed)
