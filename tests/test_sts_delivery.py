@@ -15,13 +15,14 @@ from twisted.internet.task import Clock
 
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import PolicyCache
-from pullmail.pull.serve import FailureTracker, PickupCounter
+from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Retrieve
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Session
 from pullmail.smtp.server import Reverse
 from pullmail.storage.outbox import NOTIFIED, QUEUED
 from pullmail.testing import FakeResolver, MemoryOutbox, make_entry, result_of, run_blocking
+from pullmail.trust.throttle import FailureTracker
 
 TXT = {"_mta-sts.receiver.example": ["v=STSv1; id=1"]}
 
