@@ -80,7 +80,7 @@ class PolicyServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                host = self.headers.get("Host", "").rpartition(":")[0].lower()
+                host = self.headers.get("Host", "").split(":")[0].lower()
                 hits.append((host, self.path))
                 domain = host.removeprefix("mta-sts.")
                 status, kind, body, extra, length = ANSWERS.get(
