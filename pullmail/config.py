@@ -285,6 +285,8 @@ class DeliveryConfig:
     mx_limit: int = _opt(5, int)
     blocked_networks: tuple = _list(list(DEFAULT_BLOCKED_NETWORKS), _network)
     local: str = _opt("maildir", str, _local_delivery)
+    mta_sts: bool = _opt(False, bool)
+    mta_sts_port: int = _opt(443, int)
 
 
 @dataclass(frozen=True)
@@ -444,8 +446,10 @@ def _check(config: Config) -> None:
                                 ("limits.ipv6_prefix", config.limits.ipv6_prefix, 128)]:
         if not 0 < value <= bits:
             raise ConfigError(option, f"must be a prefix length from 1 to {bits}")
-    if not 0 < config.delivery.remote_port < 65536:
-        raise ConfigError("delivery.remote_port", "must be a port number (1-65535)")
+    for option, port in [("delivery.remote_port", config.delivery.remote_port),
+                         ("delivery.mta_sts_port", config.delivery.mta_sts_port)]:
+        if not 0 < port < 65536:
+            raise ConfigError(option, "must be a port number (1-65535)")
     if not config.retrieval.schedule:
         raise ConfigError("retrieval.schedule", "needs at least one attempt")
     if not config.delivery.push_retry:

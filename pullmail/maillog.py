@@ -203,6 +203,33 @@ RETR_HANDED_OVER = Event("retr-handed-over", "RETR {id} ({queue_id}) by {peer}: 
 RETR_REFUSED = Event("retr-refused", "RETR {id} from {peer} refused ({why}); answering in {delay}s")
 RETR_DNS_ERROR = Event("retr-dns-error", "RETR {id} from {peer}: DNS failed: {error}")
 
+# -- MTA-STS (outbound/sts/) -------------------------------------------------------------
+
+MTA_STS_POLICY = Event(
+    "mta-sts-policy",
+    "MTA-STS policy of {domain} (id {id}): {mode}, mx {mx}, max_age {max_age}",
+)
+MTA_STS_FETCH_FAILED = Event(
+    "mta-sts-fetch-failed",
+    "MTA-STS policy of {domain} (id {id}) not usable: {error}; {fallback}",
+)
+MTA_STS_CACHED = Event(
+    "mta-sts-cached",
+    "MTA-STS TXT of {domain} unusable ({error}); keeping the cached policy (id {id})",
+)
+MTA_STS_CACHE_DAMAGED = Event(
+    "mta-sts-cache-damaged", "ignoring MTA-STS cache file {name}: {error}", LogLevel.warn,
+)
+MTA_STS_VERIFIED = Event(
+    "mta-sts-verified", "MTA-STS enforce ({domain}): MX {host} certificate verified",
+)
+MTA_STS_TLS_REPORT = Event(
+    "mta-sts-tls-report", "MTA-STS testing ({domain}): MX {host}: {problem}",
+)
+# A decision against the policy: refused (enforce) or only reported (testing).
+MTA_STS_REFUSED = Event("mta-sts-refused", "MTA-STS {mode} ({domain}, id {id}): {reason}")
+MTA_STS_REPORT = Event("mta-sts-report", "MTA-STS {mode} ({domain}, id {id}): {reason}")
+
 # -- Storage -----------------------------------------------------------------------------
 
 OUTBOX_UNREADABLE = Event(
@@ -272,6 +299,14 @@ VOCABULARY = _vocabulary(
     MAILDROP_DEFERRED,
     MAILDROP_ERROR,
     MAILDROP_TAKEN,
+    MTA_STS_CACHED,
+    MTA_STS_CACHE_DAMAGED,
+    MTA_STS_FETCH_FAILED,
+    MTA_STS_POLICY,
+    MTA_STS_REFUSED,
+    MTA_STS_REPORT,
+    MTA_STS_TLS_REPORT,
+    MTA_STS_VERIFIED,
     NOTIFICATION_ACCEPTED,
     NOTIFICATION_DROPPED,
     NOTIFICATION_REFUSED,

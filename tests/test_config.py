@@ -469,3 +469,14 @@ class ExampleFileTests(SynchronousTestCase):
                     checked += 1
                 pending = None
         self.assertGreater(checked, 40)
+
+
+def test_mta_sts_keys():
+    """SPEC 11.2: [delivery] mta_sts (off by default) and mta_sts_port (443)."""
+    defaults = parse({}, BASE)
+    assert (defaults.delivery.mta_sts, defaults.delivery.mta_sts_port) == (False, 443)
+    on = parse({"delivery": {"mta_sts": True, "mta_sts_port": 8443}}, BASE)
+    assert (on.delivery.mta_sts, on.delivery.mta_sts_port) == (True, 8443)
+    for key, value in [("mta_sts", "yes"), ("mta_sts_port", 0), ("mta_sts_port", 65536),
+                       ("mta_sts_port", "443")]:
+        assert _error({"delivery": {key: value}}).option == f"delivery.{key}"

@@ -10,9 +10,9 @@ import copy
 
 import pytest
 
+from pullmail import maillog
 from pullmail.config import DeliveryConfig
 from pullmail.outbound.bounce import FailedRecipient
-from pullmail import maillog
 from pullmail.outbound.lifecycle import (
     Attempted,
     Bounce,

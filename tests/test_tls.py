@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import datetime
 import stat
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from pullmail.net.tls import ensure_certificate, self_signed_pair, server_context
+from pullmail.net.tls import (
+    ObservedTLS,
+    SystemTrust,
+    ensure_certificate,
+    self_signed_pair,
+    server_context,
+    verifying_options,
+)
 
 NOW = datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone.utc)
 
@@ -124,3 +132,76 @@ class ContextTests:
             for cert in client.get_peer_cert_chain(as_cryptography=True)
         ]
         assert names == ["mx.example.org", "intermediate.example.org"]
+
+
+# -- verifying peers: SystemTrust, verifying_options, ObservedTLS ----------------------
+
+
+class _TLSProtocol:
+    """What Twisted's connection creators ask of the TLS protocol they serve."""
+
+    def __init__(self) -> None:
+        self.failures: list = []
+        self.factory = SimpleNamespace(wrappedFactory=object())
+
+    def failVerification(self, reason) -> None:
+        self.failures.append(reason)
+
+
+@pytest.fixture
+def peer_pair(tmp_path):
+    """A server certificate for mx.example.org, and a CA file that trusts it."""
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    ensure_certificate(cert, key, "mx.example.org", True)
+    return cert, key
+
+
+def _connect(creator, cert, key) -> tuple[SSL.Connection, SSL.Connection]:
+    server = SSL.Connection(server_context(cert, key).getContext(), None)
+    server.set_accept_state()
+    client = creator.clientConnectionForTLS(_TLSProtocol())
+    client.set_connect_state()
+    return server, client
+
+
+@pytest.mark.parametrize("host, trusted, verified, problem", [
+    ("mx.example.org", True, True, ""),
+    ("MX.Example.ORG", True, True, ""),
+    ("other.example.org", True, False, "not valid for other.example.org"),
+    ("mx.example.org", False, False, "certificate verify failed"),
+])
+def test_observed_tls_records_but_never_refuses(peer_pair, host, trusted, verified, problem):
+    """MTA-STS testing mode: the handshake completes; the verdict is kept."""
+    cert, key = peer_pair
+    observed = ObservedTLS(host, SystemTrust(cert if trusted else None))
+    _handshake(*_connect(observed, cert, key))
+    assert observed.verified is verified
+    assert problem in observed.problem
+
+
+def test_verifying_options_trust_the_ca_file_besides_the_system(peer_pair):
+    cert, key = peer_pair
+    server, client = _connect(verifying_options("mx.example.org", SystemTrust(cert)), cert, key)
+    _handshake(server, client)
+    with pytest.raises(SSL.Error):
+        _handshake(*_connect(verifying_options("mx.example.org", SystemTrust()), cert, key))
+    other = verifying_options("other.example.org", SystemTrust(cert))
+    server, client = _connect(other, cert, key)
+    with pytest.raises(SSL.Error):
+        _handshake(server, client)
+
+
+def test_system_trust_adds_the_default_paths(peer_pair):
+    """Besides the file, the system's store: its default verify paths are loaded."""
+    calls = []
+
+    class Context:
+        def set_default_verify_paths(self):
+            calls.append("system")
+
+        def load_verify_locations(self, path):
+            calls.append(path)
+
+    SystemTrust(peer_pair[0])._addCACertsToContext(Context())
+    SystemTrust()._addCACertsToContext(Context())
+    assert calls == ["system", str(peer_pair[0]), "system"]

@@ -12,13 +12,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
+
+# Twisted offers no public way to trust the system store and a file at once.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import TLSVersion
+from zope.interface import implementer
 
 from pullmail.storage.durable import write_atomically
 
 __all__ = [
     "ensure_certificate", "server_context", "client_context", "self_signed_pair", "OutboundTLS",
+    "SystemTrust", "verifying_options", "ObservedTLS",
 ]
 
 
@@ -80,27 +90,81 @@ def client_context() -> ssl.CertificateOptions:
     return ssl.CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
 
 
+@implementer(IOpenSSLTrustRoot)
+class SystemTrust:
+    """
+    The system's trust store, and besides it the CA certificates in
+    C{ca_file} when one is given (``[delivery] tls_ca``, SPEC 11.2): a
+    private CA can vouch for some peers without distrusting the public ones.
+    """
+
+    def __init__(self, ca_file: Path | None = None) -> None:
+        self.ca_file = ca_file
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        if self.ca_file is not None:
+            context.load_verify_locations(str(self.ca_file))
+
+
+def verifying_options(host: str, trust) -> IOpenSSLClientConnectionCreator:
+    """TLS 1.2 or later, a chain to C{trust} and a certificate valid for C{host} (RFC 6125)."""
+    return ssl.optionsForClientTLS(
+        host, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
+    )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ObservedTLS:
+    """
+    The checks of L{verifying_options}, made but not enforced: the
+    handshake succeeds whatever the certificate, and C{verified} tells
+    afterwards whether it would have passed (C{problem} says why not).
+    MTA-STS ``testing`` mode (RFC 8461 5) delivers either way and reports.
+    One instance serves one connection.
+    """
+
+    def __init__(self, host: str, trust) -> None:
+        self._host = host
+        self._options = verifying_options(host, trust)
+        self.verified: bool | None = None
+        self.problem = ""
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER, self._observe)
+        return connection
+
+    def _observe(self, connection, certificate, errno: int, depth: int, ok: int) -> bool:
+        # OpenSSL calls this for each certificate of the chain, the leaf last.
+        if not ok and self.verified is not False:
+            self.verified = False
+            self.problem = f"certificate verify failed (X509 error {errno}, depth {depth})"
+        elif depth == 0 and self.verified is None:
+            try:
+                verify_service_identity(extract_patterns(certificate), [DNS_ID(self._host)], [])
+            except VerificationError as e:
+                self.verified, self.problem = False, f"certificate not valid for {self._host}: {e}"
+            else:
+                self.verified = True
+        return True
+
+
 class OutboundTLS:
     """
     The outbound TLS policy (``[delivery] tls``): "opportunistic" encrypts
     when offered; "verify" requires STARTTLS and a certificate valid for the
-    MX host name (service-identity, RFC 6125), checked against C{ca_file}
-    or the system's trust store; anything less defers the mail.
+    MX host name (service-identity, RFC 6125), checked against the
+    system's trust store and C{ca_file}; anything less defers the mail.
     """
 
     def __init__(self, mode: str, ca_file: Path | None = None) -> None:
         self.mode = mode
         self.required = mode == "verify"
         self._opportunistic = client_context()
-        self._trust = (
-            ssl.Certificate.loadPEM(ca_file.read_bytes()) if ca_file else ssl.platformTrust()
-        ) if self.required else None
+        self._trust = SystemTrust(ca_file)
 
     def options_for(self, host: str):
         if not self.required:
             return self._opportunistic
-        return ssl.optionsForClientTLS(
-            host, trustRoot=self._trust, extraCertificateOptions={
-                "raiseMinimumTo": TLSVersion.TLSv1_2,
-            }
-        )
+        return verifying_options(host, self._trust)

@@ -30,6 +30,7 @@ from pullmail.net.dns import Resolver, make_dnspython_resolver
 from pullmail.net.nameserver import NameserverQuery
 from pullmail.net.tls import (
     OutboundTLS,
+    SystemTrust,
     client_context,
     ensure_certificate,
     server_context,
@@ -44,6 +45,9 @@ from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound import mx
 from pullmail.outbound.delivery import Outbound
 from pullmail.outbound.local import LocalQueue
+from pullmail.outbound.sts import MTASTS
+from pullmail.outbound.sts.cache import PolicyCache
+from pullmail.outbound.sts.fetch import PolicyFetcher
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -190,13 +194,21 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     def send_bounce(sender: str, message: bytes):
         return router.inject("", [sender], [message])
 
+    mta_sts = None
+    if config.delivery.mta_sts:
+        trust_root = SystemTrust(config.delivery.tls_ca)
+        fetcher = PolicyFetcher(reactor, resolver, config.delivery.mta_sts_port, trust_root,
+                                config.delivery.bind_address)
+        mta_sts = MTASTS(resolver=resolver, fetch=fetcher.fetch, clock=reactor, trust=trust_root,
+                         cache=PolicyCache(state / "mta-sts", run_blocking))
+        Startable(mta_sts.start, lambda: None).setServiceParent(node)
     outbound = Outbound(
         outbox=outbox, resolver=resolver,
         connect=connect if config.delivery.smarthost else guarded_connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=send_bounce,
         client_tls=outbound_tls,
-        sender_authorised=trust.spf_passes,
+        sender_authorised=trust.spf_passes, mta_sts=mta_sts,
     )
     router.outbound = outbound
     # Issue 18: the throttles count per /ipv4_prefix and /ipv6_prefix.
@@ -216,7 +228,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     auth_failures = FailureTracker(reactor, config.limits.auth_fail_limit,
                                    config.limits.auth_fail_window, config.limits.auth_block,
                                    config.limits.auth_tarpit_max, what="AUTH", key=network_of)
-    pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking)
+    pickup = PickupCounter(outbox, outbound, resolver, reactor, failures, run_blocking,
+                           mta_sts=mta_sts)
     mx_policy = ServerPolicy(
         hostname=hostname, domains=domains, accounts=accounts, service="smtp",
         max_size=config.limits.message_size, max_recipients=config.limits.recipients,

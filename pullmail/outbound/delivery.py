@@ -82,6 +82,7 @@ class Outbound:
         send_bounce: Callable[[str, bytes], object],
         client_tls=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
+        mta_sts=None,
     ) -> None:
         self.outbox = outbox
         self.resolver = resolver
@@ -93,6 +94,7 @@ class Outbound:
         self.client_tls = client_tls
         self.send_bounce = send_bounce
         self.sender_authorised = sender_authorised
+        self.mta_sts = mta_sts   # an outbound.sts.MTASTS when [delivery] mta_sts is on
         self.bouncer = Bouncer(self)
         # Sessions: SESSIONS_PER_DOMAIN per domain, MAX_SESSIONS in all, each
         # keeping on with its domain's line until it is empty, so a stream of

@@ -118,12 +118,20 @@ class Courier:
             except DNSTemporaryError as e:
                 raise Transient(f"DNS: {e}") from e
             port, networks = config.remote_port, config.blocked_networks
+        # RFC 8461 5.1: with MTA-STS, an enforce policy skips unlisted MX hosts.
+        sts, policy = self.owner.mta_sts, None
+        if sts is not None and not config.smarthost:
+            policy = await sts.policy_for(domain)
         # Issue 18: at most mx_limit addresses per attempt, none in a blocked network.
         picker = mx.TargetPicker(config.mx_limit, tuple(networks))
         errors = []
         for host in hosts:
             if picker.full:
                 break
+            refused = policy and sts.refusal(policy, domain, host)
+            if refused:
+                errors.append(refused)
+                continue
             try:
                 addresses = await self.owner.resolver.addresses(host)
             except DNSTemporaryError as e:
@@ -131,7 +139,8 @@ class Courier:
                 continue
             for address in [target.address for target in picker.offer(host, addresses)]:
                 try:
-                    outcomes = await self._session(work, entries, host, address, port, pull_only)
+                    outcomes = await self._session(work, entries, host, address, port, pull_only,
+                                                   policy)
                 except Exception as e:  # any failure of this host: try the next
                     errors.append(f"{host}[{address}]: {e.__class__.__name__}: {e}")
                     maillog.SESSION_FAILED(
@@ -144,15 +153,19 @@ class Courier:
         raise Transient("; ".join(filter(None, errors)) or "no address for any mail host")
 
     async def _session(self, work: Work[OutboxEntry], entries: list[OutboxEntry], host: str,
-                       address: str, port: int, pull_only: bool = False) -> list:
+                       address: str, port: int, pull_only: bool = False, policy=None) -> list:
         connection = await self.owner.connect(address, port)
         outcomes: list = []
         try:
             tls = self.owner.client_tls
-            session = await open_session(
-                connection, self.owner.hostname, tls.options_for(host) if tls else None,
-                require_tls=bool(tls and tls.required),
-            )
+            if policy is not None:
+                session = await self.owner.mta_sts.open_session(
+                    policy, entries[0].domain, connection, self.owner.hostname, host, tls)
+            else:
+                session = await open_session(
+                    connection, self.owner.hostname, tls.options_for(host) if tls else None,
+                    require_tls=bool(tls and tls.required),
+                )
             keywords = session.keywords
             maillog.SESSION_TLS(
                 log, host=host, address=address,

@@ -40,13 +40,14 @@ class PickupCounter:
     """Carries out L{Retrieve} requests for the MX service."""
 
     def __init__(self, outbox, outbound, resolver, clock: IReactorTime,
-                 failures: FailureTracker, run_blocking) -> None:
+                 failures: FailureTracker, run_blocking, mta_sts=None) -> None:
         self.outbox = outbox
         self.outbound = outbound
         self.resolver = resolver
         self.clock = clock
         self.failures = failures
         self.run_blocking = run_blocking
+        self.mta_sts = mta_sts   # with MTA-STS on, an enforce policy narrows the destined hosts
 
     def __call__(self, connection, request: Retrieve) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self.retrieve(request))
@@ -71,6 +72,9 @@ class PickupCounter:
             return replies.S451_DNS_ERROR
         except DNSPermanentError:
             destined = {}
+        if self.mta_sts is not None:
+            # SPEC 11.2: under an enforce policy only listed MX hosts count.
+            destined = await self.mta_sts.destined(entry.domain, destined)
         host = destined.get(peer)
         if host is None:
             return await self._refuse(peer, gdel_id, f"not an MX of {entry.domain}")
