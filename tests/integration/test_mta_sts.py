@@ -178,7 +178,7 @@ def wait_delivered(world, token: str) -> bytes:
 
 
 def queue_row(node: Node, entry_id: str) -> dict:
-    rows = json.loads(node.cli("queue", "--json").stdout)
+    rows = json.loads(node.cli("queue", "--json").stdout)["messages"]
     mine = [r for r in rows if r.get("id") == entry_id]
     assert mine, rows
     return mine[0]
