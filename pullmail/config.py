@@ -209,6 +209,10 @@ class TrustConfig:
     push: str = _opt("accept", str, _one_of(_PUSH_POLICIES))
     bare_gdel: bool = _opt(True, bool)
     gdel: bool = _opt(True, bool)
+    # SPEC 11.1: the Authentication-Results name (empty: [node] hostname) and
+    # what a failing DMARC policy does (RFC 7489 6.6.4).
+    authserv_id: str = _opt("", str, lambda text: _domain(text) if text else "")
+    dmarc: str = _opt("enforce", str, _one_of({"enforce", "report", "off"}))
 
 
 def _optional_hostport(text: str):
@@ -219,6 +223,36 @@ def _optional_address(text: str) -> str:
     if text:
         ipaddress.ip_address(text)
     return text
+
+
+_DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+# A selector is a DNS label (RFC 6376 3.1); "-rsa"/"-ed25519" are appended.
+_SELECTOR = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,50}[A-Za-z0-9])?")
+
+
+def _selector(text: str) -> str:
+    if not _SELECTOR.fullmatch(text):
+        raise ValueError(f"bad selector {text!r} (letters, digits and '-', at most 52)")
+    return text.lower()
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    """SPEC 11.1: signing keys, one per local domain and algorithm."""
+
+    sign: bool = _opt(True, bool)
+    generate: bool = _opt(True, bool)
+    selector: str = _opt("pm1", str, _selector)
+    key_dir: Path = _opt(Path("dkim"), str, _path)
+    algorithms: tuple[str, ...] = _list(list(_DKIM_ALGORITHMS), _one_of(_DKIM_ALGORITHMS))
+
+    def selector_for(self, algorithm: str) -> str:
+        """A selector holds one key record: ``pm1-rsa``, ``pm1-ed25519``."""
+        return f"{self.selector}-{algorithm.partition('-')[0]}"
+
+    def key_path(self, domain: str, algorithm: str) -> Path:
+        """``<key_dir>/<domain>.<selector>-rsa.pem`` (SPEC 11.1)."""
+        return self.key_dir / f"{domain}.{self.selector_for(algorithm)}.pem"
 
 
 @dataclass(frozen=True)
@@ -271,6 +305,7 @@ class Config:
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -336,6 +371,18 @@ def _check(config: Config) -> None:
         raise ConfigError("delivery.push_retry", "needs at least one delay")
     if config.delivery.tls_ca and not config.delivery.tls_ca.is_file():
         raise ConfigError("delivery.tls_ca", f"file {str(config.delivery.tls_ca)!r} does not exist")
+    if len(set(config.dkim.algorithms)) != len(config.dkim.algorithms):
+        raise ConfigError("dkim.algorithms", "names an algorithm twice")
+    if config.dkim.sign and not config.dkim.algorithms:
+        raise ConfigError("dkim.algorithms", "needs at least one algorithm when dkim.sign is on")
+    if config.dkim.sign and not config.dkim.generate:
+        for domain in config.node.domains:
+            for algorithm in config.dkim.algorithms:
+                if not config.dkim.key_path(domain, algorithm).is_file():
+                    raise ConfigError("dkim.generate", (
+                        f"no {algorithm} key for {domain} at "
+                        f"{str(config.dkim.key_path(domain, algorithm))!r} (and dkim.generate "
+                        "is off; run `pullmail dkim-keygen`)"))
     if not config.tls.generate:
         for option, path in [("tls.certificate", config.tls.certificate),
                              ("tls.key", config.tls.key)]:
@@ -356,6 +403,7 @@ def _absolute(config: Config) -> Config:
                     key=resolve(config.tls.key)),
         accounts=replace(config.accounts, users=resolve(config.accounts.users),
                          aliases=resolve(config.accounts.aliases)),
+        dkim=replace(config.dkim, key_dir=resolve(config.dkim.key_dir)),
         delivery=replace(config.delivery, tls_ca=resolve(config.delivery.tls_ca)
                          if config.delivery.tls_ca else None),
     )

@@ -13,10 +13,11 @@ class IDeliveryAgent(Interface):
 
     root = Attribute("The folder holding the maildirs.")
 
-    def deliver(queue_id, addresses, chunks):
+    def deliver(queue_id, addresses, chunks, folder=None):
         """
         Store one message for each of C{addresses} (normalised local
-        mailbox addresses), durably.
+        mailbox addresses), durably; into their Maildir++ C{folder}
+        (``".Junk"``) when given, else the inbox.
 
         @param queue_id: the id logged for this message; part of file names.
         @param chunks: the message bytes, headers first, CRLF line ends.

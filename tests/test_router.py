@@ -31,12 +31,14 @@ class FakeDelivery:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[bytes]]] = []
+        self.folders: list[str | None] = []
         self.error: Exception | None = None
 
-    def deliver(self, queue_id, addresses, chunks):
+    def deliver(self, queue_id, addresses, chunks, folder=None):
         if self.error is not None:
             return defer.fail(self.error)
         self.calls.append((queue_id, list(addresses), list(chunks)))
+        self.folders.append(folder)
         return defer.succeed([])
 
 

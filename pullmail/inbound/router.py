@@ -17,11 +17,14 @@ from twisted.logger import Logger
 from pullmail.accounts.users import Accounts
 from pullmail.ids import new_queue_id
 from pullmail.inbound.headers import complete_submission, rfc5322_date
+from pullmail.inbound.verdicts import MessageChecker, Verdict
 from pullmail.interfaces import IDeliveryAgent
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.replies import Reply
-from pullmail.storage.maildir import mailbox_path
+from pullmail.storage.maildir import JUNK, mailbox_path
+from pullmail.trust.dkim import Signer
+from pullmail.trust.spf import SPFIdentity
 
 __all__ = ["Router", "received_header"]
 
@@ -57,6 +60,8 @@ class Router:
         clock: IReactorTime,
         outbound=None,
         hooks: Sequence = (),
+        checker: MessageChecker | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.hostname = hostname
         self.accounts = accounts
@@ -64,10 +69,48 @@ class Router:
         self.clock = clock
         self.outbound = outbound
         self.hooks = tuple(hooks)
+        self.checker = checker
+        self.signer = signer
+
+    def outgoing(self, chunks: Sequence[bytes]) -> list[bytes]:
+        """
+        A message as it enters the outbox: DKIM-signed when its From domain
+        is ours (SPEC 11.1), once; retries send these same bytes.  Every
+        path into the outbox (submission, bounces, forwards, sendmail)
+        goes through here.
+        """
+        return self.signer.sign(chunks) if self.signer is not None else list(chunks)
+
+    def _forwarded(self, message: list[bytes], verdict: Verdict | None,
+                   recipients: Sequence[str]) -> list[bytes]:
+        """
+        Received mail an alias sends on: our verdicts on top, signed when
+        the From domain is ours, and sealed (ARC, RFC 8617) by the alias's
+        domain so the next hop can trust them.
+        """
+        if verdict is None:
+            return self.outgoing(message)
+        signed = b"".join(self.outgoing([verdict.header] + message))
+        forwarder = next((r.rpartition("@")[2] for r in recipients
+                          if r.rpartition("@")[2] in self.accounts.domains), None)
+        if self.signer is None or forwarder is None:
+            return [signed]
+        return self.signer.seal(signed, forwarder, self.checker.authserv_id) + [signed]
+
+    async def _verdict(self, session: Session, envelope: Envelope, chunks,
+                       identity: SPFIdentity | None) -> Verdict | None:
+        if self.checker is None:
+            return None
+        whole = b"".join(chunks)
+        if session.user is not None or session.service != "smtp":
+            return self.checker.submitted(whole, session.user)
+        identity = identity or SPFIdentity(session.peer, session.helo, envelope.sender)
+        return await self.checker.check(whole, identity)
 
     @defer.inlineCallbacks
-    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message):
-        paths = yield self.delivery.deliver(queue_id, mailboxes, message)
+    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message,
+                         folder: str | None = None):
+        paths = yield self.delivery.deliver(queue_id, mailboxes, message, folder=folder)
         for hook in self.hooks:
             try:
                 yield defer.maybeDeferred(hook.delivered, queue_id, sender, mailboxes, paths)
@@ -100,7 +143,7 @@ class Router:
                 looked_for.setdefault(mailbox_path(self.delivery.root, address), set()).add(queue_id)
         found: set[str] = set()
         for box, queue_ids in looked_for.items():
-            for sub in ("new", "cur"):
+            for sub in ("new", "cur", f"{JUNK}/new", f"{JUNK}/cur"):
                 try:
                     names = os.listdir(box / sub)
                 except FileNotFoundError:
@@ -120,20 +163,25 @@ class Router:
         queue_id = new_queue_id()
         local, remote = self.split(recipients)
         if local:
-            yield self._deliver_locally(queue_id, sender, local, list(chunks))
+            message = list(chunks)
+            if self.checker is not None:
+                verdict = self.checker.local(b"".join(chunks))
+                message = [verdict.header, verdict.message]
+            yield self._deliver_locally(queue_id, sender, local, message)
         if remote and self.outbound is not None:
-            yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
+            yield self.outbound.enqueue(queue_id, sender, remote, self.outgoing(chunks))
         log.info("injected {queue_id} from <{sender}> for {recipients}", queue_id=queue_id,
                  sender=sender, recipients=list(recipients), event="injected")
         return queue_id
 
     @defer.inlineCallbacks
     def accept(self, session: Session, envelope: Envelope, chunks: list, size: int,
-               queue_id: str | None = None):
+               queue_id: str | None = None, identity: SPFIdentity | None = None):
         """
         Store a message; fire with the reply to end-of-data.  A given
         C{queue_id} (retrieved mail) names the stored files, so that
-        L{delivered_of} can find them again.
+        L{delivered_of} can find them again; a given C{identity} is whom SPF
+        asks about (the notifying session's, for retrieved mail).
         """
         queue_id = queue_id or new_queue_id()
         header = received_header(
@@ -143,17 +191,32 @@ class Router:
             chunks = complete_submission(
                 chunks, self.hostname, self.clock.seconds(), f"{queue_id}.{new_queue_id()}"
             )
-        message = [header] + list(chunks)
         local, remote = self.split(envelope.recipients)
         if remote and self.outbound is None:
             log.warn("no outbound queue for {recipients}", recipients=remote)
             return replies.S451_LOCAL_ERROR
+        verdict = yield defer.Deferred.fromCoroutine(
+            self._verdict(session, envelope, chunks, identity))
+        if verdict is not None:
+            if verdict.disposition == "reject":
+                # RFC 7489 6.6.4 / SPEC 11.1: refused after the data, not stored.
+                log.info("rejected {queue_id} from <{sender}>: {reason}", queue_id=queue_id,
+                         sender=envelope.sender, reason=verdict.reason, peer=session.peer,
+                         event="dmarc-rejected")
+                return replies.S550_POLICY.with_text(f"Rejected by the {verdict.reason}")
+            chunks = [verdict.message]
+        message = [header] + list(chunks)
         try:
             if local:
-                yield self._deliver_locally(queue_id, envelope.sender, local, message)
+                yield self._deliver_locally(
+                    queue_id, envelope.sender, local,
+                    [verdict.header] + message if verdict is not None else message,
+                    folder=JUNK if verdict and verdict.disposition == "quarantine" else None)
             if remote:
                 origin = None if session.user else session.peer
-                yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
+                outgoing = (self.outgoing(message) if session.user or session.service != "smtp"
+                            else self._forwarded(message, verdict, envelope.recipients))
+                yield self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
                                             origin=origin)
         except OSError as e:
             log.error(

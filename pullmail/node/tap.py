@@ -26,6 +26,7 @@ from pullmail import config as configuration
 from pullmail.accounts.login import Authenticator, make_portal
 from pullmail.accounts.users import Accounts, AccountsError
 from pullmail.inbound.router import Router
+from pullmail.inbound.verdicts import MessageChecker
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
 from pullmail.net.tls import (
@@ -53,6 +54,9 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.trust.dkim import Signer, Verifier
+from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
+from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.policy import TrustChecker
 from pullmail.trust.throttle import FailureTracker
 
@@ -150,6 +154,20 @@ def freeze_start_up_heap() -> None:
              event="heap-frozen")
 
 
+def make_signer(config: configuration.Config, reactor) -> Signer | None:
+    """
+    SPEC 11.1: with ``[dkim] generate`` the missing keys are made (and the
+    records to publish logged); the keys are loaded once, here.
+    """
+    if not config.dkim.sign:
+        return None
+    if config.dkim.generate:
+        for key in ensure_keys(config.dkim, config.node.domains):
+            log.warn("new DKIM key for {domain}; publish: {record}", domain=key.domain,
+                     record=dns_record(key), event="dkim-key-made")
+    return Signer(load_keys(config.dkim, config.node.domains), reactor)
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = service.MultiService()
@@ -183,7 +201,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                         config.node.log_commands)
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
-    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
+    trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies,
+                         clock=reactor)
+    router.signer = make_signer(config, reactor)
+    router.checker = MessageChecker(
+        config.trust.authserv_id or hostname, trust.spf_result,
+        Verifier(resolver.txt, run_blocking),
+        DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
+    )
     outbox = MaildirOutbox(state / "outbox", run_blocking)
     outbound = Outbound(
         outbox=outbox, resolver=resolver, connect=connect, clock=reactor,

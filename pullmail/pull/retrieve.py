@@ -32,6 +32,7 @@ from pullmail.smtp.envelope import Session
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import Deliver, ServerPolicy
 from pullmail.storage.pending import PENDING, RETRIEVED, Notification, PendingStore
+from pullmail.trust.spf import SPFIdentity
 
 __all__ = ["Retriever"]
 
@@ -424,8 +425,11 @@ class Retriever:
                          peer=notification.peer, event="duplicate")
             else:
                 notification.delivering = True
-                reply = await self.deliver(request.session, request.envelope, request.chunks,
-                                           request.size, queue_id=notification.queue_id)
+                # SPEC 11.1: SPF asks about the notifying session.
+                reply = await self.deliver(
+                    request.session, request.envelope, request.chunks, request.size,
+                    queue_id=notification.queue_id, identity=SPFIdentity(
+                        notification.peer, notification.helo, notification.sender or ""))
             if reply.positive:
                 notification.state = RETRIEVED
                 notification.keep_until = self.clock.seconds() + self.keep_for

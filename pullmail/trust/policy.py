@@ -7,6 +7,7 @@ verdict; the checker only gathers facts.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 from twisted.internet import defer
@@ -64,12 +65,15 @@ class TrustChecker:
     name = "builtin"
 
     def __init__(self, config: TrustConfig, resolver: Resolver, run_blocking: Callable,
-                 timeout: float, plugins: Sequence[ITrustPolicy] = ()) -> None:
+                 timeout: float, plugins: Sequence[ITrustPolicy] = (), clock=None) -> None:
         self.config = config
         self.resolver = resolver
         self.run_blocking = run_blocking
         self.timeout = timeout
         self.plugins = tuple(plugins)
+        # The SPF results of recent checks, so that Authentication-Results
+        # reuses the session's check instead of evaluating it again.
+        self._spf_memo = SPFMemo(clock) if clock is not None else None
 
     def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
         """The whole chain: allow, deny, DNSBL, SPF, then the plugins (SPEC 6)."""
@@ -105,14 +109,29 @@ class TrustChecker:
         # the zone misbehaving, not a listing.
         return any(address.startswith("127.") for address in records)
 
-    async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
-                   accepted: tuple[str, ...]) -> Reply | None:
+    def spf_result(self, peer: str, domain: str, helo: str, sender: str | None
+                   ) -> defer.Deferred:
+        """Fire with (L{SPFResult}, explanation): the session's, when it ran."""
+        return defer.Deferred.fromCoroutine(self._spf_result(peer, domain.lower(), helo, sender))
+
+    async def _spf_result(self, peer: str, domain: str, helo: str, sender: str | None):
+        domain = domain.lower()
+        key = (peer, domain, helo, sender or "")
+        if self._spf_memo is not None and (found := self._spf_memo.get(key)) is not None:
+            return found
         arguments = (self.resolver.dnspython, peer, domain, sender or "", helo, self.timeout)
         try:
             # A known origin's records are in the cache: no thread needed.
-            result, explanation = check_host(*arguments, cache_only=True)
+            found = check_host(*arguments, cache_only=True)
         except NotCached:
-            result, explanation = await self.run_blocking(check_host, *arguments)
+            found = await self.run_blocking(check_host, *arguments)
+        if self._spf_memo is not None:
+            self._spf_memo.put(key, found)
+        return found
+
+    async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
+                   accepted: tuple[str, ...]) -> Reply | None:
+        result, explanation = await self._spf_result(peer, domain, helo, sender)
         verdict = decide_spf(result, accepted)
         log.info("SPF {result} for {domain} from {peer}: {verdict}", result=result.value,
                  domain=domain, peer=peer, verdict=str(verdict) if verdict else "trusted",
@@ -152,6 +171,32 @@ class TrustChecker:
             allowed = listed(self.config.allow, ipaddress.ip_address(session.peer), identity)
             return defer.succeed(None if allowed else _PUSH_REFUSED)
         return self.check(session.peer, identity, session.helo, envelope.sender or None)
+
+
+class SPFMemo:
+    """
+    The last L{SIZE} SPF results, each kept L{LIFETIME} seconds: long
+    enough for one session's end of data to find its MAIL FROM's check.
+    """
+
+    SIZE = 4096
+    LIFETIME = 60.0
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()
+
+    def get(self, key: tuple):
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < self._clock.seconds():
+            return None
+        return entry[1]
+
+    def put(self, key: tuple, value: tuple) -> None:
+        self._entries[key] = (self._clock.seconds() + self.LIFETIME, value)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.SIZE:
+            self._entries.popitem(last=False)
 
 
 _PUSH_REFUSED = replies.S550_POLICY.with_text(

@@ -13,6 +13,7 @@ RFC 7208 4.6.4 limits (10 DNS-querying terms, 2 void lookups) itself.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 import threading
 import time
 
@@ -22,7 +23,20 @@ import spf as pyspf
 
 from pullmail.net.dns import DNSPermanentError, NotCached, cached_answer
 
-__all__ = ["SPFResult", "check_host"]
+__all__ = ["SPFIdentity", "SPFResult", "check_host"]
+
+
+@dataclass(frozen=True)
+class SPFIdentity:
+    """
+    Whom SPF asks about (RFC 7208 2.4): the client's address, its HELO
+    name and the MAIL FROM; for mail pulled by RETR, the notifying
+    session's (SPEC 11.1).
+    """
+
+    peer: str
+    helo: str
+    sender: str
 
 
 class SPFResult(enum.Enum):
