@@ -435,24 +435,29 @@ def parse(mapping: Mapping[str, Any], base: Path) -> Config:
     return config
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate the TOML file at C{path}."""
+def read_mapping(path: str | Path) -> dict:
+    """The TOML file at C{path}, not yet validated."""
     path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as e:
         raise ConfigError("config", f"cannot read {str(path)!r}: {e.strerror}") from None
     try:
-        mapping = tomllib.loads(text.decode("utf-8"))
+        return tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("config", f"{path}: not valid TOML: {e}") from None
-    return parse(mapping, path.parent)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the TOML file at C{path}."""
+    return parse(read_mapping(path), Path(path).parent)
 
 
 # The node run without --config: loopback high ports, everything under ./var.
 EMBEDDED_DEFAULT: Mapping[str, Any] = {
     "node": {"hostname": "localhost", "domains": ["example.org"], "state_dir": "var"},
     "accounts": {"users": "var/users", "aliases": "var/aliases"},
+    "dkim": {"key_dir": "var/dkim"},
 }
 
 

@@ -17,6 +17,7 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Sequence, TextIO
 
 from pullmail import config as configuration
@@ -194,6 +195,22 @@ def spf_record(args, out: TextIO) -> int:
     return 0
 
 
+def _keygen_config(args) -> configuration.Config:
+    """The config, even when it lacks the keys this command is run to make."""
+    try:
+        return _load(args)
+    except configuration.ConfigError as e:
+        if e.option != "dkim.generate" or not args.config:
+            raise
+    mapping = configuration.read_mapping(args.config)
+    mapping.setdefault("dkim", {})["generate"] = True
+    config = configuration.parse(mapping, Path(args.config).parent)
+    for assignment in args.set or ():
+        option, _, value = assignment.partition("=")
+        config = configuration.override(config, option.strip(), value.strip())
+    return config
+
+
 def dkim_keygen(args, out: TextIO) -> int:
     """
     SPEC 11.1: make each missing key pair (RSA 2048, Ed25519) of the
@@ -202,9 +219,7 @@ def dkim_keygen(args, out: TextIO) -> int:
     """
     from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
 
-    # The keys this command makes are the ones a generate = false config misses.
-    args.set = list(args.set or ()) + ["dkim.generate=true"]
-    config = _load(args)
+    config = _keygen_config(args)
     try:
         domains = [configuration._domain(d) for d in args.domains] or list(config.node.domains)
     except ValueError as e:

@@ -244,6 +244,8 @@ class Verifier:
                 sig = item.prepared[0]
                 if sig[b"a"] == b"rsa-sha1":
                     item.done("permerror", "rsa-sha1 is not accepted (RFC 8301 3.1)")
+                elif b"from" not in item.prepared[1]:
+                    item.done("permerror", "From field not signed (RFC 6376 6.1.1)")
             except Exception as e:
                 item.done("permerror", f"bad signature: {e}")
             pending.append(item)
