@@ -28,6 +28,7 @@ __all__ = [
     "embedded_default",
     "parse_duration",
     "parse_size",
+    "check_dkim_keys",
 ]
 
 
@@ -375,14 +376,6 @@ def _check(config: Config) -> None:
         raise ConfigError("dkim.algorithms", "names an algorithm twice")
     if config.dkim.sign and not config.dkim.algorithms:
         raise ConfigError("dkim.algorithms", "needs at least one algorithm when dkim.sign is on")
-    if config.dkim.sign and not config.dkim.generate:
-        for domain in config.node.domains:
-            for algorithm in config.dkim.algorithms:
-                if not config.dkim.key_path(domain, algorithm).is_file():
-                    raise ConfigError("dkim.generate", (
-                        f"no {algorithm} key for {domain} at "
-                        f"{str(config.dkim.key_path(domain, algorithm))!r} (and dkim.generate "
-                        "is off; run `pullmail dkim-keygen`)"))
     if not config.tls.generate:
         for option, path in [("tls.certificate", config.tls.certificate),
                              ("tls.key", config.tls.key)]:
@@ -390,6 +383,22 @@ def _check(config: Config) -> None:
                 raise ConfigError(
                     option, f"file {str(path)!r} does not exist (and tls.generate is off)"
                 )
+
+
+def check_dkim_keys(config: Config) -> None:
+    """
+    SPEC 11.1: with ``sign`` on and ``generate`` off, every local domain
+    needs its keys (``checkconfig`` and the node's start ask; other
+    commands, and ``dkim-keygen`` that makes them, do not).
+    """
+    if config.dkim.sign and not config.dkim.generate:
+        for domain in config.node.domains:
+            for algorithm in config.dkim.algorithms:
+                path = config.dkim.key_path(domain, algorithm)
+                if not path.is_file():
+                    raise ConfigError("dkim.generate", (
+                        f"no {algorithm} key for {domain} at {str(path)!r} (and "
+                        "dkim.generate is off; run `pullmail dkim-keygen`)"))
 
 
 def _absolute(config: Config) -> Config:
@@ -435,22 +444,18 @@ def parse(mapping: Mapping[str, Any], base: Path) -> Config:
     return config
 
 
-def read_mapping(path: str | Path) -> dict:
-    """The TOML file at C{path}, not yet validated."""
+def load(path: str | Path) -> Config:
+    """Read and validate the TOML file at C{path}."""
     path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as e:
         raise ConfigError("config", f"cannot read {str(path)!r}: {e.strerror}") from None
     try:
-        return tomllib.loads(text.decode("utf-8"))
+        mapping = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("config", f"{path}: not valid TOML: {e}") from None
-
-
-def load(path: str | Path) -> Config:
-    """Read and validate the TOML file at C{path}."""
-    return parse(read_mapping(path), Path(path).parent)
+    return parse(mapping, path.parent)
 
 
 # The node run without --config: loopback high ports, everything under ./var.

@@ -17,7 +17,6 @@ import json
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Sequence, TextIO
 
 from pullmail import config as configuration
@@ -41,6 +40,7 @@ def _load(args) -> configuration.Config:
 
 def checkconfig(args, out: TextIO) -> int:
     config = _load(args)
+    configuration.check_dkim_keys(config)
     read_users(config.accounts.users)
     read_aliases(config.accounts.aliases)
     enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
@@ -195,22 +195,6 @@ def spf_record(args, out: TextIO) -> int:
     return 0
 
 
-def _keygen_config(args) -> configuration.Config:
-    """The config, even when it lacks the keys this command is run to make."""
-    try:
-        return _load(args)
-    except configuration.ConfigError as e:
-        if e.option != "dkim.generate" or not args.config:
-            raise
-    mapping = configuration.read_mapping(args.config)
-    mapping.setdefault("dkim", {})["generate"] = True
-    config = configuration.parse(mapping, Path(args.config).parent)
-    for assignment in args.set or ():
-        option, _, value = assignment.partition("=")
-        config = configuration.override(config, option.strip(), value.strip())
-    return config
-
-
 def dkim_keygen(args, out: TextIO) -> int:
     """
     SPEC 11.1: make each missing key pair (RSA 2048, Ed25519) of the
@@ -219,7 +203,7 @@ def dkim_keygen(args, out: TextIO) -> int:
     """
     from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
 
-    config = _keygen_config(args)
+    config = _load(args)
     try:
         domains = [configuration._domain(d) for d in args.domains] or list(config.node.domains)
     except ValueError as e:

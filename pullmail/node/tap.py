@@ -161,6 +161,7 @@ def make_signer(config: configuration.Config, reactor) -> Signer | None:
     """
     if not config.dkim.sign:
         return None
+    configuration.check_dkim_keys(config)
     if config.dkim.generate:
         for key in ensure_keys(config.dkim, config.node.domains):
             log.warn("new DKIM key for {domain}; publish: {record}", domain=key.domain,
