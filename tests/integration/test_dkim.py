@@ -18,6 +18,7 @@ only (it has no algorithm option), which RFC 8301 forbids: pullmail says
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shutil
@@ -101,11 +102,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("dkim"))
-    try:
+    with contextlib.closing(World(tmp_path_factory.mktemp("dkim"))) as w:
         yield w
-    finally:
-        w.close()
 
 
 def letter(sender: str, token: str, to: str = BOB) -> bytes:
