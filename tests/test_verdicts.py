@@ -160,3 +160,31 @@ def test_bounces_are_signed_when_the_from_domain_is_ours(dkim_keys, domains):
     assert b"".join(outbound.calls[0][3]).count(b"DKIM-Signature:") == 2
     assert b"".join(delivery.calls[0][2]).startswith(
         b"Authentication-Results: mx.example.org;\r\n\tnone\r\n")
+
+
+def test_authentication_results_reuse_the_sessions_spf_check(monkeypatch):
+    """The trust check's SPF result is reused; trust decisions check afresh."""
+    from pullmail.config import TrustConfig
+    from pullmail.trust import policy
+
+    calls = []
+
+    def check_host(resolver, ip, domain, sender, helo, timeout, cache_only=False):
+        calls.append((ip, domain, helo, sender))
+        return SPFResult.PASS, ""
+
+    monkeypatch.setattr(policy, "check_host", check_host)
+    clock = Clock()
+    trust = policy.TrustChecker(TrustConfig(push="spf-pass"), type("R", (), {"dnspython": None})(),
+                                blocking, 5.0, clock=clock)
+    session = Session("192.0.2.9", helo="mail.bank.test")
+    envelope = Envelope("carol@bank.test", ("bob@example.org",))
+    assert result_of(trust.check_push(session, envelope)) is None
+    asked = ("192.0.2.9", "bank.test", "mail.bank.test", "carol@bank.test")
+    assert result_of(trust.spf_result(*asked))[0] is SPFResult.PASS
+    assert len(calls) == 1
+    assert result_of(trust.check_push(session, envelope)) is None
+    assert len(calls) == 2
+    clock.advance(61)
+    result_of(trust.spf_result(*asked))
+    assert len(calls) == 3

@@ -72,7 +72,8 @@ class TrustChecker:
         self.timeout = timeout
         self.plugins = tuple(plugins)
         # The SPF results of recent checks, so that Authentication-Results
-        # reuses the session's check instead of evaluating it again.
+        # reuses the session's check instead of evaluating it again (trust
+        # decisions always check afresh, within the DNS answers' TTLs).
         self._spf_memo = SPFMemo(clock) if clock is not None else None
 
     def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
@@ -111,14 +112,18 @@ class TrustChecker:
 
     def spf_result(self, peer: str, domain: str, helo: str, sender: str | None
                    ) -> defer.Deferred:
-        """Fire with (L{SPFResult}, explanation): the session's, when it ran."""
-        return defer.Deferred.fromCoroutine(self._spf_result(peer, domain.lower(), helo, sender))
+        """
+        Fire with (L{SPFResult}, explanation) for Authentication-Results:
+        the result the session's trust check found, when it ran one.
+        """
+        key = (peer, domain.lower(), helo, sender or "")
+        if self._spf_memo is not None and (found := self._spf_memo.get(key)) is not None:
+            return defer.succeed(found)
+        return defer.Deferred.fromCoroutine(self._spf_result(peer, domain, helo, sender))
 
     async def _spf_result(self, peer: str, domain: str, helo: str, sender: str | None):
+        """A fresh check (answers as cached by DNS, never by the memo)."""
         domain = domain.lower()
-        key = (peer, domain, helo, sender or "")
-        if self._spf_memo is not None and (found := self._spf_memo.get(key)) is not None:
-            return found
         arguments = (self.resolver.dnspython, peer, domain, sender or "", helo, self.timeout)
         try:
             # A known origin's records are in the cache: no thread needed.
@@ -126,7 +131,7 @@ class TrustChecker:
         except NotCached:
             found = await self.run_blocking(check_host, *arguments)
         if self._spf_memo is not None:
-            self._spf_memo.put(key, found)
+            self._spf_memo.put((peer, domain, helo, sender or ""), found)
         return found
 
     async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
