@@ -111,6 +111,8 @@ def test_oversigns_the_fields_a_forger_would_add(signer, dkim_keys):
 def test_foreign_or_ambiguous_from_is_not_signed(signer):
     foreign = MESSAGE.replace(b"alice@example.org", b"alice@example.com")
     assert signer.sign([foreign]) == [foreign]
+    lookalike = MESSAGE.replace(b"alice@example.org", b"alice@badexample.org")
+    assert signer.sign([lookalike]) == [lookalike]
     two = MESSAGE.replace(b"<alice@example.org>", b"<alice@example.org>, eve@example.org")
     assert signer.sign([two]) == [two]
 

@@ -153,11 +153,12 @@ def test_alias_forward_carries_verdicts_and_an_arc_set(dkim_keys, domains):
     assert b"\r\nAuthentication-Results: mx.example.org;" in sent
 
 
-def test_bounces_are_signed_when_the_from_domain_is_ours(dkim_keys, domains):
+def test_bounces_are_signed_by_the_local_domain_of_the_hostname(dkim_keys, domains):
+    """Bounces come from MAILER-DAEMON@<hostname>: signed by the parent domain."""
     router, delivery, outbound, _ = make(dkim_keys, domains)
-    notice = MESSAGE.replace(b"alice@", b"MAILER-DAEMON@")
+    notice = MESSAGE.replace(b"alice@example.org", b"MAILER-DAEMON@mx.example.org")
     result_of(router.inject("", ["dave@remote.test", "bob@example.org"], [notice]))
-    assert b"".join(outbound.calls[0][3]).count(b"DKIM-Signature:") == 2
+    assert b"".join(outbound.calls[0][3]).count(b"d=example.org;") == 2
     assert b"".join(delivery.calls[0][2]).startswith(
         b"Authentication-Results: mx.example.org;\r\n\tnone\r\n")
 

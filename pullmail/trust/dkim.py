@@ -104,7 +104,7 @@ class Signer:
         """
         message = b"".join(chunks)
         domains = from_domains(message[:header_end(message)])
-        keys = self.keys.get(domains[0]) if len(domains) == 1 else None
+        keys = self._keys_for(domains[0]) if len(domains) == 1 else None
         if not keys:
             return list(chunks)
         headers, body = dkim.rfc822_parse(message)
@@ -114,6 +114,18 @@ class Signer:
         now = str(int(self.clock.seconds())).encode("ascii")
         return [self._signature(key, canonical, include, body_hash, now)
                 for key in keys] + [message]
+
+    def _keys_for(self, domain: str):
+        """
+        The keys of a local From domain, or of the local domain it is a
+        subdomain of (bounces come from ``MAILER-DAEMON@<hostname>``): a
+        signature RFC 7489 3.1.1 relaxed alignment accepts.
+        """
+        while domain:
+            if domain in self.keys:
+                return self.keys[domain]
+            domain = domain.partition(".")[2]
+        return None
 
     def _signature(self, key: SigningKey, canonical, include, body_hash: bytes,
                    now: bytes) -> bytes:
