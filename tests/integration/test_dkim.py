@@ -170,7 +170,7 @@ def test_pulled_submission_verifies_here_at_dkimpy_and_at_opendkim(world, tmp_pa
     assert verdicts.count("dkim=pass header.d=signer.test") == 2
     assert "header.s=pm1-rsa" in verdicts and "header.s=pm1-ed25519" in verdicts
     assert "dmarc=pass (p=reject dis=none) header.from=signer.test" in verdicts
-    world.verifier.wait_log(r"RETR \w+ at 127\.0\.0\.80: 250", 5)   # it came by RETR
+    world.verifier.wait_log(r"RETR \S+ at 127\.0\.0\.80: 250", 5)   # it came by RETR
 
     parsed = dkim.DKIM(message)
     assert parsed.verify(0, dnsfunc=dnsfunc(world)) and parsed.verify(1, dnsfunc=dnsfunc(world))
