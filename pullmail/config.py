@@ -29,6 +29,7 @@ __all__ = [
     "embedded_default",
     "parse_duration",
     "parse_size",
+    "check_dkim_keys",
 ]
 
 
@@ -219,6 +220,10 @@ class TrustConfig:
     push: str = _opt("accept", str, _one_of(_PUSH_POLICIES))
     bare_gdel: bool = _opt(True, bool)
     gdel: bool = _opt(True, bool)
+    # SPEC 11.1: the Authentication-Results name (empty: [node] hostname) and
+    # what a failing DMARC policy does (RFC 7489 6.6.4).
+    authserv_id: str = _opt("", str, lambda text: _domain(text) if text else "")
+    dmarc: str = _opt("enforce", str, _one_of({"enforce", "report", "off"}))
 
 
 def _optional_hostport(text: str):
@@ -265,6 +270,36 @@ def _local_delivery(text: str) -> str:
     if endpoint_kind == "unix" and not path.removeprefix("path=").startswith("/"):
         raise ValueError(f"the LMTP socket path in {description!r} must be absolute")
     return text
+
+
+_DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+# A selector is a DNS label (RFC 6376 3.1); "-rsa"/"-ed25519" are appended.
+_SELECTOR = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,50}[A-Za-z0-9])?")
+
+
+def _selector(text: str) -> str:
+    if not _SELECTOR.fullmatch(text):
+        raise ValueError(f"bad selector {text!r} (letters, digits and '-', at most 52)")
+    return text.lower()
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    """SPEC 11.1: signing keys, one per local domain and algorithm."""
+
+    sign: bool = _opt(True, bool)
+    generate: bool = _opt(True, bool)
+    selector: str = _opt("pm1", str, _selector)
+    key_dir: Path = _opt(Path("dkim"), str, _path)
+    algorithms: tuple[str, ...] = _list(list(_DKIM_ALGORITHMS), _one_of(_DKIM_ALGORITHMS))
+
+    def selector_for(self, algorithm: str) -> str:
+        """A selector holds one key record: ``pm1-rsa``, ``pm1-ed25519``."""
+        return f"{self.selector}-{algorithm.partition('-')[0]}"
+
+    def key_path(self, domain: str, algorithm: str) -> Path:
+        """``<key_dir>/<domain>.<selector>-rsa.pem`` (SPEC 11.1)."""
+        return self.key_dir / f"{domain}.{self.selector_for(algorithm)}.pem"
 
 
 @dataclass(frozen=True)
@@ -350,6 +385,7 @@ class Config:
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -456,6 +492,10 @@ def _check(config: Config) -> None:
         raise ConfigError("delivery.push_retry", "needs at least one delay")
     if config.delivery.tls_ca and not config.delivery.tls_ca.is_file():
         raise ConfigError("delivery.tls_ca", f"file {str(config.delivery.tls_ca)!r} does not exist")
+    if len(set(config.dkim.algorithms)) != len(config.dkim.algorithms):
+        raise ConfigError("dkim.algorithms", "names an algorithm twice")
+    if config.dkim.sign and not config.dkim.algorithms:
+        raise ConfigError("dkim.algorithms", "needs at least one algorithm when dkim.sign is on")
     if not config.tls.generate:
         for option, path in [("tls.certificate", config.tls.certificate),
                              ("tls.key", config.tls.key)]:
@@ -463,6 +503,22 @@ def _check(config: Config) -> None:
                 raise ConfigError(
                     option, f"file {str(path)!r} does not exist (and tls.generate is off)"
                 )
+
+
+def check_dkim_keys(config: Config) -> None:
+    """
+    SPEC 11.1: with ``sign`` on and ``generate`` off, every local domain
+    needs its keys (``checkconfig`` and the node's start ask; other
+    commands, and ``dkim-keygen`` that makes them, do not).
+    """
+    if config.dkim.sign and not config.dkim.generate:
+        for domain in config.node.domains:
+            for algorithm in config.dkim.algorithms:
+                path = config.dkim.key_path(domain, algorithm)
+                if not path.is_file():
+                    raise ConfigError("dkim.generate", (
+                        f"no {algorithm} key for {domain} at {str(path)!r} (and "
+                        "dkim.generate is off; run `pullmail dkim-keygen`)"))
 
 
 def _absolute(config: Config) -> Config:
@@ -476,6 +532,7 @@ def _absolute(config: Config) -> Config:
                     key=resolve(config.tls.key)),
         accounts=replace(config.accounts, users=resolve(config.accounts.users),
                          aliases=resolve(config.accounts.aliases)),
+        dkim=replace(config.dkim, key_dir=resolve(config.dkim.key_dir)),
         delivery=replace(config.delivery, tls_ca=resolve(config.delivery.tls_ca)
                          if config.delivery.tls_ca else None),
     )
@@ -525,6 +582,7 @@ def load(path: str | Path) -> Config:
 EMBEDDED_DEFAULT: Mapping[str, Any] = {
     "node": {"hostname": "localhost", "domains": ["example.org"], "state_dir": "var"},
     "accounts": {"users": "var/users", "aliases": "var/aliases"},
+    "dkim": {"key_dir": "var/dkim"},
 }
 
 

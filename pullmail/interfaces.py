@@ -23,10 +23,11 @@ class IDeliveryAgent(Interface):
         "files of this node (LMTP): then a stored copy cannot be looked for."
     )
 
-    def deliver(queue_id, sender, addresses, chunks):
+    def deliver(queue_id, sender, addresses, chunks, folder=None):
         """
         Store one message for each of C{addresses} (normalised local
-        mailbox addresses), durably.
+        mailbox addresses), durably; into their Maildir++ C{folder}
+        (``".Junk"``) when given, else the inbox.
 
         @param queue_id: the id logged for this message; part of file names.
         @param sender: the envelope sender ("" for the null reverse-path).

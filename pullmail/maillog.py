@@ -203,6 +203,18 @@ RETR_HANDED_OVER = Event("retr-handed-over", "RETR {id} ({queue_id}) by {peer}: 
 RETR_REFUSED = Event("retr-refused", "RETR {id} from {peer} refused ({why}); answering in {delay}s")
 RETR_DNS_ERROR = Event("retr-dns-error", "RETR {id} from {peer}: DNS failed: {error}")
 
+# -- Message authentication (trust/dkim, trust/dmarc, inbound/verdicts) ------------------
+
+VERDICTS = Event("verdicts", "verdicts for {peer}: {results}", extras=("disposition",))
+DMARC_REJECTED = Event(
+    "dmarc-rejected", "rejected {queue_id} from <{sender}>: {reason}", extras=("peer",),
+)
+DKIM_ERROR = Event("dkim-error", "DKIM check of {domain} failed: {error}", LogLevel.warn)
+ARC_FAILED = Event("arc-failed", "ARC seal for {domain} failed: {error}", LogLevel.warn)
+DKIM_KEY_MADE = Event(
+    "dkim-key-made", "new DKIM key for {domain}; publish: {record}", LogLevel.warn,
+)
+
 # -- MTA-STS (outbound/sts/) -------------------------------------------------------------
 
 MTA_STS_POLICY = Event(
@@ -267,6 +279,7 @@ HEAP_FROZEN = Event("heap-frozen", "start-up heap frozen: {objects} objects")
 
 VOCABULARY = _vocabulary(
     ACCEPTED,
+    ARC_FAILED,
     BLOCKED,
     BOUNCED,
     BOUNCE_OF_BOUNCE_DROPPED,
@@ -279,6 +292,9 @@ VOCABULARY = _vocabulary(
     CONNECTION_REFUSED,
     DATA_TIMEOUT,
     DEFERRED,
+    DKIM_ERROR,
+    DKIM_KEY_MADE,
+    DMARC_REJECTED,
     DELIVERED,
     DELIVERY_ATTEMPT,
     DNS_TEMPERROR,
@@ -341,4 +357,5 @@ VOCABULARY = _vocabulary(
     TLS_STARTED,
     TLS_TIMEOUT,
     TURN_ABORTED,
+    VERDICTS,
 )

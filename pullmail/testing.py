@@ -305,8 +305,8 @@ class FakeDeliveryAgent:
     Delivers every address except those in C{refusals} (address -> L{Reply}),
     which it refuses with their reply; fails with C{error} (an OSError)
     when set.  Calls are recorded in C{calls} as C{(queue_id, sender,
-    addresses, chunks)}, and the messages delivered per address in
-    C{mailboxes}.
+    addresses, chunks)} (the Maildir++ folder of each in C{folders}), and
+    the messages delivered per address in C{mailboxes}.
     """
 
     root = None
@@ -315,13 +315,15 @@ class FakeDeliveryAgent:
         self.refusals = dict(refusals or {})
         self.error: OSError | None = None
         self.calls: list[tuple[str, str, list[str], list[bytes]]] = []
+        self.folders: list[str | None] = []
         self.mailboxes: dict[str, list[bytes]] = {}
 
     def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
-                chunks: Sequence[bytes]) -> defer.Deferred:
+                chunks: Sequence[bytes], folder: str | None = None) -> defer.Deferred:
         if self.error is not None:
             return defer.fail(self.error)
         self.calls.append((queue_id, sender, list(addresses), list(chunks)))
+        self.folders.append(folder)
         delivered = [a for a in addresses if a not in self.refusals]
         for address in delivered:
             self.mailboxes.setdefault(address, []).append(b"".join(chunks))

@@ -33,3 +33,19 @@ def no_logged_failures(logged_events):
     gc.collect()  # an unhandled failed Deferred is logged when collected
     failures = [event["log_failure"] for event in logged_events[start:] if "log_failure" in event]
     assert not failures, "\n".join(failure.getTraceback() for failure in failures)
+
+
+@pytest.fixture(scope="session")
+def dkim_keys(tmp_path_factory):
+    """
+    An RSA and an Ed25519 signing key of example.org (made once), and the
+    TXT records publishing them: (keys by domain, {record name: value}).
+    """
+    from pullmail.config import DKIMConfig
+    from pullmail.trust.dkim_keys import ensure_keys, load_keys
+
+    config = DKIMConfig(key_dir=tmp_path_factory.mktemp("dkim"))
+    ensure_keys(config, ["example.org"])
+    keys = load_keys(config, ["example.org"])
+    records = {k.record_name.rstrip("."): k.record_value for k in keys["example.org"]}
+    return keys, records

@@ -403,3 +403,23 @@ class DirectorySyncTests(SynchronousTestCase):
             durable.publish_new_file(self.directory / ".tmp", final, [b"x"], self.syncs)
         self.assertFalse(final.exists())
         self.assertFalse((self.directory / ".tmp").exists())
+
+
+def test_quarantine_goes_to_the_maildirplusplus_junk_folder(tmp_path):
+    """SPEC 11.1: <mailbox>/.Junk/{tmp,new,cur}, a folder IMAP servers show."""
+    from pullmail.storage.maildir import JUNK
+    from pullmail.testing import result_of
+
+    clock = Clock()
+    delivery = MaildirDelivery(tmp_path, MaildirNames(clock, "mx", 1), BlockingFsync())
+    [path] = result_of(delivery.deliver("Q1", "a@x.test", ["bob@example.org"],
+                                        [b"Subject: x\r\n\r\n"], folder=JUNK)).paths
+    box = tmp_path / "example.org" / "bob"
+    assert path.parent == box / ".Junk" / "new"
+    assert sorted(p.name for p in (box / ".Junk").iterdir()) == ["cur", "new", "tmp"]
+    assert sorted(p.name for p in box.iterdir()) == [".Junk", "cur", "new", "tmp"]
+    inbox, _ = result_of(delivery.deliver("Q2", "a@x.test", ["bob@example.org",
+                                                             "alice@example.org"],
+                                          [b"Subject: y\r\n\r\n"])).paths
+    assert inbox.parent == box / "new"
+    assert os.listdir(box / "new") == [inbox.name]

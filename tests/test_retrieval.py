@@ -115,7 +115,7 @@ class World:
         self.connect_times.append(self.clock.seconds() - START)
         return self.network(address, port, performers)
 
-    def deliver(self, session, envelope, chunks, size, queue_id=None):
+    def deliver(self, session, envelope, chunks, size, queue_id=None, identity=None):
         self.deliveries.append((session, envelope, b"".join(chunks), size))
         return defer.succeed(self.deliver_reply)
 
@@ -496,7 +496,7 @@ def test_delivery_takes_no_extra_write_and_a_stable_queue_id(tmp_path) -> None:
     world.smta.hold()
     seen = []
 
-    def deliver(session, envelope, chunks, size, queue_id=None):
+    def deliver(session, envelope, chunks, size, queue_id=None, identity=None):
         [record] = [json.loads(p.read_bytes()) for p in (tmp_path / "pending").glob("*.json")]
         seen.append((record["state"], "delivering" in record, queue_id))
         return defer.succeed(Reply(250, "2.0.0", "Ok"))

@@ -4,5 +4,7 @@ fields we add (L{headers}), and the L{router} that sends local recipients to
 their mailboxes and the rest to the outbound queue, and decides the reply to
 end-of-data.
 
-May import: L{pullmail.smtp}, L{pullmail.storage}, L{pullmail.accounts}.
+May import: L{pullmail.smtp}, L{pullmail.storage}, L{pullmail.accounts},
+L{pullmail.trust}.  Also here: L{verdicts} (SPF, DKIM, DMARC on received mail)
+and L{authresults} (the Authentication-Results field).
 """

@@ -78,7 +78,11 @@ class LMTPDelivery:
         self._slots = defer.DeferredSemaphore(MAX_CONNECTIONS)
 
     def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
-                chunks: Sequence[bytes]) -> defer.Deferred:
+                chunks: Sequence[bytes], folder: str | None = None) -> defer.Deferred:
+        """
+        C{folder} (DMARC quarantine's ``.Junk``) has no LMTP form: the store
+        files the message by its Authentication-Results (a Sieve rule).
+        """
         return self._slots.run(lambda: defer.Deferred.fromCoroutine(
             self._deliver(queue_id, sender, list(addresses), list(chunks))
         ))

@@ -20,11 +20,14 @@ from pullmail import maillog
 from pullmail.accounts.users import Accounts
 from pullmail.ids import new_queue_id
 from pullmail.inbound.headers import complete_submission, rfc5322_date
+from pullmail.inbound.verdicts import MessageChecker, Verdict
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.replies import Reply
-from pullmail.storage.maildir import mailbox_path
+from pullmail.storage.maildir import JUNK, mailbox_path
+from pullmail.trust.dkim import Signer
+from pullmail.trust.spf import SPFIdentity
 
 __all__ = ["Router", "received_header", "one_refusal"]
 
@@ -81,6 +84,8 @@ class Router:
         clock: IReactorTime,
         outbound=None,
         hooks: Sequence = (),
+        checker: MessageChecker | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.hostname = hostname
         self.accounts = accounts
@@ -91,11 +96,49 @@ class Router:
         # Retries and bounces for local recipients an LMTP store refused
         # (L{pullmail.outbound.local.LocalQueue}); a maildir refuses nobody.
         self.local_queue = None
+        self.checker = checker
+        self.signer = signer
+
+    def outgoing(self, chunks: Sequence[bytes]) -> list[bytes]:
+        """
+        A message as it enters the outbox: DKIM-signed when its From domain
+        is ours (SPEC 11.1), once; retries send these same bytes.  Every
+        path into the outbox (submission, bounces, forwards, sendmail)
+        goes through here.
+        """
+        return self.signer.sign(chunks) if self.signer is not None else list(chunks)
+
+    def _forwarded(self, message: list[bytes], verdict: Verdict | None,
+                   recipients: Sequence[str]) -> list[bytes]:
+        """
+        Received mail an alias sends on: our verdicts on top, signed when
+        the From domain is ours, and sealed (ARC, RFC 8617) by the alias's
+        domain so the next hop can trust them.
+        """
+        if verdict is None:
+            return self.outgoing(message)
+        signed = b"".join(self.outgoing([verdict.header] + message))
+        forwarder = next((r.rpartition("@")[2] for r in recipients
+                          if r.rpartition("@")[2] in self.accounts.domains), None)
+        if self.signer is None or forwarder is None:
+            return [signed]
+        return self.signer.seal(signed, forwarder, self.checker.authserv_id) + [signed]
+
+    async def _verdict(self, session: Session, envelope: Envelope, chunks,
+                       identity: SPFIdentity | None) -> Verdict | None:
+        if self.checker is None:
+            return None
+        whole = b"".join(chunks)
+        if session.user is not None or session.service != "smtp":
+            return self.checker.submitted(whole, session.user)
+        identity = identity or SPFIdentity(session.peer, session.helo, envelope.sender)
+        return await self.checker.check(whole, identity)
 
     @defer.inlineCallbacks
-    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message):
+    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message,
+                         folder: str | None = None):
         """Fires with the agent's L{DeliveryOutcome}, hooks told of what it delivered."""
-        outcome = yield self.delivery.deliver(queue_id, sender, mailboxes, message)
+        outcome = yield self.delivery.deliver(queue_id, sender, mailboxes, message, folder=folder)
         delivered = list(outcome.delivered)
         for hook in self.hooks if delivered else ():
             try:
@@ -165,20 +208,25 @@ class Router:
         queue_id = new_queue_id()
         local, remote = self.split(recipients)
         if local:
-            outcome = yield self._deliver_locally(queue_id, sender, local, list(chunks))
-            yield self._take_refused(queue_id, sender, outcome, list(chunks), None)
+            message = list(chunks)
+            if self.checker is not None:
+                verdict = self.checker.local(b"".join(chunks))
+                message = [verdict.header, verdict.message]
+            outcome = yield self._deliver_locally(queue_id, sender, local, message)
+            yield self._take_refused(queue_id, sender, outcome, message, None)
         if remote and self.outbound is not None:
-            yield self.outbound.enqueue(queue_id, sender, remote, list(chunks))
+            yield self.outbound.enqueue(queue_id, sender, remote, self.outgoing(chunks))
         maillog.INJECTED(log, queue_id=queue_id, sender=sender, recipients=list(recipients))
         return queue_id
 
     @defer.inlineCallbacks
     def accept(self, session: Session, envelope: Envelope, chunks: list, size: int,
-               queue_id: str | None = None):
+               queue_id: str | None = None, identity: SPFIdentity | None = None):
         """
         Store a message; fire with the reply to end-of-data.  A given
         C{queue_id} (retrieved mail) names the stored files, so that
-        L{delivered_of} can find them again.
+        L{delivered_of} can find them again; a given C{identity} is whom SPF
+        asks about (the notifying session's, for retrieved mail).
         """
         service = "retrieval" if queue_id else session.service
         queue_id = queue_id or new_queue_id()
@@ -189,16 +237,28 @@ class Router:
             chunks = complete_submission(
                 chunks, self.hostname, self.clock.seconds(), f"{queue_id}.{new_queue_id()}"
             )
-        message = [header] + list(chunks)
         local, remote = self.split(envelope.recipients)
         if remote and self.outbound is None:
             log.warn("no outbound queue for {recipients}", recipients=remote)
             return replies.S451_LOCAL_ERROR
+        verdict = yield defer.Deferred.fromCoroutine(
+            self._verdict(session, envelope, chunks, identity))
+        if verdict is not None:
+            if verdict.disposition == "reject":
+                # RFC 7489 6.6.4 / SPEC 11.1: refused after the data, not stored.
+                maillog.DMARC_REJECTED(log, queue_id=queue_id, sender=envelope.sender,
+                                       reason=verdict.reason, peer=session.peer)
+                return replies.S550_POLICY.with_text(f"Rejected by the {verdict.reason}")
+            chunks = [verdict.message]
+        message = [header] + list(chunks)
         origin = None if session.user else session.peer
         try:
             outcome = DeliveryOutcome()
             if local:
-                outcome = yield self._deliver_locally(queue_id, envelope.sender, local, message)
+                outcome = yield self._deliver_locally(
+                    queue_id, envelope.sender, local,
+                    [verdict.header] + message if verdict is not None else message,
+                    folder=JUNK if verdict and verdict.disposition == "quarantine" else None)
             refusal = one_refusal(outcome, bool(remote))
             if refusal is not None:
                 maillog.LOCAL_REFUSED(
@@ -206,7 +266,9 @@ class Router:
                 )
                 return refusal
             if remote:
-                yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
+                outgoing = (self.outgoing(message) if session.user or session.service != "smtp"
+                            else self._forwarded(message, verdict, envelope.recipients))
+                yield self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
                                             origin=origin)
             yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:

@@ -7,6 +7,7 @@ The ``pullmail`` operator command.
     pullmail sendmail [--config FILE] [-t] [-i] [-f SENDER] [-F NAME] [RECIPIENT...]
     pullmail doctor [--config FILE]
     pullmail spf-record [--config FILE]
+    pullmail dkim-keygen [--config FILE] [DOMAIN ...]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _load(args) -> configuration.Config:
 
 def checkconfig(args, out: TextIO) -> int:
     config = _load(args)
+    configuration.check_dkim_keys(config)
     read_users(config.accounts.users)
     read_aliases(config.accounts.aliases)
     enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
@@ -135,6 +137,32 @@ def spf_record(args, out: TextIO) -> int:
     return 0
 
 
+def dkim_keygen(args, out: TextIO) -> int:
+    """
+    SPEC 11.1: make each missing key pair (RSA 2048, Ed25519) of the
+    domains (default: node.domains) and print every key's DNS record, one
+    zone-file line each.  An existing key is kept, never overwritten.
+    """
+    from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
+
+    config = _load(args)
+    try:
+        domains = [configuration._domain(d) for d in args.domains] or list(config.node.domains)
+    except ValueError as e:
+        raise configuration.ConfigError("DOMAIN", str(e)) from None
+    try:
+        made = {(k.domain, k.algorithm) for k in ensure_keys(config.dkim, domains)}
+    except OSError as e:
+        raise configuration.ConfigError("dkim.key_dir", str(e)) from None
+    for domain, keys in load_keys(config.dkim, domains).items():
+        for key in keys:
+            state = "new" if (domain, key.algorithm) in made else "existing"
+            print(f"; {state} {key.algorithm} key {config.dkim.key_path(domain, key.algorithm)}",
+                  file=sys.stderr)
+            print(dns_record(key), file=out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pullmail", description="pullmail operator commands")
     commands = top.add_subparsers(dest="command", required=True)
@@ -150,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     command("checkconfig", checkconfig, "validate the configuration")
     command("adduser", adduser, "add a user or change a password").add_argument("address")
     command("spf-record", spf_record, "print the SPF record the local domains should publish")
+    keygen = command("dkim-keygen", dkim_keygen,
+                     "make missing DKIM keys and print the DNS records to publish")
+    keygen.add_argument("domains", nargs="*", metavar="DOMAIN")
     queue_command = command("queue", queue, "list, hold, release, delete or flush queued "
                             "mail and notifications; shape: counts per domain and age")
     queue_command.add_argument("action", nargs="?", default="list",

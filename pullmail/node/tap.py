@@ -25,6 +25,7 @@ from pullmail.accounts.login import Authenticator, make_portal
 from pullmail.accounts.users import Accounts, AccountsError
 from pullmail.inbound.lmtp import LMTPDelivery, lmtp_connector
 from pullmail.inbound.router import Router
+from pullmail.inbound.verdicts import MessageChecker
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.net.dns import Resolver, make_dnspython_resolver
 from pullmail.net.nameserver import NameserverQuery
@@ -66,6 +67,9 @@ from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
 from pullmail.trust import throttle
+from pullmail.trust.dkim import Signer, Verifier
+from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
+from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.policy import TrustChecker
 from pullmail.trust.throttle import FailureTracker
 
@@ -157,6 +161,20 @@ def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helpe
     return LMTPDelivery(connect, hostname, where=f"LMTP server {description}")
 
 
+def make_signer(config: configuration.Config, reactor) -> Signer | None:
+    """
+    SPEC 11.1: with ``[dkim] generate`` the missing keys are made (and the
+    records to publish logged); the keys are loaded once, here.
+    """
+    if not config.dkim.sign:
+        return None
+    configuration.check_dkim_keys(config)
+    if config.dkim.generate:
+        for key in ensure_keys(config.dkim, config.node.domains):
+            maillog.DKIM_KEY_MADE(log, domain=key.domain, record=dns_record(key))
+    return Signer(load_keys(config.dkim, config.node.domains), reactor)
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = NodeService()
@@ -189,6 +207,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, reactor, config.dns.timeout * 4, policies)
+    router.signer = make_signer(config, reactor)
+    router.checker = MessageChecker(
+        config.trust.authserv_id or hostname, trust.spf_result,
+        Verifier(resolver.txt, run_blocking),
+        DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
+    )
     outbox = MaildirOutbox(state / "outbox", run_blocking)
 
     def send_bounce(sender: str, message: bytes):

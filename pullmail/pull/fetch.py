@@ -24,6 +24,7 @@ from pullmail.smtp.envelope import Session
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver
 from pullmail.storage.pending import Notification
+from pullmail.trust.spf import SPFIdentity
 
 if TYPE_CHECKING:
     from pullmail.pull.retrieve import Retriever
@@ -161,9 +162,11 @@ class Fetcher:
                 maillog.DUPLICATE_DROPPED(log, id=notification.gdel_id, peer=notification.peer)
             else:
                 notification.delivering = True
-                reply = await self.owner.deliver(request.session, request.envelope,
-                                                 request.chunks, request.size,
-                                                 queue_id=notification.queue_id)
+                # SPEC 11.1: SPF asks about the notifying session.
+                reply = await self.owner.deliver(
+                    request.session, request.envelope, request.chunks, request.size,
+                    queue_id=notification.queue_id, identity=SPFIdentity(
+                        notification.peer, notification.helo, notification.sender or ""))
             if reply.positive:
                 await self.owner.retrieved(notification)
             return reply

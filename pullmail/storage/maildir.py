@@ -29,9 +29,14 @@ from pullmail.storage.durable import (
     write_all,
 )
 
-__all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir"]
+__all__ = ["MaildirDelivery", "mailbox_path", "ensure_maildir", "JUNK"]
 
 _SUBDIRECTORIES = ("tmp", "new", "cur")
+# SPEC 11.1: the Maildir++ folder of quarantined mail, <mailbox>/.Junk/ (a
+# folder is a dot-named maildir inside the mailbox, as Courier and Dovecot
+# read it).
+JUNK = ".Junk"
+_FOLDERS = (None, JUNK)
 
 
 def mailbox_path(root: Path, address: str) -> Path:
@@ -112,15 +117,17 @@ def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
 
 
 async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
-                 syncer, boxes_made: dict[str, str]) -> list[Path]:
+                 syncer, boxes_made: dict, folder: str | None = None) -> list[Path]:
     """
     Write one message into the ``new/`` of every mailbox of C{addresses}:
     once, fsynced, to the first ``tmp/``; hard links (or copies, across
     file systems) for the others; the rename; then the directory fsyncs.
     A small message for one mailbox is all one request to the C{syncer}.
-    C{boxes_made} maps the addresses whose maildirs exist to their paths.
+    C{boxes_made} maps the (address, folder) whose maildirs exist to their
+    paths; C{folder} is None (the inbox) or L{JUNK}.
     """
-    boxes = [boxes_made.get(a) or _make_box(root, a, boxes_made) for a in addresses]
+    boxes = [boxes_made.get((a, folder)) or _make_box(root, a, boxes_made, folder)
+             for a in addresses]
     first_tmp = f"{boxes[0]}/tmp/{name}"
     if len(boxes) == 1 and sum(map(len, chunks)) < syncer.inline_limit:
         await syncer.store(first_tmp, f"{boxes[0]}/new/{name}", b"".join(chunks))
@@ -150,11 +157,16 @@ async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequen
     return [Path(path) for path in written]
 
 
-def _make_box(root: Path, address: str, boxes_made: dict[str, str]) -> str:
+def _make_box(root: Path, address: str, boxes_made: dict, folder: str | None = None) -> str:
+    if folder not in _FOLDERS:
+        raise ValueError(f"unknown folder {folder!r}")
     box = mailbox_path(root, address)
+    if folder is not None:
+        ensure_maildir(box)     # Maildir++: the folder lives inside a maildir
+        box = box / folder
     ensure_maildir(box)
-    boxes_made[address] = str(box)
-    return boxes_made[address]
+    boxes_made[(address, folder)] = str(box)
+    return boxes_made[(address, folder)]
 
 
 def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
@@ -184,11 +196,11 @@ class MaildirDelivery:
         self._boxes: dict[str, str] = {}
 
     def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
-                chunks: Sequence[bytes]) -> Deferred:
+                chunks: Sequence[bytes], folder: str | None = None) -> Deferred:
         """Every address or none: a maildir refuses nobody, it fails (OSError)."""
         d = Deferred.fromCoroutine(_store(
             self.root, self._names.next(queue_id), list(addresses), list(chunks),
-            self._syncer, self._boxes,
+            self._syncer, self._boxes, folder,
         ))
         return d.addCallback(
             lambda paths: DeliveryOutcome(delivered=tuple(addresses), paths=tuple(paths))

@@ -7,6 +7,7 @@ verdict; the checker only gathers facts.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 from twisted.internet import defer
@@ -78,6 +79,10 @@ class TrustChecker:
         # spf_check(resolver, ip, domain, sender, helo, timeout, clock) ->
         # awaitable (SPFResult, explanation); a seam for tests.
         self.spf_check = spf_check
+        # The SPF results of recent checks, so that Authentication-Results
+        # reuses the session's check instead of evaluating it again (trust
+        # decisions always check afresh, within the DNS answers' TTLs).
+        self._spf_memo = SPFMemo(clock)
 
     def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
         """The whole chain: allow, deny, DNSBL, SPF, then the plugins (SPEC 6)."""
@@ -125,11 +130,29 @@ class TrustChecker:
             return False
         return bool(records) and all(host.rstrip(".") == "" for _, host in records)
 
-    async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
-                   accepted: tuple[str, ...]) -> Reply | None:
-        result, explanation = await self.spf_check(
+    def spf_result(self, peer: str, domain: str, helo: str, sender: str | None
+                   ) -> defer.Deferred:
+        """
+        Fire with (L{SPFResult}, explanation) for Authentication-Results:
+        the result the session's trust check found, when it ran one.
+        """
+        key = (peer, domain.lower(), helo, sender or "")
+        if (found := self._spf_memo.get(key)) is not None:
+            return defer.succeed(found)
+        return defer.Deferred.fromCoroutine(self._spf_result(peer, domain, helo, sender))
+
+    async def _spf_result(self, peer: str, domain: str, helo: str, sender: str | None):
+        """A fresh check (answers as cached by DNS, never by the memo)."""
+        domain = domain.lower()
+        found = await self.spf_check(
             self.resolver, peer, domain, sender or "", helo, self.timeout, self.clock
         )
+        self._spf_memo.put((peer, domain, helo, sender or ""), found)
+        return found
+
+    async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
+                   accepted: tuple[str, ...]) -> Reply | None:
+        result, explanation = await self._spf_result(peer, domain, helo, sender)
         verdict = decide_spf(result, accepted)
         maillog.SPF(
             log, result=result.value, domain=domain, peer=peer,
@@ -182,6 +205,34 @@ class TrustChecker:
 _OWN_LITERAL_REFUSED = replies.S550_POLICY.with_text(
     "Sender address literal of this host used from elsewhere"
 )
+
+
+class SPFMemo:
+    """
+    The last L{SIZE} SPF results, each kept L{LIFETIME} seconds: long
+    enough for one session's end of data to find its MAIL FROM's check.
+    """
+
+    SIZE = 4096
+    LIFETIME = 60.0
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()
+
+    def get(self, key: tuple):
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < self._clock.seconds():
+            return None
+        return entry[1]
+
+    def put(self, key: tuple, value: tuple) -> None:
+        self._entries[key] = (self._clock.seconds() + self.LIFETIME, value)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.SIZE:
+            self._entries.popitem(last=False)
+
+
 _PUSH_REFUSED = replies.S550_POLICY.with_text(
     "Push not accepted here; offer the message by General Delivery (GDEL)"
 )

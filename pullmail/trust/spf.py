@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import spf as pyspf
@@ -24,7 +25,20 @@ from twisted.internet.interfaces import IReactorTime
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
 
-__all__ = ["SPFResult", "check_host", "check_host_async", "authorises_everyone"]
+__all__ = ["SPFIdentity", "SPFResult", "authorises_everyone", "check_host", "check_host_async"]
+
+
+@dataclass(frozen=True)
+class SPFIdentity:
+    """
+    Whom SPF asks about (RFC 7208 2.4): the client's address, its HELO
+    name and the MAIL FROM; for mail pulled by RETR, the notifying
+    session's (SPEC 11.1).
+    """
+
+    peer: str
+    helo: str
+    sender: str
 
 
 class SPFResult(enum.Enum):

@@ -99,7 +99,14 @@ def new_messages(node, address, before) -> list[bytes]:
 
 
 def split_received(data: bytes) -> tuple[str, bytes]:
-    """The first header, which must be Received (unfolded), and the rest."""
+    """
+    The Received header (unfolded) under our Authentication-Results (SPEC
+    11.1: always the top field), and the rest.
+    """
+    results = re.match(rb"Authentication-Results: mx\.example\.org;[^\r\n]*\r\n"
+                       rb"(?:[ \t][^\r\n]*\r\n)*", data)
+    assert results, f"message does not start with Authentication-Results: {data[:300]!r}"
+    data = data[results.end():]
     match = re.match(rb"Received:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", data)
     assert match, f"message does not start with a Received header: {data[:300]!r}"
     header = re.sub(rb"\r\n[ \t]+", b" ", match.group(0)).decode("ascii").strip()

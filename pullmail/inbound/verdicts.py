@@ -1,0 +1,97 @@
+"""
+The verdicts on one received message (SPEC 11.1): SPF (the session's
+result, reused), DKIM, DMARC, folded into one Authentication-Results field
+and a disposition: deliver, quarantine into ``.Junk``, or reject.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pullmail import maillog
+from pullmail.inbound.authresults import Results, authentication_results, strip_ours
+from pullmail.trust.dkim import Verifier
+from pullmail.trust.dmarc import DMARCChecker
+from pullmail.trust.message import from_domains, header_end
+from pullmail.trust.spf import SPFIdentity, SPFResult
+
+__all__ = ["Verdict", "MessageChecker"]
+
+log = Logger(namespace="pullmail.inbound.verdicts")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    message: bytes           # the message, our forged results removed
+    header: bytes            # the Authentication-Results field to put on top
+    disposition: str         # "deliver" | "quarantine" | "reject"
+    reason: str = ""
+
+
+class MessageChecker:
+    """
+    Gathers the facts and decides.  C{spf} is the trust checker's
+    C{spf_result}; C{dmarc} None or C{mode} "off" skips DMARC.
+    """
+
+    def __init__(self, authserv_id: str, spf: Callable, verifier: Verifier,
+                 dmarc: DMARCChecker | None, mode: str = "enforce") -> None:
+        self.authserv_id = authserv_id
+        self.spf = spf
+        self.verifier = verifier
+        self.dmarc = dmarc if mode != "off" else None
+        self.mode = mode
+
+    def submitted(self, message: bytes, user: str | None) -> Verdict:
+        """Mail from an authenticated client: ``auth=pass smtp.auth=<user>``."""
+        header = authentication_results(self.authserv_id, Results(auth_user=user))
+        return Verdict(strip_ours(message, self.authserv_id), header, "deliver")
+
+    def local(self, message: bytes) -> Verdict:
+        """Mail this node made (a bounce): no method ran (RFC 8601 2.2 "none")."""
+        header = authentication_results(self.authserv_id, Results())
+        return Verdict(strip_ours(message, self.authserv_id), header, "deliver")
+
+    def check(self, message: bytes, identity: SPFIdentity) -> defer.Deferred:
+        """Fire with the L{Verdict} on received mail; never fails."""
+        return defer.Deferred.fromCoroutine(self._check(message, identity))
+
+    async def _check(self, message: bytes, identity: SPFIdentity) -> Verdict:
+        message = strip_ours(message, self.authserv_id)
+        sender = identity.sender
+        # RFC 7208 2.4: with the null reverse-path, the HELO identity.
+        domain = sender.rpartition("@")[2] if sender else identity.helo
+        kind, checked = ("mailfrom", sender) if sender else ("helo", identity.helo)
+        spf_call = defer.maybeDeferred(self.spf, identity.peer, domain, identity.helo,
+                                       sender or None).addErrback(self._spf_failed)
+        dkim_results, spf_outcome = await defer.gatherResults(
+            [self.verifier.verify(message), spf_call], consumeErrors=True
+        ).addErrback(lambda f: f.value.subFailure)
+        spf_result = spf_outcome[0].value
+        results = Results(spf=(spf_result, kind, checked), dkim=tuple(dkim_results))
+        disposition, reason = "deliver", ""
+        if self.dmarc is not None:
+            authors = from_domains(message[:header_end(message)])
+            verdict = await self.dmarc.check(
+                authors, (spf_result, domain.lower()),
+                [(r.result, r.domain) for r in dkim_results])
+            results = Results(spf=results.spf, dkim=results.dkim, dmarc=verdict)
+            if self.mode == "enforce" and verdict.disposition in ("reject", "quarantine"):
+                disposition = verdict.disposition
+                reason = f"DMARC policy of {verdict.domain}"
+        header = authentication_results(self.authserv_id, results)
+        maillog.VERDICTS(
+            log, peer=identity.peer,
+            results=header.decode("utf-8", "replace").split(";", 1)[1].split(),
+            disposition=disposition,
+        )
+        return Verdict(message, header, disposition, reason)
+
+    @staticmethod
+    def _spf_failed(failure) -> tuple:
+        log.failure("SPF check failed", failure)
+        return SPFResult.TEMPERROR, "SPF check failed"

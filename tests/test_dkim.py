@@ -1,0 +1,260 @@
+"""
+DKIM signing and verification (pullmail.trust.dkim): our signatures
+verify at dkimpy for both algorithms, and every malformed signature, key
+record or DNS failure of the issue's list gives a result, not a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import dkim
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.testing import assert_no_result, result_of
+from pullmail.trust.dkim import MAX_SIGNATURES, Signer, Verifier, signed_fields
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: bob@example.com\r\n"
+    b"Subject: lunch\r\n"
+    b"Date: Sat, 05 Dec 2026 03:00:00 +0000\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"\r\n"
+    b"Shall we?\r\n"
+)
+NOW = 1_700_000_000
+
+
+def clock() -> Clock:
+    c = Clock()
+    c.advance(NOW)
+    return c
+
+
+@pytest.fixture
+def signer(dkim_keys):
+    return Signer(dkim_keys[0], clock())
+
+
+class FakeTXT:
+    """TXT answers from a dict; a name mapped to an exception fails with it."""
+
+    def __init__(self, records) -> None:
+        self.records = dict(records)
+        self.asked: list[str] = []
+        self.waiting: dict[str, defer.Deferred] = {}
+
+    def __call__(self, name: str) -> defer.Deferred:
+        self.asked.append(name)
+        answer = self.records.get(name, DNSPermanentError(name))
+        if answer == "hang":
+            self.waiting[name] = defer.Deferred()
+            return self.waiting[name]
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer if isinstance(answer, list) else [answer])
+
+
+def blocking(function, *args):
+    return defer.succeed(function(*args))
+
+
+def dnsfunc(records):
+    return lambda name, timeout=5: records[name.decode().rstrip(".")].encode()
+
+
+def verify(message: bytes, records, run=blocking) -> list:
+    return result_of(Verifier(FakeTXT(records), run).verify(message))
+
+
+# -- signing -------------------------------------------------------------------------
+
+
+def test_signs_once_per_algorithm_and_both_verify_at_dkimpy(signer, dkim_keys):
+    signed = b"".join(signer.sign([MESSAGE]))
+    parsed = dkim.DKIM(signed)
+    assert signed.count(b"DKIM-Signature:") == 2
+    assert b"a=rsa-sha256" in signed and b"a=ed25519-sha256" in signed
+    assert b"s=pm1-rsa;" in signed and b"s=pm1-ed25519;" in signed
+    assert parsed.verify(0, dnsfunc=dnsfunc(dkim_keys[1]))
+    assert parsed.verify(1, dnsfunc=dnsfunc(dkim_keys[1]))
+    assert signed.endswith(MESSAGE)
+
+
+def test_signature_is_relaxed_and_dated_by_the_clock(signer):
+    signed = b"".join(signer.sign([MESSAGE]))
+    assert b"c=relaxed/relaxed" in signed
+    assert f"t={NOW};".encode() in signed
+
+
+def test_survives_refolding_on_the_way(signer, dkim_keys):
+    """Relaxed/relaxed: a relay that refolds the header leaves it valid."""
+    signed = b"".join(signer.sign([MESSAGE])).replace(b"Subject: lunch", b"Subject:  \r\n\tlunch")
+    assert dkim.DKIM(signed).verify(0, dnsfunc=dnsfunc(dkim_keys[1]))
+
+
+def test_oversigns_the_fields_a_forger_would_add(signer, dkim_keys):
+    signed = b"".join(signer.sign([MESSAGE]))
+    forged = signed.replace(b"Subject: lunch\r\n", b"Subject: lunch\r\nSubject: pay me\r\n")
+    assert not dkim.DKIM(forged).verify(0, dnsfunc=dnsfunc(dkim_keys[1]))
+    fields = signed_fields([(b"From", b""), (b"To", b""), (b"Received", b"")])
+    assert fields.count(b"from") == 2 and fields.count(b"to") == 2
+    assert fields.count(b"cc") == 1 and fields.count(b"mime-version") == 1
+    assert b"received" not in fields and b"list-id" not in fields
+
+
+def test_foreign_or_ambiguous_from_is_not_signed(signer):
+    foreign = MESSAGE.replace(b"alice@example.org", b"alice@example.com")
+    assert signer.sign([foreign]) == [foreign]
+    lookalike = MESSAGE.replace(b"alice@example.org", b"alice@badexample.org")
+    assert signer.sign([lookalike]) == [lookalike]
+    two = MESSAGE.replace(b"<alice@example.org>", b"<alice@example.org>, eve@example.org")
+    assert signer.sign([two]) == [two]
+
+
+def test_arc_seal_over_our_verdicts(signer, dkim_keys):
+    message = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@b.test\r\n" + MESSAGE
+    arc = signer.seal(message, "example.org", "mx.example.org")
+    names = [line.split(b":", 1)[0] for line in arc]
+    assert names == [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results"]
+    assert b"cv=none" in arc[0]
+    cv, _, _ = dkim.arc_verify(b"".join(arc) + message, dnsfunc=dnsfunc(dkim_keys[1]))
+    assert cv == dkim.CV_Pass
+    assert signer.seal(message, "example.com", "mx.example.org") == []
+
+
+# -- verifying -----------------------------------------------------------------------
+
+
+def test_both_signatures_pass(signer, dkim_keys):
+    results = verify(b"".join(signer.sign([MESSAGE])), dkim_keys[1])
+    assert [(r.result, r.domain, r.selector) for r in results] == [
+        ("pass", "example.org", "pm1-rsa"), ("pass", "example.org", "pm1-ed25519")]
+    assert all(len(r.signature) == 12 for r in results)
+
+
+def test_unsigned_message_has_no_results_and_no_lookup():
+    txt = FakeTXT({})
+    assert result_of(Verifier(txt, blocking).verify(MESSAGE)) == []
+    assert txt.asked == []
+
+
+def test_changed_body_fails(signer, dkim_keys):
+    signed = b"".join(signer.sign([MESSAGE])).replace(b"Shall we?", b"Pay me.")
+    assert {r.result for r in verify(signed, dkim_keys[1])} == {"fail"}
+
+
+def signature(tags: bytes) -> bytes:
+    return b"DKIM-Signature: " + tags + b"\r\n" + MESSAGE
+
+
+@pytest.mark.parametrize("tags", [
+    b"v=1; a=rsa-sha256; d=example.org; s=pm1-rsa",                       # no b=, bh=, h=
+    b"v=1; a=rsa-sha256; d=example.org; s=pm1-rsa; h=from; bh=!!!; b=@@@",  # bad base64
+    b"v=1; a=rsa-sha256; d=example.org; s=pm1-rsa; h=from; bh=AA==; b=AA==; x",  # bad tag list
+    b"v=2; a=rsa-sha256; d=example.org; s=pm1-rsa; h=from; bh=AA==; b=AA==",  # version
+    b"v=1; a=rot13; d=example.org; s=pm1-rsa; h=from; bh=AA==; b=AA==",     # algorithm
+    b"v=1; a=rsa-sha256; d=example.org; s=pm1-rsa; h=subject; bh=AA==; b=AA==",  # From unsigned
+    b"\xff\xfe; d=\x00",                                                   # junk bytes
+])
+def test_malformed_signature_is_permerror(dkim_keys, tags):
+    [result] = verify(signature(tags), dkim_keys[1])
+    assert result.result == "permerror"
+
+
+def test_length_larger_than_the_body_is_permerror(dkim_keys, tmp_path):
+    """RFC 6376 3.5 l=: longer than the body: the signature is invalid."""
+    pem = next(k for k in dkim_keys[0]["example.org"] if k.pem).pem
+    header = dkim.sign(MESSAGE, b"pm1-rsa", b"example.org", pem, length=True,
+                       canonicalize=(b"relaxed", b"relaxed"))
+    assert verify(header + MESSAGE, dkim_keys[1])[0].result == "pass"
+    longer = header.replace(b"l=11;", b"l=500;")
+    assert b"l=500;" in longer
+    assert verify(longer + MESSAGE, dkim_keys[1])[0].result == "permerror"
+
+
+def test_rsa_sha1_is_not_accepted(dkim_keys):
+    pem = next(k for k in dkim_keys[0]["example.org"] if k.pem).pem
+    header = dkim.sign(MESSAGE, b"pm1-rsa", b"example.org", pem,
+                       signature_algorithm=b"rsa-sha1")
+    assert verify(header + MESSAGE, dkim_keys[1])[0].result == "permerror"
+
+
+def test_fifty_signatures_check_five(signer, dkim_keys):
+    signed = b"".join(signer.sign([MESSAGE]))
+    many = b"".join(signed.split(b"From:")[0] for _ in range(25)) + MESSAGE
+    txt = FakeTXT(dkim_keys[1])
+    results = result_of(Verifier(txt, blocking).verify(many))
+    assert len(results) == MAX_SIGNATURES
+    assert {r.result for r in results} == {"pass"}
+    assert sorted(txt.asked) == sorted(dkim_keys[1])      # each key name asked once
+
+
+@pytest.mark.parametrize("record, expected", [
+    (DNSPermanentError("nxdomain"), "permerror"),          # missing: no such name
+    ([], "permerror"),                                     # missing: no TXT there
+    ("v=DKIM1; k=rsa; p=", "permerror"),                   # revoked
+    ("v=DKIM1; k=rsa; p=!!notbase64!!", "permerror"),      # garbled
+    ("v=DKIM1; k=rsa p=AAAA", "permerror"),                # bad tag syntax
+    ("v=DKIM2; k=rsa; p=AAAA", "permerror"),               # bad version
+    ("v=DKIM1; k=dsa; p=AAAA", "permerror"),               # unknown key type
+    (DNSTemporaryError("timeout"), "temperror"),           # DNS timed out
+])
+def test_key_record_problems(signer, dkim_keys, record, expected):
+    records = dict(dkim_keys[1])
+    records["pm1-rsa._domainkey.example.org"] = record
+    results = verify(b"".join(signer.sign([MESSAGE])), records)
+    assert [r.result for r in results] == [expected, "pass"]
+
+
+def test_rsa_key_under_1024_bits_fails(dkim_keys):
+    """RFC 8301 3.2."""
+    pem = (Path(__file__).parent / "data" / "rsa512.pem").read_bytes()
+    header = dkim.sign(MESSAGE, b"weak", b"example.org", pem,
+                       canonicalize=(b"relaxed", b"relaxed"))
+    from cryptography.hazmat.primitives import serialization
+
+    public = serialization.load_pem_private_key(pem, None).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    records = {"weak._domainkey.example.org":
+               "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()}
+    [result] = verify(header + MESSAGE, records)
+    assert result.result == "fail"
+    assert "too small" in result.reason
+
+
+def test_dns_that_stops_answering_holds_only_this_message(signer, dkim_keys):
+    """The first key answers, the second hangs: no result until it times out."""
+    records = dict(dkim_keys[1])
+    records["pm1-ed25519._domainkey.example.org"] = "hang"
+    txt = FakeTXT(records)
+    d = Verifier(txt, blocking).verify(b"".join(signer.sign([MESSAGE])))
+    assert_no_result(d)
+    txt.waiting["pm1-ed25519._domainkey.example.org"].errback(DNSTemporaryError("timeout"))
+    assert [r.result for r in result_of(d)] == ["pass", "temperror"]
+
+
+def test_large_messages_are_checked_off_the_reactor_thread(signer, dkim_keys):
+    big = MESSAGE + b"x" * 70 + b"\r\n" * 1 + (b"y" * 76 + b"\r\n") * 5000
+    ran = []
+
+    def run(function, *args):
+        ran.append(function.__name__)
+        return defer.succeed(function(*args))
+
+    results = verify(b"".join(signer.sign([big])), dkim_keys[1], run)
+    assert [r.result for r in results] == ["pass", "pass"]
+    assert ran == ["_prepare", "_check_all"]
+
+
+def test_key_records_are_parsed_once(signer, dkim_keys):
+    verifier = Verifier(FakeTXT(dkim_keys[1]), blocking)
+    signed = b"".join(signer.sign([MESSAGE]))
+    for _ in range(3):
+        result_of(verifier.verify(signed))
+    assert len(verifier._keys) == 2
