@@ -18,7 +18,7 @@ from pullmail.accounts.users import Accounts
 from pullmail.inbound.router import Router
 from pullmail.inbound.verdicts import MessageChecker
 from pullmail.smtp.envelope import Envelope, Session
-from pullmail.testing import FakeDeliveryAgent, result_of
+from pullmail.testing import FakeDeliveryAgent, FakeResolver, result_of
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.spf import SPFIdentity, SPFResult
