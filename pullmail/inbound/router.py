@@ -31,7 +31,7 @@ from pullmail.trust.spf import SPFIdentity
 
 __all__ = ["Router", "received_header", "one_refusal"]
 
-log = Logger(namespace="pullmail.outbound.delivery")
+log = Logger(namespace="pullmail.inbound.router")
 
 
 def received_header(
