@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Bouncer"]
 
-log = Logger(namespace="pullmail.outbound.delivery")
+log = Logger(namespace="pullmail.outbound.bouncer")
 
 
 class Bouncer:

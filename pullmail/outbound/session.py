@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Courier", "Permanent", "Transient", "TransientPeer"]
 
-log = Logger(namespace="pullmail.outbound.delivery")
+log = Logger(namespace="pullmail.outbound.session")
 
 # The entries a session takes from its domain's line at a time.
 ENTRIES_PER_TAKE = 10

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Fetcher"]
 
-log = Logger(namespace="pullmail.pull.retrieve")
+log = Logger(namespace="pullmail.pull.fetch")
 
 # Notifications an open connection takes from its peer's line at a time.
 RETRS_PER_TAKE = 10

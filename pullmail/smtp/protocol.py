@@ -53,7 +53,7 @@ from pullmail.smtp.server import (
 __all__ = ["SMTPServerFactory", "SMTPConnection", "ConnectionLimits", "ClientConnection",
            "Connector"]
 
-log = Logger(namespace="pullmail.smtp")
+log = Logger(namespace="pullmail.smtp.protocol")
 
 
 # Input kept while a request runs before the transport stops reading:

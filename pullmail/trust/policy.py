@@ -28,7 +28,7 @@ from pullmail.trust.spf import SPFResult, check_host_async
 
 __all__ = ["TrustChecker", "decide_spf", "listed"]
 
-log = Logger(namespace="pullmail.trust")
+log = Logger(namespace="pullmail.trust.policy")
 
 
 def decide_spf(result: SPFResult, accepted: tuple[str, ...]) -> Reply | None:
