@@ -9,7 +9,6 @@ import importlib
 from pathlib import Path
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from pullmail.interfaces import IDeliveryAgent, IOutbox, ITrustPolicy
@@ -26,33 +25,33 @@ MODULES = [
 ]
 
 
-class DeliveryAgentTests(SynchronousTestCase):
+class DeliveryAgentTests:
     def test_maildir_delivery(self):
         """MaildirDelivery provides IDeliveryAgent."""
         delivery = MaildirDelivery(Path("/m"), MaildirNames(Clock(), "h", 1), object())
-        self.assertTrue(verifyObject(IDeliveryAgent, delivery))
-        self.assertTrue(verifyClass(IDeliveryAgent, MaildirDelivery))
-        self.assertEqual(delivery.root, Path("/m"))
+        assert verifyObject(IDeliveryAgent, delivery)
+        assert verifyClass(IDeliveryAgent, MaildirDelivery)
+        assert delivery.root == Path("/m")
 
 
-class OtherSeamTests(SynchronousTestCase):
+class OtherSeamTests:
     def test_outbox(self):
         """MaildirOutbox provides IOutbox."""
-        self.assertTrue(verifyClass(IOutbox, MaildirOutbox))
-        self.assertTrue(verifyObject(IOutbox, MaildirOutbox(Path("/nonexistent/outbox"))))
+        assert verifyClass(IOutbox, MaildirOutbox)
+        assert verifyObject(IOutbox, MaildirOutbox(Path("/nonexistent/outbox")))
 
     def test_trust_checker(self):
         """TrustChecker implements ITrustPolicy."""
-        self.assertTrue(verifyClass(ITrustPolicy, TrustChecker))
+        assert verifyClass(ITrustPolicy, TrustChecker)
 
 
-class ExportTests(SynchronousTestCase):
+class ExportTests:
     def test_all_defined(self):
         """Every name in each module's __all__ exists in that module."""
         for name in MODULES:
             module = importlib.import_module(name)
             exported = getattr(module, "__all__", None)
-            self.assertIsNotNone(exported, name)
+            assert exported is not None, name
             for attribute in exported:
-                self.assertTrue(hasattr(module, attribute), f"{name}.{attribute}")
-            self.assertEqual(len(set(exported)), len(exported), name)
+                assert hasattr(module, attribute), f"{name}.{attribute}"
+            assert len(set(exported)) == len(exported), name

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import errno
 import re
+from pathlib import Path
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pullmail.accounts.users import Accounts
 from pullmail.inbound.router import Router, received_header
 from pullmail.interfaces import IDeliveryAgent
 from pullmail.smtp.envelope import Envelope, Session
-from pullmail.testing import FakeDeliveryAgent
+from pullmail.storage.maildir import MaildirNames, store
+from pullmail.testing import FakeDeliveryAgent, result_of
+
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
 # 2024-01-02 03:04:05 UTC
 NOW = 1704164645.0
@@ -57,18 +61,17 @@ _RECEIVED = re.compile(
 )
 
 
-class ReceivedHeaderTests(SynchronousTestCase):
+class ReceivedHeaderTests:
     """The trace header of RFC 5321 4.4 with RFC 3848 protocol names."""
 
     def test_one_recipient(self):
         """One recipient: from, by, with, id, for and the date, CRLF-folded."""
         session = Session("192.0.2.1", helo="client.test", esmtp=True)
         header = received_header(session, "mx.example.org", "ABC123", ["alice@example.org"], NOW)
-        self.assertEqual(
-            header,
+        assert header == (
             b"Received: from client.test ([192.0.2.1])\r\n"
             b"\tby mx.example.org (pullmail) with ESMTP id ABC123\r\n"
-            b"\tfor <alice@example.org>; Tue, 02 Jan 2024 03:04:05 +0000\r\n",
+            b"\tfor <alice@example.org>; Tue, 02 Jan 2024 03:04:05 +0000\r\n"
         )
 
     def test_many_recipients(self):
@@ -76,12 +79,12 @@ class ReceivedHeaderTests(SynchronousTestCase):
         session = Session("192.0.2.1", helo="client.test", esmtp=True, tls=True, user="a@example.org")
         header = received_header(session, "mx.example.org", "ABC123", ["a@x.test", "b@x.test"], NOW)
         match = _RECEIVED.match(header.decode())
-        self.assertIsNotNone(match, header)
-        self.assertEqual(match["with"], "ESMTPSA")
-        self.assertEqual(match["id"], "ABC123")
-        self.assertIsNone(match["for"])
-        self.assertIn(b"ABC123;\r\n\t", header)
-        self.assertNotIn(b"for <", header)
+        assert match is not None, header
+        assert match["with"] == "ESMTPSA"
+        assert match["id"] == "ABC123"
+        assert match["for"] is None
+        assert b"ABC123;\r\n\t" in header
+        assert b"for <" not in header
 
     def test_protocol_names(self):
         """SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848)."""
@@ -95,14 +98,14 @@ class ReceivedHeaderTests(SynchronousTestCase):
         for changes, name in cases:
             session = Session("192.0.2.1", helo="c.test", **changes)
             header = received_header(session, "mx.example.org", "Q", ["a@b.test"], NOW)
-            self.assertIn(f" with {name} id Q".encode(), header, name)
+            assert f" with {name} id Q".encode() in header, name
 
     def test_no_helo(self):
         """Without a HELO name the header is still well formed."""
         header = received_header(Session("192.0.2.1"), "mx.example.org", "Q", ["a@b.test"], NOW)
-        self.assertTrue(header.startswith(b"Received: from "))
-        self.assertIn(b"([192.0.2.1])", header)
-        self.assertTrue(header.endswith(b"\r\n"))
+        assert header.startswith(b"Received: from ")
+        assert b"([192.0.2.1])" in header
+        assert header.endswith(b"\r\n")
 
     def test_lines_crlf(self):
         """Every line ends in CRLF, and continuation lines start with white space."""
@@ -110,21 +113,21 @@ class ReceivedHeaderTests(SynchronousTestCase):
             Session("192.0.2.1", helo="c.test"), "mx.example.org", "Q", ["a@b.test"], NOW
         )
         lines = header.split(b"\r\n")
-        self.assertEqual(lines[-1], b"")
-        self.assertNotIn(b"\n", b"".join(lines))
+        assert lines[-1] == b""
+        assert b"\n" not in b"".join(lines)
         for line in lines[1:-1]:
-            self.assertIn(line[:1], (b"\t", b" "))
+            assert line[:1] in (b"\t", b" ")
 
     def test_ipv6_peer(self):
         """An IPv6 peer is written as an address literal "[IPv6:...]" (RFC 5321 4.1.3)."""
         header = received_header(Session("2001:db8::1", helo="c.test"), "mx.example.org", "Q", ["a@b.test"], NOW)
-        self.assertIn(b"([IPv6:2001:db8::1])", header)
+        assert b"([IPv6:2001:db8::1])" in header
 
 
-class AcceptTests(SynchronousTestCase):
+class AcceptTests:
     """Router.accept: where the message goes and what the client is told."""
 
-    def setUp(self):
+    def setup_method(self):
         self.delivery = FakeDeliveryAgent()
         self.outbound = FakeOutbound()
         self.clock = Clock()
@@ -134,41 +137,41 @@ class AcceptTests(SynchronousTestCase):
 
     def accept(self, recipients, body=b"Subject: x\r\n\r\nhi\r\n"):
         envelope = Envelope("x@remote.test", tuple(recipients))
-        return self.successResultOf(self.router.accept(self.session, envelope, [body], len(body)))
+        return result_of(self.router.accept(self.session, envelope, [body], len(body)))
 
     def test_fake_is_a_delivery_agent(self):
         """The fake used here provides IDeliveryAgent."""
-        self.assertTrue(verifyObject(IDeliveryAgent, self.delivery))
+        assert verifyObject(IDeliveryAgent, self.delivery)
 
     def test_local(self):
         """A local message is delivered with a Received header; 250 names the queue id."""
         reply = self.accept(["alice@example.org"])
         [(queue_id, _, addresses, chunks)] = self.delivery.calls
-        self.assertEqual(addresses, ["alice@example.org"])
-        self.assertEqual((reply.code, reply.enhanced), (250, "2.0.0"))
-        self.assertIn(queue_id, reply.text)
+        assert addresses == ["alice@example.org"]
+        assert (reply.code, reply.enhanced) == (250, "2.0.0")
+        assert queue_id in reply.text
         message = b"".join(chunks)
-        self.assertTrue(message.startswith(b"Received: from client.test ([192.0.2.1])\r\n"))
-        self.assertIn(f" id {queue_id}".encode(), message)
-        self.assertIn(b"Tue, 02 Jan 2024 03:04:05", message)
-        self.assertTrue(message.endswith(b"\r\nSubject: x\r\n\r\nhi\r\n"))
+        assert message.startswith(b"Received: from client.test ([192.0.2.1])\r\n")
+        assert f" id {queue_id}".encode() in message
+        assert b"Tue, 02 Jan 2024 03:04:05" in message
+        assert message.endswith(b"\r\nSubject: x\r\n\r\nhi\r\n")
 
     def test_queue_ids_differ(self):
         """Two messages get two queue ids."""
         first, second = self.accept(["alice@example.org"]), self.accept(["alice@example.org"])
-        self.assertNotEqual(first.text, second.text)
-        self.assertNotEqual(self.delivery.calls[0][0], self.delivery.calls[1][0])
+        assert first.text != second.text
+        assert self.delivery.calls[0][0] != self.delivery.calls[1][0]
 
     def test_alias_expansion(self):
         """Aliases expand to mailboxes, once each; remote targets are queued."""
         reply = self.accept(["all@example.org", "bob@example.org"])
-        self.assertEqual(reply.code, 250)
+        assert reply.code == 250
         [(queue_id, _, addresses, _)] = self.delivery.calls
-        self.assertEqual(sorted(addresses), ["alice@example.org", "bob@example.org"])
+        assert sorted(addresses) == ["alice@example.org", "bob@example.org"]
         [(queued_id, sender, remote, _)] = self.outbound.calls
-        self.assertEqual(queued_id, queue_id)
-        self.assertEqual(sender, "x@remote.test")
-        self.assertEqual(remote, ["carol@remote.test"])
+        assert queued_id == queue_id
+        assert sender == "x@remote.test"
+        assert remote == ["carol@remote.test"]
 
     def test_forwarded_mail_remembers_its_origin(self):
         """
@@ -176,58 +179,50 @@ class AcceptTests(SynchronousTestCase):
         so a later bounce can be checked against the sender's SPF (SPEC 7).
         """
         self.accept(["all@example.org"])
-        self.assertEqual(self.outbound.origins, [self.session.peer])
+        assert self.outbound.origins == [self.session.peer]
 
     def test_split(self):
         """split() separates local mailboxes from remote addresses."""
-        self.assertEqual(
-            self.router.split(["team@example.org", "dave@remote.test"]),
-            (["alice@example.org", "bob@example.org"], ["carol@remote.test", "dave@remote.test"]),
+        assert self.router.split(["team@example.org", "dave@remote.test"]) == (
+            ["alice@example.org", "bob@example.org"], ["carol@remote.test", "dave@remote.test"]
         )
 
     def test_disk_full(self):
         """ENOSPC while storing is 452 4.3.1 (RFC 3463: mail system full)."""
         self.delivery.error = OSError(errno.ENOSPC, "No space left on device")
         reply = self.accept(["alice@example.org"])
-        self.assertEqual((reply.code, reply.enhanced), (452, "4.3.1"))
+        assert (reply.code, reply.enhanced) == (452, "4.3.1")
 
     def test_other_os_error(self):
         """Another OSError is 451 4.3.0."""
         self.delivery.error = OSError(errno.EACCES, "Permission denied")
         reply = self.accept(["alice@example.org"])
-        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+        assert (reply.code, reply.enhanced) == (451, "4.3.0")
 
     def test_remote_without_outbound(self):
         """With no outbound queue, a remote recipient is 451, never a silent 250."""
         router = Router("mx.example.org", _accounts(), self.delivery, self.clock)
         envelope = Envelope("alice@example.org", ("x@remote.test",))
-        reply = self.successResultOf(router.accept(self.session, envelope, [b"x\r\n"], 3))
-        self.assertEqual(reply.code, 451)
-        self.assertEqual(self.delivery.calls, [])
+        reply = result_of(router.accept(self.session, envelope, [b"x\r\n"], 3))
+        assert reply.code == 451
+        assert self.delivery.calls == []
 
 
-class DeliveredOfTests(SynchronousTestCase):
-    def test_finds_a_stored_message_by_queue_id(self):
+class DeliveredOfTests:
+    def test_finds_a_stored_message_by_queue_id(self, tmp_path: Path):
         """Retrieved mail is found again by its queue id, in new/ or in cur/."""
-        import tempfile
-        from pathlib import Path
-
-        from pullmail.storage.maildir import MaildirNames, store
-
-        root = Path(tempfile.mkdtemp())
-        self.addCleanup(__import__("shutil").rmtree, root)
+        root = tmp_path
         router = Router("mx.example.org", _accounts(), type("D", (), {"root": root})(), Clock())
         names = MaildirNames(Clock(), "mx.example.org", 1)
         alice, bob = ["alice@example.org"], ["bob@example.org"]
-        self.assertEqual(router.delivered_of({"GABC": alice}), set())
+        assert router.delivered_of({"GABC": alice}) == set()
         [path] = store(root, names.next("GABC"), alice, [b"x\r\n"])
         store(root, names.next("GABE"), ["alice@example.org", "bob@example.org"], [b"y\r\n"])
-        self.assertEqual(router.delivered_of({"GABC": alice}), {"GABC"})
-        self.assertEqual(router.delivered_of({"GABD": alice}), set())
-        self.assertEqual(router.delivered_of({"GABC": bob}), set())
+        assert router.delivered_of({"GABC": alice}) == {"GABC"}
+        assert router.delivered_of({"GABD": alice}) == set()
+        assert router.delivered_of({"GABC": bob}) == set()
         # Many ids at once: each found in a mailbox of its own recipients.
-        self.assertEqual(router.delivered_of({"GABC": alice + bob, "GABD": alice, "GABE": bob,
-                                              "GABF": ["carol@elsewhere.example"]}),
-                         {"GABC", "GABE"})
+        assert router.delivered_of({"GABC": alice + bob, "GABD": alice, "GABE": bob,
+                                    "GABF": ["carol@elsewhere.example"]}) == {"GABC", "GABE"}
         path.rename(path.parent.parent / "cur" / (path.name + ":2,S"))
-        self.assertEqual(router.delivered_of({"GABC": alice}), {"GABC"})
+        assert router.delivered_of({"GABC": alice}) == {"GABC"}
