@@ -268,6 +268,18 @@ class LimitsConfig:
     retrievals_per_minute: int = _opt(600, int)
 
 
+_BACKENDS = ("files", "postgresql")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """SPEC 11.3: where the outbox, push queue and pending notifications live."""
+
+    backend: str = _opt("files", str, _one_of(_BACKENDS))
+    dsn: str = _opt("", str)
+    lease: float = _opt(300.0, str, parse_duration)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, validated configuration; paths are absolute."""
@@ -281,6 +293,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     base: Path = Path(".")
 
     @property
@@ -337,6 +350,10 @@ def _check(config: Config) -> None:
             raise ConfigError(option, "must be greater than zero")
     if not 0 < config.delivery.remote_port < 65536:
         raise ConfigError("delivery.remote_port", "must be a port number (1-65535)")
+    if config.store.backend == "postgresql" and not config.store.dsn.strip():
+        raise ConfigError("store.dsn", 'is needed with backend = "postgresql"')
+    if config.store.lease <= 0:
+        raise ConfigError("store.lease", "must be greater than zero")
     if not config.retrieval.schedule:
         raise ConfigError("retrieval.schedule", "needs at least one attempt")
     if not config.delivery.push_retry:

@@ -66,6 +66,18 @@ class IOutbox(Interface):
     def read_message(entry_id):
         """The message bytes of an entry (blocking)."""
 
+    def find(entry_id):
+        """A Deferred firing with the entry (any node's, if shared) or None."""
+
+    def acquire(entry_id):
+        """L{claim} as a Deferred (a transaction, if shared): the entry or None."""
+
+    def take(entry_id):
+        """
+        A Deferred firing with the entry, taken for due work by this node
+        and as it now is, or with None: gone, or another node has it.
+        """
+
 
 class ITrustPolicy(Interface):
     """Decides whether a sender may be trusted (SPEC 6)."""

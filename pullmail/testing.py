@@ -41,7 +41,7 @@ from pullmail.interfaces import IOutbox, ITrustPolicy
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
-from pullmail.storage.outbox import OutboxEntry
+from pullmail.storage.outbox import OneNode, OutboxEntry
 
 __all__ = [
     "FakeResolver",
@@ -161,7 +161,7 @@ class FakeResolver:
 
 
 @implementer(IOutbox)
-class MemoryOutbox:
+class MemoryOutbox(OneNode):
     """
     An outbox in memory.  Like L{pullmail.storage.outbox.MaildirOutbox}, it keeps a
     "disk" (entries as JSON, claims, messages) apart from its index, so a
