@@ -53,7 +53,10 @@ class PickupCounter:
 
     async def retrieve(self, request: Retrieve) -> object:
         peer, gdel_id = request.session.peer, request.gdel_id
-        entry = self.outbox.get(gdel_id)
+        try:
+            entry = await self.outbox.find(gdel_id)
+        except OSError as e:   # a shared outbox out of reach (SPEC 11.3)
+            return self._unavailable(gdel_id, e)
         now = self.clock.seconds()
         # A queued entry is served too: its notification may have been taken
         # with the reply lost, and only a notification could reveal the id.
@@ -79,12 +82,21 @@ class PickupCounter:
             if self.outbox.get(gdel_id) is not entry:
                 return await self._refuse(peer, gdel_id, "gone while notified")
         await self.outbox.flushed(gdel_id)
-        claimed = self.outbox.claim(gdel_id)
+        try:
+            claimed = await self.outbox.acquire(gdel_id)
+        except OSError as e:
+            return self._unavailable(gdel_id, e)
         if claimed is None:
             return replies.S451_IN_PROGRESS
         log.info("RETR {id} ({queue_id}) by {peer}: handing over", id=gdel_id,
                  queue_id=entry.queue_id, peer=peer, event="retr")
         return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer, host))
+
+    @staticmethod
+    def _unavailable(gdel_id: str, error: OSError) -> Reply:
+        log.warn("RETR {id}: the outbox is out of reach: {error}", id=gdel_id,
+                 error=str(error), event="store-unavailable")
+        return replies.S451_LOCAL_ERROR
 
     async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply:
         delay = self.failures.failed(peer)

@@ -19,6 +19,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Iterator
 
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from pullmail.interfaces import IPendingStore
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
@@ -83,7 +87,12 @@ def notification_key(origin: str, gdel_id: str) -> str:
     return hashlib.sha256(f"{origin.lower()}\0{gdel_id}".encode()).hexdigest()[:40]
 
 
+@implementer(IPendingStore)
 class PendingStore:
+    """The files backend: one record per file, the index in memory."""
+
+    shared = False
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self._index: dict[str, Notification] = {}
@@ -155,6 +164,12 @@ class PendingStore:
 
     def remember(self, notification: Notification) -> None:
         self._remember(notification)
+
+    def find(self, origin: str, gdel_id: str) -> Deferred:
+        return succeed(self.get(origin, gdel_id))
+
+    def take(self, key: str) -> Deferred:
+        return succeed(self.by_key(key))
 
     def remove(self, notification: Notification) -> None:
         (self.root / f"{notification.key}.json").unlink(missing_ok=True)
