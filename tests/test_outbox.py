@@ -52,7 +52,7 @@ def pg_database(pg_dsn):
     database = Database(pg_dsn)
     database.open()
     yield database
-    database.stop()
+    database.close()
 
 
 def _postgres(request_database, node: str = "mx1.example"):

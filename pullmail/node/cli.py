@@ -5,6 +5,7 @@ The ``pullmail`` operator command.
     pullmail adduser [--config FILE] ADDRESS     (password from stdin when piped)
     pullmail queue [--config FILE] [--flush | --delete ID | --json]
     pullmail spf-record [--config FILE]
+    pullmail initdb [--config FILE]              ([store] backend = "postgresql")
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Sequence, TextIO
 from pullmail import config as configuration
 from pullmail.accounts.users import AccountsError, add_user, read_aliases, read_users
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
-from pullmail.node.control import SOCKET_NAME, offline_delete, offline_listing
+from pullmail.node.control import SOCKET_NAME, cluster_queue, offline_delete, offline_listing
 from pullmail.node.plugin import enabled_plugins
 
 __all__ = ["main"]
@@ -126,6 +127,8 @@ def print_rows(rows: list[dict], out: TextIO) -> None:
 
 def queue(args, out: TextIO) -> int:
     config = _load(args)
+    if config.store.backend == "postgresql":   # SPEC 11.3: the cluster's queue, from any node
+        return cluster_queue(config, args, out, print_rows)
     if args.delete:
         answer = _control(config, {"command": "delete", "id": args.delete})
         deleted = answer["ok"] if answer is not None else offline_delete(
@@ -151,6 +154,30 @@ def queue(args, out: TextIO) -> int:
         print(json.dumps(rows, indent=1), file=out)
     else:
         print_rows(rows, out)
+    return 0
+
+
+def initdb(args, out: TextIO) -> int:
+    """SPEC 11.3: create or upgrade the cluster's schema; running it again changes nothing."""
+    from pullmail.storage.postgresql import schema
+    from pullmail.storage.postgresql.database import Database, StoreUnavailable
+
+    config = _load(args)
+    if config.store.backend != "postgresql":
+        print('pullmail initdb: [store] backend is not "postgresql"; nothing to do',
+              file=sys.stderr)
+        return 1
+    try:
+        with Database(config.store.dsn).connect() as connection:
+            before, after = schema.initdb(connection)
+    except (schema.SchemaError, StoreUnavailable) as e:
+        print(f"pullmail initdb: {e}", file=sys.stderr)
+        return 1
+    if before == after:
+        print(f"schema is up to date (version {after})", file=out)
+    else:
+        print(f"schema {'upgraded from version ' + str(before) if before else 'created'}:"
+              f" version {after}", file=out)
     return 0
 
 
@@ -207,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
 
     command("checkconfig", checkconfig, "validate the configuration")
     command("adduser", adduser, "add a user or change a password").add_argument("address")
+    command("initdb", initdb, "create or upgrade the PostgreSQL schema ([store])")
     command("spf-record", spf_record, "print the SPF record the local domains should publish")
     queue_command = command("queue", queue, "list, flush or delete queued mail and notifications")
     queue_command.add_argument("--flush", action="store_true", help="try everything now")

@@ -19,7 +19,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
 from pullmail.storage.pending import Notification
 
-__all__ = ["ControlFactory", "listing", "offline_listing", "offline_delete", "SOCKET_NAME"]
+__all__ = ["ControlFactory", "cluster_queue", "listing", "offline_listing", "offline_delete",
+           "SOCKET_NAME"]
 
 log = Logger(namespace="pullmail.node.control")
 SOCKET_NAME = "control.sock"
@@ -29,6 +30,7 @@ def _entry_row(entry: OutboxEntry, now: float) -> dict:
     return {
         "kind": "outbox" if entry.state == NOTIFIED else "push",
         "id": entry.id, "queue_id": entry.queue_id, "sender": entry.sender,
+        "domain": entry.domain,
         "recipients": list(entry.recipients), "age": now - entry.created,
         "state": "claimed" if entry.claimed else entry.state, "attempts": entry.attempts,
         "next": (entry.expires if entry.state == NOTIFIED else entry.next_attempt) - now,
@@ -128,3 +130,45 @@ def offline_delete(state_dir: Path, target: str) -> bool:
             path.unlink()
             removed = True
     return removed
+
+
+def cluster_queue(config, args, out, print_rows) -> int:
+    """
+    ``pullmail queue`` with [store] backend = "postgresql": the cluster's
+    queue, read and changed in the database from any node (SPEC 11.3).
+    The rows are those L{listing} gives the node's control socket.
+    """
+    import sys
+    import time
+
+    from pullmail.storage.postgresql import outbox, pending
+    from pullmail.storage.postgresql.database import Database, StoreUnavailable
+
+    database = Database(config.store.dsn)
+    database.open()
+    now = time.time()
+    try:
+        if args.delete:
+            if not (outbox.delete_from_cluster(database, args.delete, now)
+                    or pending.delete_from_cluster(database, args.delete, now)):
+                print(f"pullmail queue: no entry {args.delete} (or a node holds it now)",
+                      file=sys.stderr)
+                return 1
+            print(f"deleted {args.delete}", file=out)
+        elif args.flush:
+            pending.flush_cluster(database, now)
+            outbox.flush_cluster(database, now)   # its NOTIFY wakes the nodes
+            print("flushed: every queued entry and pending notification is due now", file=out)
+        else:
+            rows = listing(outbox.cluster_entries(database),
+                           pending.cluster_notifications(database), now)
+            if args.json:
+                print(json.dumps(rows, indent=1), file=out)
+            else:
+                print_rows(rows, out)
+        return 0
+    except StoreUnavailable as e:
+        print(f"pullmail queue: {e}", file=sys.stderr)
+        return 1
+    finally:
+        database.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -37,6 +37,7 @@ from pullmail.node.control import SOCKET_NAME, ControlFactory
 from pullmail.node.listeners import Listener
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound.delivery import Outbound
+from pullmail.outbound.lifecycle import due_at
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -53,6 +54,11 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.postgresql import schema
+from pullmail.storage.postgresql.database import Database, StoreUnavailable
+from pullmail.storage.postgresql.outbox import PostgresOutbox
+from pullmail.storage.postgresql.pending import PostgresPending
+from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust.policy import TrustChecker
 from pullmail.trust.throttle import FailureTracker
 
@@ -67,6 +73,10 @@ DISK_THREADS = 4
 MAX_UNIX_PATH = 107
 # DNS waits on the network, not the disk: more threads, their own pool.
 DNS_THREADS = 10
+# Connections (and threads) to the cluster's database (backend = "postgresql").
+DB_THREADS = 8
+# Bounds of the cluster's poll for due work and lease renewal.
+MIN_POLL, MAX_POLL = 0.5, 15.0
 
 
 class Options(usage.Options):
@@ -91,6 +101,7 @@ class Options(usage.Options):
             self["node_config"] = configuration.load_config(self["config"], self.overrides)
         except (configuration.ConfigError, AccountsError) as e:
             raise usage.UsageError(str(e)) from None
+        check_store(self["node_config"])
 
 
 # Twisted's listen backlog is 50; a burst of connecting peers beyond it is
@@ -150,6 +161,55 @@ def freeze_start_up_heap() -> None:
              event="heap-frozen")
 
 
+@dataclass(frozen=True)
+class Stores:
+    outbox: object
+    pending: object
+    watch: Watch | None = None
+
+
+def open_stores(config: configuration.Config, reactor, node: service.MultiService,
+                run_blocking) -> Stores:
+    """
+    SPEC 11.3: the files under state_dir (one node), or the cluster's
+    PostgreSQL database, with its threads and its watch (started with the
+    node).
+    """
+    if config.store.backend == "files":
+        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking),
+                      PendingStore(config.state_dir / "pending"))
+    database = Database(config.store.dsn, reactor, DB_THREADS)
+    Startable(database.start, database.stop).setServiceParent(node)
+    name, lease = config.node.hostname, config.store.lease
+    due = functools.partial(due_at, config=config.delivery)
+    return Stores(
+        PostgresOutbox(database, name, lease, reactor, due, run=database.run),
+        PostgresPending(database, name, lease, reactor, run=database.run),
+        Watch(database, reactor, poll_interval(lease)),
+    )
+
+
+def poll_interval(lease: float) -> float:
+    """Leases are renewed three times a lease, and due work looked for as often."""
+    return max(MIN_POLL, min(lease / 3, MAX_POLL))
+
+
+def check_store(config: configuration.Config) -> None:
+    """
+    A node refuses to start on a database without the schema it knows.
+
+    @raise usage.UsageError: saying what to do.
+    """
+    if config.store.backend != "postgresql":
+        return
+    database = Database(config.store.dsn)
+    try:
+        with database.connect() as connection, connection.cursor() as cursor:
+            schema.check(cursor)
+    except (schema.SchemaError, StoreUnavailable) as e:
+        raise usage.UsageError(f"store.dsn: {e}") from None
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = service.MultiService()
@@ -184,7 +244,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, run_dns, config.dns.timeout * 4, policies)
-    outbox = MaildirOutbox(state / "outbox", run_blocking)
+    stores = open_stores(config, reactor, node, run_blocking)
+    outbox = stores.outbox
     outbound = Outbound(
         outbox=outbox, resolver=resolver, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
@@ -206,14 +267,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         tls_available=True, push=config.trust.push,
     )
     retriever = Retriever(
-        store=PendingStore(state / "pending"), trust=trust, connect=connect, clock=reactor,
+        store=stores.pending, trust=trust, connect=connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
         remote_port=config.delivery.remote_port, keep_for=config.delivery.outbox_lifetime,
         pending_per_origin=config.limits.pending_per_origin,
         per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
-        store_file=fsync_helper.store,
+        store_file=None if stores.pending.shared else fsync_helper.store,
         delivered_of=router.delivered_of,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
@@ -228,6 +289,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         log.warn("state_dir path too long for the control socket; "
                  "`pullmail queue` will work on the files only")
     Startable(retriever.start, retriever.stop).setServiceParent(node)
+    if stores.watch is not None:   # after both loads
+        stores.watch.register(stores.outbox.poll,
+                              lambda found: outbound.cluster.polled(stores.outbox.polled(found)))
+        stores.watch.register(stores.pending.poll,
+                              lambda rows: retriever.polled(stores.pending.polled(rows)))
+        Startable(stores.watch.start, stores.watch.stop).setServiceParent(node)
     Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
 
     performers = {

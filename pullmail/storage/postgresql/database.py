@@ -45,13 +45,14 @@ def _configure(connection: psycopg.Connection) -> None:
 class Database:
     """A pool of connections to one database, and C{threads} to use them."""
 
-    def __init__(self, dsn: str, reactor=None, threads: int = 4, name: str = "pullmail-db") -> None:
+    def __init__(self, dsn: str, reactor=None, threads: int = 4, name: str = "pullmail-db",
+                 timeout: float = CONNECT_TIMEOUT) -> None:
         self.dsn = dsn
         self._reactor = reactor
         self.pool = psycopg_pool.ConnectionPool(
             dsn, min_size=1, max_size=threads, open=False, configure=_configure,
-            check=psycopg_pool.ConnectionPool.check_connection, timeout=CONNECT_TIMEOUT,
-            kwargs={"connect_timeout": int(CONNECT_TIMEOUT)}, name=name,
+            check=psycopg_pool.ConnectionPool.check_connection, timeout=timeout,
+            kwargs={"connect_timeout": max(1, int(timeout))}, name=name,
         )
         self._threads = ThreadPool(minthreads=1, maxthreads=threads, name=name)
 
@@ -66,6 +67,10 @@ class Database:
 
     def stop(self) -> None:
         self._threads.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Close the pool (a command that never started the threads)."""
         self.pool.close()
 
     @contextmanager

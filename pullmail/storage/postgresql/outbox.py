@@ -144,15 +144,16 @@ class PostgresOutbox:
 
     def add(self, entries: Sequence[OutboxEntry], chunks: Sequence[bytes]) -> None:
         """
-        Blocking: one transaction for the message and its entries, taken by
-        this node for their first attempt; committed before it returns.
+        Blocking: one transaction for the message and its entries; committed
+        before it returns (then the 250).  The rows are free: this node takes
+        them when they come due, as any node may.
         """
         with self.database.transaction() as cursor:
             cursor.execute("INSERT INTO messages (body) VALUES (%s) RETURNING id",
                            (b"".join(chunks),))
             message = cursor.fetchone()[0]
             for entry in entries:
-                self._insert(cursor, message, entry, "work")
+                self._insert(cursor, message, entry)
         for entry in entries:
             self._merge(entry, 0)
 
@@ -168,17 +169,13 @@ class PostgresOutbox:
             cursor.execute("SELECT message FROM outbox WHERE id = %s", (existing_id,))
             row = cursor.fetchone()
             if row is not None:
-                self._insert(cursor, row[0], entry, None, due)
+                self._insert(cursor, row[0], entry, due)
 
-    def _insert(self, cursor, message: int, entry: OutboxEntry, taken: str | None,
-                due: float | None = None) -> None:
-        values = self._now()
+    def _insert(self, cursor, message: int, entry: OutboxEntry, due: float | None = None) -> None:
         cursor.execute(
-            "INSERT INTO outbox (id, message, record, due, taken, taken_by, lease_until)"
-            " VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s)",
+            "INSERT INTO outbox (id, message, record, due) VALUES (%s, %s, %s::jsonb, %s)",
             (entry.id, message, entry.to_json().decode("utf-8"),
-             self.due(entry) if due is None else due, taken,
-             self.node if taken else None, values["until"] if taken else None),
+             self.due(entry) if due is None else due),
         )
 
     # -- fenced writes ----------------------------------------------------------------------

@@ -85,7 +85,9 @@ class PostgresPending(PendingStore):
         self._index, self._pending_by_peer, self._counted = {}, {}, {}
         self._generation, self._held = {}, set()
         for row in rows:
-            self._row(row).delivering = True   # its delivery may have begun anywhere
+            notification = self._row(row)
+            # A pending one's delivery may have begun, here or on a dead node.
+            notification.delivering = notification.state == PENDING
 
     def save(self, notification: Notification) -> None:
         """
