@@ -186,15 +186,6 @@ class MemoryOutbox(OneNode):
         }
         return released
 
-    def get(self, entry_id: str) -> OutboxEntry | None:
-        return self._index.get(entry_id)
-
-    def entries(self):
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
-
     def add(self, entries: Sequence[OutboxEntry], chunks: Sequence[bytes]) -> None:
         message = b"".join(chunks)
         for entry in entries:

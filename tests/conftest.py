@@ -73,3 +73,14 @@ def pg_dsn(postgres):
     with psycopg.connect(postgres.dsn, autocommit=True) as connection:
         connection.execute("TRUNCATE outbox, messages, pending")
     return postgres.dsn
+
+
+@pytest.fixture
+def pg_database(pg_dsn):
+    """A L{Database} over the emptied test database (no threads: blocking calls)."""
+    from pullmail.storage.postgresql.database import Database
+
+    database = Database(pg_dsn)
+    database.open()
+    yield database
+    database.close()

@@ -45,16 +45,6 @@ class _WithDatabase(str):
         return kind
 
 
-@pytest.fixture
-def pg_database(pg_dsn):
-    from pullmail.storage.postgresql.database import Database
-
-    database = Database(pg_dsn)
-    database.open()
-    yield database
-    database.close()
-
-
 def _postgres(request_database, node: str = "mx1.example"):
     from twisted.internet.task import Clock
 

@@ -39,13 +39,9 @@ def store(request, tmp_path) -> PendingStore:
     if request.param == "postgresql":
         from twisted.internet.task import Clock
 
-        from pullmail.storage.postgresql.database import Database
         from pullmail.storage.postgresql.pending import PostgresPending
 
-        database = Database(request.getfixturevalue("pg_dsn"))
-        database.open()
-        request.addfinalizer(database.close)
-        s = PostgresPending(database, "mx1.example", 300.0, Clock())
+        s = PostgresPending(request.getfixturevalue("pg_database"), "mx1.example", 300.0, Clock())
     else:
         s = PendingStore(tmp_path / "pending")
     s.load()

@@ -33,11 +33,8 @@ LEASE = 300.0
 
 
 @pytest.fixture
-def database(pg_dsn):
-    database = Database(pg_dsn)
-    database.open()
-    yield database
-    database.close()
+def database(pg_database):
+    return pg_database
 
 
 def _clock(at: float = 1000.0) -> Clock:

@@ -41,7 +41,7 @@ from pullmail.storage.durable import (
     write_new_file,
 )
 
-__all__ = ["EntryState", "OutboxEntry", "MaildirOutbox", "OneNode", "QUEUED", "NOTIFIED"]
+__all__ = ["EntryState", "OutboxEntry", "Indexed", "MaildirOutbox", "OneNode", "QUEUED", "NOTIFIED"]
 
 log = Logger(namespace="pullmail.storage.outbox")
 
@@ -95,7 +95,22 @@ class OutboxEntry:
         return record.load(cls, data, RECORD_VERSION)
 
 
-class OneNode:
+class Indexed:
+    """Reading an outbox's index (C{_index}: id -> entry), which never touches the disk."""
+
+    _index: dict[str, OutboxEntry]
+
+    def get(self, entry_id: str) -> OutboxEntry | None:
+        return self._index.get(entry_id)
+
+    def entries(self) -> Iterator[OutboxEntry]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class OneNode(Indexed):
     """The asynchronous seam of an outbox no other node shares: the index answers."""
 
     shared = False
@@ -159,15 +174,6 @@ class MaildirOutbox(OneNode):
         return released
 
     # -- reading ------------------------------------------------------------
-
-    def get(self, entry_id: str) -> OutboxEntry | None:
-        return self._index.get(entry_id)
-
-    def entries(self) -> Iterator[OutboxEntry]:
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     def message_path(self, entry_id: str) -> Path:
         if not is_gdel_id(entry_id):

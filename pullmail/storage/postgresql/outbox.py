@@ -19,7 +19,7 @@ before returning, as L{MaildirOutbox} does.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from pullmail.interfaces import IOutbox
 from pullmail.storage.ordered import InOrder
-from pullmail.storage.outbox import NOTIFIED, QUEUED, OutboxEntry
+from pullmail.storage.outbox import QUEUED, Indexed, OutboxEntry
 from pullmail.storage.postgresql.database import Database
 
 __all__ = ["PostgresOutbox", "WAKE_CHANNEL"]
@@ -52,7 +52,7 @@ def _entry(row) -> tuple[OutboxEntry, int]:
 
 
 @implementer(IOutbox)
-class PostgresOutbox:
+class PostgresOutbox(Indexed):
     shared = True
 
     def __init__(self, database: Database, node: str, lease: float, clock: IReactorTime,
@@ -99,15 +99,6 @@ class PostgresOutbox:
     def _forget(self, entry_id: str) -> None:
         self._index.pop(entry_id, None)
         self._generation.pop(entry_id, None)
-
-    def get(self, entry_id: str) -> OutboxEntry | None:
-        return self._index.get(entry_id)
-
-    def entries(self) -> Iterator[OutboxEntry]:
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     # -- start-up ------------------------------------------------------------------
 
@@ -349,11 +340,6 @@ class PostgresOutbox:
         rows, released = result
         entries = [self._merge(*_entry(row)) for row in rows if row[0] not in self._writes]
         return entries, [self._merge(*_entry(row)) for row in released]
-
-    def wake_others(self) -> None:
-        """Blocking: tell every node that work is due (LISTEN/NOTIFY)."""
-        with self.database.transaction() as cursor:
-            cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
 
 
 def cluster_entries(database: Database) -> list[OutboxEntry]:
