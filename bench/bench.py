@@ -215,7 +215,8 @@ def bench_store(args, workdir, dns):
     SPEC 11.3: GDEL notifications accepted per second, and 2 KB submissions
     queued for a remote domain per second (each an outbox write before its
     250), with [store] backend = "files" and "postgresql" (a private
-    PostgreSQL on this machine, started for the run), interleaved.
+    PostgreSQL on this machine, started for the run, fsync on like a
+    production server), interleaved.
     """
     from tests.integration.harness import free_port
     from tests.pg import PostgresCluster, find_binaries
@@ -224,7 +225,7 @@ def bench_store(args, workdir, dns):
     if binaries is None:
         log("store: no PostgreSQL binaries (apt-get install postgresql); section skipped")
         return
-    cluster = PostgresCluster(binaries, free_port("127.0.0.1"))
+    cluster = PostgresCluster(binaries, free_port("127.0.0.1"), durable=True)
     cluster.create()
     try:
         import psycopg

@@ -34,7 +34,10 @@ def find_binaries() -> Path | None:
 
 
 class PostgresCluster:
-    def __init__(self, binaries: Path, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, binaries: Path, port: int, host: str = "127.0.0.1",
+                 durable: bool = False) -> None:
+        """C{durable}: fsync as a production server does (benchmarks)."""
+        self.durable = durable
         self.binaries = binaries
         self.port = port
         self.host = host
@@ -63,10 +66,11 @@ class PostgresCluster:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"listen_addresses = '{self.host}'\nport = {self.port}\n"
-                f"unix_socket_directories = '{self.folder}'\n"
-                # A test cluster: no need to survive a power cut of the test machine.
-                "fsync = off\nfull_page_writes = off\nmax_connections = 200\n"
+                f"unix_socket_directories = '{self.folder}'\nmax_connections = 200\n"
             )
+            if not self.durable:
+                # A test cluster: no need to survive a power cut of the test machine.
+                conf.write("fsync = off\nfull_page_writes = off\n")
         self.start()
         self._run("createdb", "-h", self.host, "-p", str(self.port), "-U", SUPERUSER, DATABASE)
 
