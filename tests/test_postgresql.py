@@ -358,3 +358,85 @@ def test_cluster_queue_from_any_node(database, tmp_path, pg_dsn) -> None:
     assert _main(["queue", "--config", config, "--delete", ID2])[0] == 0
     assert _row(database, ID2) is None
     assert cli.main(["queue", "--config", config, "--delete", ID2]) == 1
+
+
+# -- two nodes' delivery over one outbox (exactly one does each piece of work) -------------
+
+
+class TwoNodes:
+    """Two L{Outbound}s of one cluster on one clock, against one peer (test_delivery's)."""
+
+    def __init__(self, database, tmp_path, gdel: bool = True) -> None:
+        from pullmail.config import DeliveryConfig
+        from pullmail.outbound.delivery import Outbound
+        from pullmail.outbound.lifecycle import due_at
+        from pullmail.testing import FakeNetwork, FakeResolver, run_blocking
+        from tests.test_delivery import MX1, START, Peer
+
+        self.clock = _clock(START)
+        self.network = FakeNetwork(self.clock, source="192.0.2.10")
+        resolver = FakeResolver(mx={"receiver.example": [(10, "mx1.receiver.example")]},
+                                addresses={"mx1.receiver.example": [MX1]})
+        self.peer = Peer(self.clock, gdel=gdel)
+        self.network.listen(MX1, 25, self.peer.factory)
+        config = DeliveryConfig(outbox_lifetime=48 * 3600.0)
+        self.bounces: list[str] = []
+        self.nodes = []
+        for name in ("mx1.sender.example", "mx2.sender.example"):
+            outbox = PostgresOutbox(database, name, LEASE, self.clock,
+                                    lambda entry: due_at(entry, config))
+            outbound = Outbound(
+                outbox=outbox, resolver=resolver, connect=self.network, clock=self.clock,
+                run_blocking=run_blocking, hostname=name, config=config,
+                send_bounce=lambda sender, message, name=name: self.bounces.append(name))
+            outbound.start()
+            self.nodes.append(outbound)
+
+    def poll(self) -> None:
+        """Each node's poll (in the node: on a timer and at each NOTIFY)."""
+        for outbound in self.nodes:
+            outbound.cluster.polled(outbound.outbox.polled(outbound.outbox.poll()))
+
+    def advance(self, seconds: float) -> None:
+        self.network.advance(seconds)
+        self.poll()
+        self.network.settle()
+
+
+def test_one_node_notifies_and_one_node_expires(database, tmp_path) -> None:
+    """
+    SPEC 11.3: a message queued at one node is notified once, although both
+    nodes know it; at its expiry exactly one node bounces it, and it is gone.
+    """
+    from pullmail.testing import result_of
+    from tests.test_delivery import BOB, MESSAGE, SENDER
+
+    world = TwoNodes(database, tmp_path)
+    one, two = world.nodes
+    result_of(one.enqueue("QID1", SENDER, [BOB], MESSAGE))
+    world.poll()   # the other node learns of it too
+    world.network.settle()
+    assert len(world.peer.notifications) == 1
+    world.advance(3600.0)
+    assert len(world.peer.notifications) == 1
+    world.advance(48 * 3600.0)
+    world.advance(60.0)
+    assert len(world.bounces) == 1, world.bounces
+    with database.transaction() as cursor:
+        cursor.execute("SELECT count(*) FROM outbox")
+        assert cursor.fetchone()[0] == 0
+
+
+def test_one_node_pushes(database, tmp_path) -> None:
+    """A message due at both nodes (one of them restarted) is pushed once."""
+    from pullmail.testing import result_of
+    from tests.test_delivery import BOB, MESSAGE, SENDER
+
+    world = TwoNodes(database, tmp_path, gdel=False)
+    one, two = world.nodes
+    result_of(one.enqueue("QID1", SENDER, [BOB], MESSAGE))
+    two.start()   # loads the row: due now on both nodes
+    world.network.settle()
+    world.advance(1.0)
+    assert len(world.peer.deliveries) == 1
+    assert world.bounces == []
