@@ -440,3 +440,38 @@ def test_one_node_pushes(database, tmp_path) -> None:
     world.advance(1.0)
     assert len(world.peer.deliveries) == 1
     assert world.bounces == []
+
+
+def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
+    """
+    SPEC 11.3: a notification taken at one RMTA node and known to the
+    other (re-notified there, and found by its poll) is retrieved by one.
+    """
+    from tests import test_retrieval as retrieval
+
+    class ClusterWorld(retrieval.World):
+        names = iter(["mx1.receiver.example", "mx2.receiver.example"])
+
+        def new_retriever(self):
+            self.store = PostgresPending(database, next(self.names), LEASE, self.clock)
+            retriever = retrieval.Retriever(
+                store=self.store, trust=self.trust, connect=self.connect, clock=self.clock,
+                run_blocking=retrieval.run_blocking, hostname="mx.receiver.example",
+                schedule=retrieval.SCHEDULE, remote_port=25, keep_for=48 * 3600.0,
+                pending_per_origin=self.pending_per_origin, policy=self.policy,
+                deliver=self.deliver)
+            retriever.start()
+            return retriever
+
+    world = ClusterWorld(tmp_path)
+    world.smta.hold()
+    one = world.retriever
+    two = world.retriever = world.new_retriever()
+    assert world.notify().code == 250   # at node two
+    one.polled(one.store.polled(one.store.poll()))   # node one learns of it
+    assert one.store.by_key(two.store.by_key(next(iter(two.store)).key).key) is not None
+    world.settle()
+    world.advance(1.0)
+    assert world.smta.retrs == [retrieval.GDEL_ID]
+    assert len(world.deliveries) == 1
+    assert world.notify().code == 250   # re-notified: fetched again (dropped at delivery)
