@@ -475,3 +475,26 @@ def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
     assert world.smta.retrs == [retrieval.GDEL_ID]
     assert len(world.deliveries) == 1
     assert world.notify().code == 250   # re-notified: fetched again (dropped at delivery)
+
+
+def test_writes_refused_by_an_unreachable_database_are_retried_in_order() -> None:
+    """A fenced write the database could not take is tried again, ahead of later ones."""
+    from twisted.internet import defer
+
+    from pullmail.storage.ordered import InOrder
+    from pullmail.storage.postgresql.outbox import RETRY_WRITE, _retry_unavailable
+
+    clock, done, failures = Clock(), [], [StoreUnavailable("down")]
+
+    def run(function, *args):
+        if failures:
+            return defer.fail(failures.pop())
+        return defer.maybeDeferred(function, *args)
+
+    writes = InOrder(run, clock, _retry_unavailable)
+    writes.submit(ID1, done.append, "first")
+    writes.submit(ID1, done.append, "second")
+    flushed = writes.flushed(ID1)
+    assert done == [] and not flushed.called
+    clock.advance(RETRY_WRITE)
+    assert done == ["first", "second"] and flushed.called

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.logger import Logger
-
 from pullmail.outbound.lifecycle import ClaimReleased, Due, due_at
+from pullmail.storage.postgresql.database import take_failed
 
 if TYPE_CHECKING:
     from pullmail.outbound.delivery import Outbound
 
 __all__ = ["ClusterWork"]
-
-log = Logger(namespace="pullmail.outbound.delivery")
 
 
 class ClusterWork:
@@ -38,8 +35,7 @@ class ClusterWork:
         self._taking.add(entry_id)
         d = self.outbound.outbox.take(entry_id)
         d.addCallback(self._taken)
-        d.addErrback(lambda f: log.failure(
-            "taking {id} (the poll finds it again)", f, id=entry_id, event="take-failed"))
+        d.addErrback(take_failed, entry_id)
         d.addBoth(lambda _: self._taking.discard(entry_id))
 
     def _taken(self, entry) -> None:

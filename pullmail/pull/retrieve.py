@@ -33,6 +33,7 @@ from pullmail.smtp import replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
 from pullmail.storage.pending import PENDING, RETRIEVED, Notification
+from pullmail.storage.postgresql.database import take_failed
 
 __all__ = ["Retriever"]
 
@@ -258,8 +259,7 @@ class Retriever:
         self._taking.add(key)
         d = self.store.take(key)
         d.addCallback(self._taken)
-        d.addErrback(lambda f: log.failure("taking notification {key}", f, key=key,
-                                           event="take-failed"))
+        d.addErrback(take_failed, key)
         d.addBoth(lambda _: self._taking.discard(key))
 
     def _taken(self, notification: Notification | None) -> defer.Deferred | None:

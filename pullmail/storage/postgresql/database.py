@@ -20,9 +20,13 @@ import psycopg
 import psycopg_pool
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Database", "StoreUnavailable"]
+__all__ = ["Database", "StoreUnavailable", "take_failed"]
+
+log = Logger(namespace="pullmail.storage.postgresql")
 
 # How long a statement waits for a pooled connection, or for the server to
 # answer a connect, before the caller is told "unavailable" (then 451).
@@ -34,6 +38,18 @@ class StoreUnavailable(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EIO, message)
+
+
+def take_failed(failure: Failure, key: str) -> None:
+    """
+    Taking due work failed: with the database out of reach, a warning (the
+    poll finds the work again once it is back); anything else is a bug.
+    """
+    if failure.check(StoreUnavailable):
+        log.warn("could not take {key}: {error}", key=key, error=str(failure.value),
+                 event="store-unavailable")
+    else:
+        log.failure("taking {key}", failure, key=key)
 
 
 def _configure(connection: psycopg.Connection) -> None:

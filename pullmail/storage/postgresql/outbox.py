@@ -30,7 +30,7 @@ from zope.interface import implementer
 from pullmail.interfaces import IOutbox
 from pullmail.storage.ordered import InOrder
 from pullmail.storage.outbox import QUEUED, Indexed, OutboxEntry
-from pullmail.storage.postgresql.database import Database
+from pullmail.storage.postgresql.database import Database, StoreUnavailable
 
 __all__ = ["PostgresOutbox", "WAKE_CHANNEL"]
 
@@ -42,6 +42,15 @@ WAKE_CHANNEL = "pullmail_wake"
 _COLUMNS = "id, record::text, taken, generation"
 # A row another node may take: free, or its holder's lease ran out.
 _FREE = "(taken IS NULL OR lease_until < %(now)s)"
+
+
+# A write the database could not take is tried again after this long (in
+# order, ahead of the entry's later writes) until it returns.
+RETRY_WRITE = 2.0
+
+
+def _retry_unavailable(failure: Failure) -> float | None:
+    return RETRY_WRITE if failure.check(StoreUnavailable) else None
 
 
 def _entry(row) -> tuple[OutboxEntry, int]:
@@ -70,7 +79,7 @@ class PostgresOutbox(Indexed):
         self.clock = clock
         self.due = due
         self._run = run
-        self._writes = InOrder(run)
+        self._writes = InOrder(run, clock, _retry_unavailable)
         self._index: dict[str, OutboxEntry] = {}
         self._generation: dict[str, int] = {}
 
