@@ -303,3 +303,26 @@ def test_one_node_losing_the_database(cluster, postgres):
         wait_until(lambda: cluster.rows() == 0, 5, message="every row removed")
     finally:
         proxy.close()
+
+
+def test_receiver_retrieves_from_the_other_node_when_the_notifier_died(cluster):
+    """
+    A real receiving node: mx1 notifies it and is killed before the RETR;
+    the receiver falls back to mx2 (an MX of sender.test that passes SPF,
+    SPEC 4), which serves the message from the shared database.  One copy.
+    """
+    mx1, mx2 = cluster.node("mx1", MX1), cluster.node("mx2", MX2)
+    receiver = cluster.factory(
+        "receiver", RECEIVER_IP, ["receiver.test"], "mx.receiver.test",
+        users={BOB: PASSWORD}, settings={
+            "dns": {"nameservers": [cluster.dns.nameserver], "timeout": "2s"},
+            "retrieval": {"schedule": ["3s", "6s", "12s"]},
+            "delivery": {"connect_timeout": "2s"}})
+    token = "failover-" + secrets.token_hex(6)
+    assert submit(mx1, ALICE, PASSWORD, [BOB], message(token)) == {}
+    gdel_id = mx1.wait_log(r"pull attempt ([A-Za-z0-9_-]+) .*accepted", 10).group(1)
+    mx1.kill()
+    copies = receiver.wait_delivered(BOB, 1, timeout=30)
+    assert len([c for c in copies if f"END {token}".encode() in c]) == 1
+    mx2.wait_log(rf"retrieved {gdel_id} .* accepted \['{BOB}'\]", 10)
+    wait_until(lambda: cluster.rows() == 0, 5, message="the row removed")

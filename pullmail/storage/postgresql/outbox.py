@@ -305,11 +305,12 @@ class PostgresOutbox(Indexed):
                 return cursor.fetchone()
 
         def merged(row):
-            if row is None:
-                return None
             known = self._index.get(entry_id)
             if known is not None and (known.claimed or entry_id in self._writes):
                 return known   # ours, and changing: our copy is the newer
+            if row is None:
+                self._forget(entry_id)   # another node finished it
+                return None
             return self._merge(*_entry(row))
 
         return self._call(look, entry_id, then=merged)
