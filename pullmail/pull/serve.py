@@ -95,7 +95,7 @@ class PickupCounter:
     @staticmethod
     def _unavailable(gdel_id: str, error: OSError) -> Reply:
         log.warn("RETR {id}: the outbox is out of reach: {error}", id=gdel_id,
-                 error=str(error), event="store-unavailable")
+                 error=str(error))
         return replies.S451_LOCAL_ERROR
 
     async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply:

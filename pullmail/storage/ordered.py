@@ -63,7 +63,7 @@ class InOrder:
             self._done(key, None, None)
             return
         log.warn("write for {id} failed, again in {delay}s: {error}", id=key, delay=delay,
-                 error=str(failure.value), event="write-retried")
+                 error=str(failure.value))
         self._clock.callLater(delay, self._next, key)
 
     def _done(self, key: str, then: Callable | None, result: object) -> None:

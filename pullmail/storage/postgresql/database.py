@@ -46,8 +46,7 @@ def take_failed(failure: Failure, key: str) -> None:
     poll finds the work again once it is back); anything else is a bug.
     """
     if failure.check(StoreUnavailable):
-        log.warn("could not take {key}: {error}", key=key, error=str(failure.value),
-                 event="store-unavailable")
+        log.warn("could not take {key}: {error}", key=key, error=str(failure.value))
     else:
         log.failure("taking {key}", failure, key=key)
 

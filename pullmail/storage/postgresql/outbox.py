@@ -251,8 +251,7 @@ class PostgresOutbox(Indexed):
         if done or self._generation.get(entry_id) not in (generation, None):
             return
         log.warn("outbox entry {id}: another node took it (generation {generation} is"
-                 " stale); forgetting it here", id=entry_id, generation=generation,
-                 event="outbox-fenced")
+                 " stale); forgetting it here", id=entry_id, generation=generation)
         self._forget(entry_id)
 
     def flushed(self, entry_id: str) -> Deferred:

@@ -115,7 +115,7 @@ class PostgresPending(PendingStore):
         self._held.discard(key)
         if row is None:
             log.warn("notification {id}: another node holds it; leaving it to that node",
-                     id=notification.gdel_id, event="pending-fenced")
+                     id=notification.gdel_id)
             self._forget(key)
             return
         self._generation[key] = row[0]

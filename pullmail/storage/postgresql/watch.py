@@ -88,7 +88,7 @@ class Watch:
     @staticmethod
     def _failed(failure) -> None:
         if failure.check(StoreUnavailable):
-            log.warn("poll: {error}", error=str(failure.value), event="store-unavailable")
+            log.warn("poll: {error}", error=str(failure.value))
         else:
             log.failure("poll", failure)
 
