@@ -498,3 +498,20 @@ def test_writes_refused_by_an_unreachable_database_are_retried_in_order() -> Non
     assert done == [] and not flushed.called
     clock.advance(RETRY_WRITE)
     assert done == ["first", "second"] and flushed.called
+
+
+def test_hold_and_release_in_the_cluster(database) -> None:
+    """The listing's hold/release (``pullmail queue``) on the database, from any node."""
+    from pullmail.storage.postgresql.outbox import hold_in_cluster
+
+    one = _node(database, "mx1.example")
+    one.add([make_entry(id=ID1, next_attempt=500.0)], MESSAGE)
+    assert hold_in_cluster(database, ID1, True, 1000.0)
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'held', due FROM outbox")
+        assert cursor.fetchall() == [(True, None)]
+    assert one.claim(ID1) is not None
+    assert not hold_in_cluster(database, ID1, False, 1000.0)   # a node holds the row
+    one.release(ID1)
+    assert hold_in_cluster(database, ID1, False, 1000.0)
+    assert _node(database, "mx2.example").poll()[0][0][0] == ID1   # due now: a poll finds it

@@ -44,7 +44,9 @@ class ClusterWork:
         outbound = self.outbound
         due = due_at(entry, outbound.config)
         if due is None:
-            return   # a transfer holds it
+            if not entry.claimed:
+                outbound.outbox.update(entry)   # nothing to do (held): let it go
+            return
         if due > outbound.clock.seconds():
             # Our copy was stale: another node moved it on.  Let it go again.
             outbound.outbox.update(entry)

@@ -32,7 +32,8 @@ from pullmail.storage.ordered import InOrder
 from pullmail.storage.outbox import QUEUED, Indexed, OutboxEntry
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
 
-__all__ = ["PostgresOutbox", "WAKE_CHANNEL"]
+__all__ = ["PostgresOutbox", "WAKE_CHANNEL", "cluster_entries", "delete_from_cluster",
+           "flush_cluster", "hold_in_cluster"]
 
 log = Logger(namespace="pullmail.storage.postgresql")
 
@@ -380,3 +381,20 @@ def delete_from_cluster(database: Database, entry_id: str, now: float) -> bool:
             cursor.execute("DELETE FROM messages WHERE id = %s AND NOT EXISTS"
                            " (SELECT 1 FROM outbox WHERE message = %s)", (row[0], row[0]))
     return row is not None
+
+
+def hold_in_cluster(database: Database, entry_id: str, held: bool, now: float) -> bool:
+    """
+    Set an entry's C{held} flag (``pullmail queue hold/release``) while no
+    node holds its row; a released entry is made due now, and the nodes are
+    woken: the node that takes it works out when it is really due.
+    """
+    with database.transaction() as cursor:
+        cursor.execute(
+            "UPDATE outbox SET record = jsonb_set(record, '{held}', to_jsonb(%(held)s)),"
+            " due = CASE WHEN %(held)s THEN NULL ELSE %(now)s END, generation = generation + 1"
+            f" WHERE id = %(id)s AND {_FREE}", {"held": held, "now": now, "id": entry_id})
+        changed = cursor.rowcount > 0
+        if changed and not held:
+            cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
+    return changed
