@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     wait_until,
 )
 
-SECTIONS = ("push", "dkim", "gd", "scale", "idle", "wire", "profile")
+SECTIONS = ("push", "dkim", "gd", "scale", "idle", "wire", "profile", "store")
 
 
 def log(text: str) -> None:
@@ -303,6 +303,68 @@ def bench_gd(args, workdir, dns):
            ["push (receiver without GDEL)", fmt(results["push"]), fmt(cpu["push"], 2)]])
     table("2. Ratios", ["ratio", "measured", "target"],
           [["GD end to end / push end to end", ratio(results["pull"], results["push"]), "≥ 0.5×"]])
+
+
+# -- 2c. the PostgreSQL backend beside the files ----------------------------------------------
+
+def bench_store(args, workdir, dns):
+    """
+    SPEC 11.3: GDEL notifications accepted per second, and 2 KB submissions
+    queued for a remote domain per second (each an outbox write before its
+    250), with [store] backend = "files" and "postgresql" (a private
+    PostgreSQL on this machine, started for the run, fsync on like a
+    production server), interleaved.
+    """
+    from tests.integration.harness import free_port
+    from tests.pg import PostgresCluster, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        log("store: no PostgreSQL binaries (apt-get install postgresql); section skipped")
+        return
+    cluster = PostgresCluster(binaries, free_port("127.0.0.1"), durable=True)
+    cluster.create()
+    try:
+        import psycopg
+        from pullmail.storage.postgresql.schema import initdb
+
+        with psycopg.connect(cluster.dsn) as connection:
+            initdb(connection)
+        backends = {"files": {"backend": "files"},
+                    "postgresql": {"backend": "postgresql", "dsn": cluster.dsn}}
+        gdel = {name: [] for name in backends}
+        queued = {name: [] for name in backends}
+        for rnd in range(args.rounds + 1):   # round 0 is a warm-up
+            for name, store in backends.items():
+                node = pullmail_node(workdir, f"store-{name}", common.NOTIFY_NODE_IP, "n.bench",
+                                     ["bob@n.bench", "alice@n.bench"], dns=dns, settings={
+                                         "retrieval": {"schedule": ["10h"]}, "store": store,
+                                         "delivery": {"push_retry": ["10h"]}})
+                node.start()
+                try:
+                    total = args.ngdel if rnd else 40
+                    rate = asyncio.run(_notify_load(node.address, total, 20, "bob@n.bench"))
+                    count = args.n2k // 2 if rnd else 20
+                    start = time.monotonic()
+                    asyncio.run(_submit_load(node, count, 10, 2048, "alice@n.bench",
+                                             "carol@r.bench"))
+                    submitted = count / (time.monotonic() - start)
+                finally:
+                    node.stop()
+                if rnd:
+                    gdel[name].append(rate)
+                    queued[name].append(submitted)
+                log(f"store {name} round {rnd}: GDEL {rate:.0f}/s, queued {submitted:.0f}/s")
+    finally:
+        cluster.destroy()
+    table(f"2c. [store] backends (GDEL: 20 sessions, {args.ngdel}/run; 2 KB submissions queued "
+          f"for a remote domain: 10 STARTTLS+AUTH sessions, {args.n2k // 2}/run)",
+          ["backend", "GDEL accepted/s", "2 KB queued/s"],
+          [[name, fmt(gdel[name]), fmt(queued[name])] for name in backends])
+    table("2c. Ratios", ["ratio", "measured", "target"],
+          [["postgresql / files, GDEL", ratio(gdel["postgresql"], gdel["files"]), "≥ 0.5×"],
+           ["postgresql / files, 2 KB queued", ratio(queued["postgresql"], queued["files"]),
+            "≥ 0.5×"]])
 
 
 # -- 3. scale ------------------------------------------------------------------------------

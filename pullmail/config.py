@@ -375,6 +375,18 @@ class SendmailConfig:
     trusted_users: tuple[str, ...] = _list(["root"], str)
 
 
+_BACKENDS = ("files", "postgresql")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """SPEC 11.3: where the outbox, push queue and pending notifications live."""
+
+    backend: str = _opt("files", str, _one_of(_BACKENDS))
+    dsn: str = _opt("", str)
+    lease: float = _opt(300.0, str, parse_duration)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, validated configuration; paths are absolute."""
@@ -391,6 +403,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     base: Path = Path(".")
 
     @property
@@ -486,6 +499,10 @@ def _check(config: Config) -> None:
                          ("delivery.mta_sts_port", config.delivery.mta_sts_port)]:
         if not 0 < port < 65536:
             raise ConfigError(option, "must be a port number (1-65535)")
+    if config.store.backend == "postgresql" and not config.store.dsn.strip():
+        raise ConfigError("store.dsn", 'is needed with backend = "postgresql"')
+    if config.store.lease <= 0:
+        raise ConfigError("store.lease", "must be greater than zero")
     if not config.retrieval.schedule:
         raise ConfigError("retrieval.schedule", "needs at least one attempt")
     if not config.delivery.push_retry:

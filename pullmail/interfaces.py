@@ -9,7 +9,10 @@ from typing import Any, Mapping
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["DeliveryOutcome", "IDeliveryAgent", "IDeliveryHook", "IOutbox", "ITrustPolicy"]
+__all__ = [
+    "DeliveryOutcome", "IDeliveryAgent", "IDeliveryHook", "IOutbox", "IPendingStore",
+    "ITrustPolicy",
+]
 
 
 class IDeliveryAgent(Interface):
@@ -97,6 +100,60 @@ class IOutbox(Interface):
 
     def read_message(entry_id):
         """The message bytes of an entry (blocking)."""
+
+    def find(entry_id):
+        """A Deferred firing with the entry (any node's, if shared) or None."""
+
+    def acquire(entry_id):
+        """L{claim} as a Deferred (a transaction, if shared): the entry or None."""
+
+    def take(entry_id):
+        """
+        A Deferred firing with the entry, taken for due work by this node
+        and as it now is, or with None: gone, or another node has it.
+        """
+
+
+class IPendingStore(Interface):
+    """
+    The RMTA's pending notifications and retrieved-id records (SPEC 3-5),
+    indexed in memory by key (a hash of origin and id).  A clustered
+    backend shares them between the receiving nodes (SPEC 11.3): then a
+    due notification is taken with L{take} before it is retrieved, so that
+    two nodes never both retrieve one id.
+    """
+
+    shared = Attribute("True when other nodes share the records.")
+
+    def load():
+        """Blocking: build the index (start-up)."""
+
+    def get(origin, gdel_id):
+        """The indexed notification of (origin, id), or None."""
+
+    def by_key(key):
+        """The indexed notification with this key, or None."""
+
+    def pending_from(peer):
+        """How many pending notifications this peer has here."""
+
+    def save(notification):
+        """Blocking: store the record durably, then index it."""
+
+    def remember(notification):
+        """Index a record stored by other means (the fsync helper)."""
+
+    def remove(notification):
+        """Blocking: forget the record."""
+
+    def find(origin, gdel_id):
+        """A Deferred firing with the notification (any node's, if shared) or None."""
+
+    def take(key):
+        """
+        A Deferred firing with the notification, taken for one retrieval by
+        this node and as it now is, or None: gone, or another node has it.
+        """
 
 
 class ITrustPolicy(Interface):

@@ -202,6 +202,9 @@ NOTIFICATION_STORE_FAILED = Event(
 RETR_HANDED_OVER = Event("retr-handed-over", "RETR {id} ({queue_id}) by {peer}: handing over")
 RETR_REFUSED = Event("retr-refused", "RETR {id} from {peer} refused ({why}); answering in {delay}s")
 RETR_DNS_ERROR = Event("retr-dns-error", "RETR {id} from {peer}: DNS failed: {error}")
+RETR_STORE_UNAVAILABLE = Event(
+    "retr-store-unavailable", "RETR {id}: the outbox is out of reach: {error}", LogLevel.warn,
+)
 
 # -- Message authentication (trust/dkim, trust/dmarc, inbound/verdicts) ------------------
 
@@ -347,6 +350,7 @@ VOCABULARY = _vocabulary(
     RETR_DNS_ERROR,
     RETR_HANDED_OVER,
     RETR_REFUSED,
+    RETR_STORE_UNAVAILABLE,
     RETR_SERVED,
     SENDMAIL_SENDER_REFUSED,
     SESSION_FAILED,

@@ -46,7 +46,7 @@ from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent, IOutbox, ITrust
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
-from pullmail.storage.outbox import OutboxEntry
+from pullmail.storage.outbox import OneNode, OutboxEntry
 
 __all__ = [
     "FakeResolver",
@@ -187,7 +187,7 @@ class FakeResolver:
 
 
 @implementer(IOutbox)
-class MemoryOutbox:
+class MemoryOutbox(OneNode):
     """
     An outbox in memory.  Like L{pullmail.storage.outbox.MaildirOutbox}, it keeps a
     "disk" (entries as JSON, claims, messages) apart from its index, so a
@@ -211,15 +211,6 @@ class MemoryOutbox:
             if entry_id in self.disk["data"]
         }
         return released
-
-    def get(self, entry_id: str) -> OutboxEntry | None:
-        return self._index.get(entry_id)
-
-    def entries(self):
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     def add(self, entries: Sequence[OutboxEntry], chunks: Sequence[bytes]) -> None:
         message = b"".join(chunks)

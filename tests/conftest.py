@@ -49,3 +49,54 @@ def dkim_keys(tmp_path_factory):
     keys = load_keys(config, ["example.org"])
     records = {k.record_name.rstrip("."): k.record_value for k in keys["example.org"]}
     return keys, records
+
+
+# -- a private PostgreSQL cluster (the postgresql backend, SPEC 11.3) --------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """
+    A PostgreSQL cluster of the session's own, with pullmail's schema;
+    skipped, loudly, when Debian's postgresql package is not installed.
+    """
+    from tests.integration.harness import free_port
+    from tests.pg import PostgresCluster, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        pytest.skip("!!! PostgreSQL binaries not found (apt-get install postgresql; tests/run "
+                    "does it as root): the postgresql backend is NOT TESTED !!!")
+    cluster = PostgresCluster(binaries, free_port("127.0.0.1"))
+    try:
+        cluster.create()
+        import psycopg
+
+        from pullmail.storage.postgresql.schema import initdb
+
+        with psycopg.connect(cluster.dsn, autocommit=True) as connection:
+            initdb(connection)
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_dsn(postgres):
+    """The session's database, emptied for this test."""
+    import psycopg
+
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        connection.execute("TRUNCATE outbox, messages, pending")
+    return postgres.dsn
+
+
+@pytest.fixture
+def pg_database(pg_dsn):
+    """A L{Database} over the emptied test database (no threads: blocking calls)."""
+    from pullmail.storage.postgresql.database import Database
+
+    database = Database(pg_dsn)
+    database.open()
+    yield database
+    database.close()

@@ -29,14 +29,37 @@ ID3 = "Third_entry_id_00003"
 MESSAGE = [b"Subject: hi\r\n", b"\r\nbody\r\n"]
 
 
-@pytest.fixture(params=["maildir", "memory"])
+@pytest.fixture(params=["maildir", "memory", "postgresql"])
 def kind(request):
+    if request.param == "postgresql":
+        return _WithDatabase("postgresql", request.getfixturevalue("pg_database"))
     return request.param
+
+
+class _WithDatabase(str):
+    """The "postgresql" kind, carrying the test's database."""
+
+    def __new__(cls, name: str, database):
+        kind = super().__new__(cls, name)
+        kind.database = database
+        return kind
+
+
+def _postgres(request_database, node: str = "mx1.example"):
+    from twisted.internet.task import Clock
+
+    from pullmail.storage.postgresql.outbox import PostgresOutbox
+
+    clock = Clock()
+    clock.advance(1000)
+    return PostgresOutbox(request_database, node, 300.0, clock, lambda entry: entry.next_attempt)
 
 
 def _open(kind: str, tmp_path):
     if kind == "maildir":
         outbox = MaildirOutbox(tmp_path / "outbox")
+    elif kind == "postgresql":
+        outbox = _postgres(kind.database)
     else:
         outbox = MemoryOutbox()
     assert outbox.load() == []
@@ -47,6 +70,8 @@ def _reopen(kind: str, outbox, tmp_path):
     """A new instance over the same storage (a restart, or another node)."""
     if kind == "maildir":
         return MaildirOutbox(tmp_path / "outbox")
+    if kind == "postgresql":
+        return _postgres(outbox.database)
     return outbox.restarted()
 
 

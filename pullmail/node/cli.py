@@ -8,6 +8,7 @@ The ``pullmail`` operator command.
     pullmail doctor [--config FILE]
     pullmail spf-record [--config FILE]
     pullmail dkim-keygen [--config FILE] [DOMAIN ...]
+    pullmail initdb [--config FILE]              ([store] backend = "postgresql")
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pullmail import config as configuration
 from pullmail.accounts.users import AccountsError, add_user, read_aliases, read_users
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.node import doctor, queuetools, sendmail
-from pullmail.node.control import SOCKET_NAME
+from pullmail.node.control import SOCKET_NAME, cluster_control
 from pullmail.node.plugin import enabled_plugins
 
 __all__ = ["main"]
@@ -95,7 +96,33 @@ def _control(config: configuration.Config, request: dict) -> dict | None:
 
 def queue(args, out: TextIO) -> int:
     config = _load(args)
+    if config.store.backend == "postgresql":   # SPEC 11.3: the cluster's queue, from any node
+        return queuetools.run(config, args, out, cluster_control(config))
     return queuetools.run(config, args, out, lambda request: _control(config, request))
+
+
+def initdb(args, out: TextIO) -> int:
+    """SPEC 11.3: create or upgrade the cluster's schema; running it again changes nothing."""
+    from pullmail.storage.postgresql import schema
+    from pullmail.storage.postgresql.database import Database, StoreUnavailable
+
+    config = _load(args)
+    if config.store.backend != "postgresql":
+        print('pullmail initdb: [store] backend is not "postgresql"; nothing to do',
+              file=sys.stderr)
+        return 1
+    try:
+        with Database(config.store.dsn).connect() as connection:
+            before, after = schema.initdb(connection)
+    except (schema.SchemaError, StoreUnavailable) as e:
+        print(f"pullmail initdb: {e}", file=sys.stderr)
+        return 1
+    if before == after:
+        print(f"schema is up to date (version {after})", file=out)
+    else:
+        print(f"schema {'upgraded from version ' + str(before) if before else 'created'}:"
+              f" version {after}", file=out)
+    return 0
 
 
 def outbound_addresses(config: configuration.Config) -> list[str]:
@@ -177,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
 
     command("checkconfig", checkconfig, "validate the configuration")
     command("adduser", adduser, "add a user or change a password").add_argument("address")
+    command("initdb", initdb, "create or upgrade the PostgreSQL schema ([store])")
     command("spf-record", spf_record, "print the SPF record the local domains should publish")
     keygen = command("dkim-keygen", dkim_keygen,
                      "make missing DKIM keys and print the DNS records to publish")

@@ -10,6 +10,7 @@ reads and edits the files itself (see L{offline_listing}).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from twisted.internet.protocol import Factory
@@ -22,8 +23,8 @@ from pullmail.storage.durable import write_atomically
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
 from pullmail.storage.pending import PENDING, Notification
 
-__all__ = ["ControlFactory", "listing", "offline_listing", "offline_delete", "offline_set_held",
-           "set_held", "SOCKET_NAME"]
+__all__ = ["ControlFactory", "cluster_control", "listing", "offline_listing", "offline_delete",
+           "offline_set_held", "set_held", "SOCKET_NAME"]
 
 log = Logger(namespace="pullmail.node.control")
 SOCKET_NAME = "control.sock"
@@ -33,8 +34,9 @@ def _entry_row(entry: OutboxEntry, now: float) -> dict:
     return {
         "kind": "outbox" if entry.state == NOTIFIED else "push",
         "id": entry.id, "queue_id": entry.queue_id, "sender": entry.sender,
+        "domain": entry.domain,
         "recipients": list(entry.recipients), "age": now - entry.created,
-        "domain": entry.domain, "held": entry.held,
+        "held": entry.held,
         "state": "claimed" if entry.claimed else entry.state, "attempts": entry.attempts,
         "next": (entry.expires if entry.state == NOTIFIED else entry.next_attempt) - now,
         "last_error": entry.last_error,
@@ -183,3 +185,41 @@ def offline_delete(state_dir: Path, target: str) -> bool:
             path.unlink()
             removed = True
     return removed
+
+
+def cluster_control(config):
+    """
+    With [store] backend = "postgresql", the control requests of
+    ``pullmail queue`` answered from the shared database, from any node,
+    running or not (SPEC 11.3): a function of the same shape as asking a
+    node's control socket.
+    """
+    from pullmail.storage.postgresql import outbox, pending
+    from pullmail.storage.postgresql.database import Database, StoreUnavailable
+
+    def ask(request: dict) -> dict:
+        command, target = request.get("command"), str(request.get("id", ""))
+        now = time.time()
+        database = Database(config.store.dsn)
+        try:
+            database.open()
+            if command == "list":
+                return {"ok": True, "rows": listing(outbox.cluster_entries(database),
+                                                    pending.cluster_notifications(database),
+                                                    now)}
+            if command == "flush":
+                pending.flush_cluster(database, now)
+                outbox.flush_cluster(database, now)   # its NOTIFY wakes the nodes
+                return {"ok": True}
+            if command == "delete":
+                return {"ok": outbox.delete_from_cluster(database, target, now)
+                        or pending.delete_from_cluster(database, target, now)}
+            if command in ("hold", "release"):
+                return {"ok": outbox.hold_in_cluster(database, target, command == "hold", now)}
+            return {"ok": False, "error": f"unknown command {command!r}"}
+        except StoreUnavailable as e:
+            raise SystemExit(f"pullmail queue: {e}") from None
+        finally:
+            database.close()
+
+    return ask

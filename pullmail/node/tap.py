@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -45,6 +45,7 @@ from pullmail.node.metrics import Metrics, MetricsObserver, QueueCollector, metr
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound import mx
 from pullmail.outbound.delivery import Outbound
+from pullmail.outbound.lifecycle import due_at
 from pullmail.outbound.local import LocalQueue
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import PolicyCache
@@ -66,6 +67,11 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.postgresql import schema
+from pullmail.storage.postgresql.database import Database, StoreUnavailable
+from pullmail.storage.postgresql.outbox import PostgresOutbox
+from pullmail.storage.postgresql.pending import PostgresPending
+from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust import throttle
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
@@ -82,6 +88,10 @@ log = Logger(namespace="pullmail.node")
 DISK_THREADS = 4
 # sockaddr_un.sun_path holds 108 bytes on Linux.
 MAX_UNIX_PATH = 107
+# Connections (and threads) to the cluster's database (backend = "postgresql").
+DB_THREADS = 8
+# Bounds of the cluster's poll for due work and lease renewal.
+MIN_POLL, MAX_POLL = 0.5, 15.0
 
 
 class Options(usage.Options):
@@ -106,6 +116,7 @@ class Options(usage.Options):
             self["node_config"] = configuration.load_config(self["config"], self.overrides)
         except (configuration.ConfigError, AccountsError) as e:
             raise usage.UsageError(str(e)) from None
+        check_store(self["node_config"])
 
 
 # Twisted's listen backlog is 50; a burst of connecting peers beyond it is
@@ -175,6 +186,55 @@ def make_signer(config: configuration.Config, reactor) -> Signer | None:
     return Signer(load_keys(config.dkim, config.node.domains), reactor)
 
 
+@dataclass(frozen=True)
+class Stores:
+    outbox: object
+    pending: object
+    watch: Watch | None = None
+
+
+def open_stores(config: configuration.Config, reactor, node: service.MultiService,
+                run_blocking) -> Stores:
+    """
+    SPEC 11.3: the files under state_dir (one node), or the cluster's
+    PostgreSQL database, with its threads and its watch (started with the
+    node).
+    """
+    if config.store.backend == "files":
+        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking),
+                      PendingStore(config.state_dir / "pending"))
+    database = Database(config.store.dsn, reactor, DB_THREADS)
+    Startable(database.start, database.stop).setServiceParent(node)
+    name, lease = config.node.hostname, config.store.lease
+    due = functools.partial(due_at, config=config.delivery)
+    return Stores(
+        PostgresOutbox(database, name, lease, reactor, due, run=database.run),
+        PostgresPending(database, name, lease, reactor, run=database.run),
+        Watch(database, reactor, poll_interval(lease)),
+    )
+
+
+def poll_interval(lease: float) -> float:
+    """Leases are renewed three times a lease, and due work looked for as often."""
+    return max(MIN_POLL, min(lease / 3, MAX_POLL))
+
+
+def check_store(config: configuration.Config) -> None:
+    """
+    A node refuses to start on a database without the schema it knows.
+
+    @raise usage.UsageError: saying what to do.
+    """
+    if config.store.backend != "postgresql":
+        return
+    database = Database(config.store.dsn)
+    try:
+        with database.connect() as connection, connection.cursor() as cursor:
+            schema.check(cursor)
+    except (schema.SchemaError, StoreUnavailable) as e:
+        raise usage.UsageError(f"store.dsn: {e}") from None
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = NodeService()
@@ -213,7 +273,8 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         Verifier(resolver.txt, run_blocking),
         DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
     )
-    outbox = MaildirOutbox(state / "outbox", run_blocking)
+    stores = open_stores(config, reactor, node, run_blocking)
+    outbox = stores.outbox
 
     def send_bounce(sender: str, message: bytes):
         return router.inject("", [sender], [message])
@@ -260,7 +321,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         tls_available=True, push=config.trust.push, own_addresses=config.own_addresses,
     )
     retriever = Retriever(
-        store=PendingStore(state / "pending"), trust=trust, connect=guarded_connect,
+        store=stores.pending, trust=trust, connect=guarded_connect,
         clock=reactor, mx_limit=config.delivery.mx_limit,
         blocked_networks=config.delivery.blocked_networks,
         run_blocking=run_blocking, hostname=hostname, schedule=config.retrieval.schedule,
@@ -269,7 +330,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         per_minute=config.limits.retrievals_per_minute, policy=mx_policy,
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
-        store_file=fsync_helper.store,
+        store_file=None if stores.pending.shared else fsync_helper.store,
         delivered_of=router.delivered_of,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
@@ -289,6 +350,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     Startable(retriever.start, retriever.stop).setServiceParent(node)
     Startable(maildrop.start, maildrop.stop).setServiceParent(node)
     add_metrics(node, config, reactor, outbox, retriever.store, maildrop)
+    if stores.watch is not None:   # after both loads
+        stores.watch.register(stores.outbox.poll,
+                              lambda found: outbound.cluster.polled(stores.outbox.polled(found)))
+        stores.watch.register(stores.pending.poll,
+                              lambda rows: retriever.polled(stores.pending.polled(rows)))
+        Startable(stores.watch.start, stores.watch.stop).setServiceParent(node)
     Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
 
     performers = {

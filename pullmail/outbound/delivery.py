@@ -29,6 +29,7 @@ from pullmail.interfaces import IOutbox
 from pullmail.net.dns import Resolver
 from pullmail.outbound import lifecycle
 from pullmail.outbound.bouncer import Bouncer
+from pullmail.outbound.cluster import ClusterWork
 from pullmail.outbound.lifecycle import (
     Attempted,
     Bounce,
@@ -106,6 +107,8 @@ class Outbound:
             current=self._current,
         )
         self.courier = Courier(self, self._dispatcher)
+        # A shared outbox (SPEC 11.3): due work is taken in the database first.
+        self.cluster = ClusterWork(self) if outbox.shared else None
 
     # -- life cycle -----------------------------------------------------------
 
@@ -207,6 +210,9 @@ class Outbound:
             entry = self.outbox.get(entry_id)
             if entry is None or due_at(entry, self.config) != due:
                 continue  # stale heap item: the entry moved on
+            if self.cluster is not None:
+                self.cluster.take_due(entry_id)
+                continue
             self._step(entry, Due())
         self._dispatcher.dispatch()
         self._arm()

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pullmail import maillog
-from pullmail.interfaces import ITrustPolicy
+from pullmail.interfaces import IPendingStore, ITrustPolicy
 from pullmail.pull.fetch import Fetcher
 from pullmail.pull.verbs import Notify
 from pullmail.scheduling.dispatch import Dispatcher, Work
@@ -33,7 +33,8 @@ from pullmail.scheduling.schedule import retrieval_at
 from pullmail.smtp import replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
-from pullmail.storage.pending import PENDING, RETRIEVED, Notification, PendingStore
+from pullmail.storage.pending import PENDING, RETRIEVED, Notification
+from pullmail.storage.postgresql.database import take_failed
 
 __all__ = ["Retriever"]
 
@@ -48,7 +49,7 @@ class Retriever:
     def __init__(
         self,
         *,
-        store: PendingStore,
+        store: IPendingStore,
         trust: ITrustPolicy,
         connect: Callable,
         clock: IReactorTime,
@@ -99,6 +100,7 @@ class Retriever:
             total=MAX_CONNECTIONS, per_key=CONNECTIONS_PER_PEER, current=self._current,
         )
         self._fetcher = Fetcher(self, self._dispatcher)
+        self._taking: set[str] = set()   # keys being taken in a shared store
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -148,7 +150,10 @@ class Retriever:
             )
             return verdict
         now = self.clock.seconds()
-        existing = self.store.get(identity, request.gdel_id)
+        try:
+            existing = await self.store.find(identity, request.gdel_id)
+        except OSError as e:   # a shared store out of reach (SPEC 11.3)
+            return self._store_failed(request.gdel_id, e)
         if existing is not None and existing.state == PENDING:
             return self._accepted(request.gdel_id)
         if existing is None and self.store.pending_from(session.peer) >= self.pending_per_origin:
@@ -167,8 +172,7 @@ class Retriever:
         try:
             await self._save(notification)
         except OSError as e:
-            maillog.NOTIFICATION_STORE_FAILED(log, id=request.gdel_id, error=str(e))
-            return storage_failure(e)
+            return self._store_failed(request.gdel_id, e)
         maillog.NOTIFICATION_ACCEPTED(
             log, id=request.gdel_id, peer=session.peer, identity=identity,
             recipients=notification.recipients,
@@ -188,6 +192,11 @@ class Retriever:
         temporary, final = self.store.paths_for(notification)
         await self.store_file(temporary, final, notification.to_json())
         self.store.remember(notification)
+
+    @staticmethod
+    def _store_failed(gdel_id: str, error: OSError) -> Reply:
+        maillog.NOTIFICATION_STORE_FAILED(log, id=gdel_id, error=str(error))
+        return storage_failure(error)
 
     @staticmethod
     def _accepted(gdel_id: str) -> Reply:
@@ -228,17 +237,57 @@ class Retriever:
             notification = self.store.by_key(key)
             if notification is None or self._due(notification) != due:
                 continue
-            if notification.state == RETRIEVED:
+            if self.store.shared:
+                self._take(key)
+            elif notification.state == RETRIEVED:
                 self.store.remove(notification)
-                continue
-            next_slot = self._rate.count(notification.peer, now)
-            if next_slot is not None:
-                notification.next_attempt = next_slot
-                self._push(notification)
-                continue
-            self._dispatcher.line_up(notification.peer, notification)
+            else:
+                self._line_up(notification, now)
         self._rate.forget_quiet(now)
         self._dispatcher.dispatch()
+        self._arm()
+
+    def _line_up(self, notification: Notification, now: float) -> None:
+        next_slot = self._rate.count(notification.peer, now)
+        if next_slot is not None:
+            notification.next_attempt = next_slot
+            self._push(notification)
+            return
+        self._dispatcher.line_up(notification.peer, notification)
+
+    def _take(self, key: str) -> None:
+        """
+        SPEC 11.3: in a cluster a due notification is taken in the shared
+        store first, so that one node retrieves it (or forgets it).
+        """
+        if key in self._taking:
+            return
+        self._taking.add(key)
+        d = self.store.take(key)
+        d.addCallback(self._taken)
+        d.addErrback(take_failed, key)
+        d.addBoth(lambda _: self._taking.discard(key))
+
+    def _taken(self, notification: Notification | None) -> defer.Deferred | None:
+        if notification is None:
+            return None   # gone, or another node has it
+        now = self.clock.seconds()
+        if notification.state == RETRIEVED and notification.keep_until <= now:
+            return self.run_blocking(self.store.remove, notification)
+        if notification.state == PENDING and notification.next_attempt <= now:
+            self._line_up(notification, now)
+            self._dispatcher.dispatch()
+            self._arm()
+            return None
+        # Our copy was stale: another node moved it on.  Let it go again.
+        d = defer.Deferred.fromCoroutine(self._save(notification))
+        return d.addCallback(lambda _: (self._push(notification), self._arm()))
+
+    def polled(self, notifications) -> None:
+        """Notifications due that no node holds, found by the cluster's poll."""
+        for notification in notifications:
+            if not self._dispatcher.busy(notification.key):
+                self._push(notification)
         self._arm()
 
     def _current(self, notification: Notification) -> bool:

@@ -57,7 +57,10 @@ class PickupCounter:
         if self.failures.blocked(peer):
             # Blocked while this connection was open: it guesses no more.
             return Close(replies.S421_BLOCKED)
-        entry = self.outbox.get(gdel_id)
+        try:
+            entry = await self.outbox.find(gdel_id)
+        except OSError as e:   # a shared outbox out of reach (SPEC 11.3)
+            return self._unavailable(gdel_id, e)
         now = self.clock.seconds()
         # A queued entry is served too: its notification may have been taken
         # with the reply lost, and only a notification could reveal the id.
@@ -87,11 +90,19 @@ class PickupCounter:
             if self.outbox.get(gdel_id) is not entry:
                 return await self._refuse(peer, gdel_id, "gone while notified")
         await self.outbox.flushed(gdel_id)
-        claimed = self.outbox.claim(gdel_id)
+        try:
+            claimed = await self.outbox.acquire(gdel_id)
+        except OSError as e:
+            return self._unavailable(gdel_id, e)
         if claimed is None:
             return replies.S451_IN_PROGRESS
         maillog.RETR_HANDED_OVER(log, id=gdel_id, queue_id=entry.queue_id, peer=peer)
         return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer, host))
+
+    @staticmethod
+    def _unavailable(gdel_id: str, error: OSError) -> Reply:
+        maillog.RETR_STORE_UNAVAILABLE(log, id=gdel_id, error=str(error))
+        return replies.S451_LOCAL_ERROR
 
     async def _refuse(self, peer: str, gdel_id: str, why: str) -> Reply | Close:
         delay = self.failures.failed(peer)

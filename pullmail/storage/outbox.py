@@ -19,7 +19,6 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 from __future__ import annotations
 
 import os
-from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -41,8 +40,9 @@ from pullmail.storage.durable import (
     write_atomically,
     write_new_file,
 )
+from pullmail.storage.ordered import InOrder
 
-__all__ = ["EntryState", "OutboxEntry", "MaildirOutbox", "QUEUED", "NOTIFIED"]
+__all__ = ["EntryState", "OutboxEntry", "Indexed", "MaildirOutbox", "OneNode", "QUEUED", "NOTIFIED"]
 
 log = Logger(namespace="pullmail.storage.outbox")
 
@@ -97,8 +97,38 @@ class OutboxEntry:
         return record.load(cls, data, RECORD_VERSION)
 
 
+class Indexed:
+    """Reading an outbox's index (C{_index}: id -> entry), which never touches the disk."""
+
+    _index: dict[str, OutboxEntry]
+
+    def get(self, entry_id: str) -> OutboxEntry | None:
+        return self._index.get(entry_id)
+
+    def entries(self) -> Iterator[OutboxEntry]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class OneNode(Indexed):
+    """The asynchronous seam of an outbox no other node shares: the index answers."""
+
+    shared = False
+
+    def find(self, entry_id: str) -> Deferred:
+        return succeed(self.get(entry_id))
+
+    def acquire(self, entry_id: str) -> Deferred:
+        return succeed(self.claim(entry_id))
+
+    def take(self, entry_id: str) -> Deferred:
+        return succeed(self.get(entry_id))
+
+
 @implementer(IOutbox)
-class MaildirOutbox:
+class MaildirOutbox(OneNode):
     """The default outbox: files in one folder, claims by rename."""
 
     def __init__(self, root: Path, run_blocking=None) -> None:
@@ -109,9 +139,7 @@ class MaildirOutbox:
         them).  Without it every method does its I/O before returning.
         """
         self.root = root
-        self._run = run_blocking
-        self._operations: dict[str, deque] = {}
-        self._flush_waiters: dict[str, list[Deferred]] = {}
+        self._operations = InOrder(run_blocking)
         self._data = root / "data"
         self._entries = root / "entries"
         self._claimed = root / "claimed"
@@ -147,15 +175,6 @@ class MaildirOutbox:
         return released
 
     # -- reading ------------------------------------------------------------
-
-    def get(self, entry_id: str) -> OutboxEntry | None:
-        return self._index.get(entry_id)
-
-    def entries(self) -> Iterator[OutboxEntry]:
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     def message_path(self, entry_id: str) -> Path:
         if not is_gdel_id(entry_id):
@@ -201,42 +220,12 @@ class MaildirOutbox:
         folder = self._claimed if entry.claimed else self._entries
         write_atomically(folder / f"{entry.id}.json", entry.to_json())
 
-    # -- the per-entry order of disk operations --------------------------------
-
     def _in_order(self, entry_id: str, function, *args) -> None:
-        if self._run is None:
-            function(*args)
-            return
-        queue = self._operations.get(entry_id)
-        if queue is None:
-            queue = self._operations[entry_id] = deque()
-        queue.append((function, args))
-        if len(queue) == 1:
-            self._next_operation(entry_id)
-
-    def _next_operation(self, entry_id: str) -> None:
-        function, args = self._operations[entry_id][0]
-        d = self._run(function, *args)
-        d.addErrback(lambda f: log.failure("outbox write for {id}", f, id=entry_id))
-        d.addBoth(lambda _: self._operation_done(entry_id))
-
-    def _operation_done(self, entry_id: str) -> None:
-        queue = self._operations[entry_id]
-        queue.popleft()
-        if queue:
-            self._next_operation(entry_id)
-            return
-        del self._operations[entry_id]
-        for waiter in self._flush_waiters.pop(entry_id, []):
-            waiter.callback(None)
+        self._operations.submit(entry_id, function, *args)
 
     def flushed(self, entry_id: str) -> Deferred:
         """Fires once every disk operation queued for the entry is done."""
-        if entry_id not in self._operations:
-            return succeed(None)
-        waiter = Deferred()
-        self._flush_waiters.setdefault(entry_id, []).append(waiter)
-        return waiter
+        return self._operations.flushed(entry_id)
 
     # -- claims (a rename each; cheap enough for the reactor thread) ---------
 

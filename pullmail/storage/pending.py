@@ -19,6 +19,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from pullmail.interfaces import IPendingStore
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
@@ -84,7 +88,12 @@ def notification_key(origin: str, gdel_id: str) -> str:
     return hashlib.sha256(f"{origin.lower()}\0{gdel_id}".encode()).hexdigest()[:40]
 
 
+@implementer(IPendingStore)
 class PendingStore:
+    """The files backend: one record per file, the index in memory."""
+
+    shared = False
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self._index: dict[str, Notification] = {}
@@ -156,6 +165,12 @@ class PendingStore:
 
     def remember(self, notification: Notification) -> None:
         self._remember(notification)
+
+    def find(self, origin: str, gdel_id: str) -> Deferred:
+        return succeed(self.get(origin, gdel_id))
+
+    def take(self, key: str) -> Deferred:
+        return succeed(self.by_key(key))
 
     def remove(self, notification: Notification) -> None:
         (self.root / f"{notification.key}.json").unlink(missing_ok=True)
