@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     wait_until,
 )
 
-SECTIONS = ("push", "dkim", "gd", "scale", "idle", "wire", "profile", "store")
+SECTIONS = ("push", "dkim", "gd", "scale", "idle", "wire", "profile", "store", "slowloris")
 
 
 def log(text: str) -> None:
@@ -494,6 +494,39 @@ def bench_profile(args, workdir, dns):
     profile_pullmail.run(args, workdir, dns, log)
 
 
+def bench_slowloris(args, workdir, dns):
+    """
+    Issue 18 item 7: 2,000 connections (--loris) each sending an octet every
+    10 s, half in a command line and half in DATA, against deadlines of
+    20 s: every slot must be released within its deadline.
+    """
+    import slowloris
+
+    deadline = 20.0
+    node = common.pullmail_node(
+        workdir, "loris", common.PULLMAIL_IP, "bench.test", ["sink@bench.test"], dns=dns,
+        settings={"limits": {"command_timeout": f"{deadline:.0f}s",
+                             "data_timeout": f"{deadline:.0f}s", "idle_timeout": "10m",
+                             "ipv4_prefix": 32, "max_errors": 0}})
+    node.start(timeout=60)
+    try:
+        held, refused, took = asyncio.run(slowloris.flood(
+            common.PULLMAIL_IP, 2525, args.loris, interval=10.0))
+    finally:
+        node.stop()
+    for in_data, what in ((False, "in a command line"), (True, "in DATA")):
+        times = sorted(t for t, d in held if d is in_data)
+        if not times:
+            continue
+        # DATA's deadline grows by a second per min_data_rate octets: a few here.
+        late = [t for t in times if t > deadline + 2.0]
+        print(f"slowloris {what}: {len(times)} connections held "
+              f"{times[0]:.1f} / {times[len(times) // 2]:.1f} / {times[-1]:.1f} s "
+              f"(min / median / max; deadline {deadline:.0f} s); "
+              f"{len(late)} held past the deadline + 2 s")
+    print(f"slowloris: {len(refused)} refused at connect; the flood took {took:.0f} s")
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -506,6 +539,8 @@ def main() -> None:
     parser.add_argument("--scale-max", type=int, default=100_000,
                         help="largest outbox in the scale curves (1000000 for the 1M case)")
     parser.add_argument("--idle-max", type=int, default=5000)
+    parser.add_argument("--loris", type=int, default=2000,
+                        help="connections of the slowloris section")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--profile-seconds", type=float, default=20,
