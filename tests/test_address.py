@@ -4,7 +4,7 @@ Tests for L{pullmail.smtp.address}: RFC 5321 paths and the relay rule.
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+import pytest
 
 from pullmail.smtp.address import (
     AddressError,
@@ -19,6 +19,8 @@ from pullmail.smtp.address import (
     parse_rcpt_argument,
 )
 
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
+
 DOMAINS = frozenset({"example.org", "example.net"})
 
 
@@ -28,176 +30,183 @@ def rcpt(path: str):
     return classify(mailbox, DOMAINS, "example.org")
 
 
-class MailArgumentTests(SynchronousTestCase):
+def not_refused(parse, texts) -> list:
+    """The texts that C{parse} takes without an AddressError, so a failure names them."""
+    accepted = []
+    for text in texts:
+        try:
+            parse(text)
+        except AddressError:
+            continue
+        accepted.append(text)
+    return accepted
+
+
+class MailArgumentTests:
     """``MAIL FROM:<reverse-path> [params]`` (RFC 5321 4.1.1.2)."""
 
     def test_plain(self):
         """A plain path gives its mailbox, domain lowercased."""
         sender, params = parse_mail_argument("FROM:<Alice@Example.ORG>")
-        self.assertEqual(sender, Mailbox("Alice", "example.org"))
-        self.assertEqual(str(sender), "Alice@example.org")
-        self.assertEqual(params, {})
+        assert sender == Mailbox("Alice", "example.org")
+        assert str(sender) == "Alice@example.org"
+        assert params == {}
 
     def test_null_sender(self):
         """``<>`` is the null reverse-path, with or without parameters."""
-        self.assertEqual(parse_mail_argument("FROM:<>"), (None, {}))
-        self.assertEqual(parse_mail_argument("FROM:<> SIZE=10"), (None, {"SIZE": "10"}))
+        assert parse_mail_argument("FROM:<>") == (None, {})
+        assert parse_mail_argument("FROM:<> SIZE=10") == (None, {"SIZE": "10"})
 
     def test_keyword_case_and_space(self):
         """``from:`` in any case and a space before ``<`` are accepted."""
-        self.assertEqual(parse_mail_argument("from: <a@b.test>")[0], Mailbox("a", "b.test"))
+        assert parse_mail_argument("from: <a@b.test>")[0] == Mailbox("a", "b.test")
 
     def test_params(self):
         """Parameters are keyword(=value), keywords uppercased."""
         _, params = parse_mail_argument("FROM:<a@b.test> size=100 BODY=8BITMIME FLAG")
-        self.assertEqual(params, {"SIZE": "100", "BODY": "8BITMIME", "FLAG": None})
+        assert params == {"SIZE": "100", "BODY": "8BITMIME", "FLAG": None}
 
     def test_bad_params(self):
         """An empty value, an '=' in a value or junk after the path is an error."""
-        for argument in ("FROM:<a@b.test> SIZE=", "FROM:<a@b.test> X=a=b",
-                         "FROM:<a@b.test>SIZE=1", "FROM:<a@b.test> -X"):
-            with self.assertRaises(AddressError, msg=argument):
-                parse_mail_argument(argument)
+        arguments = ("FROM:<a@b.test> SIZE=", "FROM:<a@b.test> X=a=b",
+                     "FROM:<a@b.test>SIZE=1", "FROM:<a@b.test> -X")
+        assert not_refused(parse_mail_argument, arguments) == []
 
     def test_no_brackets(self):
         """A path must be in angle brackets."""
-        for argument in ("FROM:a@b.test", "FROM:", "FROM:<a@b.test", "TO:<a@b.test>", "FROMx:<a@b.test>"):
-            with self.assertRaises(AddressError, msg=argument):
-                parse_mail_argument(argument)
+        arguments = ("FROM:a@b.test", "FROM:", "FROM:<a@b.test", "TO:<a@b.test>", "FROMx:<a@b.test>")
+        assert not_refused(parse_mail_argument, arguments) == []
 
     def test_source_route_dropped(self):
         """A source route is parsed and ignored (RFC 5321 4.1.1.3, C.)."""
-        self.assertEqual(
-            parse_mail_argument("FROM:<@relay.test,@other.test:a@b.test>")[0], Mailbox("a", "b.test")
-        )
+        assert parse_mail_argument("FROM:<@relay.test,@other.test:a@b.test>")[0] == Mailbox("a", "b.test")
 
     def test_bad_source_route(self):
         """A malformed route is an error, never a mailbox."""
-        for path in ("<@:a@b.test>", "<@relay.test a@b.test>", "<@relay.test,x:a@b.test>", "<@-bad.test:a@b.test>"):
-            with self.assertRaises(AddressError, msg=path):
-                parse_mail_argument(f"FROM:{path}")
+        paths = ("<@:a@b.test>", "<@relay.test a@b.test>", "<@relay.test,x:a@b.test>",
+                 "<@-bad.test:a@b.test>")
+        assert not_refused(lambda path: parse_mail_argument(f"FROM:{path}"), paths) == []
 
     def test_postmaster_not_a_sender(self):
         """A bare <postmaster> is only a recipient."""
-        with self.assertRaises(AddressError):
+        with pytest.raises(AddressError):
             parse_mail_argument("FROM:<postmaster>")
 
 
-class MailboxTests(SynchronousTestCase):
+class MailboxTests:
     """``Mailbox = Local-part "@" ( Domain / address-literal )``."""
 
     def test_quoted_local_part(self):
         """A quoted local part is unquoted and marked."""
         mailbox = parse_mailbox('"john doe"@example.org')
-        self.assertEqual(mailbox, Mailbox("john doe", "example.org", quoted=True))
-        self.assertEqual(str(mailbox), '"john doe"@example.org')
+        assert mailbox == Mailbox("john doe", "example.org", quoted=True)
+        assert str(mailbox) == '"john doe"@example.org'
 
     def test_quoted_pair(self):
         """Backslash pairs in quotes are undone; str() quotes again."""
         mailbox = parse_mailbox(r'"a\"b\\c"@example.org')
-        self.assertEqual(mailbox.local, 'a"b\\c')
-        self.assertEqual(str(mailbox), r'"a\"b\\c"@example.org')
-        self.assertEqual(parse_mailbox(str(mailbox)), mailbox)
+        assert mailbox.local == 'a"b\\c'
+        assert str(mailbox) == r'"a\"b\\c"@example.org'
+        assert parse_mailbox(str(mailbox)) == mailbox
 
     def test_needless_quotes(self):
         """``"user"@d`` is the same local part as ``user@d``; str() drops the quotes."""
         mailbox = parse_mailbox('"user"@example.org')
-        self.assertEqual(mailbox.local, "user")
-        self.assertEqual(str(mailbox), "user@example.org")
+        assert mailbox.local == "user"
+        assert str(mailbox) == "user@example.org"
 
     def test_address_literal(self):
         """Address literals are kept as such."""
-        self.assertTrue(parse_mailbox("a@[192.0.2.1]").literal)
-        self.assertTrue(parse_mailbox("a@[IPv6:2001:db8::1]").literal)
+        assert parse_mailbox("a@[192.0.2.1]").literal
+        assert parse_mailbox("a@[IPv6:2001:db8::1]").literal
 
     def test_bad(self):
         """Malformed mailboxes are errors."""
-        for text in ("", "@example.org", "a@", "a", "a@b@c.test", ".a@b.test", "a.@b.test",
-                     "a..b@c.test", "a b@c.test", '"unterminated@b.test', 'a"b"@c.test',
-                     "a@-b.test", "a@b-.test", "a@b..test", "a@b.test.", "a@b_c.test",
-                     "a@[1.2.3.4", '"a"b@c.test', "a@b.test\x00", "a\r@b.test"):
-            with self.assertRaises(AddressError, msg=repr(text)):
-                parse_mailbox(text)
+        texts = ("", "@example.org", "a@", "a", "a@b@c.test", ".a@b.test", "a.@b.test",
+                 "a..b@c.test", "a b@c.test", '"unterminated@b.test', 'a"b"@c.test',
+                 "a@-b.test", "a@b-.test", "a@b..test", "a@b.test.", "a@b_c.test",
+                 "a@[1.2.3.4", '"a"b@c.test', "a@b.test\x00", "a\r@b.test")
+        assert not_refused(parse_mailbox, texts) == []
 
     def test_dot_atom(self):
         """is_dot_atom follows RFC 5322 3.2.3."""
-        self.assertTrue(is_dot_atom("a.b+c_d-e{x}"))
-        self.assertFalse(is_dot_atom("a..b"))
-        self.assertFalse(is_dot_atom("a b"))
-        self.assertFalse(is_dot_atom(""))
+        assert is_dot_atom("a.b+c_d-e{x}")
+        assert not is_dot_atom("a..b")
+        assert not is_dot_atom("a b")
+        assert not is_dot_atom("")
 
 
-class LengthTests(SynchronousTestCase):
+class LengthTests:
     """The limits of RFC 5321 4.5.3.1."""
 
     def test_local_part(self):
         """64 octets of local part are fine, 65 are not."""
         parse_mailbox("a" * 64 + "@b.test")
-        with self.assertRaises(AddressError):
+        with pytest.raises(AddressError):
             parse_mailbox("a" * 65 + "@b.test")
 
     def test_domain(self):
         """A domain over 255 octets is refused."""
         label = "a" * 50
         long_domain = ".".join([label] * 6)  # 305 octets
-        with self.assertRaises(AddressError):
+        with pytest.raises(AddressError):
             parse_mailbox("x@" + long_domain)
 
     def test_label(self):
         """A label is at most 63 octets (RFC 1035 2.3.4)."""
         parse_mailbox("x@" + "a" * 63 + ".test")
-        with self.assertRaises(AddressError):
+        with pytest.raises(AddressError):
             parse_mailbox("x@" + "a" * 64 + ".test")
 
     def test_path(self):
         """A path over 256 octets with its brackets is refused (4.5.3.1.3)."""
         domain = ".".join(["a" * 60] * 3) + ".test"   # 187 octets
         ok = "b" * 60 + "@" + domain                   # 248 octets, 250 with <>
-        self.assertEqual(parse_mail_argument(f"FROM:<{ok}>")[0].local, "b" * 60)
+        assert parse_mail_argument(f"FROM:<{ok}>")[0].local == "b" * 60
         long_path = "@" + "r" * 10 + ".test:" + ok     # a route makes it 266
-        with self.assertRaises(AddressError):
+        with pytest.raises(AddressError):
             parse_mail_argument(f"FROM:<{long_path}>")
 
 
-class RcptArgumentTests(SynchronousTestCase):
+class RcptArgumentTests:
     """``RCPT TO:<forward-path>``, and <postmaster>."""
 
     def test_postmaster(self):
         """A bare <Postmaster>, any case, is allowed and has no domain."""
         for path in ("<postmaster>", "<Postmaster>", "<POSTMASTER>"):
             mailbox, _ = parse_rcpt_argument(f"TO:{path}")
-            self.assertEqual(mailbox, Mailbox("postmaster", ""))
+            assert mailbox == Mailbox("postmaster", "")
 
     def test_other_bare_name(self):
         """Any other bare name is an error."""
-        with self.assertRaises(AddressError):
+        with pytest.raises(AddressError):
             parse_rcpt_argument("TO:<alice>")
 
     def test_params(self):
         """RCPT parameters are returned for the server to judge."""
-        self.assertEqual(parse_rcpt_argument("TO:<a@b.test> NOTIFY=NEVER")[1], {"NOTIFY": "NEVER"})
+        assert parse_rcpt_argument("TO:<a@b.test> NOTIFY=NEVER")[1] == {"NOTIFY": "NEVER"}
 
 
-class ClassifyTests(SynchronousTestCase):
+class ClassifyTests:
     """The relay rule: no address trick makes a remote recipient local."""
 
     def test_local(self):
         """A plain local address, in any case, is Local and normalised."""
-        self.assertEqual(rcpt("<Alice@EXAMPLE.org>"), Local("alice@example.org"))
-        self.assertEqual(rcpt("<bob@example.net>"), Local("bob@example.net"))
-        self.assertEqual(rcpt('<"bob"@example.net>'), Local("bob@example.net"))
+        assert rcpt("<Alice@EXAMPLE.org>") == Local("alice@example.org")
+        assert rcpt("<bob@example.net>") == Local("bob@example.net")
+        assert rcpt('<"bob"@example.net>') == Local("bob@example.net")
 
     def test_postmaster(self):
         """<postmaster> is the postmaster of the postmaster domain."""
-        self.assertEqual(rcpt("<postmaster>"), Local("postmaster@example.org"))
+        assert rcpt("<postmaster>") == Local("postmaster@example.org")
 
     def test_remote(self):
         """An address elsewhere is Remote (relay, AUTH only)."""
-        self.assertEqual(rcpt("<a@remote.test>"), Remote(Mailbox("a", "remote.test")))
+        assert rcpt("<a@remote.test>") == Remote(Mailbox("a", "remote.test"))
 
     def test_source_route_to_local(self):
         """A route through somewhere else to a local mailbox is local."""
-        self.assertEqual(rcpt("<@remote.test:alice@example.org>"), Local("alice@example.org"))
+        assert rcpt("<@remote.test:alice@example.org>") == Local("alice@example.org")
 
     def test_tricks_never_local(self):
         """Every trick address is Forbidden, Remote or a syntax error, never Local."""
@@ -239,21 +248,21 @@ class ClassifyTests(SynchronousTestCase):
             if isinstance(verdict, Local):
                 local.append((path, verdict))
             elif isinstance(verdict, Remote):
-                self.assertNotIn(verdict.mailbox.domain, DOMAINS, path)
+                assert verdict.mailbox.domain not in DOMAINS, path
             else:
-                self.assertIsInstance(verdict, Forbidden, path)
-        self.assertEqual(local, [])
+                assert isinstance(verdict, Forbidden), path
+        assert local == []
 
     def test_routing_characters_forbidden(self):
         """Routing characters in a local domain's local part are Forbidden."""
         for path in ('<"user@evil.test"@example.org>', "<user%evil.test@example.org>",
                      "<evil.test!user@example.org>"):
-            self.assertIsInstance(rcpt(path), Forbidden, path)
+            assert isinstance(rcpt(path), Forbidden), path
 
     def test_literal_forbidden(self):
         """An address literal is never delivered, even for our own address."""
-        self.assertIsInstance(rcpt("<alice@[192.0.2.1]>"), Forbidden)
+        assert isinstance(rcpt("<alice@[192.0.2.1]>"), Forbidden)
 
     def test_quoted_non_atom_forbidden(self):
         """A quoted local part that is not a dot-atom is Forbidden locally."""
-        self.assertIsInstance(rcpt('<"a b"@example.org>'), Forbidden)
+        assert isinstance(rcpt('<"a b"@example.org>'), Forbidden)
