@@ -55,6 +55,7 @@ __all__ = [
     "result_of",
     "failure_of",
     "assert_no_result",
+    "not_refused",
     "FakeTrust",
     "FakeDeliveryAgent",
     "FakeNetwork",
@@ -101,6 +102,22 @@ def assert_no_result(d: defer.Deferred) -> None:
     d.addBoth(lambda result: seen.append(result) or result)
     if seen:
         raise AssertionError(f"{d!r} already has a result: {seen[0]!r}")
+
+
+def not_refused(function: Callable, values: Iterable, error: type[Exception] = ValueError
+                ) -> list:
+    """
+    The values C{function} takes without raising C{error}: a test asserts
+    the list is empty, so that a failure names the values let through.
+    """
+    accepted = []
+    for value in values:
+        try:
+            function(value)
+        except error:
+            continue
+        accepted.append(value)
+    return accepted
 
 
 def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:

@@ -23,6 +23,7 @@ from pullmail.config import (
     parse_duration,
     parse_size,
 )
+from pullmail.testing import not_refused
 
 pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
@@ -90,18 +91,6 @@ def _error(mapping, base: Path = BASE) -> ConfigError:
     except ConfigError as e:
         return e
     raise AssertionError(f"no ConfigError for {mapping!r}")
-
-
-def _not_refused(function, values) -> list:
-    """The values C{function} takes without a ValueError, so a failure names them."""
-    accepted = []
-    for value in values:
-        try:
-            function(value)
-        except ValueError:
-            continue
-        accepted.append(value)
-    return accepted
 
 
 class DefaultTests:
@@ -208,7 +197,7 @@ class DurationTests:
     def test_bad(self):
         """Numbers without a unit, negative, unknown units, spaces and non-strings fail."""
         texts = ("", "10", "-1s", "5x", "h", " 1s", "1s ", "1 s", "s1", 10, None, "1h-5m")
-        assert _not_refused(parse_duration, texts) == []
+        assert not_refused(parse_duration, texts) == []
 
     def test_bad_in_file_names_key(self):
         """A bad duration in the file names its key."""
@@ -230,7 +219,7 @@ class SizeTests:
     def test_bad(self):
         """Fractions, negatives, unknown units and booleans fail."""
         texts = ("1.5MB", "-1", -1, "MB", "", "25TB", "lots", True, None)
-        assert _not_refused(parse_size, texts) == []
+        assert not_refused(parse_size, texts) == []
 
     def test_bad_in_file_names_key(self):
         """A bad size in the file names limits.message_size."""
