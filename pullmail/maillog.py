@@ -208,7 +208,11 @@ RETR_STORE_UNAVAILABLE = Event(
 
 # -- Message authentication (trust/dkim, trust/dmarc, inbound/verdicts) ------------------
 
-VERDICTS = Event("verdicts", "verdicts for {peer}: {results}", extras=("disposition",))
+# Below the log's level: the verdicts are in the message's Authentication-Results,
+# and a second line per message costs the hot path; rejections log their own.
+VERDICTS = Event(
+    "verdicts", "verdicts for {peer}: {results}", LogLevel.debug, extras=("disposition",),
+)
 DMARC_REJECTED = Event(
     "dmarc-rejected", "rejected {queue_id} from <{sender}>: {reason}", extras=("peer",),
 )
