@@ -324,6 +324,8 @@ class LimitsConfig:
     # Throttles count per network, not per address (Postfix's anvil, mox).
     ipv4_prefix: int = _opt(24, int)
     ipv6_prefix: int = _opt(64, int)
+    # RFC 5321 6.3: more Received: fields than this is a loop (554 5.4.6).
+    max_received: int = _opt(100, int)
 
 
 def _optional_endpoint(text: str) -> str:
@@ -433,6 +435,7 @@ def _check(config: Config) -> None:
         ("limits.tls_handshake_timeout", config.limits.tls_handshake_timeout),
         ("limits.command_timeout", config.limits.command_timeout),
         ("limits.data_timeout", config.limits.data_timeout),
+        ("limits.max_received", config.limits.max_received),
     ]
     for option, value in positive:
         if value <= 0:

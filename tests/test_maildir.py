@@ -217,7 +217,8 @@ class DeliveryTests(SynchronousTestCase):
         [written] = outcome.paths
         self.assertEqual(written.parent, self.box / "new")
         self.assertIn("_QID.", written.name)
-        self.assertEqual(written.read_bytes(), b"x\r\n")
+        self.assertEqual(written.read_bytes(), b"Return-Path: <x@remote.test>\r\n"
+                         b"Delivered-To: alice@example.org\r\nx\r\n")
         self.assertEqual(list((self.box / "tmp").iterdir()), [])
 
     def test_file_sync_fails(self):
@@ -254,7 +255,8 @@ class DeliveryTests(SynchronousTestCase):
         [(temporary, final, data, stored)] = self.syncer.stores
         self.assertEqual(Path(temporary).parent, self.box / "tmp")
         self.assertEqual(Path(final), self.box / "new" / Path(temporary).name)
-        self.assertEqual(data, b"x\r\ny\r\n")
+        self.assertEqual(data, b"Return-Path: <x@remote.test>\r\n"
+                         b"Delivered-To: alice@example.org\r\nx\r\ny\r\n")
         self.assertEqual(self.syncer.files, [])
         self.assertNoResult(d)
         stored.callback(None)

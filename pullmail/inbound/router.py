@@ -23,6 +23,7 @@ from pullmail.inbound.headers import complete_submission, rfc5322_date
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp import replies
 from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.loops import delivered_to, header_block
 from pullmail.smtp.replies import Reply
 from pullmail.storage.maildir import mailbox_path
 
@@ -191,6 +192,11 @@ class Router:
             )
         message = [header] + list(chunks)
         local, remote = self.split(envelope.recipients)
+        if local and delivered_to(header_block(chunks)).intersection(local):
+            # RFC 5321 6.3: it has been in one of these mailboxes before.
+            maillog.MAIL_LOOP(log, queue_id=queue_id, peer=session.peer,
+                              reply=str(replies.S554_DELIVERED_BEFORE))
+            return replies.S554_DELIVERED_BEFORE
         if remote and self.outbound is None:
             log.warn("no outbound queue for {recipients}", recipients=remote)
             return replies.S451_LOCAL_ERROR

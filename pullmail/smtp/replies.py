@@ -131,6 +131,9 @@ S554_IMPROPER_PIPELINING = Reply(
 S554_PREGREET = Reply(554, "5.5.0", "Spoke before the greeting ended (RFC 5321 4.3.1)")
 S554_NOT_SMTP = Reply(554, "5.5.0", "Not an SMTP command, closing connection")
 S555_BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter")
+# RFC 5321 6.3, RFC 3463 5.4.6: a routing loop.
+S554_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop (RFC 5321 6.3)")
+S554_DELIVERED_BEFORE = Reply(554, "5.4.6", "Mail loop: already delivered to this mailbox")
 
 
 def storage_failure(error: OSError) -> Reply:

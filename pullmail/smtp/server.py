@@ -34,6 +34,7 @@ from pullmail.smtp.address import (
 )
 from pullmail.smtp.connection import MAX_COMMAND_LINE
 from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.loops import too_many_hops
 from pullmail.smtp.replies import Reply
 
 __all__ = [
@@ -173,6 +174,7 @@ class ServerPolicy:
     push: str = "accept"           # [trust] push
     # The node's own IP addresses: their address literals are ours (issue 18).
     own_addresses: frozenset = frozenset()
+    max_received: int = 100          # [limits] max_received (RFC 5321 6.3)
 
     @property
     def submission(self) -> bool:
@@ -502,6 +504,8 @@ class ServerMachine:
         self.reset()
         if error is not None:
             return error
+        if too_many_hops(chunks, self.policy.max_received):
+            return replies.S554_TOO_MANY_HOPS
         return Deliver(self.session, envelope, chunks, size)
 
     def _resolve_delivery(self, request: Deliver, reply: Reply) -> Reply:
