@@ -219,6 +219,8 @@ class Courier:
         pipelining = "PIPELINING" in keywords
         size = entry.size if "SIZE" in keywords else None
         if pull:
+            # SPEC 4: what the RMTA offers now is what the turn may use.
+            entry.offers = sorted(TURN_EXTENSIONS.intersection(keywords))
             return await send_notification(
                 connection, entry.sender, entry.recipients, entry.id, size=size,
                 pipelining=pipelining,
@@ -227,7 +229,12 @@ class Courier:
         return await send_transaction(
             connection, entry.sender, entry.recipients, [message], size=size,
             body=entry.body if "8BITMIME" in keywords else None, pipelining=pipelining,
+            chunking="CHUNKING" in keywords,
         )
+
+
+# The extensions an SMTA uses in a reversed turn when the RMTA offered them.
+TURN_EXTENSIONS = frozenset({"CHUNKING", "SMTPUTF8", "DSN", "8BITMIME", "SIZE"})
 
 
 def count_attempts(entries: list[OutboxEntry]) -> list[OutboxEntry]:

@@ -107,7 +107,8 @@ class TurnMachine(ServerMachine):
 
     # SPEC 4: RSET ends the turn.
     TRANSITION_CHANGES = {
-        (state, "RSET"): State.CLOSED for state in (State.READY, State.MAIL, State.RCPT)
+        (state, "RSET"): State.CLOSED
+        for state in (State.READY, State.MAIL, State.RCPT, State.BDAT)
     }
 
     def __init__(
@@ -145,14 +146,12 @@ class TurnMachine(ServerMachine):
                 return replies.S550_POLICY.with_text("Recipient not in the notification")
         return reply
 
-    def _data(self, argument: str) -> object:
+    def _needs_push_check(self) -> bool:
         # The push policy judges pushes; this message was pulled, trusted.
-        if argument:
-            return replies.S501_SYNTAX.with_text("DATA takes no arguments")
-        return self._begin_data()
+        return False
 
     def _rset(self, argument: str) -> object:
-        self.envelope = None
+        self.reset()
         self._advance("RSET")
         return EndTurn(replies.S250_RESET)
 

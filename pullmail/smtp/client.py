@@ -205,11 +205,15 @@ async def _reset_after_refusal(channel: Channel, result: TransactionResult,
 async def send_transaction(
     channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
     *, size: int | None = None, body: str | None = None, smtputf8: bool = False,
-    pipelining: bool = True,
+    pipelining: bool = True, chunking: bool = False,
 ) -> TransactionResult:
-    """MAIL, RCPT..., DATA, message; or RSET when nobody is accepted."""
+    """
+    MAIL, RCPT..., DATA, message; or RSET when nobody is accepted.  With
+    C{chunking} (the peer offers CHUNKING) the message goes as one
+    ``BDAT <n> LAST`` (RFC 3030), as it is: no dot-stuffing.
+    """
     result, accepted = await _send_with_data(
-        channel, sender, recipients, chunks, size, body, smtputf8, pipelining
+        channel, sender, recipients, chunks, size, body, smtputf8, pipelining, chunking
     )
     if accepted:
         result.final = await channel.reply()
@@ -220,6 +224,7 @@ async def send_transaction(
 async def _send_with_data(
     channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
     size: int | None, body: str | None, smtputf8: bool, pipelining: bool,
+    chunking: bool = False,
 ) -> tuple[TransactionResult, list[str]]:
     """
     MAIL, RCPT..., then DATA and the message after its 354 (RSET when
@@ -230,6 +235,12 @@ async def _send_with_data(
     if await _reset_after_refusal(channel, result, recipients):
         return result, []
     accepted = result.accepted()
+    if chunking:
+        # RFC 3030 2: one chunk, exactly its octets; its one reply (or,
+        # over LMTP, one per recipient) is the reply to the data.
+        data = b"".join(chunks)
+        channel.send(b"BDAT %d LAST\r\n" % len(data) + data)
+        return result, accepted
     channel.send(b"DATA\r\n")
     go_ahead = await channel.reply()
     if go_ahead.code != 354:

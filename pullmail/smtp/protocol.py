@@ -25,6 +25,7 @@ from zope.interface import implementer
 from pullmail import maillog
 from pullmail.logsafe import printable
 from pullmail.smtp import replies
+from pullmail.smtp.chunking import ReadChunk
 from pullmail.smtp.client import ProtocolError, ReplyReader
 from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits
 from pullmail.smtp.connection import (
@@ -34,6 +35,7 @@ from pullmail.smtp.connection import (
     Connection,
     LineTooLong,
     MessageEnd,
+    Octets,
 )
 from pullmail.smtp.deadlines import Deadlines
 from pullmail.smtp.envelope import Session
@@ -291,6 +293,7 @@ class SMTPConnection(ReplyChannel):
         self.log_commands = False
         self.limits = SessionLimits()
         self._conduct = Conduct(self.limits)
+        self._chunk: list[bytes] | None = None   # the BDAT chunk being read
 
     # -- connection ---------------------------------------------------------
 
@@ -406,7 +409,9 @@ class SMTPConnection(ReplyChannel):
                 self._answer("<bare line ending>", replies.S500_BARE_LINE_ENDING)
             elif isinstance(event, LineTooLong):
                 self._answer("<too long>", replies.S500_LINE_TOO_LONG)
-            else:   # Octets: nothing reads exact counts yet (BDAT will)
+            elif isinstance(event, Octets):
+                self._octets(event)
+            else:
                 raise TypeError(f"unexpected event {event!r}")
         if self.deadlines is not None and not self._closing:
             self.deadlines.watch_line(self._input.partial_line)
@@ -465,6 +470,8 @@ class SMTPConnection(ReplyChannel):
             self._answer(line, action)
         elif isinstance(action, BeginData):
             self._begin_data(action)
+        elif isinstance(action, ReadChunk):
+            self._read_chunk(action)
         elif isinstance(action, StartTLS):
             self.send_reply(action.reply)
             # CVE-2011-0411: what was pipelined behind STARTTLS is plaintext
@@ -489,6 +496,20 @@ class SMTPConnection(ReplyChannel):
                 done.callback(None)
         else:
             self._perform(action, line)
+
+    def _read_chunk(self, action: ReadChunk) -> None:
+        """RFC 3030 2: the next C{size} octets are the chunk, whatever they hold."""
+        self._chunk = [] if action.keep else None
+        self._input.read_octets(action.size)
+        self.deadlines.start_data(lambda: self._input.data_octets)
+
+    def _octets(self, event: Octets) -> None:
+        if self._chunk is not None:
+            self._chunk.append(event.data)
+        if event.last:
+            self.deadlines.end_data()
+            data, self._chunk = b"".join(self._chunk or ()), None
+            self._act(self.machine.chunk_received(data), "BDAT")
 
     def _begin_data(self, action: BeginData) -> None:
         if self._input.buffered and self.limits.reject_improper_pipelining:

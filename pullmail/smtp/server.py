@@ -32,6 +32,7 @@ from pullmail.smtp.address import (
     parse_mail_argument,
     parse_rcpt_argument,
 )
+from pullmail.smtp.chunking import S501_BAD_BDAT, ChunkedMessage, ReadChunk, parse_bdat
 from pullmail.smtp.connection import MAX_COMMAND_LINE
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.loops import too_many_hops
@@ -67,6 +68,7 @@ class State(enum.Enum):
     MAIL = "mail"                # sender given, no recipient accepted yet
     RCPT = "rcpt"                # at least one recipient accepted
     DATA = "data"                # the glue is reading the message
+    BDAT = "bdat"                # chunks of the message are coming (RFC 3030)
     AUTH = "auth"                # inside a SASL exchange
     CLOSED = "closed"
 
@@ -187,6 +189,8 @@ class ServerPolicy:
 
 
 _ANY = (State.CONNECTED, State.READY, State.MAIL, State.RCPT)
+# Between BDAT chunks (RFC 3030 2): ending the transaction, or BDAT again.
+_ANY_BUT_DATA = _ANY + (State.BDAT,)
 
 
 def _from(states, verb: str, to: State | None) -> dict[tuple[State, str], State]:
@@ -199,18 +203,21 @@ def _from(states, verb: str, to: State | None) -> dict[tuple[State, str], State]
 # EHLO).  The rules of RFC 5321 3.3 and 4.1.4: EHLO/HELO and RSET end any
 # transaction; MAIL starts one, RCPT adds to it, DATA ends it; STARTTLS
 # goes back to the start (RFC 3207 4.2); AUTH opens a SASL exchange.
+# BDAT (RFC 3030) sends the message in chunks in place of DATA; DATA after
+# BDAT is out of sequence.
 TRANSITIONS: Mapping[tuple[State, str], State] = {
-    **_from(_ANY, "EHLO", State.READY),
-    **_from(_ANY, "HELO", State.READY),
+    **_from(_ANY_BUT_DATA, "EHLO", State.READY),
+    **_from(_ANY_BUT_DATA, "HELO", State.READY),
     **_from([State.READY], "MAIL", State.MAIL),
     **_from([State.MAIL, State.RCPT], "RCPT", State.RCPT),
     **_from([State.RCPT], "DATA", State.DATA),
+    **_from([State.RCPT, State.BDAT], "BDAT", State.BDAT),
     **_from([State.CONNECTED], "RSET", None),
-    **_from([State.READY, State.MAIL, State.RCPT], "RSET", State.READY),
-    **_from(_ANY, "NOOP", None),
-    **_from(_ANY, "QUIT", State.CLOSED),
-    **_from(_ANY, "VRFY", None),
-    **_from(_ANY, "HELP", None),
+    **_from([State.READY, State.MAIL, State.RCPT, State.BDAT], "RSET", State.READY),
+    **_from(_ANY_BUT_DATA, "NOOP", None),
+    **_from(_ANY_BUT_DATA, "QUIT", State.CLOSED),
+    **_from(_ANY_BUT_DATA, "VRFY", None),
+    **_from(_ANY_BUT_DATA, "HELP", None),
     **_from([State.READY], "STARTTLS", State.CONNECTED),
     **_from([State.READY], "AUTH", State.AUTH),
 }
@@ -227,7 +234,9 @@ def _sequence_error(state: State, verb: str) -> Reply:
         return replies.S503_NESTED_MAIL
     if verb == "RCPT":
         return replies.S503_NEED_MAIL
-    if verb == "DATA":
+    if state is State.BDAT:
+        return replies.S503_BAD_SEQUENCE.with_text(f"{verb} while sending BDAT chunks (RFC 3030 2)")
+    if verb in ("DATA", "BDAT"):
         return replies.S503_NEED_MAIL if state is State.READY else replies.S503_NEED_RCPT
     return replies.S503_BAD_SEQUENCE
 
@@ -277,6 +286,7 @@ def _handlers(cls: type) -> dict[str, Callable[["ServerMachine", str], object]]:
         "EHLO": cls._ehlo, "HELO": cls._helo, "MAIL": cls._mail, "RCPT": cls._rcpt,
         "DATA": cls._data, "RSET": cls._rset, "NOOP": cls._noop, "QUIT": cls._quit,
         "VRFY": cls._vrfy, "HELP": cls._help, "STARTTLS": cls._starttls, "AUTH": cls._auth,
+        "BDAT": cls._bdat,
     }
 
 
@@ -304,7 +314,86 @@ def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
     return transitions, handlers, resolvers
 
 
-class ServerMachine:
+class _SASL:
+    """
+    The machine's AUTH (RFC 4954; PLAIN RFC 4616; LOGIN): a SASL exchange
+    in which every line is a response, ending in an L{Authenticate}.
+    """
+
+    policy: ServerPolicy
+    session: Session
+    state: State
+    _sasl: Callable[[str], object] | None
+
+    def _auth(self, argument: str) -> object:
+        if not self.policy.submission:
+            return replies.S502_NOT_IMPLEMENTED
+        if not self.session.tls:
+            return replies.S530_NEED_TLS
+        if self.session.user:
+            return replies.S503_ALREADY_AUTH
+        mechanism, _, initial = argument.strip(" ").partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in _SASL_MECHANISMS:
+            return replies.S504_AUTH_MECHANISM
+        if mechanism == "PLAIN":
+            if initial:
+                return self._sasl_guard(self._plain, initial)
+            return self._sasl_wait(self._plain, _PLAIN_PROMPT)
+        if initial:
+            return self._sasl_guard(self._login_user, initial)
+        return self._sasl_wait(self._login_user, _LOGIN_USER_PROMPT)
+
+    def _sasl_wait(self, step: Callable[[str], object], prompt: Reply) -> Reply:
+        self._sasl = step
+        self._advance("AUTH")  # a SASL exchange: every line is a response
+        return prompt
+
+    def _sasl_step(self, line: str) -> object:
+        step, self._sasl = self._sasl, None
+        self.state = State.READY
+        if line.strip() == "*":
+            return replies.S501_AUTH_CANCELLED
+        return self._sasl_guard(step, line)
+
+    def _sasl_guard(self, step: Callable[[str], object], line: str) -> object:
+        try:
+            return step(line)
+        except _SASLError as e:
+            self._sasl = None
+            self.state = State.READY
+            return e.reply
+
+    def _plain(self, response: str) -> object:
+        if response.strip() == "=":
+            response = ""
+        parts = _b64decode(response).split("\0")
+        if len(parts) != 3:
+            raise _SASLError(replies.S501_BAD_BASE64.with_text("Malformed PLAIN response"))
+        authzid, user, password = parts
+        if authzid and authzid.lower() != user.lower():
+            raise _SASLError(replies.S535_BAD_CREDENTIALS)
+        return Authenticate(user.lower(), password)
+
+    def _login_user(self, response: str) -> object:
+        user = _b64decode(response)
+
+        def password_step(line: str) -> object:
+            return Authenticate(user.lower(), _b64decode(line))
+
+        return self._sasl_wait(password_step, _LOGIN_PASSWORD_PROMPT)
+
+    def _resolve_authentication(self, request: Authenticate, ok: bool | Reply) -> object:
+        if isinstance(ok, Reply):
+            self.state = State.CLOSED
+            return Close(ok)
+        if not ok:
+            return replies.S535_BAD_CREDENTIALS
+        self.session = self.session.evolve(user=request.user)
+        return replies.S235_AUTH_OK
+
+
+class ServerMachine(_SASL):
     """One SMTP session's state, driven by lines; no I/O."""
 
     TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
@@ -319,6 +408,8 @@ class ServerMachine:
         self._extensions = extensions
         self._transitions, self._handlers, self._resolvers = _verb_table(type(self), extensions)
         self._sasl: Callable[[str], object] | None = None
+        self._chunked: ChunkedMessage | None = None     # a BDAT transaction's
+        self._first_chunk: tuple[int, bool] = (0, False)  # while its push check runs
 
     # -- entry points -------------------------------------------------------
 
@@ -354,7 +445,8 @@ class ServerMachine:
 
     def reset(self) -> None:
         self.envelope = None
-        if self.state in (State.MAIL, State.RCPT, State.DATA):
+        self._chunked = None
+        if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT):
             self.state = State.READY
 
     def tls_started(self) -> None:
@@ -365,7 +457,7 @@ class ServerMachine:
 
     def ehlo_keywords(self) -> list[str]:
         keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES"]
+                    "ENHANCEDSTATUSCODES", "CHUNKING"]
         if self.policy.tls_available and not self.session.tls:
             keywords.append("STARTTLS")
         if self.policy.submission and self.session.tls and not self.session.user:
@@ -387,7 +479,7 @@ class ServerMachine:
         if not _HELO_ARGUMENT.fullmatch(argument):
             return replies.S501_SYNTAX.with_text("Syntax: EHLO hostname")
         self.session = self.session.evolve(helo=argument, esmtp=esmtp)
-        self.envelope = None
+        self.reset()
         self._advance(verb)
         first = f"{self.policy.hostname} Hello {argument} [{self.session.peer}]"
         if not esmtp:
@@ -481,18 +573,52 @@ class ServerMachine:
         self._advance("RCPT")
         return replies.S250_RECIPIENT_OK
 
+    def _needs_push_check(self) -> bool:
+        return self.policy.push != "accept" and not self.session.user
+
     def _data(self, argument: str) -> object:
         if argument:
             return replies.S501_SYNTAX.with_text("DATA takes no arguments")
-        if self.policy.push != "accept" and not self.session.user:
+        if self._needs_push_check():
             return CheckPush(self.session, self.envelope)
         return self._begin_data()
+
+    def _bdat(self, argument: str) -> object:
+        parsed = parse_bdat(argument)
+        if parsed is None:
+            # The chunk's length is unknown, so what follows cannot be
+            # framed: read as commands it could smuggle some in.
+            self.state = State.CLOSED
+            return Close(S501_BAD_BDAT)
+        if self._chunked is None:
+            self._chunked = ChunkedMessage(self.policy.max_size)
+            self._advance("BDAT")
+            if self._needs_push_check():
+                self._first_chunk = parsed
+                return CheckPush(self.session, self.envelope)
+        return self._read_chunk(*parsed)
+
+    def _read_chunk(self, size: int, last: bool) -> ReadChunk:
+        self._chunked.announce(size, last)
+        return ReadChunk(size, last, keep=self._chunked.error is None)
+
+    def chunk_received(self, data: bytes) -> object:
+        """The glue read a whole BDAT chunk: its reply, or the end of data."""
+        chunked = self._chunked
+        reply = chunked.add(data)
+        if not chunked.last:
+            return reply
+        return self.data_received(chunked.message(), chunked.size, chunked.error)
 
     def _begin_data(self) -> BeginData:
         self._advance("DATA")
         return BeginData(replies.S354_START_DATA, self.policy.max_size)
 
     def _resolve_push(self, request: CheckPush, verdict: Reply | None) -> object:
+        if self._chunked is not None:
+            # The first BDAT: its chunk comes whatever the verdict.
+            self._chunked.error = verdict
+            return self._read_chunk(*self._first_chunk)
         if verdict is not None:
             self.reset()
             return verdict
@@ -512,7 +638,7 @@ class ServerMachine:
         return reply
 
     def _rset(self, argument: str) -> Reply:
-        self.envelope = None
+        self.reset()
         self._advance("RSET")
         return replies.S250_RESET
 
@@ -538,75 +664,6 @@ class ServerMachine:
         if not self.policy.tls_available:
             return replies.S454_TLS_UNAVAILABLE
         return StartTLS(replies.S220_READY_TLS)
-
-    # -- AUTH (RFC 4954; PLAIN RFC 4616; LOGIN) ------------------------------
-
-    def _auth(self, argument: str) -> object:
-        if not self.policy.submission:
-            return replies.S502_NOT_IMPLEMENTED
-        if not self.session.tls:
-            return replies.S530_NEED_TLS
-        if self.session.user:
-            return replies.S503_ALREADY_AUTH
-        mechanism, _, initial = argument.strip(" ").partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism not in _SASL_MECHANISMS:
-            return replies.S504_AUTH_MECHANISM
-        if mechanism == "PLAIN":
-            if initial:
-                return self._sasl_guard(self._plain, initial)
-            return self._sasl_wait(self._plain, _PLAIN_PROMPT)
-        if initial:
-            return self._sasl_guard(self._login_user, initial)
-        return self._sasl_wait(self._login_user, _LOGIN_USER_PROMPT)
-
-    def _sasl_wait(self, step: Callable[[str], object], prompt: Reply) -> Reply:
-        self._sasl = step
-        self._advance("AUTH")  # a SASL exchange: every line is a response
-        return prompt
-
-    def _sasl_step(self, line: str) -> object:
-        step, self._sasl = self._sasl, None
-        self.state = State.READY
-        if line.strip() == "*":
-            return replies.S501_AUTH_CANCELLED
-        return self._sasl_guard(step, line)
-
-    def _sasl_guard(self, step: Callable[[str], object], line: str) -> object:
-        try:
-            return step(line)
-        except _SASLError as e:
-            self._sasl = None
-            self.state = State.READY
-            return e.reply
-
-    def _plain(self, response: str) -> object:
-        if response.strip() == "=":
-            response = ""
-        parts = _b64decode(response).split("\0")
-        if len(parts) != 3:
-            raise _SASLError(replies.S501_BAD_BASE64.with_text("Malformed PLAIN response"))
-        authzid, user, password = parts
-        if authzid and authzid.lower() != user.lower():
-            raise _SASLError(replies.S535_BAD_CREDENTIALS)
-        return Authenticate(user.lower(), password)
-
-    def _login_user(self, response: str) -> object:
-        user = _b64decode(response)
-
-        def password_step(line: str) -> object:
-            return Authenticate(user.lower(), _b64decode(line))
-
-        return self._sasl_wait(password_step, _LOGIN_PASSWORD_PROMPT)
-
-    def _resolve_authentication(self, request: Authenticate, ok: bool | Reply) -> object:
-        if isinstance(ok, Reply):
-            self.state = State.CLOSED
-            return Close(ok)
-        if not ok:
-            return replies.S535_BAD_CREDENTIALS
-        self.session = self.session.evolve(user=request.user)
-        return replies.S235_AUTH_OK
 
 
 # The core verbs' handlers (extensions add their own).

@@ -1,15 +1,30 @@
 """
 Issue 14 against real nodes: mail loops (RFC 5321 6.3) and the
-Return-Path:/Delivered-To: local delivery writes.
+Return-Path:/Delivered-To: local delivery writes; CHUNKING (RFC 3030) on
+the MX and submission services, for push and in General Delivery's
+reversed turns.
+
+    extensions      127.0.0.101  mx.example.org  alice, bob (max_received 5, 20 KB)
+    sender.test     127.0.0.2    (world.py: the SMTA)
+    receiver.test   127.0.0.3    (world.py: the RMTA)
+    other.test      127.0.0.4    (world.py: push only)
 """
 
 from __future__ import annotations
 
+import base64
+import re
+import shutil
 import smtplib
+import ssl
 
 import pytest
 
-from .harness import RawSMTP, submit
+from .harness import SMTP_PORT, SUBMISSION_PORT, DNSServer, RawSMTP, free_port, submit
+from .postfix import PostfixInstance, make_workdir, postfix_unavailable
+from .world import ALICE as WORLD_ALICE
+from .world import BOB as WORLD_BOB
+from .world import CAROL, OTHER_IP, PASSWORD, RECEIVER_IP, SENDER_IP, Network
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -23,7 +38,7 @@ def node(make_module_node):
     return make_module_node(
         "extensions", "127.0.0.101", ["example.org"], "mx.example.org",
         users={ALICE: "alice-password", BOB: "bob-password"},
-        settings={"limits": {"max_received": HOPS}},
+        settings={"limits": {"max_received": HOPS, "message_size": "20KB"}},
     )
 
 
@@ -69,3 +84,204 @@ def test_submission_refuses_loops_too(node):
     assert refused.value.smtp_code == 554
     assert refused.value.smtp_error.startswith(b"5.4.6")
     assert node.mail_snapshot().new_since(before) == {}
+
+
+# -- CHUNKING (RFC 3030) ---------------------------------------------------------------
+
+
+def _envelope(client: RawSMTP, recipient: str = ALICE) -> None:
+    client.expect(f"MAIL FROM:<{SENDER}>", 250)
+    client.expect(f"RCPT TO:<{recipient}>", 250)
+
+
+def test_bdat_chunks_pipelined_on_the_mx(node):
+    """Pipelined chunks; a chunk holding CRLF.CRLF and 'commands' is only octets."""
+    first = b"Subject: chunks\r\n\r\n.\r\nRSET\r\n"
+    second = b"MAIL FROM:<evil@outside.test>\r\nend of chunks\r\n"
+    before = len(node.delivered(ALICE))
+    with RawSMTP(node.address) as client:
+        code, lines = client.ehlo()
+        assert "CHUNKING" in lines
+        _envelope(client)
+        client.send(b"BDAT %d\r\n" % len(first) + first
+                    + b"BDAT %d\r\n" % len(second) + second + b"BDAT 0 LAST\r\n")
+        replies = client.read_replies(3)
+        assert [code for code, _ in replies] == [250, 250, 250]
+        assert replies[2][1][0].startswith("2.0.0 Ok: queued as ")
+    [stored] = node.wait_delivered(ALICE, before + 1)[before:]
+    assert stored.endswith(b"Subject: chunks\r\n\r\n.\r\nRSET\r\n" + second)
+
+
+@pytest.mark.parametrize("size", [b"ten", b"-5", b"5 LAST now"])
+def test_bad_bdat_size_is_501_and_the_connection_closes(node, size):
+    before = node.mail_snapshot()
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        _envelope(client)
+        client.send(b"BDAT " + size + b"\r\nhello\r\n")
+        code, lines = client.read_reply()
+        assert (code, lines[0][:5]) == (501, "5.5.4")
+        client.expect_closed()
+    assert node.mail_snapshot().new_since(before) == {}
+
+
+def test_bdat_over_the_size_limit_is_552_and_the_session_goes_on(node):
+    before = node.mail_snapshot()
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        _envelope(client)
+        client.send(b"BDAT 30000 LAST\r\n" + b"x" * 30000)
+        code, lines = client.read_reply()
+        assert (code, lines[0][:5]) == (552, "5.3.4")
+        assert client.command("NOOP")[0] == 250
+    assert node.mail_snapshot().new_since(before) == {}
+
+
+def test_data_after_bdat_is_503(node):
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        _envelope(client)
+        client.send(b"BDAT 4\r\nabcd")
+        assert client.read_reply()[0] == 250
+        code, lines = client.command("DATA")
+        assert (code, lines[0][:5]) == (503, "5.5.1")
+        assert client.command("RSET")[0] == 250
+
+
+def test_connection_lost_mid_chunk_stores_nothing(node):
+    """A BDAT announcing more than arrives before the peer leaves."""
+    before = node.mail_snapshot()
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        _envelope(client)
+        client.send(b"BDAT 5000 LAST\r\nSubject: cut\r\n\r\nonly this much\r\n")
+    with RawSMTP(node.address) as client:     # served on, and nothing came of it
+        assert client.ehlo()[0] == 250
+    assert node.mail_snapshot().new_since(before) == {}
+
+
+def test_bdat_on_submission(node):
+    message = b"Subject: submitted in chunks\r\n\r\nhi\r\n"
+    before = len(node.delivered(BOB))
+    with RawSMTP(node.address, port=SUBMISSION_PORT) as client:
+        client.ehlo()
+        client.starttls(ssl._create_unverified_context())
+        assert "CHUNKING" in client.ehlo()[1]
+        plain = base64.b64encode(f"\0{ALICE}\0alice-password".encode()).decode()
+        client.expect(f"AUTH PLAIN {plain}", 235)
+        client.expect(f"MAIL FROM:<{ALICE}>", 250)
+        client.expect(f"RCPT TO:<{BOB}>", 250)
+        client.send(b"BDAT %d LAST\r\n" % len(message) + message)
+        assert client.read_reply()[0] == 250
+    [stored] = node.wait_delivered(BOB, before + 1)[before:]
+    assert stored.endswith(b"\r\nhi\r\n") and b"Subject: submitted in chunks" in stored
+
+
+# -- between nodes: push and General Delivery's reversed turn --------------------------
+
+FAST = {
+    "node": {"log_commands": True},
+    "retrieval": {"schedule": ["0s", "2s", "4s"]},
+    "delivery": {"push_retry": ["1s", "2s"], "connect_timeout": "3s"},
+    "limits": {"idle_timeout": "30s"},
+}
+
+
+@pytest.fixture
+def net(tmp_path, world_dns):
+    network = Network(tmp_path, world_dns, FAST)
+    try:
+        yield network
+    finally:
+        network.close()
+
+
+def _world_message(token: str) -> bytes:
+    return (f"From: {WORLD_ALICE}\r\nSubject: {token}\r\n\r\n"
+            f".a dot-led line\r\nEND {token}\r\n").encode()
+
+
+def test_reversed_turn_sends_with_bdat_last(net):
+    """SPEC 4: the RMTA offered CHUNKING with its 250 to GDEL; the turn ends after BDAT LAST."""
+    sender, receiver = net.sender(), net.receiver()
+    assert submit(sender, WORLD_ALICE, PASSWORD, [WORLD_BOB], _world_message("turn1")) == {}
+    [raw] = receiver.wait_delivered(WORLD_BOB, timeout=15)
+    assert raw.endswith(b"\r\n.a dot-led line\r\nEND turn1\r\n")   # no stuffing either way
+    receiver.wait_log(rf"{re.escape(SENDER_IP)} BDAT: 250", 5)
+    assert not re.search(rf"{re.escape(SENDER_IP)} DATA: ", receiver.log_text())
+    sender.wait_log(r"retrieved \S+ \(\w+\) by 127\.0\.0\.3: accepted \['bob", 5)
+
+
+def test_push_uses_bdat_to_a_peer_offering_chunking(net):
+    sender = net.sender()
+    other = net.node("other", OTHER_IP, "other.test", [CAROL], {"trust": {"gdel": False}})
+    assert submit(sender, WORLD_ALICE, PASSWORD, [CAROL], _world_message("push1")) == {}
+    [raw] = other.wait_delivered(CAROL, timeout=15)
+    assert raw.endswith(b"\r\n.a dot-led line\r\nEND push1\r\n")
+    other.wait_log(rf"{re.escape(SENDER_IP)} BDAT: 250", 5)
+
+
+# -- with a real Postfix (the private instance of postfix.py) --------------------------
+
+PM_IP, PF_IP, CLIENT_IP, DNS_IP = "127.0.0.102", "127.0.0.103", "127.0.0.104", "127.0.0.105"
+PM_USER, PM_OTHER = "erin@pm.test", "frank@pm.test"
+PF_USER = "gina@pf.test"
+PM_RECORDS = {
+    "pm.test": {"A": [PM_IP], "MX": [[10, "mx.pm.test"]], "TXT": [f"v=spf1 ip4:{PM_IP} -all"]},
+    "mx.pm.test": {"A": [PM_IP]},
+    "pf.test": {"A": [PF_IP], "MX": [[10, "mx.pf.test"]], "TXT": [f"v=spf1 ip4:{PF_IP} -all"]},
+    "mx.pf.test": {"A": [PF_IP]},
+}
+
+
+@pytest.fixture(scope="module")
+def pm_dns(tmp_path_factory):
+    server = DNSServer(tmp_path_factory.mktemp("ext-dns"), PM_RECORDS, free_port(DNS_IP),
+                       address=DNS_IP)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pm(make_module_node, pm_dns):
+    """pullmail for pm.test on 127.0.0.102, logging every command."""
+    return make_module_node(
+        "pm", PM_IP, ["pm.test"], "mx.pm.test", users={PM_USER: PASSWORD, PM_OTHER: PASSWORD},
+        settings={"node": {"log_commands": True},
+                  "dns": {"nameservers": [pm_dns.nameserver], "timeout": "2s"},
+                  "delivery": {"push_retry": ["1s", "2s"], "connect_timeout": "5s"}},
+    )
+
+
+@pytest.fixture(scope="module")
+def postfix(pm):
+    """Postfix for pf.test on 127.0.0.103:2525, relaying everything else to pullmail."""
+    reason = postfix_unavailable()
+    if reason is not None:
+        pytest.skip(f"INTEROP NOT RUN: {reason}")
+    workdir = make_workdir()
+    instance = PostfixInstance(
+        workdir, PF_IP, SMTP_PORT, "pf.test", relayhost=f"[{PM_IP}]:{SMTP_PORT}",
+        mailboxes=[PF_USER], extra_main={"smtputf8_enable": "yes"},
+    )
+    try:
+        with instance:
+            yield instance
+    finally:
+        instance.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_pullmail_pushes_to_postfix_with_bdat(pm, postfix):
+    """
+    Postfix's smtpd offers CHUNKING: pullmail's push sends one BDAT LAST,
+    unstuffed, and Postfix counts it (``bdat=1`` in its disconnect line).
+    Postfix's own smtp(8) client never sends BDAT (BDAT_README: server
+    side only), so the other direction stays DATA.
+    """
+    message = (b"From: <erin@pm.test>\r\nSubject: to postfix\r\n\r\n"
+               b".dot-led\r\nEND bdat-to-postfix\r\n")
+    assert submit(pm, PM_USER, PASSWORD, [PF_USER], message) == {}
+    [raw] = postfix.wait_delivered(PF_USER, contains=b"END bdat-to-postfix")
+    assert raw.replace(b"\r\n", b"\n").endswith(b"\n.dot-led\nEND bdat-to-postfix\n")
+    postfix.wait_log(rf"disconnect from \S+\[{re.escape(PM_IP)}\].* bdat=1 ")
