@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 
 from twisted.internet import endpoints
 
+from pullmail.smtp.address import AddressError, a_label_domain
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -132,6 +134,12 @@ _DOMAIN = re.compile(
 
 
 def _domain(text: str) -> str:
+    """A domain name; an internationalised one as its A-labels (IDNA 2008)."""
+    if isinstance(text, str):
+        try:
+            text = a_label_domain(text)
+        except AddressError as e:
+            raise ValueError(f"bad domain name {text!r}: {e}") from None
     if not isinstance(text, str) or not _DOMAIN.fullmatch(text):
         raise ValueError(f"bad domain name {text!r}")
     return text.lower()

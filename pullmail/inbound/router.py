@@ -27,7 +27,7 @@ from pullmail.smtp.loops import delivered_to, header_block
 from pullmail.smtp.replies import Reply
 from pullmail.storage.maildir import mailbox_path
 
-__all__ = ["Router", "received_header", "one_refusal"]
+__all__ = ["Router", "received_header", "one_refusal", "needs_smtputf8"]
 
 log = Logger(namespace="pullmail.outbound.delivery")
 
@@ -50,6 +50,18 @@ def received_header(
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def needs_smtputf8(envelope: Envelope, recipients: Sequence[str], chunks: Sequence[bytes]) -> bool:
+    """
+    RFC 6531 3.2: whether a message taken with ``SMTPUTF8`` may go on only
+    to peers that offer it: a UTF-8 address on the way, or a UTF-8 header
+    (RFC 6532).  Domains are A-labels already, so only local parts count.
+    """
+    if "SMTPUTF8" not in envelope.params:
+        return False
+    return not (envelope.sender + "".join(recipients)).isascii() or not (
+        header_block(chunks).isascii())
 
 
 def one_refusal(outcome: DeliveryOutcome, queued_remote: bool) -> Reply | None:
@@ -213,7 +225,8 @@ class Router:
                 return refusal
             if remote:
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
-                                            origin=origin)
+                                            origin=origin,
+                                            smtputf8=needs_smtputf8(envelope, remote, chunks))
             yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:
             maillog.STORE_FAILED(log, queue_id=queue_id, error=str(e))

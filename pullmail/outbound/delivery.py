@@ -127,11 +127,13 @@ class Outbound:
     # -- entry points -----------------------------------------------------------
 
     def enqueue(self, queue_id: str, sender: str, recipients: Sequence[str],
-                chunks: Sequence[bytes], origin: str | None = None) -> defer.Deferred:
+                chunks: Sequence[bytes], origin: str | None = None,
+                smtputf8: bool = False) -> defer.Deferred:
         """
         Queue a message for remote recipients: one entry per domain.
         C{origin} is the outside address it came from (forwarded mail), so
         that a bounce never goes to a sender that address may not speak for.
+        C{smtputf8}: it goes only to peers that offer SMTPUTF8 (RFC 6531 3.2).
         """
         by_domain: dict[str, list[str]] = {}
         for recipient in recipients:
@@ -143,7 +145,7 @@ class Outbound:
             OutboxEntry(
                 id=new_gdel_id(), queue_id=queue_id, sender=sender, domain=domain,
                 recipients=rcpts, created=now, size=size, next_attempt=now,
-                body="8BITMIME" if eight_bit else None, origin=origin,
+                body="8BITMIME" if eight_bit else None, origin=origin, smtputf8=smtputf8,
             )
             for domain, rcpts in sorted(by_domain.items())
         ]

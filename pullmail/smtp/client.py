@@ -257,10 +257,10 @@ async def _send_with_data(
 
 async def send_notification(
     channel: Channel, sender: str, recipients: Sequence[str], gdel_id: str,
-    *, size: int | None = None, pipelining: bool = True,
+    *, size: int | None = None, pipelining: bool = True, smtputf8: bool = False,
 ) -> TransactionResult:
     """SPEC 3: MAIL, RCPT..., then GDEL <id> in place of DATA."""
-    result = await _envelope(channel, sender, recipients, size, None, False, pipelining)
+    result = await _envelope(channel, sender, recipients, size, None, smtputf8, pipelining)
     if await _reset_after_refusal(channel, result, recipients):
         return result
     channel.send(f"GDEL {gdel_id}\r\n".encode("ascii"))

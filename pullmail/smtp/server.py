@@ -457,7 +457,7 @@ class ServerMachine(_SASL):
 
     def ehlo_keywords(self) -> list[str]:
         keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "CHUNKING"]
+                    "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8"]
         if self.policy.tls_available and not self.session.tls:
             keywords.append("STARTTLS")
         if self.policy.submission and self.session.tls and not self.session.user:
@@ -499,6 +499,8 @@ class ServerMachine(_SASL):
         problem = self._check_mail_params(params)
         if isinstance(problem, Reply):
             return problem
+        if sender is not None and sender.utf8 and "SMTPUTF8" not in params:
+            return replies.S553_NEED_SMTPUTF8
         size, body = problem
         sender_text = str(sender) if sender is not None else ""
         if self.policy.submission and not self.policy.accounts.owns(
@@ -530,6 +532,9 @@ class ServerMachine(_SASL):
                 body = value.upper()
             elif key == "AUTH" and value is not None:
                 pass  # RFC 4954 5: may be ignored.
+            elif key == "SMTPUTF8":
+                if value is not None:   # RFC 6531 3.4: no value
+                    return replies.S501_SYNTAX.with_text("SMTPUTF8 takes no value")
             else:
                 return replies.S555_BAD_PARAMETER.with_text(f"Unsupported parameter {key}")
         return size, body
@@ -553,6 +558,8 @@ class ServerMachine(_SASL):
             return replies.S555_BAD_PARAMETER.with_text(
                 f"Unsupported parameter {next(iter(params))}"
             )
+        if mailbox.utf8 and "SMTPUTF8" not in self.envelope.params:
+            return replies.S553_NEED_SMTPUTF8
         if len(self.envelope.recipients) >= self.policy.max_recipients:
             return replies.S452_TOO_MANY_RECIPIENTS
         verdict = classify(mailbox, self.policy.domains, self.policy.postmaster_domain,

@@ -20,7 +20,15 @@ import ssl
 
 import pytest
 
-from .harness import SMTP_PORT, SUBMISSION_PORT, DNSServer, RawSMTP, free_port, submit
+from .harness import (
+    SMTP_PORT,
+    SUBMISSION_PORT,
+    DNSServer,
+    RawSMTP,
+    free_port,
+    submit,
+    wait_until,
+)
 from .postfix import PostfixInstance, make_workdir, postfix_unavailable
 from .world import ALICE as WORLD_ALICE
 from .world import BOB as WORLD_BOB
@@ -28,6 +36,7 @@ from .world import CAROL, OTHER_IP, PASSWORD, RECEIVER_IP, SENDER_IP, Network
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
+JOSE = "jösé@example.org"        # made with `pullmail adduser` like the others
 SENDER = "sender@outside.test"
 HOPS = 5
 
@@ -37,14 +46,23 @@ def node(make_module_node):
     """mx.example.org on 127.0.0.101 with [limits] max_received = 5."""
     return make_module_node(
         "extensions", "127.0.0.101", ["example.org"], "mx.example.org",
-        users={ALICE: "alice-password", BOB: "bob-password"},
+        users={ALICE: "alice-password", BOB: "bob-password", "JÖSÉ@Example.org": "jose-pw"},
         settings={"limits": {"max_received": HOPS, "message_size": "20KB"}},
     )
 
 
-def _message(hops: int, extra: bytes = b"") -> bytes:
+def _one_new(node, address: str, mark: bytes) -> bytes:
+    """The one message for C{address} that holds C{mark}, once it is there."""
+    found = wait_until(lambda: [m for m in node.delivered(address) if mark in m], 10,
+                       message=lambda: f"a message with {mark!r} for {address}")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _message(hops: int, extra: bytes = b"", subject: bytes = b"loop") -> bytes:
     return (b"Received: from a.test by b.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * hops
-            + extra + b"From: <sender@outside.test>\r\nSubject: loop\r\n\r\nbody\r\n")
+            + extra + b"From: <sender@outside.test>\r\nSubject: " + subject
+            + b"\r\n\r\nbody\r\n")
 
 
 def _mx(node, message: bytes, recipients=(ALICE,)) -> tuple[int, list[str]]:
@@ -61,10 +79,9 @@ def test_too_many_received_fields_are_refused_and_nothing_stored(node):
 
 
 def test_at_the_limit_is_delivered_with_return_path_and_delivered_to(node):
-    before = len(node.delivered(BOB))
-    code, _ = _mx(node, _message(HOPS), [BOB])
+    code, _ = _mx(node, _message(HOPS, subject=b"at the limit"), [BOB])
     assert code == 250
-    [stored] = node.wait_delivered(BOB, before + 1)[before:]
+    stored = _one_new(node, BOB, b"Subject: at the limit")
     assert stored.startswith(b"Return-Path: <sender@outside.test>\r\n"
                              b"Delivered-To: bob@example.org\r\nReceived: from ")
 
@@ -98,7 +115,6 @@ def test_bdat_chunks_pipelined_on_the_mx(node):
     """Pipelined chunks; a chunk holding CRLF.CRLF and 'commands' is only octets."""
     first = b"Subject: chunks\r\n\r\n.\r\nRSET\r\n"
     second = b"MAIL FROM:<evil@outside.test>\r\nend of chunks\r\n"
-    before = len(node.delivered(ALICE))
     with RawSMTP(node.address) as client:
         code, lines = client.ehlo()
         assert "CHUNKING" in lines
@@ -108,7 +124,7 @@ def test_bdat_chunks_pipelined_on_the_mx(node):
         replies = client.read_replies(3)
         assert [code for code, _ in replies] == [250, 250, 250]
         assert replies[2][1][0].startswith("2.0.0 Ok: queued as ")
-    [stored] = node.wait_delivered(ALICE, before + 1)[before:]
+    stored = _one_new(node, ALICE, b"end of chunks")
     assert stored.endswith(b"Subject: chunks\r\n\r\n.\r\nRSET\r\n" + second)
 
 
@@ -162,7 +178,6 @@ def test_connection_lost_mid_chunk_stores_nothing(node):
 
 def test_bdat_on_submission(node):
     message = b"Subject: submitted in chunks\r\n\r\nhi\r\n"
-    before = len(node.delivered(BOB))
     with RawSMTP(node.address, port=SUBMISSION_PORT) as client:
         client.ehlo()
         client.starttls(ssl._create_unverified_context())
@@ -173,8 +188,47 @@ def test_bdat_on_submission(node):
         client.expect(f"RCPT TO:<{BOB}>", 250)
         client.send(b"BDAT %d LAST\r\n" % len(message) + message)
         assert client.read_reply()[0] == 250
-    [stored] = node.wait_delivered(BOB, before + 1)[before:]
+    stored = _one_new(node, BOB, b"submitted in chunks")
     assert stored.endswith(b"\r\nhi\r\n") and b"Subject: submitted in chunks" in stored
+
+
+# -- SMTPUTF8 (RFC 6531) ----------------------------------------------------------------
+
+
+def test_utf8_address_without_the_parameter_is_553_5_6_7(node):
+    with RawSMTP(node.address) as client:
+        assert "SMTPUTF8" in client.ehlo()[1]
+        code, lines = client.command("MAIL FROM:<jörg@outside.test>")
+        assert (code, lines[0][:5]) == (553, "5.6.7")
+        client.expect(f"MAIL FROM:<{SENDER}>", 250)
+        code, lines = client.command(f"RCPT TO:<{JOSE}>")
+        assert (code, lines[0][:5]) == (553, "5.6.7")
+
+
+@pytest.mark.parametrize("recipient", ["a@xn--zz.example.org", "a@" + "ü" * 60 + ".example.org",
+                                       "a@\u0661\u0031.example.org"])
+def test_invalid_idna_is_501_5_1_3(node, recipient):
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        client.expect(f"MAIL FROM:<{SENDER}> SMTPUTF8", 250)
+        code, lines = client.command(f"RCPT TO:<{recipient}>")
+        assert (code, lines[0][:5]) == (501, "5.1.3")
+
+
+def test_utf8_mail_lands_in_a_utf8_maildir(node):
+    """NFD and upper case on the wire; the NFC, lower-case mailbox gets it."""
+    message = "From: <jörg@outside.test>\r\nSubject: grüße\r\n\r\nhallo\r\n".encode()
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        client.expect("MAIL FROM:<jörg@outside.test> SMTPUTF8", 250)
+        client.expect("RCPT TO:<JO\u0308SE\u0301@EXAMPLE.org>", 250)
+        client.expect("DATA", 354)
+        client.send(message + b".\r\n")
+        assert client.read_reply()[0] == 250
+    stored = _one_new(node, JOSE, "grüße".encode())
+    assert stored.startswith("Return-Path: <jörg@outside.test>\r\nDelivered-To: jösé@example.org\r\n".encode())
+    assert stored.endswith(message)
+    assert node.maildir(JOSE) == node.state_dir / "mail" / "example.org" / "jösé"
 
 
 # -- between nodes: push and General Delivery's reversed turn --------------------------
@@ -221,10 +275,34 @@ def test_push_uses_bdat_to_a_peer_offering_chunking(net):
     other.wait_log(rf"{re.escape(SENDER_IP)} BDAT: 250", 5)
 
 
+def _submit_utf8(node, user: str, recipients: list[str], message: bytes) -> dict:
+    """smtplib with SMTPUTF8: STARTTLS, AUTH, MAIL ... SMTPUTF8 (UTF-8 commands)."""
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(user, PASSWORD)
+        refused = client.sendmail(user, recipients, message, mail_options=["SMTPUTF8"])
+        client.quit()
+    return refused
+
+
+def test_reversed_turn_carries_utf8_mail(net):
+    """A UTF-8 recipient through GDEL and RETR: SMTPUTF8 in the notification and the turn."""
+    bob = "bøb@receiver.test"
+    sender = net.sender()
+    receiver = net.node("receiver", RECEIVER_IP, "receiver.test", [bob])
+    message = "From: <alice@sender.test>\r\nSubject: før bøb\r\n\r\nEND utf8-turn\r\n"
+    assert _submit_utf8(sender, WORLD_ALICE, [bob], message.encode()) == {}
+    [raw] = receiver.wait_delivered(bob, timeout=15)
+    assert raw.endswith(message.encode())
+    sender.wait_log(r"pull attempt \S+ \(\w+\) to mx\.receiver\.test: accepted \['bøb@", 5)
+    receiver.wait_log(rf"{re.escape(SENDER_IP)} BDAT: 250", 5)
+
+
 # -- with a real Postfix (the private instance of postfix.py) --------------------------
 
 PM_IP, PF_IP, CLIENT_IP, DNS_IP = "127.0.0.102", "127.0.0.103", "127.0.0.104", "127.0.0.105"
-PM_USER, PM_OTHER = "erin@pm.test", "frank@pm.test"
+PM_USER, PM_UTF8 = "erin@pm.test", "fränk@pm.test"
 PF_USER = "gina@pf.test"
 PM_RECORDS = {
     "pm.test": {"A": [PM_IP], "MX": [[10, "mx.pm.test"]], "TXT": [f"v=spf1 ip4:{PM_IP} -all"]},
@@ -246,7 +324,7 @@ def pm_dns(tmp_path_factory):
 def pm(make_module_node, pm_dns):
     """pullmail for pm.test on 127.0.0.102, logging every command."""
     return make_module_node(
-        "pm", PM_IP, ["pm.test"], "mx.pm.test", users={PM_USER: PASSWORD, PM_OTHER: PASSWORD},
+        "pm", PM_IP, ["pm.test"], "mx.pm.test", users={PM_USER: PASSWORD, PM_UTF8: PASSWORD},
         settings={"node": {"log_commands": True},
                   "dns": {"nameservers": [pm_dns.nameserver], "timeout": "2s"},
                   "delivery": {"push_retry": ["1s", "2s"], "connect_timeout": "5s"}},
@@ -285,3 +363,24 @@ def test_pullmail_pushes_to_postfix_with_bdat(pm, postfix):
     [raw] = postfix.wait_delivered(PF_USER, contains=b"END bdat-to-postfix")
     assert raw.replace(b"\r\n", b"\n").endswith(b"\n.dot-led\nEND bdat-to-postfix\n")
     postfix.wait_log(rf"disconnect from \S+\[{re.escape(PM_IP)}\].* bdat=1 ")
+
+
+def test_pullmail_sends_utf8_mail_to_postfix(pm, postfix):
+    """RFC 6531: Postfix (smtputf8_enable = yes) takes UTF-8 mail from pullmail."""
+    message = "From: <erin@pm.test>\r\nSubject: ĉu?\r\n\r\nEND utf8-to-postfix\r\n".encode()
+    assert _submit_utf8(pm, PM_USER, [PF_USER], message) == {}
+    [raw] = postfix.wait_delivered(PF_USER, contains=b"END utf8-to-postfix")
+    assert "Subject: ĉu?".encode() in raw
+
+
+def test_postfix_relays_utf8_mail_to_pullmail(pm, postfix):
+    """Postfix relays a SMTPUTF8 message to a UTF-8 mailbox at pullmail, as SMTPUTF8."""
+    frank = PM_UTF8
+    message = "From: <gina@pf.test>\r\nSubject: für fränk\r\n\r\nEND utf8-from-postfix\r\n"
+    with smtplib.SMTP(PF_IP, SMTP_PORT, local_hostname="client.test", timeout=30,
+                      source_address=(CLIENT_IP, 0)) as client:
+        assert client.sendmail(PF_USER, [frank], message.encode(),
+                               mail_options=["SMTPUTF8"]) == {}
+    [raw] = pm.wait_delivered(frank, timeout=30)
+    assert raw.endswith(message.encode())
+    pm.wait_log(rf"{re.escape(PF_IP)} MAIL: 250", 5)
