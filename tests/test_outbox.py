@@ -279,7 +279,8 @@ def test_states_are_written_as_before() -> None:
         assert json.loads(make_entry(id=ID1, state=state).to_json())["state"] == text
     loaded = OutboxEntry.from_json(json.dumps(OLD_RECORD).encode())
     # held, offers: new fields, with their defaults.
-    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "offers": []}
+    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "offers": [],
+                                           "dsn": {}}
 
 
 def test_unknown_state_refused() -> None:

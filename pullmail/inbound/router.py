@@ -9,6 +9,7 @@ bounced.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,7 +22,9 @@ from pullmail.accounts.users import Accounts
 from pullmail.ids import new_queue_id
 from pullmail.inbound.headers import complete_submission, rfc5322_date
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
-from pullmail.smtp import replies
+from pullmail.outbound import bounce
+from pullmail.outbound.bouncer import returned_limit
+from pullmail.smtp import dsn, replies
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.loops import delivered_to, header_block
 from pullmail.smtp.replies import Reply
@@ -131,6 +134,40 @@ class Router:
             return defer.fail(OSError(f"no local queue for {sorted(outcome.refused)}"))
         return self.local_queue.take(queue_id, sender, outcome, message, origin)
 
+    def dsn_of(self, envelope: Envelope) -> dict:
+        """
+        The message's DSN parameters (L{dsn}), per final address: an alias's
+        NOTIFY and ORCPT hold for what it expands to.
+        """
+        by_final = {final: params for recipient, params in envelope.rcpt_params.items()
+                    for final in self.accounts.expand(recipient)}
+        return dsn.for_recipients(envelope.params, by_final)
+
+    @defer.inlineCallbacks
+    def _report_delivered(self, queue_id: str, sender: str, dsn_params: dict,
+                          delivered: list[str], message: list[bytes]):
+        """RFC 3461 4.1: NOTIFY=SUCCESS and final delivery here: "Action: delivered"."""
+        wanted = [r for r in delivered if dsn.wants(dsn_params, r, "SUCCESS")]
+        if not wanted or not bounce.should_bounce(sender):
+            return
+        orcpt = dsn_params.get("orcpt", {})
+        report = bounce.build_dsn(
+            reporting_mta=self.hostname, original_sender=sender,
+            recipients=[bounce.FailedRecipient(r, "2.0.0", None, None, "delivered",
+                                               orcpt.get(r)) for r in wanted],
+            original=b"".join(message), queue_id=queue_id, arrival_date=self.clock.seconds(),
+            now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
+            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+            full_message_limit=returned_limit(dsn_params, "delivered"),
+            envid=dsn_params.get("envid"),
+        )
+        maillog.BOUNCED(log, action="delivered", queue_id=queue_id, sender=sender,
+                        recipients=wanted, status="2.0.0")
+        try:
+            yield self.inject("", [sender], [report])
+        except OSError as e:    # the mail is delivered; only its report is lost
+            maillog.STORE_FAILED(log, queue_id=queue_id, error=f"success report: {e}")
+
     def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
         """Expand aliases: (local mailboxes, remote addresses)."""
         local: dict[str, None] = {}
@@ -223,14 +260,18 @@ class Router:
                     log, queue_id=queue_id, reply=str(refusal), refused=sorted(outcome.refused),
                 )
                 return refusal
+            dsn_params = self.dsn_of(envelope)
             if remote:
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, message,
                                             origin=origin,
-                                            smtputf8=needs_smtputf8(envelope, remote, chunks))
+                                            smtputf8=needs_smtputf8(envelope, remote, chunks),
+                                            dsn=dsn_params)
             yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:
             maillog.STORE_FAILED(log, queue_id=queue_id, error=str(e))
             return replies.storage_failure(e)
+        yield self._report_delivered(queue_id, envelope.sender, dsn_params,
+                                     list(outcome.delivered), message)
         maillog.ACCEPTED(
             log, queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),

@@ -230,13 +230,20 @@ class Courier:
             return await send_notification(
                 connection, entry.sender, entry.recipients, entry.id, size=size,
                 pipelining=pipelining, smtputf8=entry.smtputf8,
+                dsn=entry.dsn if "DSN" in keywords else None,
             )
         message = await self.owner.run_blocking(self.owner.outbox.read_message, entry.id)
-        return await send_transaction(
+        result = await send_transaction(
             connection, entry.sender, entry.recipients, [message], size=size,
             body=entry.body if "8BITMIME" in keywords else None, pipelining=pipelining,
             chunking="CHUNKING" in keywords, smtputf8=entry.smtputf8,
+            dsn=entry.dsn if "DSN" in keywords else None,
         )
+        if "DSN" not in keywords:
+            # RFC 3461 5.2.2: a SUCCESS wanted and no DSN onward: "relayed".
+            await self.owner.bouncer.report_success(
+                entry, result.accepted(), message, "relayed", host=None)
+        return result
 
 
 # RFC 3463 5.6.7: the message needs SMTPUTF8 and the peer does not offer it.

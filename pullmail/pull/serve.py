@@ -110,6 +110,7 @@ class PickupCounter:
                     channel, entry.sender, entry.recipients, [message],
                     size=entry.size, body=entry.body, smtputf8=entry.smtputf8,
                     chunking="CHUNKING" in entry.offers,
+                    dsn=entry.dsn if "DSN" in entry.offers else None,
                 )
             finally:
                 self.outbound.retrieval_finished(entry, result, peer, host)

@@ -7,7 +7,7 @@ side of a reversed turn.  Pure: the checks behind the verbs are requests
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pullmail.ids import is_gdel_id
 from pullmail.smtp import replies
@@ -137,10 +137,7 @@ class TurnMachine(ServerMachine):
         if reply.positive and self._expected_recipients is not None:
             added = self.envelope.recipients[-1]
             if added not in self._expected_recipients:
-                self.envelope = Envelope(
-                    self.envelope.sender, self.envelope.recipients[:-1],
-                    self.envelope.size, self.envelope.body, self.envelope.params,
-                )
+                self.envelope = replace(self.envelope, recipients=self.envelope.recipients[:-1])
                 if not self.envelope.recipients:
                     self.state = State.MAIL
                 return replies.S550_POLICY.with_text("Recipient not in the notification")

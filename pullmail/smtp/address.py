@@ -26,6 +26,7 @@ import idna
 __all__ = [
     "Mailbox",
     "AddressError",
+    "ParameterError",
     "parse_mail_argument",
     "parse_rcpt_argument",
     "parse_mailbox",
@@ -42,6 +43,10 @@ __all__ = [
 
 class AddressError(ValueError):
     """The text is not a valid path."""
+
+
+class ParameterError(AddressError):
+    """The path is fine; its parameters are not (RFC 5321 4.1.2: 501 5.5.4)."""
 
 
 # atext = ALPHA / DIGIT / "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-"
@@ -210,8 +215,11 @@ def parse_params(text: str) -> dict[str, str | None]:
     for word in text.split():
         match = _PARAM.fullmatch(word)
         if match is None:
-            raise AddressError(f"bad parameter {word!r}")
-        params[match.group(1).upper()] = match.group(2)
+            raise ParameterError(f"bad parameter {word!r}")
+        key = match.group(1).upper()
+        if key in params:
+            raise ParameterError(f"duplicate parameter {key}")
+        params[key] = match.group(2)
     return params
 
 

@@ -25,6 +25,7 @@ from pullmail.smtp import replies
 from pullmail.smtp.address import (
     AddressError,
     Forbidden,
+    ParameterError,
     Local,
     Remote,
     classify,
@@ -34,6 +35,7 @@ from pullmail.smtp.address import (
 )
 from pullmail.smtp.chunking import S501_BAD_BDAT, ChunkedMessage, ReadChunk, parse_bdat
 from pullmail.smtp.connection import MAX_COMMAND_LINE
+from pullmail.smtp.dsn import check_mail_parameter, check_rcpt_parameters
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.loops import too_many_hops
 from pullmail.smtp.replies import Reply
@@ -457,7 +459,7 @@ class ServerMachine(_SASL):
 
     def ehlo_keywords(self) -> list[str]:
         keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8"]
+                    "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8", "DSN"]
         if self.policy.tls_available and not self.session.tls:
             keywords.append("STARTTLS")
         if self.policy.submission and self.session.tls and not self.session.user:
@@ -491,6 +493,8 @@ class ServerMachine(_SASL):
             return replies.S530_NEED_AUTH
         try:
             sender, params = parse_mail_argument(argument)
+        except ParameterError as e:
+            return replies.S501_SYNTAX.with_text(f"Syntax error in parameters: {e}")
         except AddressError as e:
             return replies.S501_BAD_SENDER.with_text(f"Bad sender address syntax: {e}")
         if params and not self.session.esmtp:
@@ -532,6 +536,9 @@ class ServerMachine(_SASL):
                 body = value.upper()
             elif key == "AUTH" and value is not None:
                 pass  # RFC 4954 5: may be ignored.
+            elif key in ("RET", "ENVID"):     # DSN, RFC 3461 4.3, 4.4
+                if refusal := check_mail_parameter(key, value):
+                    return refusal
             elif key == "SMTPUTF8":
                 if value is not None:   # RFC 6531 3.4: no value
                     return replies.S501_SYNTAX.with_text("SMTPUTF8 takes no value")
@@ -552,12 +559,13 @@ class ServerMachine(_SASL):
     def _rcpt(self, argument: str) -> Reply:
         try:
             mailbox, params = parse_rcpt_argument(argument)
+        except ParameterError as e:
+            return replies.S501_SYNTAX.with_text(f"Syntax error in parameters: {e}")
         except AddressError as e:
             return replies.S501_BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {e}")
-        if params:
-            return replies.S555_BAD_PARAMETER.with_text(
-                f"Unsupported parameter {next(iter(params))}"
-            )
+        kept = check_rcpt_parameters(params)     # NOTIFY, ORCPT (RFC 3461 4.1, 4.2)
+        if isinstance(kept, Reply):
+            return kept
         if mailbox.utf8 and "SMTPUTF8" not in self.envelope.params:
             return replies.S553_NEED_SMTPUTF8
         if len(self.envelope.recipients) >= self.policy.max_recipients:
@@ -576,7 +584,7 @@ class ServerMachine(_SASL):
                 return replies.S550_NO_SUCH_USER
             recipient = verdict.address
         if recipient not in self.envelope.recipients:
-            self.envelope = self.envelope.add(recipient)
+            self.envelope = self.envelope.add(recipient, kept)
         self._advance("RCPT")
         return replies.S250_RECIPIENT_OK
 
