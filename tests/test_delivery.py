@@ -745,3 +745,58 @@ def test_push_uses_bdat_when_offered(tmp_path, without, chunked, logged_events) 
     assert b"".join(delivery.chunks) == b"".join(MESSAGE)
     verbs = {e.get("verb") for e in logged_events if e.get("event") == "reply"}
     assert ("BDAT" in verbs) is chunked and ("DATA" in verbs) is not chunked
+
+
+# -- DSN (RFC 3461) ---------------------------------------------------------------------
+
+
+def test_dsn_parameters_go_to_a_peer_offering_dsn(tmp_path) -> None:
+    world = World(tmp_path, gdel=False)
+    params = {"ret": "HDRS", "envid": "e1", "notify": {BOB: "SUCCESS"}}
+    world.send([BOB, CAROL], dsn=params)
+    [delivery] = world.peer.deliveries
+    assert delivery.envelope.params == {"SIZE": "30", "RET": "HDRS", "ENVID": "e1"}
+    assert delivery.envelope.rcpt_params == {BOB: {"notify": "SUCCESS"}}
+    assert world.bounces == []     # the peer reports on success itself
+
+
+def test_relayed_report_when_the_peer_has_no_dsn(tmp_path) -> None:
+    world = World(tmp_path, gdel=False, without={"DSN"})
+    world.send([BOB, CAROL], dsn={"notify": {BOB: "SUCCESS,FAILURE"}})
+    [delivery] = world.peer.deliveries
+    assert delivery.envelope.params == {"SIZE": "30"} and delivery.envelope.rcpt_params == {}
+    [(to, report)] = world.bounces
+    assert to == SENDER
+    assert b"Action: relayed\r\nStatus: 2.0.0" in report
+    assert f"Final-Recipient: rfc822; {CAROL}".encode() not in report
+
+
+@pytest.mark.parametrize("notify, bounced", [(None, True), ("NEVER", False), ("SUCCESS", False),
+                                             ("FAILURE", True)])
+def test_failure_report_honours_notify(tmp_path, notify, bounced) -> None:
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(550, "5.7.23", "SPF validation failed")
+    world.send([BOB], dsn={"notify": {BOB: notify}} if notify else None)
+    assert bool(world.bounces) is bounced
+
+
+def test_delay_warning_only_with_delay(tmp_path) -> None:
+    """A notified message not yet retrieved: a warning for DELAY, none for FAILURE alone."""
+    world = World(tmp_path, delay_warning=4 * HOUR)
+    world.send([BOB, CAROL], dsn={"notify": {BOB: "DELAY,FAILURE", CAROL: "FAILURE"},
+                                   "envid": "env+2D1", "orcpt": {BOB: "rfc822;b+40x"}})
+    world.advance(5 * HOUR)
+    [(to, warning)] = world.bounces
+    assert b"Action: delayed" in warning
+    assert f"Final-Recipient: rfc822; {BOB}".encode() in warning
+    assert f"Final-Recipient: rfc822; {CAROL}".encode() not in warning
+    assert b"Original-Envelope-Id: env-1" in warning
+    assert b"Original-Recipient: rfc822; b@x" in warning
+
+
+def test_ret_hdrs_returns_the_header_only(tmp_path) -> None:
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(550, "5.1.1", "No such user")
+    world.send([BOB], dsn={"ret": "HDRS"})
+    [(_, report)] = world.bounces
+    assert b"text/rfc822-headers" in report and b"Hello Bob." not in report
