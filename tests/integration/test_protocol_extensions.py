@@ -13,6 +13,7 @@ reversed turns.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import smtplib
@@ -231,6 +232,52 @@ def test_utf8_mail_lands_in_a_utf8_maildir(node):
     assert node.maildir(JOSE) == node.state_dir / "mail" / "example.org" / "jösé"
 
 
+# -- DSN (RFC 3461) ---------------------------------------------------------------------
+# swaks 20201014 (Debian's) has no DSN options: smtplib's mail_options and
+# rcpt_options say NOTIFY, ORCPT, RET and ENVID instead.
+
+
+@pytest.mark.parametrize("mail, rcpt", [
+    ("MAIL FROM:<{s}> ENVID=a+2", None),                               # malformed xtext
+    ("MAIL FROM:<{s}> RET=HDRS RET=FULL", None),                       # a duplicate
+    ("MAIL FROM:<{s}> ENVID=" + "x" * 101, None),                      # over 100 characters
+    ("MAIL FROM:<{s}>", "RCPT TO:<{r}> NOTIFY=NEVER,SUCCESS"),
+    ("MAIL FROM:<{s}>", "RCPT TO:<{r}> ORCPT=rfc822;bob+zz"),
+    ("MAIL FROM:<{s}>", "RCPT TO:<{r}> NOTIFY=DELAY NOTIFY=DELAY"),
+])
+def test_bad_dsn_parameters_are_501_5_5_4(node, mail, rcpt):
+    before = node.mail_snapshot()
+    with RawSMTP(node.address) as client:
+        assert "DSN" in client.ehlo()[1]
+        if rcpt is None:
+            code, lines = client.command(mail.format(s=SENDER))
+        else:
+            client.expect(mail.format(s=SENDER), 250)
+            code, lines = client.command(rcpt.format(r=ALICE))
+        assert (code, lines[0][:5]) == (501, "5.5.4")
+        code, _ = client.command("DATA")
+        assert code == 503          # nothing half-accepted to send data for
+    assert node.mail_snapshot().new_since(before) == {}
+
+
+def test_notify_success_on_local_delivery_sends_a_delivered_report(node):
+    message = b"Subject: report me\r\n\r\nsecret body\r\n"
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(ALICE, "alice-password")
+        assert client.sendmail(ALICE, [BOB], message, mail_options=["RET=HDRS", "ENVID=env+2B7"],
+                               rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;bobby+40example.org"]
+                               ) == {}
+    report = _one_new(node, ALICE, b"Successful Mail Delivery Report")
+    assert b"Action: delivered\r\nStatus: 2.0.0" in report
+    assert b"Final-Recipient: rfc822; bob@example.org" in report
+    assert b"Original-Recipient: rfc822; bobby@example.org" in report
+    assert b"Original-Envelope-Id: env+7" in report
+    assert b"Subject: report me" in report and b"secret body" not in report   # RET=HDRS
+    assert report.startswith(b"Return-Path: <>\r\nDelivered-To: alice@example.org\r\n")
+
+
 # -- between nodes: push and General Delivery's reversed turn --------------------------
 
 FAST = {
@@ -297,6 +344,29 @@ def test_reversed_turn_carries_utf8_mail(net):
     assert raw.endswith(message.encode())
     sender.wait_log(r"pull attempt \S+ \(\w+\) to mx\.receiver\.test: accepted \['bøb@", 5)
     receiver.wait_log(rf"{re.escape(SENDER_IP)} BDAT: 250", 5)
+
+
+def test_dsn_parameters_cross_gdel_and_retr(net):
+    """NOTIFY/ENVID ride the notification and the turn; the RMTA reports the delivery."""
+    sender, receiver = net.sender(), net.receiver()
+    with smtplib.SMTP(sender.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(WORLD_ALICE, PASSWORD)
+        assert client.sendmail(WORLD_ALICE, [WORLD_BOB], _world_message("dsn-turn"),
+                               mail_options=["ENVID=turn-env"],
+                               rcpt_options=["NOTIFY=SUCCESS,FAILURE"]) == {}
+    receiver.wait_delivered(WORLD_BOB, timeout=15)
+    # The RMTA kept them with the notification ...
+    records = [json.loads(p.read_bytes()) for p in (receiver.state_dir / "pending").rglob("*.json")]
+    assert [r["dsn"] for r in records] == [
+        {"envid": "turn-env", "notify": {WORLD_BOB: "SUCCESS,FAILURE"}}]
+    # ... took them again in the turn, and reported the final delivery (the
+    # report then goes back to sender.test like any mail; in this world the
+    # RMTA's bare notification of it has no SPF to pass, so it stops there).
+    receiver.wait_log(r"delivered DSN for \w+ to <alice@sender\.test>: \['bob@receiver\.test'\] "
+                      r"2\.0\.0", 10)
+    receiver.wait_log(r"injected \w+ from <> for \['alice@sender\.test'\]", 5)
 
 
 # -- with a real Postfix (the private instance of postfix.py) --------------------------
@@ -384,3 +454,24 @@ def test_postfix_relays_utf8_mail_to_pullmail(pm, postfix):
     [raw] = pm.wait_delivered(frank, timeout=30)
     assert raw.endswith(message.encode())
     pm.wait_log(rf"{re.escape(PF_IP)} MAIL: 250", 5)
+
+
+def test_notify_success_to_postfix_brings_postfix_s_success_report(pm, postfix):
+    """pullmail passes NOTIFY=SUCCESS on; Postfix delivers and reports to the sender."""
+    message = (b"From: <erin@pm.test>\r\nSubject: dsn to postfix\r\n"
+               b"Message-ID: <dsn-to-postfix@pm.test>\r\n\r\nEND dsn-to-postfix\r\n")
+    with smtplib.SMTP(PM_IP, SUBMISSION_PORT, local_hostname="client.test", timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(PM_USER, PASSWORD)
+        assert client.sendmail(PM_USER, [PF_USER], message, mail_options=["ENVID=pm-env-1"],
+                               rcpt_options=["NOTIFY=SUCCESS"]) == {}
+    postfix.wait_delivered(PF_USER, contains=b"END dsn-to-postfix")
+    found = wait_until(
+        lambda: [m for m in pm.delivered(PM_USER)
+                 if b"Action: delivered" in m and b"pm-env-1" in m], 30,
+        message=lambda: f"Postfix's success report\n{postfix.log_tail()}")
+    [report] = found
+    assert re.search(rb"^From: .*MAILER-DAEMON@", report, re.M), report[:800]
+    assert b"Reporting-MTA: dns; mx.pf.test" in report
+    assert b"Original-Envelope-Id: pm-env-1" in report
+    assert re.search(rb"Final-Recipient: rfc822; ?gina@pf.test", report)
