@@ -659,14 +659,17 @@ class TestDeadlines:
             harness.clock.advance(5.0)
         assert not transport.disconnecting
 
-    def test_data_trickle_cut_off(self):
+    @pytest.mark.parametrize("command", [b"DATA\r\n", b"BDAT 100000 LAST\r\n"])
+    def test_data_trickle_cut_off(self, command):
+        """After DATA, and for a BDAT chunk (RFC 3030) alike; nothing is stored."""
         harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
-        envelope_then(protocol, transport, b"DATA\r\n")
+        envelope_then(protocol, transport, command)
         while not transport.disconnecting and harness.clock.seconds() < 600:
             protocol.dataReceived(b"x")
             harness.clock.advance(1.0)
         assert transport.value().splitlines()[-1][:9] == b"421 4.4.2"
         assert 60.0 <= harness.clock.seconds() <= 61.0
+        assert harness.deliveries == []
 
     def test_data_at_the_minimum_rate_goes_through(self):
         """2000 octets/s against a 1000 octets/s minimum: 5 minutes are fine."""
@@ -864,13 +867,3 @@ class TestChunking(ProtocolCase):
         assert self.transport.value().startswith(b"554 5.4.6")
         assert self.harness.deliveries == []
 
-
-def test_chunk_trickle_is_cut_off_by_the_data_deadline():
-    harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
-    envelope_then(protocol, transport, b"BDAT 100000 LAST\r\n")
-    while not transport.disconnecting and harness.clock.seconds() < 600:
-        protocol.dataReceived(b"x")
-        harness.clock.advance(1.0)
-    assert transport.value().splitlines()[-1][:9] == b"421 4.4.2"
-    assert 60.0 <= harness.clock.seconds() <= 61.0
-    assert harness.deliveries == []

@@ -271,7 +271,31 @@ class ReplyChannel(Protocol):
             self.close(reply)
 
 
-class SMTPConnection(ReplyChannel):
+class _ChunkReading:
+    """
+    The server role's part in BDAT (RFC 3030 2): a chunk is exactly the
+    next C{size} octets, whatever they hold, read under the data deadline;
+    then the machine has it.
+    """
+
+    _input: Connection
+    _chunk: list[bytes] | None = None   # the chunk being read (None: dropped)
+
+    def _read_chunk(self, action: ReadChunk) -> None:
+        self._chunk = [] if action.keep else None
+        self._input.read_octets(action.size)
+        self.deadlines.start_data(lambda: self._input.data_octets)
+
+    def _octets(self, event: Octets) -> None:
+        if self._chunk is not None:
+            self._chunk.append(event.data)
+        if event.last:
+            self.deadlines.end_data()
+            data, self._chunk = b"".join(self._chunk or ()), None
+            self._act(self.machine.chunk_received(data), "BDAT")
+
+
+class SMTPConnection(_ChunkReading, ReplyChannel):
     """
     One SMTP connection, in the server role (a L{Connection} frames the
     input, a L{ServerMachine} reads the commands) or the client role (see
@@ -293,7 +317,6 @@ class SMTPConnection(ReplyChannel):
         self.log_commands = False
         self.limits = SessionLimits()
         self._conduct = Conduct(self.limits)
-        self._chunk: list[bytes] | None = None   # the BDAT chunk being read
 
     # -- connection ---------------------------------------------------------
 
@@ -389,8 +412,6 @@ class SMTPConnection(ReplyChannel):
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
-
-    # -- the server role ----------------------------------------------------
 
     # -- the server role: events --------------------------------------------
 
@@ -496,20 +517,6 @@ class SMTPConnection(ReplyChannel):
                 done.callback(None)
         else:
             self._perform(action, line)
-
-    def _read_chunk(self, action: ReadChunk) -> None:
-        """RFC 3030 2: the next C{size} octets are the chunk, whatever they hold."""
-        self._chunk = [] if action.keep else None
-        self._input.read_octets(action.size)
-        self.deadlines.start_data(lambda: self._input.data_octets)
-
-    def _octets(self, event: Octets) -> None:
-        if self._chunk is not None:
-            self._chunk.append(event.data)
-        if event.last:
-            self.deadlines.end_data()
-            data, self._chunk = b"".join(self._chunk or ()), None
-            self._act(self.machine.chunk_received(data), "BDAT")
 
     def _begin_data(self, action: BeginData) -> None:
         if self._input.buffered and self.limits.reject_improper_pipelining:
