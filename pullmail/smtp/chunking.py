@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_chunking -*-
 """
 CHUNKING (RFC 3030): the ``BDAT`` argument and the message its chunks build.
 Pure; the machine (L{pullmail.smtp.server}) and the framing

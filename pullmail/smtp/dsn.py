@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn -*-
 """
 Delivery Status Notification parameters (RFC 3461): their syntax, and what
 they ask of the reports.  Pure.

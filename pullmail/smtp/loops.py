@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_loops -*-
 """
 Mail loops (RFC 5321 6.3), judged on the message header only.
 
