@@ -99,7 +99,14 @@ def new_messages(node, address, before) -> list[bytes]:
 
 
 def split_received(data: bytes) -> tuple[str, bytes]:
-    """The first header, which must be Received (unfolded), and the rest."""
+    """
+    The first trace header, which must be Received (unfolded), and the rest;
+    after the Return-Path: and Delivered-To: that local delivery puts on top
+    (issue 14, as Postfix's virtual(8) does).
+    """
+    local = re.match(rb"Return-Path: <[^>\r\n]*>\r\nDelivered-To: [^\r\n]+\r\n", data)
+    assert local, f"message does not start with Return-Path/Delivered-To: {data[:300]!r}"
+    data = data[local.end():]
     match = re.match(rb"Received:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", data)
     assert match, f"message does not start with a Received header: {data[:300]!r}"
     header = re.sub(rb"\r\n[ \t]+", b" ", match.group(0)).decode("ascii").strip()
