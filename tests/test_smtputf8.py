@@ -148,3 +148,14 @@ def test_needs_smtputf8(sender, params, header, needed):
     envelope = Envelope(sender, ("b@y.test",), params=params)
     chunks = [header + b"\r\nbody \xc3\xa9\r\n"]
     assert needs_smtputf8(envelope, ["b@y.test"], chunks) is needed
+
+
+def test_received_says_utf8smtp():
+    """RFC 6531 3.7.3: the with clause of a SMTPUTF8 transaction."""
+    from pullmail.inbound.router import received_header
+
+    session = Session("192.0.2.1", helo="client.test", esmtp=True, tls=True)
+    header = received_header(session, "mx.example.org", "Q1", ["jösé@example.org"], 0.0,
+                             utf8=True)
+    assert b" with UTF8ESMTPS id Q1" in header
+    assert "for <jösé@example.org>".encode() in header

@@ -36,15 +36,20 @@ log = Logger(namespace="pullmail.outbound.delivery")
 
 
 def received_header(
-    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float
+    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float,
+    utf8: bool = False,
 ) -> bytes:
-    """The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values)."""
+    """
+    The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values;
+    ``UTF8`` before them for a transaction with SMTPUTF8, RFC 6531 3.7.3).
+    """
     # RFC 5321 4.1.3: IPv6 address literals carry an "IPv6:" tag.
     literal = f"IPv6:{session.peer}" if ":" in session.peer else session.peer
     source = f"{session.helo or 'unknown'} ([{literal}])"
     lines = [
         f"Received: from {source}",
-        f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",
+        f"\tby {hostname} (pullmail) with {'UTF8' if utf8 else ''}{session.protocol_name}"
+        f" id {queue_id}",
     ]
     date = rfc5322_date(now)
     if len(recipients) == 1:
@@ -233,7 +238,8 @@ class Router:
         service = "retrieval" if queue_id else session.service
         queue_id = queue_id or new_queue_id()
         header = received_header(
-            session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
+            session, self.hostname, queue_id, envelope.recipients, self.clock.seconds(),
+            utf8="SMTPUTF8" in envelope.params,
         )
         if session.service != "smtp":
             chunks = complete_submission(
