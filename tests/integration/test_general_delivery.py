@@ -41,7 +41,7 @@ from .world import (
     RECEIVER_IP,
     SENDER_IP,
     STRANGER_IP,
-    Network,
+    network_fixture,
     outbox_ids,
 )
 
@@ -59,13 +59,7 @@ FAST = {
 
 
 
-@pytest.fixture
-def net(tmp_path, world_dns):
-    network = Network(tmp_path, world_dns, FAST)
-    try:
-        yield network
-    finally:
-        network.close()
+net = network_fixture(FAST)
 
 
 # -- helpers ------------------------------------------------------------------

@@ -33,7 +33,7 @@ from .harness import (
 from .postfix import PostfixInstance, make_workdir, postfix_unavailable
 from .world import ALICE as WORLD_ALICE
 from .world import BOB as WORLD_BOB
-from .world import CAROL, OTHER_IP, PASSWORD, RECEIVER_IP, SENDER_IP, Network
+from .world import CAROL, OTHER_IP, PASSWORD, RECEIVER_IP, SENDER_IP, network_fixture
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -288,13 +288,7 @@ FAST = {
 }
 
 
-@pytest.fixture
-def net(tmp_path, world_dns):
-    network = Network(tmp_path, world_dns, FAST)
-    try:
-        yield network
-    finally:
-        network.close()
+net = network_fixture(FAST)
 
 
 def _world_message(token: str) -> bytes:
