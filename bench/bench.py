@@ -43,7 +43,8 @@ from common import (  # noqa: E402
     wait_until,
 )
 
-SECTIONS = ("push", "dkim", "gd", "scale", "idle", "wire", "profile", "store", "slowloris")
+SECTIONS = ("push", "dkim", "gd", "scale", "idle", "wire", "chunking", "profile", "store",
+            "slowloris")
 
 
 def log(text: str) -> None:
@@ -487,6 +488,51 @@ def bench_wire(args, workdir, dns):
           ["size", "mode", "bytes/msg", "overhead B/msg", "TCP conns/msg", "round trips/msg"], rows)
 
 
+# -- chunking ----------------------------------------------------------------------------------
+
+def bench_chunking(args, workdir, dns):
+    """
+    RFC 3030: what sending one BDAT LAST saves over DATA, both ends, in
+    process: the sender's dot-stuffing and the receiver's framing (the DATA
+    reader's scans and unstuffing) against a join and an exact-octet read.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo))
+    from pullmail.smtp.client import dot_stuff
+    from pullmail.smtp.connection import Connection
+
+    def data_path(chunks):
+        wire = dot_stuff(chunks)
+        connection = Connection()
+        connection.read_message(1 << 40)
+        connection.receive_data(wire)
+        return connection.next_event()
+
+    def bdat_path(chunks):
+        data = b"".join(chunks)
+        connection = Connection()
+        connection.receive_data(b"BDAT %d LAST\r\n" % len(data) + data)
+        connection.next_event()                 # the command line, for the machine
+        connection.read_octets(len(data))
+        return connection.next_event()
+
+    rows = []
+    for label, size in [("100 KB", 100_000), ("1 MB", 1_000_000), ("10 MB", 10_000_000)]:
+        lines = [(b"." if i % 10 == 0 else b"") + b"x" * 70 + b"\r\n" for i in range(size // 73)]
+        chunks = [b"Subject: bench\r\n\r\n" + b"".join(lines)]
+        timings = {"DATA": [], "BDAT": []}
+        for _ in range(args.rounds):
+            for name, path in (("DATA", data_path), ("BDAT", bdat_path)):
+                started = time.perf_counter()
+                path(chunks)
+                timings[name].append((time.perf_counter() - started) * 1000)
+        rows.append([label, fmt(timings["DATA"], 2) + " ms", fmt(timings["BDAT"], 2) + " ms",
+                     ratio(timings["DATA"], timings["BDAT"])])
+    table("6. Framing one message, sender and receiver together, in process: DATA (dot-stuffing, "
+          "CRLF.CRLF search, unstuffing) vs one BDAT LAST (RFC 3030); every tenth line dot-led",
+          ["size", "DATA", "BDAT", "DATA / BDAT"], rows)
+
+
 # -- profile -----------------------------------------------------------------------------------
 
 def bench_profile(args, workdir, dns):
@@ -532,7 +578,7 @@ def bench_slowloris(args, workdir, dns):
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short run (fewer messages)")
-    parser.add_argument("--only", default="push,dkim,gd,scale,idle,wire",
+    parser.add_argument("--only", default="push,dkim,gd,scale,idle,wire,chunking",
                         help=f"comma-separated sections of {','.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
     parser.add_argument("--peers", default="aiosmtpd,postfix,smtp-sink")

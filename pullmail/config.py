@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 
 from twisted.internet import endpoints
 
+from pullmail.smtp.address import AddressError, a_label_domain
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -133,6 +135,12 @@ _DOMAIN = re.compile(
 
 
 def _domain(text: str) -> str:
+    """A domain name; an internationalised one as its A-labels (IDNA 2008)."""
+    if isinstance(text, str):
+        try:
+            text = a_label_domain(text)
+        except AddressError as e:
+            raise ValueError(f"bad domain name {text!r}: {e}") from None
     if not isinstance(text, str) or not _DOMAIN.fullmatch(text):
         raise ValueError(f"bad domain name {text!r}")
     return text.lower()
@@ -359,6 +367,8 @@ class LimitsConfig:
     # Throttles count per network, not per address (Postfix's anvil, mox).
     ipv4_prefix: int = _opt(24, int)
     ipv6_prefix: int = _opt(64, int)
+    # RFC 5321 6.3: more Received: fields than this is a loop (554 5.4.6).
+    max_received: int = _opt(100, int)
 
 
 def _optional_endpoint(text: str) -> str:
@@ -482,6 +492,7 @@ def _check(config: Config) -> None:
         ("limits.tls_handshake_timeout", config.limits.tls_handshake_timeout),
         ("limits.command_timeout", config.limits.command_timeout),
         ("limits.data_timeout", config.limits.data_timeout),
+        ("limits.max_received", config.limits.max_received),
     ]
     for option, value in positive:
         if value <= 0:

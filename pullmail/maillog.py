@@ -112,6 +112,7 @@ LOCAL_REFUSED = Event(
     "local delivery of {queue_id} refused: {reply}",
     extras=("refused",),
 )
+MAIL_LOOP = Event("mail-loop", "refused {queue_id} from {peer}: {reply}", LogLevel.warn)
 STORE_FAILED = Event("store-failed", "storing {queue_id} failed: {error}", LogLevel.error)
 
 # -- Outbound delivery and bounces (outbound/): the SMTA"s side --------------------------
@@ -322,6 +323,7 @@ VOCABULARY = _vocabulary(
     MAILDROP_DEFERRED,
     MAILDROP_ERROR,
     MAILDROP_TAKEN,
+    MAIL_LOOP,
     MTA_STS_CACHED,
     MTA_STS_CACHE_DAMAGED,
     MTA_STS_FETCH_FAILED,

@@ -231,7 +231,7 @@ class ValidationTests:
         for changes in [
             dict(recipients=[]),
             dict(recipients=[replace(BOB, status="550")]),
-            dict(recipients=[replace(BOB, action="relayed")]),
+            dict(recipients=[replace(BOB, action="expanded")]),
             dict(recipients=[replace(BOB, address="bob@receiver.test\r\nBcc: x@y")]),
             dict(original_sender=""),
             dict(boundary="ends in a space "),

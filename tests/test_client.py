@@ -286,6 +286,20 @@ class TestSendTransaction:
         assert channel.sent[0].startswith(
             b"MAIL FROM:<s@sender.example> SIZE=123 BODY=8BITMIME SMTPUTF8\r\n")
 
+    def test_chunking_sends_one_bdat_last_unstuffed(self) -> None:
+        """RFC 3030: the peer offers CHUNKING: one BDAT <n> LAST, no dot-stuffing."""
+        final = Reply(250, "2.0.0", "Ok: queued")
+        channel, result = self.transact([SENDER_OK, RCPT_OK, final], recipients=[A],
+                                        chunking=True)
+        assert channel.sent[-1] == b"BDAT 26 LAST\r\n" + b"".join(MESSAGE)
+        assert b"DATA\r\n" not in channel.sent
+        assert result.recipients == {A: final}
+
+    def test_chunking_refused_chunk_refuses_everyone(self) -> None:
+        refusal = Reply(552, "5.3.4", "Too big")
+        channel, result = self.transact([SENDER_OK, RCPT_OK, RCPT_OK, refusal], chunking=True)
+        assert result.refused(permanent=True) == [A, B]
+
     def test_mail_refused_pipelined(self) -> None:
         """MAIL refused: every recipient has MAIL's reply, RSET ends it, no DATA."""
         refusal = Reply(550, "5.7.1", "Sender refused")

@@ -6,6 +6,7 @@ performers) on a L{FakeNetwork}, with a L{Clock}.
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -37,10 +38,23 @@ def result_of(d: defer.Deferred):
     return found[0]
 
 
+class _Offering(SMTPServerFactory):
+    """A factory whose machines leave the keywords in C{without} out of EHLO."""
+
+    without: frozenset = frozenset()
+
+    def new_machine(self, session):
+        machine = super().new_machine(session)
+        keywords = machine.ehlo_keywords
+        machine.ehlo_keywords = lambda: [k for k in keywords() if k.split()[0] not in self.without]
+        return machine
+
+
 class Peer:
     """A receiving MX: a real server machine with recording performers."""
 
-    def __init__(self, clock: Clock, gdel: bool = True, max_recipients: int = 10) -> None:
+    def __init__(self, clock: Clock, gdel: bool = True, max_recipients: int = 10,
+                 without: frozenset = frozenset()) -> None:
         self.notifications: list[Notify] = []
         self.deliveries: list[Deliver] = []
         self.notify_reply: Reply | None = None
@@ -50,11 +64,12 @@ class Peer:
             accounts=Accounts(frozenset({"receiver.example"}), users={BOB: "h", CAROL: "h", DAVE: "h"}),
             service="smtp", max_size=100_000, max_recipients=max_recipients,
         )
-        self.factory = SMTPServerFactory(
+        self.factory = _Offering(
             policy, clock, ConnectionLimits(100, 100), 300.0,
             {Notify: self.notify, Deliver: self.deliver},
             extensions=(pull_extension(),) if gdel else (),
         )
+        self.factory.without = frozenset(without)
 
     def notify(self, connection, request: Notify):
         self.notifications.append(request)
@@ -69,7 +84,7 @@ class Peer:
 
 class World:
     def __init__(self, tmp_path, gdel: bool = True, max_recipients: int = 10,
-                 **config) -> None:
+                 without: frozenset = frozenset(), **config) -> None:
         self.tmp_path = tmp_path
         self.clock = Clock()
         self.clock.advance(START)
@@ -79,7 +94,7 @@ class World:
                                      (20, "mx2.receiver.example")]},
             addresses={"mx1.receiver.example": [MX1], "mx2.receiver.example": [MX2]},
         )
-        self.peer = Peer(self.clock, gdel=gdel, max_recipients=max_recipients)
+        self.peer = Peer(self.clock, gdel=gdel, max_recipients=max_recipients, without=without)
         self.network.listen(MX1, 25, self.peer.factory)
         defaults = dict(push_retry=(5 * MINUTE, 15 * MINUTE, HOUR, 4 * HOUR),
                         push_lifetime=5 * DAY, outbox_lifetime=48 * HOUR)
@@ -105,8 +120,8 @@ class World:
     def advance(self, seconds: float) -> None:
         self.network.advance(seconds)
 
-    def send(self, recipients=(BOB,), sender: str = SENDER) -> list:
-        result_of(self.outbound.enqueue("QID1", sender, list(recipients), MESSAGE))
+    def send(self, recipients=(BOB,), sender: str = SENDER, **kw) -> list:
+        result_of(self.outbound.enqueue("QID1", sender, list(recipients), MESSAGE, **kw))
         entries = list(self.outbox.entries())
         self.settle()
         return entries
@@ -677,3 +692,111 @@ def test_transmitted_fires_once_the_outcome_is_recorded(tmp_path) -> None:
     world.settle()
     assert states == [NOTIFIED]
     assert world.outbound.transmitted(entry.id).called       # nothing in flight: at once
+
+
+# -- SMTPUTF8 (RFC 6531 3.2) and CHUNKING (RFC 3030) -------------------------------------
+
+UTF8_SENDER = "jösé@sender.example"
+
+
+@pytest.mark.parametrize("gdel", [True, False])
+def test_smtputf8_message_bounces_at_a_peer_without_it(tmp_path, gdel) -> None:
+    """Never to a peer that does not offer SMTPUTF8: a 5.6.7 bounce, push or notification."""
+    world = World(tmp_path, gdel=gdel, without={"SMTPUTF8"})
+    [entry] = world.send([BOB], sender=UTF8_SENDER, smtputf8=True)
+    assert world.peer.notifications == [] and world.peer.deliveries == []
+    assert world.outbox.get(entry.id) is None
+    [(to, message)] = world.bounces
+    assert to == UTF8_SENDER
+    assert_dsn(message, "5.6.7", BOB)
+
+
+def test_smtputf8_message_goes_to_a_peer_offering_it(tmp_path) -> None:
+    world = World(tmp_path, gdel=False)
+    [entry] = world.send([BOB], sender=UTF8_SENDER, smtputf8=True)
+    [delivery] = world.peer.deliveries
+    assert delivery.envelope.sender == UTF8_SENDER
+    assert "SMTPUTF8" in delivery.envelope.params
+    assert world.bounces == []
+
+
+def test_notification_says_smtputf8_and_keeps_the_rmta_s_offers(tmp_path) -> None:
+    """SPEC 4: the turn may use what the RMTA offered with the notification."""
+    world = World(tmp_path, without={"CHUNKING"})
+    [entry] = world.send([BOB], sender=UTF8_SENDER, smtputf8=True)
+    [notify] = world.peer.notifications
+    assert "SMTPUTF8" in notify.envelope.params
+    offers = world.outbox.get(entry.id).offers
+    assert "SMTPUTF8" in offers and "CHUNKING" not in offers
+
+
+def test_ascii_message_ignores_a_peer_without_smtputf8(tmp_path) -> None:
+    world = World(tmp_path, gdel=False, without={"SMTPUTF8"})
+    world.send([BOB])
+    [delivery] = world.peer.deliveries
+    assert "SMTPUTF8" not in delivery.envelope.params
+
+
+@pytest.mark.parametrize("without, chunked", [(frozenset(), True), ({"CHUNKING"}, False)])
+def test_push_uses_bdat_when_offered(tmp_path, without, chunked, logged_events) -> None:
+    world = World(tmp_path, gdel=False, without=without)
+    world.send([BOB])
+    [delivery] = world.peer.deliveries
+    assert b"".join(delivery.chunks) == b"".join(MESSAGE)
+    verbs = {e.get("verb") for e in logged_events if e.get("event") == "reply"}
+    assert ("BDAT" in verbs) is chunked and ("DATA" in verbs) is not chunked
+
+
+# -- DSN (RFC 3461) ---------------------------------------------------------------------
+
+
+def test_dsn_parameters_go_to_a_peer_offering_dsn(tmp_path) -> None:
+    world = World(tmp_path, gdel=False)
+    params = {"ret": "HDRS", "envid": "e1", "notify": {BOB: "SUCCESS"}}
+    world.send([BOB, CAROL], dsn=params)
+    [delivery] = world.peer.deliveries
+    assert delivery.envelope.params == {"SIZE": "30", "RET": "HDRS", "ENVID": "e1"}
+    assert delivery.envelope.rcpt_params == {BOB: {"notify": "SUCCESS"}}
+    assert world.bounces == []     # the peer reports on success itself
+
+
+def test_relayed_report_when_the_peer_has_no_dsn(tmp_path) -> None:
+    world = World(tmp_path, gdel=False, without={"DSN"})
+    world.send([BOB, CAROL], dsn={"notify": {BOB: "SUCCESS,FAILURE"}})
+    [delivery] = world.peer.deliveries
+    assert delivery.envelope.params == {"SIZE": "30"} and delivery.envelope.rcpt_params == {}
+    [(to, report)] = world.bounces
+    assert to == SENDER
+    assert b"Action: relayed\r\nStatus: 2.0.0" in report
+    assert f"Final-Recipient: rfc822; {CAROL}".encode() not in report
+
+
+@pytest.mark.parametrize("notify, bounced", [(None, True), ("NEVER", False), ("SUCCESS", False),
+                                             ("FAILURE", True)])
+def test_failure_report_honours_notify(tmp_path, notify, bounced) -> None:
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(550, "5.7.23", "SPF validation failed")
+    world.send([BOB], dsn={"notify": {BOB: notify}} if notify else None)
+    assert bool(world.bounces) is bounced
+
+
+def test_delay_warning_only_with_delay(tmp_path) -> None:
+    """A notified message not yet retrieved: a warning for DELAY, none for FAILURE alone."""
+    world = World(tmp_path, delay_warning=4 * HOUR)
+    world.send([BOB, CAROL], dsn={"notify": {BOB: "DELAY,FAILURE", CAROL: "FAILURE"},
+                                   "envid": "env+2D1", "orcpt": {BOB: "rfc822;b+40x"}})
+    world.advance(5 * HOUR)
+    [(to, warning)] = world.bounces
+    assert b"Action: delayed" in warning
+    assert f"Final-Recipient: rfc822; {BOB}".encode() in warning
+    assert f"Final-Recipient: rfc822; {CAROL}".encode() not in warning
+    assert b"Original-Envelope-Id: env-1" in warning
+    assert b"Original-Recipient: rfc822; b@x" in warning
+
+
+def test_ret_hdrs_returns_the_header_only(tmp_path) -> None:
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(550, "5.1.1", "No such user")
+    world.send([BOB], dsn={"ret": "HDRS"})
+    [(_, report)] = world.bounces
+    assert b"text/rfc822-headers" in report and b"Hello Bob." not in report

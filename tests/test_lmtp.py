@@ -94,7 +94,9 @@ def test_one_reply_per_recipient_after_the_data(agent, store):
     store.says(b"250 2.1.0 OK\r\n" + b"250 2.1.5 OK\r\n" * 3)
     assert store.heard() == b"DATA\r\n"
     store.says(b"354 OK\r\n")
-    assert store.heard() == b"Subject: hi\r\n\r\n..leading dot\r\n.\r\n"
+    # Return-Path: on top; Delivered-To: only for a single mailbox (see below).
+    assert store.heard() == (b"Return-Path: <x@remote.test>\r\n"
+                             b"Subject: hi\r\n\r\n..leading dot\r\n.\r\n")
     store.says(b"250 2.0.0 <alice@example.org> Saved\r\n")
     assert_no_result(d)
     store.says(b"450 4.2.1 <bob@example.org> Mailbox busy\r\n")
@@ -286,3 +288,17 @@ def test_connector_uses_the_endpoint_and_times_out():
     tcp = lmtp_connector(reactor, reactor, "tcp:127.0.0.1:24", 30.0, IDLE)
     tcp()
     assert reactor.tcpClients[-1][:2] == ("127.0.0.1", 24)
+
+
+def test_one_mailbox_gets_return_path_and_delivered_to(agent, store):
+    """Issue 14: like virtual(8), a copy for one mailbox names it in Delivered-To:."""
+    d = start(agent, store, [ALICE])
+    store.heard()
+    store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
+    assert store.heard() == b"DATA\r\n"
+    store.says(b"354 OK\r\n")
+    assert store.heard().startswith(
+        b"Return-Path: <x@remote.test>\r\nDelivered-To: alice@example.org\r\nSubject: hi\r\n"
+    )
+    store.says(b"250 2.0.0 Saved\r\n")
+    assert result_of(d).delivered == (ALICE,)

@@ -36,7 +36,8 @@ class FakeOutbound:
     def __init__(self) -> None:
         self.calls = []
 
-    def enqueue(self, queue_id, sender, recipients, chunks, origin=None):
+    def enqueue(self, queue_id, sender, recipients, chunks, origin=None, smtputf8=False,
+                dsn=None):
         self.calls.append((queue_id, sender, list(recipients)))
         return defer.succeed(None)
 

@@ -220,7 +220,8 @@ class DeliveryTests:
         [written] = outcome.paths
         assert written.parent == self.box / "new"
         assert "_QID." in written.name
-        assert written.read_bytes() == b"x\r\n"
+        assert written.read_bytes() == (b"Return-Path: <x@remote.test>\r\n"
+                                        b"Delivered-To: alice@example.org\r\nx\r\n")
         assert list((self.box / "tmp").iterdir()) == []
 
     def test_file_sync_fails(self):
@@ -257,7 +258,8 @@ class DeliveryTests:
         [(temporary, final, data, stored)] = self.syncer.stores
         assert Path(temporary).parent == self.box / "tmp"
         assert Path(final) == self.box / "new" / Path(temporary).name
-        assert data == b"x\r\ny\r\n"
+        assert data == (b"Return-Path: <x@remote.test>\r\n"
+                        b"Delivered-To: alice@example.org\r\nx\r\ny\r\n")
         assert self.syncer.files == []
         assert_no_result(d)
         stored.callback(None)

@@ -303,7 +303,9 @@ def test_states_are_written_as_before() -> None:
     for state, text in [(QUEUED, "queued"), (NOTIFIED, "notified")]:
         assert json.loads(make_entry(id=ID1, state=state).to_json())["state"] == text
     loaded = OutboxEntry.from_json(json.dumps(OLD_RECORD).encode())
-    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False}   # held: a new field
+    # held, offers: new fields, with their defaults.
+    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "offers": [],
+                                           "dsn": {}}
 
 
 def test_unknown_state_refused() -> None:

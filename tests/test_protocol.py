@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from pullmail.accounts.users import Accounts
 from pullmail.smtp import replies
@@ -657,14 +659,17 @@ class TestDeadlines:
             harness.clock.advance(5.0)
         assert not transport.disconnecting
 
-    def test_data_trickle_cut_off(self):
+    @pytest.mark.parametrize("command", [b"DATA\r\n", b"BDAT 100000 LAST\r\n"])
+    def test_data_trickle_cut_off(self, command):
+        """After DATA, and for a BDAT chunk (RFC 3030) alike; nothing is stored."""
         harness, protocol, transport = connect(data_timeout=60.0, min_data_rate=1000)
-        envelope_then(protocol, transport, b"DATA\r\n")
+        envelope_then(protocol, transport, command)
         while not transport.disconnecting and harness.clock.seconds() < 600:
             protocol.dataReceived(b"x")
             harness.clock.advance(1.0)
         assert transport.value().splitlines()[-1][:9] == b"421 4.4.2"
         assert 60.0 <= harness.clock.seconds() <= 61.0
+        assert harness.deliveries == []
 
     def test_data_at_the_minimum_rate_goes_through(self):
         """2000 octets/s against a 1000 octets/s minimum: 5 minutes are fine."""
@@ -772,3 +777,93 @@ def test_any_input_gets_well_formed_replies(stream, waits, pipelining):
         assert _REPLY_LINE.fullmatch(line), line
     if written_at_close is not None:
         assert transport.value() == written_at_close
+
+
+class TestChunking(ProtocolCase):
+    """CHUNKING (RFC 3030) through the glue: exact octets, one reply per chunk."""
+
+    def envelope(self, after: bytes = b"") -> list[bytes]:
+        return self.codes(b"EHLO client.test\r\nMAIL FROM:<x@remote.test>\r\n"
+                          b"RCPT TO:<alice@example.org>\r\n" + after)
+
+    def test_offered(self):
+        self.transport.clear()
+        self.protocol.dataReceived(b"EHLO client.test\r\n")
+        assert b"250-CHUNKING" in self.transport.value()
+
+    def test_pipelined_chunks_then_last(self):
+        """Chunks pipelined with the envelope; lines in a chunk are octets, not commands."""
+        codes = self.envelope(b"BDAT 12\r\nSubject: x\r\n"
+                              b"BDAT 15\r\n\r\n.\r\nQUIT\r\nhi\r\nBDAT 0 LAST\r\nNOOP\r\n")
+        assert codes == [b"250", b"250", b"250", b"250", b"250", b"250", b"250"]
+        [(request, _)] = self.harness.deliveries
+        assert b"".join(request.chunks) == b"Subject: x\r\n\r\n.\r\nQUIT\r\nhi\r\n"
+        assert request.size == 27
+
+    def test_chunk_split_across_reads(self):
+        self.envelope()
+        assert self.codes(b"BDAT 10 LAST\r\nabc") == []
+        assert self.codes(b"defg") == []
+        assert self.codes(b"hij") == [b"250"]
+        [(request, _)] = self.harness.deliveries
+        assert b"".join(request.chunks) == b"abcdefghij\r\n"   # CRLF added at the end
+
+    @pytest.mark.parametrize("argument", [b"x", b"-5", b"10 LAST extra", b"", b"1e3 LAST"])
+    def test_bad_size_is_501_and_closes(self, argument):
+        """The chunk cannot be framed: 501 5.5.4, and nothing after it is read."""
+        self.envelope()
+        self.transport.clear()
+        self.protocol.dataReceived(b"BDAT " + argument + b"\r\nRSET\r\n")
+        assert self.transport.value().splitlines() == [b"501 5.5.4 Syntax: BDAT chunk-size [LAST]"]
+        assert self.transport.disconnecting
+        assert self.harness.deliveries == []
+
+    def test_over_the_limit_is_552_read_and_thrown_away(self):
+        """The harness's limit is 10 kB: the chunk is read (framing) but kept nowhere."""
+        self.envelope()
+        assert self.codes(b"BDAT 20000\r\n" + b"x" * 20000) == [b"552"]
+        assert self.protocol._chunk is None
+        assert self.codes(b"BDAT 3 LAST\r\nabc") == [b"552"]
+        assert self.harness.deliveries == []
+        assert self.codes(b"NOOP\r\n") == [b"250"]
+
+    def test_sizes_add_up_to_the_limit(self):
+        self.envelope()
+        assert self.codes(b"BDAT 6000\r\n" + b"y" * 6000) == [b"250"]
+        assert self.codes(b"BDAT 6000 LAST\r\n" + b"y" * 6000) == [b"552"]
+        assert self.harness.deliveries == []
+
+    def test_data_after_bdat_is_503(self):
+        self.envelope()
+        assert self.codes(b"BDAT 3\r\nabc") == [b"250"]
+        self.transport.clear()
+        self.protocol.dataReceived(b"DATA\r\n")
+        assert self.transport.value().startswith(b"503 5.5.1")
+        assert self.codes(b"BDAT 0 LAST\r\n") == [b"250"]
+        assert len(self.harness.deliveries) == 1
+
+    def test_bdat_out_of_sequence(self):
+        self.ehlo()
+        assert self.codes(b"BDAT 0 LAST\r\n")[0] == b"503"
+        assert self.codes(b"MAIL FROM:<x@remote.test>\r\nBDAT 0 LAST\r\n") == [b"250", b"503"]
+
+    def test_rset_ends_the_chunked_transaction(self):
+        self.envelope()
+        assert self.codes(b"BDAT 3\r\nabcRSET\r\n") == [b"250", b"250"]
+        assert self.codes(b"BDAT 0 LAST\r\n")[0] == b"503"
+        assert self.harness.deliveries == []
+
+    def test_connection_lost_mid_chunk_stores_nothing(self):
+        self.envelope()
+        self.protocol.dataReceived(b"BDAT 100 LAST\r\nonly a part")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        assert self.harness.deliveries == []
+
+    def test_loop_refused_after_bdat_last(self):
+        self.envelope()
+        message = b"Received: x\r\n" * 101 + b"\r\nhi\r\n"
+        self.transport.clear()
+        self.protocol.dataReceived(b"BDAT %d LAST\r\n" % len(message) + message)
+        assert self.transport.value().startswith(b"554 5.4.6")
+        assert self.harness.deliveries == []
+

@@ -32,7 +32,8 @@ class FakeOutbound:
         self.calls = []
         self.origins = []
 
-    def enqueue(self, queue_id, sender, recipients, chunks, origin=None):
+    def enqueue(self, queue_id, sender, recipients, chunks, origin=None, smtputf8=False,
+                dsn=None):
         self.calls.append((queue_id, sender, list(recipients), list(chunks)))
         self.origins.append(origin)
         return defer.succeed(None)

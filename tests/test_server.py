@@ -461,8 +461,8 @@ class TestRcpt:
         assert _code(self.m.handle("RCPT TO:alice@example.org")) == (501, "5.1.3")
 
     def test_params_refused(self):
-        """RCPT parameters are not supported: 555."""
-        assert self.m.handle("RCPT TO:<alice@example.org> NOTIFY=NEVER").code == 555
+        """RCPT parameters other than DSN's are not supported: 555 5.5.4."""
+        assert _code(self.m.handle("RCPT TO:<alice@example.org> XFOO=1")) == (555, "5.5.4")
 
     def test_duplicate_once(self):
         """The same recipient twice is stored once."""

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -29,8 +30,16 @@ __all__ = ["Accounts", "AccountsError", "hash_password", "verify_password", "add
 # reasonable interactive login cost.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _SCRYPT_LENGTH = 32
-# Local parts we create maildirs for: safe as one path component.
-_MAILBOX_LOCAL = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
+# Local parts we create maildirs for: safe as one path component.  Beyond
+# ASCII (RFC 6531), letters, marks and digits only: no separators, controls,
+# spaces, bidi overrides or look-alike dots in a folder name.
+_MAILBOX_LOCAL = re.compile(r"[a-z0-9\u0080-\U0010ffff][a-z0-9._+\-\u0080-\U0010ffff]{0,63}")
+
+
+def _mailbox_local(local: str) -> bool:
+    return (_MAILBOX_LOCAL.fullmatch(local) is not None and ".." not in local
+            and len(local.encode("utf-8")) <= 64
+            and all(c.isascii() or unicodedata.category(c)[0] in "LMN" for c in local))
 
 
 class AccountsError(ValueError):
@@ -78,9 +87,9 @@ def normalise_local_address(text: str) -> str:
     except AddressError as e:
         raise AccountsError(f"bad address {text!r}: {e}") from None
     local = mailbox.local.lower()
-    if mailbox.literal or not _MAILBOX_LOCAL.fullmatch(local) or ".." in local:
+    if mailbox.literal or not _mailbox_local(local):
         raise AccountsError(
-            f"bad address {text!r}: a mailbox name uses only a-z 0-9 . _ + -"
+            f"bad address {text!r}: a mailbox name uses only letters, digits and . _ + -"
         )
     return f"{local}@{mailbox.domain}"
 

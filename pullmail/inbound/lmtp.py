@@ -26,6 +26,7 @@ from zope.interface import implementer
 from pullmail import maillog
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp.client import Refused, open_lmtp_session, send_lmtp_transaction
+from pullmail.smtp.loops import delivery_fields
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
 
@@ -93,6 +94,11 @@ class LMTPDelivery:
             connection = await self._connect()
         except Exception as e:
             return self._failed(queue_id, addresses, S451_STORE_UNREACHABLE, _describe(e))
+        # One transaction, one copy: Return-Path: always, Delivered-To:
+        # when it names the one mailbox (virtual(8) puts both in each copy;
+        # an LMTP store such as Dovecot adds its own per recipient).
+        chunks = [delivery_fields(sender, addresses[0] if len(addresses) == 1 else None),
+                  *chunks]
         try:
             keywords = await open_lmtp_session(connection, self.hostname)
             result = await send_lmtp_transaction(

@@ -9,6 +9,7 @@ bounced.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,28 +23,36 @@ from pullmail.ids import new_queue_id
 from pullmail.inbound.headers import complete_submission, rfc5322_date
 from pullmail.inbound.verdicts import MessageChecker, Verdict
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
-from pullmail.smtp import replies
+from pullmail.outbound import bounce
+from pullmail.outbound.bouncer import returned_limit
+from pullmail.smtp import dsn, replies
 from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.loops import delivered_to, header_block
 from pullmail.smtp.replies import Reply
 from pullmail.storage.maildir import JUNK, mailbox_path
 from pullmail.trust.dkim import Signer
 from pullmail.trust.spf import SPFIdentity
 
-__all__ = ["Router", "received_header", "one_refusal"]
+__all__ = ["Router", "received_header", "one_refusal", "needs_smtputf8"]
 
 log = Logger(namespace="pullmail.inbound.router")
 
 
 def received_header(
-    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float
+    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], now: float,
+    utf8: bool = False,
 ) -> bytes:
-    """The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values)."""
+    """
+    The trace header of RFC 5321 4.4 (with RFC 3848's ``with`` values;
+    ``UTF8`` before them for a transaction with SMTPUTF8, RFC 6531 3.7.3).
+    """
     # RFC 5321 4.1.3: IPv6 address literals carry an "IPv6:" tag.
     literal = f"IPv6:{session.peer}" if ":" in session.peer else session.peer
     source = f"{session.helo or 'unknown'} ([{literal}])"
     lines = [
         f"Received: from {source}",
-        f"\tby {hostname} (pullmail) with {session.protocol_name} id {queue_id}",
+        f"\tby {hostname} (pullmail) with {'UTF8' if utf8 else ''}{session.protocol_name}"
+        f" id {queue_id}",
     ]
     date = rfc5322_date(now)
     if len(recipients) == 1:
@@ -52,6 +61,18 @@ def received_header(
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def needs_smtputf8(envelope: Envelope, recipients: Sequence[str], chunks: Sequence[bytes]) -> bool:
+    """
+    RFC 6531 3.2: whether a message taken with ``SMTPUTF8`` may go on only
+    to peers that offer it: a UTF-8 address on the way, or a UTF-8 header
+    (RFC 6532).  Domains are A-labels already, so only local parts count.
+    """
+    if "SMTPUTF8" not in envelope.params:
+        return False
+    return not (envelope.sender + "".join(recipients)).isascii() or not (
+        header_block(chunks).isascii())
 
 
 def one_refusal(outcome: DeliveryOutcome, queued_remote: bool) -> Reply | None:
@@ -161,6 +182,40 @@ class Router:
             return defer.fail(OSError(f"no local queue for {sorted(outcome.refused)}"))
         return self.local_queue.take(queue_id, sender, outcome, message, origin)
 
+    def dsn_of(self, envelope: Envelope) -> dict:
+        """
+        The message's DSN parameters (L{dsn}), per final address: an alias's
+        NOTIFY and ORCPT hold for what it expands to.
+        """
+        by_final = {final: params for recipient, params in envelope.rcpt_params.items()
+                    for final in self.accounts.expand(recipient)}
+        return dsn.for_recipients(envelope.params, by_final)
+
+    @defer.inlineCallbacks
+    def _report_delivered(self, queue_id: str, sender: str, dsn_params: dict,
+                          delivered: list[str], message: list[bytes]):
+        """RFC 3461 4.1: NOTIFY=SUCCESS and final delivery here: "Action: delivered"."""
+        wanted = [r for r in delivered if dsn.wants(dsn_params, r, "SUCCESS")]
+        if not wanted or not bounce.should_bounce(sender):
+            return
+        orcpt = dsn_params.get("orcpt", {})
+        report = bounce.build_dsn(
+            reporting_mta=self.hostname, original_sender=sender,
+            recipients=[bounce.FailedRecipient(r, "2.0.0", None, None, "delivered",
+                                               orcpt.get(r)) for r in wanted],
+            original=b"".join(message), queue_id=queue_id, arrival_date=self.clock.seconds(),
+            now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
+            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+            full_message_limit=returned_limit(dsn_params, "delivered"),
+            envid=dsn_params.get("envid"),
+        )
+        maillog.BOUNCED(log, action="delivered", queue_id=queue_id, sender=sender,
+                        recipients=wanted, status="2.0.0")
+        try:
+            yield self.inject("", [sender], [report])
+        except OSError as e:    # the mail is delivered; only its report is lost
+            maillog.STORE_FAILED(log, queue_id=queue_id, error=f"success report: {e}")
+
     def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
         """Expand aliases: (local mailboxes, remote addresses)."""
         local: dict[str, None] = {}
@@ -231,13 +286,19 @@ class Router:
         service = "retrieval" if queue_id else session.service
         queue_id = queue_id or new_queue_id()
         header = received_header(
-            session, self.hostname, queue_id, envelope.recipients, self.clock.seconds()
+            session, self.hostname, queue_id, envelope.recipients, self.clock.seconds(),
+            utf8="SMTPUTF8" in envelope.params,
         )
         if session.service != "smtp":
             chunks = complete_submission(
                 chunks, self.hostname, self.clock.seconds(), f"{queue_id}.{new_queue_id()}"
             )
         local, remote = self.split(envelope.recipients)
+        if local and delivered_to(header_block(chunks)).intersection(local):
+            # RFC 5321 6.3: it has been in one of these mailboxes before.
+            maillog.MAIL_LOOP(log, queue_id=queue_id, peer=session.peer,
+                              reply=str(replies.S554_DELIVERED_BEFORE))
+            return replies.S554_DELIVERED_BEFORE
         if remote and self.outbound is None:
             log.warn("no outbound queue for {recipients}", recipients=remote)
             return replies.S451_LOCAL_ERROR
@@ -265,15 +326,20 @@ class Router:
                     log, queue_id=queue_id, reply=str(refusal), refused=sorted(outcome.refused),
                 )
                 return refusal
+            dsn_params = self.dsn_of(envelope)
             if remote:
                 outgoing = (self.outgoing(message) if session.user or session.service != "smtp"
                             else self._forwarded(message, verdict, envelope.recipients))
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
-                                            origin=origin)
+                                            origin=origin,
+                                            smtputf8=needs_smtputf8(envelope, remote, chunks),
+                                            dsn=dsn_params)
             yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:
             maillog.STORE_FAILED(log, queue_id=queue_id, error=str(e))
             return replies.storage_failure(e)
+        yield self._report_delivered(queue_id, envelope.sender, dsn_params,
+                                     list(outcome.delivered), message)
         maillog.ACCEPTED(
             log, queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),

@@ -22,7 +22,13 @@ import sys
 from typing import Sequence, TextIO
 
 from pullmail import config as configuration
-from pullmail.accounts.users import AccountsError, add_user, read_aliases, read_users
+from pullmail.accounts.users import (
+    AccountsError,
+    add_user,
+    normalise_local_address,
+    read_aliases,
+    read_users,
+)
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
 from pullmail.node import doctor, queuetools, sendmail
 from pullmail.node.control import SOCKET_NAME, cluster_control
@@ -67,7 +73,8 @@ def read_password(stdin: TextIO) -> str:
 
 def adduser(args, out: TextIO) -> int:
     config = _load(args)
-    domain = args.address.rpartition("@")[2].lower()
+    # RFC 6531: a UTF-8 address is kept NFC-normalised, its domain as A-labels.
+    domain = normalise_local_address(args.address).rpartition("@")[2]
     if domain not in config.node.domains:
         raise AccountsError(f"{args.address}: {domain!r} is not one of node.domains")
     password = read_password(sys.stdin)

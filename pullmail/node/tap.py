@@ -319,6 +319,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         hostname=hostname, domains=domains, accounts=accounts, service="smtp",
         max_size=config.limits.message_size, max_recipients=config.limits.recipients,
         tls_available=True, push=config.trust.push, own_addresses=config.own_addresses,
+        max_received=config.limits.max_received,
     )
     retriever = Retriever(
         store=stores.pending, trust=trust, connect=guarded_connect,

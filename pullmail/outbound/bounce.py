@@ -25,6 +25,7 @@ import textwrap
 from dataclasses import dataclass
 
 from pullmail.inbound.headers import rfc5322_date
+from pullmail.smtp.dsn import xtext_decode
 
 __all__ = [
     "FailedRecipient",
@@ -37,9 +38,9 @@ __all__ = [
 # Originals up to this size are returned whole, larger ones as headers only.
 FULL_MESSAGE_LIMIT = 64 * 1024
 
-# The Action values this builder writes (RFC 3464 2.3.3); "delivered",
-# "relayed" and "expanded" are for success reports, which pullmail never sends.
-_ACTIONS = ("failed", "delayed")
+# The Action values this builder writes (RFC 3464 2.3.3): failures and
+# delays, and the success reports NOTIFY=SUCCESS asks for (RFC 3461 4.1).
+_ACTIONS = ("failed", "delayed", "delivered", "relayed")
 
 # status-code = class "." subject "." detail; class is 2, 4 or 5, subject and
 # detail are 1*3digit (RFC 3463 2).
@@ -73,6 +74,7 @@ _STATUS_TEXT = {
 _SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
 }
 
 _EXPLANATIONS = {
@@ -83,6 +85,11 @@ _EXPLANATIONS = {
     "delayed": (
         "Your message has not yet been delivered to the recipients below. "
         "The mail system will keep trying; you do not need to send it again."
+    ),
+    "delivered": "Your message was delivered to the recipients below.",
+    "relayed": (
+        "Your message was passed on to the recipients below, to a system "
+        "that will not report on them (no DSN support)."
     ),
 }
 
@@ -109,6 +116,8 @@ class FailedRecipient:
     diagnostic: str | None
     remote_mta: str | None
     action: str = "failed"
+    # ORCPT as given (RFC 3461 4.2: addr-type;xtext), for Original-Recipient.
+    original_recipient: str | None = None
 
 
 def is_bounce(sender: str) -> bool:
@@ -140,6 +149,7 @@ def build_dsn(
     boundary: str,
     message_id: str,
     full_message_limit: int = FULL_MESSAGE_LIMIT,
+    envid: str | None = None,
 ) -> bytes:
     """
     The complete DSN message, CRLF line ends throughout.
@@ -160,7 +170,9 @@ def build_dsn(
     @param boundary: the MIME boundary (RFC 2046 5.1.1); pick it at random.
     @param message_id: the DSN's Message-ID, without angle brackets.
     @param full_message_limit: originals of at most this many octets are
-        returned whole, larger ones as headers only.
+        returned whole, larger ones as headers only (0: RET=HDRS).
+    @param envid: the ENVID the sender gave (RFC 3461 4.4), as xtext:
+        echoed as C{Original-Envelope-Id} (RFC 3464 2.2.1).
 
     @raise ValueError: no recipients; an Action, Status or boundary that is
         not valid; a control character in a header value; or C{boundary}
@@ -184,8 +196,10 @@ def build_dsn(
 
     if any(rcpt.action == "failed" for rcpt in recipients):
         kind = "failed"
-    else:
+    elif any(rcpt.action == "delayed" for rcpt in recipients):
         kind = "delayed"
+    else:
+        kind = "delivered"
 
     normalized = _crlf(original)
     if len(original) <= full_message_limit:
@@ -196,7 +210,8 @@ def build_dsn(
         returned = _header_block(normalized)
     if returned and not returned.endswith(b"\r\n"):
         returned += b"\r\n"
-    description = b"Undelivered message" if kind == "failed" else b"Delayed message"
+    description = {"failed": b"Undelivered message", "delayed": b"Delayed message"}.get(
+        kind, b"Delivered message")
     if returned_type == b"text/rfc822-headers":
         description += b" headers"
 
@@ -212,7 +227,7 @@ def build_dsn(
         ),
         _part(
             [b"Content-Type: message/delivery-status", b"Content-Description: Delivery report"],
-            _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients),
+            _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients, envid),
         ),
         _part(
             [b"Content-Type: " + returned_type, b"Content-Description: " + description],
@@ -265,6 +280,8 @@ def _notification(reporting_mta: str, queue_id: str, recipients) -> bytes:
 
 
 def _reason(rcpt: FailedRecipient) -> str:
+    if rcpt.action in ("delivered", "relayed"):
+        return f"{rcpt.action} ({rcpt.status})"
     if rcpt.diagnostic is not None:
         reason = _one_line(rcpt.diagnostic)
         if rcpt.remote_mta is not None:
@@ -274,20 +291,26 @@ def _reason(rcpt: FailedRecipient) -> str:
     return f"{_STATUS_TEXT.get(subject_detail, 'delivery failed')} ({rcpt.status})"
 
 
-def _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients) -> bytes:
+def _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients,
+                     envid: str | None = None) -> bytes:
     """
     Part 2, C{message/delivery-status} (RFC 3464 2.1): the per-message
     fields, then one block of per-recipient fields per recipient, each block
     after an empty line.
     """
-    per_message = [
+    per_message = [f"Original-Envelope-Id: {_decoded(envid)}"] if envid else []  # 2.2.1
+    per_message += [
         f"Reporting-MTA: dns; {reporting_mta}",  # RFC 3464 2.2.2
         f"X-Pullmail-Queue-ID: {queue_id}",  # extension field, RFC 3464 2.4
         f"Arrival-Date: {rfc5322_date(arrival_date)}",  # RFC 3464 2.2.5
     ]
     blocks = [_lines(per_message)]
     for rcpt in recipients:
-        fields = [
+        fields = []
+        if rcpt.original_recipient:   # RFC 3464 2.3.1, from ORCPT (RFC 3461 4.2)
+            addr_type, _, address = rcpt.original_recipient.partition(";")
+            fields.append(f"Original-Recipient: {addr_type}; {_decoded(address)}")
+        fields += [
             f"Final-Recipient: rfc822; {rcpt.address}",  # RFC 3464 2.3.2
             f"Action: {rcpt.action}",  # RFC 3464 2.3.3
             f"Status: {rcpt.status}",  # RFC 3464 2.3.4
@@ -300,6 +323,12 @@ def _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients) -> 
         fields.append(f"Last-Attempt-Date: {rfc5322_date(now)}")  # RFC 3464 2.3.7
         blocks.append(_lines(fields))
     return b"\r\n".join(blocks)
+
+
+def _decoded(xtext: str) -> str:
+    """An xtext value as a header may hold it: decoded, controls dropped."""
+    text = xtext_decode(xtext) or xtext
+    return "".join(ch for ch in text if ch.isprintable())
 
 
 def _part(headers: list[bytes], body: bytes) -> bytes:

@@ -130,11 +130,14 @@ class Outbound:
     # -- entry points -----------------------------------------------------------
 
     def enqueue(self, queue_id: str, sender: str, recipients: Sequence[str],
-                chunks: Sequence[bytes], origin: str | None = None) -> defer.Deferred:
+                chunks: Sequence[bytes], origin: str | None = None,
+                smtputf8: bool = False, dsn: dict | None = None) -> defer.Deferred:
         """
         Queue a message for remote recipients: one entry per domain.
         C{origin} is the outside address it came from (forwarded mail), so
         that a bounce never goes to a sender that address may not speak for.
+        C{smtputf8}: it goes only to peers that offer SMTPUTF8 (RFC 6531 3.2).
+        C{dsn}: its DSN parameters (L{pullmail.smtp.dsn}), kept per entry.
         """
         by_domain: dict[str, list[str]] = {}
         for recipient in recipients:
@@ -146,7 +149,8 @@ class Outbound:
             OutboxEntry(
                 id=new_gdel_id(), queue_id=queue_id, sender=sender, domain=domain,
                 recipients=rcpts, created=now, size=size, next_attempt=now,
-                body="8BITMIME" if eight_bit else None, origin=origin,
+                body="8BITMIME" if eight_bit else None, origin=origin, smtputf8=smtputf8,
+                dsn=_dsn_for(dsn or {}, rcpts),
             )
             for domain, rcpts in sorted(by_domain.items())
         ]
@@ -340,3 +344,13 @@ class Outbound:
         """A DSN whose entry stays: a failure to store it is only logged."""
         if bounced is not None:
             bounced.addErrback(lambda f: log.failure("sending a DSN for {id}", f, id=entry.id))
+
+
+def _dsn_for(dsn: dict, recipients: Sequence[str]) -> dict:
+    """The part of a message's DSN parameters that concerns C{recipients}."""
+    kept = {k: v for k, v in dsn.items() if k in ("ret", "envid")}
+    for name in ("notify", "orcpt"):
+        values = {r: dsn[name][r] for r in recipients if r in dsn.get(name, {})}
+        if values:
+            kept[name] = values
+    return kept

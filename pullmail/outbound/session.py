@@ -24,6 +24,7 @@ from pullmail.smtp.client import (
     send_notification,
     send_transaction,
 )
+from pullmail.smtp.replies import Reply
 from pullmail.storage.outbox import OutboxEntry
 
 if TYPE_CHECKING:
@@ -218,16 +219,38 @@ class Courier:
                            pull: bool) -> TransactionResult:
         pipelining = "PIPELINING" in keywords
         size = entry.size if "SIZE" in keywords else None
+        if entry.smtputf8 and "SMTPUTF8" not in keywords:
+            # RFC 6531 3.2: never to a peer without SMTPUTF8; a bounce (the
+            # turn of a notification would need it just the same, SPEC 4).
+            return TransactionResult(S553_PEER_LACKS_SMTPUTF8, dict.fromkeys(
+                entry.recipients, S553_PEER_LACKS_SMTPUTF8))
         if pull:
+            # SPEC 4: what the RMTA offers now is what the turn may use.
+            entry.offers = sorted(TURN_EXTENSIONS.intersection(keywords))
             return await send_notification(
                 connection, entry.sender, entry.recipients, entry.id, size=size,
-                pipelining=pipelining,
+                pipelining=pipelining, smtputf8=entry.smtputf8,
+                dsn=entry.dsn if "DSN" in keywords else None,
             )
         message = await self.owner.run_blocking(self.owner.outbox.read_message, entry.id)
-        return await send_transaction(
+        result = await send_transaction(
             connection, entry.sender, entry.recipients, [message], size=size,
             body=entry.body if "8BITMIME" in keywords else None, pipelining=pipelining,
+            chunking="CHUNKING" in keywords, smtputf8=entry.smtputf8,
+            dsn=entry.dsn if "DSN" in keywords else None,
         )
+        if "DSN" not in keywords:
+            # RFC 3461 5.2.2: a SUCCESS wanted and no DSN onward: "relayed".
+            await self.owner.bouncer.report_success(
+                entry, result.accepted(), message, "relayed", host=None)
+        return result
+
+
+# RFC 3463 5.6.7: the message needs SMTPUTF8 and the peer does not offer it.
+S553_PEER_LACKS_SMTPUTF8 = Reply(553, "5.6.7", "Peer does not offer SMTPUTF8 (RFC 6531 3.2)")
+
+# The extensions an SMTA uses in a reversed turn when the RMTA offered them.
+TURN_EXTENSIONS = frozenset({"CHUNKING", "SMTPUTF8", "DSN", "8BITMIME", "SIZE"})
 
 
 def count_attempts(entries: list[OutboxEntry]) -> list[OutboxEntry]:

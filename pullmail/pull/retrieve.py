@@ -30,7 +30,7 @@ from pullmail.pull.verbs import Notify
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.scheduling.rate import RateWindow
 from pullmail.scheduling.schedule import retrieval_at
-from pullmail.smtp import replies
+from pullmail.smtp import dsn, replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
 from pullmail.storage.pending import PENDING, RETRIEVED, Notification
@@ -163,6 +163,8 @@ class Retriever:
             helo=session.helo, sender=sender,
             recipients=list(envelope.recipients) if envelope is not None else None,
             notified_at=now, size=envelope.size if envelope is not None else None,
+            dsn=dsn.for_recipients(envelope.params, envelope.rcpt_params)
+            if envelope is not None else {},
         )
         # A re-notified id that was retrieved before is fetched again, so the
         # SMTA sees its 250, but its copy is dropped at delivery.

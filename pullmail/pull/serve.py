@@ -120,6 +120,8 @@ class PickupCounter:
                 result = await send_transaction(
                     channel, entry.sender, entry.recipients, [message],
                     size=entry.size, body=entry.body, smtputf8=entry.smtputf8,
+                    chunking="CHUNKING" in entry.offers,
+                    dsn=entry.dsn if "DSN" in entry.offers else None,
                 )
             finally:
                 self.outbound.retrieval_finished(entry, result, peer, host)

@@ -7,7 +7,7 @@ side of a reversed turn.  Pure: the checks behind the verbs are requests
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pullmail.ids import is_gdel_id
 from pullmail.smtp import replies
@@ -107,7 +107,8 @@ class TurnMachine(ServerMachine):
 
     # SPEC 4: RSET ends the turn.
     TRANSITION_CHANGES = {
-        (state, "RSET"): State.CLOSED for state in (State.READY, State.MAIL, State.RCPT)
+        (state, "RSET"): State.CLOSED
+        for state in (State.READY, State.MAIL, State.RCPT, State.BDAT)
     }
 
     def __init__(
@@ -136,23 +137,18 @@ class TurnMachine(ServerMachine):
         if reply.positive and self._expected_recipients is not None:
             added = self.envelope.recipients[-1]
             if added not in self._expected_recipients:
-                self.envelope = Envelope(
-                    self.envelope.sender, self.envelope.recipients[:-1],
-                    self.envelope.size, self.envelope.body, self.envelope.params,
-                )
+                self.envelope = replace(self.envelope, recipients=self.envelope.recipients[:-1])
                 if not self.envelope.recipients:
                     self.state = State.MAIL
                 return replies.S550_POLICY.with_text("Recipient not in the notification")
         return reply
 
-    def _data(self, argument: str) -> object:
+    def _needs_push_check(self) -> bool:
         # The push policy judges pushes; this message was pulled, trusted.
-        if argument:
-            return replies.S501_SYNTAX.with_text("DATA takes no arguments")
-        return self._begin_data()
+        return False
 
     def _rset(self, argument: str) -> object:
-        self.envelope = None
+        self.reset()
         self._advance("RSET")
         return EndTurn(replies.S250_RESET)
 

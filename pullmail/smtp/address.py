@@ -6,17 +6,27 @@ The parser is strict where strictness closes a relay (source routes are
 parsed and dropped, quoted local parts are unquoted and then judged, address
 literals are never local) and lenient only where clients commonly differ
 (``MAIL FROM: <a@b>`` with a space, keyword case).
+
+Internationalised addresses (RFC 6531 3.3, RFC 6532 3.2) are parsed too:
+UTF-8 local parts, NFC-normalised (RFC 6532 3.1), and U-label domains,
+held as A-labels (IDNA 2008, the C{idna} package) so that they compare and
+resolve as the DNS knows them.  A L{Mailbox} says whether it was written in
+UTF-8 (C{utf8}); the machine allows that only with ``SMTPUTF8``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
+
+import idna
 
 __all__ = [
     "Mailbox",
     "AddressError",
+    "ParameterError",
     "parse_mail_argument",
     "parse_rcpt_argument",
     "parse_mailbox",
@@ -27,6 +37,7 @@ __all__ = [
     "classify",
     "literal_address",
     "is_own_literal",
+    "a_label_domain",
 ]
 
 
@@ -34,13 +45,22 @@ class AddressError(ValueError):
     """The text is not a valid path."""
 
 
+class ParameterError(AddressError):
+    """The path is fine; its parameters are not (RFC 5321 4.1.2: 501 5.5.4)."""
+
+
 # atext = ALPHA / DIGIT / "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-"
 #       / "/" / "=" / "?" / "^" / "_" / "`" / "{" / "|" / "}" / "~"  (RFC 5322 3.2.3)
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# RFC 6532 3.2: atext =/ UTF8-non-ascii (judged printable separately).
+_UTEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_UTF8_DOT_STRING = re.compile(rf"{_UTEXT}+(?:\.{_UTEXT}+)*")
 # Quoted-string = DQUOTE *QcontentSMTP DQUOTE; qtextSMTP = %d32-33 / %d35-91 /
-# %d93-126; quoted-pairSMTP = %d92 %d32-126
-_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+# %d93-126 (=/ UTF8-non-ascii, RFC 6531 3.3); quoted-pairSMTP = %d92 %d32-126
+_QUOTED_STRING = re.compile(
+    r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+)
 # sub-domain = Let-dig [Ldh-str]; Domain = sub-domain *("." sub-domain);
 # a label is at most 63 octets (RFC 1035 2.3.4)
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -68,6 +88,7 @@ class Mailbox:
     domain: str
     quoted: bool = False
     literal: bool = False
+    utf8: bool = False      # written with UTF-8 (RFC 6531): needs SMTPUTF8
 
     def __str__(self) -> str:
         local = self.local
@@ -77,7 +98,25 @@ class Mailbox:
 
 
 def is_dot_atom(text: str) -> bool:
-    return _DOT_STRING.fullmatch(text) is not None
+    """A dot-atom, of RFC 5321 or (with UTF-8 in it) of RFC 6532 3.2."""
+    if text.isascii():
+        return _DOT_STRING.fullmatch(text) is not None
+    return _UTF8_DOT_STRING.fullmatch(text) is not None and text.isprintable()
+
+
+def a_label_domain(domain: str) -> str:
+    """
+    C{domain} as the DNS knows it: lower case, U-labels turned into
+    A-labels and A-labels checked, by IDNA 2008 (RFC 5891; UTS 46 mapping,
+    so that case differences do not matter).
+    @raise AddressError: not a valid IDNA 2008 name, or a label too long.
+    """
+    if domain.isascii() and "xn--" not in domain.lower():
+        return domain.lower()
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError) as e:
+        raise AddressError(f"bad internationalised domain: {e}") from None
 
 
 def _unquote(quoted: str) -> str:
@@ -101,21 +140,29 @@ def parse_mailbox(text: str, allow_no_domain: bool = False) -> Mailbox:
             if allow_no_domain and text.lower() == "postmaster":
                 return Mailbox("postmaster", "")
             raise AddressError("address has no domain")
-        if not _DOT_STRING.fullmatch(local_raw):
+        if not is_dot_atom(local_raw):
             raise AddressError("bad local part")
         local, quoted, rest = local_raw, False, "@" + domain_part
     if not rest.startswith("@"):
         raise AddressError("address has no domain")
     domain = rest[1:]
-    if len(local_raw) > MAX_LOCAL_PART:
+    utf8 = not text.isascii()
+    if utf8:
+        if not local.isprintable():
+            raise AddressError("control characters in local part")
+        # RFC 6532 3.1: one form per mailbox name.
+        local = unicodedata.normalize("NFC", local)
+    # RFC 5321 4.5.3.1.1 and RFC 6531 3.3: octets, not characters.
+    if len(local_raw.encode("utf-8")) > MAX_LOCAL_PART:
         raise AddressError("local part too long")
-    if len(domain) > MAX_DOMAIN:
+    if len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise AddressError("domain too long")
     if _ADDRESS_LITERAL.fullmatch(domain):
-        return Mailbox(local, domain, quoted, literal=True)
-    if not _DOMAIN.fullmatch(domain):
+        return Mailbox(local, domain, quoted, literal=True, utf8=utf8)
+    domain = a_label_domain(domain)
+    if not _DOMAIN.fullmatch(domain) or len(domain) > MAX_DOMAIN:
         raise AddressError("bad domain")
-    return Mailbox(local, domain.lower(), quoted)
+    return Mailbox(local, domain, quoted, utf8=utf8)
 
 
 def _split_path(argument: str, keyword: str) -> tuple[str, str]:
@@ -168,8 +215,11 @@ def parse_params(text: str) -> dict[str, str | None]:
     for word in text.split():
         match = _PARAM.fullmatch(word)
         if match is None:
-            raise AddressError(f"bad parameter {word!r}")
-        params[match.group(1).upper()] = match.group(2)
+            raise ParameterError(f"bad parameter {word!r}")
+        key = match.group(1).upper()
+        if key in params:
+            raise ParameterError(f"duplicate parameter {key}")
+        params[key] = match.group(2)
     return params
 
 

@@ -16,6 +16,7 @@ from typing import Mapping, Protocol, Sequence
 from twisted.internet.defer import Deferred
 
 from pullmail.logsafe import printable
+from pullmail.smtp.dsn import mail_parameters, rcpt_parameters
 from pullmail.smtp.replies import Reply
 
 __all__ = [
@@ -146,7 +147,8 @@ def dot_stuff(chunks: Sequence[bytes]) -> bytes:
     return stuffed + b".\r\n"
 
 
-def _mail_command(sender: str, size: int | None, body: str | None, smtputf8: bool) -> bytes:
+def _mail_command(sender: str, size: int | None, body: str | None, smtputf8: bool,
+                  dsn: Mapping | None = None) -> bytes:
     parameters = ""
     if size is not None:
         parameters += f" SIZE={size}"
@@ -154,17 +156,23 @@ def _mail_command(sender: str, size: int | None, body: str | None, smtputf8: boo
         parameters += f" BODY={body}"
     if smtputf8:
         parameters += " SMTPUTF8"
+    if dsn:
+        parameters += mail_parameters(dsn)
     return f"MAIL FROM:<{sender}>{parameters}\r\n".encode("utf-8")
 
 
 async def _envelope(
     channel: Channel, sender: str, recipients: Sequence[str], size: int | None,
-    body: str | None, smtputf8: bool, pipelining: bool,
+    body: str | None, smtputf8: bool, pipelining: bool, dsn: Mapping | None = None,
 ) -> TransactionResult:
-    """MAIL and RCPT, pipelined when allowed (RFC 2920)."""
+    """
+    MAIL and RCPT, pipelined when allowed (RFC 2920); with C{dsn} (the
+    peer offers DSN) their DSN parameters (RFC 3461).
+    """
     result = TransactionResult()
-    commands = [_mail_command(sender, size, body, smtputf8)] + [
-        f"RCPT TO:<{r}>\r\n".encode("utf-8") for r in recipients
+    commands = [_mail_command(sender, size, body, smtputf8, dsn)] + [
+        f"RCPT TO:<{r}>{rcpt_parameters(dsn, r) if dsn else ''}\r\n".encode("utf-8")
+        for r in recipients
     ]
     if pipelining:
         channel.send(b"".join(commands))
@@ -205,11 +213,16 @@ async def _reset_after_refusal(channel: Channel, result: TransactionResult,
 async def send_transaction(
     channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
     *, size: int | None = None, body: str | None = None, smtputf8: bool = False,
-    pipelining: bool = True,
+    pipelining: bool = True, chunking: bool = False, dsn: Mapping | None = None,
 ) -> TransactionResult:
-    """MAIL, RCPT..., DATA, message; or RSET when nobody is accepted."""
+    """
+    MAIL, RCPT..., DATA, message; or RSET when nobody is accepted.  With
+    C{chunking} (the peer offers CHUNKING) the message goes as one
+    ``BDAT <n> LAST`` (RFC 3030), as it is: no dot-stuffing.  C{dsn}: the
+    DSN parameters to pass on (only to a peer that offers DSN).
+    """
     result, accepted = await _send_with_data(
-        channel, sender, recipients, chunks, size, body, smtputf8, pipelining
+        channel, sender, recipients, chunks, size, body, smtputf8, pipelining, chunking, dsn
     )
     if accepted:
         result.final = await channel.reply()
@@ -220,16 +233,23 @@ async def send_transaction(
 async def _send_with_data(
     channel: Channel, sender: str, recipients: Sequence[str], chunks: Sequence[bytes],
     size: int | None, body: str | None, smtputf8: bool, pipelining: bool,
+    chunking: bool = False, dsn: Mapping | None = None,
 ) -> tuple[TransactionResult, list[str]]:
     """
     MAIL, RCPT..., then DATA and the message after its 354 (RSET when
     nobody is accepted).  Returns the result so far and the recipients
     whose outcome the reply to the data decides: none when no data went.
     """
-    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining)
+    result = await _envelope(channel, sender, recipients, size, body, smtputf8, pipelining, dsn)
     if await _reset_after_refusal(channel, result, recipients):
         return result, []
     accepted = result.accepted()
+    if chunking:
+        # RFC 3030 2: one chunk, exactly its octets; its one reply (or,
+        # over LMTP, one per recipient) is the reply to the data.
+        data = b"".join(chunks)
+        channel.send(b"BDAT %d LAST\r\n" % len(data) + data)
+        return result, accepted
     channel.send(b"DATA\r\n")
     go_ahead = await channel.reply()
     if go_ahead.code != 354:
@@ -246,10 +266,11 @@ async def _send_with_data(
 
 async def send_notification(
     channel: Channel, sender: str, recipients: Sequence[str], gdel_id: str,
-    *, size: int | None = None, pipelining: bool = True,
+    *, size: int | None = None, pipelining: bool = True, smtputf8: bool = False,
+    dsn: Mapping | None = None,
 ) -> TransactionResult:
     """SPEC 3: MAIL, RCPT..., then GDEL <id> in place of DATA."""
-    result = await _envelope(channel, sender, recipients, size, None, False, pipelining)
+    result = await _envelope(channel, sender, recipients, size, None, smtputf8, pipelining, dsn)
     if await _reset_after_refusal(channel, result, recipients):
         return result
     channel.send(f"GDEL {gdel_id}\r\n".encode("ascii"))

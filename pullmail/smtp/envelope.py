@@ -47,6 +47,9 @@ class Envelope:
     size: int | None = None
     body: str | None = None
     params: dict = field(default_factory=dict, compare=False)
+    # Each recipient's kept RCPT parameters (DSN's notify, orcpt: RFC 3461).
+    rcpt_params: dict = field(default_factory=dict, compare=False)
 
-    def add(self, recipient: str) -> "Envelope":
-        return replace(self, recipients=self.recipients + (recipient,))
+    def add(self, recipient: str, params: dict | None = None) -> "Envelope":
+        kept = {**self.rcpt_params, recipient: params} if params else self.rcpt_params
+        return replace(self, recipients=self.recipients + (recipient,), rcpt_params=kept)

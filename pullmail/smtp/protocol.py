@@ -25,6 +25,7 @@ from zope.interface import implementer
 from pullmail import maillog
 from pullmail.logsafe import printable
 from pullmail.smtp import replies
+from pullmail.smtp.chunking import ReadChunk
 from pullmail.smtp.client import ProtocolError, ReplyReader
 from pullmail.smtp.conduct import ENDS_GROUP, Conduct, SessionLimits
 from pullmail.smtp.connection import (
@@ -34,6 +35,7 @@ from pullmail.smtp.connection import (
     Connection,
     LineTooLong,
     MessageEnd,
+    Octets,
 )
 from pullmail.smtp.deadlines import Deadlines
 from pullmail.smtp.envelope import Session
@@ -269,7 +271,31 @@ class ReplyChannel(Protocol):
             self.close(reply)
 
 
-class SMTPConnection(ReplyChannel):
+class _ChunkReading:
+    """
+    The server role's part in BDAT (RFC 3030 2): a chunk is exactly the
+    next C{size} octets, whatever they hold, read under the data deadline;
+    then the machine has it.
+    """
+
+    _input: Connection
+    _chunk: list[bytes] | None = None   # the chunk being read (None: dropped)
+
+    def _read_chunk(self, action: ReadChunk) -> None:
+        self._chunk = [] if action.keep else None
+        self._input.read_octets(action.size)
+        self.deadlines.start_data(lambda: self._input.data_octets)
+
+    def _octets(self, event: Octets) -> None:
+        if self._chunk is not None:
+            self._chunk.append(event.data)
+        if event.last:
+            self.deadlines.end_data()
+            data, self._chunk = b"".join(self._chunk or ()), None
+            self._act(self.machine.chunk_received(data), "BDAT")
+
+
+class SMTPConnection(_ChunkReading, ReplyChannel):
     """
     One SMTP connection, in the server role (a L{Connection} frames the
     input, a L{ServerMachine} reads the commands) or the client role (see
@@ -387,8 +413,6 @@ class SMTPConnection(ReplyChannel):
             self._paused = False
             self.transport.resumeProducing()
 
-    # -- the server role ----------------------------------------------------
-
     # -- the server role: events --------------------------------------------
 
     def _process(self) -> None:
@@ -406,7 +430,9 @@ class SMTPConnection(ReplyChannel):
                 self._answer("<bare line ending>", replies.S500_BARE_LINE_ENDING)
             elif isinstance(event, LineTooLong):
                 self._answer("<too long>", replies.S500_LINE_TOO_LONG)
-            else:   # Octets: nothing reads exact counts yet (BDAT will)
+            elif isinstance(event, Octets):
+                self._octets(event)
+            else:
                 raise TypeError(f"unexpected event {event!r}")
         if self.deadlines is not None and not self._closing:
             self.deadlines.watch_line(self._input.partial_line)
@@ -465,6 +491,8 @@ class SMTPConnection(ReplyChannel):
             self._answer(line, action)
         elif isinstance(action, BeginData):
             self._begin_data(action)
+        elif isinstance(action, ReadChunk):
+            self._read_chunk(action)
         elif isinstance(action, StartTLS):
             self.send_reply(action.reply)
             # CVE-2011-0411: what was pipelined behind STARTTLS is plaintext

@@ -124,6 +124,8 @@ S550_DATA_LINE_TOO_LONG = Reply(
 )
 S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 S553_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+# RFC 6531 3.4 and 3.7.4.2 (RFC 3463 5.6.7): a UTF-8 address without SMTPUTF8.
+S553_NEED_SMTPUTF8 = Reply(553, "5.6.7", "UTF-8 address needs the SMTPUTF8 parameter")
 S554_NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 S554_IMPROPER_PIPELINING = Reply(
     554, "5.5.0", "Improper use of SMTP command pipelining (RFC 2920 3.1)"
@@ -131,6 +133,9 @@ S554_IMPROPER_PIPELINING = Reply(
 S554_PREGREET = Reply(554, "5.5.0", "Spoke before the greeting ended (RFC 5321 4.3.1)")
 S554_NOT_SMTP = Reply(554, "5.5.0", "Not an SMTP command, closing connection")
 S555_BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter")
+# RFC 5321 6.3, RFC 3463 5.4.6: a routing loop.
+S554_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop (RFC 5321 6.3)")
+S554_DELIVERED_BEFORE = Reply(554, "5.4.6", "Mail loop: already delivered to this mailbox")
 
 
 def storage_failure(error: OSError) -> Reply:

@@ -25,6 +25,7 @@ from pullmail.smtp import replies
 from pullmail.smtp.address import (
     AddressError,
     Forbidden,
+    ParameterError,
     Local,
     Remote,
     classify,
@@ -32,8 +33,11 @@ from pullmail.smtp.address import (
     parse_mail_argument,
     parse_rcpt_argument,
 )
+from pullmail.smtp.chunking import S501_BAD_BDAT, ChunkedMessage, ReadChunk, parse_bdat
 from pullmail.smtp.connection import MAX_COMMAND_LINE
+from pullmail.smtp.dsn import check_mail_parameter, check_rcpt_parameters
 from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.loops import too_many_hops
 from pullmail.smtp.replies import Reply
 
 __all__ = [
@@ -66,6 +70,7 @@ class State(enum.Enum):
     MAIL = "mail"                # sender given, no recipient accepted yet
     RCPT = "rcpt"                # at least one recipient accepted
     DATA = "data"                # the glue is reading the message
+    BDAT = "bdat"                # chunks of the message are coming (RFC 3030)
     AUTH = "auth"                # inside a SASL exchange
     CLOSED = "closed"
 
@@ -173,6 +178,7 @@ class ServerPolicy:
     push: str = "accept"           # [trust] push
     # The node's own IP addresses: their address literals are ours (issue 18).
     own_addresses: frozenset = frozenset()
+    max_received: int = 100          # [limits] max_received (RFC 5321 6.3)
 
     @property
     def submission(self) -> bool:
@@ -185,6 +191,8 @@ class ServerPolicy:
 
 
 _ANY = (State.CONNECTED, State.READY, State.MAIL, State.RCPT)
+# Between BDAT chunks (RFC 3030 2): ending the transaction, or BDAT again.
+_ANY_BUT_DATA = _ANY + (State.BDAT,)
 
 
 def _from(states, verb: str, to: State | None) -> dict[tuple[State, str], State]:
@@ -197,18 +205,21 @@ def _from(states, verb: str, to: State | None) -> dict[tuple[State, str], State]
 # EHLO).  The rules of RFC 5321 3.3 and 4.1.4: EHLO/HELO and RSET end any
 # transaction; MAIL starts one, RCPT adds to it, DATA ends it; STARTTLS
 # goes back to the start (RFC 3207 4.2); AUTH opens a SASL exchange.
+# BDAT (RFC 3030) sends the message in chunks in place of DATA; DATA after
+# BDAT is out of sequence.
 TRANSITIONS: Mapping[tuple[State, str], State] = {
-    **_from(_ANY, "EHLO", State.READY),
-    **_from(_ANY, "HELO", State.READY),
+    **_from(_ANY_BUT_DATA, "EHLO", State.READY),
+    **_from(_ANY_BUT_DATA, "HELO", State.READY),
     **_from([State.READY], "MAIL", State.MAIL),
     **_from([State.MAIL, State.RCPT], "RCPT", State.RCPT),
     **_from([State.RCPT], "DATA", State.DATA),
+    **_from([State.RCPT, State.BDAT], "BDAT", State.BDAT),
     **_from([State.CONNECTED], "RSET", None),
-    **_from([State.READY, State.MAIL, State.RCPT], "RSET", State.READY),
-    **_from(_ANY, "NOOP", None),
-    **_from(_ANY, "QUIT", State.CLOSED),
-    **_from(_ANY, "VRFY", None),
-    **_from(_ANY, "HELP", None),
+    **_from([State.READY, State.MAIL, State.RCPT, State.BDAT], "RSET", State.READY),
+    **_from(_ANY_BUT_DATA, "NOOP", None),
+    **_from(_ANY_BUT_DATA, "QUIT", State.CLOSED),
+    **_from(_ANY_BUT_DATA, "VRFY", None),
+    **_from(_ANY_BUT_DATA, "HELP", None),
     **_from([State.READY], "STARTTLS", State.CONNECTED),
     **_from([State.READY], "AUTH", State.AUTH),
 }
@@ -225,7 +236,9 @@ def _sequence_error(state: State, verb: str) -> Reply:
         return replies.S503_NESTED_MAIL
     if verb == "RCPT":
         return replies.S503_NEED_MAIL
-    if verb == "DATA":
+    if state is State.BDAT:
+        return replies.S503_BAD_SEQUENCE.with_text(f"{verb} while sending BDAT chunks (RFC 3030 2)")
+    if verb in ("DATA", "BDAT"):
         return replies.S503_NEED_MAIL if state is State.READY else replies.S503_NEED_RCPT
     return replies.S503_BAD_SEQUENCE
 
@@ -275,6 +288,7 @@ def _handlers(cls: type) -> dict[str, Callable[["ServerMachine", str], object]]:
         "EHLO": cls._ehlo, "HELO": cls._helo, "MAIL": cls._mail, "RCPT": cls._rcpt,
         "DATA": cls._data, "RSET": cls._rset, "NOOP": cls._noop, "QUIT": cls._quit,
         "VRFY": cls._vrfy, "HELP": cls._help, "STARTTLS": cls._starttls, "AUTH": cls._auth,
+        "BDAT": cls._bdat,
     }
 
 
@@ -302,240 +316,16 @@ def _verb_table(machine_class: type, extensions: tuple[Extension, ...]):
     return transitions, handlers, resolvers
 
 
-class ServerMachine:
-    """One SMTP session's state, driven by lines; no I/O."""
+class _SASL:
+    """
+    The machine's AUTH (RFC 4954; PLAIN RFC 4616; LOGIN): a SASL exchange
+    in which every line is a response, ending in an L{Authenticate}.
+    """
 
-    TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
-
-    def __init__(
-        self, policy: ServerPolicy, session: Session, extensions: tuple[Extension, ...] = ()
-    ) -> None:
-        self.policy = policy
-        self.session = session
-        self.state = State.CONNECTED
-        self.envelope: Envelope | None = None
-        self._extensions = extensions
-        self._transitions, self._handlers, self._resolvers = _verb_table(type(self), extensions)
-        self._sasl: Callable[[str], object] | None = None
-
-    # -- entry points -------------------------------------------------------
-
-    @property
-    def max_line(self) -> int:
-        return MAX_SASL_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
-
-    def greeting(self) -> Reply:
-        return Reply(220, "", f"{self.policy.hostname} ESMTP pullmail")
-
-    def handle(self, line: str) -> object:
-        """One command line (without CRLF) -> an action."""
-        if self.state is State.AUTH:
-            return self._sasl_step(line)
-        verb, _, argument = line.partition(" ")
-        verb = verb.upper()
-        if verb in FORBIDDEN_VERBS:
-            self.state = State.CLOSED
-            return Close(replies.S554_NOT_SMTP)
-        handler = self._handlers.get(verb)
-        if handler is None:
-            return replies.S500_UNRECOGNIZED
-        if (self.state, verb) not in self._transitions:
-            return _sequence_error(self.state, verb)
-        return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
-
-    def _advance(self, verb: str) -> None:
-        self.state = self._transitions[(self.state, verb)]  # C{verb} succeeded
-
-    def resolve(self, request: object, result: object) -> object:
-        """The glue's answer to a request -> the next action."""
-        return self._resolvers[type(request)](self, request, result)
-
-    def reset(self) -> None:
-        self.envelope = None
-        if self.state in (State.MAIL, State.RCPT, State.DATA):
-            self.state = State.READY
-
-    def tls_started(self) -> None:
-        """RFC 3207 4.2: forget everything learnt before the handshake."""
-        self.session = self.session.evolve(tls=True, helo="", esmtp=False, user=None)
-        self.envelope = None
-        self._advance("STARTTLS")
-
-    def ehlo_keywords(self) -> list[str]:
-        keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES"]
-        if self.policy.tls_available and not self.session.tls:
-            keywords.append("STARTTLS")
-        if self.policy.submission and self.session.tls and not self.session.user:
-            keywords.append("AUTH " + " ".join(_SASL_MECHANISMS))
-        for extension in self._extensions:
-            keywords.extend(extension.keywords(self.session))
-        return keywords
-
-    # -- commands -----------------------------------------------------------
-
-    def _ehlo(self, argument: str) -> Reply:
-        return self._greet("EHLO", argument, esmtp=True)
-
-    def _helo(self, argument: str) -> Reply:
-        return self._greet("HELO", argument, esmtp=False)
-
-    def _greet(self, verb: str, argument: str, esmtp: bool) -> Reply:
-        # RFC 5321 4.1.1.1: a domain or an address literal; printable ASCII.
-        if not _HELO_ARGUMENT.fullmatch(argument):
-            return replies.S501_SYNTAX.with_text("Syntax: EHLO hostname")
-        self.session = self.session.evolve(helo=argument, esmtp=esmtp)
-        self.envelope = None
-        self._advance(verb)
-        first = f"{self.policy.hostname} Hello {argument} [{self.session.peer}]"
-        if not esmtp:
-            return Reply(250, "", first)
-        return Reply(250, "", "\n".join([first] + self.ehlo_keywords()))
-
-    def _mail(self, argument: str) -> object:
-        if self.policy.submission and not self.session.user:
-            return replies.S530_NEED_AUTH
-        try:
-            sender, params = parse_mail_argument(argument)
-        except AddressError as e:
-            return replies.S501_BAD_SENDER.with_text(f"Bad sender address syntax: {e}")
-        if params and not self.session.esmtp:
-            # RFC 5321 4.1.1.11: parameters need the extensions EHLO offered.
-            return replies.S555_BAD_PARAMETER.with_text("Parameters need EHLO")
-        problem = self._check_mail_params(params)
-        if isinstance(problem, Reply):
-            return problem
-        size, body = problem
-        sender_text = str(sender) if sender is not None else ""
-        if self.policy.submission and not self.policy.accounts.owns(
-            self.session.user, sender_text
-        ):
-            return replies.S553_NOT_OWNED
-        envelope = Envelope(sender_text, (), size, body, params)
-        if (
-            sender is not None
-            and not self.policy.submission
-            and (sender.domain in self.policy.domains
-                 or is_own_literal(sender.domain, self.policy.own_addresses))
-        ):
-            return CheckSender(self.session, envelope)
-        return self._accept_sender(envelope)
-
-    def _check_mail_params(self, params) -> Reply | tuple[int | None, str | None]:
-        size = body = None
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    return replies.S501_SYNTAX.with_text("Bad SIZE parameter")
-                size = int(value)
-                if size > self.policy.max_size:
-                    return replies.S552_TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.S501_SYNTAX.with_text("Bad BODY parameter")
-                body = value.upper()
-            elif key == "AUTH" and value is not None:
-                pass  # RFC 4954 5: may be ignored.
-            else:
-                return replies.S555_BAD_PARAMETER.with_text(f"Unsupported parameter {key}")
-        return size, body
-
-    def _accept_sender(self, envelope: Envelope) -> Reply:
-        self.envelope = envelope
-        self._advance("MAIL")
-        return replies.S250_SENDER_OK
-
-    def _resolve_sender(self, request: CheckSender, verdict: Reply | None) -> Reply:
-        if verdict is not None:
-            return verdict
-        return self._accept_sender(request.envelope)
-
-    def _rcpt(self, argument: str) -> Reply:
-        try:
-            mailbox, params = parse_rcpt_argument(argument)
-        except AddressError as e:
-            return replies.S501_BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {e}")
-        if params:
-            return replies.S555_BAD_PARAMETER.with_text(
-                f"Unsupported parameter {next(iter(params))}"
-            )
-        if len(self.envelope.recipients) >= self.policy.max_recipients:
-            return replies.S452_TOO_MANY_RECIPIENTS
-        verdict = classify(mailbox, self.policy.domains, self.policy.postmaster_domain,
-                           self.policy.own_addresses)
-        if isinstance(verdict, Forbidden):
-            return replies.S550_RELAY_DENIED
-        if isinstance(verdict, Remote):
-            if not self.session.user:
-                return replies.S550_RELAY_DENIED
-            recipient = str(verdict.mailbox)
-        else:
-            assert isinstance(verdict, Local)
-            if not self.policy.accounts.exists(verdict.address):
-                return replies.S550_NO_SUCH_USER
-            recipient = verdict.address
-        if recipient not in self.envelope.recipients:
-            self.envelope = self.envelope.add(recipient)
-        self._advance("RCPT")
-        return replies.S250_RECIPIENT_OK
-
-    def _data(self, argument: str) -> object:
-        if argument:
-            return replies.S501_SYNTAX.with_text("DATA takes no arguments")
-        if self.policy.push != "accept" and not self.session.user:
-            return CheckPush(self.session, self.envelope)
-        return self._begin_data()
-
-    def _begin_data(self) -> BeginData:
-        self._advance("DATA")
-        return BeginData(replies.S354_START_DATA, self.policy.max_size)
-
-    def _resolve_push(self, request: CheckPush, verdict: Reply | None) -> object:
-        if verdict is not None:
-            self.reset()
-            return verdict
-        return self._begin_data()
-
-    def data_received(self, chunks: list, size: int, error: Reply | None) -> object:
-        """The glue read the whole message (or refused it with C{error})."""
-        envelope = self.envelope
-        self.reset()
-        if error is not None:
-            return error
-        return Deliver(self.session, envelope, chunks, size)
-
-    def _resolve_delivery(self, request: Deliver, reply: Reply) -> Reply:
-        return reply
-
-    def _rset(self, argument: str) -> Reply:
-        self.envelope = None
-        self._advance("RSET")
-        return replies.S250_RESET
-
-    def _noop(self, argument: str) -> Reply:
-        return replies.S250_NOOP
-
-    def _quit(self, argument: str) -> Close:
-        self._advance("QUIT")
-        return Close(replies.S221_BYE)
-
-    def _vrfy(self, argument: str) -> Reply:
-        # RFC 5321 3.5.3: 252 tells nothing about who exists.
-        return replies.S252_CANNOT_VRFY
-
-    def _help(self, argument: str) -> Reply:
-        return replies.S214_HELP
-
-    def _starttls(self, argument: str) -> object:
-        if argument:
-            return replies.S501_SYNTAX.with_text("STARTTLS takes no arguments")
-        if self.session.tls:
-            return replies.S503_ALREADY_TLS
-        if not self.policy.tls_available:
-            return replies.S454_TLS_UNAVAILABLE
-        return StartTLS(replies.S220_READY_TLS)
-
-    # -- AUTH (RFC 4954; PLAIN RFC 4616; LOGIN) ------------------------------
+    policy: ServerPolicy
+    session: Session
+    state: State
+    _sasl: Callable[[str], object] | None
 
     def _auth(self, argument: str) -> object:
         if not self.policy.submission:
@@ -603,6 +393,292 @@ class ServerMachine:
             return replies.S535_BAD_CREDENTIALS
         self.session = self.session.evolve(user=request.user)
         return replies.S235_AUTH_OK
+
+
+class ServerMachine(_SASL):
+    """One SMTP session's state, driven by lines; no I/O."""
+
+    TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
+
+    def __init__(
+        self, policy: ServerPolicy, session: Session, extensions: tuple[Extension, ...] = ()
+    ) -> None:
+        self.policy = policy
+        self.session = session
+        self.state = State.CONNECTED
+        self.envelope: Envelope | None = None
+        self._extensions = extensions
+        self._transitions, self._handlers, self._resolvers = _verb_table(type(self), extensions)
+        self._sasl: Callable[[str], object] | None = None
+        self._chunked: ChunkedMessage | None = None     # a BDAT transaction's
+        self._first_chunk: tuple[int, bool] = (0, False)  # while its push check runs
+
+    # -- entry points -------------------------------------------------------
+
+    @property
+    def max_line(self) -> int:
+        return MAX_SASL_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
+
+    def greeting(self) -> Reply:
+        return Reply(220, "", f"{self.policy.hostname} ESMTP pullmail")
+
+    def handle(self, line: str) -> object:
+        """One command line (without CRLF) -> an action."""
+        if self.state is State.AUTH:
+            return self._sasl_step(line)
+        verb, _, argument = line.partition(" ")
+        verb = verb.upper()
+        if verb in FORBIDDEN_VERBS:
+            self.state = State.CLOSED
+            return Close(replies.S554_NOT_SMTP)
+        handler = self._handlers.get(verb)
+        if handler is None:
+            return replies.S500_UNRECOGNIZED
+        if (self.state, verb) not in self._transitions:
+            return _sequence_error(self.state, verb)
+        return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
+
+    def _advance(self, verb: str) -> None:
+        self.state = self._transitions[(self.state, verb)]  # C{verb} succeeded
+
+    def resolve(self, request: object, result: object) -> object:
+        """The glue's answer to a request -> the next action."""
+        return self._resolvers[type(request)](self, request, result)
+
+    def reset(self) -> None:
+        self.envelope = None
+        self._chunked = None
+        if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT):
+            self.state = State.READY
+
+    def tls_started(self) -> None:
+        """RFC 3207 4.2: forget everything learnt before the handshake."""
+        self.session = self.session.evolve(tls=True, helo="", esmtp=False, user=None)
+        self.envelope = None
+        self._advance("STARTTLS")
+
+    def ehlo_keywords(self) -> list[str]:
+        keywords = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME",
+                    "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8", "DSN"]
+        if self.policy.tls_available and not self.session.tls:
+            keywords.append("STARTTLS")
+        if self.policy.submission and self.session.tls and not self.session.user:
+            keywords.append("AUTH " + " ".join(_SASL_MECHANISMS))
+        for extension in self._extensions:
+            keywords.extend(extension.keywords(self.session))
+        return keywords
+
+    # -- commands -----------------------------------------------------------
+
+    def _ehlo(self, argument: str) -> Reply:
+        return self._greet("EHLO", argument, esmtp=True)
+
+    def _helo(self, argument: str) -> Reply:
+        return self._greet("HELO", argument, esmtp=False)
+
+    def _greet(self, verb: str, argument: str, esmtp: bool) -> Reply:
+        # RFC 5321 4.1.1.1: a domain or an address literal; printable ASCII.
+        if not _HELO_ARGUMENT.fullmatch(argument):
+            return replies.S501_SYNTAX.with_text("Syntax: EHLO hostname")
+        self.session = self.session.evolve(helo=argument, esmtp=esmtp)
+        self.reset()
+        self._advance(verb)
+        first = f"{self.policy.hostname} Hello {argument} [{self.session.peer}]"
+        if not esmtp:
+            return Reply(250, "", first)
+        return Reply(250, "", "\n".join([first] + self.ehlo_keywords()))
+
+    def _mail(self, argument: str) -> object:
+        if self.policy.submission and not self.session.user:
+            return replies.S530_NEED_AUTH
+        try:
+            sender, params = parse_mail_argument(argument)
+        except ParameterError as e:
+            return replies.S501_SYNTAX.with_text(f"Syntax error in parameters: {e}")
+        except AddressError as e:
+            return replies.S501_BAD_SENDER.with_text(f"Bad sender address syntax: {e}")
+        if params and not self.session.esmtp:
+            # RFC 5321 4.1.1.11: parameters need the extensions EHLO offered.
+            return replies.S555_BAD_PARAMETER.with_text("Parameters need EHLO")
+        problem = self._check_mail_params(params)
+        if isinstance(problem, Reply):
+            return problem
+        if sender is not None and sender.utf8 and "SMTPUTF8" not in params:
+            return replies.S553_NEED_SMTPUTF8
+        size, body = problem
+        sender_text = str(sender) if sender is not None else ""
+        if self.policy.submission and not self.policy.accounts.owns(
+            self.session.user, sender_text
+        ):
+            return replies.S553_NOT_OWNED
+        envelope = Envelope(sender_text, (), size, body, params)
+        if (
+            sender is not None
+            and not self.policy.submission
+            and (sender.domain in self.policy.domains
+                 or is_own_literal(sender.domain, self.policy.own_addresses))
+        ):
+            return CheckSender(self.session, envelope)
+        return self._accept_sender(envelope)
+
+    def _check_mail_params(self, params) -> Reply | tuple[int | None, str | None]:
+        size = body = None
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.S501_SYNTAX.with_text("Bad SIZE parameter")
+                size = int(value)
+                if size > self.policy.max_size:
+                    return replies.S552_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.S501_SYNTAX.with_text("Bad BODY parameter")
+                body = value.upper()
+            elif key == "AUTH" and value is not None:
+                pass  # RFC 4954 5: may be ignored.
+            elif key in ("RET", "ENVID"):     # DSN, RFC 3461 4.3, 4.4
+                if refusal := check_mail_parameter(key, value):
+                    return refusal
+            elif key == "SMTPUTF8":
+                if value is not None:   # RFC 6531 3.4: no value
+                    return replies.S501_SYNTAX.with_text("SMTPUTF8 takes no value")
+            else:
+                return replies.S555_BAD_PARAMETER.with_text(f"Unsupported parameter {key}")
+        return size, body
+
+    def _accept_sender(self, envelope: Envelope) -> Reply:
+        self.envelope = envelope
+        self._advance("MAIL")
+        return replies.S250_SENDER_OK
+
+    def _resolve_sender(self, request: CheckSender, verdict: Reply | None) -> Reply:
+        if verdict is not None:
+            return verdict
+        return self._accept_sender(request.envelope)
+
+    def _rcpt(self, argument: str) -> Reply:
+        try:
+            mailbox, params = parse_rcpt_argument(argument)
+        except ParameterError as e:
+            return replies.S501_SYNTAX.with_text(f"Syntax error in parameters: {e}")
+        except AddressError as e:
+            return replies.S501_BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {e}")
+        kept = check_rcpt_parameters(params)     # NOTIFY, ORCPT (RFC 3461 4.1, 4.2)
+        if isinstance(kept, Reply):
+            return kept
+        if mailbox.utf8 and "SMTPUTF8" not in self.envelope.params:
+            return replies.S553_NEED_SMTPUTF8
+        if len(self.envelope.recipients) >= self.policy.max_recipients:
+            return replies.S452_TOO_MANY_RECIPIENTS
+        verdict = classify(mailbox, self.policy.domains, self.policy.postmaster_domain,
+                           self.policy.own_addresses)
+        if isinstance(verdict, Forbidden):
+            return replies.S550_RELAY_DENIED
+        if isinstance(verdict, Remote):
+            if not self.session.user:
+                return replies.S550_RELAY_DENIED
+            recipient = str(verdict.mailbox)
+        else:
+            assert isinstance(verdict, Local)
+            if not self.policy.accounts.exists(verdict.address):
+                return replies.S550_NO_SUCH_USER
+            recipient = verdict.address
+        if recipient not in self.envelope.recipients:
+            self.envelope = self.envelope.add(recipient, kept)
+        self._advance("RCPT")
+        return replies.S250_RECIPIENT_OK
+
+    def _needs_push_check(self) -> bool:
+        return self.policy.push != "accept" and not self.session.user
+
+    def _data(self, argument: str) -> object:
+        if argument:
+            return replies.S501_SYNTAX.with_text("DATA takes no arguments")
+        if self._needs_push_check():
+            return CheckPush(self.session, self.envelope)
+        return self._begin_data()
+
+    def _bdat(self, argument: str) -> object:
+        parsed = parse_bdat(argument)
+        if parsed is None:
+            # The chunk's length is unknown, so what follows cannot be
+            # framed: read as commands it could smuggle some in.
+            self.state = State.CLOSED
+            return Close(S501_BAD_BDAT)
+        if self._chunked is None:
+            self._chunked = ChunkedMessage(self.policy.max_size)
+            self._advance("BDAT")
+            if self._needs_push_check():
+                self._first_chunk = parsed
+                return CheckPush(self.session, self.envelope)
+        return self._read_chunk(*parsed)
+
+    def _read_chunk(self, size: int, last: bool) -> ReadChunk:
+        self._chunked.announce(size, last)
+        return ReadChunk(size, last, keep=self._chunked.error is None)
+
+    def chunk_received(self, data: bytes) -> object:
+        """The glue read a whole BDAT chunk: its reply, or the end of data."""
+        chunked = self._chunked
+        reply = chunked.add(data)
+        if not chunked.last:
+            return reply
+        return self.data_received(chunked.message(), chunked.size, chunked.error)
+
+    def _begin_data(self) -> BeginData:
+        self._advance("DATA")
+        return BeginData(replies.S354_START_DATA, self.policy.max_size)
+
+    def _resolve_push(self, request: CheckPush, verdict: Reply | None) -> object:
+        if self._chunked is not None:
+            # The first BDAT: its chunk comes whatever the verdict.
+            self._chunked.error = verdict
+            return self._read_chunk(*self._first_chunk)
+        if verdict is not None:
+            self.reset()
+            return verdict
+        return self._begin_data()
+
+    def data_received(self, chunks: list, size: int, error: Reply | None) -> object:
+        """The glue read the whole message (or refused it with C{error})."""
+        envelope = self.envelope
+        self.reset()
+        if error is not None:
+            return error
+        if too_many_hops(chunks, self.policy.max_received):
+            return replies.S554_TOO_MANY_HOPS
+        return Deliver(self.session, envelope, chunks, size)
+
+    def _resolve_delivery(self, request: Deliver, reply: Reply) -> Reply:
+        return reply
+
+    def _rset(self, argument: str) -> Reply:
+        self.reset()
+        self._advance("RSET")
+        return replies.S250_RESET
+
+    def _noop(self, argument: str) -> Reply:
+        return replies.S250_NOOP
+
+    def _quit(self, argument: str) -> Close:
+        self._advance("QUIT")
+        return Close(replies.S221_BYE)
+
+    def _vrfy(self, argument: str) -> Reply:
+        # RFC 5321 3.5.3: 252 tells nothing about who exists.
+        return replies.S252_CANNOT_VRFY
+
+    def _help(self, argument: str) -> Reply:
+        return replies.S214_HELP
+
+    def _starttls(self, argument: str) -> object:
+        if argument:
+            return replies.S501_SYNTAX.with_text("STARTTLS takes no arguments")
+        if self.session.tls:
+            return replies.S503_ALREADY_TLS
+        if not self.policy.tls_available:
+            return replies.S454_TLS_UNAVAILABLE
+        return StartTLS(replies.S220_READY_TLS)
 
 
 # The core verbs' handlers (extensions add their own).

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
+from pullmail.smtp.loops import delivery_fields
 from pullmail.storage.durable import (
     fsync_directory,
     publish_new_file,
@@ -117,30 +118,32 @@ def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
 
 
 async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
-                 syncer, boxes_made: dict, folder: str | None = None) -> list[Path]:
+                 syncer, boxes_made: dict, folder: str | None = None,
+                 prefixes: Sequence[bytes] | None = None) -> list[Path]:
     """
     Write one message into the ``new/`` of every mailbox of C{addresses}:
     once, fsynced, to the first ``tmp/``; hard links (or copies, across
     file systems) for the others; the rename; then the directory fsyncs.
     A small message for one mailbox is all one request to the C{syncer}.
     C{boxes_made} maps the (address, folder) whose maildirs exist to their
-    paths; C{folder} is None (the inbox) or L{JUNK}.
+    paths; C{folder} is None (the inbox) or L{JUNK}.  C{prefixes}, one per
+    address, go before the message in that mailbox only (its
+    ``Delivered-To:``): each mailbox then gets its own copy.
     """
     boxes = [boxes_made.get((a, folder)) or _make_box(root, a, boxes_made, folder)
              for a in addresses]
+    texts = [[prefix, *chunks] for prefix in prefixes] if prefixes else [list(chunks)]
     first_tmp = f"{boxes[0]}/tmp/{name}"
-    if len(boxes) == 1 and sum(map(len, chunks)) < syncer.inline_limit:
-        await syncer.store(first_tmp, f"{boxes[0]}/new/{name}", b"".join(chunks))
+    if len(boxes) == 1 and sum(map(len, texts[0])) < syncer.inline_limit:
+        await syncer.store(first_tmp, f"{boxes[0]}/new/{name}", b"".join(texts[0]))
         return [Path(f"{boxes[0]}/new/{name}")]
-    await _write_synced(first_tmp, chunks, syncer)
+    await _write_synced(first_tmp, texts[0], syncer)
     written: list[str] = []
     try:
-        for box in boxes[1:]:
+        for index, box in enumerate(boxes[1:], 1):
             target = f"{box}/new/{name}"
-            try:
-                os.link(first_tmp, target)
-            except OSError:
-                await _write_synced(f"{box}/tmp/{name}", chunks, syncer)
+            if len(texts) > 1 or not _linked(first_tmp, target):
+                await _write_synced(f"{box}/tmp/{name}", texts[index % len(texts)], syncer)
                 os.rename(f"{box}/tmp/{name}", target)
             written.append(target)
         os.rename(first_tmp, f"{boxes[0]}/new/{name}")
@@ -155,6 +158,15 @@ async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequen
         remove_files(*written)    # not acknowledged: the client will send it again
         raise
     return [Path(path) for path in written]
+
+
+def _linked(source: str, target: str) -> bool:
+    """A hard link, or False where none can be made (across file systems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
 
 
 def _make_box(root: Path, address: str, boxes_made: dict, folder: str | None = None) -> str:
@@ -197,10 +209,13 @@ class MaildirDelivery:
 
     def deliver(self, queue_id: str, sender: str, addresses: Sequence[str],
                 chunks: Sequence[bytes], folder: str | None = None) -> Deferred:
-        """Every address or none: a maildir refuses nobody, it fails (OSError)."""
+        """
+        Every address or none: a maildir refuses nobody, it fails (OSError).
+        Each copy starts with ``Return-Path:`` and its ``Delivered-To:``.
+        """
         d = Deferred.fromCoroutine(_store(
             self.root, self._names.next(queue_id), list(addresses), list(chunks),
-            self._syncer, self._boxes, folder,
+            self._syncer, self._boxes, folder, [delivery_fields(sender, a) for a in addresses],
         ))
         return d.addCallback(
             lambda paths: DeliveryOutcome(delivered=tuple(addresses), paths=tuple(paths))

@@ -84,6 +84,11 @@ class OutboxEntry:
     origin: str | None = None   # the outside address it was pushed from, if any
     renotify_at: float | None = None  # a notified entry to announce again
     held: bool = False          # `pullmail queue hold`: nothing is sent until released
+    # The extensions the RMTA offered when it took the notification: the
+    # SMTA uses only these in the reversed turn (SPEC 4; issue 14).
+    offers: list[str] = field(default_factory=list)
+    # DSN parameters (RFC 3461), as L{pullmail.smtp.dsn} keeps them.
+    dsn: dict = field(default_factory=dict)
     claimed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:

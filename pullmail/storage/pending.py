@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -57,6 +57,8 @@ class Notification:
     keep_until: float = 0.0
     last_error: str = ""
     size: int | None = None
+    # The notification's DSN parameters (RFC 3461; L{pullmail.smtp.dsn}).
+    dsn: dict = field(default_factory=dict)
     held: bool = False       # `pullmail queue hold`: not retrieved until released
     # A delivery may have begun (this process began one, or the record was
     # read at start-up): a retry must look in the mailboxes before storing.

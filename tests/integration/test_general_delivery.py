@@ -41,7 +41,7 @@ from .world import (
     RECEIVER_IP,
     SENDER_IP,
     STRANGER_IP,
-    Network,
+    network_fixture,
     outbox_ids,
 )
 
@@ -59,13 +59,7 @@ FAST = {
 
 
 
-@pytest.fixture
-def net(tmp_path, world_dns):
-    network = Network(tmp_path, world_dns, FAST)
-    try:
-        yield network
-    finally:
-        network.close()
+net = network_fixture(FAST)
 
 
 # -- helpers ------------------------------------------------------------------
@@ -163,10 +157,11 @@ def test_message_travels_by_pull(net):
     assert -1 < notified < retr_ok < accepted < retrieved, (notified, retr_ok, accepted,
                                                              retrieved, receiver.diagnostics())
     # No push: exactly one acceptance from the sender's address, and every
-    # DATA the receiver took from 127.0.0.2 came after its own RETR was
-    # answered 250 (a push would show one after the GDEL-less session).
+    # DATA (or BDAT, RFC 3030) the receiver took from 127.0.0.2 came after
+    # its own RETR was answered 250 (a push would show one after the
+    # GDEL-less session).
     assert count(receiver, rf"accepted \w+ from <[^>]*> for .* via {re.escape(SENDER_IP)}") == 1
-    data_lines = [m.start() for m in re.finditer(rf"{re.escape(SENDER_IP)} DATA: ",
+    data_lines = [m.start() for m in re.finditer(rf"{re.escape(SENDER_IP)} (?:DATA|BDAT): ",
                                                  receiver.log_text())]
     assert data_lines and all(p > retr_ok for p in data_lines), receiver.diagnostics()
     assert count(receiver, rf"{re.escape(SENDER_IP)} GDEL: 250") == 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import pytest
+
 from .harness import DNSServer, Node, NodeFactory
 
 SENDER_IP = "127.0.0.2"
@@ -68,3 +70,18 @@ def outbox_ids(node: Node) -> set[str]:
         if path.is_dir():
             ids |= {p.stem for p in path.glob("*.json")}
     return ids
+
+
+def network_fixture(base: Mapping | None = None):
+    """A pytest fixture C{net}: a L{Network} on C{base} settings, per test."""
+
+    @pytest.fixture
+    def net(tmp_path, world_dns):
+        network = Network(tmp_path, world_dns, base)
+        try:
+            yield network
+        finally:
+            network.close()
+
+    return net
+

@@ -1,0 +1,142 @@
+"""
+Tests for CHUNKING (RFC 3030) in the machine: L{pullmail.smtp.chunking} and
+BDAT in L{ServerMachine} and the reversed turn's L{TurnMachine}.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pullmail.accounts.users import Accounts
+from pullmail.pull.verbs import TurnMachine
+from pullmail.smtp import replies
+from pullmail.smtp.chunking import ChunkedMessage, ReadChunk, parse_bdat
+from pullmail.smtp.envelope import Session
+from pullmail.smtp.server import (
+    CheckPush,
+    Close,
+    Deliver,
+    EndTurn,
+    ServerMachine,
+    ServerPolicy,
+    State,
+)
+
+ACCOUNTS = Accounts(frozenset({"example.org"}), users={"alice@example.org": "h"})
+
+
+@pytest.mark.parametrize("argument, parsed", [
+    ("0 LAST", (0, True)), ("12", (12, False)), ("12 last", (12, True)),
+    ("007", (7, False)), ("x", None), ("-1", None), ("", None), ("1 LAST x", None),
+    ("1  LAST", None), ("1 FIRST", None), ("9" * 21, None), ("+5", None),
+])
+def test_parse_bdat(argument, parsed):
+    assert parse_bdat(argument) == parsed
+
+
+def test_chunked_message_limit_is_checked_as_announced():
+    message = ChunkedMessage(10)
+    message.announce(6, False)
+    assert message.add(b"abcdef").code == 250
+    message.announce(5, True)
+    assert message.error is replies.S552_TOO_BIG
+    assert message.add(b"ghijk") is replies.S552_TOO_BIG
+    assert message.chunks == [] and message.size == 11
+
+
+def test_message_ends_with_crlf():
+    message = ChunkedMessage(100)
+    message.announce(2, True)
+    message.add(b"hi")
+    assert message.message() == [b"hi", b"\r\n"]
+
+
+def _policy(**kw) -> ServerPolicy:
+    return ServerPolicy(hostname="mx.example.org", domains=("example.org",),
+                        accounts=ACCOUNTS, max_size=100, **kw)
+
+
+def _machine(**kw) -> ServerMachine:
+    m = ServerMachine(_policy(**kw), Session("192.0.2.1", "smtp"))
+    m.handle("EHLO client.test")
+    m.handle("MAIL FROM:<x@remote.test>")
+    assert m.handle("RCPT TO:<alice@example.org>").code == 250
+    return m
+
+
+def test_ehlo_offers_chunking():
+    m = ServerMachine(_policy(), Session("192.0.2.1", "smtp"))
+    assert "CHUNKING" in m.handle("EHLO client.test").text.split("\n")
+
+
+def test_chunks_then_last_deliver():
+    m = _machine()
+    assert m.handle("BDAT 3") == ReadChunk(3, False)
+    assert m.state is State.BDAT
+    assert m.chunk_received(b"a\r\n").code == 250
+    assert m.handle("BDAT 2 LAST") == ReadChunk(2, True)
+    action = m.chunk_received(b"b\n")
+    assert isinstance(action, Deliver)
+    assert action.chunks == [b"a\r\n", b"b\n", b"\r\n"] and action.size == 5
+    assert m.state is State.READY
+
+
+@pytest.mark.parametrize("line, reply", [
+    ("DATA", (503, "5.5.1")), ("MAIL FROM:<y@remote.test>", (503, "5.5.1")),
+    ("RCPT TO:<alice@example.org>", (503, "5.5.1")), ("NOOP", (250, "2.0.0")),
+])
+def test_between_chunks(line, reply):
+    m = _machine()
+    m.handle("BDAT 1")
+    m.chunk_received(b"a")
+    action = m.handle(line)
+    assert (action.code, action.enhanced) == reply
+    assert m.state is State.BDAT
+
+
+def test_bad_argument_closes():
+    m = _machine()
+    action = m.handle("BDAT ten")
+    assert isinstance(action, Close)
+    assert (action.reply.code, action.reply.enhanced) == (501, "5.5.4")
+
+
+def test_push_refused_still_reads_the_chunk():
+    """[trust] push judges the first BDAT; a refusal comes after its chunk is read."""
+    m = _machine(push="reject")
+    request = m.handle("BDAT 3 LAST")
+    assert isinstance(request, CheckPush)
+    refusal = replies.S550_POLICY
+    assert m.resolve(request, refusal) == ReadChunk(3, True, keep=False)
+    assert m.chunk_received(b"abc") is refusal
+    assert m.state is State.READY
+
+
+def test_push_accepted_goes_on_with_the_chunk():
+    m = _machine(push="reject")
+    request = m.handle("BDAT 2")
+    assert m.resolve(request, None) == ReadChunk(2, False)
+    assert m.chunk_received(b"ab").code == 250
+
+
+def test_reversed_turn_ends_with_the_reply_to_bdat_last():
+    """SPEC 4: BDAT LAST is the end of data: its reply ends the SMTA's turn."""
+    m = TurnMachine(_policy(push="reject"), Session("192.0.2.1", "smtp"))
+    m.handle("MAIL FROM:<x@remote.test>")
+    m.handle("RCPT TO:<alice@example.org>")
+    assert m.handle("BDAT 2") == ReadChunk(2, False)     # no push check: pulled mail
+    assert m.chunk_received(b"ab").code == 250           # not the end of the turn
+    m.handle("BDAT 0 LAST")
+    request = m.chunk_received(b"")
+    assert isinstance(request, Deliver)
+    action = m.resolve(request, replies.S250_SENDER_OK)
+    assert isinstance(action, EndTurn) and m.state is State.CLOSED
+
+
+def test_reversed_turn_refused_bdat_ends_the_turn():
+    m = TurnMachine(_policy(), Session("192.0.2.1", "smtp"))
+    m.handle("MAIL FROM:<x@remote.test>")
+    m.handle("RCPT TO:<alice@example.org>")
+    m.handle("BDAT 200 LAST")
+    action = m.chunk_received(b"x" * 200)
+    assert isinstance(action, EndTurn) and action.reply is replies.S552_TOO_BIG

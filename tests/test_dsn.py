@@ -1,0 +1,171 @@
+"""
+Tests for DSN (RFC 3461, 3464; issue 14 item 4): the parameters' syntax and
+replies, what is kept and passed on, and what the reports honour.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from pullmail.accounts.users import Accounts
+from pullmail.inbound.router import Router
+from pullmail.outbound.bounce import FailedRecipient, build_dsn
+from pullmail.outbound.bouncer import returned_limit
+from pullmail.smtp import dsn
+from pullmail.smtp.client import _envelope
+from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
+from pullmail.smtp.server import ServerMachine, ServerPolicy
+from pullmail.testing import FakeDeliveryAgent, result_of
+
+ACCOUNTS = Accounts(frozenset({"example.org"}), users={"alice@example.org": "h",
+                                                       "bob@example.org": "h"},
+                    aliases={"team@example.org": ("alice@example.org", "bob@example.org")})
+
+
+def _machine() -> ServerMachine:
+    m = ServerMachine(ServerPolicy(hostname="mx.example.org", domains=("example.org",),
+                                   accounts=ACCOUNTS), Session("192.0.2.1", "smtp"))
+    assert "DSN" in m.handle("EHLO client.test").text.split("\n")
+    return m
+
+
+@pytest.mark.parametrize("line, reply", [
+    ("MAIL FROM:<x@remote.test> RET=HDRS ENVID=abc+2Bdef", (250, "2.1.0")),
+    ("MAIL FROM:<x@remote.test> RET=full", (250, "2.1.0")),
+    ("MAIL FROM:<x@remote.test> RET=BODY", (501, "5.5.4")),
+    ("MAIL FROM:<x@remote.test> RET", (501, "5.5.4")),
+    ("MAIL FROM:<x@remote.test> ENVID=a+2", (501, "5.5.4")),          # malformed xtext
+    ("MAIL FROM:<x@remote.test> ENVID=a+2b", (501, "5.5.4")),         # lower-case hex
+    ("MAIL FROM:<x@remote.test> ENVID=" + "e" * 100, (250, "2.1.0")),
+    ("MAIL FROM:<x@remote.test> ENVID=" + "e" * 101, (501, "5.5.4")),  # RFC 3461 4.4
+    ("MAIL FROM:<x@remote.test> RET=HDRS RET=FULL", (501, "5.5.4")),   # duplicate
+    ("MAIL FROM:<x@remote.test> ret=HDRS RET=HDRS", (501, "5.5.4")),   # duplicate, any case
+    ("MAIL FROM:<x@remote.test> XFOO=1", (555, "5.5.4")),              # unknown, as before
+])
+def test_mail_parameters(line, reply):
+    action = _machine().handle(line)
+    assert (action.code, action.enhanced) == reply
+
+
+@pytest.mark.parametrize("params, reply, kept", [
+    ("NOTIFY=SUCCESS,FAILURE,DELAY", (250, "2.1.5"), {"notify": "SUCCESS,FAILURE,DELAY"}),
+    ("notify=never", (250, "2.1.5"), {"notify": "NEVER"}),
+    ("NOTIFY=NEVER,SUCCESS", (501, "5.5.4"), None),
+    ("NOTIFY=SUCCESS,SUCCESS", (501, "5.5.4"), None),
+    ("NOTIFY=SOMETIMES", (501, "5.5.4"), None),
+    ("NOTIFY", (501, "5.5.4"), None),
+    ("ORCPT=rfc822;bob+40example.org", (250, "2.1.5"), {"orcpt": "rfc822;bob+40example.org"}),
+    ("ORCPT=RFC822;b", (250, "2.1.5"), {"orcpt": "rfc822;b"}),
+    ("ORCPT=rfc822", (501, "5.5.4"), None),
+    ("ORCPT=rfc822;a+zz", (501, "5.5.4"), None),
+    ("ORCPT=;a", (501, "5.5.4"), None),
+    ("NOTIFY=DELAY NOTIFY=DELAY", (501, "5.5.4"), None),
+    ("NOTIFY=DELAY XFOO=1", (555, "5.5.4"), None),
+])
+def test_rcpt_parameters(params, reply, kept):
+    m = _machine()
+    m.handle("MAIL FROM:<x@remote.test>")
+    action = m.handle(f"RCPT TO:<alice@example.org> {params}")
+    assert (action.code, action.enhanced) == reply
+    if kept is not None:
+        assert m.envelope.rcpt_params == {"alice@example.org": kept}
+    else:
+        assert m.envelope.recipients == ()
+
+
+@pytest.mark.parametrize("text", ["a+b=c d", "ü@x", "plain", ""])
+def test_xtext_round_trip(text):
+    encoded = dsn.xtext_encode(text)
+    assert encoded.isascii() and "=" not in encoded and " " not in encoded
+    assert dsn.xtext_decode(encoded) == text if text.isascii() else True
+
+
+@pytest.mark.parametrize("notify, what, wanted", [
+    (None, "FAILURE", True), (None, "DELAY", True), (None, "SUCCESS", False),
+    ("NEVER", "FAILURE", False), ("NEVER", "DELAY", False),
+    ("SUCCESS", "SUCCESS", True), ("SUCCESS", "FAILURE", False),
+    ("FAILURE", "DELAY", False), ("DELAY,FAILURE", "DELAY", True),
+])
+def test_wants(notify, what, wanted):
+    params = {"notify": {"a@x": notify}} if notify else {}
+    assert dsn.wants(params, "a@x", what) is wanted
+
+
+def test_router_keeps_params_per_final_address_and_reports_delivery():
+    """An alias's NOTIFY holds for its members; NOTIFY=SUCCESS: Action: delivered."""
+    delivery = FakeDeliveryAgent()
+    reports = []
+
+    class Outbound:
+        def enqueue(self, queue_id, sender, recipients, chunks, origin=None, smtputf8=False,
+                    dsn=None):
+            reports.append((sender, recipients, b"".join(chunks)))
+            return defer.succeed(None)
+
+    router = Router("mx.example.org", ACCOUNTS, delivery, Clock(), Outbound())
+    envelope = Envelope("x@remote.test", ("team@example.org",),
+                        params={"RET": "HDRS", "ENVID": "id+2B1"},
+                        rcpt_params={"team@example.org": {"notify": "SUCCESS",
+                                                          "orcpt": "rfc822;team+40example.org"}})
+    assert router.dsn_of(envelope) == {
+        "ret": "HDRS", "envid": "id+2B1",
+        "notify": {"alice@example.org": "SUCCESS", "bob@example.org": "SUCCESS"},
+        "orcpt": {"alice@example.org": "rfc822;team+40example.org",
+                  "bob@example.org": "rfc822;team+40example.org"},
+    }
+    message = [b"Subject: s\r\n\r\nsecret body\r\n"]
+    reply = result_of(router.accept(Session("192.0.2.1", "smtp"), envelope, message, 10))
+    assert reply.code == 250
+    [(sender, recipients, report)] = reports
+    assert (sender, recipients) == ("", ["x@remote.test"])
+    assert report.count(b"Action: delivered\r\n") == 2
+    assert b"Original-Envelope-Id: id+1" in report and b"secret body" not in report
+
+
+def test_success_report_content():
+    report = build_dsn(
+        reporting_mta="mx.example.org", original_sender="x@remote.test",
+        recipients=[FailedRecipient("alice@example.org", "2.0.0", None, None, "delivered",
+                                    "rfc822;team+40example.org")],
+        original=b"Subject: s\r\n\r\nsecret body\r\n", queue_id="Q1", arrival_date=0.0, now=0.0,
+        boundary="=_b", message_id="m@mx", envid="id+2B1",
+        full_message_limit=returned_limit({"ret": "HDRS"}, "delivered"),
+    )
+    assert b"Subject: Successful Mail Delivery Report" in report
+    assert b"Action: delivered\r\nStatus: 2.0.0" in report
+    assert b"Original-Envelope-Id: id+1\r\n" in report
+    assert b"Original-Recipient: rfc822; team@example.org\r\n" in report
+    assert b"Content-Type: text/rfc822-headers" in report and b"secret body" not in report
+
+
+@pytest.mark.parametrize("params, action, limit", [
+    ({}, "failed", 64 * 1024), ({"ret": "HDRS"}, "failed", 0), ({"ret": "FULL"}, "failed", 65536),
+    ({}, "delivered", 0), ({"ret": "FULL"}, "relayed", 65536),
+])
+def test_returned_limit(params, action, limit):
+    assert returned_limit(params, action) == limit
+
+
+class _Channel:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, data):
+        self.sent.append(data)
+
+    def reply(self):
+        return defer.succeed(Reply(250, "2.0.0", "ok"))
+
+
+def test_client_passes_the_parameters_on():
+    channel = _Channel()
+    params = {"ret": "HDRS", "envid": "e1", "notify": {"b@y": "SUCCESS,FAILURE"},
+              "orcpt": {"b@y": "rfc822;b+40y"}}
+    result_of(defer.Deferred.fromCoroutine(
+        _envelope(channel, "a@x", ["b@y", "c@y"], None, None, False, True, params)))
+    assert channel.sent == [b"MAIL FROM:<a@x> RET=HDRS ENVID=e1\r\n"
+                            b"RCPT TO:<b@y> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40y\r\n"
+                            b"RCPT TO:<c@y>\r\n"]
