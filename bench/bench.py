@@ -327,6 +327,7 @@ def bench_store(args, workdir, dns):
     cluster.create()
     try:
         import psycopg
+
         from pullmail.storage.postgresql.schema import initdb
 
         with psycopg.connect(cluster.dsn) as connection:

@@ -25,8 +25,8 @@ from pullmail.smtp import replies
 from pullmail.smtp.address import (
     AddressError,
     Forbidden,
-    ParameterError,
     Local,
+    ParameterError,
     Remote,
     classify,
     is_own_literal,
