@@ -131,7 +131,14 @@ def delivered(node, address: str, token: str, folder: str = "", timeout: float =
 
 
 def results_of(message: bytes, authserv_id: str = "mx.verifier.test") -> str:
-    """The one Authentication-Results field at the top, unfolded."""
+    """
+    The one Authentication-Results field at the top, unfolded: under only
+    the Return-Path and Delivered-To that local delivery writes above
+    everything (as Postfix's virtual(8) does).
+    """
+    local = re.match(rb"Return-Path: <[^>\r\n]*>\r\nDelivered-To: [^\r\n]+\r\n", message)
+    assert local, message[:200]
+    message = message[local.end():]
     assert message.startswith(b"Authentication-Results: " + authserv_id.encode() + b";")
     assert message.count(b"Authentication-Results: " + authserv_id.encode()) == 1
     field = re.match(rb"Authentication-Results:(.*?\r\n)(?![ \t])", message, re.S).group(1)
