@@ -83,8 +83,11 @@ def test_at_the_limit_is_delivered_with_return_path_and_delivered_to(node):
     code, _ = _mx(node, _message(HOPS, subject=b"at the limit"), [BOB])
     assert code == 250
     stored = _one_new(node, BOB, b"Subject: at the limit")
+    # Above everything, then our Authentication-Results (SPEC 11.1), then Received.
     assert stored.startswith(b"Return-Path: <sender@outside.test>\r\n"
-                             b"Delivered-To: bob@example.org\r\nReceived: from ")
+                             b"Delivered-To: bob@example.org\r\n"
+                             b"Authentication-Results: mx.example.org;")
+    assert re.search(rb"\r\nReceived: from ", stored)
 
 
 def test_a_copy_coming_back_to_its_mailbox_is_a_loop(node):
