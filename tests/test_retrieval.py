@@ -401,6 +401,33 @@ def test_renotified_retrieved_id_delivered_once(tmp_path) -> None:
     assert len(world.deliveries) == 1
 
 
+def test_notified_again_during_its_retrieval_is_retrieved_once_more(tmp_path) -> None:
+    """
+    SPEC 4 in a cluster: another node of the SMTA (whose colleague's lease
+    ran out) notifies the id again while it is being retrieved.  That GDEL
+    is answered 250, so the RMTA retrieves once more after the transfer, so
+    that the re-notifier, still holding the row, sees a 250 and lets go;
+    a copy would be dropped as a duplicate.  (Here one SMTA plays both
+    nodes: having let go after the first transfer, it refuses the second.)
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    first_deliver = world.deliver
+
+    def deliver_while_notified_again(*args, **kwargs):
+        assert world.notify().code == 250
+        world.retriever.deliver = first_deliver
+        return first_deliver(*args, **kwargs)
+
+    world.retriever.deliver = deliver_while_notified_again
+    world.notify()
+    world.settle()
+    world.advance(1)
+    world.settle()
+    assert world.smta.retrs == [GDEL_ID, GDEL_ID]
+    assert len(world.deliveries) == 1
+
+
 def test_retrieved_record_forgotten_after_keep_for(tmp_path) -> None:
     world = World(tmp_path)
     world.smta.hold()

@@ -155,6 +155,10 @@ class Retriever:
         except OSError as e:   # a shared store out of reach (SPEC 11.3)
             return self._store_failed(request.gdel_id, e)
         if existing is not None and existing.state == PENDING:
+            if self._dispatcher.busy(existing.key):
+                # Being retrieved now, perhaps from another node of the
+                # notifier's cluster: retrieve once more when that is done.
+                existing.notified_again = True
             return self._accepted(request.gdel_id)
         if existing is None and self.store.pending_from(session.peer) >= self.pending_per_origin:
             return replies.S452_TOO_MANY_PENDING
@@ -168,9 +172,8 @@ class Retriever:
         )
         # A re-notified id that was retrieved before is fetched again, so the
         # SMTA sees its 250, but its copy is dropped at delivery.
-        notification.state, notification.attempts = PENDING, 0
+        self._pend_again(notification, now)
         notification.notified_at, notification.peer = now, session.peer
-        notification.next_attempt = retrieval_at(0, now, self.schedule)
         try:
             await self._save(notification)
         except OSError as e:
@@ -306,13 +309,25 @@ class Retriever:
     # -- outcomes (reported by the connections' L{Fetcher}) -----------------------------
 
     async def retrieved(self, notification: Notification) -> None:
-        """Delivered: keep the record, marked, until C{keep_for} has passed."""
+        """
+        Delivered: keep the record, marked, until C{keep_for} has passed; or,
+        when it was notified again meanwhile, retrieve it once more (the copy
+        is then dropped as a duplicate), so that the re-notifier sees a 250.
+        """
+        now = self.clock.seconds()
         notification.state = RETRIEVED
-        notification.keep_until = self.clock.seconds() + self.keep_for
+        notification.keep_until = now + self.keep_for
+        if notification.notified_again:
+            notification.notified_again = False
+            self._pend_again(notification, now)
         await self._save(notification)
         maillog.RETRIEVED(log, id=notification.gdel_id, peer=notification.peer)
         self._dispatcher.done_with(notification.key)
         self._push(notification)
+
+    def _pend_again(self, notification: Notification, now: float) -> None:
+        notification.state, notification.attempts = PENDING, 0
+        notification.next_attempt = retrieval_at(0, now, self.schedule)
 
     def attempt_failed(self, notification: Notification, reason: str) -> None:
         """Try again on the schedule, or drop it once the schedule is used up."""

@@ -64,6 +64,11 @@ class Notification:
     # read at start-up): a retry must look in the mailboxes before storing.
     # Known in memory only: L{PendingStore.load} derives it from the state.
     delivering: bool = False
+    # Notified again while a retrieval of it was under way (SPEC 4: a
+    # re-notified id is retrieved again so that the notifier sees its 250;
+    # in a cluster the re-notifier may be another node than the one
+    # serving).  In memory only: after a restart every record is retrieved.
+    notified_again: bool = False
 
     def __post_init__(self) -> None:
         self.state = NotificationState(self.state)   # a record's string; ValueError if unknown
@@ -79,7 +84,7 @@ class Notification:
         return notification_key(self.origin, self.gdel_id)
 
     def to_json(self) -> bytes:
-        return record.dump(self, RECORD_VERSION, exclude=("delivering",))
+        return record.dump(self, RECORD_VERSION, exclude=("delivering", "notified_again"))
 
     @classmethod
     def from_json(cls, data: bytes) -> "Notification":
