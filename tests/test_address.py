@@ -256,3 +256,16 @@ class ClassifyTests:
     def test_quoted_non_atom_forbidden(self):
         """A quoted local part that is not a dot-atom is Forbidden locally."""
         assert isinstance(rcpt('<"a b"@example.org>'), Forbidden)
+
+
+def test_octets_that_are_not_utf8_make_no_address():
+    """
+    A command line is decoded with surrogateescape; an address holding
+    octets that were not UTF-8 is refused as an address (RFC 6532 3.2),
+    never an exception past the parser (the live fuzz found this).
+    """
+    assert not_refused(parse_mail_argument, [
+        "FROM:<x@fuzz.t\udc81st> SIZETMIME",
+        "FROM:<a@out2\udcea$side.test>",
+        "FROM:<\udc81x@b.test> SMTPUTF8",
+    ], error=AddressError) == []

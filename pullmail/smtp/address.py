@@ -147,6 +147,10 @@ def parse_mailbox(text: str, allow_no_domain: bool = False) -> Mailbox:
         raise AddressError("address has no domain")
     domain = rest[1:]
     utf8 = not text.isascii()
+    if utf8 and not _is_utf8(text):
+        # RFC 6532 3.2: UTF-8 only; the octets that were not (the command
+        # line is decoded with surrogateescape) make no address.
+        raise AddressError("address is not valid UTF-8")
     if utf8:
         if not local.isprintable():
             raise AddressError("control characters in local part")
@@ -163,6 +167,14 @@ def parse_mailbox(text: str, allow_no_domain: bool = False) -> Mailbox:
     if not _DOMAIN.fullmatch(domain) or len(domain) > MAX_DOMAIN:
         raise AddressError("bad domain")
     return Mailbox(local, domain, quoted, utf8=utf8)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split_path(argument: str, keyword: str) -> tuple[str, str]:
