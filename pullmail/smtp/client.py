@@ -309,9 +309,7 @@ async def open_session(channel, hostname: str, tls_options=None,
     again after the handshake).  With C{require_tls}, a peer without
     STARTTLS is refused.
     """
-    greeting = await channel.reply()
-    if greeting.code != 220:
-        raise Refused(greeting)
+    await _greeted(channel)
     keywords = await _hello(channel, hostname)
     if require_tls and "STARTTLS" not in keywords:
         raise Refused(Reply(454, "4.7.0", "peer does not offer STARTTLS (tls = verify)"))
@@ -323,6 +321,13 @@ async def open_session(channel, hostname: str, tls_options=None,
         channel.start_tls(tls_options)
         return EHLOResult(await _hello(channel, hostname), tls=True)
     return EHLOResult(keywords)
+
+
+async def _greeted(channel) -> None:
+    """RFC 5321 3.1 (and RFC 2033 4.1): anything but a 220 greeting refuses the session."""
+    greeting = await channel.reply()
+    if greeting.code != 220:
+        raise Refused(greeting)
 
 
 async def _hello(channel, hostname: str) -> dict[str, str]:
@@ -345,9 +350,7 @@ async def open_lmtp_session(channel: Channel, hostname: str) -> dict[str, str]:
     RFC 2033 4.1: read the greeting and say LHLO (there is no HELO to fall
     back to).  Returns the LHLO keywords.
     """
-    greeting = await channel.reply()
-    if greeting.code != 220:
-        raise Refused(greeting)
+    await _greeted(channel)
     channel.send(f"LHLO {hostname}\r\n".encode("ascii"))
     reply = await channel.reply()
     if reply.code != 250:
