@@ -1,0 +1,358 @@
+"""
+pullmail's CPU per pushed message, A/B: one or more pullmail source trees
+(or config variants of one), and optionally the "floor" peer (a minimal
+Twisted ESMTP server that stores each message the way pullmail must: tmp/,
+write, fsync, rename into new/, fsync the directory, all in the reactor
+thread), each loaded in turn by ``smtp-source`` (20 sessions, 2 KB, several
+messages per session), interleaved A B A B ... over the rounds.  CPU is
+utime+stime from /proc of the server's processes (for pullmail the node and
+its fsync helper, shown apart too): the machine is shared, so CPU time, not
+wall time, is what compares.
+
+Run inside a private network namespace, after ``sh bench/setup``::
+
+    unshare -n sh -c 'ip link set lo up; .venv/bin/python bench/pushcost.py \\
+        --variant base=/tmp/pushcost-base --variant new=. --floor --rounds 6'
+
+A variant is ``LABEL=TREE`` (a pullmail checkout: ``git worktree add`` or
+``git archive`` of another commit) with optional config settings after
+``;``, e.g. ``"nometrics=.;metrics.enabled=false"``.  ``--profile DIR``
+runs the first variant once more under cProfile (twistd ``--profiler``)
+and prints its top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import (  # noqa: E402
+    Server,
+    count_files,
+    cpu_seconds,
+    process_tree,
+    pullmail_node,
+    wait_until,
+)
+
+FLOOR_IP = "127.0.1.40"
+VARIANT_IPS = [f"127.0.1.{20 + i}" for i in range(10)]
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# -- pullmail from a given source tree -----------------------------------------------------
+
+class TreeServer(Server):
+    """A pullmail node whose code comes from C{tree} (imports, fsync helper and all)."""
+
+    def __init__(self, workdir: Path, dns, label: str, tree: Path, address: str,
+                 settings: dict, profile: Path | None = None) -> None:
+        self.name, self.address, self.tree = label, address, tree.resolve()
+        self.rcpt = "sink@bench.test"
+        node = pullmail_node(workdir, f"node-{label}", address, "bench.test", [self.rcpt],
+                             settings=settings, dns=dns)
+        tree_path = str(self.tree)
+        plain_argv, plain_env = node.argv, node.environment
+
+        def argv() -> list[str]:
+            command = plain_argv()
+            # python -c puts the working directory (the harness's repository)
+            # first on sys.path: put the tree before it.
+            command[2] = f"import sys; sys.path.insert(0, {tree_path!r})\n" + command[2]
+            if profile is not None:
+                # Timed by the reactor thread's CPU clock (user + system), not
+                # the wall clock: a shared machine's waits are not our cost.
+                command[2] = command[2].replace("sys.exit(run())", (
+                    "import cProfile, time\n"
+                    "from twisted.internet import reactor\n"
+                    "profiler = cProfile.Profile(time.thread_time)\n"
+                    # twistd ends by re-raising the signal that stopped it:
+                    # the profile is written at the reactor's shutdown.
+                    "reactor.addSystemEventTrigger('after', 'shutdown', lambda: ("
+                    f"profiler.disable(), profiler.dump_stats({str(profile)!r})))\n"
+                    "profiler.enable()\n"
+                    "run()"))
+            return command
+
+        def environment() -> dict:
+            env = plain_env()
+            env["PYTHONPATH"] = tree_path + os.pathsep + env["PYTHONPATH"]
+            return env
+
+        node.argv, node.environment = argv, environment
+        self.node = node
+
+    def start(self):
+        self.node.start(timeout=60)
+
+    def stop(self):
+        self.node.stop(timeout=30)
+
+    def pids(self):
+        return process_tree(self.node.pid) if self.node.pid else []
+
+    def delivered(self):
+        return count_files(self.node.maildir(self.rcpt) / "new")
+
+
+# -- the floor peer ---------------------------------------------------------------------------
+
+FLOOR = r'''
+import os, sys, itertools
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+
+root, counter = sys.argv[2], itertools.count()
+for sub in ("tmp", "new", "cur"):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+new_dir = os.open(os.path.join(root, "new"), os.O_RDONLY | os.O_DIRECTORY)
+
+class Floor(LineReceiver):
+    delimiter, MAX_LENGTH = b"\r\n", 1 << 20
+
+    def connectionMade(self):
+        self.lines = None
+        self.sendLine(b"220 floor ESMTP")
+
+    def lineReceived(self, line):
+        if self.lines is not None:
+            if line == b".":
+                self.store()
+            else:
+                self.lines.append(line[1:] if line[:1] == b"." else line)
+            return
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            self.transport.write(b"250-floor\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        elif verb == b"DATA":
+            self.lines = []
+            self.sendLine(b"354 go ahead")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"250 ok")
+
+    def store(self):
+        lines, self.lines = self.lines, None
+        name = f"{reactor.seconds():.6f}.P{os.getpid()}Q{next(counter)}.floor"
+        tmp, new = os.path.join(root, "tmp", name), os.path.join(root, "new", name)
+        lines.append(b"")
+        data = b"Received: from peer by floor; now\r\n" + b"\r\n".join(lines)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, new)
+        os.fsync(new_dir)
+        self.sendLine(b"250 ok")
+
+factory = Factory.forProtocol(Floor)
+host, port = sys.argv[1].rsplit(":", 1)
+reactor.listenTCP(int(port), factory, backlog=1024, interface=host)
+print("ready", flush=True)
+reactor.run()
+'''
+
+
+class FloorServer(Server):
+    name = "floor"
+
+    def __init__(self, workdir: Path) -> None:
+        self.address = FLOOR_IP
+        self.dir = workdir / "floor"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.rcpt = "sink@floor.bench"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FLOOR, f"{self.address}:{self.port}", str(self.dir / "Maildir")],
+            stdout=subprocess.PIPE, stderr=open(self.dir / "stderr.log", "ab"),
+            start_new_session=True)
+        if b"ready" not in self.proc.stdout.readline():
+            raise RuntimeError((self.dir / "stderr.log").read_text())
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def pids(self):
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def delivered(self):
+        return count_files(self.dir / "Maildir" / "new")
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+def parse_variant(text: str) -> tuple[str, Path, dict]:
+    head, *sets = text.split(";")
+    label, _, tree = head.partition("=")
+    settings: dict = {}
+    for item in sets:
+        key, _, value = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        settings.setdefault(section, {})[name] = json.loads(value) if value[:1] in "[{\"0123456789tf-" else value
+    return label, Path(tree or "."), settings
+
+
+def user_system(pid: int) -> tuple[float, float]:
+    """utime and stime of C{pid}, seconds."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[11]) / common.CLK, int(fields[12]) / common.CLK
+
+
+def measure(server: Server, sessions: int, size: int, count: int, reuse: bool) -> dict:
+    pids = server.pids()
+    before = {p: user_system(p) for p in pids}
+    delivered = server.delivered()
+    elapsed = smtp_source(server, sessions, size, count, reuse)
+    wait_until(lambda: server.delivered() >= delivered + count, 60, message=f"{server.name} stored")
+    after = {p: user_system(p) for p in pids}
+    per_message = lambda seconds: seconds / count * 1000
+    main = pids[0] if pids else None
+    spent = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in pids}
+    node_user, node_system = spent.get(main, (0.0, 0.0))
+    user = sum(u for u, _ in spent.values())
+    system = sum(s for _, s in spent.values())
+    return {"msgs": count / elapsed, "cpu": per_message(user + system),
+            "node": per_message(node_user + node_system), "node user": per_message(node_user),
+            "node sys": per_message(node_system),
+            "helper user": per_message(user - node_user),
+            "helper sys": per_message(system - node_system)}
+
+
+def smtp_source(server: Server, sessions: int, size: int, count: int, reuse: bool) -> float:
+    """common.smtp_source; with C{reuse}, every session sends several messages (-d)."""
+    if not reuse:
+        return common.smtp_source(server, sessions, size, count)
+    argv = [common.SMTP_SOURCE, "-d", "-s", str(sessions), "-l", str(size), "-m", str(count),
+            "-f", "load@source.bench", "-t", server.rcpt, "-M", "source.bench",
+            f"{server.address}:{server.port}"]
+    start = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, timeout=600)
+    if result.returncode != 0 or result.stderr.strip():
+        raise RuntimeError(f"smtp-source -d against {server.name}: {result.stderr[-800:]!r}")
+    return time.monotonic() - start
+
+
+COLUMNS = ("node", "node user", "node sys", "helper user", "helper sys")
+
+
+def report(results: dict, servers: list) -> None:
+    """Medians (min–max) per server; CPU in ms per message; each variant ÷ the first."""
+    floor = results.get("floor")
+    print(f"\n{'server':12} {'msgs/s':>16} {'CPU ms/msg':>20} "
+          + " ".join(f"{c:>11}" for c in COLUMNS) + "  ÷ floor")
+    for s in servers:
+        r = results[s.name]
+        med = lambda k: statistics.median(r[k])
+        spread = f"({min(r['cpu']):.3f}–{max(r['cpu']):.3f})"
+        vs = f"{med('cpu') / statistics.median(floor['cpu']):.2f}×" if floor else ""
+        print(f"{s.name:12} {med('msgs'):8.0f} ({min(r['msgs']):.0f}–{max(r['msgs']):.0f})"
+              f" {med('cpu'):6.3f} {spread:13} " + " ".join(f"{med(c):11.3f}" for c in COLUMNS)
+              + f"  {vs}")
+    labels = [s.name for s in servers if s.name != "floor"]
+    for other in labels[1:]:
+        pairs = [b / a for a, b in zip(results[labels[0]]["cpu"], results[other]["cpu"])]
+        print(f"{other} ÷ {labels[0]}, CPU per message, per round: "
+              + " ".join(f"{p:.2f}" for p in pairs) + f"; median {statistics.median(pairs):.3f}")
+
+
+def profile(args, workdir, dns, variant) -> None:
+    label, tree, settings = variant
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    stats_path = out / f"{label}.pstats"
+    stats_path.unlink(missing_ok=True)
+    server = TreeServer(workdir, dns, f"{label}-prof", tree, VARIANT_IPS[-1], settings,
+                        profile=stats_path)
+    server.start()
+    try:
+        smtp_source(server, args.sessions, args.size, args.count, args.reuse)
+        smtp_source(server, args.sessions, args.size, args.count * 2, args.reuse)
+    finally:
+        server.stop()
+    wait_until(lambda: stats_path.exists(), 30, message="profile written")
+    stats = pstats.Stats(str(stats_path))
+    stats.sort_stats("tottime").print_stats(args.top)
+    stats.sort_stats("cumulative").print_stats(args.top + 15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="LABEL=TREE[;section.key=value...] (default: this tree)")
+    parser.add_argument("--floor", action="store_true", help="measure the floor peer too")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--count", type=int, default=2000, help="messages per round")
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--reuse", action="store_true",
+                        help="several messages per session (smtp-source -d)")
+    parser.add_argument("--profile", default=None, help="folder: cProfile the first variant")
+    parser.add_argument("--top", type=int, default=30, help="functions the profile shows")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant or ["this=."]]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pullmail-pushcost-"))
+    workdir.chmod(0o755)
+    dns = common.dns_server(workdir)
+    dns.start()
+    try:
+        if args.profile:
+            profile(args, workdir, dns, variants[0])
+            return
+        servers: list[Server] = [TreeServer(workdir, dns, label, tree, VARIANT_IPS[i], settings)
+                                 for i, (label, tree, settings) in enumerate(variants)]
+        if args.floor:
+            servers.append(FloorServer(workdir))
+        for s in servers:
+            s.start()
+        try:
+            for s in servers:   # warm-up: fresh folders cost more (bench/README.md)
+                smtp_source(s, args.sessions, args.size, 2 * args.count, args.reuse)
+            results: dict = {}
+            for rnd in range(args.rounds):
+                for s in servers if rnd % 2 == 0 else servers[::-1]:
+                    r = measure(s, args.sessions, args.size, args.count, args.reuse)
+                    for key, value in r.items():
+                        results.setdefault(s.name, {}).setdefault(key, []).append(value)
+                    log(f"round {rnd + 1} {s.name}: {r['msgs']:.0f} msgs/s, {r['cpu']:.3f} ms/msg "
+                        f"(node {r['node']:.3f})")
+        finally:
+            for s in servers:
+                s.stop()
+        report(results, servers)
+    finally:
+        dns.stop()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
