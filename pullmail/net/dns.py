@@ -14,6 +14,7 @@ flight is shared by everyone who asks it meanwhile.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from typing import Callable, Sequence
@@ -76,16 +77,28 @@ def cached_answer(resolver, name: str, rdtype: str) -> list:
     if cache is None:
         raise NotCached(name, rdtype)
     try:
-        qname = dns.name.from_text(name)
+        key, negative_key = _cache_keys(name, rdtype)
     except dns.exception.DNSException:
         raise NotCached(name, rdtype) from None
-    answer = cache.get((qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN))
+    answer = cache.get(key)
     if answer is not None:
         return [] if answer.rrset is None else list(answer)
-    negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+    negative = cache.get(negative_key)
     if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
         raise DNSPermanentError(f"{name}: no such domain")
     raise NotCached(name, rdtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cache_keys(name: str, rdtype: str) -> tuple[tuple, tuple]:
+    """
+    dnspython's cache keys for the answer and for a cached NXDOMAIN: made
+    once per name, as every message from a busy origin asks the same
+    questions (parsing the name cost more than the cache lookup).
+    """
+    qname = dns.name.from_text(name)
+    return ((qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN),
+            (qname, dns.rdatatype.ANY, dns.rdataclass.IN))
 
 
 def make_dnspython_resolver(nameservers: Sequence[tuple[str, int]], timeout: float):

@@ -10,6 +10,7 @@ commonly holds a /24 of IPv4 and at least a /64 of IPv6 (issue 18).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import deque
 from typing import Callable
@@ -31,6 +32,9 @@ log = Logger(namespace="pullmail.trust.throttle")
 MAX_TRACKED_ADDRESSES = 100_000
 
 
+# Every connection asks (the connection limits, the throttles): parsing
+# the address each time cost more than the rest of accepting it.
+@functools.lru_cache(maxsize=4096)
 def network_of(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> str:
     """
     The network C{address} is counted in: its /C{ipv4_prefix} or
@@ -86,6 +90,8 @@ class FailureTracker:
         return tarpit_delay(len(failures), self.tarpit_max)
 
     def blocked(self, address: str) -> bool:
+        if not self._blocked:       # the usual case: nothing to look up
+            return False
         network = self.key(address)
         until = self._blocked.get(network)
         if until is None:
