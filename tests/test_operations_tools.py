@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 from twisted.application.service import Application
-from twisted.logger import ILogObserver, LogLevel
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 
 from pullmail import config as configuration
+from pullmail import maillog
 from pullmail.node import doctor, logs
 from pullmail.node.lock import StateLocked, lock_state_dir
 from pullmail.node.queuetools import message_record, shape_table
@@ -165,6 +166,23 @@ def test_json_format():
     assert record == {"time": "2025-12-05T03:47:44.123Z", "level": "info",
                       "namespace": "pullmail.smtp", "message": "accepted Q1",
                       "queue_id": "Q1", "event": "accepted", "recipients": ["a@x.test"]}
+
+
+def test_mail_events_read_as_twisted_would_format_them():
+    """
+    A mail event's line is made with str.format_map (the cheap path),
+    and reads exactly as twisted.logger's formatEvent makes it; an event
+    whose format is not its vocabulary's goes the general way.
+    """
+    event = _event(log_format=maillog.ACCEPTED.format, sender="s@x.test",
+                   recipients=["a@x.test", "b@x.test"], size=2048, peer="192.0.2.1",
+                   delivered=[], local_bounced=[], local_deferred=[], queued=[],
+                   service="smtp")
+    line = "accepted Q1 from <s@x.test> for ['a@x.test', 'b@x.test'] (2048 bytes) via 192.0.2.1"
+    assert logs.format_text(event).endswith(f"#info] {line}\n")
+    assert formatEvent(event) == line
+    other = _event(log_format="{queue_id!r} {recipients[0]}")
+    assert logs.format_text(other).endswith("] 'Q1' a@x.test\n")
 
 
 def test_observer_drops_debug():
