@@ -60,7 +60,7 @@ class Harness:
 
     def __init__(self, service: str = "smtp", limits: ConnectionLimits | None = None,
                  refuse=lambda address: None, session_limits: SessionLimits = SessionLimits(),
-                 implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False, count_replies: bool = True) -> None:
         self.clock = Clock()
         self.deliveries: list[tuple[Deliver, defer.Deferred]] = []
         self.auto_deliver: Reply | None = Reply(250, "2.0.0", "Ok: queued as Q1")
@@ -85,6 +85,7 @@ class Harness:
             refuse_connection=refuse,
             session_limits=session_limits,
             implicit_tls=implicit_tls,
+            count_replies=count_replies,
         )
 
     def deliver(self, protocol, request: Deliver):
@@ -747,6 +748,23 @@ def test_peer_text_escaped_in_logs(logged_events):
     said(protocol, transport, b"\x1b[2J\x08EVIL\xff x\r\n")
     [event] = [e for e in logged_events if e.get("event") == "command-rejected"]
     assert event["verb"] == "\\x1b[2J\\x08EVIL\\xff"
+
+
+@pytest.mark.parametrize("count_replies", [True, False])
+def test_reply_events_only_when_counted(logged_events, count_replies):
+    """
+    The REPLY event of each reply (for the metrics, below the log's level)
+    is emitted only when the factory says they are counted; refusals are
+    logged either way.
+    """
+    harness = Harness(count_replies=count_replies)
+    protocol, transport = harness.connect()
+    said(protocol, transport, b"EHLO client.test\r\n")
+    said(protocol, transport, b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<nobody@example.org>\r\n")
+    counted = [(e["verb"], e["code"]) for e in logged_events if e.get("event") == "reply"]
+    assert counted == ([("EHLO", 250), ("MAIL", 250)] if count_replies else [])
+    [refusal] = [e for e in logged_events if e.get("event") == "command-rejected"]
+    assert (refusal["verb"], refusal["code"]) == ("RCPT", 550)
 
 
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")

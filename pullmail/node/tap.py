@@ -391,6 +391,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
             policy, reactor, limits, config.limits.idle_timeout, performers,
             tls_context=tls_context, implicit_tls=implicit,
             extensions=pull, log_commands=config.node.log_commands,
+            count_replies=bool(config.metrics.listen),
             # postscreen's pre-greet test is for MTAs, on the MX service only.
             session_limits=session_limits if service_name == "smtp"
             else replace(session_limits, pregreet_wait=0.0),

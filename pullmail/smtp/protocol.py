@@ -315,6 +315,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self._greeted = True         # False while the pre-greet wait runs
         self.performers: Mapping[type, Callable] = {}
         self.log_commands = False
+        self.count_replies = True     # emit REPLY per reply (the metrics count them)
         self.limits = SessionLimits()
         self._conduct = Conduct(self.limits)
 
@@ -329,6 +330,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         )
         self.performers = factory.performers
         self.log_commands = factory.log_commands
+        self.count_replies = factory.count_replies
         self.limits = factory.session_limits
         self._conduct = Conduct(self.limits)
         maillog.CONNECTION(log, peer=address, service=factory.service)
@@ -530,6 +532,8 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.deadlines.start_data(lambda: self._input.data_octets)
 
     def _log_outcome(self, line: str, reply: Reply) -> None:
+        if reply.code < 400 and not (self.log_commands or self.count_replies):
+            return
         verb = printable(line.split(" ", 1)[0].upper()[:16])
         if reply.code >= 400:
             maillog.COMMAND_REJECTED(
@@ -604,9 +608,13 @@ class SMTPServerFactory(Factory):
         refuse_connection: Callable[[str], Reply | None] = lambda address: None,
         log_commands: bool = False,
         session_limits: SessionLimits = SessionLimits(),
+        count_replies: bool = True,
     ) -> None:
         self.session_limits = session_limits
         self.log_commands = log_commands
+        # The REPLY event of every reply is for the metrics alone (it is
+        # below the log's level): a node without them is spared its cost.
+        self.count_replies = count_replies
         self.policy = policy
         self.clock = clock
         self.limits = limits
