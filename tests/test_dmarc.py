@@ -6,7 +6,11 @@ domain; garbled, duplicated and unreachable records give a result.
 
 from __future__ import annotations
 
+import email.utils
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
@@ -17,6 +21,7 @@ from pullmail.trust.dmarc import (
     evaluate,
     select_record,
 )
+from pullmail.trust.message import from_domains
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +35,48 @@ def test_organizational_domain_from_the_bundled_list(domains):
     assert domains.of("a.b.example.org") == "example.org"
     assert domains.of("example.org") == "example.org"
     assert domains.of("co.uk") == "co.uk"
+
+
+def test_organizational_domain_is_the_same_asked_again(domains):
+    """Remembered per domain (every message asks), whatever its case."""
+    assert [domains.of(d) for d in ("News.Example.ORG", "news.example.org")] == \
+        ["example.org", "example.org"]
+
+
+def _parsed_in_full(value: str) -> list[str]:
+    """from_domains' rule applied to what email.utils makes of C{value}."""
+    domains = []
+    for _name, address in email.utils.getaddresses([value]):
+        domain = address.rpartition("@")[2].strip().rstrip(".").lower()
+        if "@" not in address or not domain:
+            return []
+        domains.append(domain)
+    return domains
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("<load@source.bench>", ["source.bench"]),
+    ("a.b@Example.ORG", ["example.org"]),
+    ("Alice Doe <alice@mail.example.org>", ["mail.example.org"]),
+    ('"Doe, Alice" <alice@example.org>', ["example.org"]),       # the full parser
+    ("a@example.org, b@example.net", ["example.org", "example.net"]),
+    ("undisclosed-recipients:;", []),
+    ("alice@example.org.", ["example.org"]),
+])
+def test_from_domains(value, expected):
+    """RFC 7489 6.6.1: the author domains, plain mailboxes and the rest alike."""
+    message = f"From: {value}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    assert from_domains(message) == expected == _parsed_in_full(value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="aZ09.-_+@<> \"(),:;\\[]", max_size=30))
+def test_from_domains_agree_with_the_full_parser(value):
+    """The plain-mailbox shortcut never reads a From otherwise than email.utils does."""
+    value = value.strip()
+    if value:
+        message = f"From: {value}\r\n\r\n".encode()
+        assert from_domains(message) == _parsed_in_full(value)
 
 
 PASS, FAIL = "pass", "fail"

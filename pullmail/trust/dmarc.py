@@ -10,6 +10,7 @@ L{DMARCVerdict} out); L{DMARCChecker} only gathers the records.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -34,10 +35,16 @@ class OrganizationalDomains:
 
     def __init__(self) -> None:
         self._list = PublicSuffixList()
+        # Every message asks for its From domain's: walking the list cost
+        # more than the rest of the DMARC check.
+        self._known = functools.lru_cache(maxsize=4096)(self._look_up)
 
     def of(self, domain: str) -> str:
         """``mail.example.co.uk`` -> ``example.co.uk`` (a public suffix: itself)."""
-        return self._list.privatesuffix(domain.lower()) or domain.lower()
+        return self._known(domain.lower())
+
+    def _look_up(self, domain: str) -> str:
+        return self._list.privatesuffix(domain) or domain
 
     # The name the dmarc library's relaxed alignment calls.
     get_public_suffix = of
