@@ -155,15 +155,14 @@ class Router:
         identity = identity or SPFIdentity(session.peer, session.helo, envelope.sender)
         return await self.checker.check(whole, identity)
 
-    @defer.inlineCallbacks
-    def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message,
-                         folder: str | None = None):
-        """Fires with the agent's L{DeliveryOutcome}, hooks told of what it delivered."""
-        outcome = yield self.delivery.deliver(queue_id, sender, mailboxes, message, folder=folder)
+    async def _deliver_locally(self, queue_id: str, sender: str, mailboxes: list[str], message,
+                               folder: str | None = None) -> DeliveryOutcome:
+        """The agent's L{DeliveryOutcome}, hooks told of what it delivered."""
+        outcome = await self.delivery.deliver(queue_id, sender, mailboxes, message, folder=folder)
         delivered = list(outcome.delivered)
         for hook in self.hooks if delivered else ():
             try:
-                yield defer.maybeDeferred(hook.delivered, queue_id, sender, delivered,
+                await defer.maybeDeferred(hook.delivered, queue_id, sender, delivered,
                                           list(outcome.paths))
             except Exception:
                 log.failure("delivery hook {name} failed", name=hook.name)
@@ -267,22 +266,30 @@ class Router:
             if self.checker is not None:
                 verdict = self.checker.local(b"".join(chunks))
                 message = [verdict.header, verdict.message]
-            outcome = yield self._deliver_locally(queue_id, sender, local, message)
+            outcome = yield defer.Deferred.fromCoroutine(
+                self._deliver_locally(queue_id, sender, local, message))
             yield self._take_refused(queue_id, sender, outcome, message, None)
         if remote and self.outbound is not None:
             yield self.outbound.enqueue(queue_id, sender, remote, self.outgoing(chunks))
         maillog.INJECTED(log, queue_id=queue_id, sender=sender, recipients=list(recipients))
         return queue_id
 
-    @defer.inlineCallbacks
     def accept(self, session: Session, envelope: Envelope, chunks: list, size: int,
-               queue_id: str | None = None, identity: SPFIdentity | None = None):
+               queue_id: str | None = None, identity: SPFIdentity | None = None
+               ) -> defer.Deferred:
         """
         Store a message; fire with the reply to end-of-data.  A given
         C{queue_id} (retrieved mail) names the stored files, so that
         L{delivered_of} can find them again; a given C{identity} is whom SPF
         asks about (the notifying session's, for retrieved mail).
         """
+        return defer.Deferred.fromCoroutine(
+            self._accept(session, envelope, chunks, size, queue_id, identity))
+
+    async def _accept(self, session: Session, envelope: Envelope, chunks: list, size: int,
+                      queue_id: str | None, identity: SPFIdentity | None) -> Reply:
+        # One coroutine, its steps awaited directly: every Deferred less
+        # is CPU saved on each message (issue 17).
         service = "retrieval" if queue_id else session.service
         queue_id = queue_id or new_queue_id()
         header = received_header(
@@ -302,8 +309,7 @@ class Router:
         if remote and self.outbound is None:
             log.warn("no outbound queue for {recipients}", recipients=remote)
             return replies.S451_LOCAL_ERROR
-        verdict = yield defer.Deferred.fromCoroutine(
-            self._verdict(session, envelope, chunks, identity))
+        verdict = await self._verdict(session, envelope, chunks, identity)
         if verdict is not None:
             if verdict.disposition == "reject":
                 # RFC 7489 6.6.4 / SPEC 11.1: refused after the data, not stored.
@@ -316,7 +322,7 @@ class Router:
         try:
             outcome = DeliveryOutcome()
             if local:
-                outcome = yield self._deliver_locally(
+                outcome = await self._deliver_locally(
                     queue_id, envelope.sender, local,
                     [verdict.header] + message if verdict is not None else message,
                     folder=JUNK if verdict and verdict.disposition == "quarantine" else None)
@@ -330,16 +336,18 @@ class Router:
             if remote:
                 outgoing = (self.outgoing(message) if session.user or session.service != "smtp"
                             else self._forwarded(message, verdict, envelope.recipients))
-                yield self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
+                await self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
                                             origin=origin,
                                             smtputf8=needs_smtputf8(envelope, remote, chunks),
                                             dsn=dsn_params)
-            yield self._take_refused(queue_id, envelope.sender, outcome, message, origin)
+            if outcome.refused:
+                await self._take_refused(queue_id, envelope.sender, outcome, message, origin)
         except OSError as e:
             maillog.STORE_FAILED(log, queue_id=queue_id, error=str(e))
             return replies.storage_failure(e)
-        yield self._report_delivered(queue_id, envelope.sender, dsn_params,
-                                     list(outcome.delivered), message)
+        if "notify" in dsn_params:     # only NOTIFY=SUCCESS makes a report here
+            await self._report_delivered(queue_id, envelope.sender, dsn_params,
+                                         list(outcome.delivered), message)
         maillog.ACCEPTED(
             log, queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),
