@@ -211,7 +211,11 @@ def parse_variant(text: str) -> tuple[str, Path, dict]:
     for item in sets:
         key, _, value = item.partition("=")
         section, _, name = key.strip().partition(".")
-        settings.setdefault(section, {})[name] = json.loads(value) if value[:1] in "[{\"0123456789tf-" else value
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value      # a bare string
+        settings.setdefault(section, {})[name] = parsed
     return label, Path(tree or "."), settings
 
 

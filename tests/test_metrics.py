@@ -124,3 +124,17 @@ def test_the_table_speaks_the_vocabulary():
     from pullmail.maillog import VOCABULARY
 
     assert set(EVENT_METRICS) <= set(VOCABULARY)
+
+
+def test_repeated_events_add_up():
+    """Each event counts, the labelled counters being made once and kept."""
+    metrics = Metrics()
+    observer = MetricsObserver(metrics)
+    for _ in range(3):
+        emit(observer, event="reply", code=250)
+        emit(observer, event="accepted", service="smtp")
+    emit(observer, event="reply", code=550)
+    found = values(metrics)
+    assert found[("pullmail_replies_total", (("code", "250"),))] == 3
+    assert found[("pullmail_replies_total", (("code", "550"),))] == 1
+    assert found[("pullmail_messages_accepted_total", (("service", "smtp"),))] == 3

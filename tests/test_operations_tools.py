@@ -194,6 +194,27 @@ def test_observer_drops_debug():
     assert stream.getvalue().endswith("accepted Q1\n")
 
 
+@pytest.mark.parametrize("fields, shown", [
+    ({"log_level": LogLevel.debug}, False),
+    ({"log_level": LogLevel.info}, True),
+    ({"log_level": LogLevel.warn}, True),
+    ({"log_level": LogLevel.error}, True),
+    ({"log_level": LogLevel.critical}, True),
+    ({"log_level": None}, False),
+    ({"log_namespace": ""}, False),
+])
+def test_observer_shows_what_an_info_level_filter_would(fields, shown):
+    """The same events as twisted.logger's LogLevelFilterPredicate at info."""
+    from twisted.logger import LogLevelFilterPredicate, PredicateResult
+
+    stream = io.StringIO()
+    event = _event(**fields)
+    logs.log_observer("text", stream)(event)
+    assert bool(stream.getvalue()) is shown
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    assert (predicate(event) is PredicateResult.maybe) is shown
+
+
 def test_log_goes_where_twistd_would(tmp_path):
     assert logs.twistd_stream(None) is None
     assert logs.twistd_stream({"syslog": True, "logfile": ""}) is None

@@ -161,6 +161,10 @@ class MetricsObserver:
     def __init__(self, metrics: Metrics, table=EVENT_METRICS) -> None:
         self.metrics = metrics
         self.table = table
+        # (metric, labels) -> its labelled counter: prometheus_client's
+        # labels() costs more than the count; label values come from
+        # closed sets, so this stays small.
+        self._children: dict[tuple, object] = {}
 
     def __call__(self, event: Mapping) -> None:
         key = event.get("event")
@@ -169,10 +173,18 @@ class MetricsObserver:
             return
         for rule in rules:
             if rule.when(event):
-                self.metrics.counters[rule.metric].labels(**rule.labels(event)).inc()
+                self._child(rule.metric, rule.labels(event)).inc()
         seconds = event.get("seconds")
         if key in TIMED_EVENTS and isinstance(seconds, (int, float)) and seconds >= 0:
             self.metrics.delivery_seconds.observe(seconds)
+
+
+    def _child(self, metric: str, labels: dict[str, str]):
+        key = (metric, tuple(labels.items()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.metrics.counters[metric].labels(**labels)
+        return child
 
 
 class QueueCollector:
