@@ -414,9 +414,10 @@ class PostfixServer(Server):
 
 # -- load -----------------------------------------------------------------------------
 
-def smtp_source(server: Server, sessions: int, size: int, count: int, timeout: float = 600):
-    """Run smtp-source; returns wall seconds.  Raises on failure."""
-    argv = [SMTP_SOURCE, "-s", str(sessions), "-l", str(size), "-m", str(count),
+def smtp_source(server: Server, sessions: int, size: int, count: int, timeout: float = 600,
+                options: tuple[str, ...] = ()):
+    """Run smtp-source (with C{options}, e.g. ``-d``); returns wall seconds.  Raises on failure."""
+    argv = [SMTP_SOURCE, *options, "-s", str(sessions), "-l", str(size), "-m", str(count),
             "-f", "load@source.bench", "-t", server.rcpt, "-M", "source.bench",
             f"{server.address}:{server.port}"]
     start = time.monotonic()

@@ -171,7 +171,9 @@ reactor.run()
 '''
 
 
-class FloorServer(Server):
+class FloorServer(common.SinkServer):
+    """The floor peer, run by this Python (Twisted from the project's venv)."""
+
     name = "floor"
 
     def __init__(self, workdir: Path) -> None:
@@ -189,14 +191,6 @@ class FloorServer(Server):
             start_new_session=True)
         if b"ready" not in self.proc.stdout.readline():
             raise RuntimeError((self.dir / "stderr.log").read_text())
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def pids(self):
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
 
     def delivered(self):
         return count_files(self.dir / "Maildir" / "new")
@@ -251,16 +245,7 @@ def measure(server: Server, sessions: int, size: int, count: int, reuse: bool) -
 
 def smtp_source(server: Server, sessions: int, size: int, count: int, reuse: bool) -> float:
     """common.smtp_source; with C{reuse}, every session sends several messages (-d)."""
-    if not reuse:
-        return common.smtp_source(server, sessions, size, count)
-    argv = [common.SMTP_SOURCE, "-d", "-s", str(sessions), "-l", str(size), "-m", str(count),
-            "-f", "load@source.bench", "-t", server.rcpt, "-M", "source.bench",
-            f"{server.address}:{server.port}"]
-    start = time.monotonic()
-    result = subprocess.run(argv, capture_output=True, timeout=600)
-    if result.returncode != 0 or result.stderr.strip():
-        raise RuntimeError(f"smtp-source -d against {server.name}: {result.stderr[-800:]!r}")
-    return time.monotonic() - start
+    return common.smtp_source(server, sessions, size, count, options=("-d",) if reuse else ())
 
 
 COLUMNS = ("node", "node user", "node sys", "helper user", "helper sys")
