@@ -270,6 +270,7 @@ def _stop_timer(obj) -> None:
 
 
 def run(args, workdir, log) -> None:
+    """The tables; the start-up at the largest size and its memory per entry into args.results."""
     sizes = [s for s in (1000, 10_000, 100_000, 1_000_000) if s <= args.scale_max]
     res = {}
     _measure_outbox(sizes[0], log)   # warm-up: a cold process made the first row up to 1.6x slower
@@ -280,6 +281,7 @@ def run(args, workdir, log) -> None:
         res[n].update(figures)
     startup = {}
     dns = None
+    _, rss_empty = _measure_startup(0, workdir, dns, log)     # the baseline of memory per entry
     for n in sizes:
         times, rss = [], 0
         for _ in range(1 if n >= 1_000_000 or args.quick else 3):
@@ -293,7 +295,8 @@ def run(args, workdir, log) -> None:
         rows.append([f"{n:,}", f"{r['load_s']:.2f}", f"{r['load_s'] / n * 1e6:.1f}",
                      f"{r['get_ns']:.0f}", f"{r['retr_us']:.1f}", f"{r['start_s']:.2f}",
                      f"{r['idle_wake_us']:.1f}", f"{r['expiry_reactor_us']:.0f}", f"{r['expiry_with_files_us']:.0f}",
-                     fmt(startup[n][0], 2), f"{startup[n][1]:.0f}"])
+                     fmt(startup[n][0], 2), f"{startup[n][1]:.0f}",
+                     f"{(startup[n][1] - rss_empty) * 1024 * 1024 / n:,.0f}"])
     table("3. Outbox scale (warm page cache; RETR lookup = PickupCounter.retrieve with a fake "
           "resolver: get + destined check + claim rename, median; expiry = one Outbound._wake "
           f"expiring {EXPIRE} entries incl. DSN, median of {EXPIRY_PASSES} passes interleaved across the sizes; "
@@ -301,8 +304,12 @@ def run(args, workdir, log) -> None:
           "reading the message and the two unlinks, which a node does in threads)",
           ["entries", "load() s", "load µs/entry", "get() ns", "RETR lookup µs",
            "Outbound.start() s", "idle wake µs", "expiry µs/entry in the reactor",
-           "…with its file I/O", "node startup s", "node RSS MB"],
+           "…with its file I/O", "node startup s", "node RSS MB",
+           f"B per entry (RSS over an empty outbox's {rss_empty:.0f} MB)"],
           rows)
+    hi = sizes[-1]
+    args.results["startup"] = (hi, statistics.median(startup[hi][0]),
+                               (startup[hi][1] - rss_empty) * 1024 * 1024 / hi)
     lo, hi = sizes[0], sizes[-1]
     rows = [
         [f"RETR lookup {hi:,}/{lo:,}", f"{res[hi]['retr_us'] / res[lo]['retr_us']:.2f}", "≤ 1.2"],
