@@ -14,7 +14,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -356,7 +355,7 @@ class ScriptServer(Server):
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.terminate()        # nothing to save: its maildir is thrown away
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
