@@ -153,7 +153,7 @@ def run(args, workdir, dns, log) -> None:
     count = args.n2k
     rates = {"quiet": [], "flood": []}
     cpu = {"quiet": [], "flood": []}
-    gdel_rates, load, replies, refused, errors = [], [], collections.Counter(), 0, 0
+    gdel_rates, load, in_place, replies, refused, errors = [], [], [], collections.Counter(), 0, 0
     victims = Victims(common.SPAM_CLIENT_IPS + slowloris.SOURCES + [common.SPAM_MX_IP])
     server.start()
     try:
@@ -169,6 +169,7 @@ def run(args, workdir, dns, log) -> None:
                     one = common.measure_push(server, 20, 2048, count)
                 finally:
                     if flood is not None:
+                        in_place.append(len(flood.ready))
                         gdel_rates.append(flood.stop())
                         load.append(flood.load * 100)
                         replies.update(flood.replies)
@@ -191,6 +192,7 @@ def run(args, workdir, dns, log) -> None:
           [[mode, fmt(rates[mode]), fmt(cpu[mode], 2)] for mode in ("quiet", "flood")])
     table("8. Flood figures", ["measure", "value"], [
         ["legitimate msgs/s, flood / quiet", ratio(rates["flood"], rates["quiet"])],
+        ["slow connections in place when a flooded round began", fmt(in_place)],
         ["GDEL/s achieved during the flood", fmt(gdel_rates)],
         ["the floods' generator (one thread of the bench), % of a core", fmt(load)],
         ["replies to the flood's MAIL/RCPT/GDEL", ", ".join(f"{c}: {n}" for c, n in sorted(replies.items()))],

@@ -88,7 +88,7 @@ def rows(results: dict, sections: list[str]) -> list[list[str]]:
     for t in TARGETS:
         value = results.get(t.key)
         if value is None:
-            figure = "not run" if t.section not in sections else "n/a (no figure)"
+            figure = "not run" if t.section not in sections else "no figure (peer left out, or failed)"
             out.append([t.measure, figure, t.target, "not run" if t.section not in sections else "—"])
             continue
         met = t.met(value)
