@@ -79,6 +79,7 @@ class Flood:
         self.held, self.refused, self.ready = [], [], []
         self.replies: collections.Counter = collections.Counter()
         self.sent = self.done = 0        # notifications due so far, and answered
+        self.began, self.cpu0, self.load = time.monotonic(), 0.0, 0.0
         self.errors: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.tasks: list[asyncio.Task] = []
@@ -133,6 +134,8 @@ class Flood:
 
     def stop(self) -> float:
         """End both floods; the GDEL rate achieved (notifications a second)."""
+        if not self._thread.is_alive():
+            return 0.0
         elapsed = time.monotonic() - self.began
 
         async def cancel():
@@ -160,12 +163,11 @@ def run(args, workdir, dns, log) -> None:
         common.smtp_source(server, 20, 2048, args.warmup * count)         # warm-up, as in push
         for rnd in range(args.rounds):
             for mode in (("quiet", "flood") if rnd % 2 == 0 else ("flood", "quiet")):
-                flood = None
-                if mode == "flood":
-                    flood = Flood(server.address, args.loris, server.rcpt)
-                    flood.start()
-                    time.sleep(1.0)                              # the GDELs get going
+                flood = Flood(server.address, args.loris, server.rcpt) if mode == "flood" else None
                 try:
+                    if flood is not None:
+                        flood.start()
+                        time.sleep(1.0)                          # the GDELs get going
                     one = common.measure_push(server, 20, 2048, count)
                 finally:
                     if flood is not None:
