@@ -24,6 +24,7 @@ import pytest
 from .harness import (
     SMTP_PORT,
     SUBMISSION_PORT,
+    SUBMISSIONS_PORT,
     DNSServer,
     RawSMTP,
     free_port,
@@ -194,6 +195,49 @@ def test_bdat_on_submission(node):
         assert client.read_reply()[0] == 250
     stored = _one_new(node, BOB, b"submitted in chunks")
     assert stored.endswith(b"\r\nhi\r\n") and b"Subject: submitted in chunks" in stored
+
+
+def _helo_session(node, service: str) -> RawSMTP:
+    """A session greeted with HELO on C{service}, authenticated on submission."""
+    if service == "submissions":
+        client = RawSMTP(node.address, port=SUBMISSIONS_PORT, greeting=False)
+        client.sock = ssl._create_unverified_context().wrap_socket(client.sock)
+        assert client.read_reply()[0] == 220
+    else:
+        client = RawSMTP(node.address, port=SMTP_PORT if service == "smtp" else SUBMISSION_PORT)
+    client.expect("HELO client.outside.test", 250)
+    if service == "submission":
+        client.starttls(ssl._create_unverified_context())
+        client.expect("HELO client.outside.test", 250)
+    if service != "smtp":
+        plain = base64.b64encode(f"\0{ALICE}\0alice-password".encode()).decode()
+        client.expect(f"AUTH PLAIN {plain}", 235)
+    return client
+
+
+@pytest.mark.parametrize("service", ["smtp", "submission", "submissions"])
+def test_bdat_after_helo_is_503_and_its_chunk_is_not_commands(node, service):
+    """
+    RFC 5321 2.2.1: a HELO session was offered no CHUNKING.  The chunk
+    pipelined behind the BDAT is read and dropped: the commands inside it
+    get no reply, and the session goes on in step.
+    """
+    before = node.mail_snapshot()
+    chunk = b"RSET\r\nMAIL FROM:<evil@outside.test>\r\nNOOP\r\n"
+    with _helo_session(node, service) as client:
+        client.expect(f"MAIL FROM:<{ALICE if service != 'smtp' else SENDER}>", 250)
+        client.expect(f"RCPT TO:<{BOB}>", 250)
+        client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"HELP\r\n")
+        code, lines = client.read_reply()
+        assert (code, lines[0][:5]) == (503, "5.5.1") and "EHLO" in lines[0]
+        assert client.read_reply()[0] == 214            # HELP: the next command
+        assert client.pending() == b""
+        assert client.command("DATA")[0] == 354          # the transaction is intact
+        subject = b"Subject: after helo on " + service.encode()
+        client.send(subject + b"\r\n\r\nhi\r\n.\r\n")
+        assert client.read_reply()[0] == 250
+    _one_new(node, BOB, subject + b"\r\n")
+    assert not [m for m in node.mail_snapshot().new_since(before).values() if b"evil" in m]
 
 
 # -- SMTPUTF8 (RFC 6531) ----------------------------------------------------------------
