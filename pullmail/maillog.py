@@ -154,12 +154,11 @@ LOCAL_ATTEMPT = Event(
     "local retry of {id} ({queue_id}): delivered {delivered}, refused {refused}, "
     "deferred {deferred}",
 )
-LOCAL_BOUNCED = Event("local-bounced", "failed DSN for {queue_id} to <{sender}>: {recipients}")
+LOCAL_BOUNCED = Event("local-bounced", "{action} DSN for {queue_id} to <{sender}>: {recipients}")
 LOCAL_DEFERRED = Event(
     "local-deferred",
     "deferred local delivery of {queue_id} to {recipients} as {id} until {when}: {reason}",
 )
-LOCAL_BOUNCE_DROPPED = Event("local-bounce-dropped", "not bouncing {queue_id} to <{sender}>")
 SESSION_TLS = Event("session-tls", "session with {host} [{address}]: {tls}")
 SESSION_FAILED = Event(
     "session-failed",
@@ -315,7 +314,6 @@ VOCABULARY = _vocabulary(
     LMTP_FAILED,
     LOCAL_ATTEMPT,
     LOCAL_BOUNCED,
-    LOCAL_BOUNCE_DROPPED,
     LOCAL_DEFERRED,
     LOCAL_QUEUE_LOADED,
     LOCAL_REFUSED,

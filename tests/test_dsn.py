@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from pullmail.accounts.users import Accounts
 from pullmail.inbound.router import Router
 from pullmail.outbound.bounce import FailedRecipient, build_dsn
-from pullmail.outbound.bouncer import returned_limit
+from pullmail.outbound.bouncer import Reports, returned_limit
 from pullmail.smtp import dsn
 from pullmail.smtp.client import _envelope
 from pullmail.smtp.envelope import Envelope, Session
@@ -147,6 +147,70 @@ def test_success_report_content():
 ])
 def test_returned_limit(params, action, limit):
     assert returned_limit(params, action) == limit
+
+
+def test_ret_full_returns_up_to_the_message_size():
+    """RFC 3461 4.3: RET=FULL is the whole message, not a 64 KiB cut."""
+    assert returned_limit({"ret": "FULL"}, "failed", 10_000_000) == 10_000_000
+    assert returned_limit({"ret": "FULL"}, "delivered", 10_000_000) == 10_000_000
+    assert returned_limit({}, "failed", 10_000_000) == 64 * 1024
+    assert returned_limit({"ret": "HDRS"}, "failed", 10_000_000) == 0
+
+
+def _reports(max_size=1_000_000, authorised=None):
+    sent = []
+
+    def send(sender, message):
+        sent.append((sender, message))
+        return defer.succeed(None)
+
+    return Reports("mx.example.org", Clock(), send, authorised, max_size), sent
+
+
+BIG = b"Subject: big\r\n\r\n" + b"0123456789abcdef" * 20_000 + b"\r\nTHE END\r\n"
+
+
+@pytest.mark.parametrize("params, max_size, whole", [
+    ({"ret": "FULL"}, 1_000_000, True),     # 320 KB, under [limits] message_size
+    ({}, 1_000_000, False),                 # no RET: the 64 KiB choice (headers)
+    ({"ret": "FULL"}, 100_000, False),      # over message_size + 64 KiB: headers
+])
+def test_reports_return_ret_full_originals_whole(params, max_size, whole):
+    reports, sent = _reports(max_size)
+    done = result_of(defer.Deferred.fromCoroutine(reports.send(
+        queue_id="Q1", sender="x@remote.test", dsn_params=params, origin=None, arrival=0.0,
+        recipients=[FailedRecipient("a@remote.test", "5.1.1", "550 no", None)],
+        action="failed", original=BIG,
+    )))
+    assert done == ["a@remote.test"]
+    [(_, report)] = sent
+    assert (b"THE END" in report) is whole
+    assert b"Subject: big" in report
+
+
+@pytest.mark.parametrize("service, user, reported", [
+    ("smtp", None, False),                 # pushed from 192.0.2.1, which SPF does not back
+    ("submission", "x@remote.test", True),  # submitted: no origin to check
+])
+def test_router_success_report_obeys_spf(service, user, reported, logged_events):
+    """SPEC 7: a success report is backscatter too when SPF does not back the sender."""
+    asked = []
+
+    def authorised(origin, sender):
+        asked.append((origin, sender))
+        return defer.succeed(False)
+
+    reports, sent = _reports(authorised=authorised)
+    router = Router("mx.example.org", ACCOUNTS, FakeDeliveryAgent(), Clock())
+    router.reports = reports
+    envelope = Envelope("x@remote.test", ("alice@example.org",),
+                        rcpt_params={"alice@example.org": {"notify": "SUCCESS"}})
+    session = Session("192.0.2.1", service, user=user)
+    assert result_of(router.accept(session, envelope, [b"Subject: s\r\n\r\nb\r\n"], 10)).code == 250
+    assert bool(sent) is reported
+    assert asked == ([] if user else [("192.0.2.1", "x@remote.test")])
+    if not reported:
+        assert [e for e in logged_events if e.get("event") == "bounce-unauthorised-dropped"]
 
 
 class _Channel:
