@@ -233,3 +233,65 @@ def test_client_passes_the_parameters_on():
     assert channel.sent == [b"MAIL FROM:<a@x> RET=HDRS ENVID=e1\r\n"
                             b"RCPT TO:<b@y> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40y\r\n"
                             b"RCPT TO:<c@y>\r\n"]
+
+
+# -- ORCPT=utf-8 (RFC 6533 3) ------------------------------------------------------------
+
+@pytest.mark.parametrize("value, smtputf8, kept", [
+    ("utf-8;j\\x{F6}s\\x{E9}@example.org", False, "utf-8;j\\x{F6}s\\x{E9}@example.org"),
+    ("UTF-8;j\u00f6s\u00e9@b\u00fccher.example", True,       # unitext, kept as xtext
+     "utf-8;j\\x{F6}s\\x{E9}@b\\x{FC}cher.example"),
+    ("utf-8;a\\x{2B}b@example.org", False, "utf-8;a\\x{2B}b@example.org"),   # "+" escaped
+    ("utf-8;\\x{1F600}@example.org", False, "utf-8;\\x{1F600}@example.org"),  # 5 digits
+    ("utf-8;plain@example.org", False, "utf-8;plain@example.org"),
+    ("utf-8;j\u00f6s\u00e9@example.org", False, None),    # unitext without SMTPUTF8
+    ("utf-8;a\\x{00F6}@example.org", True, None),         # leading zeros
+    ("utf-8;a\\x{f6}@example.org", True, None),           # lower-case hex
+    ("utf-8;a\\x{41}@example.org", True, None),           # "A" is a QCHAR: never escaped
+    ("utf-8;a\\x{D800}@example.org", True, None),         # a surrogate
+    ("utf-8;a\\x{110000}@example.org", True, None),       # beyond Unicode
+    ("utf-8;a\\x{}@example.org", True, None),
+    ("utf-8;a\\b@example.org", True, None),               # a bare backslash
+    ("utf-8;a+2Bb@example.org", True, None),                # "+" is no QCHAR (xtext's form)
+    ("utf-8;a=b@example.org", True, None),
+    ("utf-8;nobody", True, None),                          # no mailbox
+    ("utf-8;a@b@example.org", True, None),
+    ("utf-8;", True, None),
+    ("rfc822;j\u00f6s\u00e9@example.org", True, None),     # rfc822 stays xtext
+])
+def test_utf8_orcpt(value, smtputf8, kept):
+    result = dsn.check_rcpt_parameters({"ORCPT": value}, smtputf8)
+    if kept is None:
+        assert (result.code, result.enhanced) == (501, "5.5.4")
+    else:
+        assert result == {"orcpt": kept}
+        # What is kept is again a valid ORCPT, for any peer, with or without SMTPUTF8.
+        assert dsn.check_rcpt_parameters({"ORCPT": kept}, False) == {"orcpt": kept}
+
+
+def test_utf8_orcpt_in_the_machine():
+    """The unitext form on the command line (RFC 6531 3.3's esmtp-value) with SMTPUTF8."""
+    m = _machine()
+    m.handle("MAIL FROM:<x@remote.test> SMTPUTF8")
+    assert m.handle("RCPT TO:<alice@example.org> ORCPT=utf-8;\u00e4li@example.org").code == 250
+    assert m.envelope.rcpt_params["alice@example.org"] == {"orcpt": "utf-8;\\x{E4}li@example.org"}
+    m = _machine()
+    m.handle("MAIL FROM:<x@remote.test>")
+    reply = m.handle("RCPT TO:<alice@example.org> ORCPT=utf-8;\u00e4li@example.org")
+    assert (reply.code, reply.enhanced) == (501, "5.5.4")
+
+
+def test_utf8_orcpt_echoed_and_passed_on():
+    report = build_dsn(
+        reporting_mta="mx.example.org", original_sender="x@remote.test",
+        recipients=[FailedRecipient("alice@example.org", "5.1.1", None, None, "failed",
+                                    "utf-8;\\x{E4}li@example.org")],
+        original=b"Subject: s\r\n\r\nb\r\n", queue_id="Q1", arrival_date=0.0, now=0.0,
+        boundary="=_b", message_id="m@mx",
+    )
+    assert b"Original-Recipient: utf-8; \\x{E4}li@example.org\r\n" in report
+    channel = _Channel()
+    result_of(defer.Deferred.fromCoroutine(_envelope(
+        channel, "a@x", ["b@y"], None, None, False, True,
+        {"orcpt": {"b@y": "utf-8;\\x{E4}li@example.org"}})))
+    assert channel.sent[-1].endswith(b"RCPT TO:<b@y> ORCPT=utf-8;\\x{E4}li@example.org\r\n")

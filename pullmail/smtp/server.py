@@ -584,7 +584,8 @@ class ServerMachine(_SASL):
             return replies.S501_BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {e}")
         if refusal := self._parameters_refused(params):
             return refusal
-        kept = check_rcpt_parameters(params)     # NOTIFY, ORCPT (RFC 3461 4.1, 4.2)
+        # NOTIFY, ORCPT (RFC 3461 4.1, 4.2; RFC 6533 3)
+        kept = check_rcpt_parameters(params, "SMTPUTF8" in self.envelope.params)
         if isinstance(kept, Reply):
             return kept
         if mailbox.utf8 and "SMTPUTF8" not in self.envelope.params:

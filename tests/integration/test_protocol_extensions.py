@@ -291,6 +291,14 @@ def test_utf8_mail_lands_in_a_utf8_maildir(node):
     ("MAIL FROM:<{s}>", "RCPT TO:<{r}> NOTIFY=NEVER,SUCCESS"),
     ("MAIL FROM:<{s}>", "RCPT TO:<{r}> ORCPT=rfc822;bob+zz"),
     ("MAIL FROM:<{s}>", "RCPT TO:<{r}> NOTIFY=DELAY NOTIFY=DELAY"),
+    # RFC 6533 3: UTF-8 ORCPT only with SMTPUTF8; HEXPOINT in shortest
+    # upper-case form, for a character QCHAR cannot carry; a mailbox inside.
+    ("MAIL FROM:<{s}>", "RCPT TO:<{r}> ORCPT=utf-8;b\u00f6b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\x{{00F6}}b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\x{{6F}}b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\x{{D800}}b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\ob@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\u00f6b"),
 ])
 def test_bad_dsn_parameters_are_501_5_5_4(node, mail, rcpt):
     before = node.mail_snapshot()
@@ -323,6 +331,23 @@ def test_notify_success_on_local_delivery_sends_a_delivered_report(node):
     assert b"Original-Envelope-Id: env+7" in report
     assert b"Subject: report me" in report and b"secret body" not in report   # RET=HDRS
     assert report.startswith(b"Return-Path: <>\r\nDelivered-To: alice@example.org\r\n")
+
+
+@pytest.mark.parametrize("orcpt", ["utf-8;b\u00f6bby@example.org",          # unitext
+                                   "utf-8;b\\x{F6}bby@example.org"])       # xtext
+def test_utf8_orcpt_is_echoed_as_utf8_addr_xtext(node, orcpt):
+    """RFC 6533 3: Original-Recipient: utf-8; in the 7-bit form, in message/delivery-status."""
+    form = "xtext" if orcpt.isascii() else "unitext"
+    message = f"Subject: orcpt as {form}\r\n\r\nhi\r\n".encode()
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(ALICE, "alice-password")
+        assert client.sendmail(ALICE, [BOB], message, mail_options=["SMTPUTF8"],
+                               rcpt_options=["NOTIFY=SUCCESS", f"ORCPT={orcpt}"]) == {}
+    report = _one_new(node, ALICE, message.split(b"\r\n")[0])
+    assert b"Action: delivered" in report
+    assert b"Original-Recipient: utf-8; b\\x{F6}bby@example.org\r\n" in report
 
 
 # -- between nodes: push and General Delivery's reversed turn --------------------------
