@@ -239,6 +239,12 @@ MTA_STS_CACHED = Event(
 MTA_STS_CACHE_DAMAGED = Event(
     "mta-sts-cache-damaged", "ignoring MTA-STS cache file {name}: {error}", LogLevel.warn,
 )
+MTA_STS_EXPIRED = Event(
+    "mta-sts-expired", "MTA-STS policies past their max_age forgotten: {domains}",
+)
+MTA_STS_REFRESH = Event(
+    "mta-sts-refresh", "MTA-STS refresh: {count} cached policies looked up again",
+)
 MTA_STS_VERIFIED = Event(
     "mta-sts-verified", "MTA-STS enforce ({domain}): MX {host} certificate verified",
 )
@@ -324,8 +330,10 @@ VOCABULARY = _vocabulary(
     MAIL_LOOP,
     MTA_STS_CACHED,
     MTA_STS_CACHE_DAMAGED,
+    MTA_STS_EXPIRED,
     MTA_STS_FETCH_FAILED,
     MTA_STS_POLICY,
+    MTA_STS_REFRESH,
     MTA_STS_REFUSED,
     MTA_STS_REPORT,
     MTA_STS_TLS_REPORT,

@@ -293,7 +293,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                                 config.delivery.bind_address)
         mta_sts = MTASTS(resolver=resolver, fetch=fetcher.fetch, clock=reactor, trust=trust_root,
                          cache=PolicyCache(state / "mta-sts", run_blocking))
-        Startable(mta_sts.start, lambda: None).setServiceParent(node)
+        Startable(mta_sts.start, mta_sts.stop).setServiceParent(node)
     outbound = Outbound(
         outbox=outbox, resolver=resolver,
         connect=connect if config.delivery.smarthost else guarded_connect, clock=reactor,
