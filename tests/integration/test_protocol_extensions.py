@@ -333,6 +333,23 @@ def test_notify_success_on_local_delivery_sends_a_delivered_report(node):
     assert report.startswith(b"Return-Path: <>\r\nDelivered-To: alice@example.org\r\n")
 
 
+def test_no_success_report_to_a_sender_spf_does_not_back(node):
+    """SPEC 7: a success report to a forged sender is backscatter like a bounce."""
+    message = b"Subject: pushed, report asked\r\n\r\nhi\r\n"
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        client.expect(f"MAIL FROM:<{SENDER}> RET=FULL", 250)
+        client.expect(f"RCPT TO:<{BOB}> NOTIFY=SUCCESS", 250)
+        client.expect("DATA", 354)
+        client.send(message + b".\r\n")
+        code, lines = client.read_reply()
+        assert code == 250
+    queue_id = lines[0].rsplit(" ", 1)[1]
+    _one_new(node, BOB, b"Subject: pushed, report asked")
+    node.wait_log(rf"not bouncing {queue_id} to <{re.escape(SENDER)}>: SPF does not authorise", 10)
+    assert f"delivered DSN for {queue_id}" not in node.log_text()
+
+
 @pytest.mark.parametrize("orcpt", ["utf-8;b\u00f6bby@example.org",          # unitext
                                    "utf-8;b\\x{F6}bby@example.org"])       # xtext
 def test_utf8_orcpt_is_echoed_as_utf8_addr_xtext(node, orcpt):
