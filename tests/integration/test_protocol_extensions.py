@@ -452,6 +452,30 @@ def test_dsn_parameters_cross_gdel_and_retr(net):
     receiver.wait_log(r"injected \w+ from <> for \['alice@sender\.test'\]", 5)
 
 
+def test_ret_full_bounce_returns_a_large_message_whole(net):
+    """
+    RFC 3461 4.3: RET=FULL returns the whole message, past 64 KiB (up to
+    [limits] message_size); without RET the choice stays the header only.
+    """
+    sender = net.sender()
+    net.node("other", OTHER_IP, "other.test", [CAROL])
+    body = ("0123456789abcdef" * 4 + "\r\n") * 2300         # about 150 KB
+    with smtplib.SMTP(sender.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(WORLD_ALICE, PASSWORD)
+        for ret in ("FULL", None):
+            message = (f"From: {WORLD_ALICE}\r\nSubject: ret {ret}\r\n\r\n{body}END {ret}\r\n")
+            client.sendmail(WORLD_ALICE, ["nobody@other.test"], message.encode(),
+                            mail_options=[f"RET={ret}"] if ret else [])
+    for ret, whole in (("FULL", True), (None, False)):
+        [report] = wait_until(
+            lambda: [m for m in sender.delivered(WORLD_ALICE) if f"Subject: ret {ret}".encode() in m
+                     and b"Action: failed" in m], 20, message=f"the RET={ret} bounce")
+        assert (f"END {ret}".encode() in report) is whole
+        assert len(report) > 150_000 if whole else len(report) < 20_000
+
+
 # -- with a real Postfix (the private instance of postfix.py) --------------------------
 
 PM_IP, PF_IP, CLIENT_IP, DNS_IP = "127.0.0.102", "127.0.0.103", "127.0.0.104", "127.0.0.105"
