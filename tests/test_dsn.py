@@ -125,14 +125,19 @@ def test_router_keeps_params_per_final_address_and_reports_delivery():
     assert b"Original-Envelope-Id: id+1" in report and b"secret body" not in report
 
 
+def _report(recipient: FailedRecipient, **kw) -> bytes:
+    """A report on C{recipient} for alice@example.org's message."""
+    return build_dsn(
+        reporting_mta="mx.example.org", original_sender="x@remote.test", recipients=[recipient],
+        original=b"Subject: s\r\n\r\nsecret body\r\n", queue_id="Q1", arrival_date=0.0,
+        now=0.0, boundary="=_b", message_id="m@mx", **kw)
+
+
 def test_success_report_content():
-    report = build_dsn(
-        reporting_mta="mx.example.org", original_sender="x@remote.test",
-        recipients=[FailedRecipient("alice@example.org", "2.0.0", None, None, "delivered",
-                                    "rfc822;team+40example.org")],
-        original=b"Subject: s\r\n\r\nsecret body\r\n", queue_id="Q1", arrival_date=0.0, now=0.0,
-        boundary="=_b", message_id="m@mx", envid="id+2B1",
-        full_message_limit=returned_limit({"ret": "HDRS"}, "delivered"),
+    report = _report(
+        FailedRecipient("alice@example.org", "2.0.0", None, None, "delivered",
+                        "rfc822;team+40example.org"),
+        envid="id+2B1", full_message_limit=returned_limit({"ret": "HDRS"}, "delivered"),
     )
     assert b"Subject: Successful Mail Delivery Report" in report
     assert b"Action: delivered\r\nStatus: 2.0.0" in report
@@ -282,13 +287,8 @@ def test_utf8_orcpt_in_the_machine():
 
 
 def test_utf8_orcpt_echoed_and_passed_on():
-    report = build_dsn(
-        reporting_mta="mx.example.org", original_sender="x@remote.test",
-        recipients=[FailedRecipient("alice@example.org", "5.1.1", None, None, "failed",
-                                    "utf-8;\\x{E4}li@example.org")],
-        original=b"Subject: s\r\n\r\nb\r\n", queue_id="Q1", arrival_date=0.0, now=0.0,
-        boundary="=_b", message_id="m@mx",
-    )
+    report = _report(FailedRecipient("alice@example.org", "5.1.1", None, None, "failed",
+                                     "utf-8;\\x{E4}li@example.org"))
     assert b"Original-Recipient: utf-8; \\x{E4}li@example.org\r\n" in report
     channel = _Channel()
     result_of(defer.Deferred.fromCoroutine(_envelope(
