@@ -401,7 +401,74 @@ class _SASL:
         return replies.S235_AUTH_OK
 
 
-class ServerMachine(_SASL):
+class _Chunking:
+    """
+    The machine's BDAT (RFC 3030): each chunk is read by the glue as
+    exactly its size (L{ReadChunk}) and handed back to L{chunk_received};
+    a refused BDAT's chunk is read and dropped before its refusal.
+    """
+
+    policy: ServerPolicy
+    session: Session
+    state: State
+    _chunked: ChunkedMessage | None
+    _first_chunk: tuple[int, bool]
+    _skipped: Reply | None
+
+    def _bdat(self, argument: str) -> object:
+        if not self.extensions_offered:
+            # RFC 3030 2 / RFC 5321 2.2.1: CHUNKING is an extension EHLO
+            # offers; a HELO session was offered none.
+            return self._skip_chunk(argument, S503_BDAT_NEEDS_EHLO)
+        parsed = self._bdat_argument(argument)
+        if isinstance(parsed, Close):
+            return parsed
+        if self._chunked is None:
+            self._chunked = ChunkedMessage(self.policy.max_size)
+            self._advance("BDAT")
+            if self._needs_push_check():
+                self._first_chunk = parsed
+                return CheckPush(self.session, self.envelope)
+        return self._read_chunk(*parsed)
+
+    def _bdat_argument(self, argument: str) -> tuple[int, bool] | Close:
+        parsed = parse_bdat(argument)
+        if parsed is None:
+            # The chunk's length is unknown, so what follows cannot be
+            # framed: read as commands it could smuggle some in.
+            self.state = State.CLOSED
+            return Close(S501_BAD_BDAT)
+        return parsed
+
+    def _skip_chunk(self, argument: str, refusal: Reply) -> object:
+        """
+        A refused BDAT: its chunk still follows (pipelined, RFC 3030 2),
+        so it is read and thrown away, then C{refusal} answers it; read as
+        commands, the chunk could smuggle some in.
+        """
+        parsed = self._bdat_argument(argument)
+        if isinstance(parsed, Close):
+            return parsed
+        self._skipped = refusal
+        return ReadChunk(parsed[0], parsed[1], keep=False)
+
+    def _read_chunk(self, size: int, last: bool) -> ReadChunk:
+        self._chunked.announce(size, last)
+        return ReadChunk(size, last, keep=self._chunked.error is None)
+
+    def chunk_received(self, data: bytes) -> object:
+        """The glue read a whole BDAT chunk: its reply, or the end of data."""
+        if self._skipped is not None:
+            refusal, self._skipped = self._skipped, None
+            return refusal
+        chunked = self._chunked
+        reply = chunked.add(data)
+        if not chunked.last:
+            return reply
+        return self.data_received(chunked.message(), chunked.size, chunked.error)
+
+
+class ServerMachine(_SASL, _Chunking):
     """One SMTP session's state, driven by lines; no I/O."""
 
     TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
@@ -619,58 +686,6 @@ class ServerMachine(_SASL):
         if self._needs_push_check():
             return CheckPush(self.session, self.envelope)
         return self._begin_data()
-
-    def _bdat(self, argument: str) -> object:
-        if not self.extensions_offered:
-            # RFC 3030 2 / RFC 5321 2.2.1: CHUNKING is an extension EHLO
-            # offers; a HELO session was offered none.
-            return self._skip_chunk(argument, S503_BDAT_NEEDS_EHLO)
-        parsed = self._bdat_argument(argument)
-        if isinstance(parsed, Close):
-            return parsed
-        if self._chunked is None:
-            self._chunked = ChunkedMessage(self.policy.max_size)
-            self._advance("BDAT")
-            if self._needs_push_check():
-                self._first_chunk = parsed
-                return CheckPush(self.session, self.envelope)
-        return self._read_chunk(*parsed)
-
-    def _bdat_argument(self, argument: str) -> tuple[int, bool] | Close:
-        parsed = parse_bdat(argument)
-        if parsed is None:
-            # The chunk's length is unknown, so what follows cannot be
-            # framed: read as commands it could smuggle some in.
-            self.state = State.CLOSED
-            return Close(S501_BAD_BDAT)
-        return parsed
-
-    def _skip_chunk(self, argument: str, refusal: Reply) -> object:
-        """
-        A refused BDAT: its chunk still follows (pipelined, RFC 3030 2),
-        so it is read and thrown away, then C{refusal} answers it; read as
-        commands, the chunk could smuggle some in.
-        """
-        parsed = self._bdat_argument(argument)
-        if isinstance(parsed, Close):
-            return parsed
-        self._skipped = refusal
-        return ReadChunk(parsed[0], parsed[1], keep=False)
-
-    def _read_chunk(self, size: int, last: bool) -> ReadChunk:
-        self._chunked.announce(size, last)
-        return ReadChunk(size, last, keep=self._chunked.error is None)
-
-    def chunk_received(self, data: bytes) -> object:
-        """The glue read a whole BDAT chunk: its reply, or the end of data."""
-        if self._skipped is not None:
-            refusal, self._skipped = self._skipped, None
-            return refusal
-        chunked = self._chunked
-        reply = chunked.add(data)
-        if not chunked.last:
-            return reply
-        return self.data_received(chunked.message(), chunked.size, chunked.error)
 
     def _begin_data(self) -> BeginData:
         self._advance("DATA")
