@@ -178,7 +178,8 @@ def test_deferred_recipient_keeps_its_dsn_parameters(dovecot, make_node):
     bob.mkdir(parents=True)
     os.chown(bob.parent, dovecot.uid, dovecot.gid)
     bob.chmod(0o500)
-    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test", timeout=30) as client:
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
         client.starttls(context=ssl._create_unverified_context())
         client.login(ALICE, "pw-alice-1")
         client.ehlo()
