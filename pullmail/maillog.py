@@ -154,12 +154,11 @@ LOCAL_ATTEMPT = Event(
     "local retry of {id} ({queue_id}): delivered {delivered}, refused {refused}, "
     "deferred {deferred}",
 )
-LOCAL_BOUNCED = Event("local-bounced", "failed DSN for {queue_id} to <{sender}>: {recipients}")
+LOCAL_BOUNCED = Event("local-bounced", "{action} DSN for {queue_id} to <{sender}>: {recipients}")
 LOCAL_DEFERRED = Event(
     "local-deferred",
     "deferred local delivery of {queue_id} to {recipients} as {id} until {when}: {reason}",
 )
-LOCAL_BOUNCE_DROPPED = Event("local-bounce-dropped", "not bouncing {queue_id} to <{sender}>")
 SESSION_TLS = Event("session-tls", "session with {host} [{address}]: {tls}")
 SESSION_FAILED = Event(
     "session-failed",
@@ -240,6 +239,12 @@ MTA_STS_CACHED = Event(
 MTA_STS_CACHE_DAMAGED = Event(
     "mta-sts-cache-damaged", "ignoring MTA-STS cache file {name}: {error}", LogLevel.warn,
 )
+MTA_STS_EXPIRED = Event(
+    "mta-sts-expired", "MTA-STS policies past their max_age forgotten: {domains}",
+)
+MTA_STS_REFRESH = Event(
+    "mta-sts-refresh", "MTA-STS refresh: {count} cached policies looked up again",
+)
 MTA_STS_VERIFIED = Event(
     "mta-sts-verified", "MTA-STS enforce ({domain}): MX {host} certificate verified",
 )
@@ -315,7 +320,6 @@ VOCABULARY = _vocabulary(
     LMTP_FAILED,
     LOCAL_ATTEMPT,
     LOCAL_BOUNCED,
-    LOCAL_BOUNCE_DROPPED,
     LOCAL_DEFERRED,
     LOCAL_QUEUE_LOADED,
     LOCAL_REFUSED,
@@ -326,8 +330,10 @@ VOCABULARY = _vocabulary(
     MAIL_LOOP,
     MTA_STS_CACHED,
     MTA_STS_CACHE_DAMAGED,
+    MTA_STS_EXPIRED,
     MTA_STS_FETCH_FAILED,
     MTA_STS_POLICY,
+    MTA_STS_REFRESH,
     MTA_STS_REFUSED,
     MTA_STS_REPORT,
     MTA_STS_TLS_REPORT,

@@ -137,8 +137,10 @@ def test_records_of_the_previous_version_load(store) -> None:
     (store.root / "old.json").write_text(json.dumps(OLD_RECORD))
     loaded = _reloaded(store).get("sender.example", ID1)
     assert loaded.state is NotificationState.RETRIEVED
-    # held, dsn: new fields, with their defaults.
-    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {}}
+    # held, dsn, esmtp: new fields, with their defaults (an old record's
+    # notifier is taken to have seen our EHLO keywords, as before).
+    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {},
+                                            "esmtp": True}
 
 
 def test_states_are_written_as_before() -> None:

@@ -7,6 +7,8 @@ drives both.
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 from twisted.internet import defer
@@ -131,8 +133,8 @@ class World:
         return retriever
 
     def notify(self, gdel_id: str = GDEL_ID, sender: str | None = SENDER, recipients=(BOB,),
-               peer: str = SMTA) -> Reply:
-        session = Session(peer, "smtp", helo="mx.sender.example", esmtp=True)
+               peer: str = SMTA, esmtp: bool = True) -> Reply:
+        session = Session(peer, "smtp", helo="mx.sender.example", esmtp=esmtp)
         envelope = Envelope(sender, tuple(recipients), len(MESSAGE)) if sender else None
         found = []
         self.retriever(object(), Notify(session, envelope, gdel_id)).addBoth(found.append)
@@ -195,6 +197,17 @@ def test_accepted_and_stored(tmp_path) -> None:
     assert notification.recipients == [BOB]
     assert notification.notified_at == START
     assert notification.size == len(MESSAGE)
+
+
+@pytest.mark.parametrize("esmtp", [True, False])
+def test_kept_whether_the_notifier_saw_our_extensions(tmp_path, esmtp) -> None:
+    """SPEC 4: after HELO the SMTA saw no EHLO keywords, so its turn may use none."""
+    world = World(tmp_path)
+    world.network.stop_listening(SMTA, 25)
+    world.notify(esmtp=esmtp)
+    stored = PendingStore(tmp_path / "pending")
+    stored.load()
+    assert stored.get("sender.example", GDEL_ID).esmtp is esmtp
 
 
 def test_stored_through_store_file_before_the_reply(tmp_path) -> None:

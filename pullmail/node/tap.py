@@ -44,6 +44,7 @@ from pullmail.node.maildrop import MAILDROP, Maildrop
 from pullmail.node.metrics import Metrics, MetricsObserver, QueueCollector, metrics_site
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound import mx
+from pullmail.outbound.bouncer import Reports
 from pullmail.outbound.delivery import Outbound
 from pullmail.outbound.lifecycle import due_at
 from pullmail.outbound.local import LocalQueue
@@ -279,6 +280,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     def send_bounce(sender: str, message: bytes):
         return router.inject("", [sender], [message])
 
+    # One set of rules for every DSN the node sends (outbox, local queue,
+    # success reports): DSN parameters, SPF against backscatter, RET=FULL.
+    reports = Reports(hostname, reactor, send_bounce, trust.spf_passes,
+                      config.limits.message_size)
+    router.reports = reports
+
     mta_sts = None
     if config.delivery.mta_sts:
         trust_root = SystemTrust(config.delivery.tls_ca)
@@ -286,14 +293,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                                 config.delivery.bind_address)
         mta_sts = MTASTS(resolver=resolver, fetch=fetcher.fetch, clock=reactor, trust=trust_root,
                          cache=PolicyCache(state / "mta-sts", run_blocking))
-        Startable(mta_sts.start, lambda: None).setServiceParent(node)
+        Startable(mta_sts.start, mta_sts.stop).setServiceParent(node)
     outbound = Outbound(
         outbox=outbox, resolver=resolver,
         connect=connect if config.delivery.smarthost else guarded_connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=send_bounce,
         client_tls=outbound_tls,
-        sender_authorised=trust.spf_passes, mta_sts=mta_sts,
+        sender_authorised=trust.spf_passes, mta_sts=mta_sts, reports=reports,
     )
     router.outbound = outbound
     # Issue 18: the throttles count per /ipv4_prefix and /ipv6_prefix.
@@ -304,7 +311,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     local_queue = LocalQueue(
         store=MaildirOutbox(state / "local-queue", run_blocking), agent=delivery,
         clock=reactor, run_blocking=run_blocking, hostname=hostname, config=config.delivery,
-        send_bounce=send_bounce, sender_authorised=trust.spf_passes,
+        send_bounce=send_bounce, sender_authorised=trust.spf_passes, reports=reports,
     )
     router.local_queue = local_queue
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,

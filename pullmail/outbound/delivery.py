@@ -28,7 +28,7 @@ from pullmail.ids import new_gdel_id
 from pullmail.interfaces import IOutbox
 from pullmail.net.dns import Resolver
 from pullmail.outbound import lifecycle
-from pullmail.outbound.bouncer import Bouncer
+from pullmail.outbound.bouncer import Bouncer, Reports
 from pullmail.outbound.cluster import ClusterWork
 from pullmail.outbound.lifecycle import (
     Attempted,
@@ -84,6 +84,7 @@ class Outbound:
         client_tls=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
         mta_sts=None,
+        reports: Reports | None = None,
     ) -> None:
         self.outbox = outbox
         self.resolver = resolver
@@ -96,7 +97,9 @@ class Outbound:
         self.send_bounce = send_bounce
         self.sender_authorised = sender_authorised
         self.mta_sts = mta_sts   # an outbound.sts.MTASTS when [delivery] mta_sts is on
-        self.bouncer = Bouncer(self)
+        self.bouncer = Bouncer(self, reports or Reports(
+            hostname, clock, lambda sender, message: self.send_bounce(sender, message),
+            sender_authorised))
         # Sessions: SESSIONS_PER_DOMAIN per domain, MAX_SESSIONS in all, each
         # keeping on with its domain's line until it is empty, so a stream of
         # messages for one domain shares a few connections (and their TLS

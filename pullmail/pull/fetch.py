@@ -138,6 +138,7 @@ class Fetcher:
         machine = TurnMachine(
             self.owner.policy, session, sender=notification.sender,
             recipients=tuple(notification.recipients) if notification.recipients else None,
+            offered=notification.esmtp,
         )
         connection.performers = {Deliver: self._performer(notification)}
         await connection.serve_turn(machine)

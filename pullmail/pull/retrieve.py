@@ -174,6 +174,7 @@ class Retriever:
         # SMTA sees its 250, but its copy is dropped at delivery.
         self._pend_again(notification, now)
         notification.notified_at, notification.peer = now, session.peer
+        notification.esmtp = session.esmtp     # what the turn may use (SPEC 4)
         try:
             await self._save(notification)
         except OSError as e:

@@ -60,6 +60,9 @@ class Notification:
     # The notification's DSN parameters (RFC 3461; L{pullmail.smtp.dsn}).
     dsn: dict = field(default_factory=dict)
     held: bool = False       # `pullmail queue hold`: not retrieved until released
+    # Notified after EHLO: the SMTA saw our extensions (CHUNKING...) and may
+    # use them in its turn (SPEC 4); after HELO it saw none (RFC 5321 2.2.1).
+    esmtp: bool = True
     # A delivery may have begun (this process began one, or the record was
     # read at start-up): a retry must look in the mailboxes before storing.
     # Known in memory only: L{PendingStore.load} derives it from the state.

@@ -24,7 +24,7 @@ import smtplib
 import pytest
 
 from .dovecot import DovecotInstance, dovecot_unavailable, make_workdir
-from .harness import smtp, submit
+from .harness import SUBMISSION_PORT, smtp, submit
 
 NODE_IP = "127.0.0.81"
 DOVECOT_INET = ("127.0.0.82", 2424)
@@ -163,6 +163,41 @@ def test_one_recipient_deferred_by_dovecot_is_retried(dovecot, make_node):
     bob.chmod(0o700)
     dovecot.wait_delivered(BOB, timeout=20)
     assert len(dovecot.delivered(ALICE)) == 1
+
+
+def test_deferred_recipient_keeps_its_dsn_parameters(dovecot, make_node):
+    """
+    RFC 3461 with the local queue: Bob deferred by Dovecot, with
+    NOTIFY=SUCCESS, ENVID and ORCPT; his later delivery sends Alice the
+    success report that echoes them (RET=HDRS: the header only).
+    """
+    import ssl
+
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    bob = dovecot.maildir(BOB)
+    bob.mkdir(parents=True)
+    os.chown(bob.parent, dovecot.uid, dovecot.gid)
+    bob.chmod(0o500)
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(ALICE, "pw-alice-1")
+        client.ehlo()
+        assert client.mail(ALICE, ["RET=HDRS", "ENVID=later+2B1"])[0] == 250
+        assert client.rcpt(ALICE)[0] == 250
+        assert client.rcpt(BOB, ["NOTIFY=SUCCESS", "ORCPT=rfc822;robert+40example.org"])[0] == 250
+        assert client.data(MESSAGE.replace(b"over LMTP", b"report later"))[0] == 250
+    node.wait_log(r"deferred local delivery of \w+ to \['bob@example.org'\]")
+    assert len(dovecot.delivered(ALICE)) == 1          # her copy; no report yet
+    os.chown(bob, dovecot.uid, dovecot.gid)
+    bob.chmod(0o700)
+    dovecot.wait_delivered(BOB, timeout=20)
+    [report] = [m for m in dovecot.wait_delivered(ALICE, count=2, timeout=20)
+                if b"Successful Mail Delivery Report" in m]
+    assert b"Action: delivered" in report and b"Final-Recipient: rfc822; bob@example.org" in report
+    assert b"Original-Recipient: rfc822; robert@example.org" in report
+    assert b"Original-Envelope-Id: later+1" in report
+    assert b"Subject: report later" in report and b"dot-stuffed" not in report
 
 
 # -- General Delivery: retrieved mail takes the same way ---------------------------
