@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import dkim
+import dkim.util
+import nacl.exceptions
+from dkim.canonicalization import Relaxed
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -32,7 +35,7 @@ from twisted.python.failure import Failure
 from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.trust.dkim_keys import SigningKey
-from pullmail.trust.message import from_domains, header_end
+from pullmail.trust.message import ParsedMessage, from_domains, header_end
 
 __all__ = ["Signer", "Verifier", "DKIMResult", "MAX_SIGNATURES", "signed_fields"]
 
@@ -60,7 +63,9 @@ _OVERSIGNED = frozenset((
     b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
     b"content-type", b"content-transfer-encoding", b"content-id", b"content-description",
 ))
-_RELAXED = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+
+_PKCS1 = padding.PKCS1v15()
+_PREHASHED = utils.Prehashed(hashes.SHA256())
 
 
 def signed_fields(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
@@ -108,12 +113,11 @@ class Signer:
         keys = self._keys_for(domains[0]) if len(domains) == 1 else None
         if not keys:
             return list(chunks)
-        headers, body = dkim.rfc822_parse(message)
-        canonical = _RELAXED.canonicalize_headers(headers)
-        include = signed_fields(headers)
-        body_hash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(body)).digest())
+        parsed = ParsedMessage(message)
+        include = signed_fields(parsed.headers)
+        body_hash = base64.b64encode(hashlib.sha256(parsed.canonical_body(Relaxed)).digest())
         now = str(int(self.clock.seconds())).encode("ascii")
-        return [self._signature(key, canonical, include, body_hash, now)
+        return [self._signature(key, parsed, include, body_hash, now)
                 for key in keys] + [message]
 
     def _keys_for(self, domain: str):
@@ -128,7 +132,8 @@ class Signer:
             domain = domain.partition(".")[2]
         return None
 
-    def _signature(self, key: SigningKey, canonical, include, body_hash: bytes,
+    @staticmethod
+    def _signature(key: SigningKey, parsed: ParsedMessage, include, body_hash: bytes,
                    now: bytes) -> bytes:
         tags = [(b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
                 (b"d", key.domain.encode()), (b"s", key.selector.encode()), (b"t", now),
@@ -136,11 +141,9 @@ class Signer:
         # RFC 6376 3.7: the hash covers the signature field with an empty b=.
         value = b" " + _fold(tags) + b"\r\n\tb="
         digest = hashlib.sha256()
-        dkim.hash_headers(digest, _RELAXED, canonical, list(include),
-                          (b"DKIM-Signature", value), dict(tags))
+        parsed.hash_signed(digest, Relaxed, include, (b"DKIM-Signature", value))
         if key.algorithm.startswith("rsa"):
-            raw = key.private.sign(digest.digest(), padding.PKCS1v15(),
-                                   utils.Prehashed(hashes.SHA256()))
+            raw = key.private.sign(digest.digest(), _PKCS1, _PREHASHED)
         else:
             # RFC 8463 3: Ed25519 signs the SHA-256 hash, not the data.
             raw = key.private.sign(digest.digest())
@@ -179,6 +182,7 @@ class DKIMResult:
 
 
 _TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)")
+_H_SEPARATOR = re.compile(rb"\s*:\s*")
 
 
 def _loose_tags(value: bytes) -> dict[bytes, bytes]:
@@ -196,13 +200,32 @@ class _Pending:
 
     def __init__(self, index: int, value: bytes) -> None:
         self.index = index
-        tags = _loose_tags(value)
+        self.sig: dict[bytes, bytes] | None = None
+        self.include: list[bytes] = []
+        try:
+            # RFC 6376 3.5 by dkimpy: the tag list, the required tags.
+            tags = dkim.util.parse_tag_value(value)
+            dkim.validate_signature_fields(tags)
+            self.sig = tags
+        except Exception as e:      # dkimpy raises more than DKIMException on junk
+            tags = _loose_tags(value)
+            problem = f"bad signature: {e}"
         self.domain = _squeezed(tags.get(b"d", b"")).decode("ascii", "replace").lower()
         self.selector = _squeezed(tags.get(b"s", b"")).decode("ascii", "replace")
         self.b = _squeezed(tags.get(b"b", b""))[:12].decode("ascii", "replace")
-        self.prepared = None
         self.result: DKIMResult | None = None
         self.record: str | None = None
+        if self.sig is None:
+            self.done("permerror", problem)
+            return
+        self.include = [name.lower() for name in _H_SEPARATOR.split(self.sig[b"h"])]
+        if self.sig[b"a"] == b"rsa-sha1":
+            self.done("permerror", "rsa-sha1 is not accepted (RFC 8301 3.1)")
+        elif b"from" not in self.include:
+            self.done("permerror", "From field not signed (RFC 6376 6.1.1)")
+        else:
+            # As dkimpy: every From field counts, however many h= names.
+            self.include.append(b"from")
 
     def done(self, result: str, reason: str = "") -> None:
         self.result = DKIMResult(result, self.domain, self.selector, self.b, reason)
@@ -232,8 +255,8 @@ class Verifier:
         if b"dkim-signature" not in message[:header_end(message)].lower():
             return []
         inline = len(message) <= INLINE_LIMIT
-        run = (lambda f, *a: defer.succeed(f(*a))) if inline else self.run_blocking
-        parsed, pending = await run(self._prepare, message)
+        parsed, pending = (self._prepare(message) if inline
+                           else await self.run_blocking(self._prepare, message))
         names = sorted({p.key_name for p in pending if p.result is None})
         answers = await defer.DeferredList(
             [defer.maybeDeferred(self.txt, name) for name in names], consumeErrors=True)
@@ -242,32 +265,23 @@ class Verifier:
             if item.result is None:
                 self._take_record(item, records[item.key_name])
         if parsed is not None and any(p.result is None for p in pending):
-            await run(self._check_all, parsed, pending)
+            if inline:
+                self._check_all(parsed, pending)
+            else:
+                await self.run_blocking(self._check_all, parsed, pending)
         return [item.result for item in pending]
 
-    def _prepare(self, message: bytes):
-        """Parse the message and the first signatures (pure CPU)."""
+    @staticmethod
+    def _prepare(message: bytes):
+        """Parse the message and its first signatures (pure CPU)."""
         try:
-            parsed = dkim.DKIM(message, minkey=1024)
+            parsed = ParsedMessage(message)
         except Exception as e:      # dkimpy raises more than DKIMException on junk
             first = _Pending(0, b"")
             first.done("permerror", f"message not parsable: {e}")
             return None, [first]
-        values = [v for n, v in parsed.headers if n.lower() == b"dkim-signature"]
-        pending = []
-        for index, value in enumerate(values[:MAX_SIGNATURES]):
-            item = _Pending(index, value)
-            try:
-                item.prepared = parsed.verify_headerprep(index)
-                sig = item.prepared[0]
-                if sig[b"a"] == b"rsa-sha1":
-                    item.done("permerror", "rsa-sha1 is not accepted (RFC 8301 3.1)")
-                elif b"from" not in item.prepared[1]:
-                    item.done("permerror", "From field not signed (RFC 6376 6.1.1)")
-            except Exception as e:
-                item.done("permerror", f"bad signature: {e}")
-            pending.append(item)
-        return parsed, pending
+        indices = [i for i, name in enumerate(parsed.names) if name == b"dkim-signature"]
+        return parsed, [_Pending(i, parsed.headers[i][1]) for i in indices[:MAX_SIGNATURES]]
 
     def _take_record(self, item: _Pending, answer) -> None:
         if isinstance(answer, Failure):
@@ -285,36 +299,35 @@ class Verifier:
 
     def _key(self, name: str, record: str) -> tuple:
         """
-        (kind, public key, bits) of a key record: dkimpy checks the record,
-        cryptography holds the key; parsed once per record text.
+        (kind, public key, bits) of a key record: dkimpy checks the record
+        and holds an Ed25519 key (libsodium's verify is the faster), an
+        RSA key is held by cryptography (OpenSSL); parsed once per record
+        text.
         """
         found = self._keys.get(record)
         if found is None:
             pk, bits, kind, _ = dkim.evaluate_pk(name.encode(), record.encode("utf-8"))
             if kind == b"rsa":
-                key = rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
-            else:
-                key = ed25519.Ed25519PublicKey.from_public_bytes(bytes(pk))
-            found = self._keys[record] = (kind, key, bits)
+                pk = rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
+            found = self._keys[record] = (kind, pk, bits)
             if len(self._keys) > KEY_CACHE_ENTRIES:
                 self._keys.popitem(last=False)
         else:
             self._keys.move_to_end(record)
         return found
 
-    def _check_all(self, parsed, pending: list[_Pending]) -> None:
-        canonical: dict = {}      # one canonical form per algorithm, for every signature
+    def _check_all(self, parsed: ParsedMessage, pending: list[_Pending]) -> None:
         for item in pending:
             if item.result is None:
                 try:
-                    self._check(parsed, item, canonical)
+                    self._check(parsed, item)
                 except Exception as e:   # no input may end the check with a traceback
                     maillog.DKIM_ERROR(log, domain=item.domain, error=repr(e))
                     item.done("permerror", "unverifiable signature")
 
-    def _check(self, parsed, item: _Pending, canonical: dict) -> None:
-        """RFC 6376 6.1.3, hashing with dkimpy's canonicalization, verifying in OpenSSL."""
-        sig, include, signatures = item.prepared
+    def _check(self, parsed: ParsedMessage, item: _Pending) -> None:
+        """RFC 6376 6.1.3, hashing with dkimpy's canonicalization, verifying in C."""
+        sig = item.sig
         try:
             kind, key, bits = self._key(item.key_name, item.record)
         except Exception as e:
@@ -328,8 +341,7 @@ class Verifier:
         except dkim.InvalidCanonicalizationPolicyError:
             item.done("permerror", "bad c= value")
             return
-        body = _canonical(canonical, ("body", policy.body_algorithm),
-                          lambda: policy.canonicalize_body(parsed.body))
+        body = parsed.canonical_body(policy.body_algorithm)
         if b"l" in sig:
             if int(sig[b"l"]) > len(body):
                 # RFC 6376 3.5 (l=): longer than the body makes it invalid.
@@ -339,20 +351,10 @@ class Verifier:
         if hashlib.sha256(body).digest() != base64.b64decode(_squeezed(sig[b"bh"])):
             item.done("fail", "body hash mismatch")
             return
-        headers = _canonical(canonical, ("header", policy.header_algorithm),
-                             lambda: policy.canonicalize_headers(parsed.headers))
-        # As dkimpy: every From field counts, however many h= names.
-        include = list(include) + [b"from"] if b"from" in include else list(include)
         digest = hashlib.sha256()
-        dkim.hash_headers(digest, policy, headers, include, signatures[item.index], sig)
-        signature = base64.b64decode(_squeezed(sig[b"b"]))
-        try:
-            if kind == b"rsa":
-                key.verify(signature, digest.digest(), padding.PKCS1v15(),
-                           utils.Prehashed(hashes.SHA256()))
-            else:
-                key.verify(signature, digest.digest())
-        except InvalidSignature:
+        parsed.hash_signed(digest, policy.header_algorithm, item.include,
+                           parsed.headers[item.index])
+        if not _verified(kind, key, base64.b64decode(_squeezed(sig[b"b"])), digest.digest()):
             item.done("fail", "signature did not verify")
             return
         if kind == b"rsa" and bits < 1024:
@@ -362,7 +364,13 @@ class Verifier:
         item.done("pass")
 
 
-def _canonical(cache: dict, algorithm, make):
-    if algorithm not in cache:
-        cache[algorithm] = make()
-    return cache[algorithm]
+def _verified(kind: bytes, key, signature: bytes, digest: bytes) -> bool:
+    """RSA in OpenSSL; Ed25519 (RFC 8463 3: over the SHA-256 hash) in libsodium."""
+    try:
+        if kind == b"rsa":
+            key.verify(signature, digest, _PKCS1, _PREHASHED)
+        else:
+            key.verify(digest, signature)
+    except (InvalidSignature, nacl.exceptions.BadSignatureError, ValueError):
+        return False
+    return True
