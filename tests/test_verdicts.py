@@ -19,6 +19,7 @@ from pullmail.inbound.router import Router
 from pullmail.inbound.verdicts import MessageChecker
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.testing import FakeDeliveryAgent, FakeResolver, result_of
+from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.spf import SPFIdentity, SPFResult
@@ -49,7 +50,8 @@ def make(dkim_keys, domains, dmarc_record="v=DMARC1; p=reject", mode="enforce",
     txt = FakeTXT(records)
     spf_check = FakeSPF(spf)
     checker = MessageChecker("mx.example.org", spf_check, Verifier(txt, blocking),
-                             DMARCChecker(txt, domains, lambda: 0.0), mode)
+                             DMARCChecker(txt, domains, lambda: 0.0), mode,
+                             ARCVerifier(txt, blocking))
     clock = Clock()
     clock.advance(NOW)
     accounts = Accounts(frozenset({"example.org"}), users={"bob@example.org": "h"},
@@ -150,6 +152,37 @@ def test_alias_forward_carries_verdicts_and_an_arc_set(dkim_keys, domains):
     assert b"ARC-Authentication-Results: i=1; mx.example.org;" in sent
     assert b"DKIM-Signature" not in sent          # not our From: not signed
     assert b"\r\nAuthentication-Results: mx.example.org;" in sent
+
+
+def test_an_arc_sealed_arrival_gets_arc_pass_and_a_forward_continues_its_chain(
+        dkim_keys, domains):
+    """RFC 8617: arc= in our results; the set we add is i=2 with cv=pass."""
+    sealer = Signer(dkim_keys[0], Clock())
+    upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
+    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", "lists.example.org"))
+    arrived += upstream + FOREIGN
+    router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
+    assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
+    stored = b"".join(delivery.calls[0][3])
+    assert b"\tarc=pass (i=1 d=example.org);\r\n" in stored.split(b"\r\n\r\n")[0] + b"\r\n"
+    sent = b"".join(outbound.calls[0][3])
+    assert sent.startswith(b"ARC-Seal: i=2; cv=pass; a=rsa-sha256; d=example.org;")
+    records = dkim_keys[1]
+    cv, _, reason = dkim.arc_verify(
+        sent, dnsfunc=lambda name, timeout=5: records[name.decode().rstrip(".")].encode())
+    assert cv == dkim.CV_Pass, reason
+
+
+def test_a_broken_chain_is_arc_fail_and_the_forward_seals_cv_fail(dkim_keys, domains):
+    sealer = Signer(dkim_keys[0], Clock())
+    upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
+    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", "lists.example.org"))
+    arrived += upstream + FOREIGN.replace(b"Shall we?", b"Pay me.")
+    router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
+    assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
+    assert b"\tarc=fail (i=1 d=example.org Most recent ARC-Message-Signature did not validate)" \
+        in b"".join(delivery.calls[0][3])
+    assert b"".join(outbound.calls[0][3]).startswith(b"ARC-Seal: i=2; cv=fail;")
 
 
 def test_bounces_are_signed_by_the_local_domain_of_the_hostname(dkim_keys, domains):

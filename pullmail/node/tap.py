@@ -73,6 +73,7 @@ from pullmail.storage.postgresql.outbox import PostgresOutbox
 from pullmail.storage.postgresql.pending import PostgresPending
 from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust import throttle
+from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
@@ -272,6 +273,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         config.trust.authserv_id or hostname, trust.spf_result,
         Verifier(resolver.txt, run_blocking),
         DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
+        ARCVerifier(resolver.txt, run_blocking),
     )
     stores = open_stores(config, reactor, node, run_blocking)
     outbox = stores.outbox

@@ -35,7 +35,8 @@ from twisted.python.failure import Failure
 from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.trust.dkim_keys import SigningKey
-from pullmail.trust.message import ParsedMessage, from_domains, header_end
+from pullmail.trust.message import (ParsedMessage, from_domains, header_end, loose_tags,
+                                      squeezed)
 
 __all__ = ["Signer", "Verifier", "DKIMResult", "MAX_SIGNATURES", "signed_fields"]
 
@@ -181,18 +182,7 @@ class DKIMResult:
     reason: str = ""
 
 
-_TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)")
 _H_SEPARATOR = re.compile(rb"\s*:\s*")
-
-
-def _loose_tags(value: bytes) -> dict[bytes, bytes]:
-    """d=, s=, b= of a signature, even one that dkimpy's parser refuses."""
-    return {m.group(1): m.group(2) for m in _TAG.finditer(value)}
-
-
-def _squeezed(value: bytes) -> bytes:
-    """A tag value without its folding white space (RFC 6376 3.2)."""
-    return b"".join(value.split())
 
 
 class _Pending:
@@ -208,11 +198,11 @@ class _Pending:
             dkim.validate_signature_fields(tags)
             self.sig = tags
         except Exception as e:      # dkimpy raises more than DKIMException on junk
-            tags = _loose_tags(value)
+            tags = loose_tags(value)
             problem = f"bad signature: {e}"
-        self.domain = _squeezed(tags.get(b"d", b"")).decode("ascii", "replace").lower()
-        self.selector = _squeezed(tags.get(b"s", b"")).decode("ascii", "replace")
-        self.b = _squeezed(tags.get(b"b", b""))[:12].decode("ascii", "replace")
+        self.domain = squeezed(tags.get(b"d", b"")).decode("ascii", "replace").lower()
+        self.selector = squeezed(tags.get(b"s", b"")).decode("ascii", "replace")
+        self.b = squeezed(tags.get(b"b", b""))[:12].decode("ascii", "replace")
         self.result: DKIMResult | None = None
         self.record: str | None = None
         if self.sig is None:
@@ -348,13 +338,13 @@ class Verifier:
                 item.done("permerror", "l= is larger than the body")
                 return
             body = body[:int(sig[b"l"])]
-        if hashlib.sha256(body).digest() != base64.b64decode(_squeezed(sig[b"bh"])):
+        if hashlib.sha256(body).digest() != base64.b64decode(squeezed(sig[b"bh"])):
             item.done("fail", "body hash mismatch")
             return
         digest = hashlib.sha256()
         parsed.hash_signed(digest, policy.header_algorithm, item.include,
                            parsed.headers[item.index])
-        if not _verified(kind, key, base64.b64decode(_squeezed(sig[b"b"])), digest.digest()):
+        if not _verified(kind, key, base64.b64decode(squeezed(sig[b"b"])), digest.digest()):
             item.done("fail", "signature did not verify")
             return
         if kind == b"rsa" and bits < 1024:

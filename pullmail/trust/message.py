@@ -14,7 +14,8 @@ from typing import Sequence
 import dkim
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
-__all__ = ["header_end", "header_fields", "from_domains", "ParsedMessage"]
+__all__ = ["header_end", "header_fields", "from_domains", "loose_tags", "squeezed",
+           "ParsedMessage"]
 
 # RFC 5322 2.2: field-name is printable US-ASCII but ":"; a line starting
 # with WSP continues the field above (2.2.3).
@@ -72,6 +73,19 @@ def from_domains(message: bytes) -> list[str]:
             else:
                 return []
     return domains
+
+
+_TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)")
+
+
+def loose_tags(value: bytes) -> dict[bytes, bytes]:
+    """The tags of a signature field (d=, s=, i=...), even one dkimpy's parser refuses."""
+    return {m.group(1): m.group(2) for m in _TAG.finditer(value)}
+
+
+def squeezed(value: bytes) -> bytes:
+    """A tag value without its folding white space (RFC 6376 3.2)."""
+    return b"".join(value.split())
 
 
 # dkimpy's RE_BTAG (the b= value, to be hashed empty) without its nested

@@ -1,0 +1,139 @@
+"""
+ARC chain validation (RFC 8617 5.2) of arriving mail, through dkimpy's
+``arc_verify``: the result goes into our Authentication-Results as
+``arc=pass|fail|none`` (RFC 8617 7.1), and from there into the ARC set we
+add when an alias forwards the message (its ``cv=``).
+
+As for DKIM, dkimpy never touches the network: the key records that the
+ARC-Seal and ARC-Message-Signature fields name are fetched first through
+the node's resolver, then dkimpy's check (pure-Python RSA) runs with those
+answers in a thread, away from the reactor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import dkim
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pullmail import maillog
+from pullmail.net.dns import DNSPermanentError
+from pullmail.trust.message import header_end, header_fields, loose_tags, squeezed
+
+__all__ = ["ARCResult", "ARCVerifier", "MAX_ARC_KEYS"]
+
+log = Logger(namespace="pullmail.trust.arc")
+
+# The distinct key records one chain may make us look up.  RFC 8617 allows
+# 50 sets; a chain of five forwarders, each with its own keys for seal and
+# message signature, needs ten.  More is treated as a broken chain.
+MAX_ARC_KEYS = 10
+# RFC 8617 4.2.1: i= runs from 1 to 50.
+MAX_INSTANCE = 50
+_ARC_SIGNATURES = (b"arc-seal", b"arc-message-signature")
+_ARC_FIELDS = _ARC_SIGNATURES + (b"arc-authentication-results",)
+
+
+@dataclass(frozen=True)
+class ARCResult:
+    """The chain's validation status (RFC 8617 4.4) and what it rests on."""
+
+    result: str              # none | pass | fail
+    instance: int = 0        # the highest i= seen
+    domain: str = ""         # d= of that instance's ARC-Seal
+    reason: str = ""
+
+
+def _key_names(message: bytes) -> tuple[list[str], int, str] | None:
+    """
+    The key names (selector._domainkey.domain) the ARC signatures name, the
+    highest i= and the d= of its seal; None without ARC fields.  Pure; a
+    field dkimpy would refuse still names its key (the check then fails it).
+    """
+    names, instance, domain, present = [], 0, "", False
+    for name, value, _, _ in header_fields(message[:header_end(message)]):
+        present = present or name in _ARC_FIELDS
+        if name not in _ARC_SIGNATURES:
+            continue
+        tags = loose_tags(value)
+        selector = squeezed(tags.get(b"s", b"")).decode("ascii", "replace")
+        signer = squeezed(tags.get(b"d", b"")).decode("ascii", "replace").lower()
+        if selector and signer:
+            names.append(f"{selector}._domainkey.{signer}")
+        number = squeezed(tags.get(b"i", b""))
+        if name == b"arc-seal" and number.isdigit() and int(number) >= instance:
+            instance, domain = int(number), signer
+    return (sorted(set(names)), instance, domain) if present else None
+
+
+class ARCVerifier:
+    """
+    Validates a message's ARC chain.  C{txt} looks a name's TXT records up
+    (the node's resolver); C{run_blocking} runs dkimpy's check off the
+    reactor thread.
+    """
+
+    def __init__(self, txt: Callable[[str], defer.Deferred], run_blocking: Callable) -> None:
+        self.txt = txt
+        self.run_blocking = run_blocking
+
+    def verify(self, message: bytes) -> defer.Deferred:
+        """Fire with the message's L{ARCResult}; never fails."""
+        return defer.Deferred.fromCoroutine(self._verify(message))
+
+    async def _verify(self, message: bytes) -> ARCResult:
+        if b"arc-" not in message[:header_end(message)].lower():
+            return ARCResult("none")        # nearly every message: no field parsing
+        found = _key_names(message)
+        if found is None:
+            return ARCResult("none")
+        names, instance, domain = found
+        if instance > MAX_INSTANCE:
+            return ARCResult("fail", instance, domain, f"more than {MAX_INSTANCE} ARC sets")
+        if len(names) > MAX_ARC_KEYS:
+            return ARCResult("fail", instance, domain, f"more than {MAX_ARC_KEYS} ARC keys")
+        answers = await defer.DeferredList(
+            [defer.maybeDeferred(self.txt, name) for name in names], consumeErrors=True)
+        records = {}
+        for name, (_, answer) in zip(names, answers):
+            if isinstance(answer, Failure) and not answer.check(DNSPermanentError):
+                # A failed lookup fails the seal as a missing key does (RFC
+                # 8617 has no temperror); the reason says which it was.
+                records[name] = answer
+            elif answer and not isinstance(answer, Failure):
+                records[name] = answer[0].encode("utf-8")
+        outcome = await self.run_blocking(_check, message, records)
+        status, reason = outcome
+        return ARCResult(status, instance, domain, reason)
+
+
+def _check(message: bytes, records: dict) -> tuple[str, str]:
+    """dkimpy's RFC 8617 5.2 validation with the fetched records (pure CPU)."""
+    failed_lookups = []
+
+    def dnsfunc(name: bytes, timeout: float = 5):
+        key = name.decode("ascii", "replace").rstrip(".").lower()
+        answer = records.get(key)
+        if isinstance(answer, Failure):
+            failed_lookups.append(key)
+            return None
+        return answer
+
+    try:
+        cv, _, reason = dkim.arc_verify(message, dnsfunc=dnsfunc)
+    except Exception as e:      # no input may end the check with a traceback
+        maillog.DKIM_ERROR(log, domain="(ARC chain)", error=repr(e))
+        return "fail", "malformed ARC set"
+    if failed_lookups:
+        reason = f"key lookup failed: {failed_lookups[0]}"
+    if cv == dkim.CV_Pass:
+        return "pass", ""
+    if cv == dkim.CV_None:
+        # ARC fields, but none with an instance dkimpy could read.
+        return "fail", "no valid ARC set"
+    # None: an earlier sealer already reported cv=fail; the chain is over.
+    return "fail", str(reason)
