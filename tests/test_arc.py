@@ -55,8 +55,8 @@ def check(message: bytes, records, threads=None) -> ARCResult:
 def sealed(dkim_keys) -> bytes:
     """MESSAGE as example.org forwards it: its verdicts, sealed (i=1, cv=none)."""
     message = HOP1 + MESSAGE
-    return b"".join(Signer(dkim_keys[0], clock()).seal(message, "example.org",
-                                                      "mx.example.org")) + message
+    return b"".join(Signer(dkim_keys[0], clock()).seal(message, "example.org", HOP1,
+                                                      "none")) + message
 
 
 def test_unsealed_mail_is_none_without_a_lookup_or_a_thread():
@@ -76,11 +76,12 @@ def test_a_second_forwarder_continues_the_chain_with_cv_pass(dkim_keys, forwarde
                                                               records):
     """The second hop writes arc=pass in its results; its seal says cv=pass."""
     first = sealed(dkim_keys)
+    chain = check(first, records)
     verdict = authentication_results("mx.forwarder.test", Results(
-        spf=("fail", "mailfrom", "a@b.test"), arc=check(first, records)))
+        spf=("fail", "mailfrom", "a@b.test"), arc=chain))
     assert b"arc=pass (i=1 d=example.org)" in verdict
     second = verdict + first
-    arc = Signer(forwarder_keys[0], clock()).seal(second, "forwarder.test", "mx.forwarder.test")
+    arc = Signer(forwarder_keys[0], clock()).seal(second, "forwarder.test", verdict, chain.result)
     assert b"i=2; cv=pass" in arc[0]
     result = check(b"".join(arc) + second, records)
     assert (result.result, result.instance, result.domain) == ("pass", 2, "forwarder.test")

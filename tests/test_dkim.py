@@ -122,15 +122,50 @@ def test_foreign_or_ambiguous_from_is_not_signed(signer):
     assert signer.sign([two]) == [two]
 
 
-def test_arc_seal_over_our_verdicts(signer, dkim_keys):
-    message = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@b.test\r\n" + MESSAGE
-    arc = signer.seal(message, "example.org", "mx.example.org")
+def test_arc_seal_over_our_verdicts(signer, dkim_keys, monkeypatch):
+    """RFC 8617 i=1, verified by dkimpy; signed in OpenSSL, not by dkimpy's slow RSA."""
+    results = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@b.test\r\n"
+    message = results + MESSAGE
+
+    def slow_rsa(*args):
+        raise AssertionError("dkimpy's pure-Python RSA: 10 ms in the reactor")
+
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", slow_rsa)
+    arc = signer.seal(message, "example.org", results, "none")
     names = [line.split(b":", 1)[0] for line in arc]
     assert names == [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results"]
     assert b"cv=none" in arc[0]
     cv, _, _ = dkim.arc_verify(b"".join(arc) + message, dnsfunc=dnsfunc(dkim_keys[1]))
     assert cv == dkim.CV_Pass
-    assert signer.seal(message, "example.com", "mx.example.org") == []
+    assert arc[2] == (b"ARC-Authentication-Results: i=1; mx.example.org; "
+                      b"spf=pass smtp.mailfrom=a@b.test\r\n")
+    assert signer.seal(message, "example.com", results, "none") == []
+
+
+def test_a_message_dkimpy_cannot_parse_is_sent_unsigned_and_unsealed(signer, logged_events):
+    junk = b"From: alice@example.org\r\n\x01bad line\r\n\r\nbody\r\n"
+    assert signer.sign([junk]) == [junk]
+    assert signer.seal(junk, "example.org", b"Authentication-Results: x; none\r\n", "none") == []
+    assert [e["event"] for e in logged_events if e.get("event", "").endswith("failed")] == [
+        "dkim-sign-failed", "arc-failed"]
+
+
+def test_large_messages_are_signed_and_sealed_off_the_reactor_thread(dkim_keys):
+    ran = []
+
+    def run(function, *args):
+        ran.append(function.__name__)
+        return defer.succeed(function(*args))
+
+    signer = Signer(dkim_keys[0], clock(), run)
+    results = b"Authentication-Results: mx.example.org; none\r\n"
+    big = MESSAGE + b"y" * 76 * 1000
+    assert len(result_of(signer.signing([MESSAGE]))) == 3
+    assert len(result_of(signer.sealing(results + MESSAGE, "example.org", results, "none"))) == 3
+    assert ran == []
+    assert len(result_of(signer.signing([big]))) == 3
+    assert len(result_of(signer.sealing(results + big, "example.org", results, "none"))) == 3
+    assert ran == ["sign", "seal"]
 
 
 # -- verifying -----------------------------------------------------------------------

@@ -43,7 +43,7 @@ class FakeSPF:
 
 
 def make(dkim_keys, domains, dmarc_record="v=DMARC1; p=reject", mode="enforce",
-         spf=SPFResult.FAIL):
+         spf=SPFResult.FAIL, run_blocking=None):
     records = dict(dkim_keys[1])
     records["_dmarc.bank.test"] = dmarc_record
     records["_dmarc.example.org"] = "v=DMARC1; p=reject"
@@ -58,7 +58,7 @@ def make(dkim_keys, domains, dmarc_record="v=DMARC1; p=reject", mode="enforce",
                         aliases={"fwd@example.org": ("dave@remote.test",)})
     delivery, outbound = FakeDeliveryAgent(), FakeOutbound()
     router = Router("mx.example.org", accounts, delivery, clock, outbound,
-                    checker=checker, signer=Signer(dkim_keys[0], clock))
+                    checker=checker, signer=Signer(dkim_keys[0], clock, run_blocking))
     return router, delivery, outbound, spf_check
 
 
@@ -159,7 +159,7 @@ def test_an_arc_sealed_arrival_gets_arc_pass_and_a_forward_continues_its_chain(
     """RFC 8617: arc= in our results; the set we add is i=2 with cv=pass."""
     sealer = Signer(dkim_keys[0], Clock())
     upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
-    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", "lists.example.org"))
+    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", upstream, "none"))
     arrived += upstream + FOREIGN
     router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
     assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
@@ -176,13 +176,28 @@ def test_an_arc_sealed_arrival_gets_arc_pass_and_a_forward_continues_its_chain(
 def test_a_broken_chain_is_arc_fail_and_the_forward_seals_cv_fail(dkim_keys, domains):
     sealer = Signer(dkim_keys[0], Clock())
     upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
-    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", "lists.example.org"))
+    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", upstream, "none"))
     arrived += upstream + FOREIGN.replace(b"Shall we?", b"Pay me.")
     router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
     assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
     assert b"\tarc=fail (i=1 d=example.org Most recent ARC-Message-Signature did not validate)" \
         in b"".join(delivery.calls[0][3])
     assert b"".join(outbound.calls[0][3]).startswith(b"ARC-Seal: i=2; cv=fail;")
+
+
+def test_a_large_forward_is_signed_and_sealed_off_the_reactor_thread(dkim_keys, domains):
+    ran = []
+
+    def run(function, *args):
+        ran.append(function.__name__)
+        return defer.succeed(function(*args))
+
+    router, _, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none", run_blocking=run)
+    ours = b"".join(Signer(dkim_keys[0], Clock()).sign([MESSAGE + b"z" * 76 * 1000]))
+    assert accept(router, ours, ("fwd@example.org",), sender="alice@example.org").code == 250
+    sent = b"".join(outbound.calls[0][3])
+    assert sent.startswith(b"ARC-Seal: i=1; cv=none;") and sent.count(b"DKIM-Signature:") == 4
+    assert ran == ["sign", "seal"]
 
 
 def test_bounces_are_signed_by_the_local_domain_of_the_hostname(dkim_keys, domains):

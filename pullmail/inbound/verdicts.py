@@ -31,6 +31,7 @@ class Verdict:
     header: bytes            # the Authentication-Results field to put on top
     disposition: str         # "deliver" | "quarantine" | "reject"
     reason: str = ""
+    chain: str = "none"      # the ARC chain's status, for the set a forward adds
 
 
 class MessageChecker:
@@ -96,7 +97,8 @@ class MessageChecker:
             results=header.decode("utf-8", "replace").split(";", 1)[1].split(),
             disposition=disposition,
         )
-        return Verdict(message, header, disposition, reason)
+        return Verdict(message, header, disposition, reason,
+                       arc_result.result if arc_result is not None else "none")
 
     @staticmethod
     def _spf_failed(failure) -> tuple:

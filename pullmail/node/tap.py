@@ -173,7 +173,7 @@ def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helpe
     return LMTPDelivery(connect, hostname, where=f"LMTP server {description}")
 
 
-def make_signer(config: configuration.Config, reactor) -> Signer | None:
+def make_signer(config: configuration.Config, reactor, run_blocking) -> Signer | None:
     """
     SPEC 11.1: with ``[dkim] generate`` the missing keys are made (and the
     records to publish logged); the keys are loaded once, here.
@@ -184,7 +184,7 @@ def make_signer(config: configuration.Config, reactor) -> Signer | None:
     if config.dkim.generate:
         for key in ensure_keys(config.dkim, config.node.domains):
             maillog.DKIM_KEY_MADE(log, domain=key.domain, record=dns_record(key))
-    return Signer(load_keys(config.dkim, config.node.domains), reactor)
+    return Signer(load_keys(config.dkim, config.node.domains), reactor, run_blocking)
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, reactor, config.dns.timeout * 4, policies)
-    router.signer = make_signer(config, reactor)
+    router.signer = make_signer(config, reactor, run_blocking)
     router.checker = MessageChecker(
         config.trust.authserv_id or hostname, trust.spf_result,
         Verifier(resolver.txt, run_blocking),

@@ -25,8 +25,7 @@ import dkim.util
 import nacl.exceptions
 from dkim.canonicalization import Relaxed
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -34,9 +33,11 @@ from twisted.python.failure import Failure
 
 from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.trust.arc import arc_set
 from pullmail.trust.dkim_keys import SigningKey
 from pullmail.trust.message import (ParsedMessage, from_domains, header_end, loose_tags,
                                       squeezed)
+from pullmail.trust.signing import PKCS1, PREHASHED, sign_field, signed_fields
 
 __all__ = ["Signer", "Verifier", "DKIMResult", "MAX_SIGNATURES", "signed_fields"]
 
@@ -45,63 +46,25 @@ log = Logger(namespace="pullmail.trust.dkim")
 # Issue 13: at most five signatures of one message are checked, so fifty
 # cost what five do.
 MAX_SIGNATURES = 5
-# Messages up to this size are verified in the reactor thread (well under
-# a millisecond); larger ones in a thread, not to stall other sessions.
-INLINE_LIMIT = 256 * 1024
+# Messages up to this size are signed, sealed and verified in the reactor
+# thread (a 64 KB body is 1 ms of canonicalization and hashing); larger ones
+# in a thread, not to stall other sessions.
+INLINE_LIMIT = 64 * 1024
 KEY_CACHE_ENTRIES = 1024
-
-# RFC 6376 5.4.1's list, with Message-ID, Sender and the RFC 2045 MIME fields.
-_SIGNED = (
-    b"from", b"reply-to", b"subject", b"date", b"to", b"cc", b"resent-date", b"resent-from",
-    b"resent-sender", b"resent-to", b"resent-cc", b"in-reply-to", b"references", b"list-id",
-    b"list-help", b"list-unsubscribe", b"list-subscribe", b"list-post", b"list-owner",
-    b"list-archive", b"message-id", b"sender", b"mime-version", b"content-type",
-    b"content-transfer-encoding", b"content-id", b"content-description",
-)
-# RFC 6376 8.15: naming a field once more than it occurs ("oversigning")
-# makes adding one more instance break the signature.
-_OVERSIGNED = frozenset((
-    b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
-    b"content-type", b"content-transfer-encoding", b"content-id", b"content-description",
-))
-
-_PKCS1 = padding.PKCS1v15()
-_PREHASHED = utils.Prehashed(hashes.SHA256())
-
-
-def signed_fields(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
-    """The h= list: each present field of the set, the oversigned once more."""
-    counts: dict[bytes, int] = {}
-    for name, _ in headers:
-        counts[name.lower()] = counts.get(name.lower(), 0) + 1
-    chosen = []
-    for name in _SIGNED:
-        chosen.extend([name] * (counts.get(name, 0) + (name in _OVERSIGNED)))
-    return chosen
-
-
-def _fold(tags: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """Tags joined by "; ", a new line before a tag that would pass column 76."""
-    lines, line = [], b""
-    for name, value in tags:
-        tag = name + b"=" + value + b";"
-        if line and len(line) + len(tag) > 60:
-            lines.append(line)
-            line = b""
-        line += (b" " if line else b"") + tag
-    lines.append(line)
-    return b"\r\n\t".join(lines)
-
 
 class Signer:
     """
     Signs with each key of the From domain (SPEC 11.1: one RSA, one
-    Ed25519 signature), relaxed/relaxed.  Keys are loaded once, at start.
+    Ed25519 signature), relaxed/relaxed, and seals alias forwards (ARC).
+    Keys are loaded once, at start.  C{run_blocking} takes the work on a
+    large message off the reactor thread (L{signing}, L{sealing}).
     """
 
-    def __init__(self, keys: Mapping[str, Sequence[SigningKey]], clock: IReactorTime) -> None:
+    def __init__(self, keys: Mapping[str, Sequence[SigningKey]], clock: IReactorTime,
+                 run_blocking: Callable | None = None) -> None:
         self.keys = {domain.lower(): tuple(found) for domain, found in keys.items()}
         self.clock = clock
+        self.run_blocking = run_blocking
 
     def sign(self, chunks: Sequence[bytes]) -> list[bytes]:
         """
@@ -114,12 +77,23 @@ class Signer:
         keys = self._keys_for(domains[0]) if len(domains) == 1 else None
         if not keys:
             return list(chunks)
-        parsed = ParsedMessage(message)
+        try:
+            parsed = ParsedMessage(message)
+        except Exception as e:      # a header dkimpy cannot parse: sent unsigned
+            maillog.DKIM_SIGN_FAILED(log, domain=domains[0], error=repr(e))
+            return list(chunks)
         include = signed_fields(parsed.headers)
         body_hash = base64.b64encode(hashlib.sha256(parsed.canonical_body(Relaxed)).digest())
         now = str(int(self.clock.seconds())).encode("ascii")
-        return [self._signature(key, parsed, include, body_hash, now)
-                for key in keys] + [message]
+
+        def feed(digest, field) -> None:
+            parsed.hash_signed(digest, Relaxed, include, field)
+
+        return [sign_field(key, b"DKIM-Signature", [
+            (b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
+            (b"d", key.domain.encode()), (b"s", key.selector.encode()), (b"t", now),
+            (b"h", b":".join(include)), (b"bh", body_hash),
+        ], feed) for key in keys] + [message]
 
     def _keys_for(self, domain: str):
         """
@@ -133,42 +107,34 @@ class Signer:
             domain = domain.partition(".")[2]
         return None
 
-    @staticmethod
-    def _signature(key: SigningKey, parsed: ParsedMessage, include, body_hash: bytes,
-                   now: bytes) -> bytes:
-        tags = [(b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
-                (b"d", key.domain.encode()), (b"s", key.selector.encode()), (b"t", now),
-                (b"h", b":".join(include)), (b"bh", body_hash)]
-        # RFC 6376 3.7: the hash covers the signature field with an empty b=.
-        value = b" " + _fold(tags) + b"\r\n\tb="
-        digest = hashlib.sha256()
-        parsed.hash_signed(digest, Relaxed, include, (b"DKIM-Signature", value))
-        if key.algorithm.startswith("rsa"):
-            raw = key.private.sign(digest.digest(), _PKCS1, _PREHASHED)
-        else:
-            # RFC 8463 3: Ed25519 signs the SHA-256 hash, not the data.
-            raw = key.private.sign(digest.digest())
-        b = base64.b64encode(raw)
-        folded = b"\r\n\t ".join(b[i:i + 70] for i in range(0, len(b), 70))
-        return b"DKIM-Signature:" + value + folded + b"\r\n"
+    def seal(self, message: bytes, domain: str, results: bytes, chain: str) -> list[bytes]:
+        """
+        The RFC 8617 ARC set that C{domain} adds to C{message}, carrying
+        our C{results} field and the chain's status C{chain} (our arc=
+        verdict): the three fields to prepend; [] without an RSA key for
+        C{domain} (ARC is RSA only, RFC 8617 5.1.1.1).
+        """
+        for key in self.keys.get(domain.lower(), ()):
+            if key.algorithm.startswith("rsa"):
+                try:
+                    return arc_set(key, message, results, chain, int(self.clock.seconds()))
+                except Exception as e:      # a header dkimpy cannot parse: not sealed
+                    maillog.ARC_FAILED(log, domain=domain, error=repr(e))
+        return []
 
-    def seal(self, message: bytes, domain: str, authserv_id: str) -> list[bytes]:
-        """
-        RFC 8617 ARC set over C{message}, whose top Authentication-Results
-        carries C{authserv_id}'s verdicts: the three header fields to
-        prepend ([] without an RSA key for C{domain}, or when dkimpy ends
-        the chain).  ARC is RSA only (RFC 8617 5.1.1.1).
-        """
-        rsa_keys = [k for k in self.keys.get(domain.lower(), ()) if k.algorithm.startswith("rsa")]
-        if not rsa_keys:
-            return []
-        key = rsa_keys[0]
-        try:
-            return dkim.arc_sign(message, key.selector.encode(), key.domain.encode(), key.pem,
-                                 authserv_id.encode(), timestamp=int(self.clock.seconds()))
-        except dkim.DKIMException as e:
-            maillog.ARC_FAILED(log, domain=domain, error=str(e))
-            return []
+    def signing(self, chunks: Sequence[bytes]) -> defer.Deferred:
+        """L{sign}, in a thread for a message whose hashing would stall the reactor."""
+        return self._off_reactor(sum(map(len, chunks)), self.sign, chunks)
+
+    def sealing(self, message: bytes, domain: str, results: bytes,
+                chain: str) -> defer.Deferred:
+        """L{seal}, in a thread for a large message."""
+        return self._off_reactor(len(message), self.seal, message, domain, results, chain)
+
+    def _off_reactor(self, size: int, function: Callable, *args) -> defer.Deferred:
+        if size <= INLINE_LIMIT or self.run_blocking is None:
+            return defer.maybeDeferred(function, *args)
+        return self.run_blocking(function, *args)
 
 
 @dataclass(frozen=True)
@@ -358,7 +324,7 @@ def _verified(kind: bytes, key, signature: bytes, digest: bytes) -> bool:
     """RSA in OpenSSL; Ed25519 (RFC 8463 3: over the SHA-256 hash) in libsodium."""
     try:
         if kind == b"rsa":
-            key.verify(signature, digest, _PKCS1, _PREHASHED)
+            key.verify(signature, digest, PKCS1, PREHASHED)
         else:
             key.verify(digest, signature)
     except (InvalidSignature, nacl.exceptions.BadSignatureError, ValueError):

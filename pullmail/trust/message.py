@@ -15,7 +15,7 @@ import dkim
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
 __all__ = ["header_end", "header_fields", "from_domains", "loose_tags", "squeezed",
-           "ParsedMessage"]
+           "ParsedMessage", "hash_fields"]
 
 # RFC 5322 2.2: field-name is printable US-ASCII but ":"; a line starting
 # with WSP continues the field above (2.2.3).
@@ -153,8 +153,18 @@ class ParsedMessage:
         of the signature field with an empty b= and no final CRLF (RFC
         6376 3.7).
         """
-        for name, value in self.signed_fields(algorithm, include):
-            digest.update(name + b":" + value)
-        name, value = signature
-        [(name, value)] = algorithm.canonicalize_headers([(name, _BTAG.sub(b"\\1", value))])
-        digest.update(name + b":" + value.rstrip())
+        hash_fields(digest, algorithm, self.signed_fields(algorithm, include), signature)
+
+
+def hash_fields(digest, algorithm, canonical: Sequence[tuple[bytes, bytes]],
+                signature: tuple[bytes, bytes]) -> None:
+    """
+    Feed C{digest} the C{canonical} fields, then the (name, value) of the
+    signature field with an empty b= and no final CRLF (RFC 6376 3.7, RFC
+    8617 5.1.1), canonical by C{algorithm}.
+    """
+    for name, value in canonical:
+        digest.update(name + b":" + value)
+    name, value = signature
+    [(name, value)] = algorithm.canonicalize_headers([(name, _BTAG.sub(b"\\1", value))])
+    digest.update(name + b":" + value.rstrip())
