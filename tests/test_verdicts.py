@@ -87,6 +87,19 @@ def test_quarantine_goes_to_junk(dkim_keys, domains):
     assert b"dmarc=fail (p=quarantine dis=quarantine) header.from=bank.test" in stored
 
 
+def test_several_from_fields_get_550_under_enforce(dkim_keys, domains):
+    """RFC 7489 6.6.1 / RFC 5322 3.6: our policy refuses what it cannot judge."""
+    router, delivery, _, _ = make(dkim_keys, domains)
+    twice = b"From: friend@bank.test\r\n" + FOREIGN
+    reply = accept(router, twice)
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert reply.text == "Rejected by the DMARC check: 2 From fields"
+    assert delivery.calls == []
+    router, delivery, _, _ = make(dkim_keys, domains, mode="report")
+    assert accept(router, twice).code == 250
+    assert b"dmarc=permerror (2 From fields)" in b"".join(delivery.calls[0][3])
+
+
 @pytest.mark.parametrize("mode", ["report", "off"])
 def test_report_and_off_only_write_the_header(dkim_keys, domains, mode):
     router, delivery, _, _ = make(dkim_keys, domains, mode=mode)

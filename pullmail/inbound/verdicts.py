@@ -17,7 +17,7 @@ from pullmail.inbound.authresults import Results, authentication_results, strip_
 from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Verifier
 from pullmail.trust.dmarc import DMARCChecker
-from pullmail.trust.message import from_domains, header_end
+from pullmail.trust.message import authors, header_end
 from pullmail.trust.spf import SPFIdentity, SPFResult
 
 __all__ = ["Verdict", "MessageChecker"]
@@ -82,15 +82,15 @@ class MessageChecker:
                           arc=arc_result)
         disposition, reason = "deliver", ""
         if self.dmarc is not None:
-            authors = from_domains(message[:header_end(message)])
             verdict = await self.dmarc.check(
-                authors, (spf_result, domain.lower()),
+                authors(message[:header_end(message)]), (spf_result, domain.lower()),
                 [(r.result, r.domain) for r in dkim_results])
             results = Results(spf=results.spf, dkim=results.dkim, dmarc=verdict,
                               arc=arc_result)
             if self.mode == "enforce" and verdict.disposition in ("reject", "quarantine"):
                 disposition = verdict.disposition
-                reason = f"DMARC policy of {verdict.domain}"
+                reason = (f"DMARC policy of {verdict.domain}" if verdict.domain
+                          else f"DMARC check: {verdict.reason}")
         header = authentication_results(self.authserv_id, results)
         maillog.VERDICTS(
             log, peer=identity.peer,

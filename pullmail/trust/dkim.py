@@ -35,8 +35,7 @@ from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.trust.arc import arc_set
 from pullmail.trust.dkim_keys import SigningKey
-from pullmail.trust.message import (ParsedMessage, from_domains, header_end, loose_tags,
-                                      squeezed)
+from pullmail.trust.message import ParsedMessage, authors, header_end, loose_tags, squeezed
 from pullmail.trust.signing import PKCS1, PREHASHED, sign_field, signed_fields
 
 __all__ = ["Signer", "Verifier", "DKIMResult", "MAX_SIGNATURES", "signed_fields"]
@@ -73,14 +72,14 @@ class Signer:
         Call it once per message, when it enters the outbox.
         """
         message = b"".join(chunks)
-        domains = from_domains(message[:header_end(message)])
-        keys = self._keys_for(domains[0]) if len(domains) == 1 else None
+        author = authors(message[:header_end(message)]).single
+        keys = self._keys_for(author) if author else None
         if not keys:
             return list(chunks)
         try:
             parsed = ParsedMessage(message)
         except Exception as e:      # a header dkimpy cannot parse: sent unsigned
-            maillog.DKIM_SIGN_FAILED(log, domain=domains[0], error=repr(e))
+            maillog.DKIM_SIGN_FAILED(log, domain=author, error=repr(e))
             return list(chunks)
         include = signed_fields(parsed.headers)
         body_hash = base64.b64encode(hashlib.sha256(parsed.canonical_body(Relaxed)).digest())

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import email.utils
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import dkim
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
-__all__ = ["header_end", "header_fields", "from_domains", "loose_tags", "squeezed",
+__all__ = ["header_end", "header_fields", "authors", "Authors", "loose_tags", "squeezed",
            "ParsedMessage", "hash_fields"]
 
 # RFC 5322 2.2: field-name is printable US-ASCII but ":"; a line starting
@@ -56,23 +57,36 @@ def header_fields(message: bytes) -> list[tuple[bytes, bytes, int, int]]:
     return fields
 
 
-def from_domains(message: bytes) -> list[str]:
+@dataclass(frozen=True)
+class Authors:
+    """The RFC 5322 From field as DMARC reads it (RFC 7489 6.6.1)."""
+
+    fields: int = 0                     # how many From fields the header has
+    domains: tuple[str, ...] = ()       # their mailboxes' distinct domains, lower-case
+    mailboxes: int = 0
+
+    @property
+    def single(self) -> str | None:
+        """The domain of the one author: one From field, one mailbox, with a domain."""
+        return self.domains[0] if self.fields == self.mailboxes == len(self.domains) == 1 else None
+
+
+def authors(header: bytes) -> Authors:
     """
-    The domains of the RFC 5322 From field's mailboxes, lower-case: one for
-    an ordinary message.  RFC 7489 6.6.1: several From fields, several
-    mailboxes, or none leave no single identity ([] or more than one).
+    The From fields of C{header} and the domains of their mailboxes, in
+    order; a mailbox without a domain (a bare local part, a group such as
+    ``undisclosed-recipients:;``) names none.
     """
-    values = [value for name, value, _, _ in header_fields(message) if name == b"from"]
-    domains = []
+    values = [value for name, value, _, _ in header_fields(header) if name == b"from"]
+    domains: dict[str, None] = {}
+    mailboxes = 0
     for value in values:
-        text = value.decode("utf-8", "replace")
-        for _name, address in email.utils.getaddresses([text]):
+        for _name, address in email.utils.getaddresses([value.decode("utf-8", "replace")]):
+            mailboxes += bool(address)
             domain = address.rpartition("@")[2].strip().rstrip(".").lower()
             if "@" in address and domain:
-                domains.append(domain)
-            else:
-                return []
-    return domains
+                domains[domain] = None
+    return Authors(len(values), tuple(domains), mailboxes)
 
 
 _TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)")

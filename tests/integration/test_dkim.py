@@ -252,6 +252,19 @@ def test_p_reject_gets_550_after_data_and_nothing_is_stored(world):
     assert world.verifier.mail_snapshot().new_since(before) == {}
 
 
+def test_several_from_fields_get_550_after_data_and_nothing_is_stored(world):
+    """RFC 7489 6.6.1: the reader sees one From, a checker might judge the other."""
+    token = "twofrom-" + secrets.token_hex(4)
+    before = world.verifier.mail_snapshot()
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        push(FRIEND, "ceo@none.test",
+             b"From: ceo@none.test\r\n" + letter("boss@signer.test", token))
+    assert refused.value.smtp_code == 550
+    assert b"5.7.1 Rejected by the DMARC check: 2 From fields" in refused.value.smtp_error
+    time.sleep(0.5)
+    assert world.verifier.mail_snapshot().new_since(before) == {}
+
+
 def test_p_quarantine_goes_to_junk(world):
     token = "junk-" + secrets.token_hex(4)
     push(STRANGER, "ceo@quarantine.test", letter("ceo@quarantine.test", token))
