@@ -153,15 +153,26 @@ def test_submission_is_signed_for_the_outbox_and_marked_auth_pass(dkim_keys, dom
     assert spf.asked == []
 
 
+def assert_chain_passes(message: bytes, records) -> None:
+    """dkimpy, as the next hop would, validates the whole ARC chain."""
+    cv, _, reason = dkim.arc_verify(
+        message, dnsfunc=lambda name, timeout=5: records[name.decode().rstrip(".")].encode())
+    assert cv == dkim.CV_Pass, reason
+
+
+def sealed_arrival(dkim_keys, body: bytes = b"Shall we?") -> bytes:
+    """FOREIGN as a list at example.org sealed it (i=1), its body then C{body}."""
+    upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
+    arc = Signer(dkim_keys[0], Clock()).seal(upstream + FOREIGN, "example.org", upstream, "none")
+    return b"".join(arc) + upstream + FOREIGN.replace(b"Shall we?", body)
+
+
 def test_alias_forward_carries_verdicts_and_an_arc_set(dkim_keys, domains):
     router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
     assert accept(router, FOREIGN, ("fwd@example.org",)).code == 250
     sent = b"".join(outbound.calls[0][3])
     assert sent.startswith(b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example.org;")
-    records = dkim_keys[1]
-    cv, _, reason = dkim.arc_verify(
-        sent, dnsfunc=lambda name, timeout=5: records[name.decode().rstrip(".")].encode())
-    assert cv == dkim.CV_Pass, reason
+    assert_chain_passes(sent, dkim_keys[1])
     assert b"ARC-Authentication-Results: i=1; mx.example.org;" in sent
     assert b"DKIM-Signature" not in sent          # not our From: not signed
     assert b"\r\nAuthentication-Results: mx.example.org;" in sent
@@ -170,27 +181,18 @@ def test_alias_forward_carries_verdicts_and_an_arc_set(dkim_keys, domains):
 def test_an_arc_sealed_arrival_gets_arc_pass_and_a_forward_continues_its_chain(
         dkim_keys, domains):
     """RFC 8617: arc= in our results; the set we add is i=2 with cv=pass."""
-    sealer = Signer(dkim_keys[0], Clock())
-    upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
-    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", upstream, "none"))
-    arrived += upstream + FOREIGN
     router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
+    arrived = sealed_arrival(dkim_keys)
     assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
     stored = b"".join(delivery.calls[0][3])
     assert b"\tarc=pass (i=1 d=example.org);\r\n" in stored.split(b"\r\n\r\n")[0] + b"\r\n"
     sent = b"".join(outbound.calls[0][3])
     assert sent.startswith(b"ARC-Seal: i=2; cv=pass; a=rsa-sha256; d=example.org;")
-    records = dkim_keys[1]
-    cv, _, reason = dkim.arc_verify(
-        sent, dnsfunc=lambda name, timeout=5: records[name.decode().rstrip(".")].encode())
-    assert cv == dkim.CV_Pass, reason
+    assert_chain_passes(sent, dkim_keys[1])
 
 
 def test_a_broken_chain_is_arc_fail_and_the_forward_seals_cv_fail(dkim_keys, domains):
-    sealer = Signer(dkim_keys[0], Clock())
-    upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
-    arrived = b"".join(sealer.seal(upstream + FOREIGN, "example.org", upstream, "none"))
-    arrived += upstream + FOREIGN.replace(b"Shall we?", b"Pay me.")
+    arrived = sealed_arrival(dkim_keys, b"Pay me.")
     router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
     assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
     assert b"\tarc=fail (i=1 d=example.org Most recent ARC-Message-Signature did not validate)" \
