@@ -78,7 +78,7 @@ def _key_names(message: bytes) -> tuple[list[str], int, str] | None:
         selector = squeezed(tags.get(b"s", b"")).decode("ascii", "replace")
         signer = squeezed(tags.get(b"d", b"")).decode("ascii", "replace").lower()
         if selector and signer:
-            names.append(f"{selector}._domainkey.{signer}")
+            names.append(f"{selector}._domainkey.{signer}".lower())
         if name == b"arc-seal" and _instance(value) >= instance:
             instance, domain = _instance(value), signer
     return (sorted(set(names)), instance, domain) if present else None
@@ -112,30 +112,27 @@ class ARCVerifier:
             return ARCResult("fail", instance, domain, f"more than {MAX_ARC_KEYS} ARC keys")
         answers = await defer.DeferredList(
             [defer.maybeDeferred(self.txt, name) for name in names], consumeErrors=True)
-        records = {}
+        records, failed = {}, set()
         for name, (_, answer) in zip(names, answers):
-            if isinstance(answer, Failure) and not answer.check(DNSPermanentError):
+            if not isinstance(answer, Failure):
+                records[name] = answer[0].encode("utf-8") if answer else None
+            elif not answer.check(DNSPermanentError):
                 # A failed lookup fails the seal as a missing key does (RFC
                 # 8617 has no temperror); the reason says which it was.
-                records[name] = answer
-            elif answer and not isinstance(answer, Failure):
-                records[name] = answer[0].encode("utf-8")
-        outcome = await self.run_blocking(_check, message, records)
-        status, reason = outcome
+                failed.add(name)
+        status, reason = await self.run_blocking(_check, message, records, failed)
         return ARCResult(status, instance, domain, reason)
 
 
-def _check(message: bytes, records: dict) -> tuple[str, str]:
+def _check(message: bytes, records: dict, failed: set) -> tuple[str, str]:
     """dkimpy's RFC 8617 5.2 validation with the fetched records (pure CPU)."""
     failed_lookups = []
 
     def dnsfunc(name: bytes, timeout: float = 5):
         key = name.decode("ascii", "replace").rstrip(".").lower()
-        answer = records.get(key)
-        if isinstance(answer, Failure):
+        if key in failed:
             failed_lookups.append(key)
-            return None
-        return answer
+        return records.get(key)
 
     try:
         cv, _, reason = dkim.arc_verify(message, dnsfunc=dnsfunc)
