@@ -213,10 +213,16 @@ class Verifier:
         inline = len(message) <= INLINE_LIMIT
         parsed, pending = (self._prepare(message) if inline
                            else await self.run_blocking(self._prepare, message))
-        names = sorted({p.key_name for p in pending if p.result is None})
-        answers = await defer.DeferredList(
-            [defer.maybeDeferred(self.txt, name) for name in names], consumeErrors=True)
-        records = {name: answer for name, (_, answer) in zip(names, answers)}
+        # Every lookup is asked at once, then each answer taken in turn
+        # (cached keys have answered already: no DeferredList to build).
+        lookups = {name: defer.maybeDeferred(self.txt, name)
+                   for name in sorted({p.key_name for p in pending if p.result is None})}
+        records = {}
+        for name, lookup in lookups.items():
+            try:
+                records[name] = await lookup
+            except Exception:
+                records[name] = Failure()
         for item in pending:
             if item.result is None:
                 self._take_record(item, records[item.key_name])
