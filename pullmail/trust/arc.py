@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_arc -*-
 """
 ARC (RFC 8617).  L{ARCVerifier} validates the chain of arriving mail
 through dkimpy's ``arc_verify``: the result goes into our

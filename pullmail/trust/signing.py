@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dkim -*-
 """
 What DKIM signing (RFC 6376, RFC 8463) and ARC sealing (RFC 8617) share:
 the header fields a signature covers, and making one signature field, its
