@@ -218,6 +218,9 @@ DMARC_REJECTED = Event(
 )
 DKIM_ERROR = Event("dkim-error", "DKIM check of {domain} failed: {error}", LogLevel.warn)
 ARC_FAILED = Event("arc-failed", "ARC seal for {domain} failed: {error}", LogLevel.warn)
+DKIM_SIGN_FAILED = Event(
+    "dkim-sign-failed", "DKIM signing for {domain} failed, sent unsigned: {error}", LogLevel.warn,
+)
 DKIM_KEY_MADE = Event(
     "dkim-key-made", "new DKIM key for {domain}; publish: {record}", LogLevel.warn,
 )
@@ -307,6 +310,7 @@ VOCABULARY = _vocabulary(
     DEFERRED,
     DKIM_ERROR,
     DKIM_KEY_MADE,
+    DKIM_SIGN_FAILED,
     DMARC_REJECTED,
     DELIVERED,
     DELIVERY_ATTEMPT,

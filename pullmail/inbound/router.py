@@ -122,30 +122,33 @@ class Router:
         # shared with the queues; made here when not given.
         self.reports: Reports | None = None
 
-    def outgoing(self, chunks: Sequence[bytes]) -> list[bytes]:
+    def outgoing(self, chunks: Sequence[bytes]) -> defer.Deferred:
         """
-        A message as it enters the outbox: DKIM-signed when its From domain
-        is ours (SPEC 11.1), once; retries send these same bytes.  Every
-        path into the outbox (submission, bounces, forwards, sendmail)
-        goes through here.
+        Fires with a message as it enters the outbox: DKIM-signed when its
+        From domain is ours (SPEC 11.1), once; retries send these same
+        bytes.  Every path into the outbox (submission, bounces, forwards,
+        sendmail) goes through here.
         """
-        return self.signer.sign(chunks) if self.signer is not None else list(chunks)
+        if self.signer is None:
+            return defer.succeed(list(chunks))
+        return self.signer.signing(chunks)
 
-    def _forwarded(self, message: list[bytes], verdict: Verdict | None,
-                   recipients: Sequence[str]) -> list[bytes]:
+    async def _forwarded(self, message: list[bytes], verdict: Verdict | None,
+                         recipients: Sequence[str]) -> list[bytes]:
         """
         Received mail an alias sends on: our verdicts on top, signed when
         the From domain is ours, and sealed (ARC, RFC 8617) by the alias's
         domain so the next hop can trust them.
         """
         if verdict is None:
-            return self.outgoing(message)
-        signed = b"".join(self.outgoing([verdict.header] + message))
+            return await self.outgoing(message)
+        signed = b"".join(await self.outgoing([verdict.header] + message))
         forwarder = next((r.rpartition("@")[2] for r in recipients
                           if r.rpartition("@")[2] in self.accounts.domains), None)
         if self.signer is None or forwarder is None:
             return [signed]
-        return self.signer.seal(signed, forwarder, self.checker.authserv_id) + [signed]
+        arc = await self.signer.sealing(signed, forwarder, verdict.header, verdict.chain)
+        return arc + [signed]
 
     async def _verdict(self, session: Session, envelope: Envelope, chunks,
                        identity: SPFIdentity | None) -> Verdict | None:
@@ -273,7 +276,8 @@ class Router:
             outcome = yield self._deliver_locally(queue_id, sender, local, message)
             yield self._take_refused(queue_id, sender, outcome, message, None)
         if remote and self.outbound is not None:
-            yield self.outbound.enqueue(queue_id, sender, remote, self.outgoing(chunks))
+            outgoing = yield self.outgoing(chunks)
+            yield self.outbound.enqueue(queue_id, sender, remote, outgoing)
         maillog.INJECTED(log, queue_id=queue_id, sender=sender, recipients=list(recipients))
         return queue_id
 
@@ -331,8 +335,10 @@ class Router:
                 return refusal
             dsn_params = self.dsn_of(envelope)
             if remote:
-                outgoing = (self.outgoing(message) if session.user or session.service != "smtp"
-                            else self._forwarded(message, verdict, envelope.recipients))
+                outgoing = yield (
+                    self.outgoing(message) if session.user or session.service != "smtp"
+                    else defer.Deferred.fromCoroutine(
+                        self._forwarded(message, verdict, envelope.recipients)))
                 yield self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
                                             origin=origin,
                                             smtputf8=needs_smtputf8(envelope, remote, chunks),

@@ -74,6 +74,7 @@ from pullmail.storage.postgresql.outbox import PostgresOutbox
 from pullmail.storage.postgresql.pending import PostgresPending
 from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust import throttle
+from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
@@ -173,7 +174,7 @@ def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helpe
     return LMTPDelivery(connect, hostname, where=f"LMTP server {description}")
 
 
-def make_signer(config: configuration.Config, reactor) -> Signer | None:
+def make_signer(config: configuration.Config, reactor, run_blocking) -> Signer | None:
     """
     SPEC 11.1: with ``[dkim] generate`` the missing keys are made (and the
     records to publish logged); the keys are loaded once, here.
@@ -184,7 +185,7 @@ def make_signer(config: configuration.Config, reactor) -> Signer | None:
     if config.dkim.generate:
         for key in ensure_keys(config.dkim, config.node.domains):
             maillog.DKIM_KEY_MADE(log, domain=key.domain, record=dns_record(key))
-    return Signer(load_keys(config.dkim, config.node.domains), reactor)
+    return Signer(load_keys(config.dkim, config.node.domains), reactor, run_blocking)
 
 
 @dataclass(frozen=True)
@@ -268,11 +269,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, reactor, config.dns.timeout * 4, policies)
-    router.signer = make_signer(config, reactor)
+    router.signer = make_signer(config, reactor, run_blocking)
     router.checker = MessageChecker(
         config.trust.authserv_id or hostname, trust.spf_result,
         Verifier(resolver.txt, run_blocking),
         DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
+        ARCVerifier(resolver.txt, run_blocking),
     )
     stores = open_stores(config, reactor, node, run_blocking)
     outbox = stores.outbox
