@@ -17,6 +17,7 @@ from pullmail.storage.pending import (
     Notification,
     NotificationState,
     PendingStore,
+    TooManyPending,
     notification_key,
 )
 
@@ -188,6 +189,19 @@ def test_count_not_doubled_by_resave(store) -> None:
     n.attempts += 1
     store.save(n)
     assert store.pending_from("192.0.2.1") == 1
+
+
+def test_save_with_a_limit_refuses_a_new_notification_past_it(store) -> None:
+    """[limits] pending_per_origin: a new one past the limit is not stored; a known one is."""
+    store.save(_notification(ID1), limit=2)
+    store.save(_notification(ID2), limit=2)
+    with pytest.raises(TooManyPending):
+        store.save(_notification("Notified_id_00000003"), limit=2)
+    assert store.get("sender.example", "Notified_id_00000003") is None
+    assert _reloaded(store).get("sender.example", "Notified_id_00000003") is None
+    store.save(_notification(ID1, attempts=1), limit=2)   # already stored: no limit
+    store.save(_notification("Notified_id_00000003", peer="192.0.2.2"), limit=2)
+    assert store.pending_from("192.0.2.1") == 2 and store.pending_from("192.0.2.2") == 1
 
 
 def test_retrieved_not_counted(store) -> None:

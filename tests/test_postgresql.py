@@ -442,11 +442,8 @@ def test_one_node_pushes(database, tmp_path) -> None:
     assert world.bounces == []
 
 
-def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
-    """
-    SPEC 11.3: a notification taken at one RMTA node and known to the
-    other (re-notified there, and found by its poll) is retrieved by one.
-    """
+def _cluster_world(database, tmp_path, **kw):
+    """test_retrieval's World with two receiving nodes over one database."""
     from tests import test_retrieval as retrieval
 
     class ClusterWorld(retrieval.World):
@@ -463,7 +460,17 @@ def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
             retriever.start()
             return retriever
 
-    world = ClusterWorld(tmp_path)
+    return ClusterWorld(tmp_path, **kw)
+
+
+def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
+    """
+    SPEC 11.3: a notification taken at one RMTA node and known to the
+    other (re-notified there, and found by its poll) is retrieved by one.
+    """
+    from tests import test_retrieval as retrieval
+
+    world = _cluster_world(database, tmp_path)
     world.smta.hold()
     one = world.retriever
     two = world.retriever = world.new_retriever()
@@ -515,3 +522,63 @@ def test_hold_and_release_in_the_cluster(database) -> None:
     one.release(ID1)
     assert hold_in_cluster(database, ID1, False, 1000.0)
     assert _node(database, "mx2.example").poll()[0][0][0] == ID1   # due now: a poll finds it
+
+
+# -- [limits] pending_per_origin, counted in the cluster ---------------------------------------
+
+
+def test_pending_per_origin_counts_the_whole_cluster(database, tmp_path) -> None:
+    """
+    A peer's notifications at both receiving nodes count against one limit:
+    the second node refuses the third (452 4.3.1), which is not stored.
+    """
+    from pullmail.smtp import replies
+
+    world = _cluster_world(database, tmp_path, pending_per_origin=2)
+    world.smta.hold()
+    one = world.retriever
+    two = world.retriever = world.new_retriever()
+    world.retriever = one
+    assert world.notify("Cluster_limit_id_0001").code == 250
+    world.retriever = two
+    assert world.notify("Cluster_limit_id_0002").code == 250
+    assert world.notify("Cluster_limit_id_0003") == replies.S452_TOO_MANY_PENDING
+    world.retriever = one
+    assert world.notify("Cluster_limit_id_0003") == replies.S452_TOO_MANY_PENDING
+    assert world.notify("Cluster_limit_id_0001").code == 250   # known: not counted again
+    with database.transaction() as cursor:
+        cursor.execute("SELECT gdel_id FROM pending ORDER BY gdel_id")
+        assert [row[0] for row in cursor.fetchall()] == ["Cluster_limit_id_0001",
+                                                         "Cluster_limit_id_0002"]
+
+
+def test_pending_per_origin_holds_under_concurrent_inserts(database) -> None:
+    """
+    Many new notifications of one peer saved at once by two nodes' stores:
+    exactly the limit are stored (the count and the insert are one step).
+    """
+    import threading
+
+    from pullmail.storage.pending import TooManyPending
+    from tests.test_pending import _notification
+
+    stores = [_pending(database, name, _clock()) for name in ("mx1.example", "mx2.example")]
+    stored, refused, go = [], [], threading.Barrier(16)
+
+    def save(number: int) -> None:
+        go.wait()
+        try:
+            stores[number % 2].save(_notification(f"Concurrent_id_{number:06d}"), limit=5)
+            stored.append(number)
+        except TooManyPending:
+            refused.append(number)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert (len(stored), len(refused)) == (5, 11)
+    with database.transaction() as cursor:
+        cursor.execute("SELECT count(*) FROM pending")
+        assert cursor.fetchone()[0] == 5

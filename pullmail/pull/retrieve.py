@@ -33,7 +33,7 @@ from pullmail.scheduling.schedule import retrieval_at
 from pullmail.smtp import dsn, replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
-from pullmail.storage.pending import PENDING, RETRIEVED, Notification
+from pullmail.storage.pending import PENDING, RETRIEVED, Notification, TooManyPending
 from pullmail.storage.postgresql.database import take_failed
 
 __all__ = ["Retriever"]
@@ -160,7 +160,11 @@ class Retriever:
                 # notifier's cluster: retrieve once more when that is done.
                 existing.notified_again = True
             return self._accepted(request.gdel_id)
-        if existing is None and self.store.pending_from(session.peer) >= self.pending_per_origin:
+        # A shared store counts the peer's notifications of the whole
+        # cluster as it inserts (SPEC 11.3); this node's index knows only some.
+        limit = self.pending_per_origin if existing is None else None
+        if limit is not None and not self.store.shared \
+                and self.store.pending_from(session.peer) >= limit:
             return replies.S452_TOO_MANY_PENDING
         notification = existing or Notification(
             gdel_id=request.gdel_id, origin=identity.lower(), peer=session.peer,
@@ -175,7 +179,9 @@ class Retriever:
         self._pend_again(notification, now)
         notification.notified_at, notification.peer = now, session.peer
         try:
-            await self._save(notification)
+            await self._save(notification, limit)
+        except TooManyPending:
+            return replies.S452_TOO_MANY_PENDING
         except OSError as e:
             return self._store_failed(request.gdel_id, e)
         maillog.NOTIFICATION_ACCEPTED(
@@ -186,13 +192,14 @@ class Retriever:
         self._arm()
         return self._accepted(request.gdel_id)
 
-    async def _save(self, notification: Notification) -> None:
+    async def _save(self, notification: Notification, limit: int | None = None) -> None:
         """
         Store a record durably.  With C{store_file} (the fsync helper's
-        store) the whole write happens outside this process's GIL.
+        store) the whole write happens outside this process's GIL; the
+        files' C{limit} was checked before.
         """
         if self.store_file is None:
-            await self.run_blocking(self.store.save, notification)
+            await self.run_blocking(self.store.save, notification, limit)
             return
         temporary, final = self.store.paths_for(notification)
         await self.store_file(temporary, final, notification.to_json())

@@ -26,7 +26,8 @@ from pullmail.interfaces import IPendingStore
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
-__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED"]
+__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED",
+           "TooManyPending"]
 
 RECORD_VERSION = 1
 
@@ -40,6 +41,10 @@ class NotificationState(StrEnum):
 
 PENDING = NotificationState.PENDING
 RETRIEVED = NotificationState.RETRIEVED
+
+
+class TooManyPending(Exception):
+    """C{[limits] pending_per_origin} reached: the notification is not stored (452 4.3.1)."""
 
 
 @dataclass
@@ -159,8 +164,11 @@ class PendingStore:
     def __len__(self) -> int:
         return len(self._index)
 
-    def save(self, notification: Notification) -> None:
+    def save(self, notification: Notification, limit: int | None = None) -> None:
         """Blocking: write the record durably, then index it."""
+        if (limit is not None and notification.key not in self._index
+                and self.pending_from(notification.peer) >= limit):
+            raise TooManyPending(notification.peer)
         write_atomically(self.root / f"{notification.key}.json", notification.to_json())
         self._remember(notification)
 

@@ -23,7 +23,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pullmail.interfaces import IPendingStore
-from pullmail.storage.pending import PENDING, Notification, PendingStore, notification_key
+from pullmail.storage.pending import (
+    PENDING,
+    Notification,
+    PendingStore,
+    TooManyPending,
+    notification_key,
+)
 from pullmail.storage.postgresql.database import Database
 
 __all__ = ["PostgresPending"]
@@ -32,6 +38,9 @@ log = Logger(namespace="pullmail.storage.postgresql")
 
 _COLUMNS = "record::text, generation"
 _FREE = "(taken_by IS NULL OR lease_until < %(now)s OR taken_by = %(node)s)"
+# Advisory locks (first key) serialising the new notifications of one peer
+# across the cluster, so that [limits] pending_per_origin counts them all.
+_PEER_LOCK = 0x70656E64
 
 
 def _due(notification: Notification) -> float:
@@ -89,11 +98,15 @@ class PostgresPending(PendingStore):
             # A pending one's delivery may have begun, here or on a dead node.
             notification.delivering = notification.state == PENDING
 
-    def save(self, notification: Notification) -> None:
+    def save(self, notification: Notification, limit: int | None = None) -> None:
         """
         Blocking: store the record (committed before it returns) and index
         it; the row is free again afterwards.  Refused (and forgotten here)
         when another node holds it, or took it since this node did.
+
+        With C{limit}, a new row is refused (L{TooManyPending}) when its
+        peer has that many pending in the cluster: counted in the insert's
+        transaction, under a per-peer lock, so two nodes cannot both pass.
         """
         key = notification.key
         held = key in self._held
@@ -105,6 +118,8 @@ class PostgresPending(PendingStore):
                      else _FREE.replace("taken_by", "pending.taken_by")
                      .replace("lease_until", "pending.lease_until"))
         with self.database.transaction() as cursor:
+            if limit is not None:
+                _check_limit(cursor, values, limit)
             cursor.execute(
                 "INSERT INTO pending (key, gdel_id, peer, record, due) VALUES (%(key)s,"
                 " %(gdel_id)s, %(peer)s, %(record)s::jsonb, %(due)s) ON CONFLICT (key) DO UPDATE"
@@ -185,6 +200,18 @@ class PostgresPending(PendingStore):
     def polled(self, rows) -> list[Notification]:
         """In the reactor thread: index what L{poll} found."""
         return [self._row(row) for row in rows]
+
+
+def _check_limit(cursor, values: dict, limit: int) -> None:
+    """In a save's transaction: L{TooManyPending} when a new row would pass the limit."""
+    cursor.execute("SELECT pg_advisory_xact_lock(%(lock)s, hashtext(%(peer)s))",
+                   {**values, "lock": _PEER_LOCK})
+    cursor.execute("SELECT EXISTS (SELECT 1 FROM pending WHERE key = %(key)s), (SELECT count(*)"
+                   " FROM pending WHERE peer = %(peer)s AND record->>'state' = %(pending)s)",
+                   {**values, "pending": str(PENDING)})
+    exists, count = cursor.fetchone()
+    if not exists and count >= limit:
+        raise TooManyPending(values["peer"])
 
 
 def cluster_notifications(database: Database) -> list[Notification]:
