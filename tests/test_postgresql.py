@@ -582,3 +582,59 @@ def test_pending_per_origin_holds_under_concurrent_inserts(database) -> None:
     with database.transaction() as cursor:
         cursor.execute("SELECT count(*) FROM pending")
         assert cursor.fetchone()[0] == 5
+
+
+# -- pullmail queue hold/release of a pending notification ---------------------------------------
+
+
+def test_a_held_notification_is_not_retrieved_until_released(database, tmp_path) -> None:
+    """
+    ``pullmail queue hold`` of a pending notification in a cluster: no node
+    retrieves it (the node whose timer comes lets the row go, due never);
+    released, a node's poll finds it and it is retrieved once.
+    """
+    from pullmail.storage.postgresql.pending import hold_in_cluster
+    from tests import test_retrieval as retrieval
+
+    world = _cluster_world(database, tmp_path)
+    world.smta.hold()
+    one = world.retriever
+    two = world.new_retriever()
+    assert world.notify().code == 250   # at node one
+    assert hold_in_cluster(database, retrieval.GDEL_ID, True, world.clock.seconds())
+    world.settle()
+    world.advance(3600.0)
+    for node in (one, two):
+        node.polled(node.store.polled(node.store.poll()))
+    world.advance(3600.0)
+    assert world.smta.retrs == []
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'held', due, taken_by FROM pending")
+        assert cursor.fetchall() == [(True, None, None)]
+    assert hold_in_cluster(database, retrieval.GDEL_ID, False, world.clock.seconds())
+    for node in (two, one):
+        node.polled(node.store.polled(node.store.poll()))
+    world.settle()
+    world.advance(1.0)
+    assert world.smta.retrs == [retrieval.GDEL_ID]
+    assert len(world.deliveries) == 1
+
+
+def test_queue_hold_and_release_a_pending_notification(database, tmp_path, pg_dsn) -> None:
+    """The command, from any node: hold, listed as held, release; a taken row is not held."""
+    import time
+
+    from tests.test_pending import _notification
+
+    store = _pending(database, "mx1.example", _clock(time.time()))
+    notification = _notification(ID1)
+    store.save(notification)
+    config = _config_file(tmp_path, pg_dsn)
+    assert _main(["queue", "--config", config, "hold", ID1]) == (0, f"held {ID1}\n")
+    assert '"state": "held"' in _main(["queue", "--config", config, "--json"])[1]
+    assert _main(["queue", "--config", config, "release", ID1])[0] == 0
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'held', due FROM pending")
+        assert cursor.fetchall() == [(False, notification.next_attempt)]
+    assert store.take(notification.key).result is not None
+    assert cli.main(["queue", "--config", config, "hold", ID1]) == 1   # being retrieved

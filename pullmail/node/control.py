@@ -215,7 +215,9 @@ def cluster_control(config):
                 return {"ok": outbox.delete_from_cluster(database, target, now)
                         or pending.delete_from_cluster(database, target, now)}
             if command in ("hold", "release"):
-                return {"ok": outbox.hold_in_cluster(database, target, command == "hold", now)}
+                held = command == "hold"
+                return {"ok": outbox.hold_in_cluster(database, target, held, now)
+                        or pending.hold_in_cluster(database, target, held, now)}
             return {"ok": False, "error": f"unknown command {command!r}"}
         except StoreUnavailable as e:
             raise SystemExit(f"pullmail queue: {e}") from None

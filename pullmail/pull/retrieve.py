@@ -286,6 +286,9 @@ class Retriever:
         now = self.clock.seconds()
         if notification.state == RETRIEVED and notification.keep_until <= now:
             return self.run_blocking(self.store.remove, notification)
+        if notification.state == PENDING and notification.held:
+            # `pullmail queue hold` from any node: let the row go, due never.
+            return defer.Deferred.fromCoroutine(self._save(notification))
         if notification.state == PENDING and notification.next_attempt <= now:
             self._line_up(notification, now)
             self._dispatcher.dispatch()

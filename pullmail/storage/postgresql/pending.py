@@ -31,8 +31,10 @@ from pullmail.storage.pending import (
     notification_key,
 )
 from pullmail.storage.postgresql.database import Database
+from pullmail.storage.postgresql.outbox import WAKE_CHANNEL
 
-__all__ = ["PostgresPending"]
+__all__ = ["PostgresPending", "cluster_notifications", "delete_from_cluster", "flush_cluster",
+           "hold_in_cluster"]
 
 log = Logger(namespace="pullmail.storage.postgresql")
 
@@ -43,8 +45,11 @@ _FREE = "(taken_by IS NULL OR lease_until < %(now)s OR taken_by = %(node)s)"
 _PEER_LOCK = 0x70656E64
 
 
-def _due(notification: Notification) -> float:
-    return notification.next_attempt if notification.state == PENDING else notification.keep_until
+def _due(notification: Notification) -> float | None:
+    """When a node should take the row: never while held (``pullmail queue hold``)."""
+    if notification.state != PENDING:
+        return notification.keep_until
+    return None if notification.held else notification.next_attempt
 
 
 @implementer(IPendingStore)
@@ -233,3 +238,23 @@ def flush_cluster(database: Database, now: float) -> None:
         cursor.execute("UPDATE pending SET due = %(now)s, record = jsonb_set(record,"
                        " '{next_attempt}', to_jsonb(%(now)s::double precision))"
                        " WHERE record->>'state' = %(pending)s", {"now": now, "pending": str(PENDING)})
+
+
+def hold_in_cluster(database: Database, gdel_id: str, held: bool, now: float) -> bool:
+    """
+    Hold or release the pending notifications of an id (``pullmail queue
+    hold/release``) while no node is retrieving them.  A held row is due
+    never, so no node takes it; a released one is due at its next attempt
+    again, and the nodes are woken to look.
+    """
+    with database.transaction() as cursor:
+        cursor.execute(
+            "UPDATE pending SET record = jsonb_set(record, '{held}', to_jsonb(%(held)s)),"
+            " due = CASE WHEN %(held)s THEN NULL ELSE (record->>'next_attempt')::double"
+            " precision END, generation = generation + 1 WHERE gdel_id = %(id)s AND"
+            " record->>'state' = %(pending)s AND (taken_by IS NULL OR lease_until < %(now)s)",
+            {"held": held, "now": now, "id": gdel_id, "pending": str(PENDING)})
+        changed = cursor.rowcount > 0
+        if changed and not held:
+            cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
+    return changed
