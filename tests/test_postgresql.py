@@ -638,3 +638,22 @@ def test_queue_hold_and_release_a_pending_notification(database, tmp_path, pg_ds
         assert cursor.fetchall() == [(False, notification.next_attempt)]
     assert store.take(notification.key).result is not None
     assert cli.main(["queue", "--config", config, "hold", ID1]) == 1   # being retrieved
+
+
+def test_cluster_queue_shows_this_nodes_local_queue(database, tmp_path, pg_dsn) -> None:
+    """The LMTP local queue is the node's own: listed and deleted from its files (no node)."""
+    import json
+
+    from pullmail.storage.outbox import MaildirOutbox
+
+    config = _config_file(tmp_path, pg_dsn)
+    local = MaildirOutbox(tmp_path / "var" / "local-queue")
+    local.load()
+    local.add([make_entry(id=ID2, recipients=["bob@example.org"])], MESSAGE)
+    _node(database, "mx1.example").add([make_entry(id=ID1)], MESSAGE)
+    document = json.loads(_main(["queue", "--config", config, "--json"])[1])
+    assert sorted((m["id"], m["queue"]) for m in document["messages"]) == [
+        (ID1, "push"), (ID2, "local")]
+    assert _main(["queue", "--config", config, "--delete", ID2])[0] == 0
+    assert not list((tmp_path / "var" / "local-queue" / "entries").iterdir())
+    assert _row(database, ID1) is not None

@@ -36,7 +36,7 @@ from pullmail.net.tls import (
     ensure_certificate,
     server_context,
 )
-from pullmail.node.control import SOCKET_NAME, ControlFactory
+from pullmail.node.control import LOCAL_QUEUE, SOCKET_NAME, ControlFactory
 from pullmail.node.listeners import Listener
 from pullmail.node.lock import StateLocked, lock_state_dir
 from pullmail.node.logs import NodeService, log_observer, twistd_stream
@@ -302,7 +302,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     # Always: entries an LMTP store deferred wait here even if [delivery]
     # local has since gone back to maildir.
     local_queue = LocalQueue(
-        store=MaildirOutbox(state / "local-queue", run_blocking), agent=delivery,
+        store=MaildirOutbox(state / LOCAL_QUEUE, run_blocking), agent=delivery,
         clock=reactor, run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=send_bounce, sender_authorised=trust.spf_passes,
     )
@@ -343,7 +343,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         control_socket.unlink(missing_ok=True)
         Listener(
             endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
-            ControlFactory(outbound, retriever, reactor, maildrop),
+            ControlFactory(outbound, retriever, reactor, maildrop, local_queue),
         ).setServiceParent(node)
     else:
         log.warn("state_dir path too long for the control socket; "
