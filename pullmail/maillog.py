@@ -258,6 +258,20 @@ OUTBOX_UNREADABLE = Event(
     LogLevel.error,
 )
 
+# The cluster's database (storage/postgresql): a node starts and listens without it.
+DATABASE_UNREACHABLE = Event(
+    "database-unreachable",
+    "the database is out of reach ({error}): answering 451 4.3.0 to what needs it,"
+    " trying again every {retry}s",
+    LogLevel.warn,
+)
+DATABASE_CONNECTED = Event(
+    "database-connected", "the database answers (schema checked, stores loaded) after {after}s",
+)
+DATABASE_SCHEMA_REFUSED = Event(
+    "database-schema-refused", "refusing to run: {error}", LogLevel.critical,
+)
+
 # -- The operator's tools and the node (node/) -------------------------------------------
 
 OPERATOR_FLUSH = Event("operator-flush", "queues flushed by the operator")
@@ -301,6 +315,9 @@ VOCABULARY = _vocabulary(
     DATA_TIMEOUT,
     DEFERRED,
     DKIM_ERROR,
+    DATABASE_CONNECTED,
+    DATABASE_SCHEMA_REFUSED,
+    DATABASE_UNREACHABLE,
     DKIM_KEY_MADE,
     DMARC_REJECTED,
     DELIVERED,

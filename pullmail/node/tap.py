@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -71,6 +71,7 @@ from pullmail.storage.postgresql import schema
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
 from pullmail.storage.postgresql.outbox import PostgresOutbox
 from pullmail.storage.postgresql.pending import PostgresPending
+from pullmail.storage.postgresql.startup import StoreStartup
 from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust import throttle
 from pullmail.trust.dkim import Signer, Verifier
@@ -191,6 +192,17 @@ class Stores:
     outbox: object
     pending: object
     watch: Watch | None = None
+    database: Database | None = None
+    # What starts once the cluster's database answers (L{StoreStartup}).
+    steps: list = field(default_factory=list)
+
+    def start_with(self, node: service.MultiService, start, stop) -> None:
+        """C{start} now (files), or once the database answers; C{stop} with the node."""
+        if self.database is None:
+            Startable(start, stop).setServiceParent(node)
+        else:
+            self.steps.append(start)
+            Startable(lambda: None, stop).setServiceParent(node)
 
 
 def open_stores(config: configuration.Config, reactor, node: service.MultiService,
@@ -203,14 +215,14 @@ def open_stores(config: configuration.Config, reactor, node: service.MultiServic
     if config.store.backend == "files":
         return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking),
                       PendingStore(config.state_dir / "pending"))
-    database = Database(config.store.dsn, reactor, DB_THREADS)
+    database = Database(config.store.dsn, reactor, DB_THREADS, ready=False)
     Startable(database.start, database.stop).setServiceParent(node)
     name, lease = config.node.hostname, config.store.lease
     due = functools.partial(due_at, config=config.delivery)
     return Stores(
         PostgresOutbox(database, name, lease, reactor, due, run=database.run),
         PostgresPending(database, name, lease, reactor, run=database.run),
-        Watch(database, reactor, poll_interval(lease)),
+        Watch(database, reactor, poll_interval(lease)), database,
     )
 
 
@@ -221,7 +233,10 @@ def poll_interval(lease: float) -> float:
 
 def check_store(config: configuration.Config) -> None:
     """
-    A node refuses to start on a database without the schema it knows.
+    A node refuses to start on a database without the schema it knows.  A
+    database out of reach does not stop it: the node starts, answers 4xx to
+    what needs the store, and checks the schema once the database answers
+    (L{StoreStartup}).
 
     @raise usage.UsageError: saying what to do.
     """
@@ -231,7 +246,9 @@ def check_store(config: configuration.Config) -> None:
     try:
         with database.connect() as connection, connection.cursor() as cursor:
             schema.check(cursor)
-    except (schema.SchemaError, StoreUnavailable) as e:
+    except StoreUnavailable:
+        return
+    except schema.SchemaError as e:
         raise usage.UsageError(f"store.dsn: {e}") from None
 
 
@@ -334,7 +351,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         store_file=None if stores.pending.shared else fsync_helper.store,
         delivered_of=router.delivered_of,
     )
-    Startable(outbound.start, outbound.stop).setServiceParent(node)
+    stores.start_with(node, outbound.start, outbound.stop)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
                         config.sendmail.trusted_users, config.limits.message_size)
     Startable(local_queue.start, local_queue.stop).setServiceParent(node)
@@ -348,7 +365,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     else:
         log.warn("state_dir path too long for the control socket; "
                  "`pullmail queue` will work on the files only")
-    Startable(retriever.start, retriever.stop).setServiceParent(node)
+    stores.start_with(node, retriever.start, retriever.stop)
     Startable(maildrop.start, maildrop.stop).setServiceParent(node)
     add_metrics(node, config, reactor, outbox, retriever.store, maildrop)
     if stores.watch is not None:   # after both loads
@@ -356,7 +373,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                               lambda found: outbound.cluster.polled(stores.outbox.polled(found)))
         stores.watch.register(stores.pending.poll,
                               lambda rows: retriever.polled(stores.pending.polled(rows)))
-        Startable(stores.watch.start, stores.watch.stop).setServiceParent(node)
+        stores.start_with(node, stores.watch.start, stores.watch.stop)
+        startup = StoreStartup(stores.database, reactor, stores.steps, refuse=reactor.stop)
+        Startable(startup.start, startup.stop).setServiceParent(node)
     Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
 
     performers = {
