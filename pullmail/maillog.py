@@ -171,6 +171,13 @@ SESSION_FAILED = Event(
 RETRIEVAL_ATTEMPT = Event("retrieval-attempt", "RETR {id} at {peer}: {reply}", extras=("code",))
 RETRIEVAL_FAILED = Event("retrieval-failed", "retrieval from {peer} broke off: {error}")
 DUPLICATE_DROPPED = Event("duplicate-dropped", "duplicate {id} from {peer} dropped")
+RETRIEVAL_IN_DOUBT = Event(
+    "retrieval-in-doubt",
+    "retrieved {id} ({queue_id}) again after its delivery to the mail store was cut off:"
+    " kept aside in {path}, not delivered twice; look in the mailboxes of {recipients}"
+    " and re-send it if it is not there",
+    LogLevel.error,
+)
 RETRIEVAL_FALLBACK = Event(
     "retrieval-fallback",
     "{peer} did not answer; retrieving from {address}, an MX of {origin} that passes SPF",
@@ -368,6 +375,7 @@ VOCABULARY = _vocabulary(
     RETRIEVAL_DEFERRED,
     RETRIEVAL_FAILED,
     RETRIEVAL_FALLBACK,
+    RETRIEVAL_IN_DOUBT,
     RETRIEVED,
     RETR_BROKEN,
     RETR_DNS_ERROR,

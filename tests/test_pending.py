@@ -138,8 +138,9 @@ def test_records_of_the_previous_version_load(store) -> None:
     (store.root / "old.json").write_text(json.dumps(OLD_RECORD))
     loaded = _reloaded(store).get("sender.example", ID1)
     assert loaded.state is NotificationState.RETRIEVED
-    # held, dsn: new fields, with their defaults.
-    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {}}
+    # held, dsn, handed_over: new fields, with their defaults.
+    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {},
+                                            "handed_over": 0.0}
 
 
 def test_states_are_written_as_before() -> None:

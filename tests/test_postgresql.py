@@ -657,3 +657,27 @@ def test_cluster_queue_shows_this_nodes_local_queue(database, tmp_path, pg_dsn) 
     assert _main(["queue", "--config", config, "--delete", ID2])[0] == 0
     assert not list((tmp_path / "var" / "local-queue" / "entries").iterdir())
     assert _row(database, ID1) is not None
+
+
+def test_a_record_written_mid_retrieval_stays_taken(database) -> None:
+    """
+    The handover's mark (L{pullmail.pull.handover}) is written while the
+    node retrieves: the row stays its own, so no other node takes it.
+    """
+    from tests.test_pending import _notification
+
+    one_clock = _clock()
+    one, two = _pending(database, "mx1.example", one_clock), _pending(database, "mx2.example",
+                                                                      _clock())
+    one.save(_notification())
+    key = _notification().key
+    taken = one.take(key).result
+    taken.handed_over = 1000.0
+    one.save(taken, keep_taken=True)
+    with database.transaction() as cursor:
+        cursor.execute("SELECT taken_by, record->'handed_over' FROM pending")
+        assert cursor.fetchall() == [("mx1.example", 1000.0)]
+    assert two.take(key).result is None
+    taken.handed_over = 0.0
+    one.save(taken)
+    assert two.take(key).result is not None

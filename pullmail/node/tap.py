@@ -12,6 +12,7 @@ import functools
 import gc
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -50,6 +51,7 @@ from pullmail.outbound.local import LocalQueue
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import PolicyCache
 from pullmail.outbound.sts.fetch import PolicyFetcher
+from pullmail.pull.handover import IN_DOUBT
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -67,6 +69,7 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.durable import fsync_directory
 from pullmail.storage.postgresql import schema
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
 from pullmail.storage.postgresql.outbox import PostgresOutbox
@@ -252,6 +255,20 @@ def check_store(config: configuration.Config) -> None:
         raise usage.UsageError(f"store.dsn: {e}") from None
 
 
+def in_doubt_folder(config: configuration.Config) -> Path | None:
+    """
+    With LMTP, where retrieved copies whose delivery was cut off are kept
+    (L{pullmail.pull.handover}); made now, so that its entry is durable.
+    """
+    if config.delivery.local == "maildir":
+        return None
+    folder = config.state_dir / IN_DOUBT
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700)
+        fsync_directory(config.state_dir)
+    return folder
+
+
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
     """Every service of one node, from its config."""
     node = NodeService()
@@ -350,6 +367,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         sender_authorised=trust.spf_passes,
         store_file=None if stores.pending.shared else fsync_helper.store,
         delivered_of=router.delivered_of,
+        in_doubt=in_doubt_folder(config),
     )
     stores.start_with(node, outbound.start, outbound.stop)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,

@@ -17,6 +17,7 @@ connections.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from twisted.internet import defer
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 from pullmail import maillog
 from pullmail.interfaces import IPendingStore, ITrustPolicy
 from pullmail.pull.fetch import Fetcher
+from pullmail.pull.handover import Handover
 from pullmail.pull.verbs import Notify
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.scheduling.rate import RateWindow
@@ -69,7 +71,13 @@ class Retriever:
         delivered_of: Callable[[Mapping[str, Sequence[str]]], set[str]] | None = None,
         mx_limit: int = 5,
         blocked_networks: tuple = (),
+        in_doubt: Path | None = None,
     ) -> None:
+        """
+        @param in_doubt: with a mail store that cannot be searched (LMTP),
+            the folder for copies whose earlier delivery was cut off
+            (L{Handover}); None with maildirs.
+        """
         self.mx_limit = mx_limit
         self.blocked_networks = tuple(blocked_networks)
         self.store_file = store_file
@@ -101,6 +109,11 @@ class Retriever:
         )
         self._fetcher = Fetcher(self, self._dispatcher)
         self._taking: set[str] = set()   # keys being taken in a shared store
+        self.handover = Handover(
+            in_doubt, store,
+            lambda notification, keep_taken: defer.Deferred.fromCoroutine(
+                self._save(notification, keep_taken=keep_taken)),
+            run_blocking, clock)
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -192,14 +205,15 @@ class Retriever:
         self._arm()
         return self._accepted(request.gdel_id)
 
-    async def _save(self, notification: Notification, limit: int | None = None) -> None:
+    async def _save(self, notification: Notification, limit: int | None = None,
+                    keep_taken: bool = False) -> None:
         """
         Store a record durably.  With C{store_file} (the fsync helper's
         store) the whole write happens outside this process's GIL; the
         files' C{limit} was checked before.
         """
         if self.store_file is None:
-            await self.run_blocking(self.store.save, notification, limit)
+            await self.run_blocking(self.store.save, notification, limit, keep_taken)
             return
         temporary, final = self.store.paths_for(notification)
         await self.store_file(temporary, final, notification.to_json())
@@ -325,7 +339,7 @@ class Retriever:
         is then dropped as a duplicate), so that the re-notifier sees a 250.
         """
         now = self.clock.seconds()
-        notification.state = RETRIEVED
+        notification.state, notification.handed_over = RETRIEVED, 0.0
         notification.keep_until = now + self.keep_for
         if notification.notified_again:
             notification.notified_again = False

@@ -65,6 +65,11 @@ class Notification:
     # The notification's DSN parameters (RFC 3461; L{pullmail.smtp.dsn}).
     dsn: dict = field(default_factory=dict)
     held: bool = False       # `pullmail queue hold`: not retrieved until released
+    # When a delivery of the retrieved message to a store that cannot be
+    # searched (LMTP) began: written durably before it, cleared once its
+    # outcome is known.  Still set at a later attempt, the process (or
+    # node) died during that delivery: L{pullmail.pull.handover}.
+    handed_over: float = 0.0
     # A delivery may have begun (this process began one, or the record was
     # read at start-up): a retry must look in the mailboxes before storing.
     # Known in memory only: L{PendingStore.load} derives it from the state.
@@ -164,8 +169,9 @@ class PendingStore:
     def __len__(self) -> int:
         return len(self._index)
 
-    def save(self, notification: Notification, limit: int | None = None) -> None:
-        """Blocking: write the record durably, then index it."""
+    def save(self, notification: Notification, limit: int | None = None,
+             keep_taken: bool = False) -> None:
+        """Blocking: write the record durably, then index it (nothing is taken here)."""
         if (limit is not None and notification.key not in self._index
                 and self.pending_from(notification.peer) >= limit):
             raise TooManyPending(notification.peer)

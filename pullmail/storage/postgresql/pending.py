@@ -103,11 +103,14 @@ class PostgresPending(PendingStore):
             # A pending one's delivery may have begun, here or on a dead node.
             notification.delivering = notification.state == PENDING
 
-    def save(self, notification: Notification, limit: int | None = None) -> None:
+    def save(self, notification: Notification, limit: int | None = None,
+             keep_taken: bool = False) -> None:
         """
         Blocking: store the record (committed before it returns) and index
-        it; the row is free again afterwards.  Refused (and forgotten here)
-        when another node holds it, or took it since this node did.
+        it; the row is free again afterwards (with C{keep_taken}, a record
+        written in the middle of a retrieval, still this node's).  Refused
+        (and forgotten here) when another node holds it, or took it since
+        this node did.
 
         With C{limit}, a new row is refused (L{TooManyPending}) when its
         peer has that many pending in the cluster: counted in the insert's
@@ -115,6 +118,7 @@ class PostgresPending(PendingStore):
         """
         key = notification.key
         held = key in self._held
+        keep = keep_taken and held
         values = self._values(key=key, gdel_id=notification.gdel_id, peer=notification.peer,
                               record=notification.to_json().decode("utf-8"),
                               due=_due(notification),
@@ -129,10 +133,12 @@ class PostgresPending(PendingStore):
                 "INSERT INTO pending (key, gdel_id, peer, record, due) VALUES (%(key)s,"
                 " %(gdel_id)s, %(peer)s, %(record)s::jsonb, %(due)s) ON CONFLICT (key) DO UPDATE"
                 " SET peer = excluded.peer, record = excluded.record, due = excluded.due,"
-                f" taken_by = NULL, lease_until = NULL WHERE {condition} RETURNING generation",
-                values)
+                " taken_by = CASE WHEN %(keep)s THEN pending.taken_by END, lease_until ="
+                f" CASE WHEN %(keep)s THEN pending.lease_until END WHERE {condition}"
+                " RETURNING generation", {**values, "keep": keep})
             row = cursor.fetchone()
-        self._held.discard(key)
+        if not keep:
+            self._held.discard(key)
         if row is None:
             log.warn("notification {id}: another node holds it; leaving it to that node",
                      id=notification.gdel_id)
