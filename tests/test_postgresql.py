@@ -681,3 +681,47 @@ def test_a_record_written_mid_retrieval_stays_taken(database) -> None:
     taken.handed_over = 0.0
     one.save(taken)
     assert two.take(key).result is not None
+
+
+class ManualRunner:
+    """A runner for blocking calls that runs them only when told, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def __call__(self, function, *args):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.calls.append((function, args, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.calls:
+            function, args, d = self.calls.pop(0)
+            d.callback(function(*args))
+
+
+def test_a_take_waits_for_the_nodes_own_writes(database) -> None:
+    """
+    A broken transfer's release and its "notify again" are still being
+    written when the entry's due time comes and the node takes the row:
+    the take reads the row after them, so the notification is not lost
+    (the kill rounds once left an entry waiting for its expiry this way).
+    """
+    runner, clock = ManualRunner(), _clock()
+    outbox = PostgresOutbox(database, "mx1.example", LEASE, clock,
+                            lambda entry: None if entry.claimed else (
+                                entry.renotify_at or entry.expires), run=runner)
+    outbox.load()
+    outbox.add([make_entry(id=ID1, state=NOTIFIED, expires=9e9)], MESSAGE)
+    entry = outbox.claim(ID1)
+    entry.renotify_at = 1000.0
+    outbox.release(ID1)
+    outbox.update(entry)
+    taken = outbox.take(ID1)
+    runner.run_all()
+    assert taken.result is entry and entry.renotify_at == 1000.0
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'renotify_at', due, taken FROM outbox")
+        assert cursor.fetchall() == [(1000.0, 1000.0, "work")]
