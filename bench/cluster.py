@@ -17,11 +17,10 @@ Wired into bench/bench.py as the ``cluster`` section:
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import common
-from common import PASSWORD, SMTPClient, fmt, make_message, pullmail_node, ratio, table
+from common import fmt, pullmail_node, ratio, table
 
 __all__ = ["bench_cluster", "CLUSTER_IPS"]
 
@@ -43,20 +42,10 @@ def _records() -> dict:
 
 async def _submit_to_both(nodes, total: int, sessions_per_node: int, size: int) -> None:
     """C{total} submissions, split over C{sessions_per_node} sessions at each node."""
-    per = total // (len(nodes) * sessions_per_node)
+    from bench import _submit_load
 
-    async def session(node, tag: str) -> None:
-        client = await SMTPClient.connect(node.address, 2587)
-        await client.ehlo("client.cluster.bench")
-        await client.starttls()
-        await client.ehlo("client.cluster.bench")
-        await client.login(SENDER, PASSWORD)
-        for n in range(per):
-            await client.sendmail(SENDER, RECIPIENT, make_message(size, f"{tag}-{n}"))
-        await client.quit()
-
-    await asyncio.gather(*(session(node, f"{node.name}-{s}") for node in nodes
-                           for s in range(sessions_per_node)))
+    await asyncio.gather(*(_submit_load(node, total // len(nodes), sessions_per_node, size,
+                                        SENDER, RECIPIENT) for node in nodes))
 
 
 def _outbox_rows(dsn: str) -> int:
@@ -135,4 +124,6 @@ def bench_cluster(args, workdir, dns):
 
 
 def _log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+    from bench import log
+
+    log(text)

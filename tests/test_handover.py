@@ -19,7 +19,7 @@ from pullmail.smtp import replies
 from pullmail.smtp.replies import Reply
 from pullmail.storage.pending import PENDING, RETRIEVED
 from pullmail.testing import run_blocking
-from tests.test_retrieval import BOB, GDEL_ID, HOUR, SCHEDULE, World
+from tests.test_retrieval import BOB, GDEL_ID, HOUR, SCHEDULE, START, World
 
 
 class LMTPWorld(World):
@@ -57,8 +57,6 @@ def test_the_mark_is_durable_before_the_store_sees_the_message(tmp_path) -> None
     world.deliver = deliver
     world.notify()
     world.settle()
-    from tests.test_retrieval import START
-
     assert seen == [(PENDING, START)]
     assert (world.record()["state"], world.record()["handed_over"]) == (RETRIEVED, 0.0)
     assert world.smta.outbox.get(GDEL_ID) is None

@@ -683,25 +683,6 @@ def test_a_record_written_mid_retrieval_stays_taken(database) -> None:
     assert two.take(key).result is not None
 
 
-class ManualRunner:
-    """A runner for blocking calls that runs them only when told, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def __call__(self, function, *args):
-        from twisted.internet.defer import Deferred
-
-        d = Deferred()
-        self.calls.append((function, args, d))
-        return d
-
-    def run_all(self) -> None:
-        while self.calls:
-            function, args, d = self.calls.pop(0)
-            d.callback(function(*args))
-
-
 def test_a_take_waits_for_the_nodes_own_writes(database) -> None:
     """
     A broken transfer's release and its "notify again" are still being
@@ -709,7 +690,9 @@ def test_a_take_waits_for_the_nodes_own_writes(database) -> None:
     the take reads the row after them, so the notification is not lost
     (the kill rounds once left an entry waiting for its expiry this way).
     """
-    runner, clock = ManualRunner(), _clock()
+    from tests.test_outbox import HeldRunner
+
+    runner, clock = HeldRunner(), _clock()
     outbox = PostgresOutbox(database, "mx1.example", LEASE, clock,
                             lambda entry: None if entry.claimed else (
                                 entry.renotify_at or entry.expires), run=runner)

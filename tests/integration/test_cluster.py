@@ -195,6 +195,18 @@ def gdel(address: str, gdel_id: str) -> tuple[int, list[str]]:
         return client.command(f"GDEL {gdel_id}")
 
 
+def assert_store_refused(node, stored: str) -> None:
+    """A submission, a GDEL and a RETR at C{node} get 451 4.3.0: its store is out of reach."""
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(node, ALICE, PASSWORD, [BOB], message("while-down"))
+    assert refused.value.smtp_code == 451, refused.value
+    assert refused.value.smtp_error.startswith(b"4.3.0"), refused.value
+    code, texts = gdel(node.address, new_gdel_id())
+    assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+    code, texts = retrieve(node.address, stored)
+    assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+
+
 def test_database_stopped_mid_run(cluster, postgres):
     """
     PostgreSQL stops: submissions, GDEL and RETR get 451 4.3.0, never 250
@@ -204,14 +216,7 @@ def test_database_stopped_mid_run(cluster, postgres):
     [stored] = cluster.add_notified(1)
     postgres.stop()
     try:
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            submit(mx1, ALICE, PASSWORD, [BOB], message("while-down"))
-        assert refused.value.smtp_code == 451, refused.value
-        assert refused.value.smtp_error.startswith(b"4.3.0"), refused.value
-        code, texts = gdel(MX1, new_gdel_id())
-        assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
-        code, texts = retrieve(MX1, stored)
-        assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+        assert_store_refused(mx1, stored)
     finally:
         postgres.start()
     fake = FakeMX()
@@ -341,14 +346,7 @@ def test_a_node_starts_while_the_database_is_down(cluster, postgres):
     try:
         mx1 = cluster.node("mx1", MX1)
         mx1.wait_log(r"the database is out of reach .*answering 451 4\.3\.0", 10)
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            submit(mx1, ALICE, PASSWORD, [BOB], message("while-down"))
-        assert refused.value.smtp_code == 451, refused.value
-        assert refused.value.smtp_error.startswith(b"4.3.0"), refused.value
-        code, texts = gdel(MX1, new_gdel_id())
-        assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
-        code, texts = retrieve(MX1, stored)
-        assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+        assert_store_refused(mx1, stored)
         assert submit(mx1, ALICE, PASSWORD, [ALICE], message("local")) == {}
         mx1.wait_delivered(ALICE)
     finally:
