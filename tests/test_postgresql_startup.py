@@ -121,3 +121,19 @@ def test_the_node_starts_with_its_database_out_of_reach(tmp_path) -> None:
     options = Options()
     options.parseOptions(["--config", str(config)])
     assert options["node_config"].store.backend == "postgresql"
+
+
+def test_a_database_that_answers_is_loaded_before_the_node_listens(pg_dsn) -> None:
+    """The first attempt blocks the start (no thread): a RETR right after the greeting finds the stores."""
+    class NoThreads(Database):
+        def run(self, function, *args, **kwargs):
+            raise AssertionError("the first attempt runs in the start, not in a thread")
+
+    database = NoThreads(pg_dsn)
+    database.open()
+    try:
+        done = []
+        StoreStartup(database, Clock(), [lambda: done.append("outbox")], print).start()
+        assert done == ["outbox"] and database.ready
+    finally:
+        database.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import psycopg
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,18 +52,23 @@ class StoreStartup:
         self._told = False   # the outage logged once, not at every attempt
 
     def start(self) -> None:
+        """
+        The first attempt blocks the start, as the loads always did: a node
+        whose database answers greets only once its stores are loaded.
+        Later ones run in the database's threads.
+        """
         self.database.ready = False
         self._started_at = self.clock.seconds()
-        self._attempt()
+        self._attempt(blocking=True)
 
     def stop(self) -> None:
         self._stopped = True
         if self._later is not None and self._later.active():
             self._later.cancel()
 
-    def _attempt(self) -> None:
+    def _attempt(self, blocking: bool = False) -> None:
         self._later = None
-        d = self.database.run(self._check)
+        d = defer.maybeDeferred(self._check) if blocking else self.database.run(self._check)
         d.addCallbacks(self._connected, self._failed)
 
     def _check(self) -> None:
