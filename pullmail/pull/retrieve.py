@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from pullmail import maillog
 from pullmail.interfaces import IPendingStore, ITrustPolicy
+from pullmail.pull.cluster import ClusterRetrieval
 from pullmail.pull.fetch import Fetcher
 from pullmail.pull.handover import Handover
 from pullmail.pull.verbs import Notify
@@ -36,7 +37,6 @@ from pullmail.smtp import dsn, replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
 from pullmail.storage.pending import PENDING, RETRIEVED, Notification, TooManyPending
-from pullmail.storage.postgresql.database import take_failed
 
 __all__ = ["Retriever"]
 
@@ -108,7 +108,7 @@ class Retriever:
             total=MAX_CONNECTIONS, per_key=CONNECTIONS_PER_PEER, current=self._current,
         )
         self._fetcher = Fetcher(self, self._dispatcher)
-        self._taking: set[str] = set()   # keys being taken in a shared store
+        self.cluster = ClusterRetrieval(self)
         self.handover = Handover(
             in_doubt, store,
             lambda notification, keep_taken: defer.Deferred.fromCoroutine(
@@ -264,7 +264,7 @@ class Retriever:
             if notification is None or self._due(notification) != due:
                 continue
             if self.store.shared:
-                self._take(key)
+                self.cluster.take_due(key)
             elif notification.state == RETRIEVED:
                 self.store.remove(notification)
             else:
@@ -281,43 +281,9 @@ class Retriever:
             return
         self._dispatcher.line_up(notification.peer, notification)
 
-    def _take(self, key: str) -> None:
-        """
-        SPEC 11.3: in a cluster a due notification is taken in the shared
-        store first, so that one node retrieves it (or forgets it).
-        """
-        if key in self._taking:
-            return
-        self._taking.add(key)
-        d = self.store.take(key)
-        d.addCallback(self._taken)
-        d.addErrback(take_failed, key)
-        d.addBoth(lambda _: self._taking.discard(key))
-
-    def _taken(self, notification: Notification | None) -> defer.Deferred | None:
-        if notification is None:
-            return None   # gone, or another node has it
-        now = self.clock.seconds()
-        if notification.state == RETRIEVED and notification.keep_until <= now:
-            return self.run_blocking(self.store.remove, notification)
-        if notification.state == PENDING and notification.held:
-            # `pullmail queue hold` from any node: let the row go, due never.
-            return defer.Deferred.fromCoroutine(self._save(notification))
-        if notification.state == PENDING and notification.next_attempt <= now:
-            self._line_up(notification, now)
-            self._dispatcher.dispatch()
-            self._arm()
-            return None
-        # Our copy was stale: another node moved it on.  Let it go again.
-        d = defer.Deferred.fromCoroutine(self._save(notification))
-        return d.addCallback(lambda _: (self._push(notification), self._arm()))
-
     def polled(self, notifications) -> None:
         """Notifications due that no node holds, found by the cluster's poll."""
-        for notification in notifications:
-            if not self._dispatcher.busy(notification.key):
-                self._push(notification)
-        self._arm()
+        self.cluster.polled(notifications)
 
     def _current(self, notification: Notification) -> bool:
         """Still pending, not held, and still the stored record (not deleted meanwhile)."""
