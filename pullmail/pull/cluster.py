@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 
 from pullmail.storage.pending import PENDING, RETRIEVED, Notification
-from pullmail.storage.postgresql.database import take_failed
+from pullmail.storage.postgresql.database import take_once
 
 if TYPE_CHECKING:
     from pullmail.pull.retrieve import Retriever
@@ -31,13 +31,7 @@ class ClusterRetrieval:
 
     def take_due(self, key: str) -> None:
         """The notification's due time came here: take it in the store, then line it up."""
-        if key in self._taking:
-            return
-        self._taking.add(key)
-        d = self.retriever.store.take(key)
-        d.addCallback(self._taken)
-        d.addErrback(take_failed, key)
-        d.addBoth(lambda _: self._taking.discard(key))
+        take_once(self._taking, key, self.retriever.store.take, self._taken)
 
     def _taken(self, notification: Notification | None) -> defer.Deferred | None:
         if notification is None:

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Database", "StoreUnavailable", "take_failed"]
+__all__ = ["Database", "StoreUnavailable", "take_failed", "take_once"]
 
 log = Logger(namespace="pullmail.storage.postgresql")
 
@@ -50,6 +50,21 @@ def take_failed(failure: Failure, key: str) -> None:
         log.warn("could not take {key}: {error}", key=key, error=str(failure.value))
     else:
         log.failure("taking {key}", failure, key=key)
+
+
+def take_once(taking: set[str], key: str, take: Callable[[str], Deferred],
+              taken: Callable) -> None:
+    """
+    Take C{key}'s row for due work (C{take}), unless a take of it is under
+    way already (C{taking}); C{taken} gets what the take returned.
+    """
+    if key in taking:
+        return
+    taking.add(key)
+    d = take(key)
+    d.addCallback(taken)
+    d.addErrback(take_failed, key)
+    d.addBoth(lambda _: taking.discard(key))
 
 
 def _configure(connection: psycopg.Connection) -> None:
