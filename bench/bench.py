@@ -47,7 +47,7 @@ from common import (  # noqa: E402
 )
 
 SECTIONS = ("push", "features", "dkim", "gd", "latency", "scale", "idle", "wire", "flood",
-            "chunking", "profile", "store", "slowloris")
+            "chunking", "profile", "store", "slowloris", "cluster")
 # What bench/run runs without --only: every section the targets table needs, and more.
 DEFAULT_SECTIONS = "push,features,gd,latency,scale,idle,wire,flood,chunking"
 
@@ -536,6 +536,12 @@ def bench_flood(args, workdir, dns):
 def bench_features(args, workdir, dns):
     import features
     features.run(args, workdir, dns, log)
+
+
+def bench_cluster(args, workdir, dns):
+    """End to end through a two-node cluster over one PostgreSQL (bench/cluster.py)."""
+    import cluster
+    cluster.bench_cluster(args, workdir, dns)
 
 
 def bench_slowloris(args, workdir, dns):

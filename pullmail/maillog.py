@@ -170,6 +170,13 @@ SESSION_FAILED = Event(
 RETRIEVAL_ATTEMPT = Event("retrieval-attempt", "RETR {id} at {peer}: {reply}", extras=("code",))
 RETRIEVAL_FAILED = Event("retrieval-failed", "retrieval from {peer} broke off: {error}")
 DUPLICATE_DROPPED = Event("duplicate-dropped", "duplicate {id} from {peer} dropped")
+RETRIEVAL_IN_DOUBT = Event(
+    "retrieval-in-doubt",
+    "retrieved {id} ({queue_id}) again after its delivery to the mail store was cut off:"
+    " kept aside in {path}, not delivered twice; look in the mailboxes of {recipients}"
+    " and re-send it if it is not there",
+    LogLevel.error,
+)
 RETRIEVAL_FALLBACK = Event(
     "retrieval-fallback",
     "{peer} did not answer; retrieving from {address}, an MX of {origin} that passes SPF",
@@ -266,6 +273,20 @@ OUTBOX_UNREADABLE = Event(
     LogLevel.error,
 )
 
+# The cluster's database (storage/postgresql): a node starts and listens without it.
+DATABASE_UNREACHABLE = Event(
+    "database-unreachable",
+    "the database is out of reach ({error}): answering 451 4.3.0 to what needs it,"
+    " trying again every {retry}s",
+    LogLevel.warn,
+)
+DATABASE_CONNECTED = Event(
+    "database-connected", "the database answers (schema checked, stores loaded) after {after}s",
+)
+DATABASE_SCHEMA_REFUSED = Event(
+    "database-schema-refused", "refusing to run: {error}", LogLevel.critical,
+)
+
 # -- The operator's tools and the node (node/) -------------------------------------------
 
 OPERATOR_FLUSH = Event("operator-flush", "queues flushed by the operator")
@@ -309,6 +330,9 @@ VOCABULARY = _vocabulary(
     DATA_TIMEOUT,
     DEFERRED,
     DKIM_ERROR,
+    DATABASE_CONNECTED,
+    DATABASE_SCHEMA_REFUSED,
+    DATABASE_UNREACHABLE,
     DKIM_KEY_MADE,
     DKIM_SIGN_FAILED,
     DMARC_REJECTED,
@@ -361,6 +385,7 @@ VOCABULARY = _vocabulary(
     RETRIEVAL_DEFERRED,
     RETRIEVAL_FAILED,
     RETRIEVAL_FALLBACK,
+    RETRIEVAL_IN_DOUBT,
     RETRIEVED,
     RETR_BROKEN,
     RETR_DNS_ERROR,

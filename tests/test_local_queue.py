@@ -330,3 +330,75 @@ def test_local_queue_reports_obey_spf():
     node.clock.advance(300)
     assert node.delivered(BOB) == 1
     assert node.bounces == [] and asked == [("192.0.2.1", "x@remote.test")]
+
+
+# -- the operator: pullmail queue --------------------------------------------------
+
+
+def test_flush_makes_every_entry_due_now():
+    """``pullmail queue --flush``: the deferred recipient is tried at once, not at its retry."""
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    del node.agent.refusals[BOB]
+    node.queue.flush()
+    node.clock.advance(0)
+    assert node.delivered(BOB) == 1 and len(node.store) == 0
+
+
+def test_delete_drops_an_entry_without_a_bounce():
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    [entry] = node.queue.entries()
+    assert node.queue.delete(entry.id)
+    assert not node.queue.delete(entry.id)
+    node.clock.advance(3600)
+    assert len(node.store) == 0 and node.bounces == [] and node.delivered(BOB) == 0
+
+
+def test_the_control_socket_lists_flushes_and_deletes_the_local_queue():
+    """The node's control requests cover the local queue; "queue": "local" alone."""
+    from pullmail.node.control import ControlFactory
+
+    class Nothing:
+        outbox = MemoryOutbox()
+        store = ()
+
+        def flush(self):
+            self.flushed = True
+
+        def delete(self, target):
+            return False
+
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    outbound, retriever = Nothing(), Nothing()
+    control = ControlFactory(outbound, retriever, node.clock, local_queue=node.queue)
+    [row] = control.handle({"command": "list"})["rows"]
+    assert (row["kind"], row["recipients"], row["next"]) == ("local", [BOB], 300.0)
+    assert control.handle({"command": "list", "queue": "local"})["rows"] == [row]
+    del node.agent.refusals[BOB]
+    assert control.handle({"command": "flush", "queue": "local"}) == {"ok": True}
+    assert not hasattr(outbound, "flushed")
+    node.clock.advance(0)
+    assert node.delivered(BOB) == 1
+    node.agent.refusals[BOB] = BUSY
+    node.accept(["team@example.org"])
+    [entry] = node.queue.entries()
+    assert control.handle({"command": "delete", "id": entry.id})["ok"]
+    assert node.queue.entries() == []
+
+
+def test_the_local_queue_from_the_files(tmp_path):
+    """No node running: the listing reads the local queue's files; delete removes them."""
+    from pullmail.node.control import offline_delete, offline_listing
+    from pullmail.storage.outbox import MaildirOutbox
+    from pullmail.testing import make_entry
+
+    store = MaildirOutbox(tmp_path / "local-queue")
+    store.load()
+    store.add([make_entry(id="Local_entry_id_00001", recipients=[BOB])], [b"x\r\n"])
+    [row] = offline_listing(tmp_path, NOW)
+    assert (row["kind"], row["id"]) == ("local", "Local_entry_id_00001")
+    assert offline_delete(tmp_path, "Local_entry_id_00001", outbox=False)
+    assert offline_listing(tmp_path, NOW) == []
+    assert not list((tmp_path / "local-queue" / "data").iterdir())

@@ -17,6 +17,7 @@ from pullmail.storage.pending import (
     Notification,
     NotificationState,
     PendingStore,
+    TooManyPending,
     notification_key,
 )
 
@@ -137,10 +138,10 @@ def test_records_of_the_previous_version_load(store) -> None:
     (store.root / "old.json").write_text(json.dumps(OLD_RECORD))
     loaded = _reloaded(store).get("sender.example", ID1)
     assert loaded.state is NotificationState.RETRIEVED
-    # held, dsn, esmtp: new fields, with their defaults (an old record's
-    # notifier is taken to have seen our EHLO keywords, as before).
+    # held, dsn, esmtp, handed_over: new fields, with their defaults (an old
+    # record's notifier is taken to have seen our EHLO keywords, as before).
     assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {},
-                                            "esmtp": True}
+                                            "esmtp": True, "handed_over": 0.0}
 
 
 def test_states_are_written_as_before() -> None:
@@ -190,6 +191,19 @@ def test_count_not_doubled_by_resave(store) -> None:
     n.attempts += 1
     store.save(n)
     assert store.pending_from("192.0.2.1") == 1
+
+
+def test_save_with_a_limit_refuses_a_new_notification_past_it(store) -> None:
+    """[limits] pending_per_origin: a new one past the limit is not stored; a known one is."""
+    store.save(_notification(ID1), limit=2)
+    store.save(_notification(ID2), limit=2)
+    with pytest.raises(TooManyPending):
+        store.save(_notification("Notified_id_00000003"), limit=2)
+    assert store.get("sender.example", "Notified_id_00000003") is None
+    assert _reloaded(store).get("sender.example", "Notified_id_00000003") is None
+    store.save(_notification(ID1, attempts=1), limit=2)   # already stored: no limit
+    store.save(_notification("Notified_id_00000003", peer="192.0.2.2"), limit=2)
+    assert store.pending_from("192.0.2.1") == 2 and store.pending_from("192.0.2.2") == 1
 
 
 def test_retrieved_not_counted(store) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -36,7 +37,7 @@ from pullmail.net.tls import (
     ensure_certificate,
     server_context,
 )
-from pullmail.node.control import SOCKET_NAME, ControlFactory
+from pullmail.node.control import LOCAL_QUEUE, SOCKET_NAME, ControlFactory
 from pullmail.node.listeners import Listener
 from pullmail.node.lock import StateLocked, lock_state_dir
 from pullmail.node.logs import NodeService, log_observer, twistd_stream
@@ -51,6 +52,7 @@ from pullmail.outbound.local import LocalQueue
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import PolicyCache
 from pullmail.outbound.sts.fetch import PolicyFetcher
+from pullmail.pull.handover import IN_DOUBT
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -68,10 +70,12 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.durable import fsync_directory
 from pullmail.storage.postgresql import schema
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
 from pullmail.storage.postgresql.outbox import PostgresOutbox
 from pullmail.storage.postgresql.pending import PostgresPending
+from pullmail.storage.postgresql.startup import StoreStartup
 from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust import throttle
 from pullmail.trust.arc import ARCVerifier
@@ -193,6 +197,17 @@ class Stores:
     outbox: object
     pending: object
     watch: Watch | None = None
+    database: Database | None = None
+    # What starts once the cluster's database answers (L{StoreStartup}).
+    steps: list = field(default_factory=list)
+
+    def start_with(self, node: service.MultiService, start, stop) -> None:
+        """C{start} now (files), or once the database answers; C{stop} with the node."""
+        if self.database is None:
+            Startable(start, stop).setServiceParent(node)
+        else:
+            self.steps.append(start)
+            Startable(lambda: None, stop).setServiceParent(node)
 
 
 def open_stores(config: configuration.Config, reactor, node: service.MultiService,
@@ -205,14 +220,14 @@ def open_stores(config: configuration.Config, reactor, node: service.MultiServic
     if config.store.backend == "files":
         return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking),
                       PendingStore(config.state_dir / "pending"))
-    database = Database(config.store.dsn, reactor, DB_THREADS)
+    database = Database(config.store.dsn, reactor, DB_THREADS, ready=False)
     Startable(database.start, database.stop).setServiceParent(node)
     name, lease = config.node.hostname, config.store.lease
     due = functools.partial(due_at, config=config.delivery)
     return Stores(
         PostgresOutbox(database, name, lease, reactor, due, run=database.run),
         PostgresPending(database, name, lease, reactor, run=database.run),
-        Watch(database, reactor, poll_interval(lease)),
+        Watch(database, reactor, poll_interval(lease)), database,
     )
 
 
@@ -223,7 +238,10 @@ def poll_interval(lease: float) -> float:
 
 def check_store(config: configuration.Config) -> None:
     """
-    A node refuses to start on a database without the schema it knows.
+    A node refuses to start on a database without the schema it knows.  A
+    database out of reach does not stop it: the node starts, answers 4xx to
+    what needs the store, and checks the schema once the database answers
+    (L{StoreStartup}).
 
     @raise usage.UsageError: saying what to do.
     """
@@ -233,8 +251,24 @@ def check_store(config: configuration.Config) -> None:
     try:
         with database.connect() as connection, connection.cursor() as cursor:
             schema.check(cursor)
-    except (schema.SchemaError, StoreUnavailable) as e:
+    except StoreUnavailable:
+        return
+    except schema.SchemaError as e:
         raise usage.UsageError(f"store.dsn: {e}") from None
+
+
+def in_doubt_folder(config: configuration.Config) -> Path | None:
+    """
+    With LMTP, where retrieved copies whose delivery was cut off are kept
+    (L{pullmail.pull.handover}); made now, so that its entry is durable.
+    """
+    if config.delivery.local == "maildir":
+        return None
+    folder = config.state_dir / IN_DOUBT
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700)
+        fsync_directory(config.state_dir)
+    return folder
 
 
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
@@ -311,7 +345,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     # Always: entries an LMTP store deferred wait here even if [delivery]
     # local has since gone back to maildir.
     local_queue = LocalQueue(
-        store=MaildirOutbox(state / "local-queue", run_blocking), agent=delivery,
+        store=MaildirOutbox(state / LOCAL_QUEUE, run_blocking), agent=delivery,
         clock=reactor, run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=send_bounce, sender_authorised=trust.spf_passes, reports=reports,
     )
@@ -342,8 +376,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         sender_authorised=trust.spf_passes,
         store_file=None if stores.pending.shared else fsync_helper.store,
         delivered_of=router.delivered_of,
+        in_doubt=in_doubt_folder(config),
     )
-    Startable(outbound.start, outbound.stop).setServiceParent(node)
+    stores.start_with(node, outbound.start, outbound.stop)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
                         config.sendmail.trusted_users, config.limits.message_size)
     Startable(local_queue.start, local_queue.stop).setServiceParent(node)
@@ -352,12 +387,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         control_socket.unlink(missing_ok=True)
         Listener(
             endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
-            ControlFactory(outbound, retriever, reactor, maildrop),
+            ControlFactory(outbound, retriever, reactor, maildrop, local_queue),
         ).setServiceParent(node)
     else:
         log.warn("state_dir path too long for the control socket; "
                  "`pullmail queue` will work on the files only")
-    Startable(retriever.start, retriever.stop).setServiceParent(node)
+    stores.start_with(node, retriever.start, retriever.stop)
     Startable(maildrop.start, maildrop.stop).setServiceParent(node)
     add_metrics(node, config, reactor, outbox, retriever.store, maildrop)
     if stores.watch is not None:   # after both loads
@@ -365,7 +400,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                               lambda found: outbound.cluster.polled(stores.outbox.polled(found)))
         stores.watch.register(stores.pending.poll,
                               lambda rows: retriever.polled(stores.pending.polled(rows)))
-        Startable(stores.watch.start, stores.watch.stop).setServiceParent(node)
+        stores.start_with(node, stores.watch.start, stores.watch.stop)
+        startup = StoreStartup(stores.database, reactor, stores.steps, refuse=reactor.stop)
+        Startable(startup.start, startup.stop).setServiceParent(node)
     Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
 
     performers = {

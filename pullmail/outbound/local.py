@@ -78,6 +78,27 @@ class LocalQueue:
     def stop(self) -> None:
         self._due.stop()
 
+    # -- the operator (``pullmail queue``) -------------------------------------------
+
+    def entries(self) -> list[OutboxEntry]:
+        return list(self.store.entries())
+
+    def flush(self) -> None:
+        """Every waiting entry is due now (``pullmail queue --flush``)."""
+        now = self.clock.seconds()
+        for entry in self.store.entries():
+            if entry.id not in self._running:
+                entry.next_attempt = now
+                self._due.add(now, entry.id)
+        self._due.arm()
+
+    def delete(self, entry_id: str) -> bool:
+        """Drop an entry without a bounce (``pullmail queue --delete``); not mid-attempt."""
+        if self.store.get(entry_id) is None or entry_id in self._running:
+            return False
+        self.store.remove(entry_id)
+        return True
+
     def take(self, queue_id: str, sender: str, outcome: DeliveryOutcome,
              chunks: Sequence[bytes], origin: str | None = None,
              dsn_params: dict | None = None) -> defer.Deferred:

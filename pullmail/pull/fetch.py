@@ -152,22 +152,33 @@ class Fetcher:
             # Exactly once: a notification whose delivery may have begun
             # (earlier in this process, or in one that died: every record
             # read at start-up) looks in the mailboxes first; one marked
-            # retrieved is a known duplicate.  Nothing is written before a
-            # delivery: the record of a crashed one is still pending.
+            # retrieved is a known duplicate.  With maildirs nothing is
+            # written before a delivery: the record of a crashed one is
+            # still pending.  With a store that cannot be searched (LMTP)
+            # the handover marks it (L{pullmail.pull.handover}).
+            handover = self.owner.handover
+            envelope = request.envelope
             if notification.keep_until or (
                 notification.delivering and self.owner.delivered_of is not None
                 and notification.queue_id in await self.owner.run_blocking(
-                    self.owner.delivered_of, {notification.queue_id: request.envelope.recipients})
+                    self.owner.delivered_of, {notification.queue_id: envelope.recipients})
             ):
                 reply = Reply(250, "2.0.0", "Ok: already delivered, duplicate dropped")
                 maillog.DUPLICATE_DROPPED(log, id=notification.gdel_id, peer=notification.peer)
+            elif handover.in_doubt(notification):
+                reply = await handover.keep_aside(notification, envelope.sender,
+                                                  envelope.recipients, request.chunks)
             else:
                 notification.delivering = True
+                reply = await handover.begin(notification)
+                if reply is not None:
+                    return reply
                 # SPEC 11.1: SPF asks about the notifying session.
                 reply = await self.owner.deliver(
-                    request.session, request.envelope, request.chunks, request.size,
+                    request.session, envelope, request.chunks, request.size,
                     queue_id=notification.queue_id, identity=SPFIdentity(
                         notification.peer, notification.helo, notification.sender or ""))
+                handover.ended(notification)
             if reply.positive:
                 await self.owner.retrieved(notification)
             return reply

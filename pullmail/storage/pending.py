@@ -26,7 +26,8 @@ from pullmail.interfaces import IPendingStore
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
-__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED"]
+__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED",
+           "TooManyPending"]
 
 RECORD_VERSION = 1
 
@@ -40,6 +41,10 @@ class NotificationState(StrEnum):
 
 PENDING = NotificationState.PENDING
 RETRIEVED = NotificationState.RETRIEVED
+
+
+class TooManyPending(Exception):
+    """C{[limits] pending_per_origin} reached: the notification is not stored (452 4.3.1)."""
 
 
 @dataclass
@@ -63,6 +68,11 @@ class Notification:
     # Notified after EHLO: the SMTA saw our extensions (CHUNKING...) and may
     # use them in its turn (SPEC 4); after HELO it saw none (RFC 5321 2.2.1).
     esmtp: bool = True
+    # When a delivery of the retrieved message to a store that cannot be
+    # searched (LMTP) began: written durably before it, cleared once its
+    # outcome is known.  Still set at a later attempt, the process (or
+    # node) died during that delivery: L{pullmail.pull.handover}.
+    handed_over: float = 0.0
     # A delivery may have begun (this process began one, or the record was
     # read at start-up): a retry must look in the mailboxes before storing.
     # Known in memory only: L{PendingStore.load} derives it from the state.
@@ -162,8 +172,12 @@ class PendingStore:
     def __len__(self) -> int:
         return len(self._index)
 
-    def save(self, notification: Notification) -> None:
-        """Blocking: write the record durably, then index it."""
+    def save(self, notification: Notification, limit: int | None = None,
+             keep_taken: bool = False) -> None:
+        """Blocking: write the record durably, then index it (nothing is taken here)."""
+        if (limit is not None and notification.key not in self._index
+                and self.pending_from(notification.peer) >= limit):
+            raise TooManyPending(notification.peer)
         write_atomically(self.root / f"{notification.key}.json", notification.to_json())
         self._remember(notification)
 

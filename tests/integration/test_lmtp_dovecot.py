@@ -17,6 +17,7 @@ Dovecot can take them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import smtplib
@@ -24,7 +25,7 @@ import smtplib
 import pytest
 
 from .dovecot import DovecotInstance, dovecot_unavailable, make_workdir
-from .harness import SUBMISSION_PORT, smtp, submit
+from .harness import SUBMISSION_PORT, smtp, submit, wait_until
 
 NODE_IP = "127.0.0.81"
 DOVECOT_INET = ("127.0.0.82", 2424)
@@ -54,12 +55,12 @@ def dovecot():
         yield instance
 
 
-def lmtp_node(make_node, local: str, aliases: str = ""):
+def lmtp_node(make_node, local: str, aliases: str = "", retry: str = "1s"):
     return make_node(
         "mx", NODE_IP, ["example.org"], "mx.example.org",
         users={ALICE: "pw-alice-1", BOB: "pw-bob-22", CAROL: "pw-carol-3"},
         aliases=aliases,
-        settings={"delivery": {"local": local, "push_retry": ["1s"], "connect_timeout": "2s"}},
+        settings={"delivery": {"local": local, "push_retry": [retry], "connect_timeout": "2s"}},
     )
 
 
@@ -142,6 +143,47 @@ def test_dovecot_stopped_with_a_remote_copy_is_queued_and_retried(dovecot, make_
     dovecot.start()
     [stored] = dovecot.wait_delivered(ALICE, timeout=20)
     assert b"Subject: over LMTP" in stored
+
+
+def _local_rows(node) -> list[dict]:
+    document = json.loads(node.cli("queue", "--json").stdout)
+    return [m for m in document["messages"] if m["queue"] == "local"]
+
+
+def test_the_local_queue_in_pullmail_queue(dovecot, make_node):
+    """
+    ``pullmail queue`` shows the local queue (text and --json), flushes it
+    (Dovecot back: delivered at once, not at the next retry an hour away)
+    and deletes from it, with the node running and stopped.
+    """
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}",
+                     aliases="team@example.org: alice@example.org, dave@remote.test\n",
+                     retry="1h")
+    dovecot.stop()
+    assert send(node, ["team@example.org"]) == {}
+    node.wait_log(r"deferred local delivery of \w+ to \['alice@example.org'\]")
+    [row] = _local_rows(node)
+    assert (row["recipients"], row["state"], row["sender"]) == ([ALICE], "queued",
+                                                               "x@outside.test")
+    assert "Local queue (deferred by the mail store, LMTP): 1" in node.cli("queue").stdout.decode()
+    dovecot.start()
+    node.cli("queue", "--flush")
+    dovecot.wait_delivered(ALICE, timeout=20)
+    wait_until(lambda: _local_rows(node) == [], 10)
+
+    dovecot.stop()
+    assert send(node, ["team@example.org"]) == {}
+    node.wait_log(r"deferred local delivery of \w+ to \['alice@example.org'\]", timeout=10)
+    [row] = _local_rows(node)
+    assert node.cli("queue", "--delete", row["id"]).stdout == f"deleted {row['id']}\n".encode()
+    assert _local_rows(node) == []
+    assert send(node, ["team@example.org"]) == {}
+    wait_until(lambda: len(_local_rows(node)) == 1, 10)
+    node.stop()
+    [row] = _local_rows(node)   # from the files
+    node.cli("queue", "--delete", row["id"])
+    assert _local_rows(node) == []
+    assert not list((node.state_dir / "local-queue" / "entries").iterdir())
 
 
 def test_one_recipient_deferred_by_dovecot_is_retried(dovecot, make_node):
