@@ -306,7 +306,7 @@ class Outbound:
                                            new_id=new_gdel_id)
         # The same object stays in the outbox's index: lines and RETRs hold it.
         claimed = entry.claimed
-        entry.__dict__.update(new.__dict__)
+        entry.take_over(new)
         entry.claimed = claimed   # only the outbox changes a claim (Release)
         self._carry_out(entry, due, effects)
 

@@ -9,6 +9,8 @@ id.  On disk, under the outbox folder::
                          share it through hard links)
     entries/<id>.json    the entry's state, versioned JSON, replaced atomically
     claimed/<id>.json    an entry being retrieved right now
+    entries.snapshot     the records as last read, for a quick start-up (a
+                         cache, checked against each file; L{snapshot})
 
 A claim is a rename from ``entries/`` to ``claimed/``: of two nodes sharing
 the folder, exactly one rename succeeds.  At start-up claimed entries are
@@ -18,9 +20,11 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from operator import attrgetter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,7 +36,7 @@ from zope.interface import implementer
 from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.interfaces import IOutbox
-from pullmail.storage import record
+from pullmail.storage import record, snapshot
 from pullmail.storage.durable import (
     fsync_directory,
     remove_files,
@@ -47,6 +51,8 @@ __all__ = ["EntryState", "OutboxEntry", "Indexed", "MaildirOutbox", "OneNode", "
 log = Logger(namespace="pullmail.storage.outbox")
 
 RECORD_VERSION = 1
+# The index's snapshot in the outbox folder (a cache; L{snapshot}).
+SNAPSHOT = "entries.snapshot"
 
 
 class EntryState(StrEnum):
@@ -63,7 +69,7 @@ QUEUED = EntryState.QUEUED
 NOTIFIED = EntryState.NOTIFIED
 
 
-@dataclass
+@dataclass(slots=True)
 class OutboxEntry:
     id: str
     queue_id: str
@@ -94,12 +100,23 @@ class OutboxEntry:
     def __post_init__(self) -> None:
         self.state = EntryState(self.state)   # a record's string; ValueError if unknown
 
+    def take_over(self, other: "OutboxEntry") -> None:
+        """Become C{other}, field by field: lines, timers and RETRs hold this object."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(other, name))
+
     def to_json(self) -> bytes:
         return record.dump(self, RECORD_VERSION, exclude=("claimed",))
 
     @classmethod
     def from_json(cls, data: bytes) -> "OutboxEntry":
         return record.load(cls, data, RECORD_VERSION)
+
+
+# A snapshot row's values: every field but C{claimed} (the last), in order,
+# so that C{OutboxEntry(*values)} builds the entry again.
+COLUMNS = tuple(f.name for f in fields(OutboxEntry) if f.name != "claimed")
+_values = attrgetter(*COLUMNS)
 
 
 class Indexed:
@@ -149,6 +166,8 @@ class MaildirOutbox(OneNode):
         self._entries = root / "entries"
         self._claimed = root / "claimed"
         self._index: dict[str, OutboxEntry] = {}
+        self._run_blocking = run_blocking
+        self.snapshot_path = root / SNAPSHOT
 
     # -- start-up -----------------------------------------------------------
 
@@ -156,6 +175,10 @@ class MaildirOutbox(OneNode):
         """
         Build the index from disk; release entries left claimed by a dead
         process.  Returns the ids released.  Blocking; call at start-up.
+
+        Records whose files are unchanged since the last snapshot come
+        from it, the others from their files (L{snapshot}); if many did,
+        a new snapshot is written (in a thread, given C{run_blocking}).
         """
         for folder in (self._data, self._entries, self._claimed, self.root / "tmp"):
             folder.mkdir(parents=True, exist_ok=True)
@@ -164,11 +187,15 @@ class MaildirOutbox(OneNode):
             if path.suffix == ".json" and is_gdel_id(path.stem):
                 os.rename(path, self._entries / path.name)
                 released.append(path.stem)
-        self._index = {}
+        snapshot.remove_leftovers(self.snapshot_path)
+        listing = snapshot.list_folder(self._entries)
         messages = set(os.listdir(self._data))
-        for stem, data in record.read_folder(self._entries):
-            if not is_gdel_id(stem):
-                continue
+        index, rows = self._from_snapshot(listing, messages)
+        reused = len(index)
+        unread = sorted((ident[0], stem) for stem, ident in listing.items() if stem not in index)
+        names = [f"{stem}.json" for _, stem in unread if is_gdel_id(stem)]
+        for name, data in record.read_files(self._entries, names):
+            stem = name[:-5]
             try:
                 entry = OutboxEntry.from_json(data)
             except (ValueError, TypeError) as e:
@@ -176,8 +203,56 @@ class MaildirOutbox(OneNode):
                 maillog.OUTBOX_UNREADABLE(log, id=stem, error=str(e))
                 continue
             if entry.id == stem and f"{stem}.eml" in messages:
-                self._index[stem] = entry
+                index[stem] = entry
+        self._index = index
+        maillog.OUTBOX_INDEXED(log, folder=str(self.root), reused=reused, read=len(names))
+        changed = len(names) + (rows - reused if rows >= 0 else 0)
+        if changed > len(index) // 10 and (index or rows > 0):
+            self._save_snapshot([(stem, listing[stem], _values(entry))
+                                 for stem, entry in index.items()])
         return released
+
+    def _from_snapshot(self, listing: dict[str, snapshot.Identity],
+                       messages: set[str]) -> tuple[dict[str, OutboxEntry], int]:
+        """
+        The entries of the snapshot whose files are the ones it read, and
+        the number of rows it has (-1: no usable snapshot).
+        """
+        index: dict[str, OutboxEntry] = {}
+        rows = 0
+        try:
+            for row in snapshot.read_snapshot(self.snapshot_path, COLUMNS):
+                rows += 1
+                stem = row[0]
+                if listing.get(stem) == tuple(row[1:5]) and f"{stem}.eml" in messages:
+                    entry = OutboxEntry(*row[5:])
+                    if entry.id == stem:
+                        index[stem] = entry
+        except snapshot.SnapshotUnusable as e:
+            if str(e) != "none":
+                maillog.OUTBOX_SNAPSHOT_IGNORED(log, path=str(self.snapshot_path), reason=str(e))
+            return {}, -1
+        except (ValueError, TypeError, OSError) as e:
+            maillog.OUTBOX_SNAPSHOT_IGNORED(log, path=str(self.snapshot_path), reason=repr(e))
+            return {}, -1
+        return index, rows
+
+    def _save_snapshot(self, rows: list) -> None:
+        """Write the snapshot of C{rows}, taken from the files just read."""
+        path = str(self.snapshot_path)
+        write = functools.partial(snapshot.write_snapshot, self.snapshot_path, COLUMNS, rows)
+        if self._run_blocking is None:
+            try:
+                count = write()
+            except OSError as e:
+                maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path, error=str(e))
+                return
+            maillog.OUTBOX_SNAPSHOT_WRITTEN(log, path=path, entries=count)
+            return
+        self._run_blocking(write).addCallbacks(
+            lambda count: maillog.OUTBOX_SNAPSHOT_WRITTEN(log, path=path, entries=count),
+            lambda failure: maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path,
+                                                           error=str(failure.value)))
 
     # -- reading ------------------------------------------------------------
 
