@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -65,6 +66,7 @@ class EntryState(StrEnum):
     NOTIFIED = "notified"    # the peer accepted GDEL; waiting for RETR until expires
 
 
+_STATES = MappingProxyType({state.value: state for state in EntryState})
 QUEUED = EntryState.QUEUED
 NOTIFIED = EntryState.NOTIFIED
 
@@ -98,7 +100,10 @@ class OutboxEntry:
     claimed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.state = EntryState(self.state)   # a record's string; ValueError if unknown
+        try:
+            self.state = _STATES[self.state]   # a record's string
+        except KeyError:
+            raise ValueError(f"unknown entry state {self.state!r}") from None
 
     def take_over(self, other: "OutboxEntry") -> None:
         """Become C{other}, field by field: lines, timers and RETRs hold this object."""
@@ -189,8 +194,10 @@ class MaildirOutbox(OneNode):
                 released.append(path.stem)
         snapshot.remove_leftovers(self.snapshot_path)
         listing = snapshot.list_folder(self._entries)
-        messages = set(os.listdir(self._data))
-        index, rows = self._from_snapshot(listing, messages)
+        messages = {name[:-4] for name in os.listdir(self._data) if name.endswith(".eml")}
+        for stem in listing.keys() - messages:    # its message is gone: not an entry
+            del listing[stem]
+        index, rows = self._from_snapshot(listing)
         reused = len(index)
         unread = sorted((ident[0], stem) for stem, ident in listing.items() if stem not in index)
         names = [f"{stem}.json" for _, stem in unread if is_gdel_id(stem)]
@@ -202,8 +209,8 @@ class MaildirOutbox(OneNode):
                 # Left in place: a later version may read it (a downgrade).
                 maillog.OUTBOX_UNREADABLE(log, id=stem, error=str(e))
                 continue
-            if entry.id == stem and f"{stem}.eml" in messages:
-                index[stem] = entry
+            if entry.id == stem:
+                index[entry.id] = entry
         self._index = index
         maillog.OUTBOX_INDEXED(log, folder=str(self.root), reused=reused, read=len(names))
         changed = len(names) + (rows - reused if rows >= 0 else 0)
@@ -212,8 +219,8 @@ class MaildirOutbox(OneNode):
                                  for stem, entry in index.items()])
         return released
 
-    def _from_snapshot(self, listing: dict[str, snapshot.Identity],
-                       messages: set[str]) -> tuple[dict[str, OutboxEntry], int]:
+    def _from_snapshot(self, listing: dict[str, snapshot.Identity]
+                       ) -> tuple[dict[str, OutboxEntry], int]:
         """
         The entries of the snapshot whose files are the ones it read, and
         the number of rows it has (-1: no usable snapshot).
@@ -224,10 +231,10 @@ class MaildirOutbox(OneNode):
             for row in snapshot.read_snapshot(self.snapshot_path, COLUMNS):
                 rows += 1
                 stem = row[0]
-                if listing.get(stem) == tuple(row[1:5]) and f"{stem}.eml" in messages:
+                if listing.get(stem) == row[1:5]:
                     entry = OutboxEntry(*row[5:])
                     if entry.id == stem:
-                        index[stem] = entry
+                        index[entry.id] = entry
         except snapshot.SnapshotUnusable as e:
             if str(e) != "none":
                 maillog.OUTBOX_SNAPSHOT_IGNORED(log, path=str(self.snapshot_path), reason=str(e))
