@@ -24,7 +24,8 @@ import functools
 import os
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from operator import attrgetter
+from itertools import compress
+from operator import attrgetter, eq
 from pathlib import Path
 from types import MappingProxyType
 from typing import Iterator, Sequence
@@ -228,13 +229,17 @@ class MaildirOutbox(OneNode):
         index: dict[str, OutboxEntry] = {}
         rows = 0
         try:
-            for row in snapshot.read_snapshot(self.snapshot_path, COLUMNS):
-                rows += 1
-                stem = row[0]
-                if listing.get(stem) == row[1:5]:
-                    entry = OutboxEntry(*row[5:])
-                    if entry.id == stem:
-                        index[entry.id] = entry
+            for names, *columns in snapshot.read_snapshot(self.snapshot_path, COLUMNS):
+                rows += len(names)
+                unchanged = list(map(eq, map(listing.get, names), zip(*columns[:4])))
+                values = columns[4:]
+                if not all(unchanged):
+                    names = list(compress(names, unchanged))
+                    values = [list(compress(column, unchanged)) for column in values]
+                if names != values[0]:
+                    raise ValueError("snapshot rows for other entries than their names")
+                # keyed by the entry's own id: one string object for both
+                index.update(zip(values[0], map(OutboxEntry, *values)))
         except snapshot.SnapshotUnusable as e:
             if str(e) != "none":
                 maillog.OUTBOX_SNAPSHOT_IGNORED(log, path=str(self.snapshot_path), reason=str(e))
