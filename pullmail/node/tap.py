@@ -201,7 +201,7 @@ def open_stores(config: configuration.Config, reactor, node: service.MultiServic
     node).
     """
     if config.store.backend == "files":
-        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking),
+        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking, background=True),
                       PendingStore(config.state_dir / "pending"))
     database = Database(config.store.dsn, reactor, DB_THREADS)
     Startable(database.start, database.stop).setServiceParent(node)
@@ -357,7 +357,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         stores.watch.register(stores.pending.poll,
                               lambda rows: retriever.polled(stores.pending.polled(rows)))
         Startable(stores.watch.start, stores.watch.stop).setServiceParent(node)
-    Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
+    # after every load (the outbox's may finish in the background)
+    Startable(lambda: outbound.loaded.addCallback(lambda _: freeze_start_up_heap()),
+              gc.unfreeze).setServiceParent(node)
 
     performers = {
         Deliver: lambda protocol, request: router.accept(

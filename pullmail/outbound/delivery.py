@@ -97,6 +97,8 @@ class Outbound:
         self.sender_authorised = sender_authorised
         self.mta_sts = mta_sts   # an outbound.sts.MTASTS when [delivery] mta_sts is on
         self.bouncer = Bouncer(self)
+        self._stopped = False
+        self.loaded: defer.Deferred = defer.succeed(None)   # fires once start() has the outbox
         # Sessions: SESSIONS_PER_DOMAIN per domain, MAX_SESSIONS in all, each
         # keeping on with its domain's line until it is empty, so a stream of
         # messages for one domain shares a few connections (and their TLS
@@ -113,8 +115,24 @@ class Outbound:
     # -- life cycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Load the outbox; released claims are notified again (SPEC 4)."""
-        released = set(self.outbox.load())
+        """
+        Load the outbox; released claims are notified again (SPEC 4).  An
+        outbox read in the background (L{MaildirOutbox.load}) is put on
+        the timer once read; L{loaded} fires then.
+        """
+        self._stopped = False
+        released = self.outbox.load()
+        if isinstance(released, defer.Deferred):
+            self.loaded = released.addCallback(self._loaded)
+            self.loaded.addErrback(lambda f: log.failure("loading the outbox", f))
+        else:
+            self._loaded(released)
+            self.loaded = defer.succeed(None)
+
+    def _loaded(self, released_ids) -> None:
+        if self._stopped:
+            return
+        released = set(released_ids)
         for entry in self.outbox.entries():
             if entry.id in released:
                 self._step(entry, ClaimReleased())
@@ -125,6 +143,7 @@ class Outbound:
                  count=len(self.outbox), released=len(released))
 
     def stop(self) -> None:
+        self._stopped = True
         self._dispatcher.stop()
 
     # -- entry points -----------------------------------------------------------
