@@ -18,7 +18,7 @@ from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver, ServerPolicy
 from pullmail.storage.outbox import NOTIFIED, QUEUED, MaildirOutbox
-from pullmail.testing import FakeNetwork, FakeResolver, make_entry, run_blocking
+from pullmail.testing import FakeNetwork, FakeResolver, assert_no_result, make_entry, run_blocking
 
 START = 1_000_000.0
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -103,8 +103,8 @@ class World:
         self.bounces: list[tuple[str, bytes]] = []
         self.outbound = self.new_outbound()
 
-    def new_outbound(self) -> Outbound:
-        self.outbox = MaildirOutbox(self.tmp_path / "outbox")
+    def new_outbound(self, outbox: MaildirOutbox | None = None) -> Outbound:
+        self.outbox = outbox if outbox is not None else MaildirOutbox(self.tmp_path / "outbox")
         outbound = Outbound(
             outbox=self.outbox, resolver=self.resolver, connect=self.network,
             clock=self.clock, run_blocking=run_blocking, hostname="mx.sender.example",
@@ -594,6 +594,61 @@ def test_restart_keeps_expiry(tmp_path) -> None:
     assert world.bounces == []
     world.advance(1)
     assert len(world.bounces) == 1
+    assert world.outbox.get(entry.id) is None
+
+
+def _restarted_from_the_snapshot(world: World, logged_events, pause: float) -> None:
+    """Two restarts: the first reads the files (and writes the snapshot), the second the snapshot."""
+    for _ in range(2):
+        world.outbound.stop()
+        world.clock.advance(pause)
+        world.outbound = world.new_outbound()
+    [indexed] = [e for e in logged_events if e.get("event") == "outbox-indexed"][-1:]
+    assert (indexed["reused"], indexed["read"]) == (len(world.outbox), 0)
+
+
+def test_expiry_resumes_from_the_snapshot(tmp_path, logged_events) -> None:
+    """Issue 17: entries taken from the snapshot keep their stored expiry."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    _restarted_from_the_snapshot(world, logged_events, 5 * HOUR)
+    world.advance(38 * HOUR - 1)
+    assert world.bounces == []
+    world.advance(1)
+    assert len(world.bounces) == 1
+    assert world.outbox.get(entry.id) is None
+
+
+def test_retries_resume_from_the_snapshot(tmp_path, logged_events) -> None:
+    """Issue 17: and their stored next attempt."""
+    world = World(tmp_path, gdel=False)
+    world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
+    world.send([BOB])
+    _restarted_from_the_snapshot(world, logged_events, MINUTE)
+    world.advance(3 * MINUTE - 1)
+    assert world.attempts_to(MX1) == 1
+    world.advance(1)
+    assert world.attempts_to(MX1) == 2
+
+
+def test_an_outbox_read_in_the_background_is_timed_once_read(tmp_path) -> None:
+    """Issue 17: the node greets while its outbox is read; the timers follow the read."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbound.stop()
+    held = []
+    outbox = MaildirOutbox(tmp_path / "outbox", background=True)
+    outbox._run_blocking = lambda function, *args: held.append((function, args)) or held_d
+    held_d = defer.Deferred()
+    world.outbound = world.new_outbound(outbox)
+    assert_no_result(world.outbound.loaded)
+    world.clock.advance(48 * HOUR)                     # past its expiry: nothing is timed yet
+    assert world.bounces == []
+    [(function, args)] = held
+    held_d.callback(function(*args))
+    result_of(world.outbound.loaded)
+    world.settle()
+    assert len(world.bounces) == 1                     # overdue: at once
     assert world.outbox.get(entry.id) is None
 
 
