@@ -18,7 +18,14 @@ from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver, ServerPolicy
 from pullmail.storage.outbox import NOTIFIED, QUEUED, MaildirOutbox
-from pullmail.testing import FakeNetwork, FakeResolver, assert_no_result, make_entry, run_blocking
+from pullmail.testing import (
+    FakeNetwork,
+    FakeResolver,
+    HeldRunner,
+    assert_no_result,
+    make_entry,
+    run_blocking,
+)
 
 START = 1_000_000.0
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -552,6 +559,20 @@ def test_claimed_entry_does_not_expire_mid_retrieval(tmp_path) -> None:
 # -- restarts --------------------------------------------------------------------------
 
 
+def _restart(world: World, logged_events, pause: float, from_snapshot: bool) -> None:
+    """
+    Restart after C{pause}; C{from_snapshot}: twice, the first reading the
+    files (and writing the snapshot), the second taking them from it.
+    """
+    for _ in range(2 if from_snapshot else 1):
+        world.outbound.stop()
+        world.clock.advance(pause / 2 if from_snapshot else pause)
+        world.outbound = world.new_outbound()
+    if from_snapshot:
+        [indexed] = [e for e in logged_events if e.get("event") == "outbox-indexed"][-1:]
+        assert (indexed["reused"], indexed["read"]) == (len(world.outbox), 0)
+
+
 def test_restart_requeues_released_claims(tmp_path) -> None:
     """SPEC 4: an SMTA restarting with an entry left claimed releases it and notifies again."""
     world = World(tmp_path)
@@ -568,67 +589,34 @@ def test_restart_requeues_released_claims(tmp_path) -> None:
     assert stored.expires == START + 48 * HOUR
 
 
-def test_restart_resumes_stored_next_attempt(tmp_path) -> None:
-    """SPEC 5: timers resume from the stored next_attempt, not from the restart."""
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_restart_resumes_stored_next_attempt(tmp_path, logged_events, snapshot) -> None:
+    """
+    SPEC 5: timers resume from the stored next_attempt, not from the
+    restart; also when the entries come from the snapshot (issue 17).
+    """
     world = World(tmp_path, gdel=False)
     world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
     [entry] = world.send([BOB])
     assert world.outbox.get(entry.id).next_attempt == START + 5 * MINUTE
-    world.outbound.stop()
-    world.clock.advance(2 * MINUTE)
-    world.outbound = world.new_outbound()
+    _restart(world, logged_events, 2 * MINUTE, snapshot)
     world.advance(3 * MINUTE - 1)
     assert world.attempts_to(MX1) == 1
     world.advance(1)
     assert world.attempts_to(MX1) == 2
 
 
-def test_restart_keeps_expiry(tmp_path) -> None:
-    """A notified entry keeps its stored expiry across a restart."""
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_restart_keeps_expiry(tmp_path, logged_events, snapshot) -> None:
+    """A notified entry keeps its stored expiry across a restart (from the snapshot too)."""
     world = World(tmp_path)
     [entry] = world.send([BOB])
-    world.outbound.stop()
-    world.clock.advance(10 * HOUR)
-    world.outbound = world.new_outbound()
+    _restart(world, logged_events, 10 * HOUR, snapshot)
     world.advance(38 * HOUR - 1)
     assert world.bounces == []
     world.advance(1)
     assert len(world.bounces) == 1
     assert world.outbox.get(entry.id) is None
-
-
-def _restarted_from_the_snapshot(world: World, logged_events, pause: float) -> None:
-    """Two restarts: the first reads the files (and writes the snapshot), the second the snapshot."""
-    for _ in range(2):
-        world.outbound.stop()
-        world.clock.advance(pause)
-        world.outbound = world.new_outbound()
-    [indexed] = [e for e in logged_events if e.get("event") == "outbox-indexed"][-1:]
-    assert (indexed["reused"], indexed["read"]) == (len(world.outbox), 0)
-
-
-def test_expiry_resumes_from_the_snapshot(tmp_path, logged_events) -> None:
-    """Issue 17: entries taken from the snapshot keep their stored expiry."""
-    world = World(tmp_path)
-    [entry] = world.send([BOB])
-    _restarted_from_the_snapshot(world, logged_events, 5 * HOUR)
-    world.advance(38 * HOUR - 1)
-    assert world.bounces == []
-    world.advance(1)
-    assert len(world.bounces) == 1
-    assert world.outbox.get(entry.id) is None
-
-
-def test_retries_resume_from_the_snapshot(tmp_path, logged_events) -> None:
-    """Issue 17: and their stored next attempt."""
-    world = World(tmp_path, gdel=False)
-    world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
-    world.send([BOB])
-    _restarted_from_the_snapshot(world, logged_events, MINUTE)
-    world.advance(3 * MINUTE - 1)
-    assert world.attempts_to(MX1) == 1
-    world.advance(1)
-    assert world.attempts_to(MX1) == 2
 
 
 def test_an_outbox_read_in_the_background_is_timed_once_read(tmp_path) -> None:
@@ -636,16 +624,14 @@ def test_an_outbox_read_in_the_background_is_timed_once_read(tmp_path) -> None:
     world = World(tmp_path)
     [entry] = world.send([BOB])
     world.outbound.stop()
-    held = []
+    runner = HeldRunner()
     outbox = MaildirOutbox(tmp_path / "outbox", background=True)
-    outbox._run_blocking = lambda function, *args: held.append((function, args)) or held_d
-    held_d = defer.Deferred()
+    outbox._run_blocking = runner                      # the load waits; the writes do not
     world.outbound = world.new_outbound(outbox)
     assert_no_result(world.outbound.loaded)
     world.clock.advance(48 * HOUR)                     # past its expiry: nothing is timed yet
     assert world.bounces == []
-    [(function, args)] = held
-    held_d.callback(function(*args))
+    runner.run_all()
     result_of(world.outbound.loaded)
     world.settle()
     assert len(world.bounces) == 1                     # overdue: at once

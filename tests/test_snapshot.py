@@ -11,12 +11,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from twisted.internet import defer
-
 from pullmail.storage import columns, snapshot
 from pullmail.storage.durable import replace_file
 from pullmail.storage.outbox import COLUMNS, NOTIFIED, SNAPSHOT, MaildirOutbox, OutboxEntry
-from pullmail.testing import assert_no_result, make_entry, result_of
+from pullmail.testing import HeldRunner, assert_no_result, make_entry, result_of
 
 MESSAGE = [b"Subject: x\r\n\r\nhello\r\n"]
 
@@ -261,23 +259,6 @@ def test_a_snapshot_that_cannot_be_written_is_only_logged(tmp_path, logged_event
 # -- reading in the background ---------------------------------------------------------------
 
 
-class HeldRunner:
-    """run_blocking whose calls wait until C{run_all}."""
-
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def __call__(self, function, *args) -> defer.Deferred:
-        d = defer.Deferred()
-        self.calls.append((d, function, args))
-        return d
-
-    def run_all(self) -> None:
-        while self.calls:
-            d, function, args = self.calls.pop(0)
-            d.callback(function(*args))
-
-
 def test_a_background_load_keeps_retr_waiting_not_refused(tmp_path) -> None:
     _filled(tmp_path)
     runner = HeldRunner()
@@ -304,7 +285,7 @@ def test_entries_added_and_removed_while_loading(tmp_path) -> None:
     outbox.add([make_entry(id=_id(10))], MESSAGE)
     outbox.add([make_entry(id=_id(11))], MESSAGE)
     kept = outbox.get(_id(10))
-    d, function, args = runner.calls.pop(0)
+    function, args, d = runner.work.pop(0)
     loaded = function(*args)                         # the thread has read both files...
     outbox.remove(_id(11))                           # ...then one is delivered
     d.callback(loaded)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from pullmail.storage import columns as codec
-from pullmail.storage.durable import fsync_directory
+from pullmail.storage.durable import publish_new_file
 
 __all__ = ["Identity", "SnapshotUnusable", "identity", "list_folder", "read_snapshot",
            "write_snapshot", "remove_leftovers"]
@@ -113,30 +113,24 @@ def write_snapshot(path: Path, columns: Sequence[str],
     thread: it gives the GIL up between chunks).  Returns the rows written.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    written = [0]
+    publish_new_file(temporary, path, _encoded(columns, iter(rows), written))
+    return written[0]
+
+
+def _encoded(columns: Sequence[str], rows: Iterator, written: list[int]) -> Iterator[bytes]:
+    """The snapshot's bytes, chunk by chunk; C{written[0]} counts the rows."""
     header = json.dumps({"format": FORMAT, "version": VERSION, "columns": list(columns)})
-    crc, count = 0, 0
-    rows = iter(rows)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb", buffering=BLOCK, closefd=False) as out:
-            data = header.encode("ascii") + b"\n"
-            while data:
-                crc = zlib.crc32(data, crc)
-                out.write(data)
-                batch = [(name, *ident, *values)
-                         for name, ident, values in islice(rows, ROWS_PER_CHUNK)]
-                count += len(batch)
-                data = _chunk(batch, 5 + len(columns)) if batch else b""
-            out.write(_TRAILER % (crc, count))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temporary.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
-    return count
+    data = header.encode("ascii") + b"\n"
+    crc = 0
+    while data:
+        crc = zlib.crc32(data, crc)
+        yield data
+        batch = [(name, *ident, *values) for name, ident, values in islice(rows, ROWS_PER_CHUNK)]
+        written[0] += len(batch)
+        data = _chunk(batch, 5 + len(columns)) if batch else b""
+    yield _TRAILER % (crc, written[0])
 
 
 def _chunk(rows: list[tuple], width: int) -> bytes:
