@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 
 from pullmail.accounts.users import Accounts
 from pullmail.config import DeliveryConfig
+from pullmail.outbound import delivery
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.verbs import Notify, pull_extension
 from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
@@ -647,6 +648,26 @@ def test_restart_overdue_entries_run_at_once(tmp_path) -> None:
     world.settle()
     assert world.outbox.get("Overdue_entry_000001") is None
     assert len(world.peer.deliveries) == 1
+
+
+def test_a_large_outbox_joins_the_timer_a_slice_per_turn(tmp_path, monkeypatch, logged_events) -> None:
+    """Issue 17: a million entries do not hold the reactor while they are timed."""
+    monkeypatch.setattr(delivery, "TIMER_SLICE", 2)
+    world = World(tmp_path, gdel=False)
+    world.outbound.stop()
+    for n in range(5):
+        world.outbox.add([make_entry(id=f"Overdue_entry_{n:06d}", next_attempt=START - HOUR,
+                                     created=START - 2 * HOUR)], MESSAGE)
+    before = len(logged_events)
+    world.outbound = world.new_outbound()
+
+    def loaded() -> list:
+        return [e for e in logged_events[before:] if "outbox loaded" in e.get("log_format", "")]
+
+    assert loaded() == [] and world.clock.getDelayedCalls()   # 2 timed; the rest next turn
+    world.settle()
+    assert len(world.peer.deliveries) == 5
+    assert loaded()
 
 
 def test_flush(tmp_path) -> None:

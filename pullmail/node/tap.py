@@ -153,9 +153,12 @@ def freeze_start_up_heap() -> None:
     their entries, and hold no reference cycles (refcounting frees them).
     Frozen out of the garbage collector's sight, they no longer make every
     full collection walk them: at 100k outbox entries that walk stopped the
-    reactor for 80 ms each time, at a million for 1.1 s.
+    reactor for 80 ms each time, at a million for 1.1 s.  No collection
+    first: the outbox is read with the collector off (a thread meanwhile
+    serves), so its million entries all wait in the youngest generation and
+    a collection would walk them, a second's stall; the few cycles of
+    garbage from the start-up that get frozen with them are a one-off.
     """
-    gc.collect()
     gc.freeze()
     maillog.HEAP_FROZEN(log, objects=gc.get_freeze_count())
 

@@ -16,6 +16,7 @@ L{bouncer.Bouncer}'s.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Callable, Sequence
 
 from twisted.internet import defer
@@ -68,6 +69,8 @@ log = Logger(namespace="pullmail.outbound.delivery")
 MAX_SESSIONS = 20
 # Connections open to one domain at once.
 SESSIONS_PER_DOMAIN = 4
+# Entries put on the timer per turn of the reactor at start-up (~10 ms).
+TIMER_SLICE = 10_000
 
 class Outbound:
     def __init__(
@@ -130,15 +133,28 @@ class Outbound:
             self.loaded = defer.succeed(None)
 
     def _loaded(self, released_ids) -> None:
+        if not self._stopped:
+            self._put_on_timer(self.outbox.entries(), set(released_ids))
+
+    def _put_on_timer(self, entries, released: set[str]) -> None:
+        """
+        Every entry joins the timer, L{TIMER_SLICE} per turn of the reactor
+        so that a million do not stop it for seconds.  One that changes
+        meanwhile is put on the timer by its change as well (the stale
+        time is skipped when due).
+        """
         if self._stopped:
             return
-        released = set(released_ids)
-        for entry in self.outbox.entries():
+        taken = list(islice(entries, TIMER_SLICE))
+        for entry in taken:
             if entry.id in released:
                 self._step(entry, ClaimReleased())
             else:
                 self._push(entry)
         self._arm()
+        if len(taken) == TIMER_SLICE:
+            self.clock.callLater(0, self._put_on_timer, entries, released)
+            return
         log.info("outbox loaded: {count} entries, {released} claims released",
                  count=len(self.outbox), released=len(released))
 

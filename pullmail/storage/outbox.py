@@ -21,6 +21,7 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -380,7 +381,21 @@ def read_folder(root: Path, snapshot_path: Path) -> Loaded:
     where a file is the one it read, else from the file.  The listing is
     taken before any record is read, so a row's identity is never newer
     than its values (a file replaced meanwhile is read again next time).
+
+    The cyclic garbage collector is off meanwhile: a million new entries
+    would set off full collections, each walking the whole heap with the
+    GIL held (a stall of the reactor, when this runs in a thread).
     """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _read_folder(root, snapshot_path)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _read_folder(root: Path, snapshot_path: Path) -> Loaded:
     data, entries, claimed = root / "data", root / "entries", root / "claimed"
     for folder in (data, entries, claimed, root / "tmp"):
         folder.mkdir(parents=True, exist_ok=True)
