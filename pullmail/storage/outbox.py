@@ -209,7 +209,7 @@ class MaildirOutbox(OneNode):
         if not (self._background and self._run_blocking is not None):
             return self._install(read_folder(self.root, self.snapshot_path))
         self._loading, self._gone = [], set()
-        d = self._run_blocking(read_folder, self.root, self.snapshot_path)
+        d = self._run_blocking(read_folder, self.root, self.snapshot_path, True)
         d.addCallback(self._install)
 
         def waited(result: object) -> object:
@@ -375,7 +375,7 @@ class Loaded:
     rows: list | None = None        # a new snapshot's rows, when one is worth writing
 
 
-def read_folder(root: Path, snapshot_path: Path) -> Loaded:
+def read_folder(root: Path, snapshot_path: Path, freeze: bool = False) -> Loaded:
     """
     Release entries left claimed, then read the index: from the snapshot
     where a file is the one it read, else from the file.  The listing is
@@ -384,12 +384,18 @@ def read_folder(root: Path, snapshot_path: Path) -> Loaded:
 
     The cyclic garbage collector is off meanwhile: a million new entries
     would set off full collections, each walking the whole heap with the
-    GIL held (a stall of the reactor, when this runs in a thread).
+    GIL held (a stall of the reactor, when this runs in a thread).  With
+    C{freeze} (the node's start-up), what was read is then frozen out of
+    the collector's sight (as L{pullmail.node.tap.freeze_start_up_heap}
+    does), else the first collection after would walk all of it at once.
     """
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _read_folder(root, snapshot_path)
+        loaded = _read_folder(root, snapshot_path)
+        if freeze:
+            gc.freeze()
+        return loaded
     finally:
         if collecting:
             gc.enable()
