@@ -272,6 +272,24 @@ OUTBOX_UNREADABLE = Event(
     "outbox entry {id} unreadable, left on disk: {error}",
     LogLevel.error,
 )
+OUTBOX_INDEXED = Event(
+    "outbox-indexed",
+    "outbox {folder} indexed: {reused} entries from its snapshot, {read} read from their files",
+)
+OUTBOX_SNAPSHOT_IGNORED = Event(
+    "outbox-snapshot-ignored",
+    "outbox snapshot {path} not used ({reason}): every entry is read from its file",
+    LogLevel.warn,
+)
+OUTBOX_SNAPSHOT_WRITTEN = Event(
+    "outbox-snapshot-written",
+    "outbox snapshot {path} written: {entries} entries",
+)
+OUTBOX_SNAPSHOT_FAILED = Event(
+    "outbox-snapshot-failed",
+    "outbox snapshot {path} not written: {error}",
+    LogLevel.warn,
+)
 
 # The cluster's database (storage/postgresql): a node starts and listens without it.
 DATABASE_UNREACHABLE = Event(
@@ -374,6 +392,10 @@ VOCABULARY = _vocabulary(
     OPERATOR_FLUSH,
     OPERATOR_HOLD,
     OUTBOX_EXPIRED,
+    OUTBOX_INDEXED,
+    OUTBOX_SNAPSHOT_FAILED,
+    OUTBOX_SNAPSHOT_IGNORED,
+    OUTBOX_SNAPSHOT_WRITTEN,
     OUTBOX_UNREADABLE,
     POLICY_VETO,
     PREGREET,

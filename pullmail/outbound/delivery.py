@@ -16,6 +16,7 @@ L{bouncer.Bouncer}'s.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Callable, Sequence
 
 from twisted.internet import defer
@@ -68,6 +69,8 @@ log = Logger(namespace="pullmail.outbound.delivery")
 MAX_SESSIONS = 20
 # Connections open to one domain at once.
 SESSIONS_PER_DOMAIN = 4
+# Entries put on the timer per turn of the reactor at start-up (~10 ms).
+TIMER_SLICE = 10_000
 
 class Outbound:
     def __init__(
@@ -100,6 +103,8 @@ class Outbound:
         self.bouncer = Bouncer(self, reports or Reports(
             hostname, clock, lambda sender, message: self.send_bounce(sender, message),
             sender_authorised))
+        self._stopped = False
+        self.loaded: defer.Deferred = defer.succeed(None)   # fires once start() has the outbox
         # Sessions: SESSIONS_PER_DOMAIN per domain, MAX_SESSIONS in all, each
         # keeping on with its domain's line until it is empty, so a stream of
         # messages for one domain shares a few connections (and their TLS
@@ -116,18 +121,48 @@ class Outbound:
     # -- life cycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Load the outbox; released claims are notified again (SPEC 4)."""
-        released = set(self.outbox.load())
-        for entry in self.outbox.entries():
+        """
+        Load the outbox; released claims are notified again (SPEC 4).  An
+        outbox read in the background (L{MaildirOutbox.load}) is put on
+        the timer once read; L{loaded} fires then.
+        """
+        self._stopped = False
+        released = self.outbox.load()
+        if isinstance(released, defer.Deferred):
+            self.loaded = released.addCallback(self._loaded)
+            self.loaded.addErrback(lambda f: log.failure("loading the outbox", f))
+        else:
+            self._loaded(released)
+            self.loaded = defer.succeed(None)
+
+    def _loaded(self, released_ids) -> None:
+        if not self._stopped:
+            self._put_on_timer(self.outbox.entries(), set(released_ids))
+
+    def _put_on_timer(self, entries, released: set[str]) -> None:
+        """
+        Every entry joins the timer, L{TIMER_SLICE} per turn of the reactor
+        so that a million do not stop it for seconds.  One that changes
+        meanwhile is put on the timer by its change as well (the stale
+        time is skipped when due).
+        """
+        if self._stopped:
+            return
+        taken = list(islice(entries, TIMER_SLICE))
+        for entry in taken:
             if entry.id in released:
                 self._step(entry, ClaimReleased())
             else:
                 self._push(entry)
         self._arm()
+        if len(taken) == TIMER_SLICE:
+            self.clock.callLater(0, self._put_on_timer, entries, released)
+            return
         log.info("outbox loaded: {count} entries, {released} claims released",
                  count=len(self.outbox), released=len(released))
 
     def stop(self) -> None:
+        self._stopped = True
         self._dispatcher.stop()
 
     # -- entry points -----------------------------------------------------------
@@ -309,7 +344,7 @@ class Outbound:
                                            new_id=new_gdel_id)
         # The same object stays in the outbox's index: lines and RETRs hold it.
         claimed = entry.claimed
-        entry.__dict__.update(new.__dict__)
+        entry.take_over(new)
         entry.claimed = claimed   # only the outbox changes a claim (Release)
         self._carry_out(entry, due, effects)
 

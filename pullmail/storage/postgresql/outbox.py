@@ -100,7 +100,7 @@ class PostgresOutbox(Indexed):
         """Keep one object per entry: lines, timers and RETRs hold it."""
         known = self._index.get(entry.id)
         if known is not None:
-            known.__dict__.update(entry.__dict__)
+            known.take_over(entry)
             entry = known
         self._index[entry.id] = entry
         self._generation[entry.id] = generation
