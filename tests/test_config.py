@@ -476,3 +476,15 @@ def test_mta_sts_keys():
     for key, value in [("mta_sts", "yes"), ("mta_sts_port", 0), ("mta_sts_port", 65536),
                        ("mta_sts_port", "443")]:
         assert _error({"delivery": {key: value}}).option == f"delivery.{key}"
+
+
+def test_connection_cache_time():
+    """[delivery] connection_cache_time: 2 s by default, 0 s off, below idle_timeout."""
+    assert parse({}, BASE).delivery.connection_cache_time == 2.0
+    assert parse({"delivery": {"connection_cache_time": "0s"}}, BASE
+                 ).delivery.connection_cache_time == 0.0
+    for settings in [{"delivery": {"connection_cache_time": "5m"}},
+                     {"delivery": {"connection_cache_time": "20s"},
+                      "limits": {"idle_timeout": "10s"}},
+                     {"delivery": {"connection_cache_time": 2}}]:
+        assert _error(settings).option == "delivery.connection_cache_time"

@@ -488,13 +488,13 @@ def test_falls_back_to_origin_mx_hosts_that_pass_spf(tmp_path) -> None:
     assert len(world.deliveries) == 1
 
 
-def _retriever_with(world, delivered_of) -> Retriever:
+def _retriever_with(world, delivered_of, **settings) -> Retriever:
     world.retriever.stop()
     retriever = Retriever(
         store=world.store, trust=world.trust, connect=world.connect, clock=world.clock,
         run_blocking=run_blocking, hostname="mx.receiver.example", schedule=SCHEDULE,
         remote_port=25, keep_for=48 * HOUR, pending_per_origin=100, policy=world.policy,
-        deliver=world.deliver, delivered_of=delivered_of,
+        deliver=world.deliver, delivered_of=delivered_of, **settings,
     )
     retriever.start()
     return retriever
@@ -613,3 +613,25 @@ def test_retry_after_a_crash_finds_the_stored_copy(tmp_path) -> None:
     assert asked == [{notification.queue_id: (BOB,)}]
     assert world.smta.retrs == [GDEL_ID]    # but retrieved, so the SMTA sees its 250
     assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED
+
+
+def test_a_retrieval_connection_idles_for_the_next_notification(tmp_path) -> None:
+    """
+    SPEC 4 "RETR <next-id> or QUIT": a notification that comes while the
+    last retrieval connection to its address idles is retrieved over it.
+    """
+    world = World(tmp_path)
+    world.retriever = _retriever_with(world, None, connection_cache_time=2.0)
+    world.smta.hold()
+    world.smta.hold("Retrievable_id_000002")
+    world.notify()
+    world.settle()
+    world.advance(1.0)
+    world.notify("Retrievable_id_000002")
+    world.settle()
+    assert world.connect_times == [0.0]
+    assert world.smta.retrs == [GDEL_ID, "Retrievable_id_000002"]
+    assert len(world.deliveries) == 2
+    assert world.network.open_connections() == 1
+    world.advance(2.0)
+    assert world.network.open_connections() == 0

@@ -333,6 +333,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         sender_authorised=trust.spf_passes,
         store_file=None if stores.pending.shared else fsync_helper.store,
         delivered_of=router.delivered_of,
+        connection_cache_time=config.delivery.connection_cache_time,
     )
     Startable(outbound.start, outbound.stop).setServiceParent(node)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,

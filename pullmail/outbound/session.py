@@ -210,10 +210,28 @@ class Courier:
                     self._give_back(work, pending)
                     break
                 if not pending:
-                    pending = self.take_more(work)
+                    pending = await self._more(work, connection, pull_only)
         finally:
             connection.quit()
         return outcomes
+
+    async def _more(self, work: Work[OutboxEntry], connection, pull_only: bool) -> list:
+        """
+        The next entries of the domain's line; when it is empty, wait up to
+        C{[delivery] connection_cache_time} for new ones, so that messages
+        that come one at a time share this session and its TLS handshake
+        (as Postfix's connection cache does).  None if the peer left meanwhile.
+        """
+        entries = self.take_more(work)
+        linger = self.owner.config.connection_cache_time
+        if entries or pull_only or work.key is None or linger <= 0:
+            return entries
+        entries = count_attempts(
+            await self.dispatcher.wait_for_more(work, ENTRIES_PER_TAKE, linger))
+        if entries and not connection.usable():
+            self._give_back(work, entries)
+            return []
+        return entries
 
     async def _transaction(self, connection, keywords: dict, entry: OutboxEntry,
                            pull: bool) -> TransactionResult:

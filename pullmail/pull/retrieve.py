@@ -69,7 +69,10 @@ class Retriever:
         delivered_of: Callable[[Mapping[str, Sequence[str]]], set[str]] | None = None,
         mx_limit: int = 5,
         blocked_networks: tuple = (),
+        connection_cache_time: float = 0.0,
     ) -> None:
+        # How long a retrieval connection idles for the next notification.
+        self.connection_cache_time = connection_cache_time
         self.mx_limit = mx_limit
         self.blocked_networks = tuple(blocked_networks)
         self.store_file = store_file

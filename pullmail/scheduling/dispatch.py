@@ -10,7 +10,10 @@ one session or connection over a batch of one key's items -- at most
 C{per_key} at once per key and C{total} in all, and the owner only starts
 the work it is handed and says when it ends.  Running work may take more
 of its key's line, so a stream of items for one key shares a few
-connections (and their TLS handshakes) instead of opening one each.
+connections (and their TLS handshakes) instead of opening one each; and
+work whose line is empty may idle a while (L{Dispatcher.wait_for_more}):
+items lined up for its key meanwhile go to it before any new work starts,
+so a trickle of single items shares one connection too.
 
 An item is I{busy} from the moment it is lined up until its owner is done
 with it (L{Dispatcher.done_with}) or its work ends: a due time that comes
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Generic, Iterator, TypeVar
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from pullmail.scheduling.timers import DueQueue
@@ -77,6 +81,8 @@ class Dispatcher(Generic[T]):
             meanwhile); items that are not are dropped.
         """
         self._due_queue = DueQueue(clock, wake)
+        self._clock = clock
+        self._stopped = False
         self._start = start
         self._ident = ident
         self._current = current
@@ -88,6 +94,9 @@ class Dispatcher(Generic[T]):
         self._running = 0
         self._running_for: dict[str, int] = {}
         self._dispatching = self._dispatch_again = False
+        # Running work with an empty line, idling for more (wait_for_more):
+        # key -> [(work, count, waiter, timer)], first come first served.
+        self._idle: dict[str, list[tuple[Work[T], int, Deferred, object]]] = {}
 
     # -- due times ----------------------------------------------------------------
 
@@ -96,10 +105,15 @@ class Dispatcher(Generic[T]):
         self._due_queue.add(due, item_id)
 
     def arm(self) -> None:
-        self._due_queue.arm()
+        if not self._stopped:
+            self._due_queue.arm()
 
     def stop(self) -> None:
+        """No more wake-ups: work that ends after this (idle work let go) arms nothing."""
+        self._stopped = True
         self._due_queue.stop()
+        for key in list(self._idle):
+            self._release_idle(key)
 
     def due(self, now: float) -> Iterator[tuple[float, str]]:
         """Pop every (due time, id) due by C{now} whose item is not busy."""
@@ -156,6 +170,11 @@ class Dispatcher(Generic[T]):
 
     def _dispatch_once(self) -> None:
         for key in list(self._lines):
+            self._feed_idle(key)
+            if self._lines.get(key) and self._running >= self.total:
+                # Idle work of other keys holds the slots: let it end.
+                for other in [k for k in self._idle if k != key]:
+                    self._release_idle(other)
             while self._lines.get(key) and self._running < self.total and (
                 self._running_for.get(key, 0) < self.per_key
             ):
@@ -183,6 +202,47 @@ class Dispatcher(Generic[T]):
                 self._busy.discard(item_id)
         work.items.extend(batch)
         return batch
+
+    def wait_for_more(self, work: Work[T], count: int, timeout: float) -> Deferred:
+        """
+        For running C{work} whose line is empty: fires with up to C{count}
+        items lined up for its key within C{timeout} seconds (now
+        C{work}'s, as L{take} gives them), or with C{[]} when none came,
+        when another key needs the slot, or at L{stop}.
+        """
+        taken = self.take(work, count)
+        if taken or timeout <= 0 or work.key is None:
+            return succeed(taken)
+        waiter: Deferred = Deferred()
+        timer = self._clock.callLater(timeout, self._idle_over, work.key, waiter)
+        self._idle.setdefault(work.key, []).append((work, count, waiter, timer))
+        return waiter
+
+    def idle(self, key: str) -> int:
+        """How much running work of C{key} idles in L{wait_for_more}."""
+        return len(self._idle.get(key, ()))
+
+    def _feed_idle(self, key: str) -> None:
+        waiting = self._idle.get(key)
+        while waiting and self._lines.get(key):
+            work, count, waiter, timer = waiting.pop(0)
+            timer.cancel()
+            items = self.take(work, count)
+            if not waiting:
+                del self._idle[key]
+            waiter.callback(items)
+
+    def _idle_over(self, key: str, waiter: Deferred) -> None:
+        waiting = self._idle.get(key, [])
+        self._idle[key] = [entry for entry in waiting if entry[2] is not waiter]
+        if not self._idle[key]:
+            del self._idle[key]
+        waiter.callback([])
+
+    def _release_idle(self, key: str) -> None:
+        for _, _, waiter, timer in self._idle.pop(key, []):
+            timer.cancel()
+            waiter.callback([])
 
     def give_back(self, work: Work[T], items: list[T]) -> None:
         """Return untried items to the front of C{work}'s line, in order."""
