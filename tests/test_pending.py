@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from pullmail.storage.pending import (
     Notification,
     NotificationState,
     PendingStore,
+    RecordWrites,
     notification_key,
 )
 
@@ -240,3 +242,81 @@ def test_remove_retrieved(store) -> None:
     store.save(retrieved)
     store.remove(retrieved)
     assert store.pending_from("192.0.2.1") == 1
+
+
+# -- RecordWrites: in order per record ----------------------------------------------------
+
+
+class _HeldWrites:
+    """A store_file whose writes land when the test says."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def __call__(self, temporary, final, data):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.requests.append((temporary, final, data, d))
+        return d
+
+    def land(self, index: int) -> None:
+        from pullmail.storage.durable import write_atomically
+
+        _, final, data, d = self.requests[index]
+        write_atomically(Path(final), data)
+        d.callback(None)
+
+
+def _writes(tmp_path):
+    store = PendingStore(tmp_path)
+    store.load()
+    held = _HeldWrites()
+    return store, held, RecordWrites(store, run_blocking=None, store_file=held)
+
+
+def test_writes_of_one_record_land_in_the_order_asked(tmp_path) -> None:
+    store, held, writes = _writes(tmp_path)
+    notification = _notification()
+    done: list = []
+    writes.save(notification).addCallback(lambda _: done.append("first"))
+    notification.state = RETRIEVED
+    writes.save(notification).addCallback(lambda _: done.append("second"))
+    assert len(held.requests) == 1 and writes.pending(notification.key)
+    held.land(0)
+    assert done == ["first"]
+    assert len(held.requests) == 2        # asked only now, with the record as it is
+    assert json.loads(held.requests[1][2])["state"] == "retrieved"
+    held.land(1)
+    assert done == ["first", "second"] and not writes.pending(notification.key)
+
+
+def test_writes_of_other_records_do_not_wait(tmp_path) -> None:
+    store, held, writes = _writes(tmp_path)
+    writes.save(_notification(ID1))
+    writes.save(_notification(ID2))
+    assert len(held.requests) == 2
+
+
+def test_a_removal_waits_for_the_writes_asked_before(tmp_path) -> None:
+    """A record removed while a write of it is on its way stays removed."""
+    store, held, writes = _writes(tmp_path)
+    notification = _notification()
+    writes.save(notification)
+    writes.remove(notification)
+    held.land(0)
+    assert list(tmp_path.glob("*.json")) == []
+    assert store.by_key(notification.key) is None
+
+
+def test_a_failed_write_is_the_callers_and_the_next_goes_on(tmp_path) -> None:
+    store, held, writes = _writes(tmp_path)
+    notification = _notification()
+    failures = []
+    writes.save(notification).addErrback(failures.append)
+    done: list = []
+    writes.save(notification).addCallback(done.append)
+    held.requests[0][3].errback(OSError(28, "No space left on device"))
+    assert failures[0].check(OSError)
+    held.land(1)
+    assert done == [None]

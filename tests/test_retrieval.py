@@ -212,7 +212,7 @@ def test_stored_through_store_file_before_the_reply(tmp_path) -> None:
         requests.append((temporary, final, data, d))
         return d
 
-    world.retriever.store_file = store_file
+    world.retriever = _retriever_with(world, None, store_file=store_file)
     session = Session(SMTA, "smtp", helo="mx.sender.example", esmtp=True)
     answers = []
     world.retriever(object(), Notify(session, Envelope(SENDER, (BOB,), len(MESSAGE)), GDEL_ID)
@@ -612,6 +612,108 @@ def test_retry_after_a_crash_finds_the_stored_copy(tmp_path) -> None:
     assert world.deliveries == []           # not stored again
     assert asked == [{notification.queue_id: (BOB,)}]
     assert world.smta.retrs == [GDEL_ID]    # but retrieved, so the SMTA sees its 250
+    assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED
+
+
+# -- one record write on the reply's path ---------------------------------------------------
+
+
+def _deferred_store_file(requests: list):
+    def store_file(temporary, final, data):
+        d = defer.Deferred()
+        requests.append((temporary, final, data, d))
+        return d
+    return store_file
+
+
+def _notify_later(world, gdel_id: str = GDEL_ID) -> list:
+    """Notify; the reply lands in the list returned once the record is written."""
+    answers: list = []
+    session = Session(SMTA, "smtp", helo="mx.sender.example", esmtp=True)
+    world.retriever(object(), Notify(session, Envelope(SENDER, (BOB,), len(MESSAGE)), gdel_id)
+                    ).addBoth(answers.append)
+    return answers
+
+
+def _land(requests: list, index: int) -> None:
+    temporary, final, data, d = requests[index]
+    BlockingFsync().store(temporary, final, data)
+    d.callback(None)
+
+
+def test_retrieved_mark_is_written_after_the_250(tmp_path) -> None:
+    """
+    With searchable mailboxes the mark "retrieved" does not hold up the 250
+    to end of data (the stored message proves the delivery); a write of the
+    same record asked for later (a re-notification) waits for it, so the
+    record on disk always ends as the last write said.
+    """
+    import json
+
+    world = World(tmp_path)
+    world.smta.hold()
+    requests: list = []
+    world.retriever = _retriever_with(world, lambda wanted: set(),
+                                      store_file=_deferred_store_file(requests))
+    _notify_later(world)
+    _land(requests, 0)                       # the notification's record: then 250
+    world.settle()
+    assert len(world.deliveries) == 1
+    # The SMTA has its 250 and let go, while the mark is still on its way.
+    assert world.smta.outbox.get(GDEL_ID) is None
+    assert len(requests) == 2 and not requests[1][3].called
+    assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED
+    assert world.store.pending_from(SMTA) == 0
+    # Notified again meanwhile: its write waits behind the mark.
+    world.smta.hold()
+    answers = _notify_later(world)
+    assert len(requests) == 2 and answers == []
+    _land(requests, 1)
+    assert json.loads(Path(requests[1][1]).read_bytes())["state"] == "retrieved"
+    assert len(requests) == 3
+    _land(requests, 2)
+    assert answers[0].code == 250
+    assert json.loads(Path(requests[2][1]).read_bytes())["state"] == "pending"
+
+
+def test_retrieved_mark_before_the_250_without_searchable_mailboxes(tmp_path) -> None:
+    """An LMTP store cannot be searched for a copy: the mark must land before the 250."""
+    world = World(tmp_path)
+    world.smta.hold()
+    requests: list = []
+    world.retriever = _retriever_with(world, None, store_file=_deferred_store_file(requests))
+    _notify_later(world)
+    _land(requests, 0)
+    world.settle()
+    assert len(world.deliveries) == 1 and len(requests) == 2
+    assert world.smta.outbox.get(GDEL_ID) is not None     # no 250 yet
+    _land(requests, 1)
+    world.settle()
+    assert world.smta.outbox.get(GDEL_ID) is None
+
+
+def test_a_crash_before_the_mark_lands_drops_the_copy(tmp_path) -> None:
+    """
+    kill -9 after the 250, before the mark: the record on disk says
+    pending; at start-up the mailboxes are searched, and the retrieval the
+    SMTA's re-notification brings is answered 250 with the copy dropped.
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    requests: list = []
+    world.retriever = _retriever_with(world, lambda wanted: set(),
+                                      store_file=_deferred_store_file(requests))
+    _notify_later(world)
+    _land(requests, 0)
+    world.settle()
+    assert len(world.deliveries) == 1 and len(requests) == 2   # the mark never lands
+    world.smta.hold()                 # the SMTA, restarted too, notifies again
+    asked: list = []
+    world.retriever = _retriever_with(world, _mailboxes(asked, holding=True))   # the restart
+    assert world.notify().code == 250
+    world.settle()
+    assert len(world.deliveries) == 1
+    assert world.smta.outbox.get(GDEL_ID) is None
     assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED
 
 

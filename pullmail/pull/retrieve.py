@@ -33,7 +33,7 @@ from pullmail.scheduling.schedule import retrieval_at
 from pullmail.smtp import dsn, replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
-from pullmail.storage.pending import PENDING, RETRIEVED, Notification
+from pullmail.storage.pending import PENDING, RETRIEVED, Notification, RecordWrites
 from pullmail.storage.postgresql.database import take_failed
 
 __all__ = ["Retriever"]
@@ -75,7 +75,6 @@ class Retriever:
         self.connection_cache_time = connection_cache_time
         self.mx_limit = mx_limit
         self.blocked_networks = tuple(blocked_networks)
-        self.store_file = store_file
         self.delivered_of = delivered_of
         self.store = store
         self.resolver = resolver
@@ -104,6 +103,7 @@ class Retriever:
         )
         self._fetcher = Fetcher(self, self._dispatcher)
         self._taking: set[str] = set()   # keys being taken in a shared store
+        self._records = RecordWrites(store, run_blocking, store_file)
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -190,16 +190,8 @@ class Retriever:
         return self._accepted(request.gdel_id)
 
     async def _save(self, notification: Notification) -> None:
-        """
-        Store a record durably.  With C{store_file} (the fsync helper's
-        store) the whole write happens outside this process's GIL.
-        """
-        if self.store_file is None:
-            await self.run_blocking(self.store.save, notification)
-            return
-        temporary, final = self.store.paths_for(notification)
-        await self.store_file(temporary, final, notification.to_json())
-        self.store.remember(notification)
+        """Store a record durably, after the writes of it asked before."""
+        await self._records.save(notification)
 
     @staticmethod
     def _store_failed(gdel_id: str, error: OSError) -> Reply:
@@ -235,7 +227,7 @@ class Retriever:
         """Forget every notification with this id (``pullmail queue --delete``)."""
         found = [n for n in self.store if n.gdel_id == gdel_id]
         for notification in found:
-            self.store.remove(notification)
+            self._records.remove(notification)
         return bool(found)
 
     def _wake(self) -> None:
@@ -248,7 +240,7 @@ class Retriever:
             if self.store.shared:
                 self._take(key)
             elif notification.state == RETRIEVED:
-                self.store.remove(notification)
+                self._records.remove(notification)
             else:
                 self._line_up(notification, now)
         self._rate.forget_quiet(now)
@@ -316,6 +308,15 @@ class Retriever:
         Delivered: keep the record, marked, until C{keep_for} has passed; or,
         when it was notified again meanwhile, retrieve it once more (the copy
         is then dropped as a duplicate), so that the re-notifier sees a 250.
+
+        The mark is written after the 250, not before, when the mailboxes
+        can be searched (C{delivered_of}): the message, fsynced under its
+        queue id, is then the durable proof of delivery.  A crash before the
+        mark lands leaves the record pending; read at start-up it looks in
+        the mailboxes first (L{_look_for_interrupted_deliveries}) and drops
+        the copy.  So a retrieved message costs one record write on the
+        reply's path (the notification's), not two.  Later writes of the
+        record, and its removal, wait for this one (L{RecordWrites}).
         """
         now = self.clock.seconds()
         notification.state = RETRIEVED
@@ -323,7 +324,12 @@ class Retriever:
         if notification.notified_again:
             notification.notified_again = False
             self._pend_again(notification, now)
-        await self._save(notification)
+        if self.delivered_of is not None and not self.store.shared:
+            self.store.remember(notification)
+            self._records.save(notification).addErrback(
+                lambda f: log.failure("marking {id} retrieved", f, id=notification.gdel_id))
+        else:
+            await self._save(notification)
         maillog.RETRIEVED(log, id=notification.gdel_id, peer=notification.peer)
         self._dispatcher.done_with(notification.key)
         self._push(notification)
@@ -356,4 +362,4 @@ class Retriever:
             log, id=notification.gdel_id, peer=notification.peer, reason=reason,
         )
         self._dispatcher.done_with(notification.key)
-        self.store.remove(notification)
+        self._records.remove(notification)

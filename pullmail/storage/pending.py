@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -26,7 +26,8 @@ from pullmail.interfaces import IPendingStore
 from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
-__all__ = ["Notification", "NotificationState", "PendingStore", "PENDING", "RETRIEVED"]
+__all__ = ["Notification", "NotificationState", "PendingStore", "RecordWrites", "PENDING",
+           "RETRIEVED"]
 
 RECORD_VERSION = 1
 
@@ -183,3 +184,64 @@ class PendingStore:
         (self.root / f"{notification.key}.json").unlink(missing_ok=True)
         self._index.pop(notification.key, None)
         self._uncount(notification.key)
+
+
+class RecordWrites:
+    """
+    Durable writes of notification records for the retriever, in the order
+    they were asked for each record: a write can be left to finish after
+    the reply it would have delayed (the mark "retrieved", see
+    L{pullmail.pull.retrieve}), and a later write of the same record (a
+    re-notification) or its removal must not land before it.  With
+    C{store_file} (the fsync helper's) the whole write happens outside this
+    process; else in a thread, by the store.
+    """
+
+    def __init__(self, store, run_blocking: Callable,
+                 store_file: Callable[[str, str, bytes], Deferred] | None = None) -> None:
+        self.store = store
+        self.run_blocking = run_blocking
+        self.store_file = store_file
+        self._last: dict[str, Deferred] = {}   # key -> fires when its last write is done
+
+    def pending(self, key: str) -> bool:
+        return key in self._last
+
+    def save(self, notification: Notification) -> Deferred:
+        """Write the record (as it is when its turn comes) after those asked before."""
+        return self._after(notification.key, self._write, notification)
+
+    def remove(self, notification: Notification) -> Deferred:
+        """Remove the record once the writes asked before have landed."""
+        return self._after(notification.key, self._remove, notification)
+
+    def _after(self, key: str, action: Callable[[Notification], Deferred],
+               notification: Notification) -> Deferred:
+        before = self._last.get(key)
+        done: Deferred = Deferred()
+        self._last[key] = done
+
+        def run(_: object) -> Deferred:
+            return action(notification)
+
+        def finished(result: object) -> object:
+            if self._last.get(key) is done:
+                del self._last[key]
+            done.callback(None)
+            return result
+
+        d: Deferred = succeed(None)
+        if before is not None:
+            d = Deferred()
+            before.addBoth(d.callback)
+        return d.addCallback(run).addBoth(finished)
+
+    def _write(self, notification: Notification) -> Deferred:
+        if self.store_file is None:
+            return self.run_blocking(self.store.save, notification)
+        temporary, final = self.store.paths_for(notification)
+        d = self.store_file(temporary, final, notification.to_json())
+        return d.addCallback(lambda _: self.store.remember(notification))
+
+    def _remove(self, notification: Notification) -> None:
+        self.store.remove(notification)
