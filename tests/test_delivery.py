@@ -700,6 +700,23 @@ def test_due_entries_of_one_domain_share_a_connection(tmp_path) -> None:
     assert {e.state for e in world.outbox.entries()} == {NOTIFIED}
 
 
+def test_a_struggling_peer_leaves_the_rest_of_the_row_untried(tmp_path) -> None:
+    """
+    Notifications go pipelined, each GDEL with the next envelope; a 4xx to
+    one GDEL ends the session: the transaction begun behind it is reset
+    and, like the rest of the line, tried on a new session, counted once.
+    """
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(451, "4.7.24", "SPF temporary error")
+    for n in range(3):
+        result_of(world.outbound.enqueue(f"QID{n}", SENDER, [BOB], MESSAGE))
+    world.settle()
+    assert len(world.peer.notifications) == 3
+    assert world.attempts_to(MX1) == 3
+    assert [e.attempts for e in world.outbox.entries()] == [1, 1, 1]
+    assert {e.state for e in world.outbox.entries()} == {QUEUED}
+
+
 def test_entry_waiting_in_line_is_retrievable_and_then_skipped(tmp_path) -> None:
     """
     An entry taken by a session but not yet on the wire is not "in flight"
