@@ -314,3 +314,25 @@ def test_stop_ends_idle_work_and_arms_nothing_after() -> None:
     assert got == [[]]
     owner.dispatcher.finished(work)
     assert owner.clock.getDelayedCalls() == []
+
+
+def test_spare_items_wait_for_running_work_of_their_key() -> None:
+    """
+    With spare=1 an item lined up while its key's work runs waits for that
+    work (which takes it when free) instead of starting more; a line longer
+    than that starts more, and work that ends leaves none stranded.
+    """
+    owner = Owner(total=10, per_key=4, batch=1)
+    owner.dispatcher.spare = 1
+    owner.add(1.0, "a:1")
+    owner.clock.advance(1.0)
+    owner.add(2.0, "a:2")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1"])]
+    assert owner.dispatcher.waiting("a") == 1
+    owner.add(3.0, "a:3")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1"]), ("a", ["a:2"])]
+    owner.dispatcher.finished(owner.started[0])
+    owner.dispatcher.finished(owner.started[1])
+    assert owner.handed_out()[-1] == ("a", ["a:3"])

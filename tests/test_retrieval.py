@@ -378,7 +378,9 @@ def test_due_ids_of_one_address_share_few_connections(tmp_path) -> None:
     world.network.listen(SMTA, 25, world.smta.factory)
     world.advance(10 * MINUTE)
     later = world.connect_times[first_round:]
-    assert later == [10 * MINUTE] * CONNECTIONS_PER_PEER
+    # Ids waiting beyond what the open connections will take next open more.
+    assert 1 < len(later) <= CONNECTIONS_PER_PEER
+    assert set(later) == {10 * MINUTE}
     assert sorted(world.smta.retrs) == sorted(ids)
     assert len(world.deliveries) == len(ids)
 

@@ -100,6 +100,7 @@ class Retriever:
         self._dispatcher: Dispatcher[Notification] = Dispatcher(
             clock, wake=self._wake, start=self._connect_to, ident=lambda n: n.key,
             total=MAX_CONNECTIONS, per_key=CONNECTIONS_PER_PEER, current=self._current,
+            spare=1,
         )
         self._fetcher = Fetcher(self, self._dispatcher)
         self._taking: set[str] = set()   # keys being taken in a shared store

@@ -66,6 +66,7 @@ class Dispatcher(Generic[T]):
         per_key: int,
         batch: int | None = None,
         current: Callable[[T], bool] = lambda item: True,
+        spare: int = 0,
     ) -> None:
         """
         @param wake: called when a due time has come; the owner then reads
@@ -79,6 +80,11 @@ class Dispatcher(Generic[T]):
         @param current: whether a lined-up item is still to be worked on
             when its turn comes (it may have been deleted or taken
             meanwhile); items that are not are dropped.
+        @param spare: items a key's line may hold per piece of its work
+            running before more work starts for it: running work takes
+            them as soon as it is free, on the connection it has, so a
+            message that comes while the last one is still on the wire
+            waits for it instead of opening a connection of its own.
         """
         self._due_queue = DueQueue(clock, wake)
         self._clock = clock
@@ -89,6 +95,7 @@ class Dispatcher(Generic[T]):
         self.total = total
         self.per_key = per_key
         self.batch = batch
+        self.spare = spare
         self._lines: dict[str, deque[T]] = {}     # due, waiting for work
         self._busy: set[str] = set()
         self._running = 0
@@ -177,7 +184,7 @@ class Dispatcher(Generic[T]):
                     self._release_idle(other)
             while self._lines.get(key) and self._running < self.total and (
                 self._running_for.get(key, 0) < self.per_key
-            ):
+            ) and len(self._lines[key]) > self._running_for.get(key, 0) * self.spare:
                 count = self.batch or -(-len(self._lines[key]) // self.per_key)
                 work: Work[T] = Work(key, [], set())
                 self.take(work, count)
