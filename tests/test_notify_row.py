@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from test_client import ScriptedChannel as ClientScript
 from twisted.internet import defer, error
 
 from pullmail.outbound.notify import Notice, NotificationRow
@@ -22,19 +23,16 @@ NO_USER = Reply(550, "5.1.1", "No such user")
 NO_SENDER = Reply(553, "5.1.8", "Bad sender")
 
 
-class ScriptedChannel:
-    """A Channel whose peer answers from a script, and which keeps every write."""
+class ScriptedChannel(ClientScript):
+    """test_client's scripted Channel; an exception in the script breaks the connection."""
 
     def __init__(self, *replies: Reply | Exception) -> None:
-        self.writes: list[bytes] = []
-        self.script = deque(replies)
-
-    def send(self, data: bytes) -> None:
-        self.writes.append(data)
+        super().__init__(replies)
 
     def reply(self) -> defer.Deferred:
-        answer = self.script.popleft()
-        return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
+        if self.script and isinstance(self.script[0], Exception):
+            return defer.fail(self.script.pop(0))
+        return super().reply()
 
 
 def _notice(n: int, recipients=("bob@receiver.example",)) -> Notice:
@@ -71,7 +69,7 @@ def test_each_gdel_goes_with_the_next_envelope() -> None:
     channel = ScriptedChannel(OK, OK, ACCEPTED, OK, OK, ACCEPTED, OK, OK, ACCEPTED)
     row = Row(channel, [_notice(1), _notice(2), _notice(3)])
     assert result_of(row.run()) is True
-    assert channel.writes == [
+    assert channel.sent == [
         _mail(1),
         b"GDEL Notified_id_00000001\r\n" + _mail(2),
         b"GDEL Notified_id_00000002\r\n" + _mail(3),
@@ -94,8 +92,8 @@ def test_a_refused_mail_is_ended_by_rset_not_a_gdel() -> None:
                               OK, OK, ACCEPTED)
     row = Row(channel, [_notice(1), _notice(2)])
     assert result_of(row.run()) is True
-    assert channel.writes[1] == b"RSET\r\n" + _mail(2)
-    assert not any(b"GDEL Notified_id_00000001" in write for write in channel.writes)
+    assert channel.sent[1] == b"RSET\r\n" + _mail(2)
+    assert not any(b"GDEL Notified_id_00000001" in write for write in channel.sent)
     (_, refused), (_, accepted) = row.outcomes
     assert refused.recipients == {"bob@receiver.example": NO_SENDER}
     assert refused.final == OK and refused.accepted() == []
@@ -108,7 +106,7 @@ def test_some_recipients_refused() -> None:
     channel = ScriptedChannel(OK, OK, NO_USER, ACCEPTED)
     row = Row(channel, [_notice(1, both)])
     result_of(row.run())
-    assert channel.writes[1] == b"GDEL Notified_id_00000001\r\n"
+    assert channel.sent[1] == b"GDEL Notified_id_00000001\r\n"
     [(_, result)] = row.outcomes
     assert result.recipients == {"bob@receiver.example": ACCEPTED,
                                  "nobody@receiver.example": NO_USER}
@@ -118,7 +116,7 @@ def test_every_recipient_refused_is_ended_by_rset() -> None:
     channel = ScriptedChannel(OK, NO_USER, OK)
     row = Row(channel, [_notice(1)])
     result_of(row.run())
-    assert channel.writes == [_mail(1), b"RSET\r\n"]
+    assert channel.sent == [_mail(1), b"RSET\r\n"]
     [(_, result)] = row.outcomes
     assert result.refused(permanent=True) == ["bob@receiver.example"]
 
@@ -129,7 +127,7 @@ def test_a_struggling_peer_stops_the_row_and_the_next_is_reset_untried() -> None
     row = Row(channel, [_notice(1), _notice(2), _notice(3)],
               stop_on=lambda result: result.final.transient)
     assert result_of(row.run()) is False
-    assert channel.writes == [_mail(1), b"GDEL Notified_id_00000001\r\n" + _mail(2), b"RSET\r\n"]
+    assert channel.sent == [_mail(1), b"GDEL Notified_id_00000001\r\n" + _mail(2), b"RSET\r\n"]
     assert [entry_id for entry_id, _ in row.outcomes] == ["Notified_id_00000001"]
     assert [entry.id for entry in row.row.untried] == ["Notified_id_00000002"]
     assert row.row.on_the_wire == []

@@ -643,6 +643,23 @@ def _land(requests: list, index: int) -> None:
     d.callback(None)
 
 
+def _retrieved_with_writes_held(tmp_path, delivered_of):
+    """
+    A notification whose record write lands, then its retrieval and
+    delivery; record writes after that are held (see L{_land}).
+    """
+    world = World(tmp_path)
+    world.smta.hold()
+    requests: list = []
+    world.retriever = _retriever_with(world, delivered_of,
+                                      store_file=_deferred_store_file(requests))
+    _notify_later(world)
+    _land(requests, 0)                       # the notification's record: then 250
+    world.settle()
+    assert len(world.deliveries) == 1
+    return world, requests
+
+
 def test_retrieved_mark_is_written_after_the_250(tmp_path) -> None:
     """
     With searchable mailboxes the mark "retrieved" does not hold up the 250
@@ -652,15 +669,7 @@ def test_retrieved_mark_is_written_after_the_250(tmp_path) -> None:
     """
     import json
 
-    world = World(tmp_path)
-    world.smta.hold()
-    requests: list = []
-    world.retriever = _retriever_with(world, lambda wanted: set(),
-                                      store_file=_deferred_store_file(requests))
-    _notify_later(world)
-    _land(requests, 0)                       # the notification's record: then 250
-    world.settle()
-    assert len(world.deliveries) == 1
+    world, requests = _retrieved_with_writes_held(tmp_path, lambda wanted: set())
     # The SMTA has its 250 and let go, while the mark is still on its way.
     assert world.smta.outbox.get(GDEL_ID) is None
     assert len(requests) == 2 and not requests[1][3].called
@@ -680,14 +689,8 @@ def test_retrieved_mark_is_written_after_the_250(tmp_path) -> None:
 
 def test_retrieved_mark_before_the_250_without_searchable_mailboxes(tmp_path) -> None:
     """An LMTP store cannot be searched for a copy: the mark must land before the 250."""
-    world = World(tmp_path)
-    world.smta.hold()
-    requests: list = []
-    world.retriever = _retriever_with(world, None, store_file=_deferred_store_file(requests))
-    _notify_later(world)
-    _land(requests, 0)
-    world.settle()
-    assert len(world.deliveries) == 1 and len(requests) == 2
+    world, requests = _retrieved_with_writes_held(tmp_path, None)
+    assert len(requests) == 2
     assert world.smta.outbox.get(GDEL_ID) is not None     # no 250 yet
     _land(requests, 1)
     world.settle()
@@ -700,15 +703,8 @@ def test_a_crash_before_the_mark_lands_drops_the_copy(tmp_path) -> None:
     pending; at start-up the mailboxes are searched, and the retrieval the
     SMTA's re-notification brings is answered 250 with the copy dropped.
     """
-    world = World(tmp_path)
-    world.smta.hold()
-    requests: list = []
-    world.retriever = _retriever_with(world, lambda wanted: set(),
-                                      store_file=_deferred_store_file(requests))
-    _notify_later(world)
-    _land(requests, 0)
-    world.settle()
-    assert len(world.deliveries) == 1 and len(requests) == 2   # the mark never lands
+    world, requests = _retrieved_with_writes_held(tmp_path, lambda wanted: set())
+    assert len(requests) == 2                                   # the mark never lands
     world.smta.hold()                 # the SMTA, restarted too, notifies again
     asked: list = []
     world.retriever = _retriever_with(world, _mailboxes(asked, holding=True))   # the restart
