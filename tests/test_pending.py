@@ -320,3 +320,58 @@ def test_a_failed_write_is_the_callers_and_the_next_goes_on(tmp_path) -> None:
     assert failures[0].check(OSError)
     held.land(1)
     assert done == [None]
+
+
+# -- the mark "retrieved" beside the record (files) -----------------------------------------
+
+
+def _marked(tmp_path) -> tuple[PendingStore, Notification]:
+    store = PendingStore(tmp_path)
+    store.load()
+    notification = _notification()
+    store.save(notification)
+    notification.state, notification.keep_until = RETRIEVED, 5000.0
+    store.mark_retrieved(notification)
+    return store, notification
+
+
+def test_a_mark_is_read_back_at_load(tmp_path) -> None:
+    store, notification = _marked(tmp_path)
+    assert store.pending_from("192.0.2.1") == 0
+    again = PendingStore(tmp_path)
+    again.load()
+    loaded = again.get("sender.example", ID1)
+    assert (loaded.state, loaded.keep_until, loaded.delivering) == (RETRIEVED, 5000.0, False)
+    assert again.pending_from("192.0.2.1") == 0
+
+
+def test_a_mark_cut_short_leaves_the_record_pending(tmp_path) -> None:
+    """A crash may leave the mark empty (it is not fsynced): the record stays pending."""
+    store, notification = _marked(tmp_path)
+    (tmp_path / f"{notification.key}.retrieved").write_bytes(b"")
+    again = PendingStore(tmp_path)
+    again.load()
+    loaded = again.get("sender.example", ID1)
+    assert (loaded.state, loaded.delivering) == (PENDING, True)
+
+
+def test_a_durable_write_and_a_removal_take_the_mark_away(tmp_path) -> None:
+    store, notification = _marked(tmp_path)
+    mark = tmp_path / f"{notification.key}.retrieved"
+    notification.state = PENDING
+    store.save(notification)
+    assert not mark.exists()
+    notification.state = RETRIEVED
+    store.mark_retrieved(notification)
+    store.paths_for(notification)            # a write through the fsync helper follows
+    assert not mark.exists()
+    store.mark_retrieved(notification)
+    store.remove(notification)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mark_without_its_record_is_swept_at_load(tmp_path) -> None:
+    store, notification = _marked(tmp_path)
+    (tmp_path / f"{notification.key}.json").unlink()
+    PendingStore(tmp_path).load()
+    assert list(tmp_path.iterdir()) == []

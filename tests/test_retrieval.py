@@ -660,31 +660,35 @@ def _retrieved_with_writes_held(tmp_path, delivered_of):
     return world, requests
 
 
-def test_retrieved_mark_is_written_after_the_250(tmp_path) -> None:
+def test_one_durable_write_per_retrieved_message(tmp_path) -> None:
     """
-    With searchable mailboxes the mark "retrieved" does not hold up the 250
-    to end of data (the stored message proves the delivery); a write of the
-    same record asked for later (a re-notification) waits for it, so the
-    record on disk always ends as the last write said.
+    With searchable mailboxes a retrieved message costs one durable record
+    write, the notification's: the mark "retrieved" is a hint beside the
+    record (the stored copy is the proof), read back at start-up.  A later
+    durable write of the record (a re-notification) removes the mark first.
     """
     import json
 
     world, requests = _retrieved_with_writes_held(tmp_path, lambda wanted: set())
-    # The SMTA has its 250 and let go, while the mark is still on its way.
-    assert world.smta.outbox.get(GDEL_ID) is None
-    assert len(requests) == 2 and not requests[1][3].called
-    assert world.store.get("sender.example", GDEL_ID).state == RETRIEVED
-    assert world.store.pending_from(SMTA) == 0
-    # Notified again meanwhile: its write waits behind the mark.
+    assert world.smta.outbox.get(GDEL_ID) is None          # the SMTA had its 250
+    assert len(requests) == 1
+    notification = world.store.get("sender.example", GDEL_ID)
+    assert notification.state == RETRIEVED and world.store.pending_from(SMTA) == 0
+    mark = tmp_path / "pending" / f"{notification.key}.retrieved"
+    assert float(mark.read_text()) == START + 48 * HOUR
+    again = PendingStore(tmp_path / "pending")
+    again.load()
+    assert again.get("sender.example", GDEL_ID).state == RETRIEVED
+    assert again.get("sender.example", GDEL_ID).keep_until == START + 48 * HOUR
+    # Notified again: the mark goes before the record's durable write.
     world.smta.hold()
     answers = _notify_later(world)
-    assert len(requests) == 2 and answers == []
+    assert not mark.exists() and len(requests) == 2
     _land(requests, 1)
-    assert json.loads(Path(requests[1][1]).read_bytes())["state"] == "retrieved"
-    assert len(requests) == 3
-    _land(requests, 2)
     assert answers[0].code == 250
-    assert json.loads(Path(requests[2][1]).read_bytes())["state"] == "pending"
+    assert json.loads(Path(requests[1][1]).read_bytes())["state"] == "pending"
+    again.load()
+    assert again.get("sender.example", GDEL_ID).state == PENDING
 
 
 def test_retrieved_mark_before_the_250_without_searchable_mailboxes(tmp_path) -> None:
@@ -699,12 +703,13 @@ def test_retrieved_mark_before_the_250_without_searchable_mailboxes(tmp_path) ->
 
 def test_a_crash_before_the_mark_lands_drops_the_copy(tmp_path) -> None:
     """
-    kill -9 after the 250, before the mark: the record on disk says
+    kill -9 after the 250, before the mark is written: the record says
     pending; at start-up the mailboxes are searched, and the retrieval the
     SMTA's re-notification brings is answered 250 with the copy dropped.
     """
     world, requests = _retrieved_with_writes_held(tmp_path, lambda wanted: set())
-    assert len(requests) == 2                                   # the mark never lands
+    for mark in (tmp_path / "pending").glob("*.retrieved"):
+        mark.unlink()                                           # the mark was lost
     world.smta.hold()                 # the SMTA, restarted too, notifies again
     asked: list = []
     world.retriever = _retriever_with(world, _mailboxes(asked, holding=True))   # the restart

@@ -310,14 +310,15 @@ class Retriever:
         when it was notified again meanwhile, retrieve it once more (the copy
         is then dropped as a duplicate), so that the re-notifier sees a 250.
 
-        The mark is written after the 250, not before, when the mailboxes
-        can be searched (C{delivered_of}): the message, fsynced under its
-        queue id, is then the durable proof of delivery.  A crash before the
-        mark lands leaves the record pending; read at start-up it looks in
-        the mailboxes first (L{_look_for_interrupted_deliveries}) and drops
-        the copy.  So a retrieved message costs one record write on the
-        reply's path (the notification's), not two.  Later writes of the
-        record, and its removal, wait for this one (L{RecordWrites}).
+        When the mailboxes can be searched (C{delivered_of}; the files
+        store) the mark is only a hint, not a durable write: the message,
+        fsynced under the notification's queue id, is the proof of
+        delivery.  A crash that loses the mark leaves the record pending;
+        read at start-up it looks in the mailboxes first
+        (L{_look_for_interrupted_deliveries}) and drops the copy.  So a
+        retrieved message costs one durable record write (the
+        notification's), not two.  The mark keeps its place among the
+        record's writes (L{RecordWrites}).
         """
         now = self.clock.seconds()
         notification.state = RETRIEVED
@@ -327,7 +328,7 @@ class Retriever:
             self._pend_again(notification, now)
         if self.delivered_of is not None and not self.store.shared:
             self.store.remember(notification)
-            self._records.save(notification).addErrback(
+            self._records.mark(notification).addErrback(
                 lambda f: log.failure("marking {id} retrieved", f, id=notification.gdel_id))
         else:
             await self._save(notification)

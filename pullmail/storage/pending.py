@@ -7,6 +7,13 @@ named by a hash of the two, so that an id never becomes a file name and two
 origins cannot collide.  After a successful retrieval the record stays,
 marked retrieved, until ``keep_until``: a re-notified id is then fetched
 again (so the SMTA can let go of it) but its copy is dropped at delivery.
+
+The mark may be a file of its own, ``<key>.retrieved`` holding
+``keep_until``, written without fsync beside the record (L{mark_retrieved}):
+a hint, where the delivered copy is the proof (see
+L{pullmail.pull.retrieve.Retriever.retrieved}).  A mark that a crash lost
+or cut short leaves the record pending; a durable write of the record
+removes the mark first, so a mark is never older than its record.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ __all__ = ["Notification", "NotificationState", "PendingStore", "RecordWrites", 
            "RETRIEVED"]
 
 RECORD_VERSION = 1
+MARK_SUFFIX = ".retrieved"
 
 
 class NotificationState(StrEnum):
@@ -92,6 +100,14 @@ class Notification:
         return record.load(cls, data, RECORD_VERSION)
 
 
+def _keep_until(mark: bytes) -> float | None:
+    """A mark's C{keep_until}; None for one a crash cut short (or none)."""
+    try:
+        return float(mark.decode("ascii")) if mark else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def notification_key(origin: str, gdel_id: str) -> str:
     return hashlib.sha256(f"{origin.lower()}\0{gdel_id}".encode()).hexdigest()[:40]
 
@@ -117,13 +133,19 @@ class PendingStore:
         self._index, self._pending_by_peer, self._counted = {}, {}, {}
         for path in self.root.glob(".*.tmp"):
             path.unlink(missing_ok=True)     # a write cut short by a crash
-        for _, data in record.read_folder(self.root):
+        marks = dict(record.read_folder(self.root, MARK_SUFFIX))
+        for stem, data in record.read_folder(self.root):
             try:
                 notification = Notification.from_json(data)
             except (ValueError, TypeError, KeyError):
                 continue
+            keep_until = _keep_until(marks.pop(stem, b""))
+            if keep_until is not None and notification.state == PENDING:
+                notification.state, notification.keep_until = RETRIEVED, keep_until
             notification.delivering = notification.state == PENDING
             self._remember(notification)
+        for stem in marks:                   # their records were removed
+            (self.root / f"{stem}{MARK_SUFFIX}").unlink(missing_ok=True)
 
     def _remember(self, notification: Notification) -> None:
         key = notification.key
@@ -162,11 +184,16 @@ class PendingStore:
 
     def save(self, notification: Notification) -> None:
         """Blocking: write the record durably, then index it."""
+        self._unmark(notification)
         write_atomically(self.root / f"{notification.key}.json", notification.to_json())
         self._remember(notification)
 
     def paths_for(self, notification: Notification) -> tuple[str, str]:
-        """A fresh temporary name and the record's name, for a write elsewhere."""
+        """
+        A fresh temporary name and the record's name, for a durable write
+        elsewhere, which is to follow at once (the mark goes first).
+        """
+        self._unmark(notification)
         self._writes += 1
         return (f"{self.root}/.{notification.key}.{os.getpid()}.{self._writes}.tmp",
                 f"{self.root}/{notification.key}.json")
@@ -180,8 +207,29 @@ class PendingStore:
     def take(self, key: str) -> Deferred:
         return succeed(self.by_key(key))
 
+    def mark_retrieved(self, notification: Notification) -> None:
+        """
+        Blocking but quick, and not durable: the mark beside the record
+        (its C{keep_until}), and the index.  The notification must be
+        marked RETRIEVED already.
+        """
+        fd = os.open(self._mark_path(notification), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, repr(notification.keep_until).encode("ascii"))
+        finally:
+            os.close(fd)
+        self._remember(notification)
+
+    def _mark_path(self, notification: Notification) -> Path:
+        return self.root / f"{notification.key}{MARK_SUFFIX}"
+
+    def _unmark(self, notification: Notification) -> None:
+        self._mark_path(notification).unlink(missing_ok=True)
+
     def remove(self, notification: Notification) -> None:
         (self.root / f"{notification.key}.json").unlink(missing_ok=True)
+        self._unmark(notification)
         self._index.pop(notification.key, None)
         self._uncount(notification.key)
 
@@ -215,6 +263,10 @@ class RecordWrites:
         """Remove the record once the writes asked before have landed."""
         return self._after(notification.key, self._remove, notification)
 
+    def mark(self, notification: Notification) -> Deferred:
+        """The files store's mark "retrieved" (no fsync), after the writes asked before."""
+        return self._after(notification.key, self._mark, notification)
+
     def _after(self, key: str, action: Callable[[Notification], Deferred],
                notification: Notification) -> Deferred:
         before = self._last.get(key)
@@ -245,3 +297,6 @@ class RecordWrites:
 
     def _remove(self, notification: Notification) -> None:
         self.store.remove(notification)
+
+    def _mark(self, notification: Notification) -> None:
+        self.store.mark_retrieved(notification)
