@@ -320,7 +320,8 @@ def test_spare_items_wait_for_running_work_of_their_key() -> None:
     """
     With spare=1 an item lined up while its key's work runs waits for that
     work (which takes it when free) instead of starting more; a line longer
-    than that starts more, and work that ends leaves none stranded.
+    than that starts more once the running work's connection is up (ready);
+    work that ends leaves none stranded.
     """
     owner = Owner(total=10, per_key=4, batch=1)
     owner.dispatcher.spare = 1
@@ -332,7 +333,12 @@ def test_spare_items_wait_for_running_work_of_their_key() -> None:
     assert owner.dispatcher.waiting("a") == 1
     owner.add(3.0, "a:3")
     owner.clock.advance(1.0)
+    # Two wait now, but the first work's connection is not up yet.
+    assert owner.handed_out() == [("a", ["a:1"])]
+    owner.dispatcher.ready(owner.started[0])
     assert owner.handed_out() == [("a", ["a:1"]), ("a", ["a:2"])]
     owner.dispatcher.finished(owner.started[0])
-    owner.dispatcher.finished(owner.started[1])
+    owner.dispatcher.finished(owner.started[1])       # never up: its count goes too
     assert owner.handed_out()[-1] == ("a", ["a:3"])
+    owner.dispatcher.finished(owner.started[2])
+    assert owner.dispatcher.running("a") == 0

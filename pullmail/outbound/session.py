@@ -170,6 +170,7 @@ class Courier:
                     require_tls=bool(tls and tls.required),
                 )
             keywords = session.keywords
+            self.dispatcher.ready(work)
             maillog.SESSION_TLS(
                 log, host=host, address=address,
                 tls=("TLS, certificate verified" if tls and tls.required else "TLS")

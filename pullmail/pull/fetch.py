@@ -108,6 +108,8 @@ class Fetcher:
             session = await open_session(connection, self.owner.hostname, self.owner.client_tls)
             if "RETR" not in session.keywords:
                 raise ConnectionError("peer does not offer RETR")
+            if work is not None:
+                self.dispatcher.ready(work)
             while remaining:
                 await self._retrieve_one(connection, address, remaining[0], session.tls)
                 remaining.pop(0)

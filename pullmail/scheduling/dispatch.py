@@ -49,6 +49,7 @@ class Work(Generic[T]):
         self.key = key
         self.items = items
         self._held = held   # ids of items this work still answers for
+        self.up = False     # its connection is open (L{Dispatcher.ready})
 
     def __repr__(self) -> str:
         return f"<Work {self.key!r} {len(self.items)} items>"
@@ -84,7 +85,10 @@ class Dispatcher(Generic[T]):
             running before more work starts for it: running work takes
             them as soon as it is free, on the connection it has, so a
             message that comes while the last one is still on the wire
-            waits for it instead of opening a connection of its own.
+            waits for it instead of opening a connection of its own.  With
+            spare, no more work starts for a key while a piece of its work
+            is still opening its connection (until L{ready}): a burst that
+            comes during a TLS handshake waits for that connection first.
         """
         self._due_queue = DueQueue(clock, wake)
         self._clock = clock
@@ -100,6 +104,7 @@ class Dispatcher(Generic[T]):
         self._busy: set[str] = set()
         self._running = 0
         self._running_for: dict[str, int] = {}
+        self._opening: dict[str, int] = {}        # work started, connection not yet up
         self._dispatching = self._dispatch_again = False
         # Running work with an empty line, idling for more (wait_for_more):
         # key -> [(work, count, waiter, timer)], first come first served.
@@ -184,13 +189,16 @@ class Dispatcher(Generic[T]):
                     self._release_idle(other)
             while self._lines.get(key) and self._running < self.total and (
                 self._running_for.get(key, 0) < self.per_key
-            ) and len(self._lines[key]) > self._running_for.get(key, 0) * self.spare:
+            ) and len(self._lines[key]) > self._running_for.get(key, 0) * self.spare and not (
+                self.spare and self._opening.get(key)
+            ):
                 count = self.batch or -(-len(self._lines[key]) // self.per_key)
                 work: Work[T] = Work(key, [], set())
                 self.take(work, count)
                 if work.items:
                     self._running += 1
                     self._running_for[key] = self._running_for.get(key, 0) + 1
+                    self._opening[key] = self._opening.get(key, 0) + 1
                     self._start(work)
             if not self._lines.get(key):
                 self._lines.pop(key, None)
@@ -262,13 +270,28 @@ class Dispatcher(Generic[T]):
         """The item's outcome is recorded: its due times count again."""
         self._busy.discard(item_id)
 
+    def ready(self, work: Work[T]) -> None:
+        """C{work}'s connection is up: more work may start for its key (see C{spare})."""
+        if work.up or work.key is None:
+            return
+        work.up = True
+        self._count_down(self._opening, work.key)
+        self.dispatch()
+
+    @staticmethod
+    def _count_down(counts: dict[str, int], key: str) -> None:
+        left = counts.pop(key, 0) - 1
+        if left > 0:
+            counts[key] = left
+
     def finished(self, work: Work[T]) -> None:
         """C{work} ended: its slot is free, and so is every item it still held."""
+        if not work.up and work.key is not None:
+            work.up = True
+            self._count_down(self._opening, work.key)
         self._running -= 1
         if work.key is not None:
-            left = self._running_for.pop(work.key) - 1
-            if left:
-                self._running_for[work.key] = left
+            self._count_down(self._running_for, work.key)
         self._busy.difference_update(work._held)
         work._held.clear()
         self.dispatch()
