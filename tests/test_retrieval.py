@@ -740,3 +740,37 @@ def test_a_retrieval_connection_idles_for_the_next_notification(tmp_path) -> Non
     assert world.network.open_connections() == 1
     world.advance(2.0)
     assert world.network.open_connections() == 0
+
+
+def test_notified_again_during_its_retrieval_is_written_durably_not_marked(tmp_path) -> None:
+    """
+    Delivered while notified again: the record is pending once more, and
+    that is written durably (a lost write would lose the retrieval the
+    re-notifier waits for) -- never a mark "retrieved".
+    """
+    import json
+
+    world = World(tmp_path)
+    world.smta.hold()
+    requests: list = []
+    world.retriever = _retriever_with(world, lambda wanted: set(),
+                                      store_file=_deferred_store_file(requests))
+    first_deliver = world.deliver
+
+    def deliver_while_notified_again(*args, **kwargs):
+        _notify_later(world)            # the existing record: no write, answered at once
+        world.retriever.deliver = first_deliver
+        return first_deliver(*args, **kwargs)
+
+    world.retriever.deliver = deliver_while_notified_again
+    _notify_later(world)
+    _land(requests, 0)
+    world.settle()
+    assert len(world.deliveries) == 1
+    assert len(requests) == 2                                   # durable, and waited for
+    assert json.loads(requests[1][2])["state"] == "pending"
+    assert list((tmp_path / "pending").glob("*.retrieved")) == []
+    assert world.smta.outbox.get(GDEL_ID) is not None           # no 250 before it lands
+    _land(requests, 1)
+    world.settle()
+    assert world.smta.outbox.get(GDEL_ID) is None

@@ -17,8 +17,8 @@ from twisted.logger import Logger
 from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.outbound import mx
-from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.outbound.notify import Notice, NotificationRow
+from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.smtp.client import (
     TransactionResult,
     envelope_commands,

@@ -157,13 +157,13 @@ class Retriever:
         try:
             existing = await self.store.find(identity, request.gdel_id)
         except OSError as e:   # a shared store out of reach (SPEC 11.3)
-            return self._store_failed(request.gdel_id, e)
+            return _store_failed(request.gdel_id, e)
         if existing is not None and existing.state == PENDING:
             if self._dispatcher.busy(existing.key):
                 # Being retrieved now, perhaps from another node of the
                 # notifier's cluster: retrieve once more when that is done.
                 existing.notified_again = True
-            return self._accepted(request.gdel_id)
+            return _accepted(request.gdel_id)
         if existing is None and self.store.pending_from(session.peer) >= self.pending_per_origin:
             return replies.S452_TOO_MANY_PENDING
         notification = existing or Notification(
@@ -181,27 +181,18 @@ class Retriever:
         try:
             await self._save(notification)
         except OSError as e:
-            return self._store_failed(request.gdel_id, e)
+            return _store_failed(request.gdel_id, e)
         maillog.NOTIFICATION_ACCEPTED(
             log, id=request.gdel_id, peer=session.peer, identity=identity,
             recipients=notification.recipients,
         )
         self._push(notification)
         self._arm()
-        return self._accepted(request.gdel_id)
+        return _accepted(request.gdel_id)
 
     async def _save(self, notification: Notification) -> None:
         """Store a record durably, after the writes of it asked before."""
         await self._records.save(notification)
-
-    @staticmethod
-    def _store_failed(gdel_id: str, error: OSError) -> Reply:
-        maillog.NOTIFICATION_STORE_FAILED(log, id=gdel_id, error=str(error))
-        return storage_failure(error)
-
-    @staticmethod
-    def _accepted(gdel_id: str) -> Reply:
-        return Reply(250, "2.0.0", f"{gdel_id} notification accepted")
 
     # -- the timer --------------------------------------------------------------------
 
@@ -228,7 +219,7 @@ class Retriever:
         """Forget every notification with this id (``pullmail queue --delete``)."""
         found = [n for n in self.store if n.gdel_id == gdel_id]
         for notification in found:
-            self._records.remove(notification)
+            self._records.forget(notification)
         return bool(found)
 
     def _wake(self) -> None:
@@ -241,7 +232,7 @@ class Retriever:
             if self.store.shared:
                 self._take(key)
             elif notification.state == RETRIEVED:
-                self._records.remove(notification)
+                self._records.forget(notification)
             else:
                 self._line_up(notification, now)
         self._rate.forget_quiet(now)
@@ -310,15 +301,8 @@ class Retriever:
         when it was notified again meanwhile, retrieve it once more (the copy
         is then dropped as a duplicate), so that the re-notifier sees a 250.
 
-        When the mailboxes can be searched (C{delivered_of}; the files
-        store) the mark is only a hint, not a durable write: the message,
-        fsynced under the notification's queue id, is the proof of
-        delivery.  A crash that loses the mark leaves the record pending;
-        read at start-up it looks in the mailboxes first
-        (L{_look_for_interrupted_deliveries}) and drops the copy.  So a
-        retrieved message costs one durable record write (the
-        notification's), not two.  The mark keeps its place among the
-        record's writes (L{RecordWrites}).
+        The mark is a durable write only where the copy cannot be found
+        again (L{RecordWrites.retrieved}).
         """
         now = self.clock.seconds()
         notification.state = RETRIEVED
@@ -326,12 +310,7 @@ class Retriever:
         if notification.notified_again:
             notification.notified_again = False
             self._pend_again(notification, now)
-        if self.delivered_of is not None and not self.store.shared:
-            self.store.remember(notification)
-            self._records.mark(notification).addErrback(
-                lambda f: log.failure("marking {id} retrieved", f, id=notification.gdel_id))
-        else:
-            await self._save(notification)
+        await self._records.retrieved(notification, searchable=self.delivered_of is not None)
         maillog.RETRIEVED(log, id=notification.gdel_id, peer=notification.peer)
         self._dispatcher.done_with(notification.key)
         self._push(notification)
@@ -364,4 +343,13 @@ class Retriever:
             log, id=notification.gdel_id, peer=notification.peer, reason=reason,
         )
         self._dispatcher.done_with(notification.key)
-        self._records.remove(notification)
+        self._records.forget(notification)
+
+
+def _store_failed(gdel_id: str, error: OSError) -> Reply:
+    maillog.NOTIFICATION_STORE_FAILED(log, id=gdel_id, error=str(error))
+    return storage_failure(error)
+
+
+def _accepted(gdel_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"{gdel_id} notification accepted")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pullmail.interfaces import IPendingStore
@@ -35,6 +36,8 @@ from pullmail.storage.durable import write_atomically
 
 __all__ = ["Notification", "NotificationState", "PendingStore", "RecordWrites", "PENDING",
            "RETRIEVED"]
+
+log = Logger(namespace="pullmail.storage.pending")
 
 RECORD_VERSION = 1
 MARK_SUFFIX = ".retrieved"
@@ -263,9 +266,31 @@ class RecordWrites:
         """Remove the record once the writes asked before have landed."""
         return self._after(notification.key, self._remove, notification)
 
-    def mark(self, notification: Notification) -> Deferred:
-        """The files store's mark "retrieved" (no fsync), after the writes asked before."""
-        return self._after(notification.key, self._mark, notification)
+    def forget(self, notification: Notification) -> None:
+        """L{remove}, its failure logged."""
+        self.remove(notification).addErrback(
+            lambda f: log.failure("removing notification {id}", f, id=notification.gdel_id))
+
+    def retrieved(self, notification: Notification, searchable: bool) -> Deferred:
+        """
+        Record a delivered message's notification as retrieved (or pending
+        again, when it was notified again meanwhile).
+
+        Where the mailboxes can be C{searchable} for a copy (maildir, the
+        files store), "retrieved" is only a hint, not a durable write: the
+        message, fsynced under the notification's queue id, proves the
+        delivery.  A crash that loses the mark leaves the record pending;
+        read at start-up it looks in the mailboxes first and drops the
+        copy.  So a retrieved message costs one durable record write, the
+        notification's, and nothing waits for the mark.  Pending again, or
+        elsewhere, the record is written durably as ever.
+        """
+        if not (searchable and notification.state == RETRIEVED and not self.store.shared):
+            return self.save(notification)
+        self.store.remember(notification)
+        self._after(notification.key, self._mark, notification).addErrback(
+            lambda f: log.failure("marking {id} retrieved", f, id=notification.gdel_id))
+        return succeed(None)
 
     def _after(self, key: str, action: Callable[[Notification], Deferred],
                notification: Notification) -> Deferred:
