@@ -505,9 +505,6 @@ def _check(config: Config) -> None:
             raise ConfigError(f"limits.{option}", "must be zero (off) or more")
     if config.delivery.mx_limit <= 0:
         raise ConfigError("delivery.mx_limit", "must be greater than zero")
-    if not 0 <= config.delivery.connection_cache_time < config.limits.idle_timeout:
-        raise ConfigError("delivery.connection_cache_time",
-                          "must be zero (off) or more, and less than limits.idle_timeout")
     for option, value, bits in [("limits.ipv4_prefix", config.limits.ipv4_prefix, 32),
                                 ("limits.ipv6_prefix", config.limits.ipv6_prefix, 128)]:
         if not 0 < value <= bits:
