@@ -326,6 +326,7 @@ def test_a_failed_write_is_the_callers_and_the_next_goes_on(tmp_path) -> None:
 
 
 def _marked(tmp_path) -> tuple[PendingStore, Notification]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     store = PendingStore(tmp_path)
     store.load()
     notification = _notification()
@@ -375,3 +376,13 @@ def test_a_mark_without_its_record_is_swept_at_load(tmp_path) -> None:
     (tmp_path / f"{notification.key}.json").unlink()
     PendingStore(tmp_path).load()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_offline_listing_reads_marks(tmp_path) -> None:
+    """`pullmail queue` with no node running shows a marked record as retrieved."""
+    from pullmail.node.control import offline_listing
+
+    _marked(tmp_path / "pending")
+    [row] = offline_listing(tmp_path, 1000.0)
+    assert (row["state"], row["next"]) == (RETRIEVED, 4000.0)
+    assert offline_listing(tmp_path / "nothing", 0.0) == []

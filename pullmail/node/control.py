@@ -21,7 +21,7 @@ from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.storage.durable import write_atomically
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
-from pullmail.storage.pending import PENDING, Notification
+from pullmail.storage.pending import PENDING, Notification, read_records
 
 __all__ = ["ControlFactory", "cluster_control", "listing", "offline_listing", "offline_delete",
            "offline_set_held", "set_held", "SOCKET_NAME"]
@@ -162,10 +162,9 @@ def offline_listing(state_dir: Path, now: float) -> list[dict]:
             entry = OutboxEntry.from_json(path.read_bytes())
             entry.claimed = folder == "claimed"
             entries.append(entry)
-    notifications = [
-        Notification.from_json(path.read_bytes())
-        for path in sorted((state_dir / "pending").glob("*.json"))
-    ]
+    pending = state_dir / "pending"
+    # With their marks "retrieved" (the files store's hints) applied.
+    notifications = read_records(pending)[0] if pending.is_dir() else []
     return listing(entries, notifications, now)
 
 

@@ -35,7 +35,7 @@ from pullmail.storage import record
 from pullmail.storage.durable import write_atomically
 
 __all__ = ["Notification", "NotificationState", "PendingStore", "RecordWrites", "PENDING",
-           "RETRIEVED"]
+           "RETRIEVED", "read_records"]
 
 log = Logger(namespace="pullmail.storage.pending")
 
@@ -103,6 +103,25 @@ class Notification:
         return record.load(cls, data, RECORD_VERSION)
 
 
+def read_records(root: Path) -> tuple[list[Notification], list[str]]:
+    """
+    Blocking: the readable records in C{root}, each with its mark applied,
+    and the names of marks whose record is gone.  Changes nothing.
+    """
+    marks = dict(record.read_folder(root, MARK_SUFFIX))
+    notifications = []
+    for stem, data in record.read_folder(root):
+        try:
+            notification = Notification.from_json(data)
+        except (ValueError, TypeError, KeyError):
+            continue
+        keep_until = _keep_until(marks.pop(stem, b""))
+        if keep_until is not None and notification.state == PENDING:
+            notification.state, notification.keep_until = RETRIEVED, keep_until
+        notifications.append(notification)
+    return notifications, list(marks)
+
+
 def _keep_until(mark: bytes) -> float | None:
     """A mark's C{keep_until}; None for one a crash cut short (or none)."""
     try:
@@ -136,18 +155,11 @@ class PendingStore:
         self._index, self._pending_by_peer, self._counted = {}, {}, {}
         for path in self.root.glob(".*.tmp"):
             path.unlink(missing_ok=True)     # a write cut short by a crash
-        marks = dict(record.read_folder(self.root, MARK_SUFFIX))
-        for stem, data in record.read_folder(self.root):
-            try:
-                notification = Notification.from_json(data)
-            except (ValueError, TypeError, KeyError):
-                continue
-            keep_until = _keep_until(marks.pop(stem, b""))
-            if keep_until is not None and notification.state == PENDING:
-                notification.state, notification.keep_until = RETRIEVED, keep_until
+        notifications, strays = read_records(self.root)
+        for notification in notifications:
             notification.delivering = notification.state == PENDING
             self._remember(notification)
-        for stem in marks:                   # their records were removed
+        for stem in strays:                  # their records were removed
             (self.root / f"{stem}{MARK_SUFFIX}").unlink(missing_ok=True)
 
     def _remember(self, notification: Notification) -> None:
