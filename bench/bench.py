@@ -450,7 +450,10 @@ def bench_wire(args, workdir, dns):
                 wait_until(lambda: len(wr.delivered_paths("bob@wr.bench")) >= before + k, 120,
                            message=f"wire {mode} {label}")
                 wait_until(lambda: count_files(ws.state_dir / "outbox" / "entries") == 0, 30)
-                time.sleep(1.0)   # let QUITs and closes pass the proxies
+                # Let QUITs and closes pass the proxies, cached connections
+                # too ([delivery] connection_cache_time): none is counted twice.
+                wait_until(lambda: all(p.open == 0 for p in proxies), 30,
+                           message="connections through the proxies to close")
                 up = sum(p.up for p in proxies)
                 down = sum(p.down for p in proxies)
                 conns = sum(p.connections for p in proxies)

@@ -648,6 +648,7 @@ class CountingProxy:
 
     def reset(self):
         self.up = self.down = self.connections = self.turns = 0
+        self.open = getattr(self, "open", 0)   # connections not closed yet (not reset)
 
     def _run(self):
         asyncio.set_event_loop(self.loop)
@@ -664,6 +665,7 @@ class CountingProxy:
             writer.close()
             return
         self.connections += 1
+        self.open += 1
         state = {"last": None}
 
         async def pipe(src, dst, up: bool):
@@ -687,7 +689,10 @@ class CountingProxy:
                 with contextlib.suppress(Exception):
                     dst.close()
 
-        await asyncio.gather(pipe(reader, w2, True), pipe(r2, writer, False))
+        try:
+            await asyncio.gather(pipe(reader, w2, True), pipe(r2, writer, False))
+        finally:
+            self.open -= 1
 
     def close(self):
         self.loop.call_soon_threadsafe(self.server.close)

@@ -171,7 +171,55 @@ def test_notify_when_gdel_offered(tmp_path) -> None:
     again = MaildirOutbox(tmp_path / "outbox")
     again.load()
     assert again.get(entry.id).state == NOTIFIED
+    # The session idles for [delivery] connection_cache_time, then quits.
+    assert world.network.open_connections() == 1
+    world.advance(world.config.connection_cache_time)
     assert world.network.open_connections() == 0
+
+
+# -- the connection cache -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gdel", [True, False])
+def test_messages_one_at_a_time_share_one_session(tmp_path, gdel) -> None:
+    """
+    A message queued while the last session to its domain idles goes over
+    that session: one connection, one TLS handshake, for a trickle of mail
+    (notifications and pushes alike).
+    """
+    world = World(tmp_path, gdel=gdel)
+    world.send([BOB])
+    world.advance(1.0)
+    world.send([BOB])
+    assert world.attempts_to(MX1) == 1
+    done = world.peer.notifications if gdel else world.peer.deliveries
+    assert len(done) == 2
+    world.advance(world.config.connection_cache_time)
+    assert world.network.open_connections() == 0
+    world.send([BOB])
+    assert world.attempts_to(MX1) == 2
+
+
+def test_no_connection_cache_when_off(tmp_path) -> None:
+    world = World(tmp_path, connection_cache_time=0.0)
+    world.send([BOB])
+    assert world.network.open_connections() == 0
+    world.send([BOB])
+    assert world.attempts_to(MX1) == 2
+
+
+def test_an_idle_session_the_peer_closed_gives_its_entries_back(tmp_path) -> None:
+    """A cached session found closed: its entries go to a new one, not to a retry."""
+    world = World(tmp_path)
+    world.send([BOB])
+    [client] = world.network.clients
+    client.transport.loseConnection()
+    world.settle()
+    [entry] = world.send([BOB])[-1:]
+    assert len(world.peer.notifications) == 2
+    assert world.attempts_to(MX1) == 2
+    assert world.outbox.get(entry.id).state == NOTIFIED
+    assert world.outbox.get(entry.id).attempts == 1
 
 
 def test_one_entry_per_domain(tmp_path) -> None:
@@ -712,6 +760,23 @@ def test_due_entries_of_one_domain_share_a_connection(tmp_path) -> None:
     assert sorted(n.gdel_id for n in world.peer.notifications) == sorted(
         e.id for e in world.outbox.entries())
     assert {e.state for e in world.outbox.entries()} == {NOTIFIED}
+
+
+def test_a_struggling_peer_leaves_the_rest_of_the_row_untried(tmp_path) -> None:
+    """
+    Notifications go pipelined, each GDEL with the next envelope; a 4xx to
+    one GDEL ends the session: the transaction begun behind it is reset
+    and, like the rest of the line, tried on a new session, counted once.
+    """
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(451, "4.7.24", "SPF temporary error")
+    for n in range(3):
+        result_of(world.outbound.enqueue(f"QID{n}", SENDER, [BOB], MESSAGE))
+    world.settle()
+    assert len(world.peer.notifications) == 3
+    assert world.attempts_to(MX1) == 3
+    assert [e.attempts for e in world.outbox.entries()] == [1, 1, 1]
+    assert {e.state for e in world.outbox.entries()} == {QUEUED}
 
 
 def test_entry_waiting_in_line_is_retrievable_and_then_skipped(tmp_path) -> None:

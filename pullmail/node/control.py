@@ -21,7 +21,7 @@ from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.storage.durable import write_atomically
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
-from pullmail.storage.pending import PENDING, Notification
+from pullmail.storage.pending import PENDING, Notification, read_records
 
 __all__ = ["ControlFactory", "LOCAL_QUEUE", "cluster_control", "listing", "local_rows",
            "offline_listing", "offline_local_queue", "offline_delete", "offline_set_held",
@@ -191,10 +191,9 @@ def _folder_entries(root: Path) -> list[OutboxEntry]:
 
 def offline_listing(state_dir: Path, now: float) -> list[dict]:
     """What is queued, read straight from the files (no node running)."""
-    notifications = [
-        Notification.from_json(path.read_bytes())
-        for path in sorted((state_dir / "pending").glob("*.json"))
-    ]
+    pending = state_dir / "pending"
+    # With their marks "retrieved" (the files store's hints) applied.
+    notifications = read_records(pending)[0] if pending.is_dir() else []
     return listing(_folder_entries(state_dir / "outbox"), notifications, now,
                    offline_local_queue(state_dir))
 

@@ -378,8 +378,10 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
         store_file=None if stores.pending.shared else fsync_helper.store,
-        delivered_of=router.delivered_of,
+        # Only a maildir can be searched for a copy (not an LMTP store).
+        delivered_of=router.delivered_of if router.delivery.root is not None else None,
         in_doubt=in_doubt_folder(config),
+        connection_cache_time=config.delivery.connection_cache_time,
     )
     stores.start_with(node, outbound.start, outbound.stop)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,

@@ -112,7 +112,7 @@ class Outbound:
         self._dispatcher: Dispatcher[OutboxEntry] = Dispatcher(
             clock, wake=self._wake, start=self._start, ident=lambda entry: entry.id,
             total=MAX_SESSIONS, per_key=SESSIONS_PER_DOMAIN, batch=ENTRIES_PER_TAKE,
-            current=self._current,
+            current=self._current, spare=1,
         )
         self.courier = Courier(self, self._dispatcher)
         # A shared outbox (SPEC 11.3): due work is taken in the database first.

@@ -108,12 +108,20 @@ class Fetcher:
             session = await open_session(connection, self.owner.hostname, self.owner.client_tls)
             if "RETR" not in session.keywords:
                 raise ConnectionError("peer does not offer RETR")
+            if work is not None:
+                self.dispatcher.ready(work)
             while remaining:
                 await self._retrieve_one(connection, address, remaining[0], session.tls)
                 remaining.pop(0)
                 if not remaining and work is not None:
-                    # Keep the connection busy while the peer's line is not empty.
-                    remaining.extend(self.dispatcher.take(work, RETRS_PER_TAKE))
+                    # Keep the connection busy while the peer's line is not
+                    # empty, and idle a while for the next notification
+                    # (SPEC 4: after a turn, "RETR <next-id> or QUIT").
+                    remaining.extend(await self.dispatcher.wait_for_more(
+                        work, RETRS_PER_TAKE, self.owner.connection_cache_time))
+                    if remaining and not connection.usable():
+                        self.dispatcher.give_back(work, remaining)
+                        remaining = []
             connection.quit()
         except Exception as e:
             maillog.RETRIEVAL_FAILED(log, peer=address, error=str(e))

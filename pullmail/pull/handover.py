@@ -73,6 +73,11 @@ class Handover:
         self.run_blocking = run_blocking
         self.clock = clock
 
+    @property
+    def marking(self) -> bool:
+        """Deliveries are marked: the store cannot be searched for a copy."""
+        return self.folder is not None
+
     def in_doubt(self, notification: Notification) -> bool:
         """An earlier delivery of it began and never said how it ended."""
         return self.folder is not None and bool(notification.handed_over)

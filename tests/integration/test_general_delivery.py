@@ -749,8 +749,9 @@ def test_renotified_id_is_retrieved_again_but_delivered_once(net):
         assert fake.final_replies[0][1].startswith("250"), fake.final_replies
         assert_body_intact(raw, token)
         # The turn ended with the reply to end of data: the RMTA is the
-        # client again and, with nothing more to retrieve, says QUIT.
-        wait_until(lambda: "QUIT" in fake.commands, 3,
+        # client again and, with nothing more to retrieve, says QUIT (once
+        # [delivery] connection_cache_time, 2 s, has passed idle).
+        wait_until(lambda: "QUIT" in fake.commands, 6,
                    message=lambda: f"QUIT after the turn; the RMTA said {fake.commands}\n"
                    + receiver.diagnostics(12))
 
