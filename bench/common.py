@@ -14,7 +14,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -48,6 +47,11 @@ PULLMAIL_IP = "127.0.1.10"
 AIOSMTPD_IP = "127.0.1.11"
 POSTFIX_IP = "127.0.1.12"
 SINK_IP = "127.0.1.13"
+AIOSMTPD_INLINE_IP = "127.0.1.14"
+FLOOR_IP = "127.0.1.15"
+FEATURES_IP = "127.0.1.17"        # a second pullmail node, all features on
+SPAM_MX_IP = "127.0.1.16"        # the MX of spam.bench (SPF -all): a listener that counts
+SPAM_CLIENT_IPS = [f"127.0.4.{i}" for i in range(1, 21)]   # where its GDELs come from
 IDLE_CLIENT_IPS = [f"127.0.1.{i}" for i in range(30, 40)]
 
 
@@ -162,11 +166,17 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return text
 
 
-def ratio(a: list[float], b: list[float]) -> str:
+def ratio_value(a: list[float], b: list[float]) -> float | None:
+    """The ratio of the medians, None when either is missing."""
     ma, mb = summary(a)[0], summary(b)[0]
     if not mb or mb != mb or ma != ma:
-        return "n/a"
-    return f"{ma / mb:.2f}×"
+        return None
+    return ma / mb
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    value = ratio_value(a, b)
+    return "n/a" if value is None else f"{value:.2f}×"
 
 
 # -- servers ------------------------------------------------------------------------
@@ -231,6 +241,9 @@ def gd_records() -> dict:
                        ("ws.bench", WIRE_SENDER_IP), ("wr.bench", WIRE_RECEIVER_IP),
                        ("bench.test", PULLMAIL_IP)]:
         records.update(host(domain, ip))
+    # A sender whose SPF fails everywhere: the flood section's GDELs.
+    records["spam.bench"] = {"MX": [[10, "mx.spam.bench"]], "TXT": ["v=spf1 -all"]}
+    records["mx.spam.bench"] = {"A": [SPAM_MX_IP]}
     return records
 
 
@@ -263,13 +276,35 @@ def pullmail_node(workdir: Path, name: str, address: str, domain: str, users: li
                 users={u: PASSWORD for u in users}, settings=base)
 
 
+def gd_pair(workdir: Path, dns: DNSServer, prefix: str = "gd") -> tuple[Node, Node]:
+    """
+    The two nodes of General Delivery end to end: a sender (s.bench, alice)
+    and a receiver (r.bench, bob), on GD_SENDER_IP and GD_RECEIVER_IP.
+    """
+    sender = pullmail_node(workdir, f"{prefix}-sender", GD_SENDER_IP, "s.bench", ["alice@s.bench"],
+                           dns=dns)
+    receiver = pullmail_node(workdir, f"{prefix}-receiver", GD_RECEIVER_IP, "r.bench",
+                             ["bob@r.bench"], dns=dns)
+    return sender, receiver
+
+
+def restart_as(receiver: Node, mode: str) -> None:
+    """(Re)start C{receiver} offering General Delivery ("pull") or not ("push")."""
+    receiver.configure({"trust": {"gdel": mode == "pull"}})
+    if receiver.running():
+        receiver.stop()
+    receiver.start()
+
+
 class PullmailServer(Server):
     name = "pullmail"
 
-    def __init__(self, workdir: Path, dns: DNSServer | None, env: dict | None = None) -> None:
-        self.address = PULLMAIL_IP
-        self.node = pullmail_node(workdir, "pullmail", PULLMAIL_IP, "bench.test",
-                                  ["sink@bench.test"], dns=dns)
+    def __init__(self, workdir: Path, dns: DNSServer | None, env: dict | None = None,
+                 name: str = "pullmail", address: str = PULLMAIL_IP,
+                 settings: dict | None = None) -> None:
+        self.name, self.address = name, address
+        self.node = pullmail_node(workdir, name, address, "bench.test", ["sink@bench.test"],
+                                  dns=dns, settings=settings)
         if env:
             self.node.extra_env.update(env)
         self.rcpt = "sink@bench.test"
@@ -287,35 +322,40 @@ class PullmailServer(Server):
         return count_files(self.node.maildir(self.rcpt) / "new")
 
 
-class AiosmtpdServer(Server):
-    name = "aiosmtpd"
+class ScriptServer(Server):
+    """
+    A peer script from bench/peers/ run as its own process (its CPU is that
+    process's), storing into C{<workdir>/<name>/Maildir}; it prints "ready".
+    """
 
-    def __init__(self, workdir: Path) -> None:
-        self.address = AIOSMTPD_IP
-        self.dir = workdir / "aiosmtpd"
+    script = "?"
+
+    def __init__(self, workdir: Path, python: Path, flags: tuple[str, ...] = ()) -> None:
+        self.dir = workdir / self.name
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.maildir = self.dir / "Maildir"
-        self.rcpt = "sink@aiosmtpd.bench"
+        self.rcpt = f"sink@{self.name}.bench"
+        self.python, self.flags = python, flags
         self.proc = None
 
     def start(self):
-        python = BENCH_VENV / "bin" / "python"
-        if not python.exists():
-            raise RuntimeError(f"{python} missing: run bench/setup")
+        if not self.python.exists():
+            raise RuntimeError(f"{self.python} missing: run bench/setup")
         self.proc = subprocess.Popen(
-            [str(python), str(BENCH / "peers" / "aiosmtpd_maildir.py"),
-             "--listen", f"{self.address}:{self.port}", "--maildir", str(self.maildir)],
+            [str(self.python), str(BENCH / "peers" / self.script),
+             "--listen", f"{self.address}:{self.port}", "--maildir", str(self.maildir),
+             *self.flags],
             stdout=subprocess.PIPE, stderr=open(self.dir / "stderr.log", "ab"),
             start_new_session=True,
         )
         line = self.proc.stdout.readline()
         if b"ready" not in line:
-            raise RuntimeError(f"aiosmtpd did not start: {(self.dir / 'stderr.log').read_text()}")
+            raise RuntimeError(f"{self.name} did not start: {(self.dir / 'stderr.log').read_text()}")
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.terminate()        # nothing to save: its maildir is thrown away
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -327,6 +367,35 @@ class AiosmtpdServer(Server):
 
     def delivered(self):
         return count_files(self.maildir / "new")
+
+
+class AiosmtpdServer(ScriptServer):
+    """aiosmtpd, its disk work in a 4-thread pool (bench/peers/aiosmtpd_maildir.py)."""
+    name = "aiosmtpd-pool"
+    address = AIOSMTPD_IP
+    script = "aiosmtpd_maildir.py"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, BENCH_VENV / "bin" / "python")
+
+
+class AiosmtpdInlineServer(AiosmtpdServer):
+    """The same, fsync inline in the event loop (--inline)."""
+    name = "aiosmtpd-inline"
+    address = AIOSMTPD_INLINE_IP
+
+    def __init__(self, workdir: Path) -> None:
+        ScriptServer.__init__(self, workdir, BENCH_VENV / "bin" / "python", ("--inline",))
+
+
+class FloorServer(ScriptServer):
+    """The floor: a minimal Twisted ESMTP server (bench/peers/floor_twisted.py)."""
+    name = "floor"
+    address = FLOOR_IP
+    script = "floor_twisted.py"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, Path(sys.executable))
 
 
 class SinkServer(Server):
@@ -415,9 +484,13 @@ class PostfixServer(Server):
 # -- load -----------------------------------------------------------------------------
 
 def smtp_source(server: Server, sessions: int, size: int, count: int, timeout: float = 600,
-                options: tuple[str, ...] = ()):
-    """Run smtp-source (with C{options}, e.g. ``-d``); returns wall seconds.  Raises on failure."""
-    argv = [SMTP_SOURCE, *options, "-s", str(sessions), "-l", str(size), "-m", str(count),
+                path: Path | None = None, options: tuple[str, ...] = ()):
+    """
+    Run smtp-source (a message of C{size} octets, or the file C{path};
+    with C{options}, e.g. ``-d``); returns wall seconds.  Raises on failure.
+    """
+    message = ["-F", str(path)] if path else ["-l", str(size)]
+    argv = [SMTP_SOURCE, *options, "-s", str(sessions), *message, "-m", str(count),
             "-f", "load@source.bench", "-t", server.rcpt, "-M", "source.bench",
             f"{server.address}:{server.port}"]
     start = time.monotonic()
@@ -427,6 +500,20 @@ def smtp_source(server: Server, sessions: int, size: int, count: int, timeout: f
         raise RuntimeError(f"smtp-source against {server.name}: rc={result.returncode} "
                            f"{result.stderr.decode(errors='replace')[-800:]}")
     return elapsed
+
+
+def measure_push(server, sessions: int, size: int, count: int, path: Path | None = None) -> dict:
+    """One smtp-source run against C{server}, drained: msgs/s, MB/s, CPU ms/msg, peak PSS."""
+    before = server.delivered()
+    cpu0 = server.cpu()
+    with RSSSampler(server) as rss:
+        elapsed = smtp_source(server, sessions, size, count, path=path)
+        if before is not None:  # drain (Postfix delivers after its 250)
+            wait_until(lambda: server.delivered() >= before + count, 120,
+                       message=f"{server.name} to store {count}")
+    cpu = server.cpu() - cpu0
+    return {"msgs": count / elapsed, "mb": count * size / elapsed / 1e6,
+            "cpu": cpu / count * 1000, "rss": rss.peak_kb / 1024}
 
 
 class SMTPClient:
@@ -461,6 +548,16 @@ class SMTPClient:
         if expect is not None and code not in ((expect,) if isinstance(expect, int) else expect):
             raise RuntimeError(f"{line!r} -> {text!r}")
         return code, text
+
+    @classmethod
+    async def submission(cls, node: Node, user: str) -> "SMTPClient":
+        """A session on C{node}'s submission port, after STARTTLS and AUTH as C{user}."""
+        client = await cls.connect(node.address, 2587)
+        await client.ehlo("client.submit.bench")
+        await client.starttls()
+        await client.ehlo("client.submit.bench")
+        await client.login(user, PASSWORD)
+        return client
 
     async def ehlo(self, name="client.bench"):
         code, text = await self.command(f"EHLO {name}", 250)
@@ -500,6 +597,35 @@ def make_message(size: int, tag: str = "") -> bytes:
     return head + body
 
 
+def dkim_messages(workdir: Path, dns: DNSServer):
+    """
+    A 2 KB message from dkim.bench, plain and signed (both algorithms) by
+    its keys, as files for smtp-source -F; the key and DMARC (p=none)
+    records go into C{dns}.  (files by name, the signer, the plain message,
+    the keys.)
+    """
+    from twisted.internet.task import Clock
+
+    from pullmail.config import DKIMConfig
+    from pullmail.trust.dkim import Signer
+    from pullmail.trust.dkim_keys import ensure_keys, load_keys
+
+    config = DKIMConfig(key_dir=workdir / "dkim-keys")
+    ensure_keys(config, ["dkim.bench"])
+    keys = load_keys(config, ["dkim.bench"])
+    records = dict(dns.records)
+    records.update({k.record_name.rstrip("."): {"TXT": [k.record_value]} for k in keys["dkim.bench"]})
+    records["_dmarc.dkim.bench"] = {"TXT": ["v=DMARC1; p=none"]}   # unsigned passes too
+    dns.update(records)
+    plain = make_message(2048).replace(b"alice@s.bench", b"alice@dkim.bench")
+    signer = Signer(keys, Clock())
+    files = {}
+    for name, data in (("unsigned", plain), ("signed", b"".join(signer.sign([plain])))):
+        files[name] = workdir / f"dkim-{name}.eml"
+        files[name].write_bytes(data.replace(b"\r\n", b"\n"))     # smtp-source adds CR
+    return files, signer, plain, keys
+
+
 # -- a byte-counting proxy ---------------------------------------------------------------
 
 class CountingProxy:
@@ -522,6 +648,7 @@ class CountingProxy:
 
     def reset(self):
         self.up = self.down = self.connections = self.turns = 0
+        self.open = getattr(self, "open", 0)   # connections not closed yet (not reset)
 
     def _run(self):
         asyncio.set_event_loop(self.loop)
@@ -538,6 +665,7 @@ class CountingProxy:
             writer.close()
             return
         self.connections += 1
+        self.open += 1
         state = {"last": None}
 
         async def pipe(src, dst, up: bool):
@@ -561,7 +689,10 @@ class CountingProxy:
                 with contextlib.suppress(Exception):
                     dst.close()
 
-        await asyncio.gather(pipe(reader, w2, True), pipe(r2, writer, False))
+        try:
+            await asyncio.gather(pipe(reader, w2, True), pipe(r2, writer, False))
+        finally:
+            self.open -= 1
 
     def close(self):
         self.loop.call_soon_threadsafe(self.server.close)

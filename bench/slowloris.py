@@ -23,8 +23,11 @@ async def _read_reply(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _loris(address: str, port: int, source: str, in_data: bool, interval: float,
-                 held: list, refused: list, started: float) -> None:
-    """One slow client; appends (how long it was held, in_data) to C{held}."""
+                 held: list, refused: list, ready: list) -> None:
+    """
+    One slow client; appends C{source} to C{ready} once it trickles, and
+    (how long it was held, in_data) to C{held} when the node hangs up.
+    """
     try:
         reader, writer = await asyncio.open_connection(address, port, local_addr=(source, 0))
     except OSError:
@@ -42,9 +45,12 @@ async def _loris(address: str, port: int, source: str, in_data: bool, interval: 
                 writer.write(command + b"\r\n")
                 await writer.drain()
                 await _read_reply(reader)
+        ready.append(source)
         trickle = asyncio.ensure_future(_trickle(writer, interval))
-        await reader.read()          # until the node hangs up
-        trickle.cancel()
+        try:
+            await reader.read()      # until the node hangs up
+        finally:
+            trickle.cancel()         # also when this client is cancelled
         held.append((time.monotonic() - opened, in_data))
     except OSError:
         held.append((time.monotonic() - opened, in_data))
@@ -59,14 +65,23 @@ async def _trickle(writer: asyncio.StreamWriter, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+SOURCES = [f"{CLIENT_NET}{n}" for n in range(1, 201)]
+
+
+def start(address: str, port: int, connections: int, interval: float, held: list,
+          refused: list, ready: list) -> list[asyncio.Task]:
+    """The slow clients as tasks of the running loop (cancel them to end the flood)."""
+    return [
+        asyncio.ensure_future(_loris(address, port, SOURCES[n % len(SOURCES)], n % 2 == 1,
+                                     interval, held, refused, ready))
+        for n in range(connections)
+    ]
+
+
 async def flood(address: str, port: int, connections: int, interval: float) -> tuple:
+    """Until the node has hung up on every slow client: (held, refused, seconds)."""
     held: list = []
     refused: list = []
     started = time.monotonic()
-    tasks = [
-        _loris(address, port, f"{CLIENT_NET}{1 + n % 200}", n % 2 == 1, interval, held,
-               refused, started)
-        for n in range(connections)
-    ]
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*start(address, port, connections, interval, held, refused, []))
     return held, refused, time.monotonic() - started

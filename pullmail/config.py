@@ -323,6 +323,9 @@ class DeliveryConfig:
     tls: str = _opt("opportunistic", str, _one_of({"opportunistic", "verify"}))
     tls_ca: Path | None = _opt(None, str, lambda text: _path(text) if text else None)
     connect_timeout: float = _opt(30.0, str, parse_duration)
+    # An outbound or retrieval connection left idle, open for the next
+    # message to or from the same peer (Postfix's connection cache).
+    connection_cache_time: float = _opt(2.0, str, parse_duration)
     hooks: tuple[str, ...] = _list([], str)
     # Addresses (and MX hosts) tried per attempt; Postfix's smtp_mx_address_limit.
     mx_limit: int = _opt(5, int)

@@ -137,8 +137,18 @@ class IPendingStore(Interface):
     def pending_from(peer):
         """How many pending notifications this peer has here."""
 
-    def save(notification):
-        """Blocking: store the record durably, then index it."""
+    def save(notification, limit=None, keep_taken=False):
+        """
+        Blocking: store the record durably, then index it.  With
+        C{keep_taken}, a shared store leaves it taken by this node (a write
+        in the middle of a retrieval); otherwise it is free afterwards.
+
+        @param limit: C{[limits] pending_per_origin} for a notification not
+            stored yet: refused when its peer has that many pending already
+            (here; in a shared store, in the whole cluster, counted with the
+            insert).
+        @raise TooManyPending: refused by C{limit}; nothing stored.
+        """
 
     def remember(notification):
         """Index a record stored by other means (the fsync helper)."""

@@ -154,12 +154,11 @@ LOCAL_ATTEMPT = Event(
     "local retry of {id} ({queue_id}): delivered {delivered}, refused {refused}, "
     "deferred {deferred}",
 )
-LOCAL_BOUNCED = Event("local-bounced", "failed DSN for {queue_id} to <{sender}>: {recipients}")
+LOCAL_BOUNCED = Event("local-bounced", "{action} DSN for {queue_id} to <{sender}>: {recipients}")
 LOCAL_DEFERRED = Event(
     "local-deferred",
     "deferred local delivery of {queue_id} to {recipients} as {id} until {when}: {reason}",
 )
-LOCAL_BOUNCE_DROPPED = Event("local-bounce-dropped", "not bouncing {queue_id} to <{sender}>")
 SESSION_TLS = Event("session-tls", "session with {host} [{address}]: {tls}")
 SESSION_FAILED = Event(
     "session-failed",
@@ -171,6 +170,13 @@ SESSION_FAILED = Event(
 RETRIEVAL_ATTEMPT = Event("retrieval-attempt", "RETR {id} at {peer}: {reply}", extras=("code",))
 RETRIEVAL_FAILED = Event("retrieval-failed", "retrieval from {peer} broke off: {error}")
 DUPLICATE_DROPPED = Event("duplicate-dropped", "duplicate {id} from {peer} dropped")
+RETRIEVAL_IN_DOUBT = Event(
+    "retrieval-in-doubt",
+    "retrieved {id} ({queue_id}) again after its delivery to the mail store was cut off:"
+    " kept aside in {path}, not delivered twice; look in the mailboxes of {recipients}"
+    " and re-send it if it is not there",
+    LogLevel.error,
+)
 RETRIEVAL_FALLBACK = Event(
     "retrieval-fallback",
     "{peer} did not answer; retrieving from {address}, an MX of {origin} that passes SPF",
@@ -219,6 +225,9 @@ DMARC_REJECTED = Event(
 )
 DKIM_ERROR = Event("dkim-error", "DKIM check of {domain} failed: {error}", LogLevel.warn)
 ARC_FAILED = Event("arc-failed", "ARC seal for {domain} failed: {error}", LogLevel.warn)
+DKIM_SIGN_FAILED = Event(
+    "dkim-sign-failed", "DKIM signing for {domain} failed, sent unsigned: {error}", LogLevel.warn,
+)
 DKIM_KEY_MADE = Event(
     "dkim-key-made", "new DKIM key for {domain}; publish: {record}", LogLevel.warn,
 )
@@ -240,6 +249,12 @@ MTA_STS_CACHED = Event(
 MTA_STS_CACHE_DAMAGED = Event(
     "mta-sts-cache-damaged", "ignoring MTA-STS cache file {name}: {error}", LogLevel.warn,
 )
+MTA_STS_EXPIRED = Event(
+    "mta-sts-expired", "MTA-STS policies past their max_age forgotten: {domains}",
+)
+MTA_STS_REFRESH = Event(
+    "mta-sts-refresh", "MTA-STS refresh: {count} cached policies looked up again",
+)
 MTA_STS_VERIFIED = Event(
     "mta-sts-verified", "MTA-STS enforce ({domain}): MX {host} certificate verified",
 )
@@ -256,6 +271,38 @@ OUTBOX_UNREADABLE = Event(
     "outbox-unreadable",
     "outbox entry {id} unreadable, left on disk: {error}",
     LogLevel.error,
+)
+OUTBOX_INDEXED = Event(
+    "outbox-indexed",
+    "outbox {folder} indexed: {reused} entries from its snapshot, {read} read from their files",
+)
+OUTBOX_SNAPSHOT_IGNORED = Event(
+    "outbox-snapshot-ignored",
+    "outbox snapshot {path} not used ({reason}): every entry is read from its file",
+    LogLevel.warn,
+)
+OUTBOX_SNAPSHOT_WRITTEN = Event(
+    "outbox-snapshot-written",
+    "outbox snapshot {path} written: {entries} entries",
+)
+OUTBOX_SNAPSHOT_FAILED = Event(
+    "outbox-snapshot-failed",
+    "outbox snapshot {path} not written: {error}",
+    LogLevel.warn,
+)
+
+# The cluster's database (storage/postgresql): a node starts and listens without it.
+DATABASE_UNREACHABLE = Event(
+    "database-unreachable",
+    "the database is out of reach ({error}): answering 451 4.3.0 to what needs it,"
+    " trying again every {retry}s",
+    LogLevel.warn,
+)
+DATABASE_CONNECTED = Event(
+    "database-connected", "the database answers (schema checked, stores loaded) after {after}s",
+)
+DATABASE_SCHEMA_REFUSED = Event(
+    "database-schema-refused", "refusing to run: {error}", LogLevel.critical,
 )
 
 # -- The operator's tools and the node (node/) -------------------------------------------
@@ -301,7 +348,11 @@ VOCABULARY = _vocabulary(
     DATA_TIMEOUT,
     DEFERRED,
     DKIM_ERROR,
+    DATABASE_CONNECTED,
+    DATABASE_SCHEMA_REFUSED,
+    DATABASE_UNREACHABLE,
     DKIM_KEY_MADE,
+    DKIM_SIGN_FAILED,
     DMARC_REJECTED,
     DELIVERED,
     DELIVERY_ATTEMPT,
@@ -315,7 +366,6 @@ VOCABULARY = _vocabulary(
     LMTP_FAILED,
     LOCAL_ATTEMPT,
     LOCAL_BOUNCED,
-    LOCAL_BOUNCE_DROPPED,
     LOCAL_DEFERRED,
     LOCAL_QUEUE_LOADED,
     LOCAL_REFUSED,
@@ -326,8 +376,10 @@ VOCABULARY = _vocabulary(
     MAIL_LOOP,
     MTA_STS_CACHED,
     MTA_STS_CACHE_DAMAGED,
+    MTA_STS_EXPIRED,
     MTA_STS_FETCH_FAILED,
     MTA_STS_POLICY,
+    MTA_STS_REFRESH,
     MTA_STS_REFUSED,
     MTA_STS_REPORT,
     MTA_STS_TLS_REPORT,
@@ -340,6 +392,10 @@ VOCABULARY = _vocabulary(
     OPERATOR_FLUSH,
     OPERATOR_HOLD,
     OUTBOX_EXPIRED,
+    OUTBOX_INDEXED,
+    OUTBOX_SNAPSHOT_FAILED,
+    OUTBOX_SNAPSHOT_IGNORED,
+    OUTBOX_SNAPSHOT_WRITTEN,
     OUTBOX_UNREADABLE,
     POLICY_VETO,
     PREGREET,
@@ -351,6 +407,7 @@ VOCABULARY = _vocabulary(
     RETRIEVAL_DEFERRED,
     RETRIEVAL_FAILED,
     RETRIEVAL_FALLBACK,
+    RETRIEVAL_IN_DOUBT,
     RETRIEVED,
     RETR_BROKEN,
     RETR_DNS_ERROR,

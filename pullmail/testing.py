@@ -50,6 +50,7 @@ from pullmail.storage.outbox import OneNode, OutboxEntry
 
 __all__ = [
     "FakeResolver",
+    "HeldRunner",
     "MemoryOutbox",
     "run_blocking",
     "result_of",
@@ -123,6 +124,23 @@ def not_refused(function: Callable, values: Iterable, error: type[Exception] = V
 def run_blocking(f: Callable, *args, **kwargs) -> defer.Deferred:
     """A synchronous stand-in for C{deferToThreadPool(reactor, pool, ...)}."""
     return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class HeldRunner:
+    """A run_blocking whose work waits until the test runs it, in order."""
+
+    def __init__(self) -> None:
+        self.work: list = []
+
+    def __call__(self, function, *args) -> defer.Deferred:
+        d = defer.Deferred()
+        self.work.append((function, args, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.work:
+            function, args, d = self.work.pop(0)
+            d.callback(function(*args))
 
 
 class FakeResolver:

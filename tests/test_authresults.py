@@ -6,6 +6,7 @@ The Authentication-Results field (pullmail.inbound.authresults, RFC
 from __future__ import annotations
 
 from pullmail.inbound.authresults import Results, authentication_results, strip_ours
+from pullmail.trust.arc import ARCResult
 from pullmail.trust.dkim import DKIMResult
 from pullmail.trust.dmarc import DMARCVerdict
 
@@ -32,6 +33,17 @@ def test_unsigned_mail_says_dkim_none_and_no_method_says_none():
     header = authentication_results("mx", Results(spf=("none", "helo", "client.test")))
     assert b"spf=none smtp.helo=client.test;\r\n\tdkim=none\r\n" in header
     assert authentication_results("mx", Results()) == b"Authentication-Results: mx;\r\n\tnone\r\n"
+
+
+def test_arc_result_after_dkim_with_the_last_sealer():
+    """RFC 8617 7.1; the sealer's d= and the reason are peer text: comment-safe."""
+    header = authentication_results("mx", Results(
+        spf=("pass", "mailfrom", "a@example.com"), arc=ARCResult("none")))
+    assert header.endswith(b"\tdkim=none;\r\n\tarc=none\r\n")
+    header = authentication_results("mx", Results(
+        spf=("pass", "mailfrom", "a@example.com"),
+        arc=ARCResult("fail", 3, "lists.example.net", "b' \\xff(x)'\r\n")))
+    assert header.endswith(b"\tarc=fail (i=3 d=lists.example.net b' xffx')\r\n")
 
 
 def test_submission_names_the_user():

@@ -140,3 +140,78 @@ def test_reversed_turn_refused_bdat_ends_the_turn():
     m.handle("BDAT 200 LAST")
     action = m.chunk_received(b"x" * 200)
     assert isinstance(action, EndTurn) and action.reply is replies.S552_TOO_BIG
+
+
+def _helo_machine() -> ServerMachine:
+    m = ServerMachine(_policy(), Session("192.0.2.1", "smtp"))
+    m.handle("HELO client.test")
+    m.handle("MAIL FROM:<x@remote.test>")
+    assert m.handle("RCPT TO:<alice@example.org>").code == 250
+    return m
+
+
+def test_bdat_after_helo_is_refused_after_its_chunk():
+    """
+    RFC 5321 2.2.1: HELO offers no extension, so no CHUNKING.  The chunk is
+    pipelined behind the BDAT: it is read and thrown away, not taken as
+    commands, then the refusal answers.
+    """
+    m = _helo_machine()
+    assert m.handle("BDAT 8 LAST") == ReadChunk(8, True, keep=False)
+    reply = m.chunk_received(b"RSET\r\nXY")
+    assert (reply.code, reply.enhanced) == (503, "5.5.1") and "EHLO" in reply.text
+    assert m.state is State.RCPT
+    assert m.handle("DATA").reply.code == 354    # DATA still works after HELO
+
+
+def test_bdat_after_helo_with_a_bad_size_closes():
+    action = _helo_machine().handle("BDAT x LAST")
+    assert isinstance(action, Close) and action.reply.code == 501
+
+
+@pytest.mark.parametrize("lines, reply", [
+    ((), (503, "5.5.1")),                                  # before EHLO
+    (("EHLO client.test",), (503, "5.5.1")),               # need MAIL
+    (("EHLO client.test", "MAIL FROM:<x@remote.test>",
+      "RCPT TO:<nobody@example.org>"), (503, "5.5.1")),     # every RCPT refused
+])
+def test_out_of_sequence_bdat_still_reads_its_chunk(lines, reply):
+    """RFC 3030 2: a pipelined BDAT's chunk follows whatever its reply."""
+    m = ServerMachine(_policy(), Session("192.0.2.1", "smtp"))
+    for line in lines:
+        m.handle(line)
+    state = m.state
+    assert m.handle("BDAT 6") == ReadChunk(6, False, keep=False)
+    action = m.chunk_received(b"QUIT\r\n")
+    assert (action.code, action.enhanced) == reply and m.state is state
+
+
+def test_rcpt_parameters_after_helo():
+    """RFC 5321 4.1.1.11: DSN's RCPT parameters need EHLO too."""
+    m = ServerMachine(_policy(), Session("192.0.2.1", "smtp"))
+    m.handle("HELO client.test")
+    m.handle("MAIL FROM:<x@remote.test>")
+    reply = m.handle("RCPT TO:<alice@example.org> NOTIFY=SUCCESS")
+    assert (reply.code, reply.enhanced) == (555, "5.5.4")
+
+
+def _turn(offered: bool) -> TurnMachine:
+    return TurnMachine(_policy(), Session("192.0.2.1", "smtp", esmtp=True), offered=offered)
+
+
+def test_reversed_turn_after_a_helo_notification_refuses_bdat():
+    """SPEC 4: the SMTA notified after HELO, so it saw no CHUNKING."""
+    m = _turn(offered=False)
+    assert m.handle("MAIL FROM:<x@remote.test> SIZE=10 BODY=8BITMIME").code == 250
+    assert m.handle("RCPT TO:<alice@example.org>").code == 250
+    assert m.handle("BDAT 2 LAST") == ReadChunk(2, True, keep=False)
+    reply = m.chunk_received(b"ab")
+    assert (reply.code, reply.enhanced) == (503, "5.5.1") and m.state is State.RCPT
+
+
+@pytest.mark.parametrize("line", [
+    "MAIL FROM:<x@remote.test> RET=HDRS", "MAIL FROM:<x@remote.test> SMTPUTF8",
+])
+def test_reversed_turn_after_a_helo_notification_takes_only_size_and_body(line):
+    assert _turn(offered=False).handle(line).code == 555
+    assert _turn(offered=True).handle(line).code == 250

@@ -476,3 +476,17 @@ def test_mta_sts_keys():
     for key, value in [("mta_sts", "yes"), ("mta_sts_port", 0), ("mta_sts_port", 65536),
                        ("mta_sts_port", "443")]:
         assert _error({"delivery": {key: value}}).option == f"delivery.{key}"
+
+
+def test_connection_cache_time():
+    """
+    [delivery] connection_cache_time: 2 s by default, 0 s off; a short
+    [limits] idle_timeout is no error (it closes a cached connection first).
+    """
+    assert parse({}, BASE).delivery.connection_cache_time == 2.0
+    assert parse({"delivery": {"connection_cache_time": "0s"}}, BASE
+                 ).delivery.connection_cache_time == 0.0
+    assert parse({"limits": {"idle_timeout": "2s"}}, BASE).delivery.connection_cache_time == 2.0
+    for value in [2, "-1s", "soon"]:
+        assert _error({"delivery": {"connection_cache_time": value}}).option == \
+            "delivery.connection_cache_time"

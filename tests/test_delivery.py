@@ -12,13 +12,21 @@ from twisted.internet.task import Clock
 
 from pullmail.accounts.users import Accounts
 from pullmail.config import DeliveryConfig
+from pullmail.outbound import delivery
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.verbs import Notify, pull_extension
 from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver, ServerPolicy
 from pullmail.storage.outbox import NOTIFIED, QUEUED, MaildirOutbox
-from pullmail.testing import FakeNetwork, FakeResolver, make_entry, run_blocking
+from pullmail.testing import (
+    FakeNetwork,
+    FakeResolver,
+    HeldRunner,
+    assert_no_result,
+    make_entry,
+    run_blocking,
+)
 
 START = 1_000_000.0
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -103,8 +111,8 @@ class World:
         self.bounces: list[tuple[str, bytes]] = []
         self.outbound = self.new_outbound()
 
-    def new_outbound(self) -> Outbound:
-        self.outbox = MaildirOutbox(self.tmp_path / "outbox")
+    def new_outbound(self, outbox: MaildirOutbox | None = None) -> Outbound:
+        self.outbox = outbox if outbox is not None else MaildirOutbox(self.tmp_path / "outbox")
         outbound = Outbound(
             outbox=self.outbox, resolver=self.resolver, connect=self.network,
             clock=self.clock, run_blocking=run_blocking, hostname="mx.sender.example",
@@ -163,7 +171,55 @@ def test_notify_when_gdel_offered(tmp_path) -> None:
     again = MaildirOutbox(tmp_path / "outbox")
     again.load()
     assert again.get(entry.id).state == NOTIFIED
+    # The session idles for [delivery] connection_cache_time, then quits.
+    assert world.network.open_connections() == 1
+    world.advance(world.config.connection_cache_time)
     assert world.network.open_connections() == 0
+
+
+# -- the connection cache -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gdel", [True, False])
+def test_messages_one_at_a_time_share_one_session(tmp_path, gdel) -> None:
+    """
+    A message queued while the last session to its domain idles goes over
+    that session: one connection, one TLS handshake, for a trickle of mail
+    (notifications and pushes alike).
+    """
+    world = World(tmp_path, gdel=gdel)
+    world.send([BOB])
+    world.advance(1.0)
+    world.send([BOB])
+    assert world.attempts_to(MX1) == 1
+    done = world.peer.notifications if gdel else world.peer.deliveries
+    assert len(done) == 2
+    world.advance(world.config.connection_cache_time)
+    assert world.network.open_connections() == 0
+    world.send([BOB])
+    assert world.attempts_to(MX1) == 2
+
+
+def test_no_connection_cache_when_off(tmp_path) -> None:
+    world = World(tmp_path, connection_cache_time=0.0)
+    world.send([BOB])
+    assert world.network.open_connections() == 0
+    world.send([BOB])
+    assert world.attempts_to(MX1) == 2
+
+
+def test_an_idle_session_the_peer_closed_gives_its_entries_back(tmp_path) -> None:
+    """A cached session found closed: its entries go to a new one, not to a retry."""
+    world = World(tmp_path)
+    world.send([BOB])
+    [client] = world.network.clients
+    client.transport.loseConnection()
+    world.settle()
+    [entry] = world.send([BOB])[-1:]
+    assert len(world.peer.notifications) == 2
+    assert world.attempts_to(MX1) == 2
+    assert world.outbox.get(entry.id).state == NOTIFIED
+    assert world.outbox.get(entry.id).attempts == 1
 
 
 def test_one_entry_per_domain(tmp_path) -> None:
@@ -552,6 +608,20 @@ def test_claimed_entry_does_not_expire_mid_retrieval(tmp_path) -> None:
 # -- restarts --------------------------------------------------------------------------
 
 
+def _restart(world: World, logged_events, pause: float, from_snapshot: bool) -> None:
+    """
+    Restart after C{pause}; C{from_snapshot}: twice, the first reading the
+    files (and writing the snapshot), the second taking them from it.
+    """
+    for _ in range(2 if from_snapshot else 1):
+        world.outbound.stop()
+        world.clock.advance(pause / 2 if from_snapshot else pause)
+        world.outbound = world.new_outbound()
+    if from_snapshot:
+        [indexed] = [e for e in logged_events if e.get("event") == "outbox-indexed"][-1:]
+        assert (indexed["reused"], indexed["read"]) == (len(world.outbox), 0)
+
+
 def test_restart_requeues_released_claims(tmp_path) -> None:
     """SPEC 4: an SMTA restarting with an entry left claimed releases it and notifies again."""
     world = World(tmp_path)
@@ -568,32 +638,52 @@ def test_restart_requeues_released_claims(tmp_path) -> None:
     assert stored.expires == START + 48 * HOUR
 
 
-def test_restart_resumes_stored_next_attempt(tmp_path) -> None:
-    """SPEC 5: timers resume from the stored next_attempt, not from the restart."""
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_restart_resumes_stored_next_attempt(tmp_path, logged_events, snapshot) -> None:
+    """
+    SPEC 5: timers resume from the stored next_attempt, not from the
+    restart; also when the entries come from the snapshot (issue 17).
+    """
     world = World(tmp_path, gdel=False)
     world.peer.deliver_reply = Reply(451, "4.3.0", "try later")
     [entry] = world.send([BOB])
     assert world.outbox.get(entry.id).next_attempt == START + 5 * MINUTE
-    world.outbound.stop()
-    world.clock.advance(2 * MINUTE)
-    world.outbound = world.new_outbound()
+    _restart(world, logged_events, 2 * MINUTE, snapshot)
     world.advance(3 * MINUTE - 1)
     assert world.attempts_to(MX1) == 1
     world.advance(1)
     assert world.attempts_to(MX1) == 2
 
 
-def test_restart_keeps_expiry(tmp_path) -> None:
-    """A notified entry keeps its stored expiry across a restart."""
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_restart_keeps_expiry(tmp_path, logged_events, snapshot) -> None:
+    """A notified entry keeps its stored expiry across a restart (from the snapshot too)."""
     world = World(tmp_path)
     [entry] = world.send([BOB])
-    world.outbound.stop()
-    world.clock.advance(10 * HOUR)
-    world.outbound = world.new_outbound()
+    _restart(world, logged_events, 10 * HOUR, snapshot)
     world.advance(38 * HOUR - 1)
     assert world.bounces == []
     world.advance(1)
     assert len(world.bounces) == 1
+    assert world.outbox.get(entry.id) is None
+
+
+def test_an_outbox_read_in_the_background_is_timed_once_read(tmp_path) -> None:
+    """Issue 17: the node greets while its outbox is read; the timers follow the read."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbound.stop()
+    runner = HeldRunner()
+    outbox = MaildirOutbox(tmp_path / "outbox", background=True)
+    outbox._run_blocking = runner                      # the load waits; the writes do not
+    world.outbound = world.new_outbound(outbox)
+    assert_no_result(world.outbound.loaded)
+    world.clock.advance(48 * HOUR)                     # past its expiry: nothing is timed yet
+    assert world.bounces == []
+    runner.run_all()
+    result_of(world.outbound.loaded)
+    world.settle()
+    assert len(world.bounces) == 1                     # overdue: at once
     assert world.outbox.get(entry.id) is None
 
 
@@ -606,6 +696,26 @@ def test_restart_overdue_entries_run_at_once(tmp_path) -> None:
     world.settle()
     assert world.outbox.get("Overdue_entry_000001") is None
     assert len(world.peer.deliveries) == 1
+
+
+def test_a_large_outbox_joins_the_timer_a_slice_per_turn(tmp_path, monkeypatch, logged_events) -> None:
+    """Issue 17: a million entries do not hold the reactor while they are timed."""
+    monkeypatch.setattr(delivery, "TIMER_SLICE", 2)
+    world = World(tmp_path, gdel=False)
+    world.outbound.stop()
+    for n in range(5):
+        world.outbox.add([make_entry(id=f"Overdue_entry_{n:06d}", next_attempt=START - HOUR,
+                                     created=START - 2 * HOUR)], MESSAGE)
+    before = len(logged_events)
+    world.outbound = world.new_outbound()
+
+    def loaded() -> list:
+        return [e for e in logged_events[before:] if "outbox loaded" in e.get("log_format", "")]
+
+    assert loaded() == [] and world.clock.getDelayedCalls()   # 2 timed; the rest next turn
+    world.settle()
+    assert len(world.peer.deliveries) == 5
+    assert loaded()
 
 
 def test_flush(tmp_path) -> None:
@@ -650,6 +760,23 @@ def test_due_entries_of_one_domain_share_a_connection(tmp_path) -> None:
     assert sorted(n.gdel_id for n in world.peer.notifications) == sorted(
         e.id for e in world.outbox.entries())
     assert {e.state for e in world.outbox.entries()} == {NOTIFIED}
+
+
+def test_a_struggling_peer_leaves_the_rest_of_the_row_untried(tmp_path) -> None:
+    """
+    Notifications go pipelined, each GDEL with the next envelope; a 4xx to
+    one GDEL ends the session: the transaction begun behind it is reset
+    and, like the rest of the line, tried on a new session, counted once.
+    """
+    world = World(tmp_path)
+    world.peer.notify_reply = Reply(451, "4.7.24", "SPF temporary error")
+    for n in range(3):
+        result_of(world.outbound.enqueue(f"QID{n}", SENDER, [BOB], MESSAGE))
+    world.settle()
+    assert len(world.peer.notifications) == 3
+    assert world.attempts_to(MX1) == 3
+    assert [e.attempts for e in world.outbox.entries()] == [1, 1, 1]
+    assert {e.state for e in world.outbox.entries()} == {QUEUED}
 
 
 def test_entry_waiting_in_line_is_retrievable_and_then_skipped(tmp_path) -> None:

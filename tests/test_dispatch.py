@@ -230,3 +230,115 @@ def test_stop_cancels_the_timer() -> None:
     owner.add(5.0, "a:1")
     owner.dispatcher.stop()
     assert owner.clock.getDelayedCalls() == []
+
+
+# -- idle work (wait_for_more) ------------------------------------------------------------
+
+
+def _idle_work(owner: Owner, item: str) -> Work[str]:
+    owner.add(owner.clock.seconds(), item)
+    owner.clock.advance(0)
+    work = owner.started[-1]
+    assert work.items == [item]
+    return work
+
+
+def test_idle_work_takes_what_is_lined_up_for_its_key() -> None:
+    """An item due while work of its key idles goes to that work: no new work starts."""
+    owner = Owner(total=10, per_key=2, batch=1)
+    work = _idle_work(owner, "a:1")
+    got: list = []
+    owner.dispatcher.wait_for_more(work, 5, 2.0).addCallback(got.append)
+    assert got == [] and owner.dispatcher.idle("a") == 1
+    owner.add(owner.clock.seconds() + 1.0, "a:2")
+    owner.clock.advance(1.0)
+    assert got == [["a:2"]]
+    assert len(owner.started) == 1
+    assert owner.dispatcher.idle("a") == 0
+    assert owner.clock.getDelayedCalls() == []   # the idle timer is gone
+
+
+def test_idle_work_gets_nothing_after_its_time() -> None:
+    owner = Owner(total=10, batch=1)
+    work = _idle_work(owner, "a:1")
+    got: list = []
+    owner.dispatcher.wait_for_more(work, 5, 2.0).addCallback(got.append)
+    owner.clock.advance(1.9)
+    assert got == []
+    owner.clock.advance(0.1)
+    assert got == [[]]
+    assert owner.dispatcher.idle("a") == 0
+    # Later items start new work.
+    owner.dispatcher.finished(work)
+    owner.add(owner.clock.seconds(), "a:2")
+    owner.clock.advance(0)
+    assert owner.handed_out()[-1] == ("a", ["a:2"])
+
+
+def test_no_wait_when_items_are_there_or_time_is_zero() -> None:
+    owner = Owner(total=10, batch=1, per_key=1)
+    work = _idle_work(owner, "a:1")
+    owner.add(owner.clock.seconds(), "a:2")
+    owner.clock.advance(0)                        # lined up; the cap keeps it waiting
+    got: list = []
+    owner.dispatcher.wait_for_more(work, 5, 2.0).addCallback(got.append)
+    assert got == [["a:2"]]
+    owner.dispatcher.wait_for_more(work, 5, 0).addCallback(got.append)
+    assert got == [["a:2"], []]
+
+
+def test_idle_work_of_another_key_gives_up_its_slot() -> None:
+    """At the total cap, a key with a line ends idle work of other keys."""
+    owner = Owner(total=1, per_key=1, batch=1)
+    work = _idle_work(owner, "a:1")
+    got: list = []
+
+    def ended(items):
+        got.append(items)
+        owner.dispatcher.finished(work)     # the owner closes its connection
+
+    owner.dispatcher.wait_for_more(work, 5, 60.0).addCallback(ended)
+    owner.add(owner.clock.seconds(), "b:1")
+    owner.clock.advance(0)
+    assert got == [[]]
+    assert owner.handed_out()[-1] == ("b", ["b:1"])
+
+
+def test_stop_ends_idle_work_and_arms_nothing_after() -> None:
+    owner = Owner(total=10, batch=1)
+    work = _idle_work(owner, "a:1")
+    got: list = []
+    owner.dispatcher.wait_for_more(work, 5, 60.0).addCallback(got.append)
+    owner.add(owner.clock.seconds() + 100, "a:9")
+    owner.dispatcher.stop()
+    assert got == [[]]
+    owner.dispatcher.finished(work)
+    assert owner.clock.getDelayedCalls() == []
+
+
+def test_spare_items_wait_for_running_work_of_their_key() -> None:
+    """
+    With spare=1 an item lined up while its key's work runs waits for that
+    work (which takes it when free) instead of starting more; a line longer
+    than that starts more once the running work's connection is up (ready);
+    work that ends leaves none stranded.
+    """
+    owner = Owner(total=10, per_key=4, batch=1)
+    owner.dispatcher.spare = 1
+    owner.add(1.0, "a:1")
+    owner.clock.advance(1.0)
+    owner.add(2.0, "a:2")
+    owner.clock.advance(1.0)
+    assert owner.handed_out() == [("a", ["a:1"])]
+    assert owner.dispatcher.waiting("a") == 1
+    owner.add(3.0, "a:3")
+    owner.clock.advance(1.0)
+    # Two wait now, but the first work's connection is not up yet.
+    assert owner.handed_out() == [("a", ["a:1"])]
+    owner.dispatcher.ready(owner.started[0])
+    assert owner.handed_out() == [("a", ["a:1"]), ("a", ["a:2"])]
+    owner.dispatcher.finished(owner.started[0])
+    owner.dispatcher.finished(owner.started[1])       # never up: its count goes too
+    assert owner.handed_out()[-1] == ("a", ["a:3"])
+    owner.dispatcher.finished(owner.started[2])
+    assert owner.dispatcher.running("a") == 0

@@ -7,6 +7,7 @@ record or DNS failure of the issue's list gives a result, not a traceback.
 from __future__ import annotations
 
 import base64
+import random
 from pathlib import Path
 
 import dkim
@@ -16,7 +17,11 @@ from twisted.internet.task import Clock
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.testing import assert_no_result, result_of
+from dkim.canonicalization import Relaxed, Simple
+
+from pullmail.trust import message as message_module
 from pullmail.trust.dkim import MAX_SIGNATURES, Signer, Verifier, signed_fields
+from pullmail.trust.message import ParsedMessage
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -117,15 +122,50 @@ def test_foreign_or_ambiguous_from_is_not_signed(signer):
     assert signer.sign([two]) == [two]
 
 
-def test_arc_seal_over_our_verdicts(signer, dkim_keys):
-    message = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@b.test\r\n" + MESSAGE
-    arc = signer.seal(message, "example.org", "mx.example.org")
+def test_arc_seal_over_our_verdicts(signer, dkim_keys, monkeypatch):
+    """RFC 8617 i=1, verified by dkimpy; signed in OpenSSL, not by dkimpy's slow RSA."""
+    results = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@b.test\r\n"
+    message = results + MESSAGE
+
+    def slow_rsa(*args):
+        raise AssertionError("dkimpy's pure-Python RSA: 10 ms in the reactor")
+
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", slow_rsa)
+    arc = signer.seal(message, "example.org", results, "none")
     names = [line.split(b":", 1)[0] for line in arc]
     assert names == [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results"]
     assert b"cv=none" in arc[0]
     cv, _, _ = dkim.arc_verify(b"".join(arc) + message, dnsfunc=dnsfunc(dkim_keys[1]))
     assert cv == dkim.CV_Pass
-    assert signer.seal(message, "example.com", "mx.example.org") == []
+    assert arc[2] == (b"ARC-Authentication-Results: i=1; mx.example.org; "
+                      b"spf=pass smtp.mailfrom=a@b.test\r\n")
+    assert signer.seal(message, "example.com", results, "none") == []
+
+
+def test_a_message_dkimpy_cannot_parse_is_sent_unsigned_and_unsealed(signer, logged_events):
+    junk = b"From: alice@example.org\r\n\x01bad line\r\n\r\nbody\r\n"
+    assert signer.sign([junk]) == [junk]
+    assert signer.seal(junk, "example.org", b"Authentication-Results: x; none\r\n", "none") == []
+    assert [e["event"] for e in logged_events if e.get("event", "").endswith("failed")] == [
+        "dkim-sign-failed", "arc-failed"]
+
+
+def test_large_messages_are_signed_and_sealed_off_the_reactor_thread(dkim_keys):
+    ran = []
+
+    def run(function, *args):
+        ran.append(function.__name__)
+        return defer.succeed(function(*args))
+
+    signer = Signer(dkim_keys[0], clock(), run)
+    results = b"Authentication-Results: mx.example.org; none\r\n"
+    big = MESSAGE + b"y" * 76 * 1000
+    assert len(result_of(signer.signing([MESSAGE]))) == 3
+    assert len(result_of(signer.sealing(results + MESSAGE, "example.org", results, "none"))) == 3
+    assert ran == []
+    assert len(result_of(signer.signing([big]))) == 3
+    assert len(result_of(signer.sealing(results + big, "example.org", results, "none"))) == 3
+    assert ran == ["sign", "seal"]
 
 
 # -- verifying -----------------------------------------------------------------------
@@ -258,3 +298,58 @@ def test_key_records_are_parsed_once(signer, dkim_keys):
     for _ in range(3):
         result_of(verifier.verify(signed))
     assert len(verifier._keys) == 2
+
+
+# -- the cost of a check: what is parsed and canonicalised, and how ------------------
+
+
+def test_only_the_signed_fields_are_canonicalised(signer, dkim_keys, monkeypatch):
+    """Forty Received fields that no h= names cost nothing; shared fields once."""
+    signed = b"".join(signer.sign([MESSAGE]))
+    trace = b"".join(b"Received: from relay%d.test by mx.test; Sat, 5 Dec 2026\r\n" % n
+                     for n in range(40))
+    canonicalised = []
+    original = Relaxed.canonicalize_headers
+
+    def counting(headers):
+        canonicalised.extend(name.lower() for name, _ in headers)
+        return original(headers)
+
+    monkeypatch.setattr(Relaxed, "canonicalize_headers", staticmethod(counting))
+    results = verify(trace + signed, dkim_keys[1])
+    assert [r.result for r in results] == ["pass", "pass"]
+    assert b"received" not in canonicalised
+    # From, To, Subject, Date, Message-ID once; each signature field once.
+    assert sorted(canonicalised) == sorted(
+        [b"from", b"to", b"subject", b"date", b"message-id"] + [b"dkim-signature"] * 2)
+
+
+def test_parsed_message_is_dkimpys_parse():
+    """CRLF throughout: the header parsed alone; a bare LF: dkimpy's whole parse."""
+    for message in (MESSAGE, MESSAGE.replace(b"Shall we?\r\n", b"Shall\nwe?\n"),
+                    b"\r\nbody only\r\n", b"From: a@b.test\r\n", b"From: a@b.test",
+                    b"From a@b.test Sat Dec 5\r\nFrom: a@b.test\r\n\r\nx\r\n\r\n"):
+        parsed = ParsedMessage(message)
+        headers, body = dkim.rfc822_parse(message)
+        assert (parsed.headers, parsed.body) == (headers, body), message
+
+
+def test_b_tag_emptied_as_dkimpy_empties_it():
+    """Our faster pattern for RFC 6376 3.7's empty b= agrees with dkimpy's RE_BTAG."""
+    pieces = [b" ", b"\t", b"\r\n", b"\n", b"\r", b"b", b"=", b";", b"A", b"/", b"+", b"h",
+              b"bh", b"b=", b"; b=", b"x", b"-"]
+    rnd = random.Random(8)
+    for _ in range(20000):
+        value = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(25)))
+        assert message_module._BTAG.sub(b"\\1", value) == dkim.RE_BTAG.sub(b"\\1", value), value
+
+
+@pytest.mark.parametrize("algorithm", [Relaxed, Simple])
+def test_canonical_body_is_dkimpys(algorithm):
+    """The relaxed shortcut (nothing for its regexes to change) gives dkimpy's body."""
+    pieces = [b" ", b"  ", b"\t", b"\r\n", b"\r\n\r\n", b"x", b"yz", b"\n"]
+    rnd = random.Random(6376)
+    for _ in range(5000):
+        body = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(12)))
+        parsed = ParsedMessage(b"From: a@b.test\r\n\r\n" + body)
+        assert parsed.canonical_body(algorithm) == algorithm.canonicalize_body(parsed.body), body

@@ -22,6 +22,8 @@ MODULES = [
     "pullmail.interfaces", "pullmail.smtp.data", "pullmail.smtp.server", "pullmail.smtp.protocol",
     "pullmail.inbound.router", "pullmail.inbound.lmtp", "pullmail.outbound.local",
     "pullmail.testing", "pullmail.net.tls", "pullmail.node.cli", "pullmail.node.tap",
+    "pullmail.pull.handover", "pullmail.pull.cluster", "pullmail.storage.postgresql.startup",
+    "pullmail.node.control", "pullmail.storage.postgresql.pending",
 ]
 
 

@@ -7,6 +7,7 @@ checked against a table written out by hand.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import pytest
 
@@ -237,10 +238,10 @@ def test_table(what, entry, outcome, now, config, changes, due, effects) -> None
     expected = copy.copy(before)
     for name, value in changes.items():
         setattr(expected, name, value)
-    assert vars(new) == vars(expected)
+    assert asdict(new) == asdict(expected)
     assert next_due == due
     assert summary(done) == effects
-    assert vars(entry) == vars(before), "the entry passed in is left alone"
+    assert asdict(entry) == asdict(before), "the entry passed in is left alone"
 
 
 def test_log_texts_and_fields_are_the_nodes_own() -> None:

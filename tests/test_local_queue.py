@@ -261,3 +261,144 @@ def test_hooks_hear_of_the_delivered_recipients_only():
     node.router.hooks = (Hook(),)
     node.accept(["team@example.org"])
     assert told == [("x@remote.test", [ALICE], [])]
+
+
+# -- DSN parameters (RFC 3461) kept with the queued entry --------------------------
+
+
+def _accept_with_dsn(node: Node, notify: str, ret: str = "HDRS") -> Reply:
+    envelope = Envelope("x@remote.test", (ALICE, BOB), params={"RET": ret, "ENVID": "e+2B1"},
+                        rcpt_params={BOB: {"notify": notify, "orcpt": "rfc822;b+40old.test"}})
+    session = Session("192.0.2.1", helo="client.test", esmtp=True)
+    return result_of(node.router.accept(session, envelope, [b"Subject: x\r\n\r\nhi\r\n"], 20))
+
+
+def test_queued_entry_keeps_the_dsn_parameters_across_a_restart():
+    node = Node({BOB: BUSY})
+    assert _accept_with_dsn(node, "SUCCESS").code == 250
+    node.queue.stop()
+    again = Node({BOB: BUSY}, disk=node.store.disk)
+    [entry] = again.store.entries()
+    assert entry.dsn == {"ret": "HDRS", "envid": "e+2B1", "notify": {BOB: "SUCCESS"},
+                         "orcpt": {BOB: "rfc822;b+40old.test"}}
+
+
+def test_later_delivery_sends_the_success_report_asked_for():
+    """RFC 3461 4.1: NOTIFY=SUCCESS holds for the delivery the queue makes later."""
+    node = Node({BOB: BUSY})
+    _accept_with_dsn(node, "SUCCESS")
+    del node.agent.refusals[BOB]
+    node.clock.advance(300)
+    [(to, report)] = node.bounces
+    assert to == "x@remote.test"
+    assert b"Action: delivered" in report and b"Final-Recipient: rfc822; bob@example.org" in report
+    assert b"Original-Recipient: rfc822; b@old.test" in report
+    assert b"Original-Envelope-Id: e+1" in report
+
+
+@pytest.mark.parametrize("notify, bounced", [("NEVER", False), ("SUCCESS", False),
+                                             ("FAILURE", True), ("DELAY", False)])
+def test_later_failure_honours_notify(notify, bounced):
+    node = Node({BOB: BUSY})
+    _accept_with_dsn(node, notify)
+    node.agent.refusals[BOB] = NO_USER
+    node.clock.advance(300)
+    assert len(node.bounces) == int(bounced) and len(node.store) == 0
+
+
+@pytest.mark.parametrize("ret, whole", [("HDRS", False), ("FULL", True)])
+def test_refused_at_once_honours_ret_and_envid(ret, whole):
+    node = Node({BOB: NO_USER})
+    _accept_with_dsn(node, "FAILURE", ret)
+    [(_, report)] = node.bounces
+    assert (b"\r\n\r\nhi\r\n" in report) is whole
+    assert b"Original-Envelope-Id: e+1" in report
+
+
+def test_local_queue_reports_obey_spf():
+    """SPEC 7: nothing, failure or success, to a sender SPF does not back."""
+    node = Node({BOB: BUSY})
+    asked = []
+
+    def authorised(origin, sender):
+        asked.append((origin, sender))
+        return defer.succeed(False)
+
+    node.queue.reports.sender_authorised = authorised
+    _accept_with_dsn(node, "SUCCESS,FAILURE")
+    del node.agent.refusals[BOB]
+    node.clock.advance(300)
+    assert node.delivered(BOB) == 1
+    assert node.bounces == [] and asked == [("192.0.2.1", "x@remote.test")]
+
+
+# -- the operator: pullmail queue --------------------------------------------------
+
+
+def test_flush_makes_every_entry_due_now():
+    """``pullmail queue --flush``: the deferred recipient is tried at once, not at its retry."""
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    del node.agent.refusals[BOB]
+    node.queue.flush()
+    node.clock.advance(0)
+    assert node.delivered(BOB) == 1 and len(node.store) == 0
+
+
+def test_delete_drops_an_entry_without_a_bounce():
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    [entry] = node.queue.entries()
+    assert node.queue.delete(entry.id)
+    assert not node.queue.delete(entry.id)
+    node.clock.advance(3600)
+    assert len(node.store) == 0 and node.bounces == [] and node.delivered(BOB) == 0
+
+
+def test_the_control_socket_lists_flushes_and_deletes_the_local_queue():
+    """The node's control requests cover the local queue; "queue": "local" alone."""
+    from pullmail.node.control import ControlFactory
+
+    class Nothing:
+        outbox = MemoryOutbox()
+        store = ()
+
+        def flush(self):
+            self.flushed = True
+
+        def delete(self, target):
+            return False
+
+    node = Node({BOB: BUSY})
+    node.accept(["team@example.org"])
+    outbound, retriever = Nothing(), Nothing()
+    control = ControlFactory(outbound, retriever, node.clock, local_queue=node.queue)
+    [row] = control.handle({"command": "list"})["rows"]
+    assert (row["kind"], row["recipients"], row["next"]) == ("local", [BOB], 300.0)
+    assert control.handle({"command": "list", "queue": "local"})["rows"] == [row]
+    del node.agent.refusals[BOB]
+    assert control.handle({"command": "flush", "queue": "local"}) == {"ok": True}
+    assert not hasattr(outbound, "flushed")
+    node.clock.advance(0)
+    assert node.delivered(BOB) == 1
+    node.agent.refusals[BOB] = BUSY
+    node.accept(["team@example.org"])
+    [entry] = node.queue.entries()
+    assert control.handle({"command": "delete", "id": entry.id})["ok"]
+    assert node.queue.entries() == []
+
+
+def test_the_local_queue_from_the_files(tmp_path):
+    """No node running: the listing reads the local queue's files; delete removes them."""
+    from pullmail.node.control import offline_delete, offline_listing
+    from pullmail.storage.outbox import MaildirOutbox
+    from pullmail.testing import make_entry
+
+    store = MaildirOutbox(tmp_path / "local-queue")
+    store.load()
+    store.add([make_entry(id="Local_entry_id_00001", recipients=[BOB])], [b"x\r\n"])
+    [row] = offline_listing(tmp_path, NOW)
+    assert (row["kind"], row["id"]) == ("local", "Local_entry_id_00001")
+    assert offline_delete(tmp_path, "Local_entry_id_00001", outbox=False)
+    assert offline_listing(tmp_path, NOW) == []
+    assert not list((tmp_path / "local-queue" / "data").iterdir())

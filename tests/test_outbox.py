@@ -21,7 +21,7 @@ from pullmail.storage.outbox import (
     MaildirOutbox,
     OutboxEntry,
 )
-from pullmail.testing import MemoryOutbox, make_entry
+from pullmail.testing import HeldRunner, MemoryOutbox, make_entry
 
 ID1 = "First_entry_id_00001"
 ID2 = "Second_entry_id_0002"
@@ -391,25 +391,6 @@ def test_claim_lost_race_on_disk(tmp_path) -> None:
     assert one.claim(ID1) is not None
     assert two.claim(ID1) is None
     assert not two.get(ID1).claimed
-
-
-class HeldRunner:
-    """A run_blocking whose work waits until the test runs it, in order."""
-
-    def __init__(self) -> None:
-        self.work: list = []
-
-    def __call__(self, function, *args):
-        from twisted.internet.defer import Deferred
-
-        d = Deferred()
-        self.work.append((function, args, d))
-        return d
-
-    def run_all(self) -> None:
-        while self.work:
-            function, args, d = self.work.pop(0)
-            d.callback(function(*args))
 
 
 def test_async_updates_keep_their_order_and_gate_claims(tmp_path) -> None:

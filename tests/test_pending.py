@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,8 @@ from pullmail.storage.pending import (
     Notification,
     NotificationState,
     PendingStore,
+    RecordWrites,
+    TooManyPending,
     notification_key,
 )
 
@@ -137,8 +140,10 @@ def test_records_of_the_previous_version_load(store) -> None:
     (store.root / "old.json").write_text(json.dumps(OLD_RECORD))
     loaded = _reloaded(store).get("sender.example", ID1)
     assert loaded.state is NotificationState.RETRIEVED
-    # held, dsn: new fields, with their defaults.
-    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {}}
+    # held, dsn, esmtp, handed_over: new fields, with their defaults (an old
+    # record's notifier is taken to have seen our EHLO keywords, as before).
+    assert json.loads(loaded.to_json()) == {**OLD_RECORD, "held": False, "dsn": {},
+                                            "esmtp": True, "handed_over": 0.0}
 
 
 def test_states_are_written_as_before() -> None:
@@ -188,6 +193,19 @@ def test_count_not_doubled_by_resave(store) -> None:
     n.attempts += 1
     store.save(n)
     assert store.pending_from("192.0.2.1") == 1
+
+
+def test_save_with_a_limit_refuses_a_new_notification_past_it(store) -> None:
+    """[limits] pending_per_origin: a new one past the limit is not stored; a known one is."""
+    store.save(_notification(ID1), limit=2)
+    store.save(_notification(ID2), limit=2)
+    with pytest.raises(TooManyPending):
+        store.save(_notification("Notified_id_00000003"), limit=2)
+    assert store.get("sender.example", "Notified_id_00000003") is None
+    assert _reloaded(store).get("sender.example", "Notified_id_00000003") is None
+    store.save(_notification(ID1, attempts=1), limit=2)   # already stored: no limit
+    store.save(_notification("Notified_id_00000003", peer="192.0.2.2"), limit=2)
+    assert store.pending_from("192.0.2.1") == 2 and store.pending_from("192.0.2.2") == 1
 
 
 def test_retrieved_not_counted(store) -> None:
@@ -240,3 +258,147 @@ def test_remove_retrieved(store) -> None:
     store.save(retrieved)
     store.remove(retrieved)
     assert store.pending_from("192.0.2.1") == 1
+
+
+# -- RecordWrites: in order per record ----------------------------------------------------
+
+
+class _HeldWrites:
+    """A store_file whose writes land when the test says."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def __call__(self, temporary, final, data):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.requests.append((temporary, final, data, d))
+        return d
+
+    def land(self, index: int) -> None:
+        from pullmail.storage.durable import write_atomically
+
+        _, final, data, d = self.requests[index]
+        write_atomically(Path(final), data)
+        d.callback(None)
+
+
+def _writes(tmp_path):
+    store = PendingStore(tmp_path)
+    store.load()
+    held = _HeldWrites()
+    return store, held, RecordWrites(store, run_blocking=None, store_file=held)
+
+
+def test_writes_of_one_record_land_in_the_order_asked(tmp_path) -> None:
+    store, held, writes = _writes(tmp_path)
+    notification = _notification()
+    done: list = []
+    writes.save(notification).addCallback(lambda _: done.append("first"))
+    notification.state = RETRIEVED
+    writes.save(notification).addCallback(lambda _: done.append("second"))
+    assert len(held.requests) == 1 and writes.pending(notification.key)
+    held.land(0)
+    assert done == ["first"]
+    assert len(held.requests) == 2        # asked only now, with the record as it is
+    assert json.loads(held.requests[1][2])["state"] == "retrieved"
+    held.land(1)
+    assert done == ["first", "second"] and not writes.pending(notification.key)
+
+
+def test_writes_of_other_records_do_not_wait(tmp_path) -> None:
+    store, held, writes = _writes(tmp_path)
+    writes.save(_notification(ID1))
+    writes.save(_notification(ID2))
+    assert len(held.requests) == 2
+
+
+def test_a_removal_waits_for_the_writes_asked_before(tmp_path) -> None:
+    """A record removed while a write of it is on its way stays removed."""
+    store, held, writes = _writes(tmp_path)
+    notification = _notification()
+    writes.save(notification)
+    writes.remove(notification)
+    held.land(0)
+    assert list(tmp_path.glob("*.json")) == []
+    assert store.by_key(notification.key) is None
+
+
+def test_a_failed_write_is_the_callers_and_the_next_goes_on(tmp_path) -> None:
+    store, held, writes = _writes(tmp_path)
+    notification = _notification()
+    failures = []
+    writes.save(notification).addErrback(failures.append)
+    done: list = []
+    writes.save(notification).addCallback(done.append)
+    held.requests[0][3].errback(OSError(28, "No space left on device"))
+    assert failures[0].check(OSError)
+    held.land(1)
+    assert done == [None]
+
+
+# -- the mark "retrieved" beside the record (files) -----------------------------------------
+
+
+def _marked(tmp_path) -> tuple[PendingStore, Notification]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    store = PendingStore(tmp_path)
+    store.load()
+    notification = _notification()
+    store.save(notification)
+    notification.state, notification.keep_until = RETRIEVED, 5000.0
+    store.mark_retrieved(notification)
+    return store, notification
+
+
+def test_a_mark_is_read_back_at_load(tmp_path) -> None:
+    store, notification = _marked(tmp_path)
+    assert store.pending_from("192.0.2.1") == 0
+    again = PendingStore(tmp_path)
+    again.load()
+    loaded = again.get("sender.example", ID1)
+    assert (loaded.state, loaded.keep_until, loaded.delivering) == (RETRIEVED, 5000.0, False)
+    assert again.pending_from("192.0.2.1") == 0
+
+
+def test_a_mark_cut_short_leaves_the_record_pending(tmp_path) -> None:
+    """A crash may leave the mark empty (it is not fsynced): the record stays pending."""
+    store, notification = _marked(tmp_path)
+    (tmp_path / f"{notification.key}.retrieved").write_bytes(b"")
+    again = PendingStore(tmp_path)
+    again.load()
+    loaded = again.get("sender.example", ID1)
+    assert (loaded.state, loaded.delivering) == (PENDING, True)
+
+
+def test_a_durable_write_and_a_removal_take_the_mark_away(tmp_path) -> None:
+    store, notification = _marked(tmp_path)
+    mark = tmp_path / f"{notification.key}.retrieved"
+    notification.state = PENDING
+    store.save(notification)
+    assert not mark.exists()
+    notification.state = RETRIEVED
+    store.mark_retrieved(notification)
+    store.paths_for(notification)            # a write through the fsync helper follows
+    assert not mark.exists()
+    store.mark_retrieved(notification)
+    store.remove(notification)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mark_without_its_record_is_swept_at_load(tmp_path) -> None:
+    store, notification = _marked(tmp_path)
+    (tmp_path / f"{notification.key}.json").unlink()
+    PendingStore(tmp_path).load()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_offline_listing_reads_marks(tmp_path) -> None:
+    """`pullmail queue` with no node running shows a marked record as retrieved."""
+    from pullmail.node.control import offline_listing
+
+    _marked(tmp_path / "pending")
+    [row] = offline_listing(tmp_path, 1000.0)
+    assert (row["state"], row["next"]) == (RETRIEVED, 4000.0)
+    assert offline_listing(tmp_path / "nothing", 0.0) == []

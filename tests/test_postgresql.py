@@ -442,11 +442,8 @@ def test_one_node_pushes(database, tmp_path) -> None:
     assert world.bounces == []
 
 
-def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
-    """
-    SPEC 11.3: a notification taken at one RMTA node and known to the
-    other (re-notified there, and found by its poll) is retrieved by one.
-    """
+def _cluster_world(database, tmp_path, **kw):
+    """test_retrieval's World with two receiving nodes over one database."""
     from tests import test_retrieval as retrieval
 
     class ClusterWorld(retrieval.World):
@@ -463,7 +460,17 @@ def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
             retriever.start()
             return retriever
 
-    world = ClusterWorld(tmp_path)
+    return ClusterWorld(tmp_path, **kw)
+
+
+def test_two_receiving_nodes_retrieve_an_id_once(database, tmp_path) -> None:
+    """
+    SPEC 11.3: a notification taken at one RMTA node and known to the
+    other (re-notified there, and found by its poll) is retrieved by one.
+    """
+    from tests import test_retrieval as retrieval
+
+    world = _cluster_world(database, tmp_path)
     world.smta.hold()
     one = world.retriever
     two = world.retriever = world.new_retriever()
@@ -515,3 +522,189 @@ def test_hold_and_release_in_the_cluster(database) -> None:
     one.release(ID1)
     assert hold_in_cluster(database, ID1, False, 1000.0)
     assert _node(database, "mx2.example").poll()[0][0][0] == ID1   # due now: a poll finds it
+
+
+# -- [limits] pending_per_origin, counted in the cluster ---------------------------------------
+
+
+def test_pending_per_origin_counts_the_whole_cluster(database, tmp_path) -> None:
+    """
+    A peer's notifications at both receiving nodes count against one limit:
+    the second node refuses the third (452 4.3.1), which is not stored.
+    """
+    from pullmail.smtp import replies
+
+    world = _cluster_world(database, tmp_path, pending_per_origin=2)
+    world.smta.hold()
+    one = world.retriever
+    two = world.retriever = world.new_retriever()
+    world.retriever = one
+    assert world.notify("Cluster_limit_id_0001").code == 250
+    world.retriever = two
+    assert world.notify("Cluster_limit_id_0002").code == 250
+    assert world.notify("Cluster_limit_id_0003") == replies.S452_TOO_MANY_PENDING
+    world.retriever = one
+    assert world.notify("Cluster_limit_id_0003") == replies.S452_TOO_MANY_PENDING
+    assert world.notify("Cluster_limit_id_0001").code == 250   # known: not counted again
+    with database.transaction() as cursor:
+        cursor.execute("SELECT gdel_id FROM pending ORDER BY gdel_id")
+        assert [row[0] for row in cursor.fetchall()] == ["Cluster_limit_id_0001",
+                                                         "Cluster_limit_id_0002"]
+
+
+def test_pending_per_origin_holds_under_concurrent_inserts(database) -> None:
+    """
+    Many new notifications of one peer saved at once by two nodes' stores:
+    exactly the limit are stored (the count and the insert are one step).
+    """
+    import threading
+
+    from pullmail.storage.pending import TooManyPending
+    from tests.test_pending import _notification
+
+    stores = [_pending(database, name, _clock()) for name in ("mx1.example", "mx2.example")]
+    stored, refused, go = [], [], threading.Barrier(16)
+
+    def save(number: int) -> None:
+        go.wait()
+        try:
+            stores[number % 2].save(_notification(f"Concurrent_id_{number:06d}"), limit=5)
+            stored.append(number)
+        except TooManyPending:
+            refused.append(number)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert (len(stored), len(refused)) == (5, 11)
+    with database.transaction() as cursor:
+        cursor.execute("SELECT count(*) FROM pending")
+        assert cursor.fetchone()[0] == 5
+
+
+# -- pullmail queue hold/release of a pending notification ---------------------------------------
+
+
+def test_a_held_notification_is_not_retrieved_until_released(database, tmp_path) -> None:
+    """
+    ``pullmail queue hold`` of a pending notification in a cluster: no node
+    retrieves it (the node whose timer comes lets the row go, due never);
+    released, a node's poll finds it and it is retrieved once.
+    """
+    from pullmail.storage.postgresql.pending import hold_in_cluster
+    from tests import test_retrieval as retrieval
+
+    world = _cluster_world(database, tmp_path)
+    world.smta.hold()
+    one = world.retriever
+    two = world.new_retriever()
+    assert world.notify().code == 250   # at node one
+    assert hold_in_cluster(database, retrieval.GDEL_ID, True, world.clock.seconds())
+    world.settle()
+    world.advance(3600.0)
+    for node in (one, two):
+        node.polled(node.store.polled(node.store.poll()))
+    world.advance(3600.0)
+    assert world.smta.retrs == []
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'held', due, taken_by FROM pending")
+        assert cursor.fetchall() == [(True, None, None)]
+    assert hold_in_cluster(database, retrieval.GDEL_ID, False, world.clock.seconds())
+    for node in (two, one):
+        node.polled(node.store.polled(node.store.poll()))
+    world.settle()
+    world.advance(1.0)
+    assert world.smta.retrs == [retrieval.GDEL_ID]
+    assert len(world.deliveries) == 1
+
+
+def test_queue_hold_and_release_a_pending_notification(database, tmp_path, pg_dsn) -> None:
+    """The command, from any node: hold, listed as held, release; a taken row is not held."""
+    import time
+
+    from tests.test_pending import _notification
+
+    store = _pending(database, "mx1.example", _clock(time.time()))
+    notification = _notification(ID1)
+    store.save(notification)
+    config = _config_file(tmp_path, pg_dsn)
+    assert _main(["queue", "--config", config, "hold", ID1]) == (0, f"held {ID1}\n")
+    assert '"state": "held"' in _main(["queue", "--config", config, "--json"])[1]
+    assert _main(["queue", "--config", config, "release", ID1])[0] == 0
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'held', due FROM pending")
+        assert cursor.fetchall() == [(False, notification.next_attempt)]
+    assert store.take(notification.key).result is not None
+    assert cli.main(["queue", "--config", config, "hold", ID1]) == 1   # being retrieved
+
+
+def test_cluster_queue_shows_this_nodes_local_queue(database, tmp_path, pg_dsn) -> None:
+    """The LMTP local queue is the node's own: listed and deleted from its files (no node)."""
+    import json
+
+    from pullmail.storage.outbox import MaildirOutbox
+
+    config = _config_file(tmp_path, pg_dsn)
+    local = MaildirOutbox(tmp_path / "var" / "local-queue")
+    local.load()
+    local.add([make_entry(id=ID2, recipients=["bob@example.org"])], MESSAGE)
+    _node(database, "mx1.example").add([make_entry(id=ID1)], MESSAGE)
+    document = json.loads(_main(["queue", "--config", config, "--json"])[1])
+    assert sorted((m["id"], m["queue"]) for m in document["messages"]) == [
+        (ID1, "push"), (ID2, "local")]
+    assert _main(["queue", "--config", config, "--delete", ID2])[0] == 0
+    assert not list((tmp_path / "var" / "local-queue" / "entries").iterdir())
+    assert _row(database, ID1) is not None
+
+
+def test_a_record_written_mid_retrieval_stays_taken(database) -> None:
+    """
+    The handover's mark (L{pullmail.pull.handover}) is written while the
+    node retrieves: the row stays its own, so no other node takes it.
+    """
+    from tests.test_pending import _notification
+
+    one_clock = _clock()
+    one, two = _pending(database, "mx1.example", one_clock), _pending(database, "mx2.example",
+                                                                      _clock())
+    one.save(_notification())
+    key = _notification().key
+    taken = one.take(key).result
+    taken.handed_over = 1000.0
+    one.save(taken, keep_taken=True)
+    with database.transaction() as cursor:
+        cursor.execute("SELECT taken_by, record->'handed_over' FROM pending")
+        assert cursor.fetchall() == [("mx1.example", 1000.0)]
+    assert two.take(key).result is None
+    taken.handed_over = 0.0
+    one.save(taken)
+    assert two.take(key).result is not None
+
+
+def test_a_take_waits_for_the_nodes_own_writes(database) -> None:
+    """
+    A broken transfer's release and its "notify again" are still being
+    written when the entry's due time comes and the node takes the row:
+    the take reads the row after them, so the notification is not lost
+    (the kill rounds once left an entry waiting for its expiry this way).
+    """
+    from tests.test_outbox import HeldRunner
+
+    runner, clock = HeldRunner(), _clock()
+    outbox = PostgresOutbox(database, "mx1.example", LEASE, clock,
+                            lambda entry: None if entry.claimed else (
+                                entry.renotify_at or entry.expires), run=runner)
+    outbox.load()
+    outbox.add([make_entry(id=ID1, state=NOTIFIED, expires=9e9)], MESSAGE)
+    entry = outbox.claim(ID1)
+    entry.renotify_at = 1000.0
+    outbox.release(ID1)
+    outbox.update(entry)
+    taken = outbox.take(ID1)
+    runner.run_all()
+    assert taken.result is entry and entry.renotify_at == 1000.0
+    with database.transaction() as cursor:
+        cursor.execute("SELECT record->'renotify_at', due, taken FROM outbox")
+        assert cursor.fetchall() == [(1000.0, 1000.0, "work")]

@@ -18,7 +18,7 @@ from twisted.web.http import PotentialDataLoss
 
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import CachedPolicy, PolicyCache
-from pullmail.outbound.sts.discovery import FETCH_HOLDOFF
+from pullmail.outbound.sts.discovery import FETCH_HOLDOFF, REFRESH_INTERVAL
 from pullmail.outbound.sts.fetch import (
     FetchError,
     _CappedBody,
@@ -332,3 +332,96 @@ def test_body_cut_off():
     body.dataReceived(b"123")
     body.connectionLost(Failure(ConnectionLost()))
     assert "cut off" in str(failure_of(body.finished, FetchError).value)
+
+
+# -- refresh and pruning (RFC 8461 5.1), U-label domains ---------------------------------
+
+WEEK = 7 * 86400
+LONG_BODY = BODY.replace(b"max_age: 3600", b"max_age: %d" % WEEK)
+
+
+def test_daily_refresh_fetches_again_for_the_same_id(tmp_path, clock, resolver, logged_events):
+    """No mail to the domain for a day: its policy is renewed anyway, max_age counts anew."""
+    fetch = ScriptedFetch(LONG_BODY, LONG_BODY)
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    start = clock.seconds()
+    result_of(sts.policy_for(DOMAIN))
+    clock.advance(REFRESH_INTERVAL - 1)
+    assert len(fetch.asked) == 1
+    clock.advance(1)
+    assert fetch.asked == [DOMAIN, DOMAIN]
+    assert sts.cache.get(DOMAIN).fetched == start + REFRESH_INTERVAL
+    stored = json.loads((tmp_path / "mta-sts" / f"{DOMAIN}.json").read_text())
+    assert stored["fetched"] == start + REFRESH_INTERVAL
+    assert any(e.get("event") == "mta-sts-refresh" for e in logged_events)
+
+
+def test_refresh_picks_up_a_new_id(tmp_path, clock, resolver):
+    fetch = ScriptedFetch(LONG_BODY, LONG_BODY.replace(b"enforce", b"testing"))
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    result_of(sts.policy_for(DOMAIN))
+    resolver.texts[TXT_NAME] = ["v=STSv1; id=two"]
+    clock.advance(REFRESH_INTERVAL)
+    cached = sts.cache.get(DOMAIN)
+    assert (cached.id, cached.mode) == ("two", "testing")
+
+
+def test_failed_refresh_keeps_the_policy_then_it_is_pruned(tmp_path, clock, resolver):
+    """A refresh that fails changes nothing; past max_age the policy and its file go."""
+    two_days = BODY.replace(b"max_age: 3600", b"max_age: %d" % (2 * 86400))
+    fetch = ScriptedFetch(two_days, FetchError("refused"))
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    start = clock.seconds()
+    result_of(sts.policy_for(DOMAIN))
+    clock.advance(REFRESH_INTERVAL)
+    assert len(fetch.asked) == 2
+    assert sts.cache.get(DOMAIN).fetched == start
+    del resolver.texts[TXT_NAME]            # the next round finds no record: no fetch
+    clock.advance(REFRESH_INTERVAL)
+    assert sts.cache.get(DOMAIN) is None
+    assert not (tmp_path / "mta-sts" / f"{DOMAIN}.json").exists()
+    assert len(fetch.asked) == 2
+
+
+def test_expired_cache_files_are_removed_at_start(tmp_path, clock, resolver):
+    folder = tmp_path / "mta-sts"
+    folder.mkdir()
+    for domain, fetched in [("old.example", clock.seconds() - 3600), (DOMAIN, clock.seconds())]:
+        (folder / f"{domain}.json").write_text(json.dumps(
+            {"version": 1, "domain": domain, "id": "x", "mode": "enforce", "max_age": 3600,
+             "mx": ["a.example"], "fetched": fetched}))
+    sts = make_sts(tmp_path, clock, resolver, ScriptedFetch())
+    assert sts.cache.get("old.example") is None and sts.cache.get(DOMAIN) is not None
+    assert sorted(p.name for p in folder.iterdir()) == [f"{DOMAIN}.json"]
+
+
+def test_stopped_no_refresh(tmp_path, clock, resolver):
+    fetch = ScriptedFetch(LONG_BODY)
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    result_of(sts.policy_for(DOMAIN))
+    sts.stop()
+    clock.advance(3 * REFRESH_INTERVAL)
+    assert len(fetch.asked) == 1 and clock.getDelayedCalls() == []
+
+
+def test_u_label_domain_is_looked_up_and_cached_as_its_a_label(tmp_path, clock):
+    """RFC 8461 3: _mta-sts.<A-label> and https://mta-sts.<A-label>/ (IDNA 2008)."""
+    a_label = "xn--bcher-kva.example"
+    resolver = FakeResolver(txt={f"_mta-sts.{a_label}": ["v=STSv1; id=idn"]})
+    fetch = ScriptedFetch(BODY.replace(b"mx.receiver.example", "mx.bücher.example".encode()))
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    policy = result_of(sts.policy_for("Bücher.example"))
+    assert (policy.mode, policy.mx) == (Mode.ENFORCE, (f"mx.{a_label}",))
+    assert fetch.asked == [a_label]
+    assert (tmp_path / "mta-sts" / f"{a_label}.json").exists()
+    assert result_of(sts.policy_for(a_label)) == policy     # one policy, either spelling
+    assert policy_url(a_label, 443) == (
+        b"https://mta-sts.xn--bcher-kva.example/.well-known/mta-sts.txt")
+    assert sts.refusal(policy, a_label, f"mx.{a_label}") is None
+
+
+def test_domain_without_an_a_label_has_no_policy(tmp_path, clock, resolver):
+    fetch = ScriptedFetch()
+    sts = make_sts(tmp_path, clock, resolver, fetch)
+    assert result_of(sts.policy_for("a\u200db.example")) is None   # ZWJ: not IDNA 2008
+    assert fetch.asked == []

@@ -185,3 +185,20 @@ def test_reasons_name_the_problem():
     assert "mx.example.org" in allowed(ENFORCE, "evil.example").reason
     assert "certificate" in allowed(ENFORCE, "mx.example.org", False).reason
     assert allowed(None, "x") == Decision(Verdict.DELIVER)
+
+
+@pytest.mark.parametrize("pattern, kept", [
+    ("mx.bücher.example", "mx.xn--bcher-kva.example"),
+    ("*.Bücher.example", "*.xn--bcher-kva.example"),
+    ("mx.xn--bcher-kva.example", "mx.xn--bcher-kva.example"),
+])
+def test_mx_patterns_in_u_labels_become_a_labels(pattern, kept):
+    body = f"version: STSv1\nmode: enforce\nmx: {pattern}\nmax_age: 60\n".encode()
+    assert parse_policy(body).mx == (kept,)
+
+
+@pytest.mark.parametrize("pattern", ["mx.a\u200db.example", "*.-bücher.example"])
+def test_mx_patterns_invalid_under_idna_2008(pattern):
+    body = f"version: STSv1\nmode: enforce\nmx: {pattern}\nmax_age: 60\n".encode()
+    with pytest.raises(PolicyError):
+        parse_policy(body)

@@ -19,6 +19,7 @@ from pullmail.inbound.router import Router
 from pullmail.inbound.verdicts import MessageChecker
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.testing import FakeDeliveryAgent, FakeResolver, result_of
+from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.spf import SPFIdentity, SPFResult
@@ -42,21 +43,22 @@ class FakeSPF:
 
 
 def make(dkim_keys, domains, dmarc_record="v=DMARC1; p=reject", mode="enforce",
-         spf=SPFResult.FAIL):
+         spf=SPFResult.FAIL, run_blocking=None):
     records = dict(dkim_keys[1])
     records["_dmarc.bank.test"] = dmarc_record
     records["_dmarc.example.org"] = "v=DMARC1; p=reject"
     txt = FakeTXT(records)
     spf_check = FakeSPF(spf)
     checker = MessageChecker("mx.example.org", spf_check, Verifier(txt, blocking),
-                             DMARCChecker(txt, domains, lambda: 0.0), mode)
+                             DMARCChecker(txt, domains, lambda: 0.0), mode,
+                             ARCVerifier(txt, blocking))
     clock = Clock()
     clock.advance(NOW)
     accounts = Accounts(frozenset({"example.org"}), users={"bob@example.org": "h"},
                         aliases={"fwd@example.org": ("dave@remote.test",)})
     delivery, outbound = FakeDeliveryAgent(), FakeOutbound()
     router = Router("mx.example.org", accounts, delivery, clock, outbound,
-                    checker=checker, signer=Signer(dkim_keys[0], clock))
+                    checker=checker, signer=Signer(dkim_keys[0], clock, run_blocking))
     return router, delivery, outbound, spf_check
 
 
@@ -83,6 +85,19 @@ def test_quarantine_goes_to_junk(dkim_keys, domains):
     stored = b"".join(delivery.calls[0][3])
     assert stored.startswith(b"Authentication-Results: mx.example.org;")
     assert b"dmarc=fail (p=quarantine dis=quarantine) header.from=bank.test" in stored
+
+
+def test_several_from_fields_get_550_under_enforce(dkim_keys, domains):
+    """RFC 7489 6.6.1 / RFC 5322 3.6: our policy refuses what it cannot judge."""
+    router, delivery, _, _ = make(dkim_keys, domains)
+    twice = b"From: friend@bank.test\r\n" + FOREIGN
+    reply = accept(router, twice)
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert reply.text == "Rejected by the DMARC check: 2 From fields"
+    assert delivery.calls == []
+    router, delivery, _, _ = make(dkim_keys, domains, mode="report")
+    assert accept(router, twice).code == 250
+    assert b"dmarc=permerror (2 From fields)" in b"".join(delivery.calls[0][3])
 
 
 @pytest.mark.parametrize("mode", ["report", "off"])
@@ -138,18 +153,66 @@ def test_submission_is_signed_for_the_outbox_and_marked_auth_pass(dkim_keys, dom
     assert spf.asked == []
 
 
+def assert_chain_passes(message: bytes, records) -> None:
+    """dkimpy, as the next hop would, validates the whole ARC chain."""
+    cv, _, reason = dkim.arc_verify(
+        message, dnsfunc=lambda name, timeout=5: records[name.decode().rstrip(".")].encode())
+    assert cv == dkim.CV_Pass, reason
+
+
+def sealed_arrival(dkim_keys, body: bytes = b"Shall we?") -> bytes:
+    """FOREIGN as a list at example.org sealed it (i=1), its body then C{body}."""
+    upstream = b"Authentication-Results: lists.example.org; spf=pass smtp.mailfrom=x@y.test\r\n"
+    arc = Signer(dkim_keys[0], Clock()).seal(upstream + FOREIGN, "example.org", upstream, "none")
+    return b"".join(arc) + upstream + FOREIGN.replace(b"Shall we?", body)
+
+
 def test_alias_forward_carries_verdicts_and_an_arc_set(dkim_keys, domains):
     router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
     assert accept(router, FOREIGN, ("fwd@example.org",)).code == 250
     sent = b"".join(outbound.calls[0][3])
     assert sent.startswith(b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example.org;")
-    records = dkim_keys[1]
-    cv, _, reason = dkim.arc_verify(
-        sent, dnsfunc=lambda name, timeout=5: records[name.decode().rstrip(".")].encode())
-    assert cv == dkim.CV_Pass, reason
+    assert_chain_passes(sent, dkim_keys[1])
     assert b"ARC-Authentication-Results: i=1; mx.example.org;" in sent
     assert b"DKIM-Signature" not in sent          # not our From: not signed
     assert b"\r\nAuthentication-Results: mx.example.org;" in sent
+
+
+def test_an_arc_sealed_arrival_gets_arc_pass_and_a_forward_continues_its_chain(
+        dkim_keys, domains):
+    """RFC 8617: arc= in our results; the set we add is i=2 with cv=pass."""
+    router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
+    arrived = sealed_arrival(dkim_keys)
+    assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
+    stored = b"".join(delivery.calls[0][3])
+    assert b"\tarc=pass (i=1 d=example.org);\r\n" in stored.split(b"\r\n\r\n")[0] + b"\r\n"
+    sent = b"".join(outbound.calls[0][3])
+    assert sent.startswith(b"ARC-Seal: i=2; cv=pass; a=rsa-sha256; d=example.org;")
+    assert_chain_passes(sent, dkim_keys[1])
+
+
+def test_a_broken_chain_is_arc_fail_and_the_forward_seals_cv_fail(dkim_keys, domains):
+    arrived = sealed_arrival(dkim_keys, b"Pay me.")
+    router, delivery, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none")
+    assert accept(router, arrived, ("bob@example.org", "fwd@example.org")).code == 250
+    assert b"\tarc=fail (i=1 d=example.org Most recent ARC-Message-Signature did not validate)" \
+        in b"".join(delivery.calls[0][3])
+    assert b"".join(outbound.calls[0][3]).startswith(b"ARC-Seal: i=2; cv=fail;")
+
+
+def test_a_large_forward_is_signed_and_sealed_off_the_reactor_thread(dkim_keys, domains):
+    ran = []
+
+    def run(function, *args):
+        ran.append(function.__name__)
+        return defer.succeed(function(*args))
+
+    router, _, outbound, _ = make(dkim_keys, domains, "v=DMARC1; p=none", run_blocking=run)
+    ours = b"".join(Signer(dkim_keys[0], Clock()).sign([MESSAGE + b"z" * 76 * 1000]))
+    assert accept(router, ours, ("fwd@example.org",), sender="alice@example.org").code == 250
+    sent = b"".join(outbound.calls[0][3])
+    assert sent.startswith(b"ARC-Seal: i=1; cv=none;") and sent.count(b"DKIM-Signature:") == 4
+    assert ran == ["sign", "seal"]
 
 
 def test_bounces_are_signed_by_the_local_domain_of_the_hostname(dkim_keys, domains):

@@ -28,6 +28,7 @@ class Results:
     spf: tuple[str, str, str] | None = None          # result, mailfrom|helo, identity
     dkim: tuple = ()                                  # DKIMResult per signature
     dmarc: object | None = None                       # DMARCVerdict
+    arc: object | None = None                         # ARCResult
     auth_user: str | None = None                      # authenticated submission
 
 
@@ -64,6 +65,8 @@ def authentication_results(authserv_id: str, results: Results) -> bytes:
             parts.append(part)
         if not results.dkim:
             parts.append("dkim=none")
+    if results.arc is not None:
+        parts.append(_arc(results.arc))
     verdict = results.dmarc
     if verdict is not None:
         part = f"dmarc={verdict.result}"
@@ -77,6 +80,18 @@ def authentication_results(authserv_id: str, results: Results) -> bytes:
     # RFC 8601 2.2: "none" when no method ran.
     body = ";\r\n\t".join(parts) if parts else "none"
     return f"Authentication-Results: {authserv_id};\r\n\t{body}\r\n".encode("utf-8", "replace")
+
+
+def _arc(verdict) -> str:
+    """
+    RFC 8617 7.1: ``arc=`` and the chain's status; the comment names the
+    last sealer and its instance.  (An ARC set we add copies this result
+    into its cv=, RFC 8617 5.1.)
+    """
+    part = f"arc={verdict.result}"
+    if verdict.instance:
+        part += _comment(f"i={verdict.instance} d={verdict.domain} {verdict.reason}")
+    return part
 
 
 def _authserv_id(value: bytes) -> bytes:

@@ -9,7 +9,6 @@ bounced.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,7 +23,7 @@ from pullmail.inbound.headers import complete_submission, rfc5322_date
 from pullmail.inbound.verdicts import MessageChecker, Verdict
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.outbound import bounce
-from pullmail.outbound.bouncer import returned_limit
+from pullmail.outbound.bouncer import Reports
 from pullmail.smtp import dsn, replies
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.smtp.loops import delivered_to, header_block
@@ -119,31 +118,37 @@ class Router:
         self.local_queue = None
         self.checker = checker
         self.signer = signer
+        # How reports go (L{Reports}: DSN parameters, SPF, RET=FULL's limit),
+        # shared with the queues; made here when not given.
+        self.reports: Reports | None = None
 
-    def outgoing(self, chunks: Sequence[bytes]) -> list[bytes]:
+    def outgoing(self, chunks: Sequence[bytes]) -> defer.Deferred:
         """
-        A message as it enters the outbox: DKIM-signed when its From domain
-        is ours (SPEC 11.1), once; retries send these same bytes.  Every
-        path into the outbox (submission, bounces, forwards, sendmail)
-        goes through here.
+        Fires with a message as it enters the outbox: DKIM-signed when its
+        From domain is ours (SPEC 11.1), once; retries send these same
+        bytes.  Every path into the outbox (submission, bounces, forwards,
+        sendmail) goes through here.
         """
-        return self.signer.sign(chunks) if self.signer is not None else list(chunks)
+        if self.signer is None:
+            return defer.succeed(list(chunks))
+        return self.signer.signing(chunks)
 
-    def _forwarded(self, message: list[bytes], verdict: Verdict | None,
-                   recipients: Sequence[str]) -> list[bytes]:
+    async def _forwarded(self, message: list[bytes], verdict: Verdict | None,
+                         recipients: Sequence[str]) -> list[bytes]:
         """
         Received mail an alias sends on: our verdicts on top, signed when
         the From domain is ours, and sealed (ARC, RFC 8617) by the alias's
         domain so the next hop can trust them.
         """
         if verdict is None:
-            return self.outgoing(message)
-        signed = b"".join(self.outgoing([verdict.header] + message))
+            return await self.outgoing(message)
+        signed = b"".join(await self.outgoing([verdict.header] + message))
         forwarder = next((r.rpartition("@")[2] for r in recipients
                           if r.rpartition("@")[2] in self.accounts.domains), None)
         if self.signer is None or forwarder is None:
             return [signed]
-        return self.signer.seal(signed, forwarder, self.checker.authserv_id) + [signed]
+        arc = await self.signer.sealing(signed, forwarder, verdict.header, verdict.chain)
+        return arc + [signed]
 
     async def _verdict(self, session: Session, envelope: Envelope, chunks,
                        identity: SPFIdentity | None) -> Verdict | None:
@@ -169,7 +174,7 @@ class Router:
         return outcome
 
     def _take_refused(self, queue_id: str, sender: str, outcome: DeliveryOutcome, message,
-                      origin: str | None) -> defer.Deferred:
+                      origin: str | None, dsn_params: dict | None = None) -> defer.Deferred:
         """
         Local recipients the store refused once the message is ours: the
         local queue retries the 4xx ones and bounces the 5xx ones.  Fires
@@ -179,7 +184,7 @@ class Router:
             return defer.succeed(None)
         if self.local_queue is None:
             return defer.fail(OSError(f"no local queue for {sorted(outcome.refused)}"))
-        return self.local_queue.take(queue_id, sender, outcome, message, origin)
+        return self.local_queue.take(queue_id, sender, outcome, message, origin, dsn_params)
 
     def dsn_of(self, envelope: Envelope) -> dict:
         """
@@ -192,28 +197,29 @@ class Router:
 
     @defer.inlineCallbacks
     def _report_delivered(self, queue_id: str, sender: str, dsn_params: dict,
-                          delivered: list[str], message: list[bytes]):
-        """RFC 3461 4.1: NOTIFY=SUCCESS and final delivery here: "Action: delivered"."""
-        wanted = [r for r in delivered if dsn.wants(dsn_params, r, "SUCCESS")]
-        if not wanted or not bounce.should_bounce(sender):
-            return
-        orcpt = dsn_params.get("orcpt", {})
-        report = bounce.build_dsn(
-            reporting_mta=self.hostname, original_sender=sender,
-            recipients=[bounce.FailedRecipient(r, "2.0.0", None, None, "delivered",
-                                               orcpt.get(r)) for r in wanted],
-            original=b"".join(message), queue_id=queue_id, arrival_date=self.clock.seconds(),
-            now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
-            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
-            full_message_limit=returned_limit(dsn_params, "delivered"),
-            envid=dsn_params.get("envid"),
-        )
-        maillog.BOUNCED(log, action="delivered", queue_id=queue_id, sender=sender,
-                        recipients=wanted, status="2.0.0")
+                          delivered: list[str], message: list[bytes], origin: str | None):
+        """
+        RFC 3461 4.1: NOTIFY=SUCCESS and final delivery here: "Action:
+        delivered", under the rules of every report (L{Reports}: not to a
+        sender whose SPF does not back C{origin}).
+        """
+        reports = self.reports or Reports(self.hostname, self.clock, self._send_report)
         try:
-            yield self.inject("", [sender], [report])
+            sent = yield defer.Deferred.fromCoroutine(reports.send(
+                queue_id=queue_id, sender=sender, dsn_params=dsn_params, origin=origin,
+                arrival=self.clock.seconds(), action="delivered", original=b"".join(message),
+                recipients=[bounce.FailedRecipient(r, "2.0.0", None, None, "delivered")
+                            for r in delivered],
+            ))
         except OSError as e:    # the mail is delivered; only its report is lost
             maillog.STORE_FAILED(log, queue_id=queue_id, error=f"success report: {e}")
+            return
+        if sent:
+            maillog.BOUNCED(log, action="delivered", queue_id=queue_id, sender=sender,
+                            recipients=sent, status="2.0.0")
+
+    def _send_report(self, sender: str, message: bytes) -> defer.Deferred:
+        return self.inject("", [sender], [message])
 
     def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str]]:
         """Expand aliases: (local mailboxes, remote addresses)."""
@@ -270,7 +276,8 @@ class Router:
                 self._deliver_locally(queue_id, sender, local, message))
             yield self._take_refused(queue_id, sender, outcome, message, None)
         if remote and self.outbound is not None:
-            yield self.outbound.enqueue(queue_id, sender, remote, self.outgoing(chunks))
+            outgoing = yield self.outgoing(chunks)
+            yield self.outbound.enqueue(queue_id, sender, remote, outgoing)
         maillog.INJECTED(log, queue_id=queue_id, sender=sender, recipients=list(recipients))
         return queue_id
 
@@ -334,20 +341,22 @@ class Router:
                 return refusal
             dsn_params = self.dsn_of(envelope)
             if remote:
-                outgoing = (self.outgoing(message) if session.user or session.service != "smtp"
-                            else self._forwarded(message, verdict, envelope.recipients))
+                outgoing = await (
+                    self.outgoing(message) if session.user or session.service != "smtp"
+                    else self._forwarded(message, verdict, envelope.recipients))
                 await self.outbound.enqueue(queue_id, envelope.sender, remote, outgoing,
                                             origin=origin,
                                             smtputf8=needs_smtputf8(envelope, remote, chunks),
                                             dsn=dsn_params)
             if outcome.refused:
-                await self._take_refused(queue_id, envelope.sender, outcome, message, origin)
+                await self._take_refused(queue_id, envelope.sender, outcome, message, origin,
+                                         dsn_params)
         except OSError as e:
             maillog.STORE_FAILED(log, queue_id=queue_id, error=str(e))
             return replies.storage_failure(e)
         if "notify" in dsn_params:     # only NOTIFY=SUCCESS makes a report here
             await self._report_delivered(queue_id, envelope.sender, dsn_params,
-                                         list(outcome.delivered), message)
+                                         list(outcome.delivered), message, origin)
         maillog.ACCEPTED(
             log, queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),

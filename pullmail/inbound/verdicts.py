@@ -14,9 +14,10 @@ from twisted.logger import Logger
 
 from pullmail import maillog
 from pullmail.inbound.authresults import Results, authentication_results, strip_ours
+from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Verifier
 from pullmail.trust.dmarc import DMARCChecker
-from pullmail.trust.message import from_domains, header_end
+from pullmail.trust.message import authors, header_end
 from pullmail.trust.spf import SPFIdentity, SPFResult
 
 __all__ = ["Verdict", "MessageChecker"]
@@ -30,21 +31,25 @@ class Verdict:
     header: bytes            # the Authentication-Results field to put on top
     disposition: str         # "deliver" | "quarantine" | "reject"
     reason: str = ""
+    chain: str = "none"      # the ARC chain's status, for the set a forward adds
 
 
 class MessageChecker:
     """
     Gathers the facts and decides.  C{spf} is the trust checker's
-    C{spf_result}; C{dmarc} None or C{mode} "off" skips DMARC.
+    C{spf_result}; C{dmarc} None or C{mode} "off" skips DMARC; C{arc} None
+    skips ARC validation.
     """
 
     def __init__(self, authserv_id: str, spf: Callable, verifier: Verifier,
-                 dmarc: DMARCChecker | None, mode: str = "enforce") -> None:
+                 dmarc: DMARCChecker | None, mode: str = "enforce",
+                 arc: ARCVerifier | None = None) -> None:
         self.authserv_id = authserv_id
         self.spf = spf
         self.verifier = verifier
         self.dmarc = dmarc if mode != "off" else None
         self.mode = mode
+        self.arc = arc
 
     def submitted(self, message: bytes, user: str | None) -> Verdict:
         """Mail from an authenticated client: ``auth=pass smtp.auth=<user>``."""
@@ -68,30 +73,35 @@ class MessageChecker:
         kind, checked = ("mailfrom", sender) if sender else ("helo", identity.helo)
         spf_call = defer.maybeDeferred(self.spf, identity.peer, domain, identity.helo,
                                        sender or None).addErrback(self._spf_failed)
-        # Both run at once; each is awaited in turn (a gatherResults would
-        # cost more than either, when both answer from their caches).
+        arc_call = self.arc.verify(message) if self.arc is not None else defer.succeed(None)
+        # All run at once; each is awaited in turn (a gatherResults would
+        # cost more than any of them, when they answer from their caches).
         dkim_call = self.verifier.verify(message)
         spf_outcome = await spf_call
         dkim_results = await dkim_call
+        arc_result = await arc_call
         spf_result = spf_outcome[0].value
-        results = Results(spf=(spf_result, kind, checked), dkim=tuple(dkim_results))
+        results = Results(spf=(spf_result, kind, checked), dkim=tuple(dkim_results),
+                          arc=arc_result)
         disposition, reason = "deliver", ""
         if self.dmarc is not None:
-            authors = from_domains(message[:header_end(message)])
             verdict = await self.dmarc.check(
-                authors, (spf_result, domain.lower()),
+                authors(message[:header_end(message)]), (spf_result, domain.lower()),
                 [(r.result, r.domain) for r in dkim_results])
-            results = Results(spf=results.spf, dkim=results.dkim, dmarc=verdict)
+            results = Results(spf=results.spf, dkim=results.dkim, dmarc=verdict,
+                              arc=arc_result)
             if self.mode == "enforce" and verdict.disposition in ("reject", "quarantine"):
                 disposition = verdict.disposition
-                reason = f"DMARC policy of {verdict.domain}"
+                reason = (f"DMARC policy of {verdict.domain}" if verdict.domain
+                          else f"DMARC check: {verdict.reason}")
         header = authentication_results(self.authserv_id, results)
         maillog.VERDICTS(
             log, peer=identity.peer,
             results=header.decode("utf-8", "replace").split(";", 1)[1].split(),
             disposition=disposition,
         )
-        return Verdict(message, header, disposition, reason)
+        return Verdict(message, header, disposition, reason,
+                       arc_result.result if arc_result is not None else "none")
 
     @staticmethod
     def _spf_failed(failure) -> tuple:

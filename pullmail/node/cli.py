@@ -104,7 +104,8 @@ def _control(config: configuration.Config, request: dict) -> dict | None:
 def queue(args, out: TextIO) -> int:
     config = _load(args)
     if config.store.backend == "postgresql":   # SPEC 11.3: the cluster's queue, from any node
-        return queuetools.run(config, args, out, cluster_control(config))
+        return queuetools.run(config, args, out, cluster_control(
+            config, lambda request: _control(config, request)))
     return queuetools.run(config, args, out, lambda request: _control(config, request))
 
 

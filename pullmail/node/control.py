@@ -21,18 +21,21 @@ from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.storage.durable import write_atomically
 from pullmail.storage.outbox import NOTIFIED, OutboxEntry
-from pullmail.storage.pending import PENDING, Notification
+from pullmail.storage.pending import PENDING, Notification, read_records
 
-__all__ = ["ControlFactory", "cluster_control", "listing", "offline_listing", "offline_delete",
-           "offline_set_held", "set_held", "SOCKET_NAME"]
+__all__ = ["ControlFactory", "LOCAL_QUEUE", "cluster_control", "listing", "local_rows",
+           "offline_listing", "offline_local_queue", "offline_delete", "offline_set_held",
+           "set_held", "SOCKET_NAME"]
 
 log = Logger(namespace="pullmail.node.control")
 SOCKET_NAME = "control.sock"
+# The LMTP local queue's folder under state_dir (L{pullmail.outbound.local}).
+LOCAL_QUEUE = "local-queue"
 
 
-def _entry_row(entry: OutboxEntry, now: float) -> dict:
+def _entry_row(entry: OutboxEntry, now: float, kind: str | None = None) -> dict:
     return {
-        "kind": "outbox" if entry.state == NOTIFIED else "push",
+        "kind": kind or ("outbox" if entry.state == NOTIFIED else "push"),
         "id": entry.id, "queue_id": entry.queue_id, "sender": entry.sender,
         "domain": entry.domain,
         "recipients": list(entry.recipients), "age": now - entry.created,
@@ -61,10 +64,16 @@ def _domain_of(recipients: list[str] | None) -> str | None:
     return recipients[0].rpartition("@")[2].lower() if recipients else None
 
 
-def listing(outbox_entries, notifications, now: float) -> list[dict]:
+def listing(outbox_entries, notifications, now: float, local=()) -> list[dict]:
+    """The rows of the outbox, the pending notifications and the LMTP local queue."""
     return [_entry_row(e, now) for e in outbox_entries] + [
         _notification_row(n, now) for n in notifications
-    ]
+    ] + local_rows(local, now)
+
+
+def local_rows(entries, now: float) -> list[dict]:
+    """The local queue (L{pullmail.outbound.local}): recipients an LMTP store deferred."""
+    return [_entry_row(e, now, "local") for e in entries]
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -83,26 +92,41 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     protocol = ControlProtocol
 
-    def __init__(self, outbound, retriever, clock, maildrop=None) -> None:
+    def __init__(self, outbound, retriever, clock, maildrop=None, local_queue=None) -> None:
         self.outbound = outbound
         self.retriever = retriever
         self.clock = clock
         self.maildrop = maildrop
+        self.local_queue = local_queue
 
     def handle(self, request: dict) -> dict:
+        """
+        One request.  With C{"queue": "local"} a list, flush or delete
+        concerns the local queue only (a cluster's ``pullmail queue`` asks
+        the database for the rest).
+        """
         command = request.get("command")
+        local = self.local_queue
+        only_local = request.get("queue") == "local"
         if command == "list":
-            rows = listing(self.outbound.outbox.entries(), self.retriever.store,
-                           self.clock.seconds())
+            now = self.clock.seconds()
+            rows = local_rows(local.entries() if local else (), now)
+            if not only_local:
+                rows = listing(self.outbound.outbox.entries(), self.retriever.store, now) + rows
             return {"ok": True, "rows": rows}
         if command == "flush":
-            self.outbound.flush()
-            self.retriever.flush()
+            if not only_local:
+                self.outbound.flush()
+                self.retriever.flush()
+            if local is not None:
+                local.flush()
             maillog.OPERATOR_FLUSH(log)
             return {"ok": True}
         if command == "delete":
             target = str(request.get("id", ""))
-            deleted = self.outbound.delete(target) or self.retriever.delete(target)
+            deleted = (not only_local and (self.outbound.delete(target)
+                                           or self.retriever.delete(target))
+                       or local is not None and local.delete(target))
             maillog.OPERATOR_DELETE(log, id=target, deleted=deleted)
             return {"ok": deleted, "error": "" if deleted else f"no entry {target}"}
         if command in ("hold", "release"):
@@ -154,32 +178,49 @@ def offline_set_held(state_dir: Path, target: str, held: bool) -> bool:
     return changed
 
 
-def offline_listing(state_dir: Path, now: float) -> list[dict]:
-    """What is queued, read straight from the files (no node running)."""
+def _folder_entries(root: Path) -> list[OutboxEntry]:
+    """The entries of an outbox folder (L{MaildirOutbox}'s layout), read from the files."""
     entries = []
     for folder in ("entries", "claimed"):
-        for path in sorted((state_dir / "outbox" / folder).glob("*.json")):
+        for path in sorted((root / folder).glob("*.json")):
             entry = OutboxEntry.from_json(path.read_bytes())
             entry.claimed = folder == "claimed"
             entries.append(entry)
-    notifications = [
-        Notification.from_json(path.read_bytes())
-        for path in sorted((state_dir / "pending").glob("*.json"))
-    ]
-    return listing(entries, notifications, now)
+    return entries
 
 
-def offline_delete(state_dir: Path, target: str) -> bool:
-    """Remove an outbox entry or a pending notification by id, from the files."""
+def offline_listing(state_dir: Path, now: float) -> list[dict]:
+    """What is queued, read straight from the files (no node running)."""
+    pending = state_dir / "pending"
+    # With their marks "retrieved" (the files store's hints) applied.
+    notifications = read_records(pending)[0] if pending.is_dir() else []
+    return listing(_folder_entries(state_dir / "outbox"), notifications, now,
+                   offline_local_queue(state_dir))
+
+
+def offline_local_queue(state_dir: Path) -> list[OutboxEntry]:
+    """The local queue's entries, from its files (the node's own, in a cluster too)."""
+    return _folder_entries(state_dir / LOCAL_QUEUE)
+
+
+def offline_delete(state_dir: Path, target: str, outbox: bool = True) -> bool:
+    """
+    Remove an outbox or local-queue entry or a pending notification by id,
+    from the files (C{outbox} False: the local queue only).
+    """
     if not is_gdel_id(target):
         return False
     removed = False
-    for folder in ("entries", "claimed"):
-        path = state_dir / "outbox" / folder / f"{target}.json"
-        if path.exists():
-            path.unlink()
-            (state_dir / "outbox" / "data" / f"{target}.eml").unlink(missing_ok=True)
-            removed = True
+    for root in ((state_dir / "outbox", state_dir / LOCAL_QUEUE) if outbox
+                 else (state_dir / LOCAL_QUEUE,)):
+        for folder in ("entries", "claimed"):
+            path = root / folder / f"{target}.json"
+            if path.exists():
+                path.unlink()
+                (root / "data" / f"{target}.eml").unlink(missing_ok=True)
+                removed = True
+    if not outbox:
+        return removed
     for path in (state_dir / "pending").glob("*.json"):
         if Notification.from_json(path.read_bytes()).gdel_id == target:
             path.unlink()
@@ -187,12 +228,14 @@ def offline_delete(state_dir: Path, target: str) -> bool:
     return removed
 
 
-def cluster_control(config):
+def cluster_control(config, node=lambda request: None):
     """
     With [store] backend = "postgresql", the control requests of
     ``pullmail queue`` answered from the shared database, from any node,
     running or not (SPEC 11.3): a function of the same shape as asking a
-    node's control socket.
+    node's control socket.  This node's local queue (files of its own) is
+    added: through C{node} (its control socket) when it runs, else from
+    the files.
     """
     from pullmail.storage.postgresql import outbox, pending
     from pullmail.storage.postgresql.database import Database, StoreUnavailable
@@ -203,19 +246,29 @@ def cluster_control(config):
         database = Database(config.store.dsn)
         try:
             database.open()
+            local = {**request, "queue": "local"}
             if command == "list":
+                answer = node(local)
+                rows = (answer["rows"] if answer is not None
+                        else local_rows(offline_local_queue(config.state_dir), now))
                 return {"ok": True, "rows": listing(outbox.cluster_entries(database),
                                                     pending.cluster_notifications(database),
-                                                    now)}
+                                                    now) + rows}
             if command == "flush":
                 pending.flush_cluster(database, now)
                 outbox.flush_cluster(database, now)   # its NOTIFY wakes the nodes
+                node(local)
                 return {"ok": True}
             if command == "delete":
+                answer = node(local)
                 return {"ok": outbox.delete_from_cluster(database, target, now)
-                        or pending.delete_from_cluster(database, target, now)}
+                        or pending.delete_from_cluster(database, target, now)
+                        or (answer["ok"] if answer is not None
+                            else offline_delete(config.state_dir, target, outbox=False))}
             if command in ("hold", "release"):
-                return {"ok": outbox.hold_in_cluster(database, target, command == "hold", now)}
+                held = command == "hold"
+                return {"ok": outbox.hold_in_cluster(database, target, held, now)
+                        or pending.hold_in_cluster(database, target, held, now)}
             return {"ok": False, "error": f"unknown command {command!r}"}
         except StoreUnavailable as e:
             raise SystemExit(f"pullmail queue: {e}") from None

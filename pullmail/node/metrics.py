@@ -92,9 +92,11 @@ _RULES: dict[maillog.Event, tuple[Rule, ...]] = {
     maillog.PUSH_EXPIRED: (Rule("deliveries", _fixed(result="expired")),),
     maillog.BOUNCED: (
         Rule("deliveries", _fixed(result="bounced"), lambda e: e.get("action") == "failed"),
-        Rule("deliveries", _fixed(result="delay-warned"), lambda e: e.get("action") != "failed"),
+        Rule("deliveries", _fixed(result="delay-warned"), lambda e: e.get("action") == "delayed"),
     ),
-    maillog.LOCAL_BOUNCED: (Rule("deliveries", _fixed(result="bounced")),),
+    maillog.LOCAL_BOUNCED: (
+        Rule("deliveries", _fixed(result="bounced"), lambda e: e.get("action") == "failed"),
+    ),
     maillog.SESSION_TLS: (
         Rule("tls", lambda e: {"direction": "outbound", "result": _tls_outcome(e)}),
     ),

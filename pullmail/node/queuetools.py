@@ -7,12 +7,14 @@ socket, or reads and edits the files when no node answers.
 The ``--json`` document (SPEC 11.4), version 1::
 
     {"version": 1, "node": HOSTNAME, "source": "node" | "files",
-     "messages": [{"id", "queue": "outbox" | "push" | "pending", "queue_id",
+     "messages": [{"id", "queue": "outbox" | "push" | "pending" | "local", "queue_id",
                    "sender", "recipients", "domain", "age_s", "state",
                    "attempts", "next_s", "last_error", "origin", "peer"}, ...]}
 
 ``state`` is ``held`` while held, else the entry's own (``queued``,
-``notified``, ``claimed``, ``pending``, ``retrieved``).
+``notified``, ``claimed``, ``pending``, ``retrieved``).  ``local`` is the
+LMTP local queue: recipients the mail store deferred, retried by this node
+(flushed and deleted like the others; not held).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _TITLES = {
     "outbox": "Outbox (notified, waiting for retrieval; next = expiry)",
     "push": "Push queue (waiting for an attempt)",
     "pending": "Pending notifications (to retrieve)",
+    "local": "Local queue (deferred by the mail store, LMTP)",
 }
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -36,7 +37,7 @@ from pullmail.net.tls import (
     ensure_certificate,
     server_context,
 )
-from pullmail.node.control import SOCKET_NAME, ControlFactory
+from pullmail.node.control import LOCAL_QUEUE, SOCKET_NAME, ControlFactory
 from pullmail.node.listeners import Listener
 from pullmail.node.lock import StateLocked, lock_state_dir
 from pullmail.node.logs import NodeService, log_observer, twistd_stream
@@ -44,12 +45,14 @@ from pullmail.node.maildrop import MAILDROP, Maildrop
 from pullmail.node.metrics import Metrics, MetricsObserver, QueueCollector, metrics_site
 from pullmail.node.plugin import enabled_plugins
 from pullmail.outbound import mx
+from pullmail.outbound.bouncer import Reports
 from pullmail.outbound.delivery import Outbound
 from pullmail.outbound.lifecycle import due_at
 from pullmail.outbound.local import LocalQueue
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import PolicyCache
 from pullmail.outbound.sts.fetch import PolicyFetcher
+from pullmail.pull.handover import IN_DOUBT
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -67,12 +70,15 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.durable import fsync_directory
 from pullmail.storage.postgresql import schema
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
 from pullmail.storage.postgresql.outbox import PostgresOutbox
 from pullmail.storage.postgresql.pending import PostgresPending
+from pullmail.storage.postgresql.startup import StoreStartup
 from pullmail.storage.postgresql.watch import Watch
 from pullmail.trust import throttle
+from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
@@ -153,9 +159,12 @@ def freeze_start_up_heap() -> None:
     their entries, and hold no reference cycles (refcounting frees them).
     Frozen out of the garbage collector's sight, they no longer make every
     full collection walk them: at 100k outbox entries that walk stopped the
-    reactor for 80 ms each time, at a million for 1.1 s.
+    reactor for 80 ms each time, at a million for 1.1 s.  No collection
+    first: the outbox is read with the collector off (a thread meanwhile
+    serves), so its million entries all wait in the youngest generation and
+    a collection would walk them, a second's stall; the few cycles of
+    garbage from the start-up that get frozen with them are a one-off.
     """
-    gc.collect()
     gc.freeze()
     maillog.HEAP_FROZEN(log, objects=gc.get_freeze_count())
 
@@ -172,7 +181,7 @@ def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helpe
     return LMTPDelivery(connect, hostname, where=f"LMTP server {description}")
 
 
-def make_signer(config: configuration.Config, reactor) -> Signer | None:
+def make_signer(config: configuration.Config, reactor, run_blocking) -> Signer | None:
     """
     SPEC 11.1: with ``[dkim] generate`` the missing keys are made (and the
     records to publish logged); the keys are loaded once, here.
@@ -183,7 +192,7 @@ def make_signer(config: configuration.Config, reactor) -> Signer | None:
     if config.dkim.generate:
         for key in ensure_keys(config.dkim, config.node.domains):
             maillog.DKIM_KEY_MADE(log, domain=key.domain, record=dns_record(key))
-    return Signer(load_keys(config.dkim, config.node.domains), reactor)
+    return Signer(load_keys(config.dkim, config.node.domains), reactor, run_blocking)
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,17 @@ class Stores:
     outbox: object
     pending: object
     watch: Watch | None = None
+    database: Database | None = None
+    # What starts once the cluster's database answers (L{StoreStartup}).
+    steps: list = field(default_factory=list)
+
+    def start_with(self, node: service.MultiService, start, stop) -> None:
+        """C{start} now (files), or once the database answers; C{stop} with the node."""
+        if self.database is None:
+            Startable(start, stop).setServiceParent(node)
+        else:
+            self.steps.append(start)
+            Startable(lambda: None, stop).setServiceParent(node)
 
 
 def open_stores(config: configuration.Config, reactor, node: service.MultiService,
@@ -201,16 +221,16 @@ def open_stores(config: configuration.Config, reactor, node: service.MultiServic
     node).
     """
     if config.store.backend == "files":
-        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking),
+        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking, background=True),
                       PendingStore(config.state_dir / "pending"))
-    database = Database(config.store.dsn, reactor, DB_THREADS)
+    database = Database(config.store.dsn, reactor, DB_THREADS, ready=False)
     Startable(database.start, database.stop).setServiceParent(node)
     name, lease = config.node.hostname, config.store.lease
     due = functools.partial(due_at, config=config.delivery)
     return Stores(
         PostgresOutbox(database, name, lease, reactor, due, run=database.run),
         PostgresPending(database, name, lease, reactor, run=database.run),
-        Watch(database, reactor, poll_interval(lease)),
+        Watch(database, reactor, poll_interval(lease)), database,
     )
 
 
@@ -221,7 +241,10 @@ def poll_interval(lease: float) -> float:
 
 def check_store(config: configuration.Config) -> None:
     """
-    A node refuses to start on a database without the schema it knows.
+    A node refuses to start on a database without the schema it knows.  A
+    database out of reach does not stop it: the node starts, answers 4xx to
+    what needs the store, and checks the schema once the database answers
+    (L{StoreStartup}).
 
     @raise usage.UsageError: saying what to do.
     """
@@ -231,8 +254,24 @@ def check_store(config: configuration.Config) -> None:
     try:
         with database.connect() as connection, connection.cursor() as cursor:
             schema.check(cursor)
-    except (schema.SchemaError, StoreUnavailable) as e:
+    except StoreUnavailable:
+        return
+    except schema.SchemaError as e:
         raise usage.UsageError(f"store.dsn: {e}") from None
+
+
+def in_doubt_folder(config: configuration.Config) -> Path | None:
+    """
+    With LMTP, where retrieved copies whose delivery was cut off are kept
+    (L{pullmail.pull.handover}); made now, so that its entry is durable.
+    """
+    if config.delivery.local == "maildir":
+        return None
+    folder = config.state_dir / IN_DOUBT
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700)
+        fsync_directory(config.state_dir)
+    return folder
 
 
 def build_node(config: configuration.Config, reactor) -> service.MultiService:
@@ -267,17 +306,24 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     client_tls = client_context()
     outbound_tls = OutboundTLS(config.delivery.tls, config.delivery.tls_ca)
     trust = TrustChecker(config.trust, resolver, reactor, config.dns.timeout * 4, policies)
-    router.signer = make_signer(config, reactor)
+    router.signer = make_signer(config, reactor, run_blocking)
     router.checker = MessageChecker(
         config.trust.authserv_id or hostname, trust.spf_result,
         Verifier(resolver.txt, run_blocking),
         DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
+        ARCVerifier(resolver.txt, run_blocking),
     )
     stores = open_stores(config, reactor, node, run_blocking)
     outbox = stores.outbox
 
     def send_bounce(sender: str, message: bytes):
         return router.inject("", [sender], [message])
+
+    # One set of rules for every DSN the node sends (outbox, local queue,
+    # success reports): DSN parameters, SPF against backscatter, RET=FULL.
+    reports = Reports(hostname, reactor, send_bounce, trust.spf_passes,
+                      config.limits.message_size)
+    router.reports = reports
 
     mta_sts = None
     if config.delivery.mta_sts:
@@ -286,14 +332,14 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                                 config.delivery.bind_address)
         mta_sts = MTASTS(resolver=resolver, fetch=fetcher.fetch, clock=reactor, trust=trust_root,
                          cache=PolicyCache(state / "mta-sts", run_blocking))
-        Startable(mta_sts.start, lambda: None).setServiceParent(node)
+        Startable(mta_sts.start, mta_sts.stop).setServiceParent(node)
     outbound = Outbound(
         outbox=outbox, resolver=resolver,
         connect=connect if config.delivery.smarthost else guarded_connect, clock=reactor,
         run_blocking=run_blocking, hostname=hostname, config=config.delivery,
         send_bounce=send_bounce,
         client_tls=outbound_tls,
-        sender_authorised=trust.spf_passes, mta_sts=mta_sts,
+        sender_authorised=trust.spf_passes, mta_sts=mta_sts, reports=reports,
     )
     router.outbound = outbound
     # Issue 18: the throttles count per /ipv4_prefix and /ipv6_prefix.
@@ -302,9 +348,9 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     # Always: entries an LMTP store deferred wait here even if [delivery]
     # local has since gone back to maildir.
     local_queue = LocalQueue(
-        store=MaildirOutbox(state / "local-queue", run_blocking), agent=delivery,
+        store=MaildirOutbox(state / LOCAL_QUEUE, run_blocking), agent=delivery,
         clock=reactor, run_blocking=run_blocking, hostname=hostname, config=config.delivery,
-        send_bounce=send_bounce, sender_authorised=trust.spf_passes,
+        send_bounce=send_bounce, sender_authorised=trust.spf_passes, reports=reports,
     )
     router.local_queue = local_queue
     failures = FailureTracker(reactor, config.limits.retr_fail_limit,
@@ -332,9 +378,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         deliver=router.accept, client_tls=client_tls, resolver=resolver,
         sender_authorised=trust.spf_passes,
         store_file=None if stores.pending.shared else fsync_helper.store,
-        delivered_of=router.delivered_of,
+        # Only a maildir can be searched for a copy (not an LMTP store).
+        delivered_of=router.delivered_of if router.delivery.root is not None else None,
+        in_doubt=in_doubt_folder(config),
+        connection_cache_time=config.delivery.connection_cache_time,
     )
-    Startable(outbound.start, outbound.stop).setServiceParent(node)
+    stores.start_with(node, outbound.start, outbound.stop)
     maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
                         config.sendmail.trusted_users, config.limits.message_size)
     Startable(local_queue.start, local_queue.stop).setServiceParent(node)
@@ -343,12 +392,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         control_socket.unlink(missing_ok=True)
         Listener(
             endpoints.UNIXServerEndpoint(reactor, str(control_socket), mode=0o600),
-            ControlFactory(outbound, retriever, reactor, maildrop),
+            ControlFactory(outbound, retriever, reactor, maildrop, local_queue),
         ).setServiceParent(node)
     else:
         log.warn("state_dir path too long for the control socket; "
                  "`pullmail queue` will work on the files only")
-    Startable(retriever.start, retriever.stop).setServiceParent(node)
+    stores.start_with(node, retriever.start, retriever.stop)
     Startable(maildrop.start, maildrop.stop).setServiceParent(node)
     add_metrics(node, config, reactor, outbox, retriever.store, maildrop)
     if stores.watch is not None:   # after both loads
@@ -356,8 +405,12 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
                               lambda found: outbound.cluster.polled(stores.outbox.polled(found)))
         stores.watch.register(stores.pending.poll,
                               lambda rows: retriever.polled(stores.pending.polled(rows)))
-        Startable(stores.watch.start, stores.watch.stop).setServiceParent(node)
-    Startable(freeze_start_up_heap, gc.unfreeze).setServiceParent(node)   # after every load
+        stores.start_with(node, stores.watch.start, stores.watch.stop)
+        startup = StoreStartup(stores.database, reactor, stores.steps, refuse=reactor.stop)
+        Startable(startup.start, startup.stop).setServiceParent(node)
+    # after every load (the outbox's may finish in the background)
+    Startable(lambda: outbound.loaded.addCallback(lambda _: freeze_start_up_heap()),
+              gc.unfreeze).setServiceParent(node)
 
     performers = {
         Deliver: lambda protocol, request: router.accept(

@@ -309,7 +309,10 @@ def _delivery_status(reporting_mta, queue_id, arrival_date, now, recipients,
         fields = []
         if rcpt.original_recipient:   # RFC 3464 2.3.1, from ORCPT (RFC 3461 4.2)
             addr_type, _, address = rcpt.original_recipient.partition(";")
-            fields.append(f"Original-Recipient: {addr_type}; {_decoded(address)}")
+            if addr_type != "utf-8":
+                address = _decoded(address)
+            # RFC 6533 3: a utf-8 one stays utf-8-addr-xtext in this 7-bit part.
+            fields.append(f"Original-Recipient: {addr_type}; {address}")
         fields += [
             f"Final-Recipient: rfc822; {rcpt.address}",  # RFC 3464 2.3.2
             f"Action: {rcpt.action}",  # RFC 3464 2.3.3

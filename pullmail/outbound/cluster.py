@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pullmail.outbound.lifecycle import ClaimReleased, Due, due_at
-from pullmail.storage.postgresql.database import take_failed
+from pullmail.storage.postgresql.database import take_once
 
 if TYPE_CHECKING:
     from pullmail.outbound.delivery import Outbound
@@ -30,13 +30,7 @@ class ClusterWork:
 
     def take_due(self, entry_id: str) -> None:
         """The entry's due time came here: take it in the database, then step it."""
-        if entry_id in self._taking:
-            return
-        self._taking.add(entry_id)
-        d = self.outbound.outbox.take(entry_id)
-        d.addCallback(self._taken)
-        d.addErrback(take_failed, entry_id)
-        d.addBoth(lambda _: self._taking.discard(entry_id))
+        take_once(self._taking, entry_id, self.outbound.outbox.take, self._taken)
 
     def _taken(self, entry) -> None:
         if entry is None:

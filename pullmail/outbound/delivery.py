@@ -16,6 +16,7 @@ L{bouncer.Bouncer}'s.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Callable, Sequence
 
 from twisted.internet import defer
@@ -28,7 +29,7 @@ from pullmail.ids import new_gdel_id
 from pullmail.interfaces import IOutbox
 from pullmail.net.dns import Resolver
 from pullmail.outbound import lifecycle
-from pullmail.outbound.bouncer import Bouncer
+from pullmail.outbound.bouncer import Bouncer, Reports
 from pullmail.outbound.cluster import ClusterWork
 from pullmail.outbound.lifecycle import (
     Attempted,
@@ -68,6 +69,8 @@ log = Logger(namespace="pullmail.outbound.delivery")
 MAX_SESSIONS = 20
 # Connections open to one domain at once.
 SESSIONS_PER_DOMAIN = 4
+# Entries put on the timer per turn of the reactor at start-up (~10 ms).
+TIMER_SLICE = 10_000
 
 class Outbound:
     def __init__(
@@ -84,6 +87,7 @@ class Outbound:
         client_tls=None,
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
         mta_sts=None,
+        reports: Reports | None = None,
     ) -> None:
         self.outbox = outbox
         self.resolver = resolver
@@ -96,7 +100,11 @@ class Outbound:
         self.send_bounce = send_bounce
         self.sender_authorised = sender_authorised
         self.mta_sts = mta_sts   # an outbound.sts.MTASTS when [delivery] mta_sts is on
-        self.bouncer = Bouncer(self)
+        self.bouncer = Bouncer(self, reports or Reports(
+            hostname, clock, lambda sender, message: self.send_bounce(sender, message),
+            sender_authorised))
+        self._stopped = False
+        self.loaded: defer.Deferred = defer.succeed(None)   # fires once start() has the outbox
         # Sessions: SESSIONS_PER_DOMAIN per domain, MAX_SESSIONS in all, each
         # keeping on with its domain's line until it is empty, so a stream of
         # messages for one domain shares a few connections (and their TLS
@@ -104,7 +112,7 @@ class Outbound:
         self._dispatcher: Dispatcher[OutboxEntry] = Dispatcher(
             clock, wake=self._wake, start=self._start, ident=lambda entry: entry.id,
             total=MAX_SESSIONS, per_key=SESSIONS_PER_DOMAIN, batch=ENTRIES_PER_TAKE,
-            current=self._current,
+            current=self._current, spare=1,
         )
         self.courier = Courier(self, self._dispatcher)
         # A shared outbox (SPEC 11.3): due work is taken in the database first.
@@ -113,18 +121,48 @@ class Outbound:
     # -- life cycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Load the outbox; released claims are notified again (SPEC 4)."""
-        released = set(self.outbox.load())
-        for entry in self.outbox.entries():
+        """
+        Load the outbox; released claims are notified again (SPEC 4).  An
+        outbox read in the background (L{MaildirOutbox.load}) is put on
+        the timer once read; L{loaded} fires then.
+        """
+        self._stopped = False
+        released = self.outbox.load()
+        if isinstance(released, defer.Deferred):
+            self.loaded = released.addCallback(self._loaded)
+            self.loaded.addErrback(lambda f: log.failure("loading the outbox", f))
+        else:
+            self._loaded(released)
+            self.loaded = defer.succeed(None)
+
+    def _loaded(self, released_ids) -> None:
+        if not self._stopped:
+            self._put_on_timer(self.outbox.entries(), set(released_ids))
+
+    def _put_on_timer(self, entries, released: set[str]) -> None:
+        """
+        Every entry joins the timer, L{TIMER_SLICE} per turn of the reactor
+        so that a million do not stop it for seconds.  One that changes
+        meanwhile is put on the timer by its change as well (the stale
+        time is skipped when due).
+        """
+        if self._stopped:
+            return
+        taken = list(islice(entries, TIMER_SLICE))
+        for entry in taken:
             if entry.id in released:
                 self._step(entry, ClaimReleased())
             else:
                 self._push(entry)
         self._arm()
+        if len(taken) == TIMER_SLICE:
+            self.clock.callLater(0, self._put_on_timer, entries, released)
+            return
         log.info("outbox loaded: {count} entries, {released} claims released",
                  count=len(self.outbox), released=len(released))
 
     def stop(self) -> None:
+        self._stopped = True
         self._dispatcher.stop()
 
     # -- entry points -----------------------------------------------------------
@@ -306,7 +344,7 @@ class Outbound:
                                            new_id=new_gdel_id)
         # The same object stays in the outbox's index: lines and RETRs hold it.
         claimed = entry.claimed
-        entry.__dict__.update(new.__dict__)
+        entry.take_over(new)
         entry.claimed = claimed   # only the outbox changes a claim (Release)
         self._carry_out(entry, due, effects)
 

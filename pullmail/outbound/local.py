@@ -19,7 +19,6 @@ The entries are L{OutboxEntry} records in an outbox folder of their own
 
 from __future__ import annotations
 
-import secrets
 from typing import Callable, Sequence
 
 from twisted.internet import defer
@@ -31,6 +30,7 @@ from pullmail.config import DeliveryConfig
 from pullmail.ids import new_gdel_id
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent, IOutbox
 from pullmail.outbound import bounce
+from pullmail.outbound.bouncer import Reports
 from pullmail.scheduling.schedule import push_retry_at
 from pullmail.scheduling.timers import DueQueue
 from pullmail.smtp.replies import Reply
@@ -56,6 +56,7 @@ class LocalQueue:
         config: DeliveryConfig,
         send_bounce: Callable[[str, bytes], object],
         sender_authorised: Callable[[str, str], defer.Deferred] | None = None,
+        reports: Reports | None = None,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -63,8 +64,7 @@ class LocalQueue:
         self.run_blocking = run_blocking
         self.hostname = hostname
         self.config = config
-        self.send_bounce = send_bounce
-        self.sender_authorised = sender_authorised
+        self.reports = reports or Reports(hostname, clock, send_bounce, sender_authorised)
         self._due = DueQueue(clock, self._wake)
         self._running: set[str] = set()
 
@@ -78,37 +78,58 @@ class LocalQueue:
     def stop(self) -> None:
         self._due.stop()
 
+    # -- the operator (``pullmail queue``) -------------------------------------------
+
+    def entries(self) -> list[OutboxEntry]:
+        return list(self.store.entries())
+
+    def flush(self) -> None:
+        """Every waiting entry is due now (``pullmail queue --flush``)."""
+        now = self.clock.seconds()
+        for entry in self.store.entries():
+            if entry.id not in self._running:
+                entry.next_attempt = now
+                self._due.add(now, entry.id)
+        self._due.arm()
+
+    def delete(self, entry_id: str) -> bool:
+        """Drop an entry without a bounce (``pullmail queue --delete``); not mid-attempt."""
+        if self.store.get(entry_id) is None or entry_id in self._running:
+            return False
+        self.store.remove(entry_id)
+        return True
+
     def take(self, queue_id: str, sender: str, outcome: DeliveryOutcome,
-             chunks: Sequence[bytes], origin: str | None = None) -> defer.Deferred:
+             chunks: Sequence[bytes], origin: str | None = None,
+             dsn_params: dict | None = None) -> defer.Deferred:
         """
         Take responsibility for the recipients C{outcome} refused: fires once
         the 4xx ones are queued and the 5xx ones' DSN is stored, so that the
         caller may say ``250``; fails (OSError) when either could not be.
+        C{dsn_params} (L{pullmail.smtp.dsn}) stay with the queued entry for
+        its later reports.
         """
-        return defer.Deferred.fromCoroutine(
-            self._take(queue_id, sender, outcome, list(chunks), origin)
-        )
-
-    async def _take(self, queue_id: str, sender: str, outcome: DeliveryOutcome,
-                    chunks: list[bytes], origin: str | None) -> None:
         now = self.clock.seconds()
-        transient = outcome.transient()
-        if transient:
-            first = outcome.refused[transient[0]]
-            entry = OutboxEntry(
-                id=new_gdel_id(), queue_id=queue_id, sender=sender, domain=LOCAL,
-                recipients=transient, created=now, size=sum(map(len, chunks)), attempts=1,
-                origin=origin, last_error=str(first)[:500],
-            )
-            entry.next_attempt = self._next_attempt(entry, now)
+        entry = OutboxEntry(
+            id=new_gdel_id(), queue_id=queue_id, sender=sender, domain=LOCAL,
+            recipients=outcome.transient(), created=now, size=sum(map(len, chunks)),
+            attempts=1, origin=origin, dsn=dsn_params or {},
+        )
+        return defer.Deferred.fromCoroutine(self._take(entry, outcome, list(chunks)))
+
+    async def _take(self, entry: OutboxEntry, outcome: DeliveryOutcome,
+                    chunks: list[bytes]) -> None:
+        if entry.recipients:
+            entry.last_error = str(outcome.refused[entry.recipients[0]])[:500]
+            entry.next_attempt = self._next_attempt(entry, entry.created)
             await self.run_blocking(self.store.add, [entry], chunks)
             self._due.add(entry.next_attempt, entry.id)
             self._due.arm()
             maillog.LOCAL_DEFERRED(
-                log, queue_id=queue_id, recipients=transient, id=entry.id, when=entry.next_attempt,
-                reason=entry.last_error,
+                log, queue_id=entry.queue_id, recipients=entry.recipients, id=entry.id,
+                when=entry.next_attempt, reason=entry.last_error,
             )
-        await self._bounce(queue_id, sender, origin, now, b"".join(chunks), [
+        await self._report(entry, b"".join(chunks), [
             _failed(address, outcome.refused[address]) for address in outcome.permanent()
         ])
 
@@ -154,8 +175,7 @@ class LocalQueue:
             log, id=entry.id, queue_id=entry.queue_id, delivered=list(outcome.delivered),
             refused=[f.address for f in failed], deferred=transient if when else [],
         )
-        bounced = self._bounce(entry.queue_id, entry.sender, entry.origin, entry.created,
-                               message, failed)
+        bounced = self._reports_after(entry, message, failed, list(outcome.delivered))
         if when is None:
             self.store.remove(entry.id, after=defer.Deferred.fromCoroutine(bounced))
             return
@@ -165,29 +185,31 @@ class LocalQueue:
         self._due.arm()
         await bounced
 
-    # -- bounces ------------------------------------------------------------------
+    # -- reports ------------------------------------------------------------------
 
-    async def _bounce(self, queue_id: str, sender: str, origin: str | None, arrival: float,
-                      original: bytes, failed: list[bounce.FailedRecipient]) -> None:
-        """One DSN for C{failed}; nothing to a null sender or one SPF does not back."""
-        if not failed:
-            return
-        if not bounce.should_bounce(sender) or (
-            origin and self.sender_authorised is not None
-            and not await self.sender_authorised(origin, sender)
-        ):
-            maillog.LOCAL_BOUNCE_DROPPED(log, queue_id=queue_id, sender=sender)
-            return
-        message = bounce.build_dsn(
-            reporting_mta=self.hostname, original_sender=sender, recipients=failed,
-            original=original, queue_id=queue_id, arrival_date=arrival,
-            now=self.clock.seconds(), boundary="=_" + secrets.token_hex(12),
-            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+    async def _reports_after(self, entry: OutboxEntry, message: bytes,
+                             failed: list[bounce.FailedRecipient], delivered: list[str]) -> None:
+        """A retry's reports: failures, and final delivery (RFC 3461 4.1, NOTIFY=SUCCESS)."""
+        await self._report(entry, message, failed)
+        await self._report(entry, message, [
+            bounce.FailedRecipient(r, "2.0.0", None, None, "delivered") for r in delivered
+        ], "delivered")
+
+    async def _report(self, entry: OutboxEntry, message: bytes,
+                      failed: list[bounce.FailedRecipient], action: str = "failed") -> None:
+        """
+        One DSN on C{failed} (or, C{action} ``delivered``, a success report)
+        as the entry's DSN parameters ask (L{Reports}): none to a null
+        sender or one SPF does not back.
+        """
+        sent = await self.reports.send(
+            queue_id=entry.queue_id, sender=entry.sender, dsn_params=entry.dsn,
+            origin=entry.origin, arrival=entry.created, recipients=failed, action=action,
+            original=message,
         )
-        maillog.LOCAL_BOUNCED(
-            log, queue_id=queue_id, sender=sender, recipients=[f.address for f in failed],
-        )
-        await defer.maybeDeferred(self.send_bounce, sender, message)
+        if sent:
+            maillog.LOCAL_BOUNCED(log, queue_id=entry.queue_id, sender=entry.sender,
+                                  recipients=sent, action=action)
 
 
 def _failed(address: str, reply: Reply) -> bounce.FailedRecipient:

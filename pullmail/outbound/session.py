@@ -17,9 +17,11 @@ from twisted.logger import Logger
 from pullmail import maillog
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.outbound import mx
+from pullmail.outbound.notify import Notice, NotificationRow
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.smtp.client import (
     TransactionResult,
+    envelope_commands,
     open_session,
     send_notification,
     send_transaction,
@@ -168,6 +170,7 @@ class Courier:
                     require_tls=bool(tls and tls.required),
                 )
             keywords = session.keywords
+            self.dispatcher.ready(work)
             maillog.SESSION_TLS(
                 log, host=host, address=address,
                 tls=("TLS, certificate verified" if tls and tls.required else "TLS")
@@ -176,54 +179,136 @@ class Courier:
             pull = "GDEL" in keywords
             if not pull and (pull_only or not self.owner.config.push_fallback):
                 raise TransientPeer("peer does not offer GDEL and push_fallback is off")
-            outbox = self.owner.outbox
-            pending = list(entries)
-            while pending:
-                entry = pending.pop(0)
-                if not pull_only and (entry.claimed or outbox.get(entry.id) is not entry):
-                    # Retrieved while it waited: the RETR won; nothing to send.
-                    self.dispatcher.done_with(entry.id)
-                    continue
-                if not pull_only:
-                    self._transmitting[entry.id] = []
-                try:
-                    result = await self._transaction(connection, keywords, entry, pull)
-                except Exception as e:
-                    # The connection broke: this entry and the rest try again later.
-                    self._transmission_over(entry.id)
-                    outcomes.extend((rest, None, e) for rest in [entry] + pending)
-                    break
-                mode = "pull" if pull else "push"
-                outcomes.append((entry, mode, result))
-                if pull_only:
-                    continue
-                # At once, not after the session: the receiver may send RETR
-                # for this id while we notify the next one.
-                try:
-                    self.owner.finish(entry, mode, host, result)
-                finally:
-                    self._transmission_over(entry.id)
-                if result.refused(permanent=False) or (
-                    result.final is not None and result.final.transient
-                ):
-                    # The peer is struggling: leave the rest to new sessions.
-                    self._give_back(work, pending)
-                    break
-                if not pending:
-                    pending = self.take_more(work)
+            if pull and not pull_only and "PIPELINING" in keywords:
+                await self._in_a_row(work, connection, keywords, list(entries), host, outcomes)
+            else:
+                await self._one_by_one(work, connection, keywords, list(entries), host,
+                                       outcomes, pull, pull_only)
         finally:
             connection.quit()
         return outcomes
+
+    async def _one_by_one(self, work: Work[OutboxEntry], connection, keywords, pending: list,
+                          host: str, outcomes: list, pull: bool, pull_only: bool) -> None:
+        """Each entry's transaction, one after the other (pushes; a peer without PIPELINING)."""
+        while pending:
+            entry = pending.pop(0)
+            if not pull_only and not self._sendable(entry):
+                continue
+            if not pull_only:
+                self._transmitting[entry.id] = []
+            try:
+                result = await self._transaction(connection, keywords, entry, pull)
+            except Exception as e:
+                # The connection broke: this entry and the rest try again later.
+                self._transmission_over(entry.id)
+                outcomes.extend((rest, None, e) for rest in [entry] + pending)
+                return
+            if pull_only:
+                outcomes.append((entry, "pull", result))
+                continue
+            if not self._recorded(entry, "pull" if pull else "push", host, result, outcomes):
+                # The peer is struggling: leave the rest to new sessions.
+                self._give_back(work, pending)
+                return
+            if not pending:
+                pending = await self._more(work, connection, pull_only)
+
+    async def _in_a_row(self, work: Work[OutboxEntry], connection, keywords, pending: list,
+                        host: str, outcomes: list) -> None:
+        """
+        Notifications pipelined, each GDEL in one write with the next
+        envelope (L{NotificationRow}), while the domain's line lasts.
+        """
+        size_offered, dsn_offered = "SIZE" in keywords, "DSN" in keywords
+
+        def next_notice() -> Notice | None:
+            while True:
+                if not pending:
+                    pending.extend(self.take_more(work))
+                    if not pending:
+                        return None
+                entry = pending.pop(0)
+                if not self._sendable(entry):
+                    continue
+                self._transmitting[entry.id] = []
+                refusal = _unsendable(entry, keywords)
+                if refusal is not None:
+                    self._recorded(entry, "pull", host, refusal, outcomes)
+                    continue
+                entry.offers = sorted(TURN_EXTENSIONS.intersection(keywords))
+                return Notice(entry, envelope_commands(
+                    entry.sender, entry.recipients, entry.size if size_offered else None,
+                    smtputf8=entry.smtputf8, dsn=entry.dsn if dsn_offered else None))
+
+        row = NotificationRow(
+            connection, next_notice,
+            lambda entry, result: self._recorded(entry, "pull", host, result, outcomes))
+        while True:
+            notice = next_notice()
+            if notice is None:
+                pending.extend(await self._more(work, connection, False))
+                if not pending:
+                    return
+                continue
+            try:
+                if not await row.run(notice):
+                    self._give_back(work, row.untried + pending)
+                    return
+            except Exception as e:
+                # The connection broke: what was on the wire and the rest try again later.
+                for entry in row.on_the_wire:
+                    self._transmission_over(entry.id)
+                outcomes.extend((rest, None, e) for rest in row.on_the_wire + pending)
+                return
+
+    def _sendable(self, entry: OutboxEntry) -> bool:
+        """Still to send: not retrieved while it waited (the RETR won)."""
+        if entry.claimed or self.owner.outbox.get(entry.id) is not entry:
+            self.dispatcher.done_with(entry.id)
+            return False
+        return True
+
+    def _recorded(self, entry: OutboxEntry, mode: str, host: str, result: TransactionResult,
+                  outcomes: list) -> bool:
+        """
+        Record the outcome at once, not after the session: the receiver may
+        send RETR for this id while we notify the next one.  False when the
+        peer is struggling (a 4xx), and the rest is better left to new sessions.
+        """
+        outcomes.append((entry, mode, result))
+        try:
+            self.owner.finish(entry, mode, host, result)
+        finally:
+            self._transmission_over(entry.id)
+        return not (result.refused(permanent=False) or (
+            result.final is not None and result.final.transient))
+
+    async def _more(self, work: Work[OutboxEntry], connection, pull_only: bool) -> list:
+        """
+        The next entries of the domain's line; when it is empty, wait up to
+        C{[delivery] connection_cache_time} for new ones, so that messages
+        that come one at a time share this session and its TLS handshake
+        (as Postfix's connection cache does).  None if the peer left meanwhile.
+        """
+        entries = self.take_more(work)
+        linger = self.owner.config.connection_cache_time
+        if entries or pull_only or work.key is None or linger <= 0:
+            return entries
+        entries = count_attempts(
+            await self.dispatcher.wait_for_more(work, ENTRIES_PER_TAKE, linger))
+        if entries and not connection.usable():
+            self._give_back(work, entries)
+            return []
+        return entries
 
     async def _transaction(self, connection, keywords: dict, entry: OutboxEntry,
                            pull: bool) -> TransactionResult:
         pipelining = "PIPELINING" in keywords
         size = entry.size if "SIZE" in keywords else None
-        if entry.smtputf8 and "SMTPUTF8" not in keywords:
-            # RFC 6531 3.2: never to a peer without SMTPUTF8; a bounce (the
-            # turn of a notification would need it just the same, SPEC 4).
-            return TransactionResult(S553_PEER_LACKS_SMTPUTF8, dict.fromkeys(
-                entry.recipients, S553_PEER_LACKS_SMTPUTF8))
+        refusal = _unsendable(entry, keywords)
+        if refusal is not None:
+            return refusal
         if pull:
             # SPEC 4: what the RMTA offers now is what the turn may use.
             entry.offers = sorted(TURN_EXTENSIONS.intersection(keywords))
@@ -251,6 +336,17 @@ S553_PEER_LACKS_SMTPUTF8 = Reply(553, "5.6.7", "Peer does not offer SMTPUTF8 (RF
 
 # The extensions an SMTA uses in a reversed turn when the RMTA offered them.
 TURN_EXTENSIONS = frozenset({"CHUNKING", "SMTPUTF8", "DSN", "8BITMIME", "SIZE"})
+
+
+def _unsendable(entry: OutboxEntry, keywords) -> TransactionResult | None:
+    """
+    RFC 6531 3.2: never to a peer without SMTPUTF8; a bounce (the turn of a
+    notification would need it just the same, SPEC 4).
+    """
+    if entry.smtputf8 and "SMTPUTF8" not in keywords:
+        return TransactionResult(S553_PEER_LACKS_SMTPUTF8, dict.fromkeys(
+            entry.recipients, S553_PEER_LACKS_SMTPUTF8))
+    return None
 
 
 def count_attempts(entries: list[OutboxEntry]) -> list[OutboxEntry]:

@@ -108,12 +108,20 @@ class Fetcher:
             session = await open_session(connection, self.owner.hostname, self.owner.client_tls)
             if "RETR" not in session.keywords:
                 raise ConnectionError("peer does not offer RETR")
+            if work is not None:
+                self.dispatcher.ready(work)
             while remaining:
                 await self._retrieve_one(connection, address, remaining[0], session.tls)
                 remaining.pop(0)
                 if not remaining and work is not None:
-                    # Keep the connection busy while the peer's line is not empty.
-                    remaining.extend(self.dispatcher.take(work, RETRS_PER_TAKE))
+                    # Keep the connection busy while the peer's line is not
+                    # empty, and idle a while for the next notification
+                    # (SPEC 4: after a turn, "RETR <next-id> or QUIT").
+                    remaining.extend(await self.dispatcher.wait_for_more(
+                        work, RETRS_PER_TAKE, self.owner.connection_cache_time))
+                    if remaining and not connection.usable():
+                        self.dispatcher.give_back(work, remaining)
+                        remaining = []
             connection.quit()
         except Exception as e:
             maillog.RETRIEVAL_FAILED(log, peer=address, error=str(e))
@@ -138,6 +146,7 @@ class Fetcher:
         machine = TurnMachine(
             self.owner.policy, session, sender=notification.sender,
             recipients=tuple(notification.recipients) if notification.recipients else None,
+            offered=notification.esmtp,
         )
         connection.performers = {Deliver: self._performer(notification)}
         await connection.serve_turn(machine)
@@ -151,22 +160,33 @@ class Fetcher:
             # Exactly once: a notification whose delivery may have begun
             # (earlier in this process, or in one that died: every record
             # read at start-up) looks in the mailboxes first; one marked
-            # retrieved is a known duplicate.  Nothing is written before a
-            # delivery: the record of a crashed one is still pending.
+            # retrieved is a known duplicate.  With maildirs nothing is
+            # written before a delivery: the record of a crashed one is
+            # still pending.  With a store that cannot be searched (LMTP)
+            # the handover marks it (L{pullmail.pull.handover}).
+            handover = self.owner.handover
+            envelope = request.envelope
             if notification.keep_until or (
                 notification.delivering and self.owner.delivered_of is not None
                 and notification.queue_id in await self.owner.run_blocking(
-                    self.owner.delivered_of, {notification.queue_id: request.envelope.recipients})
+                    self.owner.delivered_of, {notification.queue_id: envelope.recipients})
             ):
                 reply = Reply(250, "2.0.0", "Ok: already delivered, duplicate dropped")
                 maillog.DUPLICATE_DROPPED(log, id=notification.gdel_id, peer=notification.peer)
+            elif handover.in_doubt(notification):
+                reply = await handover.keep_aside(notification, envelope.sender,
+                                                  envelope.recipients, request.chunks)
             else:
                 notification.delivering = True
+                reply = await handover.begin(notification)
+                if reply is not None:
+                    return reply
                 # SPEC 11.1: SPF asks about the notifying session.
                 reply = await self.owner.deliver(
-                    request.session, request.envelope, request.chunks, request.size,
+                    request.session, envelope, request.chunks, request.size,
                     queue_id=notification.queue_id, identity=SPFIdentity(
                         notification.peer, notification.helo, notification.sender or ""))
+                handover.ended(notification)
             if reply.positive:
                 await self.owner.retrieved(notification)
             return reply

@@ -17,6 +17,7 @@ connections.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from twisted.internet import defer
@@ -25,7 +26,9 @@ from twisted.logger import Logger
 
 from pullmail import maillog
 from pullmail.interfaces import IPendingStore, ITrustPolicy
+from pullmail.pull.cluster import ClusterRetrieval
 from pullmail.pull.fetch import Fetcher
+from pullmail.pull.handover import Handover
 from pullmail.pull.verbs import Notify
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.scheduling.rate import RateWindow
@@ -33,8 +36,13 @@ from pullmail.scheduling.schedule import retrieval_at
 from pullmail.smtp import dsn, replies
 from pullmail.smtp.replies import Reply, storage_failure
 from pullmail.smtp.server import ServerPolicy
-from pullmail.storage.pending import PENDING, RETRIEVED, Notification
-from pullmail.storage.postgresql.database import take_failed
+from pullmail.storage.pending import (
+    PENDING,
+    RETRIEVED,
+    Notification,
+    RecordWrites,
+    TooManyPending,
+)
 
 __all__ = ["Retriever"]
 
@@ -69,10 +77,19 @@ class Retriever:
         delivered_of: Callable[[Mapping[str, Sequence[str]]], set[str]] | None = None,
         mx_limit: int = 5,
         blocked_networks: tuple = (),
+        in_doubt: Path | None = None,
+        connection_cache_time: float = 0.0,
     ) -> None:
+        """
+        @param in_doubt: with a mail store that cannot be searched (LMTP),
+            the folder for copies whose earlier delivery was cut off
+            (L{Handover}); None with maildirs.
+        @param connection_cache_time: how long a retrieval connection idles
+            for the next notification of its peer.
+        """
+        self.connection_cache_time = connection_cache_time
         self.mx_limit = mx_limit
         self.blocked_networks = tuple(blocked_networks)
-        self.store_file = store_file
         self.delivered_of = delivered_of
         self.store = store
         self.resolver = resolver
@@ -98,9 +115,16 @@ class Retriever:
         self._dispatcher: Dispatcher[Notification] = Dispatcher(
             clock, wake=self._wake, start=self._connect_to, ident=lambda n: n.key,
             total=MAX_CONNECTIONS, per_key=CONNECTIONS_PER_PEER, current=self._current,
+            spare=1,
         )
         self._fetcher = Fetcher(self, self._dispatcher)
-        self._taking: set[str] = set()   # keys being taken in a shared store
+        self.cluster = ClusterRetrieval(self)
+        self.handover = Handover(
+            in_doubt, store,
+            lambda notification, keep_taken: defer.Deferred.fromCoroutine(
+                self._save(notification, keep_taken=keep_taken)),
+            run_blocking, clock)
+        self._records = RecordWrites(store, run_blocking, store_file)
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -153,14 +177,18 @@ class Retriever:
         try:
             existing = await self.store.find(identity, request.gdel_id)
         except OSError as e:   # a shared store out of reach (SPEC 11.3)
-            return self._store_failed(request.gdel_id, e)
+            return _store_failed(request.gdel_id, e)
         if existing is not None and existing.state == PENDING:
             if self._dispatcher.busy(existing.key):
                 # Being retrieved now, perhaps from another node of the
                 # notifier's cluster: retrieve once more when that is done.
                 existing.notified_again = True
-            return self._accepted(request.gdel_id)
-        if existing is None and self.store.pending_from(session.peer) >= self.pending_per_origin:
+            return _accepted(request.gdel_id)
+        # A shared store counts the peer's notifications of the whole
+        # cluster as it inserts (SPEC 11.3); this node's index knows only some.
+        limit = self.pending_per_origin if existing is None else None
+        if limit is not None and not self.store.shared \
+                and self.store.pending_from(session.peer) >= limit:
             return replies.S452_TOO_MANY_PENDING
         notification = existing or Notification(
             gdel_id=request.gdel_id, origin=identity.lower(), peer=session.peer,
@@ -174,38 +202,28 @@ class Retriever:
         # SMTA sees its 250, but its copy is dropped at delivery.
         self._pend_again(notification, now)
         notification.notified_at, notification.peer = now, session.peer
+        notification.esmtp = session.esmtp     # what the turn may use (SPEC 4)
         try:
-            await self._save(notification)
+            await self._save(notification, limit)
+        except TooManyPending:
+            return replies.S452_TOO_MANY_PENDING
         except OSError as e:
-            return self._store_failed(request.gdel_id, e)
+            return _store_failed(request.gdel_id, e)
         maillog.NOTIFICATION_ACCEPTED(
             log, id=request.gdel_id, peer=session.peer, identity=identity,
             recipients=notification.recipients,
         )
         self._push(notification)
         self._arm()
-        return self._accepted(request.gdel_id)
+        return _accepted(request.gdel_id)
 
-    async def _save(self, notification: Notification) -> None:
+    async def _save(self, notification: Notification, limit: int | None = None,
+                    keep_taken: bool = False) -> None:
         """
-        Store a record durably.  With C{store_file} (the fsync helper's
-        store) the whole write happens outside this process's GIL.
+        Store a record durably, after the writes of it asked before
+        (L{RecordWrites}); the files' C{limit} is checked in the store.
         """
-        if self.store_file is None:
-            await self.run_blocking(self.store.save, notification)
-            return
-        temporary, final = self.store.paths_for(notification)
-        await self.store_file(temporary, final, notification.to_json())
-        self.store.remember(notification)
-
-    @staticmethod
-    def _store_failed(gdel_id: str, error: OSError) -> Reply:
-        maillog.NOTIFICATION_STORE_FAILED(log, id=gdel_id, error=str(error))
-        return storage_failure(error)
-
-    @staticmethod
-    def _accepted(gdel_id: str) -> Reply:
-        return Reply(250, "2.0.0", f"{gdel_id} notification accepted")
+        await self._records.save(notification, limit, keep_taken)
 
     # -- the timer --------------------------------------------------------------------
 
@@ -232,7 +250,7 @@ class Retriever:
         """Forget every notification with this id (``pullmail queue --delete``)."""
         found = [n for n in self.store if n.gdel_id == gdel_id]
         for notification in found:
-            self.store.remove(notification)
+            self._records.forget(notification)
         return bool(found)
 
     def _wake(self) -> None:
@@ -243,9 +261,9 @@ class Retriever:
             if notification is None or self._due(notification) != due:
                 continue
             if self.store.shared:
-                self._take(key)
+                self.cluster.take_due(key)
             elif notification.state == RETRIEVED:
-                self.store.remove(notification)
+                self._records.forget(notification)
             else:
                 self._line_up(notification, now)
         self._rate.forget_quiet(now)
@@ -260,40 +278,9 @@ class Retriever:
             return
         self._dispatcher.line_up(notification.peer, notification)
 
-    def _take(self, key: str) -> None:
-        """
-        SPEC 11.3: in a cluster a due notification is taken in the shared
-        store first, so that one node retrieves it (or forgets it).
-        """
-        if key in self._taking:
-            return
-        self._taking.add(key)
-        d = self.store.take(key)
-        d.addCallback(self._taken)
-        d.addErrback(take_failed, key)
-        d.addBoth(lambda _: self._taking.discard(key))
-
-    def _taken(self, notification: Notification | None) -> defer.Deferred | None:
-        if notification is None:
-            return None   # gone, or another node has it
-        now = self.clock.seconds()
-        if notification.state == RETRIEVED and notification.keep_until <= now:
-            return self.run_blocking(self.store.remove, notification)
-        if notification.state == PENDING and notification.next_attempt <= now:
-            self._line_up(notification, now)
-            self._dispatcher.dispatch()
-            self._arm()
-            return None
-        # Our copy was stale: another node moved it on.  Let it go again.
-        d = defer.Deferred.fromCoroutine(self._save(notification))
-        return d.addCallback(lambda _: (self._push(notification), self._arm()))
-
     def polled(self, notifications) -> None:
         """Notifications due that no node holds, found by the cluster's poll."""
-        for notification in notifications:
-            if not self._dispatcher.busy(notification.key):
-                self._push(notification)
-        self._arm()
+        self.cluster.polled(notifications)
 
     def _current(self, notification: Notification) -> bool:
         """Still pending, not held, and still the stored record (not deleted meanwhile)."""
@@ -313,14 +300,19 @@ class Retriever:
         Delivered: keep the record, marked, until C{keep_for} has passed; or,
         when it was notified again meanwhile, retrieve it once more (the copy
         is then dropped as a duplicate), so that the re-notifier sees a 250.
+
+        The mark is a durable write only where the copy cannot be found
+        again (L{RecordWrites.retrieved}).
         """
         now = self.clock.seconds()
-        notification.state = RETRIEVED
+        notification.state, notification.handed_over = RETRIEVED, 0.0
         notification.keep_until = now + self.keep_for
         if notification.notified_again:
             notification.notified_again = False
             self._pend_again(notification, now)
-        await self._save(notification)
+        # The mark clears a handover, or stands where no copy can be found: durable then.
+        searchable = self.delivered_of is not None and not self.handover.marking
+        await self._records.retrieved(notification, searchable=searchable)
         maillog.RETRIEVED(log, id=notification.gdel_id, peer=notification.peer)
         self._dispatcher.done_with(notification.key)
         self._push(notification)
@@ -353,4 +345,13 @@ class Retriever:
             log, id=notification.gdel_id, peer=notification.peer, reason=reason,
         )
         self._dispatcher.done_with(notification.key)
-        self.store.remove(notification)
+        self._records.forget(notification)
+
+
+def _store_failed(gdel_id: str, error: OSError) -> Reply:
+    maillog.NOTIFICATION_STORE_FAILED(log, id=gdel_id, error=str(error))
+    return storage_failure(error)
+
+
+def _accepted(gdel_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"{gdel_id} notification accepted")

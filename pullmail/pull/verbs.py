@@ -101,7 +101,8 @@ class TurnMachine(ServerMachine):
     """
     The RMTA's server side during the SMTA's turn after ``RETR`` (SPEC 4):
     no greeting, no EHLO; one transaction; the turn ends with the reply to
-    end-of-data, or to RSET.  C{sender} and C{recipients}, when known from
+    end-of-data, or to RSET.  C{offered}: the notification came after
+    EHLO, so the SMTA saw our extensions.  C{sender} and C{recipients}, when known from
     the notification, bind what the SMTA may send.
     """
 
@@ -113,10 +114,11 @@ class TurnMachine(ServerMachine):
 
     def __init__(
         self, policy: ServerPolicy, session: Session, sender: str | None = None,
-        recipients: tuple[str, ...] | None = None,
+        recipients: tuple[str, ...] | None = None, offered: bool = True,
     ) -> None:
         super().__init__(policy, session)
         self.state = State.READY
+        self._offered = offered
         self._expected_sender = sender
         self._expected_recipients = recipients
         self.outcome: Reply | None = None
@@ -142,6 +144,20 @@ class TurnMachine(ServerMachine):
                     self.state = State.MAIL
                 return replies.S550_POLICY.with_text("Recipient not in the notification")
         return reply
+
+    @property
+    def extensions_offered(self) -> bool:
+        """
+        SPEC 4: the SMTA may use what the RMTA offered when it accepted the
+        notification -- nothing when that session began with HELO.
+        """
+        return self._offered
+
+    def _parameters_refused(self, params) -> Reply | None:
+        # SPEC 4: SIZE and BODY=8BITMIME in every turn; the rest as offered.
+        if set(params) - {"SIZE", "BODY"}:
+            return super()._parameters_refused(params)
+        return None
 
     def _needs_push_check(self) -> bool:
         # The push policy judges pushes; this message was pulled, trusted.

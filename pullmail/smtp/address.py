@@ -68,8 +68,11 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # address-literal = "[" ( IPv4 / IPv6 / General-address-literal ) "]"
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 # esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-");
-# esmtp-value = 1*(%d33-60 / %d62-126)
-_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+# esmtp-value = 1*(%d33-60 / %d62-126) (=/ UTF8-non-ascii, RFC 6531 3.3:
+# e.g. ORCPT=utf-8;<unitext>, RFC 6533 3; never the surrogates that stand
+# for octets that were not UTF-8)
+_PARAM = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\ud7ff\ue000-\U0010ffff]+))?")
 
 # RFC 5321 4.5.3.1.1-3
 MAX_LOCAL_PART = 64

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from pullmail.smtp import replies
 from pullmail.smtp.replies import Reply
 
-__all__ = ["ReadChunk", "ChunkedMessage", "parse_bdat", "S501_BAD_BDAT"]
+__all__ = ["ReadChunk", "ChunkedMessage", "parse_bdat", "S501_BAD_BDAT", "S503_BDAT_NEEDS_EHLO"]
 
 # RFC 3030 2: "BDAT" SP chunk-size [ SP end-marker ]; chunk-size is 1*DIGIT.
 _BDAT_ARGUMENT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 S501_BAD_BDAT = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+# RFC 5321 2.2.1, 4.1.1.1: extensions are offered only by the reply to
+# EHLO.  Out of sequence like BDAT before EHLO (503 5.5.1); not 502, which
+# says the server lacks the command (RFC 5321 4.2.4), while EHLO would get it.
+S503_BDAT_NEEDS_EHLO = Reply(503, "5.5.1", "BDAT needs EHLO (CHUNKING, RFC 3030)")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ __all__ = [
     "ProtocolError",
     "Channel",
     "TransactionResult",
+    "envelope_commands",
     "send_transaction",
     "send_notification",
     "parse_ehlo",
@@ -161,6 +162,16 @@ def _mail_command(sender: str, size: int | None, body: str | None, smtputf8: boo
     return f"MAIL FROM:<{sender}>{parameters}\r\n".encode("utf-8")
 
 
+def envelope_commands(sender: str, recipients: Sequence[str], size: int | None = None,
+                      body: str | None = None, smtputf8: bool = False,
+                      dsn: Mapping | None = None) -> list[bytes]:
+    """MAIL and its RCPTs, one command line each (with DSN's parameters when given)."""
+    return [_mail_command(sender, size, body, smtputf8, dsn)] + [
+        f"RCPT TO:<{r}>{rcpt_parameters(dsn, r) if dsn else ''}\r\n".encode("utf-8")
+        for r in recipients
+    ]
+
+
 async def _envelope(
     channel: Channel, sender: str, recipients: Sequence[str], size: int | None,
     body: str | None, smtputf8: bool, pipelining: bool, dsn: Mapping | None = None,
@@ -170,10 +181,7 @@ async def _envelope(
     peer offers DSN) their DSN parameters (RFC 3461).
     """
     result = TransactionResult()
-    commands = [_mail_command(sender, size, body, smtputf8, dsn)] + [
-        f"RCPT TO:<{r}>{rcpt_parameters(dsn, r) if dsn else ''}\r\n".encode("utf-8")
-        for r in recipients
-    ]
+    commands = envelope_commands(sender, recipients, size, body, smtputf8, dsn)
     if pipelining:
         channel.send(b"".join(commands))
         result.mail = await channel.reply()

@@ -6,8 +6,12 @@ they ask of the reports.  Pure.
 ``MAIL FROM`` may carry ``RET=FULL|HDRS`` and ``ENVID=<xtext>`` (at most 100
 characters, 4.4); each ``RCPT TO`` ``NOTIFY=NEVER`` or a list of
 ``SUCCESS``, ``FAILURE``, ``DELAY`` (4.1), and ``ORCPT=<addr-type>;<xtext>``
-(4.2).  They are kept with the message as one plain dict (it goes into JSON
-records as is):
+(4.2).  ``ORCPT=utf-8;...`` (RFC 6533 3) holds a UTF-8 address as
+utf-8-addr-xtext (``\\x{E9}`` for each character beyond printable ASCII)
+or, in an SMTPUTF8 transaction, utf-8-addr-unitext (those characters as
+they are); it is kept in the xtext form, which any peer may be given and
+a report may echo.  They are kept with the message as one plain dict (it
+goes into JSON records as is):
 
     {"ret": "HDRS", "envid": "<xtext>", "notify": {rcpt: "SUCCESS,FAILURE"},
      "orcpt": {rcpt: "rfc822;<xtext>"}}
@@ -22,10 +26,12 @@ import re
 from typing import Mapping
 
 from pullmail.smtp import replies
+from pullmail.smtp.address import AddressError, parse_mailbox
 from pullmail.smtp.replies import Reply
 
 __all__ = ["check_mail_parameter", "check_rcpt_parameters", "xtext_decode", "xtext_encode",
-           "wants", "mail_parameters", "rcpt_parameters", "for_recipients", "MAX_ENVID"]
+           "wants", "mail_parameters", "rcpt_parameters", "for_recipients", "MAX_ENVID",
+           "utf8_addr_decode", "utf8_addr_xtext"]
 
 MAX_ENVID = 100                       # RFC 3461 4.4
 _NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
@@ -34,6 +40,15 @@ _NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 # addr-type = atom (RFC 3461 4.2); rfc822 and utf-8 (RFC 6533) are the known ones.
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")
+
+
+# RFC 6533 3: utf-8-addr-xtext = 1*(QCHAR / EmbeddedUnicodeChar), and
+# utf-8-addr-unitext the same with UTF-8 characters (QUCHAR) too.  QCHAR is
+# printable ASCII but "\", "+" and "="; EmbeddedUnicodeChar is "\x{" HEXPOINT "}".
+_QCHAR = r"\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e"
+_UTF8_ADDR = re.compile(
+    rf"(?:[{_QCHAR}\u0080-\ud7ff\ue000-\U0010ffff]|\\x\{{[0-9A-F]{{2,6}}\}})+")
+_EMBEDDED = re.compile(r"\\x\{([0-9A-F]{2,6})\}")
 
 
 def _bad(text: str) -> Reply:
@@ -56,6 +71,60 @@ def xtext_encode(text: str) -> str:
     )
 
 
+def _hexpoint(digits: str) -> str | None:
+    """
+    The character a HEXPOINT (RFC 6533 3) stands for: its shortest upper-case
+    hex (at least two digits), a Unicode scalar value that QCHAR cannot
+    carry (a control, space, "+", "=", "\\", DEL, or beyond ASCII).
+    """
+    code = int(digits, 16)
+    if f"{code:02X}" != digits or code == 0 or code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+        return None
+    char = chr(code)
+    if code < 0x80 and code > 0x20 and char not in "+=\\\x7f":
+        return None
+    return char
+
+
+def utf8_addr_decode(text: str) -> str | None:
+    """The address a utf-8-addr-xtext or -unitext stands for; None when it is neither."""
+    if _UTF8_ADDR.fullmatch(text) is None:
+        return None
+    chars = [_hexpoint(digits) for digits in _EMBEDDED.findall(text)]
+    if None in chars:
+        return None
+    it = iter(chars)
+    return _EMBEDDED.sub(lambda m: next(it), text)
+
+
+def utf8_addr_xtext(address: str) -> str:
+    """RFC 6533 3: C{address} as utf-8-addr-xtext (7-bit, fit for any ORCPT)."""
+    return "".join(ch if re.fullmatch(f"[{_QCHAR}]", ch) else f"\\x{{{ord(ch):02X}}}"
+                   for ch in address)
+
+
+def _orcpt(value: str, smtputf8: bool) -> Reply | str:
+    """An ORCPT value (RFC 3461 4.2, RFC 6533 3) -> its kept form, or a refusal."""
+    addr_type, semicolon, address = value.partition(";")
+    if not (semicolon and _ADDR_TYPE.fullmatch(addr_type) and address):
+        return _bad("ORCPT is addr-type;xtext (RFC 3461 4.2)")
+    addr_type = addr_type.lower()
+    if addr_type != "utf-8":
+        if xtext_decode(address) is None:
+            return _bad("ORCPT is addr-type;xtext (RFC 3461 4.2)")
+        return f"{addr_type};{address}"
+    if not address.isascii() and not smtputf8:
+        return _bad("ORCPT=utf-8 with UTF-8 in it needs SMTPUTF8 (RFC 6533 3)")
+    decoded = utf8_addr_decode(address)
+    if decoded is None:
+        return _bad("ORCPT=utf-8 is not utf-8-addr-xtext or -unitext (RFC 6533 3)")
+    try:
+        parse_mailbox(decoded)
+    except AddressError:
+        return _bad("ORCPT=utf-8 does not hold a mailbox (RFC 6533 3)")
+    return "utf-8;" + utf8_addr_xtext(decoded)
+
+
 def check_mail_parameter(key: str, value: str | None) -> Reply | None:
     """A refusal for a bad ``RET`` or ``ENVID``, else None."""
     if key == "RET":
@@ -69,8 +138,12 @@ def check_mail_parameter(key: str, value: str | None) -> Reply | None:
     return None
 
 
-def check_rcpt_parameters(params: Mapping[str, str | None]) -> Reply | dict:
-    """The RCPT parameters, checked: a refusal, or the DSN ones to keep."""
+def check_rcpt_parameters(params: Mapping[str, str | None],
+                          smtputf8: bool = False) -> Reply | dict:
+    """
+    The RCPT parameters, checked: a refusal, or the DSN ones to keep.
+    C{smtputf8}: the transaction has SMTPUTF8, so ORCPT may be unitext.
+    """
     kept: dict[str, str] = {}
     for key, value in params.items():
         if key == "NOTIFY":
@@ -82,11 +155,10 @@ def check_rcpt_parameters(params: Mapping[str, str | None]) -> Reply | dict:
                 return _bad("NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
             kept["notify"] = ",".join(words)
         elif key == "ORCPT":
-            addr_type, semicolon, address = (value or "").partition(";")
-            if not (semicolon and _ADDR_TYPE.fullmatch(addr_type) and address
-                    and xtext_decode(address) is not None):
-                return _bad("ORCPT is addr-type;xtext (RFC 3461 4.2)")
-            kept["orcpt"] = f"{addr_type.lower()};{address}"
+            orcpt = _orcpt(value or "", smtputf8)
+            if isinstance(orcpt, Reply):
+                return orcpt
+            kept["orcpt"] = orcpt
         else:
             return replies.S555_BAD_PARAMETER.with_text(f"Unsupported parameter {key}")
     return kept

@@ -141,6 +141,10 @@ class ReplyChannel(Protocol):
         self.deadlines.start_handshake(timed=False)
         self.transport.startTLS(options)
 
+    def usable(self) -> bool:
+        """Still open for another command: a connection kept idle may have been closed."""
+        return not self._closing and self._replies is not None
+
     def reply(self) -> defer.Deferred:
         """The next reply from the peer (the Channel interface)."""
         d = defer.Deferred()

@@ -33,7 +33,13 @@ from pullmail.smtp.address import (
     parse_mail_argument,
     parse_rcpt_argument,
 )
-from pullmail.smtp.chunking import S501_BAD_BDAT, ChunkedMessage, ReadChunk, parse_bdat
+from pullmail.smtp.chunking import (
+    S501_BAD_BDAT,
+    S503_BDAT_NEEDS_EHLO,
+    ChunkedMessage,
+    ReadChunk,
+    parse_bdat,
+)
 from pullmail.smtp.connection import MAX_COMMAND_LINE
 from pullmail.smtp.dsn import check_mail_parameter, check_rcpt_parameters
 from pullmail.smtp.envelope import Envelope, Session
@@ -395,7 +401,74 @@ class _SASL:
         return replies.S235_AUTH_OK
 
 
-class ServerMachine(_SASL):
+class _Chunking:
+    """
+    The machine's BDAT (RFC 3030): each chunk is read by the glue as
+    exactly its size (L{ReadChunk}) and handed back to L{chunk_received};
+    a refused BDAT's chunk is read and dropped before its refusal.
+    """
+
+    policy: ServerPolicy
+    session: Session
+    state: State
+    _chunked: ChunkedMessage | None
+    _first_chunk: tuple[int, bool]
+    _skipped: Reply | None
+
+    def _bdat(self, argument: str) -> object:
+        if not self.extensions_offered:
+            # RFC 3030 2 / RFC 5321 2.2.1: CHUNKING is an extension EHLO
+            # offers; a HELO session was offered none.
+            return self._skip_chunk(argument, S503_BDAT_NEEDS_EHLO)
+        parsed = self._bdat_argument(argument)
+        if isinstance(parsed, Close):
+            return parsed
+        if self._chunked is None:
+            self._chunked = ChunkedMessage(self.policy.max_size)
+            self._advance("BDAT")
+            if self._needs_push_check():
+                self._first_chunk = parsed
+                return CheckPush(self.session, self.envelope)
+        return self._read_chunk(*parsed)
+
+    def _bdat_argument(self, argument: str) -> tuple[int, bool] | Close:
+        parsed = parse_bdat(argument)
+        if parsed is None:
+            # The chunk's length is unknown, so what follows cannot be
+            # framed: read as commands it could smuggle some in.
+            self.state = State.CLOSED
+            return Close(S501_BAD_BDAT)
+        return parsed
+
+    def _skip_chunk(self, argument: str, refusal: Reply) -> object:
+        """
+        A refused BDAT: its chunk still follows (pipelined, RFC 3030 2),
+        so it is read and thrown away, then C{refusal} answers it; read as
+        commands, the chunk could smuggle some in.
+        """
+        parsed = self._bdat_argument(argument)
+        if isinstance(parsed, Close):
+            return parsed
+        self._skipped = refusal
+        return ReadChunk(parsed[0], parsed[1], keep=False)
+
+    def _read_chunk(self, size: int, last: bool) -> ReadChunk:
+        self._chunked.announce(size, last)
+        return ReadChunk(size, last, keep=self._chunked.error is None)
+
+    def chunk_received(self, data: bytes) -> object:
+        """The glue read a whole BDAT chunk: its reply, or the end of data."""
+        if self._skipped is not None:
+            refusal, self._skipped = self._skipped, None
+            return refusal
+        chunked = self._chunked
+        reply = chunked.add(data)
+        if not chunked.last:
+            return reply
+        return self.data_received(chunked.message(), chunked.size, chunked.error)
+
+
+class ServerMachine(_SASL, _Chunking):
     """One SMTP session's state, driven by lines; no I/O."""
 
     TRANSITION_CHANGES: Mapping[tuple[State, str], State] = {}  # a subclass's changes
@@ -412,6 +485,7 @@ class ServerMachine(_SASL):
         self._sasl: Callable[[str], object] | None = None
         self._chunked: ChunkedMessage | None = None     # a BDAT transaction's
         self._first_chunk: tuple[int, bool] = (0, False)  # while its push check runs
+        self._skipped: Reply | None = None    # the refusal of a BDAT whose chunk is read
 
     # -- entry points -------------------------------------------------------
 
@@ -435,6 +509,8 @@ class ServerMachine(_SASL):
         if handler is None:
             return replies.S500_UNRECOGNIZED
         if (self.state, verb) not in self._transitions:
+            if verb == "BDAT":
+                return self._skip_chunk(argument.strip(" "), _sequence_error(self.state, verb))
             return _sequence_error(self.state, verb)
         return handler(self, argument.strip(" ") if verb != "AUTH" else argument)
 
@@ -497,9 +573,8 @@ class ServerMachine(_SASL):
             return replies.S501_SYNTAX.with_text(f"Syntax error in parameters: {e}")
         except AddressError as e:
             return replies.S501_BAD_SENDER.with_text(f"Bad sender address syntax: {e}")
-        if params and not self.session.esmtp:
-            # RFC 5321 4.1.1.11: parameters need the extensions EHLO offered.
-            return replies.S555_BAD_PARAMETER.with_text("Parameters need EHLO")
+        if refusal := self._parameters_refused(params):
+            return refusal
         problem = self._check_mail_params(params)
         if isinstance(problem, Reply):
             return problem
@@ -546,6 +621,17 @@ class ServerMachine(_SASL):
                 return replies.S555_BAD_PARAMETER.with_text(f"Unsupported parameter {key}")
         return size, body
 
+    @property
+    def extensions_offered(self) -> bool:
+        """RFC 5321 2.2.1: only the reply to EHLO offers extensions."""
+        return self.session.esmtp
+
+    def _parameters_refused(self, params) -> Reply | None:
+        # RFC 5321 4.1.1.11: parameters need the extensions EHLO offered.
+        if params and not self.extensions_offered:
+            return replies.S555_BAD_PARAMETER.with_text("Parameters need EHLO")
+        return None
+
     def _accept_sender(self, envelope: Envelope) -> Reply:
         self.envelope = envelope
         self._advance("MAIL")
@@ -563,7 +649,10 @@ class ServerMachine(_SASL):
             return replies.S501_SYNTAX.with_text(f"Syntax error in parameters: {e}")
         except AddressError as e:
             return replies.S501_BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {e}")
-        kept = check_rcpt_parameters(params)     # NOTIFY, ORCPT (RFC 3461 4.1, 4.2)
+        if refusal := self._parameters_refused(params):
+            return refusal
+        # NOTIFY, ORCPT (RFC 3461 4.1, 4.2; RFC 6533 3)
+        kept = check_rcpt_parameters(params, "SMTPUTF8" in self.envelope.params)
         if isinstance(kept, Reply):
             return kept
         if mailbox.utf8 and "SMTPUTF8" not in self.envelope.params:
@@ -597,33 +686,6 @@ class ServerMachine(_SASL):
         if self._needs_push_check():
             return CheckPush(self.session, self.envelope)
         return self._begin_data()
-
-    def _bdat(self, argument: str) -> object:
-        parsed = parse_bdat(argument)
-        if parsed is None:
-            # The chunk's length is unknown, so what follows cannot be
-            # framed: read as commands it could smuggle some in.
-            self.state = State.CLOSED
-            return Close(S501_BAD_BDAT)
-        if self._chunked is None:
-            self._chunked = ChunkedMessage(self.policy.max_size)
-            self._advance("BDAT")
-            if self._needs_push_check():
-                self._first_chunk = parsed
-                return CheckPush(self.session, self.envelope)
-        return self._read_chunk(*parsed)
-
-    def _read_chunk(self, size: int, last: bool) -> ReadChunk:
-        self._chunked.announce(size, last)
-        return ReadChunk(size, last, keep=self._chunked.error is None)
-
-    def chunk_received(self, data: bytes) -> object:
-        """The glue read a whole BDAT chunk: its reply, or the end of data."""
-        chunked = self._chunked
-        reply = chunked.add(data)
-        if not chunked.last:
-            return reply
-        return self.data_received(chunked.message(), chunked.size, chunked.error)
 
     def _begin_data(self) -> BeginData:
         self._advance("DATA")

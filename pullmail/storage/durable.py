@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from itertools import islice
 from pathlib import Path
 
 __all__ = [
@@ -43,16 +44,22 @@ _IOV_MAX = 1024
 
 
 def write_all(fd: int, chunks) -> None:
-    """All of C{chunks} with as few writev(2) calls as the kernel allows."""
-    views = [memoryview(chunk) for chunk in chunks if chunk]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views.pop(0))
-            else:
-                views[0] = views[0][written:]
-                written = 0
+    """
+    All of C{chunks} (any iterable: taken IOV_MAX at a time, so a
+    generator is written as it goes) with as few writev(2) calls as the
+    kernel allows.
+    """
+    chunks = iter(chunks)
+    while batch := list(islice(chunks, _IOV_MAX)):
+        views = [memoryview(chunk) for chunk in batch if chunk]
+        while views:
+            written = os.writev(fd, views)
+            while written and views:
+                if written >= len(views[0]):
+                    written -= len(views.pop(0))
+                else:
+                    views[0] = views[0][written:]
+                    written = 0
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:

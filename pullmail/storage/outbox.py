@@ -9,6 +9,8 @@ id.  On disk, under the outbox folder::
                          share it through hard links)
     entries/<id>.json    the entry's state, versioned JSON, replaced atomically
     claimed/<id>.json    an entry being retrieved right now
+    entries.snapshot     the records as last read, for a quick start-up (a
+                         cache, checked against each file; L{snapshot})
 
 A claim is a rename from ``entries/`` to ``claimed/``: of two nodes sharing
 the folder, exactly one rename succeeds.  At start-up claimed entries are
@@ -18,10 +20,15 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from itertools import compress
+from operator import attrgetter, eq
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,7 +39,7 @@ from zope.interface import implementer
 from pullmail import maillog
 from pullmail.ids import is_gdel_id
 from pullmail.interfaces import IOutbox
-from pullmail.storage import record
+from pullmail.storage import record, snapshot
 from pullmail.storage.durable import (
     fsync_directory,
     remove_files,
@@ -47,6 +54,8 @@ __all__ = ["EntryState", "OutboxEntry", "Indexed", "MaildirOutbox", "OneNode", "
 log = Logger(namespace="pullmail.storage.outbox")
 
 RECORD_VERSION = 1
+# The index's snapshot in the outbox folder (a cache; L{snapshot}).
+SNAPSHOT = "entries.snapshot"
 
 
 class EntryState(StrEnum):
@@ -59,11 +68,12 @@ class EntryState(StrEnum):
     NOTIFIED = "notified"    # the peer accepted GDEL; waiting for RETR until expires
 
 
+_STATES = MappingProxyType({state.value: state for state in EntryState})
 QUEUED = EntryState.QUEUED
 NOTIFIED = EntryState.NOTIFIED
 
 
-@dataclass
+@dataclass(slots=True)
 class OutboxEntry:
     id: str
     queue_id: str
@@ -92,7 +102,15 @@ class OutboxEntry:
     claimed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.state = EntryState(self.state)   # a record's string; ValueError if unknown
+        try:
+            self.state = _STATES[self.state]   # a record's string
+        except KeyError:
+            raise ValueError(f"unknown entry state {self.state!r}") from None
+
+    def take_over(self, other: "OutboxEntry") -> None:
+        """Become C{other}, field by field: lines, timers and RETRs hold this object."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(other, name))
 
     def to_json(self) -> bytes:
         return record.dump(self, RECORD_VERSION, exclude=("claimed",))
@@ -100,6 +118,12 @@ class OutboxEntry:
     @classmethod
     def from_json(cls, data: bytes) -> "OutboxEntry":
         return record.load(cls, data, RECORD_VERSION)
+
+
+# A snapshot row's values: every field but C{claimed} (the last), in order,
+# so that C{OutboxEntry(*values)} builds the entry again.
+COLUMNS = tuple(f.name for f in fields(OutboxEntry) if f.name != "claimed")
+_values = attrgetter(*COLUMNS)
 
 
 class Indexed:
@@ -121,27 +145,38 @@ class OneNode(Indexed):
     """The asynchronous seam of an outbox no other node shares: the index answers."""
 
     shared = False
+    # While the index is read in the background: who waits for it.
+    _loading: list[Deferred] | None = None
 
     def find(self, entry_id: str) -> Deferred:
-        return succeed(self.get(entry_id))
+        return self._indexed(entry_id, self.get)
 
     def acquire(self, entry_id: str) -> Deferred:
-        return succeed(self.claim(entry_id))
+        return self._indexed(entry_id, self.claim)
 
     def take(self, entry_id: str) -> Deferred:
-        return succeed(self.get(entry_id))
+        return self._indexed(entry_id, self.get)
+
+    def _indexed(self, entry_id: str, then) -> Deferred:
+        """C{then(entry_id)}, once the entry is indexed or the whole index is."""
+        if self._loading is None or entry_id in self._index:
+            return succeed(then(entry_id))
+        waiter: Deferred = Deferred()
+        self._loading.append(waiter)
+        return waiter.addCallback(lambda _: then(entry_id))
 
 
 @implementer(IOutbox)
 class MaildirOutbox(OneNode):
     """The default outbox: files in one folder, claims by rename."""
 
-    def __init__(self, root: Path, run_blocking=None) -> None:
+    def __init__(self, root: Path, run_blocking=None, background: bool = False) -> None:
         """
         With C{run_blocking} (a pool runner returning Deferreds), state
         changes are written off the reactor thread: the index changes at
         once, the files follow in order per entry (L{flushed} waits for
         them).  Without it every method does its I/O before returning.
+        C{background}: L{load} reads the folder in a thread.
         """
         self.root = root
         self._operations = InOrder(run_blocking)
@@ -149,35 +184,74 @@ class MaildirOutbox(OneNode):
         self._entries = root / "entries"
         self._claimed = root / "claimed"
         self._index: dict[str, OutboxEntry] = {}
+        self._run_blocking = run_blocking
+        self._background = background
+        self._gone: set[str] = set()
+        self.snapshot_path = root / SNAPSHOT
 
     # -- start-up -----------------------------------------------------------
 
-    def load(self) -> list[str]:
+    def load(self) -> list[str] | Deferred:
         """
         Build the index from disk; release entries left claimed by a dead
         process.  Returns the ids released.  Blocking; call at start-up.
+
+        Records whose files are unchanged since the last snapshot come
+        from it, the others from their files (L{snapshot}); if many did,
+        a new snapshot is written (in a thread, given C{run_blocking}).
+
+        With C{background} (and C{run_blocking}), the folder is read in a
+        thread and a Deferred fires with the ids released once the index
+        is in place: the node greets meanwhile.  Until then L{find},
+        L{acquire} and L{take} of an id not yet indexed wait for it, so
+        that a RETR is never told that a stored entry does not exist.
         """
-        for folder in (self._data, self._entries, self._claimed, self.root / "tmp"):
-            folder.mkdir(parents=True, exist_ok=True)
-        released = []
-        for path in self._claimed.iterdir():
-            if path.suffix == ".json" and is_gdel_id(path.stem):
-                os.rename(path, self._entries / path.name)
-                released.append(path.stem)
-        self._index = {}
-        messages = set(os.listdir(self._data))
-        for stem, data in record.read_folder(self._entries):
-            if not is_gdel_id(stem):
-                continue
+        if not (self._background and self._run_blocking is not None):
+            return self._install(read_folder(self.root, self.snapshot_path))
+        self._loading, self._gone = [], set()
+        d = self._run_blocking(read_folder, self.root, self.snapshot_path, True)
+        d.addCallback(self._install)
+
+        def waited(result: object) -> object:
+            waiting, self._loading = self._loading, None
+            for waiter in waiting or ():
+                waiter.callback(None)
+            return result
+
+        return d.addBoth(waited)
+
+    def _install(self, loaded: "Loaded") -> list[str]:
+        """The index read takes over (entries added meanwhile stay as they are)."""
+        for stem, error in loaded.unreadable:
+            # Left in place: a later version may read it (a downgrade).
+            maillog.OUTBOX_UNREADABLE(log, id=stem, error=error)
+        if loaded.ignored:
+            maillog.OUTBOX_SNAPSHOT_IGNORED(log, path=str(self.snapshot_path), reason=loaded.ignored)
+        for entry_id in self._gone:     # added and removed while the folder was read
+            loaded.index.pop(entry_id, None)
+        loaded.index.update(self._index)
+        self._index, self._gone = loaded.index, set()
+        maillog.OUTBOX_INDEXED(log, folder=str(self.root), reused=loaded.reused, read=loaded.read)
+        if loaded.rows is not None:
+            self._save_snapshot(loaded.rows)
+        return loaded.released
+
+    def _save_snapshot(self, rows: list) -> None:
+        """Write the snapshot of C{rows}, taken from the files just read."""
+        path = str(self.snapshot_path)
+        write = functools.partial(snapshot.write_snapshot, self.snapshot_path, COLUMNS, rows)
+        if self._run_blocking is None:
             try:
-                entry = OutboxEntry.from_json(data)
-            except (ValueError, TypeError) as e:
-                # Left in place: a later version may read it (a downgrade).
-                maillog.OUTBOX_UNREADABLE(log, id=stem, error=str(e))
-                continue
-            if entry.id == stem and f"{stem}.eml" in messages:
-                self._index[stem] = entry
-        return released
+                count = write()
+            except OSError as e:
+                maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path, error=str(e))
+                return
+            maillog.OUTBOX_SNAPSHOT_WRITTEN(log, path=path, entries=count)
+            return
+        self._run_blocking(write).addCallbacks(
+            lambda count: maillog.OUTBOX_SNAPSHOT_WRITTEN(log, path=path, entries=count),
+            lambda failure: maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path,
+                                                           error=str(failure.value)))
 
     # -- reading ------------------------------------------------------------
 
@@ -267,6 +341,8 @@ class MaildirOutbox(OneNode):
         entry = self._index.pop(entry_id, None)
         if entry is None:
             return
+        if self._loading is not None:
+            self._gone.add(entry_id)
         folder = self._claimed if entry.claimed else self._entries
         paths = (folder / f"{entry_id}.json", self.message_path(entry_id))
         if after is None:
@@ -281,3 +357,111 @@ class MaildirOutbox(OneNode):
             log.failure("keeping outbox entry {id} until the next start", failure, id=entry_id)
 
         after.addCallbacks(delete, keep)
+
+
+# -- reading the folder (blocking; no state shared with the reactor) ------------------------
+
+
+@dataclass
+class Loaded:
+    """What L{read_folder} found, for L{MaildirOutbox} to take over."""
+
+    index: dict[str, OutboxEntry]
+    released: list[str]
+    reused: int = 0                 # entries taken from the snapshot
+    read: int = 0                   # record files read
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    ignored: str = ""               # why a snapshot there was not used
+    rows: list | None = None        # a new snapshot's rows, when one is worth writing
+
+
+def read_folder(root: Path, snapshot_path: Path, freeze: bool = False) -> Loaded:
+    """
+    Release entries left claimed, then read the index: from the snapshot
+    where a file is the one it read, else from the file.  The listing is
+    taken before any record is read, so a row's identity is never newer
+    than its values (a file replaced meanwhile is read again next time).
+
+    The cyclic garbage collector is off meanwhile: a million new entries
+    would set off full collections, each walking the whole heap with the
+    GIL held (a stall of the reactor, when this runs in a thread).  With
+    C{freeze} (the node's start-up), what was read is then frozen out of
+    the collector's sight (as L{pullmail.node.tap.freeze_start_up_heap}
+    does), else the first collection after would walk all of it at once.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        loaded = _read_folder(root, snapshot_path)
+        if freeze:
+            gc.freeze()
+        return loaded
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _read_folder(root: Path, snapshot_path: Path) -> Loaded:
+    data, entries, claimed = root / "data", root / "entries", root / "claimed"
+    for folder in (data, entries, claimed, root / "tmp"):
+        folder.mkdir(parents=True, exist_ok=True)
+    released = []
+    for path in claimed.iterdir():
+        if path.suffix == ".json" and is_gdel_id(path.stem):
+            os.rename(path, entries / path.name)
+            released.append(path.stem)
+    snapshot.remove_leftovers(snapshot_path)
+    listing = snapshot.list_folder(entries)
+    messages = {name[:-4] for name in os.listdir(data) if name.endswith(".eml")}
+    for stem in listing.keys() - messages:    # its message is gone: not an entry
+        del listing[stem]
+    loaded = Loaded({}, released)
+    rows = _from_snapshot(snapshot_path, listing, loaded)
+    index = loaded.index
+    loaded.reused = len(index)
+    unread = sorted((ident[0], stem) for stem, ident in listing.items() if stem not in index)
+    names = [f"{stem}.json" for _, stem in unread if is_gdel_id(stem)]
+    loaded.read = len(names)
+    for name, record_data in record.read_files(entries, names):
+        stem = name[:-5]
+        try:
+            entry = OutboxEntry.from_json(record_data)
+        except (ValueError, TypeError) as e:
+            loaded.unreadable.append((stem, str(e)))
+            continue
+        if entry.id == stem:
+            index[entry.id] = entry
+    changed = loaded.read + (rows - loaded.reused if rows >= 0 else 0)
+    if changed > len(index) // 10 and (index or rows > 0):
+        loaded.rows = [(stem, listing[stem], _values(entry)) for stem, entry in index.items()]
+    return loaded
+
+
+def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity], loaded: Loaded) -> int:
+    """
+    Index the entries of the snapshot whose files are the ones it read;
+    the number of rows it has (-1: no usable snapshot).
+    """
+    index: dict[str, OutboxEntry] = {}
+    rows = 0
+    try:
+        for names, *columns in snapshot.read_snapshot(path, COLUMNS):
+            rows += len(names)
+            unchanged = list(map(eq, map(listing.get, names), zip(*columns[:4])))
+            values = columns[4:]
+            if not all(unchanged):
+                names = list(compress(names, unchanged))
+                values = [list(compress(column, unchanged)) for column in values]
+            if names != values[0]:
+                raise ValueError("snapshot rows for other entries than their names")
+            # keyed by the entry's own id: one string object for both
+            index.update(zip(values[0], map(OutboxEntry, *values)))
+    except snapshot.SnapshotUnusable as e:
+        if str(e) != "none":
+            loaded.ignored = str(e)
+        return -1
+    except (ValueError, TypeError, OSError) as e:
+        loaded.ignored = repr(e)
+        return -1
+    loaded.index = index
+    return rows

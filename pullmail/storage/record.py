@@ -11,9 +11,9 @@ import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["dump", "load", "read_folder"]
+__all__ = ["dump", "load", "read_files", "read_folder"]
 
 READ_SIZE = 64 * 1024
 
@@ -55,9 +55,19 @@ def read_folder(folder: Path, suffix: str = ".json") -> Iterator[tuple[str, byte
         names = sorted((item.inode(), item.name) for item in listing
                        if item.name.endswith(suffix) and not item.name.startswith(".")
                        and item.is_file(follow_symlinks=False))
+    for name, data in read_files(folder, [name for _, name in names]):
+        yield name[: -len(suffix)], data
+
+
+def read_files(folder: Path, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    """
+    Yield (name, contents) of each of the files C{names} in C{folder} that
+    exists, in the order given, opened relative to the folder (without
+    resolving its path again) and never through a symbolic link.
+    """
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for _, name in names:
+        for name in names:
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=folder_fd)
             except FileNotFoundError:
@@ -68,6 +78,6 @@ def read_folder(folder: Path, suffix: str = ".json") -> Iterator[tuple[str, byte
                     data += b"".join(iter(lambda: os.read(fd, READ_SIZE), b""))
             finally:
                 os.close(fd)
-            yield name[: -len(suffix)], data
+            yield name, data
     finally:
         os.close(folder_fd)

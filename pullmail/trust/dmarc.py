@@ -6,6 +6,12 @@ organisational domain from the bundled public suffix list
 
 L{evaluate} is pure (records, results, a sample in [0, 100) in; a
 L{DMARCVerdict} out); L{DMARCChecker} only gathers the records.
+
+Reporting tags (``rua``, ``ruf``, ``fo``, ``rf``, ``ri``) are ignored,
+whatever their values: pullmail sends no aggregate or failure reports.  ``t=y`` (the
+DMARCbis testing flag, unknown to RFC 7489) is honoured as the domain
+owner means it -- the next policy down, as ``pct=0`` -- and any other
+``t=`` is ignored (RFC 7489 6.3: unknown tags are ignored).
 """
 
 from __future__ import annotations
@@ -21,13 +27,25 @@ from publicsuffixlist import PublicSuffixList
 from twisted.internet import defer
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
+from pullmail.trust.message import Authors
 
-__all__ = ["DMARCChecker", "DMARCVerdict", "OrganizationalDomains", "evaluate", "select_record"]
+__all__ = ["DMARCChecker", "DMARCVerdict", "OrganizationalDomains", "evaluate", "select_record",
+           "strictest", "MAX_AUTHOR_DOMAINS"]
 
 # RFC 7489 6.6.3 step 2: only records that start with the version tag count.
 _VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|\Z)")
 # RFC 7489 6.6.4: a message outside pct gets the next policy down.
 _DOWNGRADE = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+_SEVERITY = {"none": 0, "quarantine": 1, "reject": 2}
+# The t= tag, which the dmarc library would let override pct; we read it.
+_TESTING = re.compile(r";\s*t\s*=\s*([^;]*)", re.IGNORECASE)
+# Tags this node has no use for, taken out before the library parses the
+# record: a bad ri= must not void the policy (RFC 7489 6.3: syntax errors
+# in the rest of the record are discarded in favour of defaults).
+_UNUSED = re.compile(r";\s*(?:rua|ruf|fo|rf|ri|t)\s*=[^;]*", re.IGNORECASE)
+# RFC 7489 6.6.1: the author domains of one From field that are checked;
+# a From naming more cannot be checked, and is refused under enforce.
+MAX_AUTHOR_DOMAINS = 5
 
 
 class OrganizationalDomains:
@@ -81,9 +99,11 @@ def evaluate(record: str, from_domain: str, org_record: bool, spf: tuple[str, st
     C{spf} is (result, domain checked), C{dkim} a (result, d=) per
     signature; C{sample} is uniform in [0, 100).
     """
+    testing = [m.group(1).strip().lower() for m in _TESTING.finditer(record)]
     try:
         policy = dmarc.DMARC(domains).parse_record(
-            record, from_domain, org_domain=domains.of(from_domain) if org_record else None)
+            _UNUSED.sub("", record), from_domain,
+            org_domain=domains.of(from_domain) if org_record else None)
     except dmarc.Error as e:
         return DMARCVerdict("permerror", from_domain, reason=f"bad DMARC record: {e}")
     results = dmarc.AuthResults(
@@ -98,7 +118,7 @@ def evaluate(record: str, from_domain: str, org_record: bool, spf: tuple[str, st
     if outcome.result is dmarc.DMARCResult.PASS:
         return DMARCVerdict("pass", from_domain, published)
     disposition = published
-    if sample >= policy.pct:
+    if sample >= policy.pct or testing == ["y"]:
         disposition = _DOWNGRADE[published]
     return DMARCVerdict("fail", from_domain, published, disposition,
                         "no aligned SPF or DKIM pass")
@@ -113,16 +133,33 @@ class DMARCChecker:
         self.domains = domains
         self.sample = sample or (lambda: random.random() * 100)
 
-    def check(self, from_domains: Sequence[str], spf: tuple[str, str] | None,
+    def check(self, authors: Authors, spf: tuple[str, str] | None,
               dkim: Sequence[tuple[str, str]]) -> defer.Deferred:
         """Fire with the L{DMARCVerdict} of a message (never fails)."""
-        return defer.Deferred.fromCoroutine(self._check(from_domains, spf, dkim))
+        return defer.Deferred.fromCoroutine(self._check(authors, spf, dkim))
 
-    async def _check(self, from_domains, spf, dkim) -> DMARCVerdict:
-        if len(set(from_domains)) != 1:
-            # RFC 7489 6.6.1: no single author domain, nothing to evaluate.
-            return DMARCVerdict("permerror", reason="no single RFC5322.From domain")
-        domain = from_domains[0]
+    async def _check(self, authors: Authors, spf, dkim) -> DMARCVerdict:
+        """
+        RFC 7489 6.6.1, as this node applies it: several From fields (RFC
+        5322 3.6 allows one; a reader sees one while a checker may evaluate
+        another) are a permerror refused under ``enforce``, as is a From
+        naming more than L{MAX_AUTHOR_DOMAINS} domains; a From with several
+        author domains has each checked, and the strictest failing policy
+        applies; a From with no domain (none, or only ``undisclosed:;``)
+        claims nobody: permerror, delivered.
+        """
+        if authors.fields > 1:
+            return DMARCVerdict("permerror", disposition="reject",
+                                reason=f"{authors.fields} From fields")
+        if len(authors.domains) > MAX_AUTHOR_DOMAINS:
+            return DMARCVerdict("permerror", disposition="reject",
+                                reason=f"{len(authors.domains)} author domains")
+        if not authors.domains:
+            return DMARCVerdict("permerror", reason="no RFC5322.From domain")
+        verdicts = [await self._check_domain(domain, spf, dkim) for domain in authors.domains]
+        return strictest(verdicts)
+
+    async def _check_domain(self, domain: str, spf, dkim) -> DMARCVerdict:
         organizational = self.domains.of(domain)
         for name, org_record in ((domain, False), (organizational, True)):
             if org_record and organizational == domain:
@@ -139,3 +176,19 @@ class DMARCChecker:
                 return evaluate(record, domain, org_record, spf, dkim, self.sample(),
                                 self.domains)
         return DMARCVerdict("none", domain)
+
+
+def strictest(verdicts: Sequence[DMARCVerdict]) -> DMARCVerdict:
+    """
+    The verdict on a From of several author domains (RFC 7489 6.6.1): the
+    failing one whose disposition is strictest; else a temperror, a
+    permerror, a pass, in that order; else (no policy anywhere) none.
+    """
+    failing = [v for v in verdicts if v.result == "fail"]
+    if failing:
+        return max(failing, key=lambda v: _SEVERITY[v.disposition])
+    for result in ("temperror", "permerror", "pass"):
+        for verdict in verdicts:
+            if verdict.result == result:
+                return verdict
+    return verdicts[0]

@@ -195,6 +195,18 @@ def gdel(address: str, gdel_id: str) -> tuple[int, list[str]]:
         return client.command(f"GDEL {gdel_id}")
 
 
+def assert_store_refused(node, stored: str) -> None:
+    """A submission, a GDEL and a RETR at C{node} get 451 4.3.0: its store is out of reach."""
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(node, ALICE, PASSWORD, [BOB], message("while-down"))
+    assert refused.value.smtp_code == 451, refused.value
+    assert refused.value.smtp_error.startswith(b"4.3.0"), refused.value
+    code, texts = gdel(node.address, new_gdel_id())
+    assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+    code, texts = retrieve(node.address, stored)
+    assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+
+
 def test_database_stopped_mid_run(cluster, postgres):
     """
     PostgreSQL stops: submissions, GDEL and RETR get 451 4.3.0, never 250
@@ -204,14 +216,7 @@ def test_database_stopped_mid_run(cluster, postgres):
     [stored] = cluster.add_notified(1)
     postgres.stop()
     try:
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            submit(mx1, ALICE, PASSWORD, [BOB], message("while-down"))
-        assert refused.value.smtp_code == 451, refused.value
-        assert refused.value.smtp_error.startswith(b"4.3.0"), refused.value
-        code, texts = gdel(MX1, new_gdel_id())
-        assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
-        code, texts = retrieve(MX1, stored)
-        assert code == 451 and texts[0].startswith("4.3.0"), (code, texts)
+        assert_store_refused(mx1, stored)
     finally:
         postgres.start()
     fake = FakeMX()
@@ -326,3 +331,52 @@ def test_receiver_retrieves_from_the_other_node_when_the_notifier_died(cluster):
     assert len([c for c in copies if f"END {token}".encode() in c]) == 1
     mx2.wait_log(rf"retrieved {gdel_id} .* accepted \['{BOB}'\]", 10)
     wait_until(lambda: cluster.rows() == 0, 5, message="the row removed")
+
+
+def test_a_node_starts_while_the_database_is_down(cluster, postgres):
+    """
+    PostgreSQL stopped before the node starts: the node starts and listens
+    all the same; a submission for a remote domain and a GDEL get 451
+    4.3.0, mail for a local mailbox is delivered; the log says why.  Once
+    the database is back the node connects, checks the schema, loads the
+    cluster's rows, and serves them.
+    """
+    [stored] = cluster.add_notified(1)
+    postgres.stop()
+    try:
+        mx1 = cluster.node("mx1", MX1)
+        mx1.wait_log(r"the database is out of reach .*answering 451 4\.3\.0", 10)
+        assert_store_refused(mx1, stored)
+        assert submit(mx1, ALICE, PASSWORD, [ALICE], message("local")) == {}
+        mx1.wait_delivered(ALICE)
+    finally:
+        postgres.start()
+    mx1.wait_log(r"the database answers \(schema checked, stores loaded\)", 20)
+    code, data = retrieve(MX1, stored)
+    assert code == 250 and f"END {stored}".encode() in data
+    assert gdel(MX1, new_gdel_id())[0] == 250
+    wait_until(lambda: cluster.rows() == 0, 5, message="the row removed")
+
+
+def test_a_node_started_without_the_database_still_refuses_an_unknown_schema(cluster,
+                                                                              postgres):
+    """The database it reaches later has no pullmail schema: the node stops, saying why."""
+    import psycopg
+
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        connection.execute("DROP DATABASE IF EXISTS pullmail_noschema")
+        connection.execute("CREATE DATABASE pullmail_noschema")
+    proxy = CuttableProxy(postgres.port)
+    proxy.cut.set()   # connections refused: the database is out of reach
+    proxy.start()
+    try:
+        mx1 = cluster.node(
+            "mx1", MX1, dsn=f"postgresql://pullmail@127.0.0.1:{proxy.port}/pullmail_noschema")
+        mx1.wait_log(r"the database is out of reach", 10)
+        assert mx1.running()
+        proxy.cut.clear()
+        mx1.wait_log(r"refusing to run: the database has no pullmail schema: run "
+                     r"`pullmail initdb", 20)
+        wait_until(lambda: not mx1.running(), 10, message="the node stopped")
+    finally:
+        proxy.close()

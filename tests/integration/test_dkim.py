@@ -252,6 +252,19 @@ def test_p_reject_gets_550_after_data_and_nothing_is_stored(world):
     assert world.verifier.mail_snapshot().new_since(before) == {}
 
 
+def test_several_from_fields_get_550_after_data_and_nothing_is_stored(world):
+    """RFC 7489 6.6.1: the reader sees one From, a checker might judge the other."""
+    token = "twofrom-" + secrets.token_hex(4)
+    before = world.verifier.mail_snapshot()
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        push(FRIEND, "ceo@none.test",
+             b"From: ceo@none.test\r\n" + letter("boss@signer.test", token))
+    assert refused.value.smtp_code == 550
+    assert b"5.7.1 Rejected by the DMARC check: 2 From fields" in refused.value.smtp_error
+    time.sleep(0.5)
+    assert world.verifier.mail_snapshot().new_since(before) == {}
+
+
 def test_p_quarantine_goes_to_junk(world):
     token = "junk-" + secrets.token_hex(4)
     push(STRANGER, "ceo@quarantine.test", letter("ceo@quarantine.test", token))
@@ -288,16 +301,36 @@ def test_submission_gets_auth_pass(world):
     assert verdicts.strip() == "mx.verifier.test; auth=pass smtp.auth=bob@verifier.test"
 
 
-def test_alias_forward_is_sealed_with_arc(world):
+def test_alias_forward_is_sealed_with_arc_and_the_chain_verifies_at_the_next_node(world):
+    """
+    The verifier seals the forward (RFC 8617 i=1, cv=none); the signer node,
+    retrieving it, validates the chain through its own resolver: arc=pass.
+    """
     token = "fwd-" + secrets.token_hex(4)
     push(FRIEND, "ceo@none.test", letter("ceo@none.test", token, to="fwd@verifier.test"),
          to="fwd@verifier.test")
     message = delivered(world.signer, DAVE, token, timeout=20)
-    assert results_of(message, "mx.signer.test")
+    assert "arc=pass (i=1 d=verifier.test)" in results_of(message, "mx.signer.test")
+    assert b"ARC-Seal: i=1; cv=none;" in message
     cv, results, reason = dkim.arc_verify(message, dnsfunc=dnsfunc(world))
     assert cv == dkim.CV_Pass, (reason, results)
     assert b"ARC-Authentication-Results: i=1; mx.verifier.test;" in message
     assert re.search(rb"spf=pass smtp.mailfrom=ceo@none.test", message)
+
+
+def test_a_tampered_arc_chain_is_arc_fail(world):
+    """A sealed message changed on the way: the verifier says arc=fail, and delivers."""
+    token = "arc-" + secrets.token_hex(4)
+    upstream = b"Authentication-Results: mx.signer.test; spf=pass smtp.mailfrom=x@none.test\r\n"
+    original = upstream + letter("ceo@none.test", token)
+    key = next(world.signer.dir.rglob("signer.test.*-rsa.pem"))
+    selector = key.name.split(".")[-2]
+    arc = dkim.arc_sign(original, selector.encode(), b"signer.test", key.read_bytes(),
+                        b"mx.signer.test")
+    push(FRIEND, "ceo@none.test", b"".join(arc) + original.replace(b"body of", b"changed"))
+    verdicts = results_of(delivered(world.verifier, BOB, token))
+    assert "arc=fail (i=1 d=signer.test Most recent ARC-Message-Signature did not validate)" \
+        in verdicts, verdicts
 
 
 def test_report_mode_only_writes_the_header(world):

@@ -634,9 +634,11 @@ class FakeSMTA(ScriptedPeer):
     with MAIL/RCPT/DATA, and records the RMTA's replies to end of data.
     """
 
-    def __init__(self, messages: dict[str, bytes], address: str = SENDER_IP) -> None:
+    def __init__(self, messages: dict[str, bytes], address: str = SENDER_IP,
+                 chunked: bool = False) -> None:
         super().__init__(address)
         self.messages = messages
+        self.chunked = chunked   # the turn sends BDAT LAST (then RSET if refused)
         self.final_replies: list[tuple[str, str]] = []
         self.commands: list[str] = []  # what the RMTA said in the client role
 
@@ -672,6 +674,14 @@ class FakeSMTA(ScriptedPeer):
                 assert reply().startswith("250"), "MAIL refused"
                 conn.sendall(f"RCPT TO:<{BOB}>\r\n".encode())
                 assert reply().startswith("250"), "RCPT refused"
+                if self.chunked:
+                    body = self.messages[argument]
+                    conn.sendall(b"BDAT %d LAST\r\n" % len(body) + body)
+                    self.final_replies.append((argument, reply()))
+                    if not self.final_replies[-1][1].startswith("250"):
+                        conn.sendall(b"RSET\r\n")   # SPEC 4: the turn ends with its reply
+                        reply()
+                    continue
                 conn.sendall(b"DATA\r\n")
                 assert reply().startswith("354"), "DATA refused"
                 body = self.messages[argument]
@@ -684,15 +694,40 @@ class FakeSMTA(ScriptedPeer):
                 conn.sendall(b"502 5.5.1 Not here\r\n")
 
 
-def notify(gdel_id: str) -> tuple[int, list[str]]:
+def notify(gdel_id: str, greeting: str = "EHLO") -> tuple[int, list[str]]:
     """The transaction form of GDEL, from 127.0.0.2 as mx.sender.test."""
     with RawSMTP(RECEIVER_IP, source=SENDER_IP) as client:
-        client.ehlo("mx.sender.test")
+        assert client.command(f"{greeting} mx.sender.test")[0] == 250
         assert client.command(f"MAIL FROM:<{ALICE}>")[0] == 250
         assert client.command(f"RCPT TO:<{BOB}>")[0] == 250
         reply = client.command(f"GDEL {gdel_id}")
         client.command("QUIT")
         return reply
+
+
+@pytest.mark.parametrize("greeting, bdat_reply", [("EHLO", "250 "), ("HELO", "503 5.5.1")])
+def test_bdat_in_the_turn_only_after_a_notification_after_ehlo(net, greeting, bdat_reply):
+    """
+    SPEC 4: the SMTA's turn uses what the RMTA offered when it took the
+    notification.  After HELO it offered nothing (RFC 5321 2.2.1): BDAT is
+    503, its chunk read and dropped, and nothing is delivered.
+    """
+    receiver = net.receiver()
+    token = "chunked-turn-" + secrets.token_hex(6)
+    gdel_id = "Chunked_" + secrets.token_hex(12)
+    fake = FakeSMTA({gdel_id: message(token)}, chunked=True)
+    fake.start()
+    try:
+        assert notify(gdel_id, greeting)[0] == 250
+        wait_until(lambda: fake.final_replies, 10, message=lambda: receiver.diagnostics(12))
+        assert fake.final_replies[0][1].startswith(bdat_reply), fake.final_replies
+        if greeting == "EHLO":
+            assert_body_intact(receiver.wait_delivered(BOB, timeout=10)[0], token)
+        else:
+            receiver.wait_log(rf"{gdel_id}.*turn ended without delivery", 10)
+            assert receiver.delivered(BOB) == [] and fake.errors == []
+    finally:
+        fake.close()
 
 
 def test_renotified_id_is_retrieved_again_but_delivered_once(net):
@@ -714,8 +749,9 @@ def test_renotified_id_is_retrieved_again_but_delivered_once(net):
         assert fake.final_replies[0][1].startswith("250"), fake.final_replies
         assert_body_intact(raw, token)
         # The turn ended with the reply to end of data: the RMTA is the
-        # client again and, with nothing more to retrieve, says QUIT.
-        wait_until(lambda: "QUIT" in fake.commands, 3,
+        # client again and, with nothing more to retrieve, says QUIT (once
+        # [delivery] connection_cache_time, 2 s, has passed idle).
+        wait_until(lambda: "QUIT" in fake.commands, 6,
                    message=lambda: f"QUIT after the turn; the RMTA said {fake.commands}\n"
                    + receiver.diagnostics(12))
 

@@ -17,6 +17,7 @@ Dovecot can take them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import smtplib
@@ -24,7 +25,7 @@ import smtplib
 import pytest
 
 from .dovecot import DovecotInstance, dovecot_unavailable, make_workdir
-from .harness import smtp, submit
+from .harness import SUBMISSION_PORT, smtp, submit, wait_until
 
 NODE_IP = "127.0.0.81"
 DOVECOT_INET = ("127.0.0.82", 2424)
@@ -54,12 +55,12 @@ def dovecot():
         yield instance
 
 
-def lmtp_node(make_node, local: str, aliases: str = ""):
+def lmtp_node(make_node, local: str, aliases: str = "", retry: str = "1s"):
     return make_node(
         "mx", NODE_IP, ["example.org"], "mx.example.org",
         users={ALICE: "pw-alice-1", BOB: "pw-bob-22", CAROL: "pw-carol-3"},
         aliases=aliases,
-        settings={"delivery": {"local": local, "push_retry": ["1s"], "connect_timeout": "2s"}},
+        settings={"delivery": {"local": local, "push_retry": [retry], "connect_timeout": "2s"}},
     )
 
 
@@ -144,6 +145,47 @@ def test_dovecot_stopped_with_a_remote_copy_is_queued_and_retried(dovecot, make_
     assert b"Subject: over LMTP" in stored
 
 
+def _local_rows(node) -> list[dict]:
+    document = json.loads(node.cli("queue", "--json").stdout)
+    return [m for m in document["messages"] if m["queue"] == "local"]
+
+
+def test_the_local_queue_in_pullmail_queue(dovecot, make_node):
+    """
+    ``pullmail queue`` shows the local queue (text and --json), flushes it
+    (Dovecot back: delivered at once, not at the next retry an hour away)
+    and deletes from it, with the node running and stopped.
+    """
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}",
+                     aliases="team@example.org: alice@example.org, dave@remote.test\n",
+                     retry="1h")
+    dovecot.stop()
+    assert send(node, ["team@example.org"]) == {}
+    node.wait_log(r"deferred local delivery of \w+ to \['alice@example.org'\]")
+    [row] = _local_rows(node)
+    assert (row["recipients"], row["state"], row["sender"]) == ([ALICE], "queued",
+                                                               "x@outside.test")
+    assert "Local queue (deferred by the mail store, LMTP): 1" in node.cli("queue").stdout.decode()
+    dovecot.start()
+    node.cli("queue", "--flush")
+    dovecot.wait_delivered(ALICE, timeout=20)
+    wait_until(lambda: _local_rows(node) == [], 10)
+
+    dovecot.stop()
+    assert send(node, ["team@example.org"]) == {}
+    node.wait_log(r"deferred local delivery of \w+ to \['alice@example.org'\]", timeout=10)
+    [row] = _local_rows(node)
+    assert node.cli("queue", "--delete", row["id"]).stdout == f"deleted {row['id']}\n".encode()
+    assert _local_rows(node) == []
+    assert send(node, ["team@example.org"]) == {}
+    wait_until(lambda: len(_local_rows(node)) == 1, 10)
+    node.stop()
+    [row] = _local_rows(node)   # from the files
+    node.cli("queue", "--delete", row["id"])
+    assert _local_rows(node) == []
+    assert not list((node.state_dir / "local-queue" / "entries").iterdir())
+
+
 def test_one_recipient_deferred_by_dovecot_is_retried(dovecot, make_node):
     """
     Dovecot delivers to Alice and answers 4xx for Bob (his maildir is not
@@ -163,6 +205,41 @@ def test_one_recipient_deferred_by_dovecot_is_retried(dovecot, make_node):
     bob.chmod(0o700)
     dovecot.wait_delivered(BOB, timeout=20)
     assert len(dovecot.delivered(ALICE)) == 1
+
+
+def test_deferred_recipient_keeps_its_dsn_parameters(dovecot, make_node):
+    """
+    RFC 3461 with the local queue: Bob deferred by Dovecot, with
+    NOTIFY=SUCCESS, ENVID and ORCPT; his later delivery sends Alice the
+    success report that echoes them (RET=HDRS: the header only).
+    """
+    import ssl
+
+    node = lmtp_node(make_node, f"lmtp:unix:{dovecot.socket}")
+    bob = dovecot.maildir(BOB)
+    bob.mkdir(parents=True)
+    os.chown(bob.parent, dovecot.uid, dovecot.gid)
+    bob.chmod(0o500)
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(ALICE, "pw-alice-1")
+        client.ehlo()
+        assert client.mail(ALICE, ["RET=HDRS", "ENVID=later+2B1"])[0] == 250
+        assert client.rcpt(ALICE)[0] == 250
+        assert client.rcpt(BOB, ["NOTIFY=SUCCESS", "ORCPT=rfc822;robert+40example.org"])[0] == 250
+        assert client.data(MESSAGE.replace(b"over LMTP", b"report later"))[0] == 250
+    node.wait_log(r"deferred local delivery of \w+ to \['bob@example.org'\]")
+    assert len(dovecot.delivered(ALICE)) == 1          # her copy; no report yet
+    os.chown(bob, dovecot.uid, dovecot.gid)
+    bob.chmod(0o700)
+    dovecot.wait_delivered(BOB, timeout=20)
+    [report] = [m for m in dovecot.wait_delivered(ALICE, count=2, timeout=20)
+                if b"Successful Mail Delivery Report" in m]
+    assert b"Action: delivered" in report and b"Final-Recipient: rfc822; bob@example.org" in report
+    assert b"Original-Recipient: rfc822; robert@example.org" in report
+    assert b"Original-Envelope-Id: later+1" in report
+    assert b"Subject: report later" in report and b"dot-stuffed" not in report
 
 
 # -- General Delivery: retrieved mail takes the same way ---------------------------

@@ -17,6 +17,7 @@ its certificate from the same CA) serving each test domain's policy.
     oversized.test, garbled.test, redirect.test, wrongtype.test: nomatch's policy made
                       invalid (over 64 KiB, not the grammar, behind a 302, text/html):
                       no policy applies, so the mail is delivered
+    bücher.test       (xn--bcher-kva.test) enforce, mx "*.bücher.test": delivered
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from .certs import CertificateAuthority
-from .harness import DNSServer, Node, free_port, merge_settings, submit, wait_until
+from .harness import (
+    SUBMISSION_PORT,
+    DNSServer,
+    Node,
+    free_port,
+    merge_settings,
+    submit,
+    wait_until,
+)
 
 DNS_IP = "127.0.6.1"
 SENDER_IP = "127.0.6.20"
@@ -42,6 +51,7 @@ CAROL = "carol@sender.test"
 RCPT = "rcpt@good.test"
 PASSWORD = "pw-" + "c" * 10
 POLICY_ID = "20260101"
+IDN = "xn--bcher-kva.test"             # bücher.test
 
 ENFORCE_ELSEWHERE = b"version: STSv1\r\nmode: enforce\r\nmx: elsewhere.nomatch.test\r\n" \
                     b"max_age: 86400\r\n"
@@ -65,6 +75,9 @@ ANSWERS = {
     "garbled.test": (200, "text/plain", b"<html><body>mode: enforce</body></html>\n", {}, True),
     "redirect.test": (302, "text/plain", b"", {"Location": "/real-policy.txt"}, True),
     "wrongtype.test": (200, "text/html", ENFORCE_ELSEWHERE, {}, True),
+    # bücher.test: its policy host and MX by their A-labels; the mx pattern
+    # written with a U-label.
+    IDN: (200, "text/plain", _policy("enforce", "*.bücher.test"), {}, True),
 }
 DOMAINS = list(ANSWERS)
 # The receiver's certificate names every MX but these.
@@ -257,6 +270,32 @@ def test_testing_mode_delivers_and_reports(world, domain, report):
     send(world, domain, token)
     wait_delivered(world, token)
     world["sender"].wait_log(report, 5)
+
+
+def test_a_u_label_domain_is_served_by_its_a_label(world):
+    """
+    Mail to bücher.test: the policy is found at _mta-sts.xn--bcher-kva.test
+    and https://mta-sts.xn--bcher-kva.test/, its U-label mx pattern is
+    compared as an A-label, and enforce lets the mail go to the listed MX.
+    """
+    import smtplib
+
+    sender = world["sender"]
+    token = "sts-idn-" + secrets.token_hex(4)
+    message = f"From: {CAROL}\r\nSubject: {token}\r\n\r\nbody {token}\r\n".encode()
+    with smtplib.SMTP(sender.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(CAROL, PASSWORD)
+        assert client.sendmail(CAROL, [f"{token}@bücher.test"], message,
+                               mail_options=["SMTPUTF8"]) == {}
+    wait_delivered(world, token)
+    sender.wait_log(rf"MTA-STS policy of {re.escape(IDN)} \(id 20260101\): enforce, "
+                    rf"mx \['\*\.{re.escape(IDN)}'\]", 5)
+    sender.wait_log(rf"MTA-STS enforce \({re.escape(IDN)}\): MX mx\.{re.escape(IDN)} "
+                    r"certificate verified", 5)
+    assert world["policies"].fetched(IDN) == ["/.well-known/mta-sts.txt"]
+    assert (sender.state_dir / "mta-sts" / f"{IDN}.json").exists()
 
 
 @pytest.mark.parametrize("domain, why", [

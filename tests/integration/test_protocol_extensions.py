@@ -24,6 +24,7 @@ import pytest
 from .harness import (
     SMTP_PORT,
     SUBMISSION_PORT,
+    SUBMISSIONS_PORT,
     DNSServer,
     RawSMTP,
     free_port,
@@ -196,6 +197,49 @@ def test_bdat_on_submission(node):
     assert stored.endswith(b"\r\nhi\r\n") and b"Subject: submitted in chunks" in stored
 
 
+def _helo_session(node, service: str) -> RawSMTP:
+    """A session greeted with HELO on C{service}, authenticated on submission."""
+    if service == "submissions":
+        client = RawSMTP(node.address, port=SUBMISSIONS_PORT, greeting=False)
+        client.sock = ssl._create_unverified_context().wrap_socket(client.sock)
+        assert client.read_reply()[0] == 220
+    else:
+        client = RawSMTP(node.address, port=SMTP_PORT if service == "smtp" else SUBMISSION_PORT)
+    client.expect("HELO client.outside.test", 250)
+    if service == "submission":
+        client.starttls(ssl._create_unverified_context())
+        client.expect("HELO client.outside.test", 250)
+    if service != "smtp":
+        plain = base64.b64encode(f"\0{ALICE}\0alice-password".encode()).decode()
+        client.expect(f"AUTH PLAIN {plain}", 235)
+    return client
+
+
+@pytest.mark.parametrize("service", ["smtp", "submission", "submissions"])
+def test_bdat_after_helo_is_503_and_its_chunk_is_not_commands(node, service):
+    """
+    RFC 5321 2.2.1: a HELO session was offered no CHUNKING.  The chunk
+    pipelined behind the BDAT is read and dropped: the commands inside it
+    get no reply, and the session goes on in step.
+    """
+    before = node.mail_snapshot()
+    chunk = b"RSET\r\nMAIL FROM:<evil@outside.test>\r\nNOOP\r\n"
+    with _helo_session(node, service) as client:
+        client.expect(f"MAIL FROM:<{ALICE if service != 'smtp' else SENDER}>", 250)
+        client.expect(f"RCPT TO:<{BOB}>", 250)
+        client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"HELP\r\n")
+        code, lines = client.read_reply()
+        assert (code, lines[0][:5]) == (503, "5.5.1") and "EHLO" in lines[0]
+        assert client.read_reply()[0] == 214            # HELP: the next command
+        assert client.pending() == b""
+        assert client.command("DATA")[0] == 354          # the transaction is intact
+        subject = b"Subject: after helo on " + service.encode()
+        client.send(subject + b"\r\n\r\nhi\r\n.\r\n")
+        assert client.read_reply()[0] == 250
+    _one_new(node, BOB, subject + b"\r\n")
+    assert not [m for m in node.mail_snapshot().new_since(before).values() if b"evil" in m]
+
+
 # -- SMTPUTF8 (RFC 6531) ----------------------------------------------------------------
 
 
@@ -247,6 +291,14 @@ def test_utf8_mail_lands_in_a_utf8_maildir(node):
     ("MAIL FROM:<{s}>", "RCPT TO:<{r}> NOTIFY=NEVER,SUCCESS"),
     ("MAIL FROM:<{s}>", "RCPT TO:<{r}> ORCPT=rfc822;bob+zz"),
     ("MAIL FROM:<{s}>", "RCPT TO:<{r}> NOTIFY=DELAY NOTIFY=DELAY"),
+    # RFC 6533 3: UTF-8 ORCPT only with SMTPUTF8; HEXPOINT in shortest
+    # upper-case form, for a character QCHAR cannot carry; a mailbox inside.
+    ("MAIL FROM:<{s}>", "RCPT TO:<{r}> ORCPT=utf-8;b\u00f6b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\x{{00F6}}b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\x{{6F}}b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\x{{D800}}b@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\\ob@example.org"),
+    ("MAIL FROM:<{s}> SMTPUTF8", "RCPT TO:<{r}> ORCPT=utf-8;b\u00f6b"),
 ])
 def test_bad_dsn_parameters_are_501_5_5_4(node, mail, rcpt):
     before = node.mail_snapshot()
@@ -279,6 +331,40 @@ def test_notify_success_on_local_delivery_sends_a_delivered_report(node):
     assert b"Original-Envelope-Id: env+7" in report
     assert b"Subject: report me" in report and b"secret body" not in report   # RET=HDRS
     assert report.startswith(b"Return-Path: <>\r\nDelivered-To: alice@example.org\r\n")
+
+
+def test_no_success_report_to_a_sender_spf_does_not_back(node):
+    """SPEC 7: a success report to a forged sender is backscatter like a bounce."""
+    message = b"Subject: pushed, report asked\r\n\r\nhi\r\n"
+    with RawSMTP(node.address) as client:
+        client.ehlo()
+        client.expect(f"MAIL FROM:<{SENDER}> RET=FULL", 250)
+        client.expect(f"RCPT TO:<{BOB}> NOTIFY=SUCCESS", 250)
+        client.expect("DATA", 354)
+        client.send(message + b".\r\n")
+        code, lines = client.read_reply()
+        assert code == 250
+    queue_id = lines[0].rsplit(" ", 1)[1]
+    _one_new(node, BOB, b"Subject: pushed, report asked")
+    node.wait_log(rf"not bouncing {queue_id} to <{re.escape(SENDER)}>: SPF does not authorise", 10)
+    assert f"delivered DSN for {queue_id}" not in node.log_text()
+
+
+@pytest.mark.parametrize("orcpt", ["utf-8;b\u00f6bby@example.org",          # unitext
+                                   "utf-8;b\\x{F6}bby@example.org"])       # xtext
+def test_utf8_orcpt_is_echoed_as_utf8_addr_xtext(node, orcpt):
+    """RFC 6533 3: Original-Recipient: utf-8; in the 7-bit form, in message/delivery-status."""
+    form = "xtext" if orcpt.isascii() else "unitext"
+    message = f"Subject: orcpt as {form}\r\n\r\nhi\r\n".encode()
+    with smtplib.SMTP(node.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(ALICE, "alice-password")
+        assert client.sendmail(ALICE, [BOB], message, mail_options=["SMTPUTF8"],
+                               rcpt_options=["NOTIFY=SUCCESS", f"ORCPT={orcpt}"]) == {}
+    report = _one_new(node, ALICE, message.split(b"\r\n")[0])
+    assert b"Action: delivered" in report
+    assert b"Original-Recipient: utf-8; b\\x{F6}bby@example.org\r\n" in report
 
 
 # -- between nodes: push and General Delivery's reversed turn --------------------------
@@ -364,6 +450,30 @@ def test_dsn_parameters_cross_gdel_and_retr(net):
     receiver.wait_log(r"delivered DSN for \w+ to <alice@sender\.test>: \['bob@receiver\.test'\] "
                       r"2\.0\.0", 10)
     receiver.wait_log(r"injected \w+ from <> for \['alice@sender\.test'\]", 5)
+
+
+def test_ret_full_bounce_returns_a_large_message_whole(net):
+    """
+    RFC 3461 4.3: RET=FULL returns the whole message, past 64 KiB (up to
+    [limits] message_size); without RET the choice stays the header only.
+    """
+    sender = net.sender()
+    net.node("other", OTHER_IP, "other.test", [CAROL])
+    body = ("0123456789abcdef" * 4 + "\r\n") * 2300         # about 150 KB
+    with smtplib.SMTP(sender.address, SUBMISSION_PORT, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login(WORLD_ALICE, PASSWORD)
+        for ret in ("FULL", None):
+            message = (f"From: {WORLD_ALICE}\r\nSubject: ret {ret}\r\n\r\n{body}END {ret}\r\n")
+            client.sendmail(WORLD_ALICE, ["nobody@other.test"], message.encode(),
+                            mail_options=[f"RET={ret}"] if ret else [])
+    for ret, whole in (("FULL", True), (None, False)):
+        [report] = wait_until(
+            lambda: [m for m in sender.delivered(WORLD_ALICE) if f"Subject: ret {ret}".encode() in m
+                     and b"Action: failed" in m], 20, message=f"the RET={ret} bounce")
+        assert (f"END {ret}".encode() in report) is whole
+        assert len(report) > 150_000 if whole else len(report) < 20_000
 
 
 # -- with a real Postfix (the private instance of postfix.py) --------------------------

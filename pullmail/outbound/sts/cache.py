@@ -1,9 +1,10 @@
 """
-The MTA-STS policy cache: one versioned JSON record per domain under
-``<state_dir>/mta-sts/``, so that a restart keeps what RFC 8461 5.1 needs,
-the last valid policy of each domain until its ``max_age`` runs out (an
-attacker who blocks the TXT lookup or the HTTPS fetch must not make us
-forget an ``enforce`` policy).
+The MTA-STS policy cache: one versioned JSON record per domain (its
+A-label form) under ``<state_dir>/mta-sts/``, so that a restart keeps what
+RFC 8461 5.1 needs, the last valid policy of each domain until its
+``max_age`` runs out (an attacker who blocks the TXT lookup or the HTTPS
+fetch must not make us forget an ``enforce`` policy).  Then it is no
+policy: L{PolicyCache.prune} forgets it and removes its file.
 """
 
 from __future__ import annotations
@@ -79,10 +80,36 @@ class PolicyCache:
     def get(self, domain: str) -> CachedPolicy | None:
         return self._policies.get(domain)
 
+    def policies(self) -> list[CachedPolicy]:
+        return list(self._policies.values())
+
+    def _path(self, domain: str) -> Path | None:
+        if not _FILE_NAME.fullmatch(domain) or ".." in domain:
+            return None
+        return self.folder / f"{domain}.json"
+
     def put(self, cached: CachedPolicy):
         """Remember C{cached}; fires once it is on disk (or at once, for an odd name)."""
         self._policies[cached.domain] = cached
-        if not _FILE_NAME.fullmatch(cached.domain) or ".." in cached.domain:
+        path = self._path(cached.domain)
+        if path is None:
             return self._run_blocking(lambda: None)
-        path = self.folder / f"{cached.domain}.json"
         return self._run_blocking(write_atomically, path, record.dump(cached, VERSION))
+
+    def prune(self, now: float):
+        """
+        Forget the policies whose max_age has run out (RFC 8461 5.1: they
+        no longer apply) and remove their files; fires with their domains.
+        """
+        expired = sorted(d for d, cached in self._policies.items() if not cached.fresh(now))
+        for domain in expired:
+            del self._policies[domain]
+        paths = [path for path in map(self._path, expired) if path is not None]
+        if expired:
+            maillog.MTA_STS_EXPIRED(log, domains=expired)
+        return self._run_blocking(_remove, paths).addCallback(lambda _: expired)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -1,14 +1,17 @@
 """
 MTA-STS for the node (RFC 8461 5.1, SPEC 11.2): find a domain's policy
 (TXT record, cache, HTTPS fetch) and apply it to outbound sessions and to
-the RETR destined-host check.  The rules are in L{policy}; this is the glue.
+the RETR destined-host check; refresh cached policies once a day, before
+they run out, and forget those that ran out.  Domains are A-labels
+throughout (``_mta-sts.xn--bcher-kva.example``, ``https://mta-sts.xn--...``).
+The rules are in L{policy}; this is the glue.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +28,7 @@ from pullmail.outbound.sts.policy import (
     parse_policy,
     parse_txt,
 )
+from pullmail.smtp.address import AddressError, a_label_domain
 from pullmail.smtp.client import EHLOResult, open_session
 
 __all__ = ["MTASTS", "PolicyRefused"]
@@ -35,6 +39,10 @@ log = Logger(namespace="pullmail.outbound.sts")
 # long: a broken policy host must not cost every delivery attempt and every
 # RETR a fetch (and its timeout).  A new id is fetched at once.
 FETCH_HOLDOFF = 300.0
+# RFC 8461 5.1: senders should refresh cached policies periodically, e.g.
+# daily, so that a policy is renewed (and a changed id seen) before its
+# max_age runs out even for a domain nobody sends to that day.
+REFRESH_INTERVAL = 86400.0
 
 
 class PolicyRefused(Exception):
@@ -58,15 +66,55 @@ class MTASTS:
         self.trust = trust
         self._asking: dict[str, list[defer.Deferred]] = {}
         self._failed: dict[str, tuple[str, float]] = {}   # domain -> (id, retry after)
+        self._refresher = task.LoopingCall(self.refresh)
+        self._refresher.clock = clock
 
     def start(self) -> None:
+        """Read the cache (blocking), forget what ran out; refresh daily from now on."""
         self.cache.load()
+        self.cache.prune(self.clock.seconds())
+        self._refresher.start(REFRESH_INTERVAL, now=False).addErrback(
+            lambda f: log.failure("MTA-STS refresh", f))
+
+    def stop(self) -> None:
+        if self._refresher.running:
+            self._refresher.stop()
+
+    # -- refresh (RFC 8461 5.1) ----------------------------------------------------
+
+    def refresh(self) -> defer.Deferred:
+        """
+        Forget the policies past their max_age, then look up again each
+        cached one fetched at least L{REFRESH_INTERVAL} ago, one after
+        another: a changed id is fetched, as always, and an unchanged one
+        too, so that the policy's max_age starts again (a failure keeps
+        the cached policy while it lasts).
+        """
+        return defer.Deferred.fromCoroutine(self._refresh())
+
+    async def _refresh(self) -> None:
+        now = self.clock.seconds()
+        await self.cache.prune(now)
+        due = [c.domain for c in self.cache.policies() if now - c.fetched >= REFRESH_INTERVAL]
+        maillog.MTA_STS_REFRESH(log, count=len(due))
+        for domain in due:
+            await self._lookup(domain, refresh=True)
 
     # -- discovery (RFC 8461 3 and 5.1) ------------------------------------------
 
     def policy_for(self, domain: str) -> defer.Deferred:
-        """One lookup per domain at a time; callers meanwhile share its answer."""
-        domain = domain.lower().rstrip(".")
+        """
+        One lookup per domain at a time; callers meanwhile share its answer.
+        A U-label domain is looked up as its A-label (IDNA 2008); a name
+        that has none has no policy.
+        """
+        try:
+            domain = a_label_domain(domain.rstrip("."))
+        except AddressError:
+            return defer.succeed(None)
+        return self._lookup(domain)
+
+    def _lookup(self, domain: str, refresh: bool = False) -> defer.Deferred:
         if domain in self._asking:
             waiter = defer.Deferred()
             self._asking[domain].append(waiter)
@@ -81,7 +129,7 @@ class MTASTS:
                 waiter.callback(policy)
             return policy
 
-        return defer.Deferred.fromCoroutine(self._discover(domain)).addBoth(answer)
+        return defer.Deferred.fromCoroutine(self._discover(domain, refresh)).addBoth(answer)
 
     def _known(self, domain: str) -> Policy | None:
         """The cached policy of C{domain} while its max_age lasts."""
@@ -90,7 +138,8 @@ class MTASTS:
             return None
         return cached.policy()
 
-    async def _discover(self, domain: str) -> Policy | None:
+    async def _discover(self, domain: str, refresh: bool = False) -> Policy | None:
+        """C{refresh}: fetch even for the cached policy's id (L{refresh})."""
         known = self._known(domain)
         try:
             record_id = parse_txt(await self.resolver.txt(f"_mta-sts.{domain}"))
@@ -99,7 +148,7 @@ class MTASTS:
             if known is not None:
                 maillog.MTA_STS_CACHED(log, domain=domain, error=str(e), id=known.id)
             return known
-        if known is not None and known.id == record_id:
+        if known is not None and known.id == record_id and not refresh:
             return known
         failed_id, retry_after = self._failed.get(domain, ("", 0.0))
         if failed_id == record_id and self.clock.seconds() < retry_after:

@@ -12,6 +12,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from pullmail.smtp.address import AddressError, a_label_domain
+
 __all__ = [
     "MAX_AGE_LIMIT", "MAX_POLICY_SIZE", "Mode", "Policy", "PolicyError", "Verdict", "Decision",
     "parse_txt", "parse_policy", "mx_matches", "allowed",
@@ -96,6 +98,22 @@ _POLICY_VALUE = re.compile(r"[^\x00-\x20\x7f]+(?:[ \t]*[^\x00-\x20\x7f]+)*")
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 
 
+def _mx_pattern(value: str) -> str:
+    """
+    An ``mx`` value, lower case; U-labels (beyond RFC 8461 3.2's ASCII
+    grammar, but the name is meant) as A-labels, as MX names come from DNS.
+    """
+    if not value.isascii():
+        wildcard = "*." if value.startswith("*.") else ""
+        try:
+            value = wildcard + a_label_domain(value.removeprefix(wildcard))
+        except AddressError:
+            raise PolicyError(f"bad mx pattern {value[:60]!r}") from None
+    if not _MX_PATTERN.fullmatch(value) or len(value) > 253:
+        raise PolicyError(f"bad mx pattern {value[:60]!r}")
+    return value.lower()
+
+
 def parse_policy(body: bytes, policy_id: str = "") -> Policy:
     """
     Parse a policy file.  Unknown fields are ignored; a field other than
@@ -123,9 +141,7 @@ def parse_policy(body: bytes, policy_id: str = "") -> Policy:
         if not colon or not _EXT_NAME.fullmatch(name) or not _POLICY_VALUE.fullmatch(value):
             raise PolicyError(f"line {number} is not a policy field")
         if name == "mx":
-            if not _MX_PATTERN.fullmatch(value) or len(value) > 253:
-                raise PolicyError(f"bad mx pattern {value[:60]!r}")
-            mx.append(value.lower())
+            mx.append(_mx_pattern(value))
         else:
             fields.setdefault(name, value)
     if fields.get("version") != "STSv1":

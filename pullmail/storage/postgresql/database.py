@@ -13,6 +13,7 @@ C{OSError}: whatever answers a client then says ``451 4.3.0`` and never
 from __future__ import annotations
 
 import errno
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -24,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Database", "StoreUnavailable", "take_failed"]
+__all__ = ["Database", "StoreUnavailable", "take_failed", "take_once"]
 
 log = Logger(namespace="pullmail.storage.postgresql")
 
@@ -51,6 +52,21 @@ def take_failed(failure: Failure, key: str) -> None:
         log.failure("taking {key}", failure, key=key)
 
 
+def take_once(taking: set[str], key: str, take: Callable[[str], Deferred],
+              taken: Callable) -> None:
+    """
+    Take C{key}'s row for due work (C{take}), unless a take of it is under
+    way already (C{taking}); C{taken} gets what the take returned.
+    """
+    if key in taking:
+        return
+    taking.add(key)
+    d = take(key)
+    d.addCallback(taken)
+    d.addErrback(take_failed, key)
+    d.addBoth(lambda _: taking.discard(key))
+
+
 def _configure(connection: psycopg.Connection) -> None:
     """SPEC 11.3: 250 only after COMMIT, so COMMIT must wait for the WAL flush."""
     connection.execute("SET synchronous_commit = on")
@@ -61,8 +77,14 @@ class Database:
     """A pool of connections to one database, and C{threads} to use them."""
 
     def __init__(self, dsn: str, reactor=None, threads: int = 4, name: str = "pullmail-db",
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = CONNECT_TIMEOUT, ready: bool = True) -> None:
+        """
+        @param ready: False for a node's database until its schema was
+            checked and its stores loaded (L{pullmail.storage.postgresql.startup}):
+            until then every transaction is refused at once.
+        """
         self.dsn = dsn
+        self.ready = ready
         self._reactor = reactor
         self.pool = psycopg_pool.ConnectionPool(
             dsn, min_size=1, max_size=threads, open=False, configure=_configure,
@@ -76,7 +98,12 @@ class Database:
         self.pool.open(wait=False)
 
     def start(self) -> None:
-        """Open the pool and start the threads (the node's start)."""
+        """
+        Open the pool and start the threads (the node's start).  The pool's
+        own complaint at each failed connect (to stderr, through the
+        logging module) is left out: the node says it once, in its log.
+        """
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
         self.open()
         self._threads.start()
 
@@ -97,6 +124,8 @@ class Database:
         @raise StoreUnavailable: the database could not be reached, or the
             connection broke (the transaction may not have committed).
         """
+        if not self.ready:
+            raise StoreUnavailable("database unavailable: not connected yet")
         try:
             with self.pool.connection() as connection:
                 with connection.cursor() as cursor:

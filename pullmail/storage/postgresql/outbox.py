@@ -100,7 +100,7 @@ class PostgresOutbox(Indexed):
         """Keep one object per entry: lines, timers and RETRs hold it."""
         known = self._index.get(entry.id)
         if known is not None:
-            known.__dict__.update(entry.__dict__)
+            known.take_over(entry)
             entry = known
         self._index[entry.id] = entry
         self._generation[entry.id] = generation
@@ -265,16 +265,27 @@ class PostgresOutbox(Indexed):
         return self._claimed(self._take(entry_id, "retr", self._generation.get(entry_id)))
 
     def acquire(self, entry_id: str) -> Deferred:
-        return self._call(self._take, entry_id, "retr", self._generation.get(entry_id),
-                          then=self._claimed)
+        return self._after_writes(entry_id, lambda: self._call(
+            self._take, entry_id, "retr", self._generation.get(entry_id), then=self._claimed))
 
     def _claimed(self, row) -> OutboxEntry | None:
         return None if row is None else self._merge(*_entry(row))
 
     def take(self, entry_id: str) -> Deferred:
         """Take the row for due work: the entry as it now is, or None."""
-        return self._call(self._take, entry_id, "work", self._generation.get(entry_id),
-                          then=lambda row: self._merged(entry_id, row))
+        return self._after_writes(entry_id, lambda: self._call(
+            self._take, entry_id, "work", self._generation.get(entry_id),
+            then=lambda row: self._merged(entry_id, row)))
+
+    def _after_writes(self, entry_id: str, take: Callable[[], Deferred]) -> Deferred:
+        """
+        A take waits for this node's own writes of the row: read before
+        them, it would bring back an older record (a broken transfer's
+        "notify again" undone) and fence those writes out.
+        """
+        if entry_id not in self._writes:
+            return take()
+        return self._writes.flushed(entry_id).addCallback(lambda _: take())
 
     def _take(self, entry_id: str, kind: str, generation: int | None):
         # A row this node holds for its own due work (its line) may be

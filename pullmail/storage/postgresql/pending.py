@@ -23,19 +23,33 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pullmail.interfaces import IPendingStore
-from pullmail.storage.pending import PENDING, Notification, PendingStore, notification_key
+from pullmail.storage.pending import (
+    PENDING,
+    Notification,
+    PendingStore,
+    TooManyPending,
+    notification_key,
+)
 from pullmail.storage.postgresql.database import Database
+from pullmail.storage.postgresql.outbox import WAKE_CHANNEL
 
-__all__ = ["PostgresPending"]
+__all__ = ["PostgresPending", "cluster_notifications", "delete_from_cluster", "flush_cluster",
+           "hold_in_cluster"]
 
 log = Logger(namespace="pullmail.storage.postgresql")
 
 _COLUMNS = "record::text, generation"
 _FREE = "(taken_by IS NULL OR lease_until < %(now)s OR taken_by = %(node)s)"
+# Advisory locks (first key) serialising the new notifications of one peer
+# across the cluster, so that [limits] pending_per_origin counts them all.
+_PEER_LOCK = 0x70656E64
 
 
-def _due(notification: Notification) -> float:
-    return notification.next_attempt if notification.state == PENDING else notification.keep_until
+def _due(notification: Notification) -> float | None:
+    """When a node should take the row: never while held (``pullmail queue hold``)."""
+    if notification.state != PENDING:
+        return notification.keep_until
+    return None if notification.held else notification.next_attempt
 
 
 @implementer(IPendingStore)
@@ -89,14 +103,22 @@ class PostgresPending(PendingStore):
             # A pending one's delivery may have begun, here or on a dead node.
             notification.delivering = notification.state == PENDING
 
-    def save(self, notification: Notification) -> None:
+    def save(self, notification: Notification, limit: int | None = None,
+             keep_taken: bool = False) -> None:
         """
         Blocking: store the record (committed before it returns) and index
-        it; the row is free again afterwards.  Refused (and forgotten here)
-        when another node holds it, or took it since this node did.
+        it; the row is free again afterwards (with C{keep_taken}, a record
+        written in the middle of a retrieval, still this node's).  Refused
+        (and forgotten here) when another node holds it, or took it since
+        this node did.
+
+        With C{limit}, a new row is refused (L{TooManyPending}) when its
+        peer has that many pending in the cluster: counted in the insert's
+        transaction, under a per-peer lock, so two nodes cannot both pass.
         """
         key = notification.key
         held = key in self._held
+        keep = keep_taken and held
         values = self._values(key=key, gdel_id=notification.gdel_id, peer=notification.peer,
                               record=notification.to_json().decode("utf-8"),
                               due=_due(notification),
@@ -105,14 +127,18 @@ class PostgresPending(PendingStore):
                      else _FREE.replace("taken_by", "pending.taken_by")
                      .replace("lease_until", "pending.lease_until"))
         with self.database.transaction() as cursor:
+            if limit is not None:
+                _check_limit(cursor, values, limit)
             cursor.execute(
                 "INSERT INTO pending (key, gdel_id, peer, record, due) VALUES (%(key)s,"
                 " %(gdel_id)s, %(peer)s, %(record)s::jsonb, %(due)s) ON CONFLICT (key) DO UPDATE"
                 " SET peer = excluded.peer, record = excluded.record, due = excluded.due,"
-                f" taken_by = NULL, lease_until = NULL WHERE {condition} RETURNING generation",
-                values)
+                " taken_by = CASE WHEN %(keep)s THEN pending.taken_by END, lease_until ="
+                f" CASE WHEN %(keep)s THEN pending.lease_until END WHERE {condition}"
+                " RETURNING generation", {**values, "keep": keep})
             row = cursor.fetchone()
-        self._held.discard(key)
+        if not keep:
+            self._held.discard(key)
         if row is None:
             log.warn("notification {id}: another node holds it; leaving it to that node",
                      id=notification.gdel_id)
@@ -187,6 +213,18 @@ class PostgresPending(PendingStore):
         return [self._row(row) for row in rows]
 
 
+def _check_limit(cursor, values: dict, limit: int) -> None:
+    """In a save's transaction: L{TooManyPending} when a new row would pass the limit."""
+    cursor.execute("SELECT pg_advisory_xact_lock(%(lock)s, hashtext(%(peer)s))",
+                   {**values, "lock": _PEER_LOCK})
+    cursor.execute("SELECT EXISTS (SELECT 1 FROM pending WHERE key = %(key)s), (SELECT count(*)"
+                   " FROM pending WHERE peer = %(peer)s AND record->>'state' = %(pending)s)",
+                   {**values, "pending": str(PENDING)})
+    exists, count = cursor.fetchone()
+    if not exists and count >= limit:
+        raise TooManyPending(values["peer"])
+
+
 def cluster_notifications(database: Database) -> list[Notification]:
     """Every pending notification of the cluster, for ``pullmail queue`` (blocking)."""
     with database.transaction() as cursor:
@@ -206,3 +244,23 @@ def flush_cluster(database: Database, now: float) -> None:
         cursor.execute("UPDATE pending SET due = %(now)s, record = jsonb_set(record,"
                        " '{next_attempt}', to_jsonb(%(now)s::double precision))"
                        " WHERE record->>'state' = %(pending)s", {"now": now, "pending": str(PENDING)})
+
+
+def hold_in_cluster(database: Database, gdel_id: str, held: bool, now: float) -> bool:
+    """
+    Hold or release the pending notifications of an id (``pullmail queue
+    hold/release``) while no node is retrieving them.  A held row is due
+    never, so no node takes it; a released one is due at its next attempt
+    again, and the nodes are woken to look.
+    """
+    with database.transaction() as cursor:
+        cursor.execute(
+            "UPDATE pending SET record = jsonb_set(record, '{held}', to_jsonb(%(held)s)),"
+            " due = CASE WHEN %(held)s THEN NULL ELSE (record->>'next_attempt')::double"
+            " precision END, generation = generation + 1 WHERE gdel_id = %(id)s AND"
+            " record->>'state' = %(pending)s AND (taken_by IS NULL OR lease_until < %(now)s)",
+            {"held": held, "now": now, "id": gdel_id, "pending": str(PENDING)})
+        changed = cursor.rowcount > 0
+        if changed and not held:
+            cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
+    return changed
