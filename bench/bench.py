@@ -296,15 +296,9 @@ def bench_store(args, workdir, dns):
     PostgreSQL on this machine, started for the run, fsync on like a
     production server), interleaved.
     """
-    from tests.integration.harness import free_port
-    from tests.pg import PostgresCluster, find_binaries
-
-    binaries = find_binaries()
-    if binaries is None:
-        log("store: no PostgreSQL binaries (apt-get install postgresql); section skipped")
+    cluster = common.private_postgres(log, "store")
+    if cluster is None:
         return
-    cluster = PostgresCluster(binaries, free_port("127.0.0.1"), durable=True)
-    cluster.create()
     try:
         import psycopg
 

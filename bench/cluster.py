@@ -56,15 +56,9 @@ def _outbox_rows(dsn: str) -> int:
 
 
 def bench_cluster(args, workdir, dns):
-    from tests.integration.harness import free_port
-    from tests.pg import PostgresCluster, find_binaries
-
-    binaries = find_binaries()
-    if binaries is None:
-        _log("cluster: no PostgreSQL binaries (apt-get install postgresql); section skipped")
+    database = common.private_postgres(_log, "cluster")
+    if database is None:
         return
-    database = PostgresCluster(binaries, free_port("127.0.0.1"), durable=True)
-    database.create()
     dns.update({**dns.records, **_records()})
     nodes, receiver = [], None
     results = {"pull": [], "push": []}

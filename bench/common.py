@@ -698,3 +698,21 @@ class CountingProxy:
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def private_postgres(log, section: str):
+    """
+    A private, durable PostgreSQL cluster for a section (SPEC 11.3), made
+    and started; None (the section skipped, said in the log) without the
+    binaries.
+    """
+    from tests.integration.harness import free_port
+    from tests.pg import PostgresCluster, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        log(f"{section}: no PostgreSQL binaries (apt-get install postgresql); section skipped")
+        return None
+    cluster = PostgresCluster(binaries, free_port("127.0.0.1"), durable=True)
+    cluster.create()
+    return cluster
