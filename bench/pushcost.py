@@ -29,7 +29,6 @@ import os
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +40,11 @@ import common  # noqa: E402
 from common import (  # noqa: E402
     Server,
     count_files,
-    cpu_seconds,
     process_tree,
     pullmail_node,
     wait_until,
 )
 
-FLOOR_IP = "127.0.1.40"
 VARIANT_IPS = [f"127.0.1.{20 + i}" for i in range(10)]
 
 
@@ -108,92 +105,6 @@ class TreeServer(Server):
 
     def delivered(self):
         return count_files(self.node.maildir(self.rcpt) / "new")
-
-
-# -- the floor peer ---------------------------------------------------------------------------
-
-FLOOR = r'''
-import os, sys, itertools
-from twisted.internet import reactor
-from twisted.internet.protocol import Factory
-from twisted.protocols.basic import LineReceiver
-
-root, counter = sys.argv[2], itertools.count()
-for sub in ("tmp", "new", "cur"):
-    os.makedirs(os.path.join(root, sub), exist_ok=True)
-new_dir = os.open(os.path.join(root, "new"), os.O_RDONLY | os.O_DIRECTORY)
-
-class Floor(LineReceiver):
-    delimiter, MAX_LENGTH = b"\r\n", 1 << 20
-
-    def connectionMade(self):
-        self.lines = None
-        self.sendLine(b"220 floor ESMTP")
-
-    def lineReceived(self, line):
-        if self.lines is not None:
-            if line == b".":
-                self.store()
-            else:
-                self.lines.append(line[1:] if line[:1] == b"." else line)
-            return
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            self.transport.write(b"250-floor\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-        elif verb == b"DATA":
-            self.lines = []
-            self.sendLine(b"354 go ahead")
-        elif verb == b"QUIT":
-            self.sendLine(b"221 bye")
-            self.transport.loseConnection()
-        else:
-            self.sendLine(b"250 ok")
-
-    def store(self):
-        lines, self.lines = self.lines, None
-        name = f"{reactor.seconds():.6f}.P{os.getpid()}Q{next(counter)}.floor"
-        tmp, new = os.path.join(root, "tmp", name), os.path.join(root, "new", name)
-        lines.append(b"")
-        data = b"Received: from peer by floor; now\r\n" + b"\r\n".join(lines)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        os.rename(tmp, new)
-        os.fsync(new_dir)
-        self.sendLine(b"250 ok")
-
-factory = Factory.forProtocol(Floor)
-host, port = sys.argv[1].rsplit(":", 1)
-reactor.listenTCP(int(port), factory, backlog=1024, interface=host)
-print("ready", flush=True)
-reactor.run()
-'''
-
-
-class FloorServer(common.SinkServer):
-    """The floor peer, run by this Python (Twisted from the project's venv)."""
-
-    name = "floor"
-
-    def __init__(self, workdir: Path) -> None:
-        self.address = FLOOR_IP
-        self.dir = workdir / "floor"
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        self.rcpt = "sink@floor.bench"
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", FLOOR, f"{self.address}:{self.port}", str(self.dir / "Maildir")],
-            stdout=subprocess.PIPE, stderr=open(self.dir / "stderr.log", "ab"),
-            start_new_session=True)
-        if b"ready" not in self.proc.stdout.readline():
-            raise RuntimeError((self.dir / "stderr.log").read_text())
-
-    def delivered(self):
-        return count_files(self.dir / "Maildir" / "new")
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -319,7 +230,7 @@ def main() -> None:
         servers: list[Server] = [TreeServer(workdir, dns, label, tree, VARIANT_IPS[i], settings)
                                  for i, (label, tree, settings) in enumerate(variants)]
         if args.floor:
-            servers.append(FloorServer(workdir))
+            servers.append(common.FloorServer(workdir))   # bench/peers/floor_twisted.py
         for s in servers:
             s.start()
         try:

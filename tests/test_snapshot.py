@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pullmail.storage import columns, snapshot
 from pullmail.storage.durable import replace_file
-from pullmail.storage.outbox import COLUMNS, NOTIFIED, SNAPSHOT, MaildirOutbox, OutboxEntry
+from pullmail.storage.outbox import COLUMNS, NOTIFIED, SNAPSHOT, MaildirOutbox
 from pullmail.testing import HeldRunner, assert_no_result, make_entry, result_of
 
 MESSAGE = [b"Subject: x\r\n\r\nhello\r\n"]
