@@ -69,6 +69,31 @@ def test_an_earlier_due_time_rearms_the_timer() -> None:
     assert owner.handed_out() == [("b", ["b:1"])]
 
 
+def test_an_item_due_now_is_handed_out_now_not_at_a_tick() -> None:
+    """
+    Issue 17 (latency at light load): an item due at the present moment,
+    a fraction of a second past a whole one, is handed out by the next
+    reactor turn (a zero delay), not at the next second nor any other tick.
+    """
+    owner = Owner()
+    owner.clock.advance(1000.37)
+    owner.add(owner.clock.seconds(), "a:1")
+    [call] = owner.clock.getDelayedCalls()
+    assert call.getTime() == 1000.37
+    owner.clock.advance(0)
+    assert owner.handed_out() == [("a", ["a:1"])]
+    assert owner.woken == [(1000.37, "a:1")]
+
+
+def test_an_item_due_in_the_past_is_handed_out_now() -> None:
+    """A due time already gone by (a slow store write) arms no negative delay, nor a wait."""
+    owner = Owner()
+    owner.clock.advance(50.5)
+    owner.add(50.25, "a:1")
+    owner.clock.advance(0)
+    assert owner.handed_out() == [("a", ["a:1"])]
+
+
 def test_cap_per_key() -> None:
     """At most per_key pieces of work for one key; the rest of its line waits."""
     owner = Owner(total=10, per_key=2, batch=1)

@@ -755,6 +755,39 @@ def test_a_retrieval_connection_idles_for_the_next_notification(tmp_path) -> Non
     assert world.network.open_connections() == 0
 
 
+def test_a_notification_accepted_at_t_is_retrieved_at_t(tmp_path) -> None:
+    """
+    Issue 17 (latency at light load): the schedule's first attempt is at
+    0 s, so a notification accepted at t, a fraction of a second past a
+    whole one, is retrieved and delivered at t -- in the reactor turns
+    that follow its reply, with no timer tick, batching wait or retry
+    delay between -- over a new connection and over an idling one alike.
+    """
+    world = World(tmp_path)
+    world.retriever = _retriever_with(world, None, connection_cache_time=2.0)
+    delivered_at = []
+    deliver = world.deliver
+
+    def timed(*args, **kwargs):
+        delivered_at.append(world.clock.seconds() - START)
+        return deliver(*args, **kwargs)
+
+    world.retriever.deliver = timed
+    world.smta.hold()
+    world.smta.hold("Retrievable_id_000002")
+    world.clock.advance(0.37)
+    world.notify()
+    world.settle()
+    assert world.connect_times == pytest.approx([0.37], abs=1e-6)
+    assert delivered_at == pytest.approx([0.37], abs=1e-6)
+    world.clock.advance(0.91)      # the connection idles meanwhile
+    world.notify("Retrievable_id_000002")
+    world.settle()
+    assert world.connect_times == pytest.approx([0.37], abs=1e-6)
+    assert delivered_at == pytest.approx([0.37, 1.28], abs=1e-6)
+    assert world.smta.retrs == [GDEL_ID, "Retrievable_id_000002"]
+
+
 def test_notified_again_during_its_retrieval_is_written_durably_not_marked(tmp_path) -> None:
     """
     Delivered while notified again: the record is pending once more, and
