@@ -25,7 +25,13 @@ from pullmail.testing import (
     cache_dns_answer,
     result_of,
 )
-from pullmail.trust.policy import TrustChecker, decide_spf, dnsbl_name, listed
+from pullmail.trust.policy import (
+    REFUSAL_REUSE,
+    TrustChecker,
+    decide_spf,
+    dnsbl_name,
+    listed,
+)
 from pullmail.trust.spf import SPFResult
 
 
@@ -167,6 +173,48 @@ def test_spf_pass_trusted() -> None:
 def test_spf_fail_refused() -> None:
     checker, _ = _checker(SPFResult.FAIL)
     assert _code(_check(checker)) == (550, "5.7.23")
+
+
+def test_spf_refusal_reused_for_a_burst(logged_events) -> None:
+    """A flood of notifications from an SPF-failing sender: one evaluation, one log line."""
+    checker, stub = _checker(SPFResult.FAIL)
+    for _ in range(50):
+        assert _code(_check(checker)) == (550, "5.7.23")
+    assert len(stub.calls) == 1
+    assert [e["result"] for e in logged_events if e.get("event") == "spf"] == ["fail"]
+    checker.clock.advance(REFUSAL_REUSE - 0.1)
+    assert _code(_check(checker)) == (550, "5.7.23")
+    assert len(stub.calls) == 1
+    checker.clock.advance(0.2)
+    assert _code(_check(checker)) == (550, "5.7.23")
+    assert len(stub.calls) == 2
+
+
+def test_spf_refusal_reuse_is_per_peer_and_sender() -> None:
+    checker, stub = _checker(SPFResult.FAIL)
+    _check(checker)
+    _check(checker, peer="198.51.100.8")
+    _check(checker, sender="b@sender.example")
+    _check(checker)
+    assert len(stub.calls) == 3
+
+
+def test_spf_trust_checked_afresh() -> None:
+    """A pass is never reused for a trust decision: a tightened record bites at once."""
+    checker, stub = _checker(SPFResult.PASS)
+    assert _check(checker) is None
+    stub.result = SPFResult.FAIL
+    assert _code(_check(checker)) == (550, "5.7.23")
+    assert len(stub.calls) == 2
+
+
+def test_spf_reuse_judged_by_the_accepted_results() -> None:
+    """A softfail refused for one caller is evaluated again where softfail is accepted."""
+    checker, stub = _checker(SPFResult.SOFTFAIL)
+    assert _check(checker) is not None
+    checker.config = TrustConfig(spf_accept=("pass", "softfail"))
+    assert _check(checker) is None
+    assert len(stub.calls) == 2
 
 
 def test_spf_accept_configurable() -> None:

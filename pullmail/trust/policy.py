@@ -30,6 +30,13 @@ __all__ = ["TrustChecker", "decide_spf", "listed"]
 
 log = Logger(namespace="pullmail.trust.policy")
 
+# How long an SPF result that refuses is reused for the same (peer, domain,
+# HELO, sender): a burst of notifications from an SPF-failing sender costs
+# one evaluation and one log line, not one each (issue 17: a flood).  A
+# result that trusts is always evaluated afresh (within the DNS answers'
+# TTLs), so a tightened record takes effect at once.
+REFUSAL_REUSE = 5.0
+
 
 def decide_spf(result: SPFResult, accepted: tuple[str, ...]) -> Reply | None:
     """RFC 7208 8 results -> None (trusted) or the refusal (RFC 7372 codes)."""
@@ -81,7 +88,7 @@ class TrustChecker:
         self.spf_check = spf_check
         # The SPF results of recent checks, so that Authentication-Results
         # reuses the session's check instead of evaluating it again (trust
-        # decisions always check afresh, within the DNS answers' TTLs).
+        # decisions check afresh, but for a refusal's REFUSAL_REUSE).
         self._spf_memo = SPFMemo(clock)
 
     def check(self, peer: str, domain: str, helo: str, sender: str | None) -> defer.Deferred:
@@ -152,6 +159,9 @@ class TrustChecker:
 
     async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
                    accepted: tuple[str, ...]) -> Reply | None:
+        recent = self._spf_memo.get((peer, domain.lower(), helo, sender or ""), REFUSAL_REUSE)
+        if recent is not None and (verdict := decide_spf(recent[0], accepted)) is not None:
+            return verdict          # logged when it was evaluated
         result, explanation = await self._spf_result(peer, domain, helo, sender)
         verdict = decide_spf(result, accepted)
         maillog.SPF(
@@ -220,14 +230,15 @@ class SPFMemo:
         self._clock = clock
         self._entries: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()
 
-    def get(self, key: tuple):
+    def get(self, key: tuple, max_age: float = LIFETIME):
+        """The result stored for C{key} at most C{max_age} seconds ago, or None."""
         entry = self._entries.get(key)
-        if entry is None or entry[0] < self._clock.seconds():
+        if entry is None or entry[0] + max_age < self._clock.seconds():
             return None
         return entry[1]
 
     def put(self, key: tuple, value: tuple) -> None:
-        self._entries[key] = (self._clock.seconds() + self.LIFETIME, value)
+        self._entries[key] = (self._clock.seconds(), value)
         self._entries.move_to_end(key)
         if len(self._entries) > self.SIZE:
             self._entries.popitem(last=False)
