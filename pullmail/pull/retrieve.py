@@ -221,7 +221,8 @@ class Retriever:
                     keep_taken: bool = False) -> None:
         """
         Store a record durably, after the writes of it asked before
-        (L{RecordWrites}); the files' C{limit} is checked in the store.
+        (L{RecordWrites}).  The store checks C{limit} as it writes; through
+        the fsync helper it cannot, and L{notify} checked it just before.
         """
         await self._records.save(notification, limit, keep_taken)
 

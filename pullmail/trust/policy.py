@@ -143,8 +143,7 @@ class TrustChecker:
         Fire with (L{SPFResult}, explanation) for Authentication-Results:
         the result the session's trust check found, when it ran one.
         """
-        key = (peer, domain.lower(), helo, sender or "")
-        if (found := self._spf_memo.get(key)) is not None:
+        if (found := self._spf_memo.get(_memo_key(peer, domain, helo, sender))) is not None:
             return defer.succeed(found)
         return defer.Deferred.fromCoroutine(self._spf_result(peer, domain, helo, sender))
 
@@ -154,12 +153,12 @@ class TrustChecker:
         found = await self.spf_check(
             self.resolver, peer, domain, sender or "", helo, self.timeout, self.clock
         )
-        self._spf_memo.put((peer, domain, helo, sender or ""), found)
+        self._spf_memo.put(_memo_key(peer, domain, helo, sender), found)
         return found
 
     async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
                    accepted: tuple[str, ...]) -> Reply | None:
-        recent = self._spf_memo.get((peer, domain.lower(), helo, sender or ""), REFUSAL_REUSE)
+        recent = self._spf_memo.get(_memo_key(peer, domain, helo, sender), REFUSAL_REUSE)
         if recent is not None and (verdict := decide_spf(recent[0], accepted)) is not None:
             return verdict          # logged when it was evaluated
         result, explanation = await self._spf_result(peer, domain, helo, sender)
@@ -215,6 +214,11 @@ class TrustChecker:
 _OWN_LITERAL_REFUSED = replies.S550_POLICY.with_text(
     "Sender address literal of this host used from elsewhere"
 )
+
+
+def _memo_key(peer: str, domain: str, helo: str, sender: str | None) -> tuple:
+    """What an SPF check depends on (RFC 7208 4.1), as the memo keys it."""
+    return (peer, domain.lower(), helo, sender or "")
 
 
 class SPFMemo:
