@@ -37,7 +37,8 @@ class IDeliveryAgent(Interface):
         @param chunks: the message bytes, headers first, CRLF line ends.
         @return: a Deferred firing with a L{DeliveryOutcome} once every copy
             it reports delivered is durable (fsynced, or acknowledged by
-            the store with 250); failing with C{OSError} (disk full,
+            the store with 250) and every copy it reports in doubt is
+            kept; failing with C{OSError} (disk full,
             permissions) when nothing could be stored.
         """
 
@@ -46,13 +47,18 @@ class IDeliveryAgent(Interface):
 class DeliveryOutcome:
     """
     What a delivery agent did with each address of one message: delivered,
-    or refused with the store's reply (4xx: try again later; 5xx: never).
-    C{paths} are the files written, when the mailboxes are files here.
+    or refused with the store's reply (4xx: try again later; 5xx: never),
+    or C{in_doubt}: the store may have it or not (its reply to the data
+    never came), and a copy is kept for the operator
+    (L{pullmail.storage.indoubt}) -- neither retried nor bounced, as
+    delivering again might deliver twice.  C{paths} are the files
+    written, when the mailboxes are files here.
     """
 
     delivered: tuple[str, ...] = ()
     refused: Mapping[str, Any] = field(default_factory=dict)   # address -> Reply
     paths: tuple[Path, ...] = ()
+    in_doubt: tuple[str, ...] = ()
 
     def transient(self) -> list[str]:
         return [a for a, reply in self.refused.items() if reply.transient]

@@ -100,12 +100,20 @@ LMTP_FAILED = Event(
 LMTP_DELIVERY = Event(
     "lmtp-delivery",
     "LMTP delivery of {queue_id} to {where}: delivered {delivered}, refused {refused}",
+    extras=("in_doubt",),
+)
+LMTP_IN_DOUBT = Event(
+    "lmtp-in-doubt",
+    "LMTP delivery of {queue_id} to {where} cut off after the data ({error}): the store may"
+    " have it or not for {recipients}; kept aside in {path}, not retried, not bounced; look"
+    " in their mailboxes and re-send it if it is not there",
+    LogLevel.error,
 )
 INJECTED = Event("injected", "injected {queue_id} from <{sender}> for {recipients}")
 ACCEPTED = Event(
     "accepted",
     "accepted {queue_id} from <{sender}> for {recipients} ({size} bytes) via {peer}",
-    extras=("delivered", "local_bounced", "local_deferred", "queued", "service"),
+    extras=("delivered", "in_doubt", "local_bounced", "local_deferred", "queued", "service"),
 )
 LOCAL_REFUSED = Event(
     "local-refused",
@@ -364,6 +372,7 @@ VOCABULARY = _vocabulary(
     INJECTED,
     LMTP_DELIVERY,
     LMTP_FAILED,
+    LMTP_IN_DOUBT,
     LOCAL_ATTEMPT,
     LOCAL_BOUNCED,
     LOCAL_DEFERRED,

@@ -13,12 +13,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from pullmail import maillog
 from pullmail.inbound.lmtp import MAX_CONNECTIONS, LMTPDelivery, lmtp_connector
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent
 from pullmail.smtp.client import send_lmtp_transaction
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
-from pullmail.testing import FakeDeliveryAgent, assert_no_result, result_of
+from pullmail.storage.indoubt import InDoubt, kept_copies
+from pullmail.testing import FakeDeliveryAgent, assert_no_result, result_of, run_blocking
 
 IDLE = 300.0
 ALICE, BOB, CAROL = "alice@example.org", "bob@example.org", "carol@example.org"
@@ -60,8 +62,14 @@ def store(clock):
 
 
 @pytest.fixture
-def agent(store):
-    return LMTPDelivery(lambda: defer.succeed(store.connection), "mx.example.org")
+def in_doubt(tmp_path):
+    return InDoubt(tmp_path / "in-doubt", run_blocking)
+
+
+@pytest.fixture
+def agent(store, in_doubt):
+    return LMTPDelivery(lambda: defer.succeed(store.connection), "mx.example.org",
+                        in_doubt=in_doubt)
 
 
 def start(agent, store, recipients, lhlo=LHLO_PIPELINING, sender="x@remote.test"):
@@ -165,10 +173,12 @@ def test_eight_bit_message_says_body(agent, store):
     assert result_of(d).transient() == [ALICE]
 
 
-def test_connection_lost_among_the_replies(agent, store):
+def test_connection_lost_among_the_replies(agent, store, tmp_path, logged_events):
     """
     The connection breaks after the first recipient's 250: that one is
-    delivered; the others never heard theirs and get a 4xx, never a 250.
+    delivered; the other's delivery is unknown (the store may have it),
+    so it is neither retried nor refused: in doubt, the message kept for
+    it alone, and logged.
     """
     d = start(agent, store, [ALICE, BOB])
     store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n354 OK\r\n"
@@ -176,9 +186,80 @@ def test_connection_lost_among_the_replies(agent, store):
     assert_no_result(d)
     store.broken()
     outcome = result_of(d)
+    assert outcome == DeliveryOutcome(delivered=(ALICE,), in_doubt=(BOB,))
+    [kept] = kept_copies(tmp_path / "in-doubt")
+    assert (kept.id, kept.sender, kept.recipients) == ("Q1", "x@remote.test", (BOB,))
+    assert "store gone" in kept.why
+    [event] = [e for e in logged_events if e.get("event") == maillog.LMTP_IN_DOUBT.name]
+    assert event["recipients"] == [BOB] and event["path"] == str(kept.path)
+
+
+def test_reply_to_the_dot_never_arrives(agent, store, tmp_path):
+    """
+    The whole message went, then the connection broke before any reply:
+    every recipient is in doubt, none refused, and the copy kept is the
+    message as handed in (without the Return-Path: the store would get).
+    """
+    d = start(agent, store, [ALICE, BOB])
+    store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n354 OK\r\n")
+    assert store.heard().endswith(b"..leading dot\r\n.\r\n")
+    store.broken()
+    outcome = result_of(d)
+    assert outcome == DeliveryOutcome(in_doubt=(ALICE, BOB))
+    assert (outcome.transient(), outcome.permanent()) == ([], [])
+    [kept] = (tmp_path / "in-doubt").iterdir()
+    why, envelope = kept.read_bytes().split(b"\r\n", 1)
+    assert why.startswith(b"X-Pullmail-In-Doubt: Q1 to LMTP server: no reply after the data")
+    assert why.endswith(b"store gone.")
+    assert envelope == (
+        b"X-Pullmail-Envelope-From: <x@remote.test>\r\n"
+        b"X-Pullmail-Envelope-To: alice@example.org, bob@example.org\r\n"
+        b"Subject: hi\r\n\r\n.leading dot\r\n")
+
+
+def test_partial_replies_each_decide_their_own(agent, store, tmp_path):
+    """
+    Three recipients: 250, then 452, then the connection breaks: Alice
+    delivered, Bob deferred (the store said so), Carol in doubt.
+    """
+    d = start(agent, store, [ALICE, BOB, CAROL])
+    store.says(b"250 2.1.0 OK\r\n" + b"250 2.1.5 OK\r\n" * 3 + b"354 OK\r\n"
+               b"250 2.0.0 <alice@example.org> Saved\r\n"
+               b"452 4.2.2 <bob@example.org> Over quota\r\n")
+    store.broken()
+    outcome = result_of(d)
     assert outcome.delivered == (ALICE,)
-    assert outcome.refused[BOB].code == 451
-    assert outcome.refused[BOB].enhanced == "4.4.2"
+    assert outcome.transient() == [BOB] and outcome.refused[BOB].enhanced == "4.2.2"
+    assert outcome.in_doubt == (CAROL,)
+    [kept] = kept_copies(tmp_path / "in-doubt")
+    assert kept.recipients == (CAROL,)
+
+
+def test_a_garbled_reply_after_the_data_is_in_doubt(agent, store):
+    """What is not a reply after the data says nothing of the delivery: in doubt."""
+    d = start(agent, store, [ALICE])
+    store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 OK\r\n")
+    store.says(b"hello?\r\n")
+    assert store.transport.disconnecting
+    store.broken()
+    assert result_of(d) == DeliveryOutcome(in_doubt=(ALICE,))
+
+
+def test_a_copy_that_cannot_be_kept_is_4xx(store, tmp_path, logged_events):
+    """
+    No room to keep the copy: the recipient gets a 4xx after all (it may
+    be delivered twice, never lost), and the log says why.
+    """
+    (tmp_path / "in-doubt").write_text("a file, not a folder")
+    agent = LMTPDelivery(lambda: defer.succeed(store.connection), "mx.example.org",
+                         in_doubt=InDoubt(tmp_path / "in-doubt", run_blocking))
+    d = start(agent, store, [ALICE])
+    store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 OK\r\n")
+    store.broken()
+    outcome = result_of(d)
+    assert outcome.transient() == [ALICE] and outcome.in_doubt == ()
+    [event] = [e for e in logged_events if e.get("event") == maillog.LMTP_FAILED.name]
+    assert "could not keep it aside" in event["error"]
 
 
 def test_connection_lost_before_the_data_ends(agent, store):
@@ -192,8 +273,12 @@ def test_connection_lost_before_the_data_ends(agent, store):
     assert "mail store" in outcome.refused[ALICE].text
 
 
-def test_silent_store_times_out_as_4xx(agent, store, clock):
-    """A store that never answers the data is dropped after the idle timeout: 4xx."""
+def test_silent_store_times_out_in_doubt(agent, store, clock):
+    """
+    A store silent after the data is dropped after the idle timeout; it
+    may have the message: in doubt, not 4xx.  Silent before the data
+    (below), nothing was sent: 4xx.
+    """
     d = start(agent, store, [ALICE])
     store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 OK\r\n")
     clock.advance(IDLE - 1)
@@ -201,8 +286,16 @@ def test_silent_store_times_out_as_4xx(agent, store, clock):
     clock.advance(1)
     assert store.transport.disconnecting
     store.broken()   # what the reactor does after loseConnection
-    outcome = result_of(d)
-    assert outcome.transient() == [ALICE]
+    assert result_of(d) == DeliveryOutcome(in_doubt=(ALICE,))
+
+
+def test_silent_store_before_the_data_is_4xx(agent, store, clock, tmp_path):
+    d = start(agent, store, [ALICE])
+    store.says(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
+    clock.advance(IDLE)
+    store.broken()
+    assert result_of(d).transient() == [ALICE]
+    assert not (tmp_path / "in-doubt").exists()
 
 
 def test_refused_session_is_4xx_for_all(agent, store, logged_events):
@@ -220,9 +313,10 @@ def test_refused_session_is_4xx_for_all(agent, store, logged_events):
     assert "not ready" in outcome.refused[ALICE].text
 
 
-def test_unreachable_store_is_4xx_for_all(clock):
+def test_unreachable_store_is_4xx_for_all(in_doubt):
     """A connection that cannot be made: every recipient 451 4.4.1."""
-    agent = LMTPDelivery(lambda: defer.fail(error.ConnectError("no socket")), "mx.example.org")
+    agent = LMTPDelivery(lambda: defer.fail(error.ConnectError("no socket")), "mx.example.org",
+                         in_doubt=in_doubt)
     outcome = result_of(agent.deliver("Q1", "", [ALICE], MESSAGE))
     assert outcome == DeliveryOutcome(refused=outcome.refused)
     assert (outcome.refused[ALICE].code, outcome.refused[ALICE].enhanced) == (451, "4.4.1")
@@ -258,7 +352,7 @@ def test_per_recipient_replies_read_exactly():
     assert script == []
 
 
-def test_connections_are_limited():
+def test_connections_are_limited(in_doubt):
     """At most MAX_CONNECTIONS deliveries talk to the store at once; the rest wait."""
     waiting: list[defer.Deferred] = []
 
@@ -266,7 +360,7 @@ def test_connections_are_limited():
         waiting.append(defer.Deferred())
         return waiting[-1]
 
-    agent = LMTPDelivery(connect, "mx.example.org")
+    agent = LMTPDelivery(connect, "mx.example.org", in_doubt=in_doubt)
     results = [agent.deliver(f"Q{i}", "", [ALICE], MESSAGE) for i in range(MAX_CONNECTIONS + 2)]
     assert len(waiting) == MAX_CONNECTIONS
     waiting[0].errback(error.ConnectError("gone"))
@@ -274,11 +368,11 @@ def test_connections_are_limited():
     assert len(waiting) == MAX_CONNECTIONS + 1
 
 
-def test_connector_uses_the_endpoint_and_times_out():
+def test_connector_uses_the_endpoint_and_times_out(in_doubt):
     """lmtp_connector connects the endpoint string; a connection that never opens is a 4xx."""
     reactor = MemoryReactorClock()
     connect = lmtp_connector(reactor, reactor, "unix:/run/store/lmtp", 30.0, IDLE)
-    agent = LMTPDelivery(connect, "mx.example.org")
+    agent = LMTPDelivery(connect, "mx.example.org", in_doubt=in_doubt)
     d = agent.deliver("Q1", "", [ALICE], MESSAGE)
     [(path, *_)] = reactor.unixClients
     assert path == "/run/store/lmtp"

@@ -67,19 +67,26 @@ def test_build_node_in_process(tmp_path) -> None:
 
 
 def test_local_delivery_follows_the_config(tmp_path) -> None:
-    """[delivery] local picks the agent: maildirs by default, LMTP for "lmtp:..."."""
+    """
+    [delivery] local picks the agent: maildirs by default, LMTP for
+    "lmtp:...", which keeps what falls in doubt in <state_dir>/in-doubt.
+    """
     from twisted.internet.testing import MemoryReactorClock
 
     from pullmail.config import embedded_default, override
     from pullmail.inbound.lmtp import LMTPDelivery
     from pullmail.node.tap import local_delivery
     from pullmail.storage.maildir import MaildirDelivery
+    from pullmail.testing import run_blocking
 
     config = embedded_default(tmp_path)
     reactor = MemoryReactorClock()
-    assert isinstance(local_delivery(config, reactor, tmp_path / "mail", None), MaildirDelivery)
+    assert isinstance(local_delivery(config, reactor, tmp_path / "mail", None, run_blocking),
+                      MaildirDelivery)
     config = override(config, "delivery.local", '"lmtp:unix:/run/dovecot/lmtp"')
-    agent = local_delivery(config, reactor, tmp_path / "mail", None)
+    config.state_dir.mkdir(parents=True)
+    agent = local_delivery(config, reactor, tmp_path / "mail", None, run_blocking)
     assert isinstance(agent, LMTPDelivery)
+    assert agent.in_doubt.folder == config.state_dir / "in-doubt"
     agent.deliver("Q1", "", ["alice@example.org"], [b"x\r\n"])
     assert [client[0] for client in reactor.unixClients] == ["/run/dovecot/lmtp"]

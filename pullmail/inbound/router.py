@@ -79,12 +79,13 @@ def one_refusal(outcome: DeliveryOutcome, queued_remote: bool) -> Reply | None:
     The reply to end-of-data when the local store refused every local
     recipient alike (all 4xx, or all 5xx) and nothing else was accepted:
     its first such reply, passed straight back, so the client retries or
-    bounces itself.  None when anything was delivered or queued (or the
-    refusals differ): the client must then hear 250 (RFC 5321 has one
-    reply to DATA), and the refused recipients are the node's to retry or
-    bounce (L{Router._take_refused}).
+    bounces itself.  None when anything was delivered, queued or kept in
+    doubt (or the refusals differ): the client must then hear 250 (RFC
+    5321 has one reply to DATA), and the refused recipients are the
+    node's to retry or bounce (L{Router._take_refused}).  A recipient in
+    doubt (L{pullmail.storage.indoubt}) must not be sent again by anyone.
     """
-    if outcome.delivered or queued_remote or not outcome.refused:
+    if outcome.delivered or outcome.in_doubt or queued_remote or not outcome.refused:
         return None
     answers = list(outcome.refused.values())
     if all(r.transient for r in answers) or all(r.permanent for r in answers):
@@ -361,6 +362,6 @@ class Router:
             log, queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
             size=size + len(header), peer=session.peer, delivered=list(outcome.delivered),
             queued=remote, local_deferred=outcome.transient(), local_bounced=outcome.permanent(),
-            service=service,
+            in_doubt=list(outcome.in_doubt), service=service,
         )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

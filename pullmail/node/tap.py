@@ -52,7 +52,6 @@ from pullmail.outbound.local import LocalQueue
 from pullmail.outbound.sts import MTASTS
 from pullmail.outbound.sts.cache import PolicyCache
 from pullmail.outbound.sts.fetch import PolicyFetcher
-from pullmail.pull.handover import IN_DOUBT
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
@@ -67,6 +66,7 @@ from pullmail.smtp.server import (
 )
 from pullmail.storage.disk_threads import DiskPool
 from pullmail.storage.fsync_helper import FsyncHelper
+from pullmail.storage.indoubt import IN_DOUBT, InDoubt
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
@@ -169,8 +169,13 @@ def freeze_start_up_heap() -> None:
     maillog.HEAP_FROZEN(log, objects=gc.get_freeze_count())
 
 
-def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helper):
-    """The L{IDeliveryAgent} that ``[delivery] local`` names: maildirs, or LMTP."""
+def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helper,
+                   run_blocking):
+    """
+    The L{IDeliveryAgent} that ``[delivery] local`` names: maildirs, or
+    LMTP, which keeps a message whose store went silent after the data in
+    C{<state_dir>/in-doubt} (L{pullmail.storage.indoubt}).
+    """
     hostname = config.node.hostname
     if config.delivery.local == "maildir":
         return MaildirDelivery(mail_root, MaildirNames(reactor, hostname, os.getpid()),
@@ -178,7 +183,8 @@ def local_delivery(config: configuration.Config, reactor, mail_root, fsync_helpe
     description = config.delivery.local.removeprefix("lmtp:")
     connect = lmtp_connector(reactor, reactor, description, config.delivery.connect_timeout,
                              config.limits.idle_timeout)
-    return LMTPDelivery(connect, hostname, where=f"LMTP server {description}")
+    return LMTPDelivery(connect, hostname, where=f"LMTP server {description}",
+                        in_doubt=InDoubt(in_doubt_folder(config), run_blocking))
 
 
 def make_signer(config: configuration.Config, reactor, run_blocking) -> Signer | None:
@@ -293,7 +299,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     resolver = Resolver(dnspython, reactor, NameserverQuery.of(dnspython, reactor))
     fsync_helper = FsyncHelper(reactor)
     Startable(fsync_helper.start, fsync_helper.stop).setServiceParent(node)
-    delivery = local_delivery(config, reactor, mail_root, fsync_helper)
+    delivery = local_delivery(config, reactor, mail_root, fsync_helper, run_blocking)
     hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
     policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
     router = Router(hostname, accounts, delivery, reactor, hooks=hooks)

@@ -20,10 +20,15 @@ no way to ask afterwards).  So the doubt is made small and handled:
      notification (by this node restarted, or by another node of the
      cluster) finds C{handed_over} still set: it does not deliver the
      message again but keeps it aside, durably, in
-     ``<state_dir>/in-doubt/<queue id>.eml`` with its envelope, logs
-     C{retrieval-in-doubt} (error) naming the recipients, and answers
-     the SMTA 250 so that it lets go.  The operator looks in those
-     mailboxes and re-sends the file if the message is not there.
+     ``<state_dir>/in-doubt/<queue id>.eml`` with its envelope
+     (L{pullmail.storage.indoubt}), logs C{retrieval-in-doubt} (error)
+     naming the recipients, and answers the SMTA 250 so that it lets go.
+     The operator looks in those mailboxes and re-sends the file if the
+     message is not there.
+
+The same window without a crash (the store's connection breaks after the
+data) is the LMTP agent's to handle, on every path, with the same folder
+and the same answer: L{pullmail.inbound.lmtp}.
 
 No retrieved message is delivered twice to the store, and none is lost:
 the window of doubt is one LMTP transaction, and what falls in it is kept
@@ -41,15 +46,13 @@ from twisted.logger import Logger
 
 from pullmail import maillog
 from pullmail.smtp.replies import Reply
-from pullmail.storage.durable import write_atomically
+from pullmail.storage.indoubt import InDoubt
 from pullmail.storage.pending import Notification
 
-__all__ = ["Handover", "S250_KEPT_ASIDE", "S451_TAKEN_ELSEWHERE", "IN_DOUBT"]
+__all__ = ["Handover", "S250_KEPT_ASIDE", "S451_TAKEN_ELSEWHERE"]
 
 log = Logger(namespace="pullmail.pull.handover")
 
-# The folder under state_dir for copies whose delivery is in doubt.
-IN_DOUBT = "in-doubt"
 S250_KEPT_ASIDE = Reply(250, "2.0.0", "Ok: kept aside (an earlier delivery was cut off)")
 # The record could not be marked: another node of the cluster took it.
 S451_TAKEN_ELSEWHERE = Reply(451, "4.3.0", "Retrieval taken over by another node, try again")
@@ -68,9 +71,9 @@ class Handover:
             coroutine writing the record durably (the Retriever's).
         """
         self.folder = folder
+        self.kept = InDoubt(folder, run_blocking) if folder is not None else None
         self.store = store
         self.save = save
-        self.run_blocking = run_blocking
         self.clock = clock
 
     @property
@@ -104,17 +107,11 @@ class Handover:
     async def keep_aside(self, notification: Notification, sender: str | None,
                          recipients: Sequence[str], chunks: Sequence[bytes]) -> Reply:
         """Store the copy for the operator, durably, instead of delivering it again."""
-        path = self.folder / f"{notification.queue_id}.eml"
-        envelope = (f"X-Pullmail-In-Doubt: {notification.gdel_id} from {notification.peer}\r\n"
-                    f"X-Pullmail-Envelope-From: <{sender or ''}>\r\n"
-                    f"X-Pullmail-Envelope-To: {', '.join(recipients)}\r\n").encode("utf-8")
-        await self.run_blocking(_write, path, envelope + b"".join(chunks))
+        path = await self.kept.keep(notification.queue_id,
+                                    f"{notification.gdel_id} from {notification.peer}",
+                                    sender, recipients, chunks)
         maillog.RETRIEVAL_IN_DOUBT(log, id=notification.gdel_id, queue_id=notification.queue_id,
                                    recipients=list(recipients), path=str(path))
         self.ended(notification)
         return S250_KEPT_ASIDE
 
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, data)

@@ -122,12 +122,14 @@ class TransactionResult:
     """
     The outcome of one mail transaction.  C{recipients} maps each address
     to the reply that decided it: the RCPT reply if it was refused, else
-    the reply to end-of-data (or to GDEL).
+    the reply to end-of-data (or to GDEL).  C{unanswered} (LMTP): the
+    addresses whose reply to the data never came, the data sent.
     """
 
     mail: Reply | None = None
     recipients: dict[str, Reply] = field(default_factory=dict)
     final: Reply | None = None
+    unanswered: list[str] = field(default_factory=list)
 
     def accepted(self) -> list[str]:
         return [r for r, reply in self.recipients.items() if reply.positive]
@@ -375,9 +377,11 @@ async def send_lmtp_transaction(
     MAIL, RCPT..., DATA, message, as L{send_transaction}; but the server
     answers the data once for each recipient whose RCPT it accepted, in
     RCPT order (RFC 2033 4.2), and each reply decides its own recipient.
-    When the connection breaks among these replies, the recipients still
-    waiting for theirs get a 4xx: their delivery is not known to have
-    happened.  C{final} is the last reply read.
+    When the connection breaks (or times out, or sends what is not a
+    reply) among these replies, the recipients still waiting for theirs
+    are C{unanswered}: the store may have delivered to them or not, and
+    no reply of ours can say which.  C{final} is the last reply read, or
+    a 451 saying why the rest never came.
     """
     result, accepted = await _send_with_data(
         channel, sender, recipients, chunks, size, body, smtputf8, pipelining
@@ -387,7 +391,9 @@ async def send_lmtp_transaction(
             result.final = await channel.reply()
         except Exception as e:  # lost, timed out, or not a reply: the rest never came
             result.final = Reply(451, "4.4.2", f"no reply after the data: {e or type(e).__name__}")
-            _refuse_all(result, accepted[position:], result.final)
+            result.unanswered = accepted[position:]
+            for unanswered in result.unanswered:   # their RCPT's 250 decides nothing
+                del result.recipients[unanswered]
             break
         result.recipients[recipient] = result.final
     return result
