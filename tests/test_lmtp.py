@@ -352,6 +352,31 @@ def test_per_recipient_replies_read_exactly():
     assert script == []
 
 
+def test_unanswered_recipients_are_not_decided_by_their_rcpt():
+    """
+    send_lmtp_transaction: the reply after the data that never came leaves
+    its recipients C{unanswered}, out of C{recipients} (whose RCPT 250
+    decides nothing), and C{final} says why.
+    """
+    ok = Reply(250, "2.0.0", "ok")
+    script = [ok, ok, ok, Reply(354, "", "go"), ok]
+
+    class Channel:
+        def send(self, data):
+            pass
+
+        def reply(self):
+            if script:
+                return defer.succeed(script.pop(0))
+            return defer.fail(error.ConnectionLost("gone"))
+
+    result = result_of(defer.Deferred.fromCoroutine(
+        send_lmtp_transaction(Channel(), "s@x.test", [ALICE, BOB], [b"x\r\n"])))
+    assert result.recipients == {ALICE: ok}
+    assert result.unanswered == [BOB]
+    assert (result.final.code, result.final.enhanced) == (451, "4.4.2")
+
+
 def test_connections_are_limited(in_doubt):
     """At most MAX_CONNECTIONS deliveries talk to the store at once; the rest wait."""
     waiting: list[defer.Deferred] = []

@@ -14,7 +14,13 @@ The ``--json`` document (SPEC 11.4), version 1::
 ``state`` is ``held`` while held, else the entry's own (``queued``,
 ``notified``, ``claimed``, ``pending``, ``retrieved``).  ``local`` is the
 LMTP local queue: recipients the mail store deferred, retried by this node
-(flushed and deleted like the others; not held).
+(flushed and deleted like the others; not held).  ``in-doubt`` (state
+``kept``) lists the copies in ``<state_dir>/in-doubt/``
+(L{pullmail.storage.indoubt}): messages the LMTP store may or may not have
+delivered, never tried again by the node; ``id`` is the file's name
+without ``.eml``, ``last_error`` why it is there.  They wait for the
+operator, who looks in the mailboxes, re-sends what is missing and removes
+the file.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Sequence, TextIO
 
-__all__ = ["message_record", "print_rows", "queue_document", "shape_table", "run", "AGE_BUCKETS"]
+from pullmail.storage.indoubt import IN_DOUBT, kept_copies
+
+__all__ = ["message_record", "print_rows", "queue_document", "shape_table", "run", "AGE_BUCKETS",
+           "in_doubt_rows"]
 
 DOCUMENT_VERSION = 1
 # qshape's buckets, in minutes: 0-5, 5-10, 10-20, ... 640-1280, 1280+.
@@ -47,12 +57,35 @@ _TITLES = {
     "push": "Push queue (waiting for an attempt)",
     "pending": "Pending notifications (to retrieve)",
     "local": "Local queue (deferred by the mail store, LMTP)",
+    "in-doubt": "In doubt (kept aside: the mail store may have them or not; never re-sent)",
 }
+# What the operator does with a copy in doubt (README "Delivering to Dovecot over LMTP").
+_IN_DOUBT_HINT = (
+    "  For each: look in the recipients' mailboxes; if the message is not there,\n"
+    "  re-send it without the three X-Pullmail lines on top:\n"
+    "    tail -n +4 FILE | pullmail sendmail -f SENDER RECIPIENT...\n"
+    "  then remove FILE."
+)
+
+
+def in_doubt_rows(state_dir: Path, now: float) -> list[dict]:
+    """The copies in C{<state_dir>/in-doubt}, as listing rows."""
+    return [{
+        "kind": "in-doubt", "id": copy.id, "queue_id": copy.id.split(".")[0],
+        "sender": copy.sender, "recipients": list(copy.recipients),
+        "domain": copy.recipients[0].rpartition("@")[2] if copy.recipients else None,
+        "age": now - copy.kept_at, "state": "kept", "attempts": 0, "next": 0.0,
+        "last_error": copy.why, "path": str(copy.path),
+    } for copy in kept_copies(state_dir / IN_DOUBT)]
 
 
 def print_rows(rows: list[dict], out: TextIO) -> None:
     for kind, title in _TITLES.items():
         chosen = [r for r in rows if r["kind"] == kind]
+        if kind == "in-doubt":
+            if chosen:
+                _print_in_doubt(title, chosen, out)
+            continue
         print(f"{title}: {len(chosen)}", file=out)
         for row in chosen:
             who = row.get("sender") or row.get("origin") or "<>"
@@ -66,6 +99,14 @@ def print_rows(rows: list[dict], out: TextIO) -> None:
             if row.get("last_error"):
                 line += f"  ({row['last_error'][:80]})"
             print(line, file=out)
+
+
+def _print_in_doubt(title: str, rows: list[dict], out: TextIO) -> None:
+    print(f"{title}: {len(rows)}", file=out)
+    for row in rows:
+        print(f"  {row['path']}  age {_age(row['age'])}  from <{row['sender']}>"
+              f" to {','.join(row['recipients'])}  ({row['last_error'][:120]})", file=out)
+    print(_IN_DOUBT_HINT, file=out)
 
 
 def message_record(row: dict) -> dict:
@@ -147,6 +188,7 @@ def run(config, args, out: TextIO, ask) -> int:
     source = "node" if answer is not None else "files"
     rows = answer["rows"] if answer is not None else offline_listing(config.state_dir,
                                                                      time.time())
+    rows = rows + in_doubt_rows(config.state_dir, time.time())
     document = queue_document(rows, config.node.hostname, source)
     if action == "shape":
         queues = (args.queue,) if args.queue else ("outbox", "push")
