@@ -1,10 +1,15 @@
 """
-Retrieved mail over LMTP is delivered once even when the receiving node
-is killed in the middle of the LMTP transaction (L{pullmail.pull.handover}):
-a scripted LMTP store takes the message and, before it answers, the
-receiver is SIGKILLed.  Restarted, the receiver retrieves the message
-again (the sender never heard 250): the store must not get it a second
-time; the copy is kept aside in ``in-doubt/`` and the log says so.
+Mail over LMTP is delivered at most once, and never lost, when the LMTP
+transaction is cut off after the data (L{pullmail.pull.handover},
+L{pullmail.inbound.lmtp}, L{pullmail.storage.indoubt}):
+
+- the receiver is SIGKILLed after the store took the message, before its
+  reply: restarted, it retrieves the message again (the sender never heard
+  250) and keeps the copy aside in ``in-doubt/`` instead of delivering it
+  a second time;
+- the store drops the connection after the data, the node running: the
+  copy is kept aside at once, the sender (or the submitting client) hears
+  250, and nothing is sent to the store again, however long one waits.
 
     sender 127.0.0.2 (sender.test)   receiver 127.0.0.3 (receiver.test)
     LMTP store 127.0.0.84:2424
@@ -12,35 +17,40 @@ time; the copy is kept aside in ``in-doubt/`` and the log says so.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+import time
 
-from .harness import submit, wait_until
+from .harness import ScriptedPeer, submit, wait_until
 from .world import ALICE, BOB, PASSWORD, Network, outbox_ids
 
 STORE = ("127.0.0.84", 2424)
 MESSAGE = b"From: alice@sender.test\r\nSubject: once over LMTP\r\n\r\nhello\r\n"
+FAST = {"retrieval": {"schedule": ["0s", "1s", "2s", "2s", "2s", "2s"]},
+        "delivery": {"push_retry": ["1s"], "connect_timeout": "3s"}}
 
 
-class ScriptedStore(threading.Thread):
-    """An LMTP server (RFC 2033) that calls C{at_dot()} after each message, before its replies."""
+class ScriptedStore(ScriptedPeer):
+    """
+    An LMTP server (RFC 2033) that calls C{at_dot()} after each message,
+    before its replies: False hangs up without them.  C{messages}: every
+    message the store took (committed, as far as the store goes).
+    """
 
     def __init__(self, at_dot) -> None:
-        super().__init__(daemon=True)
+        super().__init__(*STORE)
         self.at_dot = at_dot
         self.messages: list[bytes] = []
-        self.listener = socket.create_server(STORE)
+        self._lock = threading.Lock()
+        self.start()
 
-    def run(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(client,), daemon=True).start()
+    def taken(self) -> int:
+        with self._lock:
+            return len(self.messages)
 
-    def _session(self, client: socket.socket) -> None:
-        with client, client.makefile("rwb") as stream:
+    def handle(self, conn: socket.socket, source) -> None:
+        with conn.makefile("rwb") as stream:
             def say(line: str) -> None:
                 stream.write(line.encode() + b"\r\n")
                 stream.flush()
@@ -60,7 +70,8 @@ class ScriptedStore(threading.Thread):
                 elif verb == b"DATA":
                     say("354 go ahead")
                     data = b"".join(iter(stream.readline, b".\r\n"))
-                    self.messages.append(data)   # committed, as far as the store goes
+                    with self._lock:
+                        self.messages.append(data)
                     if not self.at_dot():
                         return                    # the reply never comes
                     for _ in range(recipients):
@@ -71,14 +82,9 @@ class ScriptedStore(threading.Thread):
                 else:
                     say("500 5.5.1 what?")
 
-    def close(self) -> None:
-        self.listener.close()
-
 
 def test_a_receiver_killed_during_the_lmtp_transaction_delivers_once(tmp_path, world_dns):
-    fast = {"retrieval": {"schedule": ["0s", "1s", "2s", "2s", "2s", "2s"]},
-            "delivery": {"push_retry": ["1s"], "connect_timeout": "3s"}}
-    network = Network(tmp_path, world_dns, fast)
+    network = Network(tmp_path, world_dns, FAST)
     killed = []
 
     def at_dot() -> bool:
@@ -88,22 +94,56 @@ def test_a_receiver_killed_during_the_lmtp_transaction_delivers_once(tmp_path, w
         return False
 
     store = ScriptedStore(at_dot)
-    store.start()
     try:
         sender = network.sender()
         receiver = network.receiver({"delivery": {"local": "lmtp:tcp:{}:{}".format(*STORE)}})
         assert submit(sender, ALICE, PASSWORD, [BOB], MESSAGE) == {}
         wait_until(lambda: killed, 20, message="the receiver killed at the store's dot")
-        assert len(store.messages) == 1
+        assert store.taken() == 1
         receiver.start()
         receiver.wait_log(r"retrieved \S+ \(\w+\) again after its delivery to the mail store"
                           r" was cut off: kept aside in \S+in-doubt/\w+\.eml", 20)
         wait_until(lambda: not outbox_ids(sender), 20, message="the sender let go")
-        assert len(store.messages) == 1
+        assert store.taken() == 1
         [kept] = (receiver.state_dir / "in-doubt").iterdir()
         data = kept.read_bytes()
         assert b"X-Pullmail-Envelope-To: bob@receiver.test\r\n" in data
         assert b"Subject: once over LMTP" in data
+    finally:
+        store.close()
+        network.close()
+
+
+def test_a_store_that_hangs_up_after_the_data_gets_each_message_once(tmp_path, world_dns):
+    """
+    The store takes each message and hangs up before its reply, the node
+    running.  Retrieved mail: kept aside, the sender hears 250 and lets go.
+    Submitted mail (the router's path): the client hears 250, kept aside.
+    Past every retry interval the store has had each message once, and
+    ``pullmail queue --json`` lists both copies for the operator.
+    """
+    network = Network(tmp_path, world_dns, FAST)
+    store = ScriptedStore(at_dot=lambda: False)
+    try:
+        sender = network.sender()
+        receiver = network.receiver({"delivery": {"local": "lmtp:tcp:{}:{}".format(*STORE)}})
+        assert submit(sender, ALICE, PASSWORD, [BOB], MESSAGE) == {}
+        receiver.wait_log(r"LMTP delivery of \w+ to LMTP server \S+ cut off after the data"
+                          r" \(.*\): the store may have it or not for \['bob@receiver.test'\];"
+                          r" kept aside in \S+in-doubt/\w+\.eml", 20)
+        wait_until(lambda: not outbox_ids(sender), 20, message="the sender let go")
+        assert submit(receiver, BOB, PASSWORD, [BOB], MESSAGE.replace(b"once", b"twice")) == {}
+        assert store.taken() == 2
+        time.sleep(5)    # past the retrieval schedule's and push_retry's intervals
+        assert store.taken() == 2
+        assert receiver.running() and store.errors == []
+        kept = sorted(p.read_bytes() for p in (receiver.state_dir / "in-doubt").iterdir())
+        assert len(kept) == 2
+        assert all(b"X-Pullmail-Envelope-To: bob@receiver.test\r\n" in k for k in kept)
+        assert [b"Subject: once" in k for k in kept].count(True) == 1
+        listing = json.loads(receiver.cli("queue", "--json").stdout)
+        assert [m["recipients"] for m in listing["messages"] if m["queue"] == "in-doubt"] == [
+            [BOB]] * 2
     finally:
         store.close()
         network.close()
