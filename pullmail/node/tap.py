@@ -268,8 +268,8 @@ def check_store(config: configuration.Config) -> None:
 
 def in_doubt_folder(config: configuration.Config) -> Path | None:
     """
-    With LMTP, where retrieved copies whose delivery was cut off are kept
-    (L{pullmail.pull.handover}); made now, so that its entry is durable.
+    With LMTP, where copies whose delivery to the store is unknown are kept
+    (L{pullmail.storage.indoubt}); made now, so that its entry is durable.
     """
     if config.delivery.local == "maildir":
         return None
