@@ -56,6 +56,20 @@ def _vocabulary(*events: Event) -> MappingProxyType:
 
 # -- Connections and commands (smtp/) ----------------------------------------------------
 
+STOP_DRAINING = Event(
+    "stop-draining",
+    "stopping: no new connections or commands; waiting up to {grace} s for {requests}"
+    " requests in flight on {connections} connections",
+)
+STOP_DRAINED = Event(
+    "stop-drained",
+    "stopping: nothing in flight after {waited} s ({connections} connections still closing)",
+)
+STOP_CUT_OFF = Event(
+    "stop-cut-off",
+    "stopping: {requests} requests still in flight after {waited} s are cut off",
+    LogLevel.warn,
+)
 IDLE_TIMEOUT = Event("idle-timeout", "{what} for {peer}")
 COMMAND_TIMEOUT = Event("command-timeout", "{what} for {peer}")
 DATA_TIMEOUT = Event("data-timeout", "{what} for {peer}")
@@ -428,6 +442,9 @@ VOCABULARY = _vocabulary(
     SESSION_FAILED,
     SESSION_TLS,
     SPF,
+    STOP_CUT_OFF,
+    STOP_DRAINED,
+    STOP_DRAINING,
     STORE_FAILED,
     TLS_INJECTION,
     TLS_STARTED,

@@ -16,11 +16,13 @@ import sys
 from typing import IO, Mapping
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from twisted.python import logfile
 from zope.interface import implementer
 
 from pullmail.maillog import VOCABULARY
+from pullmail.node.listeners import Listener
 from pullmail.node.lock import record_pid
 
 __all__ = ["NodeService", "log_observer", "format_text", "format_json"]
@@ -120,12 +122,28 @@ def twistd_stream(twistd_options: Mapping | None) -> IO[str] | None:
 class NodeService(service.MultiService):
     """
     The node: a MultiService that, once twistd gives it its application,
-    sets the application's log observer, and holds the state dir's lock.
+    sets the application's log observer, and holds the state dir's lock;
+    stopped, it drains its connections before its stores stop.
     """
 
     log_observer: ILogObserver | None = None
     lock: int | None = None          # pullmail.node.lock's descriptor
     metrics = None                   # pullmail.node.metrics.Metrics, when served
+    drain = None                     # pullmail.smtp.drain.Drain: what a stop waits for
+
+    def stopService(self) -> defer.Deferred:
+        """
+        A graceful stop (L{pullmail.smtp.drain}): the listeners close, the
+        connections finish the requests in flight (bounded), then every
+        service stops as before.
+        """
+        first = [defer.maybeDeferred(child.stopService) for child in reversed(list(self))
+                 if isinstance(child, Listener)]
+        if self.drain is not None:
+            first.append(self.drain.stop())
+        d = defer.DeferredList(first, consumeErrors=True)
+        d.addCallback(lambda _: super(NodeService, self).stopService())
+        return d
 
     def startService(self) -> None:
         if self.lock is not None:    # a daemon's pid is known only now

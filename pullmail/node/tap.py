@@ -56,6 +56,7 @@ from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
 from pullmail.pull.verbs import Notify, Retrieve, pull_extension
 from pullmail.smtp.conduct import SessionLimits
+from pullmail.smtp.drain import Drain
 from pullmail.smtp.protocol import ConnectionLimits, Connector, SMTPServerFactory
 from pullmail.smtp.server import (
     Authenticate,
@@ -303,9 +304,11 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     hooks = enabled_plugins(IDeliveryHook, config.delivery.hooks, "delivery.hooks")
     policies = enabled_plugins(ITrustPolicy, config.trust.policies, "trust.policies")
     router = Router(hostname, accounts, delivery, reactor, hooks=hooks)
+    # A stop lets what the connections have in hand finish first.
+    node.drain = Drain(reactor)
     connect = Connector(reactor, reactor, config.delivery.bind_address,
                         config.delivery.connect_timeout, config.limits.idle_timeout,
-                        config.node.log_commands)
+                        config.node.log_commands, drain=node.drain)
     # Issue 18: no outbound connection reaches a blocked network, whoever
     # chose the address; only the operator's smarthost is exempt.
     guarded_connect = mx.guarded(connect, config.delivery.blocked_networks)
@@ -456,6 +459,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
             else replace(session_limits, pregreet_wait=0.0),
             refuse_connection=failures.refuse_connection if service_name == "smtp"
             else auth_failures.refuse_connection,
+            drain=node.drain,
         )
         wrapped = TLSMemoryBIOFactory(tls_context, False, factory) if implicit else factory
         for description in getattr(config.listen, service_name):

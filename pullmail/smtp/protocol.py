@@ -38,6 +38,7 @@ from pullmail.smtp.connection import (
     Octets,
 )
 from pullmail.smtp.deadlines import Deadlines
+from pullmail.smtp.drain import Drain
 from pullmail.smtp.envelope import Session
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import (
@@ -322,6 +323,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.count_replies = True     # emit REPLY per reply (the metrics count them)
         self.limits = SessionLimits()
         self._conduct = Conduct(self.limits)
+        self.drain: Drain | None = None   # a graceful stop's (L{pullmail.smtp.drain})
 
     # -- connection ---------------------------------------------------------
 
@@ -333,6 +335,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             Session(address, factory.service, tls=factory.implicit_tls)
         )
         self.performers = factory.performers
+        self.drain = factory.drain
         self.log_commands = factory.log_commands
         self.count_replies = factory.count_replies
         self.limits = factory.session_limits
@@ -364,6 +367,8 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
                                  lambda: self._greet(greeting))
         else:
             self._greet(greeting)
+        if self.drain is not None:
+            self.drain.opened(self)
 
     def _greet(self, greeting: Reply) -> None:
         self._greeted = True
@@ -380,6 +385,21 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         if self._turn_done is not None:
             done, self._turn_done = self._turn_done, None
             done.errback(reason)
+        if self.drain is not None:
+            self.drain.closed(self)
+
+    def shut_down(self) -> None:
+        """
+        The node is stopping (L{pullmail.smtp.drain}): no new command.  A
+        request in flight ends first (its reply, then this); in our own
+        client role there is nothing to answer.  RFC 5321 3.8: 421.
+        """
+        if self._closing or self._busy:
+            return
+        if self._replies is not None:
+            self._hang_up()
+        else:
+            self.close(replies.S421_SHUTTING_DOWN)
 
     def close(self, reply: Reply | None = None) -> None:
         if reply is not None:
@@ -422,6 +442,8 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
     # -- the server role: events --------------------------------------------
 
     def _process(self) -> None:
+        if self.drain is not None and self.drain.stopping and self._replies is None:
+            self.shut_down()
         while not self._busy and not self._closing and self._replies is None:
             event = self._input.next_event(self.machine.max_line)
             if event is NEED_DATA:
@@ -581,6 +603,8 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             self._process()
 
         d.addCallbacks(resolved, failed)
+        if self.drain is not None:    # a stop waits for the reply
+            self.drain.track(self, d)
 
     def _start_tls(self) -> None:
         context = self.factory.tls_context
@@ -613,8 +637,10 @@ class SMTPServerFactory(Factory):
         log_commands: bool = False,
         session_limits: SessionLimits = SessionLimits(),
         count_replies: bool = True,
+        drain: Drain | None = None,
     ) -> None:
         self.session_limits = session_limits
+        self.drain = drain
         self.log_commands = log_commands
         # The REPLY event of every reply is for the metrics alone (it is
         # below the log's level): a node without them is spared its cost.
@@ -642,11 +668,12 @@ class ClientConnection(SMTPConnection):
 
     def __init__(self, clock: IReactorTime, timeout: float,
                  performers: Mapping[type, Callable] | None = None,
-                 log_commands: bool = False) -> None:
+                 log_commands: bool = False, drain: Drain | None = None) -> None:
         super().__init__()
         self._client_clock, self._client_timeout = clock, timeout
         self.performers = dict(performers or {})
         self.log_commands = log_commands
+        self.drain = drain    # tracks the requests of reversed turns (retrieved mail)
 
     def connectionMade(self) -> None:
         self.become_client()
@@ -667,8 +694,10 @@ class Connector:
     """
 
     def __init__(self, reactor, clock: IReactorTime, bind_address: str,
-                 connect_timeout: float, idle_timeout: float, log_commands: bool = False) -> None:
+                 connect_timeout: float, idle_timeout: float, log_commands: bool = False,
+                 drain: Drain | None = None) -> None:
         self._log_commands = log_commands
+        self._drain = drain
         self._reactor = reactor
         self._clock = clock
         self._bind = bind_address
@@ -688,5 +717,5 @@ class Connector:
         endpoint = kind(self._reactor, address, port, timeout=self._connect_timeout,
                         bindAddress=bind)
         return connectProtocol(endpoint, ClientConnection(
-            self._clock, self._idle_timeout, performers, self._log_commands,
+            self._clock, self._idle_timeout, performers, self._log_commands, self._drain,
         ))
