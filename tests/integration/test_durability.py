@@ -17,7 +17,7 @@ import smtplib
 import threading
 import time
 
-from .harness import smtp, wait_until
+from .harness import RawSMTP, smtp, wait_until
 
 ALICE = "alice@example.org"
 MESSAGES = 500
@@ -150,3 +150,42 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
     except FileNotFoundError:
         return True
+
+
+def test_sigterm_after_the_dot_answers_250_then_closes(make_node):
+    """
+    A graceful stop (SIGTERM) lets a message already past its final dot
+    finish its durable write and get its 250 before the connection and the
+    node close (L{pullmail.smtp.drain}).  The write is held up by stopping
+    the fsync helper (SIGSTOP) until after the SIGTERM.  The client hears
+    250, then 421, then a clean close; the node exits as twistd does on
+    SIGTERM (by that signal, once stopped); the message is in the maildir
+    once.
+    """
+    node = make_node("graceful", "127.0.0.96", ["example.org"], "graceful.example.org",
+                     users={ALICE: "alice-password"})
+    [helper] = _children(node.pid)
+    with RawSMTP(node.address) as client:
+        for command, code in (("EHLO client.outside.test", 250),
+                              ("MAIL FROM:<load@outside.test>", 250),
+                              (f"RCPT TO:<{ALICE}>", 250), ("DATA", 354)):
+            client.send(command + "\r\n")
+            assert client.read_reply()[0] == code, command
+        os.kill(helper, signal.SIGSTOP)
+        try:
+            client.send(message("tok-7-0001") + b".\r\n")
+            time.sleep(0.5)       # the node has handed the write to the helper
+            node.signal(signal.SIGTERM)
+            time.sleep(1.0)       # stopping, it waits for the write
+            assert node.running(), "the node did not wait for the write in flight"
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        assert client.read_reply()[0] == 250
+        assert client.read_reply() == (421, ["4.3.2 Service shutting down, closing connection"])
+        assert client.buffer == b""
+        client.sock.settimeout(10)
+        assert client.sock.recv(100) == b""      # FIN, not a reset
+    assert node.process.popen.wait(10) == -signal.SIGTERM
+    [path] = node.delivered_paths(ALICE)
+    assert TOKEN.search(path.read_bytes()).group(1) == b"tok-7-0001"
+    assert "stop-cut-off" not in node.log_text()
