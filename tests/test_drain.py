@@ -215,3 +215,57 @@ def test_our_own_connection_waiting_for_a_reply_is_hung_up(world):
     assert transport.disconnecting and transport.value() == b""
     lost(connection)
     assert result_of(stopped) is None
+
+
+# -- General Delivery's reversed turns -----------------------------------------------
+
+
+def test_the_smta_finishes_the_turn_in_flight(world):
+    """
+    The SMTA is sending a message in its reversed turn when the stop comes:
+    the turn runs to the RMTA's reply (the outcome the outbox records),
+    then the SMTA, the server again, says 421 and closes.
+    """
+    from tests.test_reversal import SMTASide
+
+    smta = SMTASide()
+    smta.protocol.drain = world.drain
+    world.drain.opened(smta.protocol)
+    smta.receive(b"EHLO mx.receiver.example\r\nRETR Id_of_the_message_0123\r\n")
+    smta.receive(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    stopped = world.drain.stop()
+    world.clock.advance(LINGER)       # a turn in flight is waited for, as a request is
+    assert_no_result(stopped)
+    assert smta.receive(b"354 Go ahead\r\n")[-1] == b"."
+    assert not smta.transport.disconnecting
+    assert smta.receive(b"250 2.0.0 Ok: stored\r\n") == [
+        b"421 4.3.2 Service shutting down, closing connection"]
+    assert smta.results[0].accepted() == ["bob@receiver.example"]
+    lost(smta.protocol)
+    assert result_of(stopped) is None
+
+
+def test_the_rmta_answers_the_retrieved_message_then_hangs_up(world):
+    """
+    The RMTA's delivery of retrieved mail is in flight when the stop comes:
+    its 250 goes to the SMTA, then our retrieval connection closes (no 421:
+    we are the client there).
+    """
+    from tests.test_reversal import GDEL_ID, RECIPIENT, SENDER, RMTASide
+
+    rmta = RMTASide()
+    pending = defer.Deferred()
+    rmta.connection.drain = world.drain
+    rmta.connection.performers = {Deliver: lambda connection, request: pending}
+    rmta.retr(b"250 2.0.0 " + GDEL_ID.encode() + b" follows\r\n"
+              + f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\n".encode())
+    rmta.receive(b"DATA\r\n")
+    rmta.connection.dataReceived(b"hi\r\n.\r\n")
+    assert rmta.transport.value() == b""       # the delivery is in flight
+    stopped = world.drain.stop()
+    assert not rmta.transport.disconnecting
+    pending.callback(S250)
+    assert rmta.transport.value() == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert rmta.transport.disconnecting
+    lost(rmta.connection)
+    assert result_of(stopped) is None

@@ -77,13 +77,17 @@ class Drain:
     def track(self, connection, request: Deferred) -> None:
         """
         C{request} runs on C{connection}; the stop waits for it to end (and
-        its reply to be written), then for the connection to close.
+        its reply to be written), then for the connection to close: ended
+        while stopping, the connection ends itself (in our own client role
+        too, e.g. a retrieval whose turn just ended).
         """
         self._requests.add(request)
         self._connections.add(connection)
 
         def ended(result: object) -> object:
             self._requests.discard(request)
+            if self.stopping:
+                connection.shut_down()
             self._check()
             return result
 

@@ -112,6 +112,7 @@ class ReplyChannel(Protocol):
         self._closing = False
         self._busy = False          # a request (or a reversed turn) is running
         self.deadlines: Deadlines | None = None
+        self.drain: Drain | None = None   # a graceful stop's (L{pullmail.smtp.drain})
 
     def become_client(self, rest: bytes = b"") -> None:
         self._replies = ReplyReader()
@@ -251,6 +252,8 @@ class ReplyChannel(Protocol):
 
         d.addBoth(turn_over)
         d.addErrback(self._turn_failed)
+        if self.drain is not None:    # a stop waits for the turn's outcome
+            self.drain.track(self, d)
 
     def _abandon(self, result: object) -> None:
         """
@@ -323,7 +326,6 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.count_replies = True     # emit REPLY per reply (the metrics count them)
         self.limits = SessionLimits()
         self._conduct = Conduct(self.limits)
-        self.drain: Drain | None = None   # a graceful stop's (L{pullmail.smtp.drain})
 
     # -- connection ---------------------------------------------------------
 
