@@ -213,6 +213,19 @@ class ReplyChannel(Protocol):
         else:
             self.transport.loseConnection()
 
+    def shut_down(self) -> None:
+        """
+        The node is stopping (L{pullmail.smtp.drain}): no new command.  A
+        request in flight ends first (its reply, then this); in our own
+        client role there is nothing to answer.  RFC 5321 3.8: 421.
+        """
+        if self._closing or self._busy:
+            return
+        if self._replies is not None:
+            self._hang_up()
+        else:
+            self.close(replies.S421_SHUTTING_DOWN)
+
     # -- switching roles (SPEC 4) -------------------------------------------
 
     def serve_turn(self, machine: ServerMachine) -> defer.Deferred:
@@ -389,19 +402,6 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             done.errback(reason)
         if self.drain is not None:
             self.drain.closed(self)
-
-    def shut_down(self) -> None:
-        """
-        The node is stopping (L{pullmail.smtp.drain}): no new command.  A
-        request in flight ends first (its reply, then this); in our own
-        client role there is nothing to answer.  RFC 5321 3.8: 421.
-        """
-        if self._closing or self._busy:
-            return
-        if self._replies is not None:
-            self._hang_up()
-        else:
-            self.close(replies.S421_SHUTTING_DOWN)
 
     def close(self, reply: Reply | None = None) -> None:
         if reply is not None:
