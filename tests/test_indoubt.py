@@ -165,6 +165,8 @@ def test_a_deferral_beside_a_recipient_in_doubt_is_not_passed_back(node):
     assert len(node.store.connections) == 2
     assert b"RCPT TO:<alice@example.org>\r\n" in node.store.connections[1].transport.value()
     assert b"bob" not in node.store.connections[1].transport.value()
+    node.store.answer(b"250 2.0.0 <alice@example.org> ok\r\n")
+    assert len(node.queue.store) == 0 and node.bounces == []
 
 
 def test_a_local_retry_whose_reply_never_came_is_not_retried(node):
