@@ -9,7 +9,12 @@ from __future__ import annotations
 import io
 import os
 
+import email
+import email.policy
+
 import pytest
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
 
 from pullmail.node import sendmail
 from pullmail.node.maildrop import (
@@ -21,6 +26,8 @@ from pullmail.node.maildrop import (
     with_from,
 )
 from pullmail.node.sendmail import SendmailError, header_recipients, parse_arguments, read_message
+from pullmail.outbound.bounce import FailedRecipient
+from pullmail.outbound.bouncer import Bouncer, Reports
 from pullmail.smtp import replies
 from pullmail.testing import result_of
 
@@ -118,11 +125,12 @@ class _Router:
         return succeed("Q")
 
 
-def _maildrop(tmp_path, router, max_size=1000):
-    from twisted.internet.defer import maybeDeferred
-    from twisted.internet.task import Clock
-
-    return Maildrop(tmp_path / "maildrop", router, Clock(),
+def _maildrop(tmp_path, router, max_size=1000, clock=None):
+    """A Maildrop whose reports go, as in the node, through the router's inject."""
+    clock = clock or Clock()
+    reports = Reports("mx.example.org", clock,
+                      lambda sender, report: router.inject("", [sender], [report]))
+    return Maildrop(tmp_path / "maildrop", router, reports, clock,
                     lambda f, *a: maybeDeferred(f, *a), "mx.example.org", ["root"], max_size,
                     node_uid=-1)
 
@@ -145,6 +153,84 @@ def test_node_takes_a_dropped_message_in(tmp_path):
     assert not list((tmp_path / "maildrop" / "new").iterdir())
 
 
+def _shape(report: bytes) -> list[tuple[str, list[str]]]:
+    """Each MIME part's content type and its field names (RFC 3464 2.2, 2.3)."""
+    shape = []
+    for part in email.message_from_bytes(report, policy=email.policy.default).walk():
+        shape.append((part.get_content_type(), sorted(part.keys())))
+        if part.get_content_type() == "message/delivery-status":
+            shape += [("status-block", sorted(block.keys())) for block in part.get_payload()]
+    return shape
+
+
+class _Owner:
+    """What L{Bouncer} reads of the Outbound: the stored original."""
+
+    def __init__(self, message):
+        self.outbox = self
+        self.message = message
+
+    def run_blocking(self, f, *args):
+        return maybeDeferred(f, *args)
+
+    def read_message(self, entry_id):
+        return self.message
+
+
+def _outbox_bounce(sender: str, recipient: str, original: bytes) -> bytes:
+    """The DSN the outbox sends for a recipient a peer refused with 5.1.1."""
+    from pullmail.storage.outbox import OutboxEntry
+
+    sent = []
+    reports = Reports("mx.example.org", Clock(), lambda to, report: sent.append(report))
+    entry = OutboxEntry("E1", "Q1", sender, "example.org", [recipient], 0.0, len(original))
+    result_of(Bouncer(_Owner(original), reports).send(
+        entry, [FailedRecipient(recipient, "5.1.1", None, None)], "failed"))
+    [report] = sent
+    return report
+
+
+def test_maildrop_bounce_is_the_one_every_dsn_is(tmp_path, logged_events):
+    """
+    Stop 12: the maildrop's report comes from L{Reports}, like the outbox's:
+    the same parts and fields, the drop file's time as Arrival-Date, and
+    the ``bounced`` event the metrics count.
+    """
+    router = _Router(replies.Reply(250, "2.0.0", "Ok"))
+    name = drop_message(tmp_path, Drop(None, ("a@example.org", "nobody@example.org"),
+                                       b"Subject: s\r\n\r\nbody\r\n"))
+    os.utime(tmp_path / "maildrop" / "new" / name, (86400.0, 86400.0))
+    clock = Clock()
+    clock.advance(2 * 86400)
+    result_of(_maildrop(tmp_path, router, clock=clock).drain())
+    [(_, _, original)] = router.accepted
+    [(_, [to], report)] = router.injected
+    [bounced] = [e for e in logged_events if e.get("event") == "bounced"]
+    assert (bounced["action"], bounced["sender"], bounced["recipients"]) == (
+        "failed", to, ["nobody@example.org"])
+    assert _shape(report) == _shape(_outbox_bounce(to, "nobody@example.org", original))
+    parsed = email.message_from_bytes(report, policy=email.policy.default)
+    [per_message, per_recipient] = next(
+        p for p in parsed.walk() if p.get_content_type() == "message/delivery-status"
+    ).get_payload()
+    assert per_message["Arrival-Date"] == "Fri, 02 Jan 1970 00:00:00 +0000"
+    assert per_message["Reporting-MTA"] == "dns; mx.example.org"
+    assert (per_recipient["Final-Recipient"], per_recipient["Action"],
+            per_recipient["Status"]) == ("rfc822; nobody@example.org", "failed", "5.1.1")
+
+
+def test_maildrop_never_bounces_to_the_null_sender(tmp_path, logged_events):
+    """RFC 5321 4.5.5 through L{Reports}: root's ``-f ''`` gets no report, and says so."""
+    router = _Router(replies.Reply(250, "2.0.0", "Ok"))
+    drop_message(tmp_path, Drop("", ("nobody@example.org",), b"Subject: s\r\n\r\nb\r\n"))
+    maildrop = _maildrop(tmp_path, router)
+    maildrop.node_uid = os.getuid()       # the node's own user may choose the sender
+    result_of(maildrop.drain())
+    assert router.injected == []
+    assert [e for e in logged_events if e.get("event") == "bounce-of-bounce-dropped"]
+    assert not list((tmp_path / "maildrop" / "new").iterdir())
+
+
 def test_node_keeps_a_message_it_could_not_store(tmp_path):
     router = _Router(replies.S451_LOCAL_ERROR)
     drop_message(tmp_path, Drop(None, ("a@example.org",), b"x\r\n"))
@@ -164,8 +250,6 @@ def test_node_sets_aside_what_it_cannot_take(tmp_path):
 
 
 def test_stale_temporary_files_removed_at_start(tmp_path):
-    from twisted.internet.task import Clock
-
     maildrop = _maildrop(tmp_path, _Router(replies.S451_LOCAL_ERROR))
     maildrop.clock = Clock()
     maildrop.clock.advance(10 * 86400)

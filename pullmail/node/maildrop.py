@@ -13,6 +13,9 @@ then the message with CRLF line ends.
 The sender is not taken from the file but from its owner: the node looks up
 the Unix user of the file's uid, and honours ``-f`` only for the users in
 ``[sendmail] trusted_users``, root and the node's own user (L{sender_for}).
+
+Recipients the node does not know are reported to the sender in a DSN made
+by the node's one L{Reports}, under the rules of every other report.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from twisted.logger import Logger
 from pullmail import maillog
 from pullmail.ids import new_queue_id
 from pullmail.outbound import bounce
+from pullmail.outbound.bouncer import Reports
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.storage.durable import fsync_directory, publish_new_file, remove_files
 
@@ -133,19 +137,25 @@ def with_from(message: bytes, sender: str, full_name: str | None) -> bytes:
     return field.encode("utf-8") + b"\r\n" + message
 
 
-def _read(path: Path) -> tuple[bytes, int]:
+def _read(path: Path) -> tuple[bytes, int, float]:
+    """The file's content, owner and last change (when the command queued it)."""
     with open(path, "rb") as f:
-        return f.read(), os.fstat(f.fileno()).st_uid
+        status = os.fstat(f.fileno())
+        return f.read(), status.st_uid, status.st_mtime
 
 
 class Maildrop:
-    """The node's side: takes dropped messages in through the router (as submission)."""
+    """
+    The node's side: takes dropped messages in through the router (as
+    submission); C{reports} sends the DSN on recipients it does not know.
+    """
 
-    def __init__(self, root: Path, router, clock, run_blocking, hostname: str,
-                 trusted_users: Collection[str], max_size: int,
+    def __init__(self, root: Path, router, reports: Reports, clock, run_blocking,
+                 hostname: str, trusted_users: Collection[str], max_size: int,
                  node_uid: int | None = None) -> None:
         self.root = root
         self.router = router
+        self.reports = reports
         self.clock = clock
         self.run_blocking = run_blocking
         self.hostname = hostname
@@ -192,7 +202,7 @@ class Maildrop:
     async def _take_in(self, name: str) -> None:
         path = self.root / "new" / name
         try:
-            data, uid = await self.run_blocking(_read, path)
+            data, uid, queued = await self.run_blocking(_read, path)
         except FileNotFoundError:
             return
         user = user_name(uid)
@@ -222,22 +232,25 @@ class Maildrop:
                     maillog.MAILDROP_DEFERRED(log, name=name, reply=str(reply))
                 return
         if unknown:
-            await self._bounce(sender, unknown, message)
+            await self._bounce(sender, unknown, message, queued)
         await self.run_blocking(_remove_durably, path)
         maillog.MAILDROP_TAKEN(log, user=user, sender=sender, recipients=known, unknown=unknown)
 
-    async def _bounce(self, sender: str, unknown: list[str], message: bytes) -> None:
-        if not bounce.should_bounce(sender):
-            return
-        now = self.clock.seconds()
-        dsn = bounce.build_dsn(
-            reporting_mta=self.hostname, original_sender=sender,
+    async def _bounce(self, sender: str, unknown: list[str], message: bytes,
+                      arrival: float) -> None:
+        """
+        RFC 3464 through L{Reports}: no DSN parameters (the command takes
+        none), no origin (a local user, SPF has nothing to say about it).
+        """
+        queue_id = new_queue_id()
+        sent = await self.reports.send(
+            queue_id=queue_id, sender=sender, dsn_params={}, origin=None, arrival=arrival,
             recipients=[bounce.FailedRecipient(r, "5.1.1", None, None) for r in unknown],
-            original=message, queue_id=new_queue_id(), arrival_date=now, now=now,
-            boundary="=_" + secrets.token_hex(12),
-            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+            action="failed", original=message,
         )
-        await self.router.inject("", [sender], [dsn])
+        if sent:
+            maillog.BOUNCED(log, action="failed", queue_id=queue_id, sender=sender,
+                            recipients=sent, status="5.1.1")
 
     async def _set_aside(self, name: str, reason: str) -> None:
         maillog.MAILDROP_BAD(log, name=name, reason=reason)

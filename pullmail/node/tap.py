@@ -384,7 +384,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         connection_cache_time=config.delivery.connection_cache_time,
     )
     stores.start_with(node, outbound.start, outbound.stop)
-    maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
+    maildrop = Maildrop(state / MAILDROP, router, reports, reactor, run_blocking, hostname,
                         config.sendmail.trusted_users, config.limits.message_size)
     Startable(local_queue.start, local_queue.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME

@@ -190,6 +190,9 @@ def test_sendmail_unknown_local_user_bounces(make_node):
     delivered = node.wait_delivered(ALICE, 2, timeout=10)
     report = [m for m in delivered if b"multipart/report" in m]
     assert report and b"nobody@example.org" in report[0] and b"5.1.1" in report[0]
+    # Made by the node's one Reports, which logs it as every DSN (the metrics count it).
+    node.wait_log(r"failed DSN for \S+ to <alice@example\.org>: "
+                  r"\['nobody@example\.org'\] 5\.1\.1", 5)
 
 
 # -- queue tools ---------------------------------------------------------------------
