@@ -70,6 +70,7 @@ from pullmail.storage.fsync_helper import FsyncHelper
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.refresh import SnapshotRefresh
 from pullmail.storage.durable import fsync_directory
 from pullmail.storage.postgresql import schema
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
@@ -221,8 +222,12 @@ def open_stores(config: configuration.Config, reactor, node: service.MultiServic
     node).
     """
     if config.store.backend == "files":
-        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking, background=True),
-                      PendingStore(config.state_dir / "pending"))
+        outbox = MaildirOutbox(config.state_dir / "outbox", run_blocking, background=True)
+        # Its snapshot written again as entries change, and at a clean stop
+        # (before the disk threads stop, which finish the write).
+        refresh = SnapshotRefresh(outbox, reactor)
+        Startable(refresh.start, refresh.stop).setServiceParent(node)
+        return Stores(outbox, PendingStore(config.state_dir / "pending"))
     database = Database(config.store.dsn, reactor, DB_THREADS, ready=False)
     Startable(database.start, database.stop).setServiceParent(node)
     name, lease = config.node.hostname, config.store.lease

@@ -247,6 +247,24 @@ def test_queue_hold_release_running_and_stopped(make_node):
     assert messages_of(node) == []
 
 
+def test_a_clean_stop_leaves_a_fresh_outbox_snapshot(make_node):
+    """
+    Stop 12: the outbox snapshot is written again at a clean stop, so the
+    next start takes every entry from it and reads no record file.
+    """
+    node = make_node("snapstop", "127.0.9.7", ["example.org"], "mx.example.org",
+                     users={ALICE: PASSWORD}, settings=STUCK)
+    _queued(node, "one")
+    _queued(node, "two")
+    snapshot = node.state_dir / "outbox" / "entries.snapshot"
+    assert not snapshot.exists()        # the start found an empty outbox: nothing to write
+    node.stop()
+    assert re.search(r"outbox snapshot \S+entries\.snapshot written: 2 entries", node.log_text())
+    assert snapshot.exists()
+    node.start()
+    node.wait_log(r"outbox \S+ indexed: 2 entries from its snapshot, 0 read from their files", 10)
+
+
 def test_queue_shape(make_node):
     node = make_node("shape", "127.0.9.7", ["example.org"], "mx.example.org",
                      users={ALICE: PASSWORD}, settings=STUCK)
