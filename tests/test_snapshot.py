@@ -6,6 +6,7 @@ or an operator can leave, and what the next start-up must make of it.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,9 @@ from pullmail.storage.outbox import (
     COLUMNS,
     NOTIFIED,
     SNAPSHOT,
+    Loaded,
     MaildirOutbox,
+    read_in_slices,
     refreshed_snapshot,
 )
 from pullmail.storage.refresh import SnapshotRefresh
@@ -294,10 +297,12 @@ def test_entries_added_and_removed_while_loading(tmp_path) -> None:
     outbox.add([make_entry(id=_id(10))], MESSAGE)
     outbox.add([make_entry(id=_id(11))], MESSAGE)
     kept = outbox.get(_id(10))
-    function, args, d = runner.work.pop(0)
-    loaded = function(*args)                         # the thread has read both files...
-    outbox.remove(_id(11))                           # ...then one is delivered
-    d.callback(loaded)
+    while runner.work:
+        function, args, d = runner.work.pop(0)
+        step = function(*args)
+        if step is None:                             # the thread has read both files...
+            outbox.remove(_id(11))                   # ...then one is delivered
+        d.callback(step)
     result_of(loading)
     assert outbox.get(_id(10)) is kept
     assert outbox.get(_id(11)) is None
@@ -469,3 +474,72 @@ def test_the_rewrite_keeps_only_rows_still_right(tmp_path) -> None:
         assert row[1:5] == listing[name]
         assert dict(zip(COLUMNS, row[5:])) == {
             k: v for k, v in asdict(outbox.get(name)).items() if k != "claimed"}
+
+
+# -- read in bounded slices (issue 17: no long stall of the reactor) -------------------------
+
+
+def _mixed_folder(tmp_path) -> MaildirOutbox:
+    """40 entries, a snapshot, then some changed, removed, added, one without its message."""
+    _filled(tmp_path, 40)
+    outbox = _reloaded(tmp_path)
+    _change(outbox, range(0, 40, 7))
+    outbox.remove(_id(3))
+    outbox.add([make_entry(id=_id(50 + n)) for n in range(6)], MESSAGE)
+    os.unlink(tmp_path / "data" / f"{_id(9)}.eml")
+    return outbox
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Slices (and snapshot chunks) of 4: every phase of a read takes several."""
+    monkeypatch.setattr(snapshot, "SLICE", 4)
+    monkeypatch.setattr(snapshot, "ROWS_PER_CHUNK", 4)
+
+
+@pytest.mark.parametrize("with_snapshot", [True, False])
+def test_the_index_is_read_in_bounded_slices(tmp_path, small_slices, with_snapshot) -> None:
+    """
+    Every slice of a start-up's reading takes at most SLICE files, rows or
+    entries (the first check of the snapshot file aside), and the index
+    read is the same as read whole.
+    """
+    expected = _state(_mixed_folder(tmp_path))
+    del expected[_id(9)]
+    if not with_snapshot:
+        os.unlink(tmp_path / SNAPSHOT)
+    loaded = Loaded({}, [])
+    steps = list(read_in_slices(tmp_path, tmp_path / SNAPSHOT, loaded))
+    assert steps and max(steps) <= 4
+    # listing entries and data, 45 stats, the snapshot's 10 chunks or 44 files, rows, freeing
+    assert len(steps) > 3 * 46 // 4
+    assert {e.id: asdict(e) for e in loaded.index.values()} == expected
+    assert (loaded.reused, loaded.read) == ((32, 12) if with_snapshot else (0, 44))
+
+
+def test_a_background_load_is_one_slice_a_job(tmp_path, small_slices) -> None:
+    """
+    The node's load runs one slice per disk-thread job, the next asked for
+    only once the last is done (the reactor runs between), with the garbage
+    collector off until the index is in place.
+    """
+    expected = _state(_mixed_folder(tmp_path))
+    del expected[_id(9)]
+    runner = HeldRunner()
+    outbox = MaildirOutbox(tmp_path, runner, background=True)
+    loading = outbox.load()
+    waiting = outbox.find(_id(52))
+    jobs = 0
+    while not loading.called:
+        assert len(runner.work) == 1
+        assert not gc.isenabled()
+        assert_no_result(waiting)
+        function, args, d = runner.work.pop(0)
+        d.callback(function(*args))
+        jobs += 1
+    assert jobs > 3 * 45 // 4
+    assert gc.isenabled()
+    assert result_of(loading) == []
+    runner.run_all()                                 # the new snapshot (12 of 44 were read)
+    assert result_of(waiting).id == _id(52)
+    assert _state(outbox) == expected

@@ -22,12 +22,13 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from itertools import compress
+from itertools import compress, islice
 from operator import attrgetter, eq
 from pathlib import Path
 from types import MappingProxyType
@@ -225,7 +226,7 @@ class MaildirOutbox(OneNode):
         if not (self._background and self._run_blocking is not None):
             return self._install(read_folder(self.root, self.snapshot_path))
         self._loading, self._gone = [], set()
-        d = self._run_blocking(read_folder, self.root, self.snapshot_path, True)
+        d = Deferred.fromCoroutine(self._read_in_slices())
         d.addCallback(self._install)
 
         def waited(result: object) -> object:
@@ -235,6 +236,19 @@ class MaildirOutbox(OneNode):
             return result
 
         return d.addBoth(waited)
+
+    async def _read_in_slices(self) -> "Loaded":
+        """
+        L{read_in_slices}, one slice a job in the disk threads: between
+        two, the reactor's thread has the GIL to itself and other disk work
+        goes ahead.  The garbage collector is off meanwhile (L{read_folder}).
+        """
+        loaded = Loaded({}, [])
+        slices = read_in_slices(self.root, self.snapshot_path, loaded)
+        with collector_off(freeze=True):
+            while await self._run_blocking(next, slices, None) is not None:
+                pass
+        return loaded
 
     def _install(self, loaded: "Loaded") -> list[str]:
         """The index read takes over (entries added meanwhile stay as they are)."""
@@ -249,8 +263,8 @@ class MaildirOutbox(OneNode):
         self._index, self._gone = loaded.index, set()
         maillog.OUTBOX_INDEXED(log, folder=str(self.root), reused=loaded.reused, read=loaded.read)
         if loaded.rows is not None:
-            self._write_snapshot(functools.partial(
-                snapshot.write_snapshot, self.snapshot_path, COLUMNS, loaded.rows))
+            rows, loaded.rows = loaded.rows, None
+            self._write_snapshot(functools.partial(_write_rows, self.snapshot_path, rows))
         else:
             self._stale = loaded.stale
         return loaded.released
@@ -444,70 +458,128 @@ class Loaded:
 
 def read_folder(root: Path, snapshot_path: Path, freeze: bool = False) -> Loaded:
     """
-    Release entries left claimed, then read the index: from the snapshot
-    where a file is the one it read, else from the file.  The listing is
-    taken before any record is read, so a row's identity is never newer
-    than its values (a file replaced meanwhile is read again next time).
-
-    The cyclic garbage collector is off meanwhile: a million new entries
-    would set off full collections, each walking the whole heap with the
-    GIL held (a stall of the reactor, when this runs in a thread).  With
-    C{freeze} (the node's start-up), what was read is then frozen out of
-    the collector's sight (as L{pullmail.node.tap.freeze_start_up_heap}
-    does), else the first collection after would walk all of it at once.
+    L{read_in_slices}, all at once.  The cyclic garbage collector is off
+    meanwhile: a million new entries would set off full collections, each
+    walking the whole heap with the GIL held (a stall of the reactor, when
+    this runs in a thread).  With C{freeze} (the node's start-up), what was
+    read is then frozen out of the collector's sight (as
+    L{pullmail.node.tap.freeze_start_up_heap} does), else the first
+    collection after would walk all of it at once.
     """
+    loaded = Loaded({}, [])
+    with collector_off(freeze):
+        for _ in read_in_slices(root, snapshot_path, loaded):
+            pass
+    return loaded
+
+
+@contextlib.contextmanager
+def collector_off(freeze: bool = False) -> Iterator[None]:
+    """The cyclic garbage collector off, then (C{freeze}) what is left frozen; see L{read_folder}."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        loaded = _read_folder(root, snapshot_path)
+        yield
         if freeze:
             gc.freeze()
-        return loaded
     finally:
         if collecting:
             gc.enable()
 
 
-def _read_folder(root: Path, snapshot_path: Path) -> Loaded:
+def read_in_slices(root: Path, snapshot_path: Path, loaded: Loaded) -> Iterator[int]:
+    """
+    Release entries left claimed, then read the index into C{loaded}: from
+    the snapshot where a file is the one it read, else from the file.  The
+    listing is taken before any record is read, so a row's identity is
+    never newer than its values (a file replaced meanwhile is read again
+    next time).
+
+    Blocking, in slices of at most L{snapshot.SLICE} files, rows or
+    entries, each yielding how many it took: run one slice a job (in a
+    thread), the reactor's thread never waits long for the GIL, and the
+    disk threads serve other work between slices (issue 17: a million
+    entries stalled the reactor up to half a second at a time).
+    """
     data, entries, claimed = root / "data", root / "entries", root / "claimed"
     for folder in (data, entries, claimed, root / "tmp"):
         folder.mkdir(parents=True, exist_ok=True)
-    released = []
     for path in claimed.iterdir():
         if path.suffix == ".json" and is_gdel_id(path.stem):
             os.rename(path, entries / path.name)
-            released.append(path.stem)
+            loaded.released.append(path.stem)
     snapshot.remove_leftovers(snapshot_path)
-    listing = _listing(root)
-    loaded = Loaded({}, released)
-    rows = _from_snapshot(snapshot_path, listing, loaded)
+    listing: dict[str, snapshot.Identity] = {}
+    yield from _listing_in_slices(root, listing)
+    rows = yield from _from_snapshot(snapshot_path, listing, loaded)
     index = loaded.index
     loaded.reused = len(index)
-    names = _names_to_read(listing, [stem for stem in listing if stem not in index])
+    # The listing is in inode order: so are the files read.
+    names = [f"{stem}.json" for stem in listing if stem not in index and is_gdel_id(stem)]
     loaded.read = len(names)
-    for entry in _records(entries, names, loaded.unreadable):
-        index[entry.id] = entry
+    for start in range(0, len(names), snapshot.SLICE):
+        taken = names[start:start + snapshot.SLICE]
+        for entry in _records(entries, taken, loaded.unreadable):
+            index[entry.id] = entry
+        yield len(taken)
+    yield from freed(names)
     changed = loaded.read + (rows - loaded.reused if rows >= 0 else 0)
     if snapshot_worth_writing(changed, len(index)) and (index or rows > 0):
-        loaded.rows = [(stem, listing[stem], _values(entry)) for stem, entry in index.items()]
+        loaded.rows = []
+        items = iter(index.items())
+        while taken := list(islice(items, snapshot.SLICE)):
+            loaded.rows += [(stem, listing[stem], _values(entry)) for stem, entry in taken]
+            yield len(taken)
     else:
         loaded.stale = changed
-    return loaded
+    yield from freed(listing)
+
+
+def freed(big: list | dict | set) -> Iterator[int]:
+    """
+    Empty C{big} a slice at a time, each yielding how many went: a million
+    entries freed at once (the last reference dropped) hold the GIL for
+    about a tenth of a second.
+    """
+    while big:
+        count = min(snapshot.SLICE, len(big))
+        if isinstance(big, list):
+            del big[-count:]
+        else:
+            drop = big.popitem if isinstance(big, dict) else big.pop
+            for _ in range(count):
+                drop()
+        yield count
+
+
+def _listing_in_slices(root: Path, listing: dict[str, snapshot.Identity]) -> Iterator[int]:
+    """
+    Fill C{listing} with the identity of each entry's record file, in
+    slices; an entry whose message is gone is none.
+    """
+    yield from snapshot.list_folder_in_slices(root / "entries", listing)
+    messages: set[str] = set()
+    with os.scandir(root / "data") as found:
+        while taken := list(islice(found, snapshot.SLICE)):
+            messages.update(item.name[:-4] for item in taken if item.name.endswith(".eml"))
+            yield len(taken)
+    stems = list(listing)
+    for start in range(0, len(stems), snapshot.SLICE):
+        taken = stems[start:start + snapshot.SLICE]
+        for stem in taken:
+            if stem not in messages:
+                del listing[stem]
+        yield len(taken)
+    yield from freed(messages)
+    yield from freed(stems)
 
 
 def _listing(root: Path) -> dict[str, snapshot.Identity]:
-    """The identity of each entry's record file; an entry whose message is gone is none."""
-    listing = snapshot.list_folder(root / "entries")
-    messages = {name[:-4] for name in os.listdir(root / "data") if name.endswith(".eml")}
-    for stem in listing.keys() - messages:
-        del listing[stem]
+    """L{_listing_in_slices}, all at once."""
+    listing: dict[str, snapshot.Identity] = {}
+    for _ in _listing_in_slices(root, listing):
+        pass
     return listing
-
-
-def _names_to_read(listing: dict[str, snapshot.Identity], stems) -> list[str]:
-    """The record files of C{stems}, in the order of their inodes (one sweep of the disk)."""
-    unread = sorted((listing[stem][0], stem) for stem in stems)
-    return [f"{stem}.json" for _, stem in unread if is_gdel_id(stem)]
 
 
 def _records(entries: Path, names: list[str],
@@ -522,6 +594,15 @@ def _records(entries: Path, names: list[str],
             continue
         if entry.id == stem:
             yield entry
+
+
+def _write_rows(path: Path, rows: list) -> int:
+    """Write the snapshot of C{rows}, then free them a slice at a time (in the thread)."""
+    try:
+        return snapshot.write_snapshot(path, COLUMNS, rows)
+    finally:
+        for _ in freed(rows):
+            pass
 
 
 def refreshed_snapshot(root: Path, snapshot_path: Path) -> int:
@@ -548,19 +629,24 @@ def _fresh_rows(path: Path, listing: dict[str, snapshot.Identity], entries: Path
                     yield name, ident, values
     except (snapshot.SnapshotUnusable, ValueError, TypeError, OSError):
         pass    # what it did not give is read from the files
-    for entry in _records(entries, _names_to_read(listing, list(listing)), []):
+    names = [f"{stem}.json" for stem in listing if is_gdel_id(stem)]   # in inode order
+    for entry in _records(entries, names, []):
         yield entry.id, listing[entry.id], _values(entry)
 
 
-def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity], loaded: Loaded) -> int:
+def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity],
+                   loaded: Loaded) -> Iterator[int]:
     """
-    Index the entries of the snapshot whose files are the ones it read;
-    the number of rows it has (-1: no usable snapshot).
+    Index the entries of the snapshot whose files are the ones it read, a
+    chunk a slice; returns the number of rows it has (-1: no usable
+    snapshot, and nothing indexed).
     """
     index: dict[str, OutboxEntry] = {}
     rows = 0
     try:
-        for names, *columns in snapshot.read_snapshot(path, COLUMNS):
+        chunks = snapshot.read_snapshot(path, COLUMNS)
+        yield 1                                       # the whole file checked
+        for names, *columns in chunks:
             rows += len(names)
             unchanged = list(map(eq, map(listing.get, names), zip(*columns[:4])))
             values = columns[4:]
@@ -571,6 +657,7 @@ def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity], loaded: Lo
                 raise ValueError("snapshot rows for other entries than their names")
             # keyed by the entry's own id: one string object for both
             index.update(zip(values[0], map(OutboxEntry, *values)))
+            yield len(unchanged)
     except snapshot.SnapshotUnusable as e:
         if str(e) != "none":
             loaded.ignored = str(e)
