@@ -264,8 +264,10 @@ def test_a_snapshot_that_cannot_be_written_is_only_logged(tmp_path, logged_event
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(snapshot, "write_snapshot", full)
-    assert len(_reloaded(tmp_path)) == 5
+    outbox = _reloaded(tmp_path)
+    assert len(outbox) == 5
     assert [e for e in logged_events if e.get("event") == "outbox-snapshot-failed"]
+    assert outbox.unsnapshotted == 5                 # still to write, at the next check
 
 
 # -- reading in the background ---------------------------------------------------------------

@@ -262,11 +262,16 @@ class MaildirOutbox(OneNode):
         loaded.index.update(self._index)
         self._index, self._gone = loaded.index, set()
         maillog.OUTBOX_INDEXED(log, folder=str(self.root), reused=loaded.reused, read=loaded.read)
-        if loaded.rows is not None:
-            rows, loaded.rows = loaded.rows, None
-            self._write_snapshot(functools.partial(_write_rows, self.snapshot_path, rows))
+        stale = loaded.stale
+        if loaded.rows is None:
+            self._stale = stale
         else:
-            self._stale = loaded.stale
+            rows, loaded.rows = loaded.rows, None
+
+            def failed() -> None:     # the old snapshot stays, as wrong as it was
+                self._stale += stale
+
+            self._write_snapshot(functools.partial(_write_rows, self.snapshot_path, rows), failed)
         return loaded.released
 
     # -- the snapshot while running (L{pullmail.storage.refresh}) -------------
@@ -453,7 +458,7 @@ class Loaded:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     ignored: str = ""               # why a snapshot there was not used
     rows: list | None = None        # a new snapshot's rows, when one is worth writing
-    stale: int = 0                  # else: the entries the snapshot kept has wrong
+    stale: int = 0                  # the entries the snapshot found has wrong
 
 
 def read_folder(root: Path, snapshot_path: Path, freeze: bool = False) -> Loaded:
@@ -523,15 +528,13 @@ def read_in_slices(root: Path, snapshot_path: Path, loaded: Loaded) -> Iterator[
             index[entry.id] = entry
         yield len(taken)
     yield from freed(names)
-    changed = loaded.read + (rows - loaded.reused if rows >= 0 else 0)
-    if snapshot_worth_writing(changed, len(index)) and (index or rows > 0):
+    loaded.stale = loaded.read + (rows - loaded.reused if rows >= 0 else 0)
+    if snapshot_worth_writing(loaded.stale, len(index)) and (index or rows > 0):
         loaded.rows = []
         items = iter(index.items())
         while taken := list(islice(items, snapshot.SLICE)):
             loaded.rows += [(stem, listing[stem], _values(entry)) for stem, entry in taken]
             yield len(taken)
-    else:
-        loaded.stale = changed
     yield from freed(listing)
 
 
