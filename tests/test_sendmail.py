@@ -21,6 +21,7 @@ from pullmail.node.maildrop import (
     Drop,
     Maildrop,
     drop_message,
+    dsn_request,
     may_choose_sender,
     sender_for,
     with_from,
@@ -38,6 +39,9 @@ def test_postfix_flags():
     assert (args.extract, args.dot_ends, args.sender, args.full_name) == (
         True, False, "a@b.test", "Cron")
     assert args.recipients == ["x@y.test", "z@y.test", "w@y.test"]
+    assert args.dsn == {"notify": "never"}
+    assert parse_arguments(["-Rhdrs", "-V", "id 1", "-N", "success,delay", "a@x.test"]).dsn == {
+        "ret": "hdrs", "envid": "id 1", "notify": "success,delay"}
     assert parse_arguments(["-i", "--config", "f.toml", "-fme@x.test"]).config == "f.toml"
     assert parse_arguments(["-bi"]).mode == "i"
 
@@ -49,6 +53,27 @@ def test_bad_flags(argv, message):
     with pytest.raises(SendmailError, match=message) as caught:
         parse_arguments(argv)
     assert caught.value.status == sendmail.EX_USAGE
+
+
+def test_dsn_request_as_the_parameters_it_stands_for():
+    """-N, -R, -V as NOTIFY, RET and ENVID (RFC 3461), the envelope id as xtext."""
+    assert dsn_request("success,failure", "hdrs", "id=1 é") == {
+        "notify": "SUCCESS,FAILURE", "ret": "HDRS", "envid": "id+3D1+20+C3+A9"}
+    assert dsn_request() == {}
+    for bad in ({"notify": "never,success"}, {"notify": "always"}, {"ret": "some"},
+                {"envid": "x" * 101}):
+        with pytest.raises(ValueError):
+            dsn_request(**bad)
+
+
+def test_a_bad_dsn_request_queues_nothing(tmp_path):
+    config = tmp_path / "pullmail.toml"
+    config.write_text('[node]\nhostname = "mx.example.org"\n')
+    args = parse_arguments(["--config", str(config), "-N", "sometimes", "a@example.org"])
+    with pytest.raises(SendmailError, match="-N takes never") as caught:
+        sendmail.send(args, io.BytesIO(b"x\n"), "alice", 1000)
+    assert caught.value.status == sendmail.EX_USAGE
+    assert not (tmp_path / "var" / "maildrop").exists()
 
 
 def test_read_message():
@@ -90,7 +115,8 @@ def test_from_added_when_missing():
 
 
 def test_drop_file_round_trip(tmp_path):
-    drop = Drop("", ("a@example.org",), b"Subject: s\r\n\r\nbody\r\n", "Name")
+    drop = Drop("", ("a@example.org",), b"Subject: s\r\n\r\nbody\r\n", "Name",
+                {"notify": "NEVER", "envid": "E+2B1", "ret": "HDRS"})
     name = drop_message(tmp_path, drop)
     path = tmp_path / "maildrop" / "new" / name
     assert Drop.decode(path.read_bytes()) == drop
@@ -98,6 +124,12 @@ def test_drop_file_round_trip(tmp_path):
     assert not list((tmp_path / "maildrop" / "tmp").iterdir())
     with pytest.raises(ValueError):
         Drop.decode(b'{"version": 2}\nx')
+    # Anyone may write a drop file: a DSN request the command would refuse is refused.
+    for request in ('{"notify": "NEVER,SUCCESS"}', '{"ret": "ALL"}', '{"envid": "a b"}',
+                    '{"orcpt": "x"}', '[]'):
+        with pytest.raises(ValueError):
+            Drop.decode(b'{"version": 1, "recipients": [], "dsn": %s}\nx' % request.encode())
+    assert Drop.decode(b'{"version": 1, "recipients": ["a@x.test"]}\nx').dsn == {}
 
 
 class _Accounts:
@@ -217,6 +249,33 @@ def test_maildrop_bounce_is_the_one_every_dsn_is(tmp_path, logged_events):
     assert per_message["Reporting-MTA"] == "dns; mx.example.org"
     assert (per_recipient["Final-Recipient"], per_recipient["Action"],
             per_recipient["Status"]) == ("rfc822; nobody@example.org", "failed", "5.1.1")
+
+
+def test_maildrop_bounce_as_the_command_asked(tmp_path):
+    """
+    -R hdrs -V: the report returns the header only and names the envelope
+    id; the recipients it knows get the request with the message.
+    """
+    router = _Router(replies.Reply(250, "2.0.0", "Ok"))
+    request = dsn_request(notify="failure,delay", ret="hdrs", envid="job 7")
+    drop_message(tmp_path, Drop(None, ("a@example.org", "nobody@example.org"),
+                                b"Subject: s\r\n\r\nTHE BODY\r\n", None, request))
+    result_of(_maildrop(tmp_path, router).drain())
+    [(_, envelope, _)] = router.accepted
+    assert envelope.params == {"RET": "HDRS", "ENVID": "job+207"}
+    assert envelope.rcpt_params == {"a@example.org": {"notify": "FAILURE,DELAY"}}
+    [(_, _, report)] = router.injected
+    assert b"Original-Envelope-Id: job 7" in report
+    assert b"Subject: s" in report and b"THE BODY" not in report
+
+
+def test_maildrop_no_bounce_for_notify_never(tmp_path):
+    router = _Router(replies.Reply(250, "2.0.0", "Ok"))
+    drop_message(tmp_path, Drop(None, ("nobody@example.org",), b"Subject: s\r\n\r\nb\r\n",
+                                None, dsn_request(notify="never")))
+    result_of(_maildrop(tmp_path, router).drain())
+    assert router.injected == []
+    assert not list((tmp_path / "maildrop" / "new").iterdir())
 
 
 def test_maildrop_never_bounces_to_the_null_sender(tmp_path, logged_events):

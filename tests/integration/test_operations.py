@@ -194,6 +194,18 @@ def test_sendmail_unknown_local_user_bounces(make_node):
     node.wait_log(r"failed DSN for \S+ to <alice@example\.org>: "
                   r"\['nobody@example\.org'\] 5\.1\.1", 5)
 
+    # -R hdrs -V: the report returns the header only and echoes the id (RFC 3461);
+    # -N never: none at all.
+    node.cli("sendmail", "-f", ALICE, "-R", "hdrs", "-V", "job-7", "nobody@example.org",
+             input=b"Subject: headers only\n\nSECRET BODY\n")
+    report = [m for m in node.wait_delivered(ALICE, 3, timeout=10) if b"job-7" in m]
+    assert report and b"Subject: headers only" in report[0] and b"SECRET BODY" not in report[0]
+    node.cli("sendmail", "-f", ALICE, "-N", "never", "nobody@example.org", ALICE,
+             input=b"Subject: never\n\nhi\n")
+    wait_until(lambda: len(re.findall(r"sendmail by ", node.log_text())) == 3, 10)
+    assert len(node.wait_delivered(ALICE, 4, timeout=10)) == 4     # the message, no report
+    assert len(re.findall(r"failed DSN for", node.log_text())) == 2
+
 
 # -- queue tools ---------------------------------------------------------------------
 
