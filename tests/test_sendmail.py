@@ -66,14 +66,21 @@ def test_dsn_request_as_the_parameters_it_stands_for():
             dsn_request(**bad)
 
 
-def test_a_bad_dsn_request_queues_nothing(tmp_path):
+def _refused_for_alice(tmp_path, config_text: str, argv: list[str], match: str, status: int):
+    """C{argv} refused for alice (uid 1000), nothing queued; the arguments."""
     config = tmp_path / "pullmail.toml"
-    config.write_text('[node]\nhostname = "mx.example.org"\n')
-    args = parse_arguments(["--config", str(config), "-N", "sometimes", "a@example.org"])
-    with pytest.raises(SendmailError, match="-N takes never") as caught:
+    config.write_text('[node]\nhostname = "mx.example.org"\n' + config_text)
+    args = parse_arguments(["--config", str(config), *argv])
+    with pytest.raises(SendmailError, match=match) as caught:
         sendmail.send(args, io.BytesIO(b"x\n"), "alice", 1000)
-    assert caught.value.status == sendmail.EX_USAGE
+    assert caught.value.status == status
     assert not (tmp_path / "var" / "maildrop").exists()
+    return args
+
+
+def test_a_bad_dsn_request_queues_nothing(tmp_path):
+    _refused_for_alice(tmp_path, "", ["-N", "sometimes", "a@example.org"], "-N takes never",
+                       sendmail.EX_USAGE)
 
 
 def test_read_message():
@@ -335,13 +342,9 @@ def test_closed_standard_input(monkeypatch, tmp_path):
 
 
 def test_untrusted_user_may_not_choose_the_sender(tmp_path):
-    config = tmp_path / "pullmail.toml"
-    config.write_text('[node]\nhostname = "mx.example.org"\n[sendmail]\ntrusted_users = ["ops"]\n')
-    args = parse_arguments(["--config", str(config), "-f", "boss@example.org", "a@example.org"])
-    with pytest.raises(SendmailError, match="-f is not allowed for alice") as caught:
-        sendmail.send(args, io.BytesIO(b"x\n"), "alice", 1000)
-    assert caught.value.status == sendmail.EX_NOPERM
-    assert not (tmp_path / "var" / "maildrop").exists()
+    args = _refused_for_alice(tmp_path, '[sendmail]\ntrusted_users = ["ops"]\n',
+                              ["-f", "boss@example.org", "a@example.org"],
+                              "-f is not allowed for alice", sendmail.EX_NOPERM)
     sendmail.send(args, io.BytesIO(b"x\n"), "ops", 1001)
     [name] = (tmp_path / "var" / "maildrop" / "new").iterdir()
     assert Drop.decode(name.read_bytes()).sender == "boss@example.org"
