@@ -218,10 +218,11 @@ NOTIFICATION_DROPPED = Event(
     "dropping notification {id} from {peer}: {reason}",
     LogLevel.warn,
 )
+# A refused GDEL's one event: it stands for command-rejected too (verb, code).
 NOTIFICATION_REFUSED = Event(
     "notification-refused",
     "notification {id} from {peer} ({identity}) refused: {reply}",
-    extras=("code",),
+    extras=("code", "verb"),
 )
 NOTIFICATION_STORE_FAILED = Event(
     "notification-store-failed",

@@ -54,7 +54,9 @@ def test_events_become_counts():
     assert found[("pullmail_messages_accepted_total", (("service", "retrieval"),))] == 1
     assert found[("pullmail_messages_accepted_total", (("service", "other"),))] == 1
     assert ("pullmail_messages_accepted_total", (("service", "smtp"),)) not in found
-    assert found[("pullmail_replies_total", (("code", "550"),))] == 1
+    # A refused GDEL's one event counts its reply too: 550 twice, 451 once.
+    assert found[("pullmail_replies_total", (("code", "550"),))] == 2
+    assert found[("pullmail_replies_total", (("code", "451"),))] == 1
     assert found[("pullmail_replies_total", (("code", "250"),))] == 1
     assert found[("pullmail_replies_total", (("code", "other"),))] == 1
     assert found[("pullmail_deliveries_total", (("result", "delivered"),))] == 1

@@ -12,10 +12,13 @@ import pytest
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from pullmail.accounts.users import Accounts
 from pullmail.config import DeliveryConfig
+from pullmail.node.metrics import Metrics, MetricsObserver
 from pullmail.outbound.delivery import Outbound
 from pullmail.pull.retrieve import Retriever
 from pullmail.pull.serve import PickupCounter
@@ -265,6 +268,65 @@ def test_pending_cap(tmp_path) -> None:
     assert len(world.store) == 2
     # An id already pending is still answered 250.
     assert world.notify("Pending_id_0000000001").code == 250
+
+
+def _gdel_over_the_wire(world: World, gdel_id: str) -> bytes:
+    """One notification through a real MX connection whose Notify performer is the Retriever."""
+    factory = SMTPServerFactory(
+        world.policy, world.clock, ConnectionLimits(100, 100), 300.0,
+        {Notify: world.retriever}, extensions=(pull_extension(),),
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", SMTA, 40000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"EHLO mx.sender.example\r\n")
+    transport.clear()
+    protocol.dataReceived(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{BOB}>\r\n"
+                          f"GDEL {gdel_id}\r\n".encode())
+    return transport.value().splitlines()[-1]
+
+
+@pytest.mark.parametrize("trust, cap, refusal", [
+    (FakeTrust({"sender.example": replies.S550_SPF_FAIL}), 5, replies.S550_SPF_FAIL),
+    (FakeTrust(default=replies.S451_SPF_TEMPERROR), 5, replies.S451_SPF_TEMPERROR),
+    (FakeTrust(), 0, replies.S452_TOO_MANY_PENDING),
+])
+def test_refused_gdel_is_one_log_event_counted_twice(tmp_path, logged_events, trust, cap,
+                                                     refusal) -> None:
+    """
+    Stop 12: a refused GDEL is one event, notification-refused, carrying
+    command-rejected's fields too; the metrics count it as a GDEL verdict
+    and as a reply code, as they did from the two events.
+    """
+    world = World(tmp_path, trust=trust, pending_per_origin=cap)
+    world.network.stop_listening(SMTA, 25)
+    assert _gdel_over_the_wire(world, GDEL_ID) == refusal.render()[:-2]
+    said = [e for e in logged_events
+            if e.get("event") in ("notification-refused", "command-rejected")]
+    assert [e["event"] for e in said] == ["notification-refused"]
+    [event] = said
+    assert (event["id"], event["peer"], event["identity"], event["verb"], event["code"],
+            event["reply"]) == (GDEL_ID, SMTA, "sender.example", "GDEL", refusal.code,
+                                str(refusal))
+    metrics = Metrics()
+    observer = MetricsObserver(metrics)
+    for logged in logged_events:
+        observer(logged)
+    counted = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in metrics.registry.collect() for s in family.samples
+               if s.name.endswith("_total") and s.value}
+    verdict = "deferred" if refusal.transient else "refused"
+    assert counted[("pullmail_gdel_total", (("verdict", verdict),))] == 1
+    assert counted[("pullmail_replies_total", (("code", str(refusal.code)),))] == 1
+
+
+def test_other_refusals_still_logged_as_rejected_commands(tmp_path, logged_events) -> None:
+    """A GDEL the machine refuses itself (a bad id) never reaches the Retriever."""
+    world = World(tmp_path)
+    assert _gdel_over_the_wire(world, "bad!").startswith(b"501 5.5.4")
+    [event] = [e for e in logged_events
+               if e.get("event") in ("notification-refused", "command-rejected")]
+    assert (event["event"], event["verb"], event["code"]) == ("command-rejected", "GDEL", 501)
 
 
 # -- the schedule ---------------------------------------------------------------------

@@ -6,14 +6,26 @@ or an operator can leave, and what the next start-up must make of it.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
+
 from pullmail.storage import columns, snapshot
 from pullmail.storage.durable import replace_file
-from pullmail.storage.outbox import COLUMNS, NOTIFIED, SNAPSHOT, MaildirOutbox
+from pullmail.storage.outbox import (
+    COLUMNS,
+    NOTIFIED,
+    SNAPSHOT,
+    Loaded,
+    MaildirOutbox,
+    read_in_slices,
+    refreshed_snapshot,
+)
+from pullmail.storage.refresh import SnapshotRefresh
 from pullmail.testing import HeldRunner, assert_no_result, make_entry, result_of
 
 MESSAGE = [b"Subject: x\r\n\r\nhello\r\n"]
@@ -252,8 +264,10 @@ def test_a_snapshot_that_cannot_be_written_is_only_logged(tmp_path, logged_event
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(snapshot, "write_snapshot", full)
-    assert len(_reloaded(tmp_path)) == 5
+    outbox = _reloaded(tmp_path)
+    assert len(outbox) == 5
     assert [e for e in logged_events if e.get("event") == "outbox-snapshot-failed"]
+    assert outbox.unsnapshotted == 5                 # still to write, at the next check
 
 
 # -- reading in the background ---------------------------------------------------------------
@@ -285,11 +299,249 @@ def test_entries_added_and_removed_while_loading(tmp_path) -> None:
     outbox.add([make_entry(id=_id(10))], MESSAGE)
     outbox.add([make_entry(id=_id(11))], MESSAGE)
     kept = outbox.get(_id(10))
-    function, args, d = runner.work.pop(0)
-    loaded = function(*args)                         # the thread has read both files...
-    outbox.remove(_id(11))                           # ...then one is delivered
-    d.callback(loaded)
+    while runner.work:
+        function, args, d = runner.work.pop(0)
+        step = function(*args)
+        if step is None:                             # the thread has read both files...
+            outbox.remove(_id(11))                   # ...then one is delivered
+        d.callback(step)
     result_of(loading)
     assert outbox.get(_id(10)) is kept
     assert outbox.get(_id(11)) is None
     assert len(outbox) == 6
+
+
+# -- written again while the node runs (refresh) ------------------------------------------
+
+
+def _change(outbox: MaildirOutbox, numbers) -> None:
+    for n in numbers:
+        entry = outbox.get(_id(n))
+        entry.attempts += 1
+        outbox.update(entry)
+
+
+def _refreshing(tmp_path, count: int, runner=None) -> tuple[MaildirOutbox, SnapshotRefresh, Clock]:
+    """An outbox of C{count} entries loaded (its snapshot written), checked every 300 s."""
+    _filled(tmp_path, count)
+    outbox = MaildirOutbox(tmp_path, runner)
+    outbox.load()
+    if runner is not None:
+        runner.run_all()
+    clock = Clock()
+    refresh = SnapshotRefresh(outbox, clock, interval=300.0)
+    refresh.start()
+    return outbox, refresh, clock
+
+
+def test_enough_changes_write_the_snapshot_again_at_the_next_check(tmp_path, logged_events) -> None:
+    """
+    Stop 12: past a tenth of the entries changed, the next check writes the
+    snapshot again; a fresh start then reads none of their files.
+    """
+    outbox, refresh, clock = _refreshing(tmp_path, 40)
+    first = os.stat(tmp_path / SNAPSHOT).st_ino
+    _change(outbox, range(4))                        # 4 of 40: not yet
+    clock.advance(300)
+    assert os.stat(tmp_path / SNAPSHOT).st_ino == first
+    _change(outbox, [4])
+    outbox.remove(_id(5))
+    outbox.add([make_entry(id=_id(77))], MESSAGE)    # 7 of 40
+    assert outbox.unsnapshotted == 7
+    clock.advance(299)
+    assert os.stat(tmp_path / SNAPSHOT).st_ino == first
+    clock.advance(1)
+    assert os.stat(tmp_path / SNAPSHOT).st_ino != first
+    assert outbox.unsnapshotted == 0
+    assert [e["entries"] for e in logged_events
+            if e.get("event") == "outbox-snapshot-written"][-1] == 40
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    after = _reloaded(tmp_path)
+    assert _indexed(logged_events) == {"reused": 40, "read": 0}
+    assert _state(after) == _state(outbox)
+    refresh.stop()
+
+
+def test_without_it_the_next_start_reads_the_changed_files(tmp_path, logged_events) -> None:
+    """The control: the same changes, no check yet: a start reads their files."""
+    outbox, refresh, clock = _refreshing(tmp_path, 40)
+    _change(outbox, range(7))
+    clock.advance(299)
+    _reloaded(tmp_path)
+    assert _indexed(logged_events) == {"reused": 33, "read": 7}
+    refresh.stop()
+
+
+def test_a_clean_stop_writes_what_changed(tmp_path, logged_events) -> None:
+    outbox, refresh, clock = _refreshing(tmp_path, 40)
+    _change(outbox, [3])                             # 1 of 40: no check would write it
+    clock.advance(300)
+    refresh.stop()
+    assert not clock.getDelayedCalls()
+    after = _reloaded(tmp_path)
+    assert _indexed(logged_events) == {"reused": 40, "read": 0}
+    assert after.get(_id(3)).attempts == outbox.get(_id(3)).attempts
+
+
+def test_a_stop_with_nothing_changed_writes_nothing(tmp_path) -> None:
+    outbox, refresh, clock = _refreshing(tmp_path, 10)
+    first = os.stat(tmp_path / SNAPSHOT).st_ino
+    assert refresh.stop() is None
+    assert os.stat(tmp_path / SNAPSHOT).st_ino == first
+
+
+def test_what_a_start_left_stale_counts(tmp_path) -> None:
+    """
+    A start that kept the snapshot (few changes) counts what it had wrong,
+    as it judged it: a changed entry twice (its file read, its row wrong).
+    """
+    _filled(tmp_path, 50)
+    _change(_reloaded(tmp_path), [1, 2])              # snapshot of 50, 2 changed since
+    assert _reloaded(tmp_path).unsnapshotted == 4
+
+
+def test_written_in_a_thread_one_at_a_time(tmp_path, logged_events) -> None:
+    """
+    Off the reactor thread; no second write while one runs; changes made
+    meanwhile count against the new snapshot, and a start reads them.
+    """
+    runner = HeldRunner()
+    outbox, refresh, clock = _refreshing(tmp_path, 20, runner)
+    _change(outbox, range(5))
+    runner.run_all()                                 # the records' writes
+    clock.advance(300)
+    [(function, args, d)] = runner.work
+    assert function.func is refreshed_snapshot
+    assert outbox.snapshot_writing
+    _change(outbox, range(5, 8))                     # meanwhile: 3 of 20
+    clock.advance(300)                               # due again, but one is running
+    assert [f for f, _, _ in runner.work].count(function) == 1
+    runner.run_all()                                 # the snapshot first, then their writes
+    assert not outbox.snapshot_writing
+    assert outbox.unsnapshotted == 3
+    _reloaded(tmp_path)
+    assert _indexed(logged_events) == {"reused": 17, "read": 3}
+    clock.advance(300)
+    runner.run_all()
+    _reloaded(tmp_path)
+    assert _indexed(logged_events) == {"reused": 20, "read": 0}
+    refresh.stop()
+
+
+def test_killed_while_writing_it_again(tmp_path, logged_events, monkeypatch) -> None:
+    """
+    A crash mid-write (half a temporary file, no rename): the old snapshot
+    is whole and used for what did not change; the changes are counted
+    again for the next check; the next start removes the half file.
+    """
+    outbox, refresh, clock = _refreshing(tmp_path, 40)
+    old = (tmp_path / SNAPSHOT).read_bytes()
+    _change(outbox, range(6))
+
+    def dies(temporary, final, chunks, *args, **kwargs):
+        with open(temporary, "wb") as half:
+            half.write(next(iter(chunks)))
+        raise OSError(5, "killed mid-write")
+
+    monkeypatch.setattr(snapshot, "publish_new_file", dies)
+    clock.advance(300)
+    assert (tmp_path / SNAPSHOT).read_bytes() == old
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert outbox.unsnapshotted == 6
+    assert [e for e in logged_events if e.get("event") == "outbox-snapshot-failed"]
+    monkeypatch.undo()
+    after = _reloaded(tmp_path)
+    assert _indexed(logged_events)["reused"] == 34
+    assert _state(after) == _state(outbox)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    refresh.stop()
+
+
+def test_the_rewrite_keeps_only_rows_still_right(tmp_path) -> None:
+    """
+    L{refreshed_snapshot} from the folder alone: a file replaced after the
+    old snapshot is read again, one gone is dropped, one added is read.
+    """
+    _filled(tmp_path, 6)
+    outbox = _reloaded(tmp_path)
+    _change(outbox, [2])
+    outbox.remove(_id(4))
+    outbox.add([make_entry(id=_id(9))], MESSAGE)
+    assert refreshed_snapshot(tmp_path, tmp_path / SNAPSHOT) == 6
+    listing = snapshot.list_folder(tmp_path / "entries")
+    rows = {row[0]: row for chunk in snapshot.read_snapshot(tmp_path / SNAPSHOT, COLUMNS)
+            for row in zip(*chunk)}
+    assert sorted(rows) == sorted(listing) == sorted(e.id for e in outbox.entries())
+    for name, row in rows.items():
+        assert row[1:5] == listing[name]
+        assert dict(zip(COLUMNS, row[5:])) == {
+            k: v for k, v in asdict(outbox.get(name)).items() if k != "claimed"}
+
+
+# -- read in bounded slices (issue 17: no long stall of the reactor) -------------------------
+
+
+def _mixed_folder(tmp_path) -> MaildirOutbox:
+    """40 entries, a snapshot, then some changed, removed, added, one without its message."""
+    _filled(tmp_path, 40)
+    outbox = _reloaded(tmp_path)
+    _change(outbox, range(0, 40, 7))
+    outbox.remove(_id(3))
+    outbox.add([make_entry(id=_id(50 + n)) for n in range(6)], MESSAGE)
+    os.unlink(tmp_path / "data" / f"{_id(9)}.eml")
+    return outbox
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Slices (and snapshot chunks) of 4: every phase of a read takes several."""
+    monkeypatch.setattr(snapshot, "SLICE", 4)
+    monkeypatch.setattr(snapshot, "ROWS_PER_CHUNK", 4)
+
+
+@pytest.mark.parametrize("with_snapshot", [True, False])
+def test_the_index_is_read_in_bounded_slices(tmp_path, small_slices, with_snapshot) -> None:
+    """
+    Every slice of a start-up's reading takes at most SLICE files, rows or
+    entries (the first check of the snapshot file aside), and the index
+    read is the same as read whole.
+    """
+    expected = _state(_mixed_folder(tmp_path))
+    del expected[_id(9)]
+    if not with_snapshot:
+        os.unlink(tmp_path / SNAPSHOT)
+    loaded = Loaded({}, [])
+    steps = list(read_in_slices(tmp_path, tmp_path / SNAPSHOT, loaded))
+    assert steps and max(steps) <= 4
+    # listing entries and data, 45 stats, the snapshot's 10 chunks or 44 files, rows, freeing
+    assert len(steps) > 3 * 46 // 4
+    assert {e.id: asdict(e) for e in loaded.index.values()} == expected
+    assert (loaded.reused, loaded.read) == ((32, 12) if with_snapshot else (0, 44))
+
+
+def test_a_background_load_is_one_slice_a_job(tmp_path, small_slices) -> None:
+    """
+    The node's load runs one slice per disk-thread job, the next asked for
+    only once the last is done (the reactor runs between), with the garbage
+    collector off until the index is in place.
+    """
+    expected = _state(_mixed_folder(tmp_path))
+    del expected[_id(9)]
+    runner = HeldRunner()
+    outbox = MaildirOutbox(tmp_path, runner, background=True)
+    loading = outbox.load()
+    waiting = outbox.find(_id(52))
+    jobs = 0
+    while not loading.called:
+        assert len(runner.work) == 1
+        assert not gc.isenabled()
+        assert_no_result(waiting)
+        function, args, d = runner.work.pop(0)
+        d.callback(function(*args))
+        jobs += 1
+    assert jobs > 3 * 45 // 4
+    assert gc.isenabled()
+    assert result_of(loading) == []
+    runner.run_all()                                 # the new snapshot (12 of 44 were read)
+    assert result_of(waiting).id == _id(52)
+    assert _state(outbox) == expected

@@ -13,6 +13,10 @@ then the message with CRLF line ends.
 The sender is not taken from the file but from its owner: the node looks up
 the Unix user of the file's uid, and honours ``-f`` only for the users in
 ``[sendmail] trusted_users``, root and the node's own user (L{sender_for}).
+
+Recipients the node does not know are reported to the sender in a DSN made
+by the node's one L{Reports}, under the rules of every other report and the
+DSN request the command was given (C{-N}, C{-R}, C{-V}: L{dsn_request}).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import pwd
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Mapping
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -33,10 +37,13 @@ from twisted.logger import Logger
 from pullmail import maillog
 from pullmail.ids import new_queue_id
 from pullmail.outbound import bounce
+from pullmail.outbound.bouncer import Reports
+from pullmail.smtp import dsn
 from pullmail.smtp.envelope import Envelope, Session
+from pullmail.smtp.replies import Reply
 from pullmail.storage.durable import fsync_directory, publish_new_file, remove_files
 
-__all__ = ["Drop", "Maildrop", "drop_message", "sender_for", "may_choose_sender",
+__all__ = ["Drop", "Maildrop", "drop_message", "dsn_request", "sender_for", "may_choose_sender",
            "MAILDROP", "SCAN_INTERVAL"]
 
 log = Logger(namespace="pullmail.node.maildrop")
@@ -49,19 +56,55 @@ _SHARED_MODE = 0o1733     # like Postfix's world-writable maildrop, sticky
 _FROM = re.compile(rb"^from[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
+def dsn_request(notify: str | None = None, ret: str | None = None,
+                envid: str | None = None) -> dict[str, str]:
+    """
+    Postfix's C{-N}, C{-R} and C{-V} as the DSN parameters they stand for
+    (RFC 3461: NOTIFY for every recipient, RET, ENVID as xtext), in the
+    form a drop file keeps them.  @raise ValueError: saying which is wrong.
+    """
+    request = {}
+    if ret is not None:
+        if dsn.check_mail_parameter("RET", ret) is not None:
+            raise ValueError("-R takes full or hdrs")
+        request["ret"] = ret.upper()
+    if envid is not None:
+        if dsn.check_mail_parameter("ENVID", dsn.xtext_encode(envid)) is not None:
+            raise ValueError(f"-V: an envelope id of at most {dsn.MAX_ENVID} characters")
+        request["envid"] = dsn.xtext_encode(envid)
+    if notify is not None:
+        checked = dsn.check_rcpt_parameters({"NOTIFY": notify})
+        if isinstance(checked, Reply):
+            raise ValueError("-N takes never, or a list of success, delay, failure")
+        request["notify"] = checked["notify"]
+    return request
+
+
 @dataclass(frozen=True)
 class Drop:
-    """What the command queued: C{sender} only as C{-f} asked (None: the user's own)."""
+    """
+    What the command queued: C{sender} only as C{-f} asked (None: the
+    user's own); C{dsn} its DSN request (L{dsn_request}).
+    """
 
     sender: str | None
     recipients: tuple[str, ...]
     message: bytes
     full_name: str | None = None
+    dsn: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def encode(self) -> list[bytes]:
         header = {"version": DROP_VERSION, "sender": self.sender,
-                  "recipients": list(self.recipients), "full_name": self.full_name}
+                  "recipients": list(self.recipients), "full_name": self.full_name,
+                  "dsn": dict(self.dsn)}
         return [json.dumps(header).encode("utf-8") + b"\n", self.message]
+
+    def envelope_parameters(self, recipients: Collection[str]) -> tuple[dict, dict]:
+        """Its DSN request as a transaction's MAIL and RCPT parameters, for C{recipients}."""
+        mail = {key: self.dsn[name] for key, name in (("RET", "ret"), ("ENVID", "envid"))
+                if name in self.dsn}
+        each = {"notify": self.dsn["notify"]} if "notify" in self.dsn else {}
+        return mail, {r: each for r in recipients} if each else {}
 
     @classmethod
     def decode(cls, data: bytes) -> "Drop":
@@ -76,7 +119,17 @@ class Drop:
         sender, name = header.get("sender"), header.get("full_name")
         if not isinstance(sender, (str, type(None))) or not isinstance(name, (str, type(None))):
             raise ValueError("bad sender or name")
-        return cls(sender, tuple(recipients), message, name)
+        # Anyone may write a drop file: its DSN request is checked again.
+        request = header.get("dsn", {})
+        if not isinstance(request, dict) or not set(request) <= {"ret", "envid", "notify"} \
+                or not all(isinstance(v, str) for v in request.values()):
+            raise ValueError("bad DSN request")
+        envid = request.get("envid")
+        if envid is not None and dsn.xtext_decode(envid) is None:
+            raise ValueError("bad DSN request")
+        checked = dsn_request(request.get("notify"), request.get("ret"),
+                              None if envid is None else dsn.xtext_decode(envid))
+        return cls(sender, tuple(recipients), message, name, checked)
 
 
 def make_folders(root: Path) -> None:
@@ -133,19 +186,25 @@ def with_from(message: bytes, sender: str, full_name: str | None) -> bytes:
     return field.encode("utf-8") + b"\r\n" + message
 
 
-def _read(path: Path) -> tuple[bytes, int]:
+def _read(path: Path) -> tuple[bytes, int, float]:
+    """The file's content, owner and last change (when the command queued it)."""
     with open(path, "rb") as f:
-        return f.read(), os.fstat(f.fileno()).st_uid
+        status = os.fstat(f.fileno())
+        return f.read(), status.st_uid, status.st_mtime
 
 
 class Maildrop:
-    """The node's side: takes dropped messages in through the router (as submission)."""
+    """
+    The node's side: takes dropped messages in through the router (as
+    submission); C{reports} sends the DSN on recipients it does not know.
+    """
 
-    def __init__(self, root: Path, router, clock, run_blocking, hostname: str,
-                 trusted_users: Collection[str], max_size: int,
+    def __init__(self, root: Path, router, reports: Reports, clock, run_blocking,
+                 hostname: str, trusted_users: Collection[str], max_size: int,
                  node_uid: int | None = None) -> None:
         self.root = root
         self.router = router
+        self.reports = reports
         self.clock = clock
         self.run_blocking = run_blocking
         self.hostname = hostname
@@ -192,7 +251,7 @@ class Maildrop:
     async def _take_in(self, name: str) -> None:
         path = self.root / "new" / name
         try:
-            data, uid = await self.run_blocking(_read, path)
+            data, uid, queued = await self.run_blocking(_read, path)
         except FileNotFoundError:
             return
         user = user_name(uid)
@@ -213,7 +272,9 @@ class Maildrop:
         message = with_from(drop.message, sender, drop.full_name)
         if known:
             session = Session("127.0.0.1", "sendmail", helo="localhost", user=user)
-            envelope = Envelope(sender, tuple(known), size=len(message))
+            params, rcpt_params = drop.envelope_parameters(known)
+            envelope = Envelope(sender, tuple(known), size=len(message), params=params,
+                                rcpt_params=rcpt_params)
             reply = await self.router.accept(session, envelope, [message], len(message))
             if not reply.positive:
                 if reply.permanent:
@@ -222,22 +283,26 @@ class Maildrop:
                     maillog.MAILDROP_DEFERRED(log, name=name, reply=str(reply))
                 return
         if unknown:
-            await self._bounce(sender, unknown, message)
+            await self._bounce(sender, unknown, message, queued,
+                               dsn.for_recipients(*drop.envelope_parameters(unknown)))
         await self.run_blocking(_remove_durably, path)
         maillog.MAILDROP_TAKEN(log, user=user, sender=sender, recipients=known, unknown=unknown)
 
-    async def _bounce(self, sender: str, unknown: list[str], message: bytes) -> None:
-        if not bounce.should_bounce(sender):
-            return
-        now = self.clock.seconds()
-        dsn = bounce.build_dsn(
-            reporting_mta=self.hostname, original_sender=sender,
+    async def _bounce(self, sender: str, unknown: list[str], message: bytes,
+                      arrival: float, dsn_params: dict) -> None:
+        """
+        RFC 3464 through L{Reports}, as the command's DSN request asks; no
+        origin (a local user: SPF has nothing to say about it).
+        """
+        queue_id = new_queue_id()
+        sent = await self.reports.send(
+            queue_id=queue_id, sender=sender, dsn_params=dsn_params, origin=None, arrival=arrival,
             recipients=[bounce.FailedRecipient(r, "5.1.1", None, None) for r in unknown],
-            original=message, queue_id=new_queue_id(), arrival_date=now, now=now,
-            boundary="=_" + secrets.token_hex(12),
-            message_id=f"{secrets.token_hex(12)}@{self.hostname}",
+            action="failed", original=message,
         )
-        await self.router.inject("", [sender], [dsn])
+        if sent:
+            maillog.BOUNCED(log, action="failed", queue_id=queue_id, sender=sender,
+                            recipients=sent, status="5.1.1")
 
     async def _set_aside(self, name: str, reason: str) -> None:
         maillog.MAILDROP_BAD(log, name=name, reason=reason)

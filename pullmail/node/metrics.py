@@ -104,9 +104,11 @@ _RULES: dict[maillog.Event, tuple[Rule, ...]] = {
         Rule("tls", _fixed(direction="outbound", result="failed"), _tls_failed),
     ),
     maillog.NOTIFICATION_ACCEPTED: (Rule("gdel", _fixed(verdict="accepted")),),
+    # A refused GDEL is logged once, as this (not command-rejected too).
     maillog.NOTIFICATION_REFUSED: (
         Rule("gdel", lambda e: {"verdict": "deferred" if _code(e).startswith("4")
                                 else "refused"}),
+        *_REPLY_CODE,
     ),
     maillog.RETRIEVED: (Rule("retrievals", _fixed(result="retrieved")),),
     maillog.DUPLICATE_DROPPED: (Rule("retrievals", _fixed(result="duplicate")),),

@@ -2,7 +2,8 @@
 ``pullmail sendmail`` (and ``pullmail-sendmail``, to install as
 /usr/sbin/sendmail): Postfix's sendmail(1) command line over the drop folder.
 
-    sendmail [--config FILE] [-t] [-i|-oi] [-f SENDER] [-F NAME] [RECIPIENT...]
+    sendmail [--config FILE] [-t] [-i|-oi] [-f SENDER] [-F NAME]
+             [-N DSN] [-R RETURN] [-V ENVID] [RECIPIENT...]
 
 The message is read whole from standard input and checked before anything
 is written, then queued in one durable write (L{maildrop.drop_message}):
@@ -22,7 +23,7 @@ from typing import BinaryIO, Sequence, TextIO
 
 from pullmail import config as configuration
 from pullmail.node.control import SOCKET_NAME
-from pullmail.node.maildrop import Drop, drop_message, may_choose_sender, user_name
+from pullmail.node.maildrop import Drop, drop_message, dsn_request, may_choose_sender, user_name
 from pullmail.smtp.address import AddressError, parse_mailbox
 
 __all__ = ["main", "parse_arguments", "read_message", "SendmailError"]
@@ -31,7 +32,9 @@ EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT = 0, 64, 65, 66
 EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 70, 73, 74, 75, 77, 78
 
 # Flags Postfix's sendmail accepts and ignores, with and without an argument.
-_IGNORED_WITH_ARGUMENT = set("BCNRVXLhO")
+_IGNORED_WITH_ARGUMENT = set("BCXLhO")
+# Those that ask for delivery status notifications (RFC 3461): -N, -R, -V.
+_DSN_FLAGS = {"N": "notify", "R": "ret", "V": "envid"}
 _IGNORED = set("vmnUGAIS")
 
 
@@ -50,6 +53,7 @@ class Arguments:
     full_name: str | None = None     # -F
     mode: str = "m"                  # -bm; -bi (newaliases) does nothing
     recipients: list[str] = field(default_factory=list)
+    dsn: dict[str, str] = field(default_factory=dict)   # -N, -R, -V as given
 
 
 def parse_arguments(argv: Sequence[str]) -> Arguments:
@@ -77,6 +81,8 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
             args.sender = rest or _value(items, item)
         elif flag == "F":
             args.full_name = rest or _value(items, item)
+        elif flag in _DSN_FLAGS:
+            args.dsn[_DSN_FLAGS[flag]] = rest or _value(items, item)
         elif flag == "b":
             if rest not in ("m", "i"):
                 raise SendmailError(EX_USAGE, f"-b{rest} is not supported (only -bm, -bi)")
@@ -189,6 +195,10 @@ def send(args: Arguments, stdin: BinaryIO, user: str, uid: int) -> str:
         "" if args.sender in ("", "<>") else checked_address(args.sender, hostname, "-f"))
     if not recipients and not args.extract:
         raise SendmailError(EX_USAGE, "no recipients: give them as arguments or use -t")
+    try:
+        request = dsn_request(**args.dsn)
+    except ValueError as e:
+        raise SendmailError(EX_USAGE, str(e)) from None
     message = read_message(stdin, args.dot_ends, config.limits.message_size)
     if args.extract:
         extracted, message = header_recipients(message)
@@ -198,7 +208,7 @@ def send(args: Arguments, stdin: BinaryIO, user: str, uid: int) -> str:
     if len(recipients) > config.limits.recipients:
         raise SendmailError(EX_USAGE, f"too many recipients (limits.recipients is "
                                       f"{config.limits.recipients})")
-    drop = Drop(sender, tuple(dict.fromkeys(recipients)), message, args.full_name)
+    drop = Drop(sender, tuple(dict.fromkeys(recipients)), message, args.full_name, request)
     try:
         name = drop_message(config.state_dir, drop)
     except PermissionError as e:

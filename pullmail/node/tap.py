@@ -71,6 +71,7 @@ from pullmail.storage.indoubt import IN_DOUBT, InDoubt
 from pullmail.storage.maildir import MaildirDelivery, MaildirNames
 from pullmail.storage.outbox import MaildirOutbox
 from pullmail.storage.pending import PendingStore
+from pullmail.storage.refresh import SnapshotRefresh
 from pullmail.storage.durable import fsync_directory
 from pullmail.storage.postgresql import schema
 from pullmail.storage.postgresql.database import Database, StoreUnavailable
@@ -228,8 +229,12 @@ def open_stores(config: configuration.Config, reactor, node: service.MultiServic
     node).
     """
     if config.store.backend == "files":
-        return Stores(MaildirOutbox(config.state_dir / "outbox", run_blocking, background=True),
-                      PendingStore(config.state_dir / "pending"))
+        outbox = MaildirOutbox(config.state_dir / "outbox", run_blocking, background=True)
+        # Its snapshot written again as entries change, and at a clean stop
+        # (before the disk threads stop, which finish the write).
+        refresh = SnapshotRefresh(outbox, reactor)
+        Startable(refresh.start, refresh.stop).setServiceParent(node)
+        return Stores(outbox, PendingStore(config.state_dir / "pending"))
     database = Database(config.store.dsn, reactor, DB_THREADS, ready=False)
     Startable(database.start, database.stop).setServiceParent(node)
     name, lease = config.node.hostname, config.store.lease
@@ -393,7 +398,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         connection_cache_time=config.delivery.connection_cache_time,
     )
     stores.start_with(node, outbound.start, outbound.stop)
-    maildrop = Maildrop(state / MAILDROP, router, reactor, run_blocking, hostname,
+    maildrop = Maildrop(state / MAILDROP, router, reports, reactor, run_blocking, hostname,
                         config.sendmail.trusted_users, config.limits.message_size)
     Startable(local_queue.start, local_queue.stop).setServiceParent(node)
     control_socket = state / SOCKET_NAME

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from pullmail import maillog
 from pullmail.interfaces import IPendingStore, ITrustPolicy
+from pullmail.logsafe import printable
 from pullmail.pull.cluster import ClusterRetrieval
 from pullmail.pull.fetch import Fetcher
 from pullmail.pull.handover import Handover
@@ -158,6 +159,10 @@ class Retriever:
 
     # -- notifications (the Notify performer) ----------------------------------------
 
+    # Each refusal of a notification is logged here, once, with what the
+    # protocol's command-rejected would say (L{SMTPServerFactory}).
+    logs_refusals = True
+
     def __call__(self, connection, request: Notify) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self.notify(request))
 
@@ -168,16 +173,12 @@ class Retriever:
         identity = sender.rpartition("@")[2] if sender else session.helo
         verdict = await self.trust.check(session.peer, identity, session.helo, sender)
         if verdict is not None:
-            maillog.NOTIFICATION_REFUSED(
-                log, id=request.gdel_id, peer=session.peer, identity=identity, reply=str(verdict),
-                code=verdict.code,
-            )
-            return verdict
+            return _refused(request, identity, verdict)
         now = self.clock.seconds()
         try:
             existing = await self.store.find(identity, request.gdel_id)
         except OSError as e:   # a shared store out of reach (SPEC 11.3)
-            return _store_failed(request.gdel_id, e)
+            return _refused(request, identity, _store_failed(request.gdel_id, e))
         if existing is not None and existing.state == PENDING:
             if self._dispatcher.busy(existing.key):
                 # Being retrieved now, perhaps from another node of the
@@ -189,7 +190,7 @@ class Retriever:
         limit = self.pending_per_origin if existing is None else None
         if limit is not None and not self.store.shared \
                 and self.store.pending_from(session.peer) >= limit:
-            return replies.S452_TOO_MANY_PENDING
+            return _refused(request, identity, replies.S452_TOO_MANY_PENDING)
         notification = existing or Notification(
             gdel_id=request.gdel_id, origin=identity.lower(), peer=session.peer,
             helo=session.helo, sender=sender,
@@ -206,9 +207,9 @@ class Retriever:
         try:
             await self._save(notification, limit)
         except TooManyPending:
-            return replies.S452_TOO_MANY_PENDING
+            return _refused(request, identity, replies.S452_TOO_MANY_PENDING)
         except OSError as e:
-            return _store_failed(request.gdel_id, e)
+            return _refused(request, identity, _store_failed(request.gdel_id, e))
         maillog.NOTIFICATION_ACCEPTED(
             log, id=request.gdel_id, peer=session.peer, identity=identity,
             recipients=notification.recipients,
@@ -347,6 +348,18 @@ class Retriever:
         )
         self._dispatcher.done_with(notification.key)
         self._records.forget(notification)
+
+
+def _refused(request: Notify, identity: str, reply: Reply) -> Reply:
+    """
+    The one event of a refused GDEL: the notification's id and identity, and
+    the command's peer, verb and reply (for the replies and gdel counters).
+    """
+    maillog.NOTIFICATION_REFUSED(
+        log, id=request.gdel_id, peer=request.session.peer, identity=identity, verb="GDEL",
+        reply=printable(reply), code=reply.code,
+    )
+    return reply
 
 
 def _store_failed(gdel_id: str, error: OSError) -> Reply:

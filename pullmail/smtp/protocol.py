@@ -489,13 +489,15 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self._log_outcome(verb, replies.S554_IMPROPER_PIPELINING)
         self.close(replies.S554_IMPROPER_PIPELINING)
 
-    def _answer(self, line: str, reply: Reply) -> None:
+    def _answer(self, line: str, reply: Reply, logged: bool = False) -> None:
         """
         Send a reply to a command, keeping the session's score: past half of
         C{max_errors} each error waits longer; at the limit, or past
-        C{max_junk_commands}, the connection closes with 421.
+        C{max_junk_commands}, the connection closes with 421.  C{logged}:
+        its performer logged it already (L{SMTPServerFactory}).
         """
-        self._log_outcome(line, reply)
+        if not (logged and reply.code >= 400):
+            self._log_outcome(line, reply)
         judgement = self._conduct.judge(line.split(" ", 1)[0].upper(), reply)
         if judgement.delay and not judgement.close:
             self._busy = True
@@ -516,9 +518,9 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             )
             self.close(judgement.close)
 
-    def _act(self, action: object, line: str = "") -> None:
+    def _act(self, action: object, line: str = "", logged: bool = False) -> None:
         if isinstance(action, Reply):
-            self._answer(line, action)
+            self._answer(line, action, logged)
         elif isinstance(action, BeginData):
             self._begin_data(action)
         elif isinstance(action, ReadChunk):
@@ -591,7 +593,8 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             except Exception:
                 log.failure("error resolving {request}", request=type(request).__name__)
                 action = replies.S451_LOCAL_ERROR
-            self._act(action, line)
+            logged = action is result and getattr(performer, "logs_refusals", False)
+            self._act(action, line, logged)
             self._process()
 
         def failed(failure: Failure) -> None:
@@ -620,7 +623,10 @@ class SMTPServerFactory(Factory):
     """
     Builds protocols for one service.  Everything a session needs comes
     in here, explicitly: the policy, the clock, the limits, and the
-    I{performers} that carry out the machine's requests.
+    I{performers} that carry out the machine's requests.  A performer with
+    a true C{logs_refusals} logs the refusals it answers with in its own
+    event (with the command's fields); the connection does not log them
+    again as command-rejected, so one refused command is one log line.
     """
 
     protocol = SMTPConnection

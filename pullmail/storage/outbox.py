@@ -10,7 +10,9 @@ id.  On disk, under the outbox folder::
     entries/<id>.json    the entry's state, versioned JSON, replaced atomically
     claimed/<id>.json    an entry being retrieved right now
     entries.snapshot     the records as last read, for a quick start-up (a
-                         cache, checked against each file; L{snapshot})
+                         cache, checked against each file; L{snapshot}),
+                         written again at start-up and while the node runs
+                         once enough entries changed (L{refresh})
 
 A claim is a rename from ``entries/`` to ``claimed/``: of two nodes sharing
 the folder, exactly one rename succeeds.  At start-up claimed entries are
@@ -20,18 +22,19 @@ built, so a RETR lookup or an expiry pass never walks the folder.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from itertools import compress
+from itertools import compress, islice
 from operator import attrgetter, eq
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -56,6 +59,14 @@ log = Logger(namespace="pullmail.storage.outbox")
 RECORD_VERSION = 1
 # The index's snapshot in the outbox folder (a cache; L{snapshot}).
 SNAPSHOT = "entries.snapshot"
+# A snapshot is worth writing again once more than this share of the
+# entries would be read from their files (or its rows are of entries gone).
+SNAPSHOT_SHARE = 0.1
+
+
+def snapshot_worth_writing(changed: int, total: int, share: float = SNAPSHOT_SHARE) -> bool:
+    """Whether C{changed} entries of C{total} make a snapshot stale enough to write again."""
+    return changed > 0 and changed > total * share
 
 
 class EntryState(StrEnum):
@@ -188,6 +199,11 @@ class MaildirOutbox(OneNode):
         self._background = background
         self._gone: set[str] = set()
         self.snapshot_path = root / SNAPSHOT
+        # What the snapshot on disk has wrong: the ids changed since its
+        # listing, and the rows it had wrong at start-up (L{unsnapshotted}).
+        self._changed: set[str] = set()
+        self._stale = 0
+        self._snapshot_writing: Deferred | None = None
 
     # -- start-up -----------------------------------------------------------
 
@@ -206,10 +222,11 @@ class MaildirOutbox(OneNode):
         L{acquire} and L{take} of an id not yet indexed wait for it, so
         that a RETR is never told that a stored entry does not exist.
         """
+        self._changed, self._stale = set(), 0
         if not (self._background and self._run_blocking is not None):
             return self._install(read_folder(self.root, self.snapshot_path))
         self._loading, self._gone = [], set()
-        d = self._run_blocking(read_folder, self.root, self.snapshot_path, True)
+        d = Deferred.fromCoroutine(self._read_in_slices())
         d.addCallback(self._install)
 
         def waited(result: object) -> object:
@@ -219,6 +236,19 @@ class MaildirOutbox(OneNode):
             return result
 
         return d.addBoth(waited)
+
+    async def _read_in_slices(self) -> "Loaded":
+        """
+        L{read_in_slices}, one slice a job in the disk threads: between
+        two, the reactor's thread has the GIL to itself and other disk work
+        goes ahead.  The garbage collector is off meanwhile (L{read_folder}).
+        """
+        loaded = Loaded({}, [])
+        slices = read_in_slices(self.root, self.snapshot_path, loaded)
+        with collector_off(freeze=True):
+            while await self._run_blocking(next, slices, None) is not None:
+                pass
+        return loaded
 
     def _install(self, loaded: "Loaded") -> list[str]:
         """The index read takes over (entries added meanwhile stay as they are)."""
@@ -232,26 +262,75 @@ class MaildirOutbox(OneNode):
         loaded.index.update(self._index)
         self._index, self._gone = loaded.index, set()
         maillog.OUTBOX_INDEXED(log, folder=str(self.root), reused=loaded.reused, read=loaded.read)
-        if loaded.rows is not None:
-            self._save_snapshot(loaded.rows)
+        stale = loaded.stale
+        if loaded.rows is None:
+            self._stale = stale
+        else:
+            rows, loaded.rows = loaded.rows, None
+
+            def failed() -> None:     # the old snapshot stays, as wrong as it was
+                self._stale += stale
+
+            self._write_snapshot(functools.partial(_write_rows, self.snapshot_path, rows), failed)
         return loaded.released
 
-    def _save_snapshot(self, rows: list) -> None:
-        """Write the snapshot of C{rows}, taken from the files just read."""
+    # -- the snapshot while running (L{pullmail.storage.refresh}) -------------
+
+    @property
+    def loading(self) -> bool:
+        """The index is being read in the background."""
+        return self._loading is not None
+
+    @property
+    def unsnapshotted(self) -> int:
+        """How many entries the snapshot on disk has wrong (changed, added or gone since)."""
+        return len(self._changed) + self._stale
+
+    @property
+    def snapshot_writing(self) -> bool:
+        return self._snapshot_writing is not None
+
+    def refresh_snapshot(self) -> Deferred:
+        """
+        Write the snapshot again from the folder as it is now (in a thread,
+        given C{run_blocking}): its rows still right are kept, the files
+        changed since are read (L{refreshed_snapshot}).  Changes from now on
+        are counted against the new one; if it is not written, against the
+        old one still.  Fires when done (never fails: a failure is logged).
+        """
+        changed, stale = self._changed, self._stale
+        self._changed, self._stale = set(), 0
+
+        def failed() -> None:
+            self._changed |= changed
+            self._stale += stale
+
+        return self._write_snapshot(functools.partial(
+            refreshed_snapshot, self.root, self.snapshot_path), failed)
+
+    def _write_snapshot(self, write: Callable[[], int],
+                        failed: Callable[[], None] = lambda: None) -> Deferred:
+        """Run C{write} (it returns the rows written), one at a time; log how it went."""
         path = str(self.snapshot_path)
-        write = functools.partial(snapshot.write_snapshot, self.snapshot_path, COLUMNS, rows)
-        if self._run_blocking is None:
-            try:
-                count = write()
-            except OSError as e:
-                maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path, error=str(e))
-                return
+
+        def written(count: int) -> None:
             maillog.OUTBOX_SNAPSHOT_WRITTEN(log, path=path, entries=count)
-            return
-        self._run_blocking(write).addCallbacks(
-            lambda count: maillog.OUTBOX_SNAPSHOT_WRITTEN(log, path=path, entries=count),
-            lambda failure: maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path,
-                                                           error=str(failure.value)))
+
+        def not_written(failure: Failure) -> None:
+            failed()
+            maillog.OUTBOX_SNAPSHOT_FAILED(log, path=path, error=str(failure.value))
+
+        def done(result: object) -> None:
+            self._snapshot_writing = None
+
+        if self._run_blocking is None:
+            d = maybeDeferred(write)
+        else:
+            d = self._run_blocking(write)
+        d.addCallbacks(written, not_written).addBoth(done)
+        if not d.called:
+            self._snapshot_writing = d
+        return d
 
     # -- reading ------------------------------------------------------------
 
@@ -276,6 +355,7 @@ class MaildirOutbox(OneNode):
             self._write(entry)
         for entry in entries:
             self._index[entry.id] = entry
+            self._changed.add(entry.id)
 
     def add_sibling(self, existing_id: str, entry: OutboxEntry) -> None:
         """A new entry for some recipients of an existing one's message."""
@@ -283,6 +363,7 @@ class MaildirOutbox(OneNode):
         fsync_directory(self._data)
         self._write(entry)
         self._index[entry.id] = entry
+        self._changed.add(entry.id)
 
     def update(self, entry: OutboxEntry) -> None:
         """
@@ -292,6 +373,7 @@ class MaildirOutbox(OneNode):
         entry tolerates (a notification is sent again, and deduplicated).
         """
         self._index[entry.id] = entry
+        self._changed.add(entry.id)
         folder = self._claimed if entry.claimed else self._entries
         self._in_order(entry.id, replace_file, folder / f"{entry.id}.json", entry.to_json())
 
@@ -321,6 +403,7 @@ class MaildirOutbox(OneNode):
         except FileNotFoundError:
             return None
         entry.claimed = True
+        self._changed.add(entry_id)     # a rename: its file's ctime changed
         return entry
 
     def release(self, entry_id: str) -> None:
@@ -328,6 +411,7 @@ class MaildirOutbox(OneNode):
         if entry is None or not entry.claimed:
             return
         entry.claimed = False
+        self._changed.add(entry_id)
         self._in_order(entry_id, os.rename, self._claimed / f"{entry_id}.json",
                        self._entries / f"{entry_id}.json")
 
@@ -341,6 +425,7 @@ class MaildirOutbox(OneNode):
         entry = self._index.pop(entry_id, None)
         if entry is None:
             return
+        self._changed.add(entry_id)
         if self._loading is not None:
             self._gone.add(entry_id)
         folder = self._claimed if entry.claimed else self._entries
@@ -373,79 +458,198 @@ class Loaded:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     ignored: str = ""               # why a snapshot there was not used
     rows: list | None = None        # a new snapshot's rows, when one is worth writing
+    stale: int = 0                  # the entries the snapshot found has wrong
 
 
 def read_folder(root: Path, snapshot_path: Path, freeze: bool = False) -> Loaded:
     """
-    Release entries left claimed, then read the index: from the snapshot
-    where a file is the one it read, else from the file.  The listing is
-    taken before any record is read, so a row's identity is never newer
-    than its values (a file replaced meanwhile is read again next time).
-
-    The cyclic garbage collector is off meanwhile: a million new entries
-    would set off full collections, each walking the whole heap with the
-    GIL held (a stall of the reactor, when this runs in a thread).  With
-    C{freeze} (the node's start-up), what was read is then frozen out of
-    the collector's sight (as L{pullmail.node.tap.freeze_start_up_heap}
-    does), else the first collection after would walk all of it at once.
+    L{read_in_slices}, all at once.  The cyclic garbage collector is off
+    meanwhile: a million new entries would set off full collections, each
+    walking the whole heap with the GIL held (a stall of the reactor, when
+    this runs in a thread).  With C{freeze} (the node's start-up), what was
+    read is then frozen out of the collector's sight (as
+    L{pullmail.node.tap.freeze_start_up_heap} does), else the first
+    collection after would walk all of it at once.
     """
+    loaded = Loaded({}, [])
+    with collector_off(freeze):
+        for _ in read_in_slices(root, snapshot_path, loaded):
+            pass
+    return loaded
+
+
+@contextlib.contextmanager
+def collector_off(freeze: bool = False) -> Iterator[None]:
+    """The cyclic garbage collector off, then (C{freeze}) what is left frozen; see L{read_folder}."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        loaded = _read_folder(root, snapshot_path)
+        yield
         if freeze:
             gc.freeze()
-        return loaded
     finally:
         if collecting:
             gc.enable()
 
 
-def _read_folder(root: Path, snapshot_path: Path) -> Loaded:
+def read_in_slices(root: Path, snapshot_path: Path, loaded: Loaded) -> Iterator[int]:
+    """
+    Release entries left claimed, then read the index into C{loaded}: from
+    the snapshot where a file is the one it read, else from the file.  The
+    listing is taken before any record is read, so a row's identity is
+    never newer than its values (a file replaced meanwhile is read again
+    next time).
+
+    Blocking, in slices of at most L{snapshot.SLICE} files, rows or
+    entries, each yielding how many it took: run one slice a job (in a
+    thread), the reactor's thread never waits long for the GIL, and the
+    disk threads serve other work between slices (issue 17: a million
+    entries stalled the reactor up to half a second at a time).
+    """
     data, entries, claimed = root / "data", root / "entries", root / "claimed"
     for folder in (data, entries, claimed, root / "tmp"):
         folder.mkdir(parents=True, exist_ok=True)
-    released = []
     for path in claimed.iterdir():
         if path.suffix == ".json" and is_gdel_id(path.stem):
             os.rename(path, entries / path.name)
-            released.append(path.stem)
+            loaded.released.append(path.stem)
     snapshot.remove_leftovers(snapshot_path)
-    listing = snapshot.list_folder(entries)
-    messages = {name[:-4] for name in os.listdir(data) if name.endswith(".eml")}
-    for stem in listing.keys() - messages:    # its message is gone: not an entry
-        del listing[stem]
-    loaded = Loaded({}, released)
-    rows = _from_snapshot(snapshot_path, listing, loaded)
+    listing: dict[str, snapshot.Identity] = {}
+    yield from _listing_in_slices(root, listing)
+    rows = yield from _from_snapshot(snapshot_path, listing, loaded)
     index = loaded.index
     loaded.reused = len(index)
-    unread = sorted((ident[0], stem) for stem, ident in listing.items() if stem not in index)
-    names = [f"{stem}.json" for _, stem in unread if is_gdel_id(stem)]
+    # The listing is in inode order: so are the files read.
+    names = [f"{stem}.json" for stem in listing if stem not in index and is_gdel_id(stem)]
     loaded.read = len(names)
+    for start in range(0, len(names), snapshot.SLICE):
+        taken = names[start:start + snapshot.SLICE]
+        for entry in _records(entries, taken, loaded.unreadable):
+            index[entry.id] = entry
+        yield len(taken)
+    yield from freed(names)
+    loaded.stale = loaded.read + (rows - loaded.reused if rows >= 0 else 0)
+    if snapshot_worth_writing(loaded.stale, len(index)) and (index or rows > 0):
+        loaded.rows = []
+        items = iter(index.items())
+        while taken := list(islice(items, snapshot.SLICE)):
+            loaded.rows += [(stem, listing[stem], _values(entry)) for stem, entry in taken]
+            yield len(taken)
+    yield from freed(listing)
+
+
+def freed(big: list | dict | set) -> Iterator[int]:
+    """
+    Empty C{big} a slice at a time, each yielding how many went: a million
+    entries freed at once (the last reference dropped) hold the GIL for
+    about a tenth of a second.
+    """
+    while big:
+        count = min(snapshot.SLICE, len(big))
+        if isinstance(big, list):
+            del big[-count:]
+        else:
+            drop = big.popitem if isinstance(big, dict) else big.pop
+            for _ in range(count):
+                drop()
+        yield count
+
+
+def _listing_in_slices(root: Path, listing: dict[str, snapshot.Identity]) -> Iterator[int]:
+    """
+    Fill C{listing} with the identity of each entry's record file, in
+    slices; an entry whose message is gone is none.
+    """
+    yield from snapshot.list_folder_in_slices(root / "entries", listing)
+    messages: set[str] = set()
+    with os.scandir(root / "data") as found:
+        while taken := list(islice(found, snapshot.SLICE)):
+            messages.update(item.name[:-4] for item in taken if item.name.endswith(".eml"))
+            yield len(taken)
+    stems = list(listing)
+    for start in range(0, len(stems), snapshot.SLICE):
+        taken = stems[start:start + snapshot.SLICE]
+        for stem in taken:
+            if stem not in messages:
+                del listing[stem]
+        yield len(taken)
+    yield from freed(messages)
+    yield from freed(stems)
+
+
+def _listing(root: Path) -> dict[str, snapshot.Identity]:
+    """L{_listing_in_slices}, all at once."""
+    listing: dict[str, snapshot.Identity] = {}
+    for _ in _listing_in_slices(root, listing):
+        pass
+    return listing
+
+
+def _records(entries: Path, names: list[str],
+             unreadable: list[tuple[str, str]]) -> Iterator[OutboxEntry]:
+    """The entries in the record files C{names}; those that cannot be read go to C{unreadable}."""
     for name, record_data in record.read_files(entries, names):
         stem = name[:-5]
         try:
             entry = OutboxEntry.from_json(record_data)
         except (ValueError, TypeError) as e:
-            loaded.unreadable.append((stem, str(e)))
+            unreadable.append((stem, str(e)))
             continue
         if entry.id == stem:
-            index[entry.id] = entry
-    changed = loaded.read + (rows - loaded.reused if rows >= 0 else 0)
-    if changed > len(index) // 10 and (index or rows > 0):
-        loaded.rows = [(stem, listing[stem], _values(entry)) for stem, entry in index.items()]
-    return loaded
+            yield entry
 
 
-def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity], loaded: Loaded) -> int:
+def _write_rows(path: Path, rows: list) -> int:
+    """Write the snapshot of C{rows}, then free them a slice at a time (in the thread)."""
+    try:
+        return snapshot.write_snapshot(path, COLUMNS, rows)
+    finally:
+        for _ in freed(rows):
+            pass
+
+
+def refreshed_snapshot(root: Path, snapshot_path: Path) -> int:
     """
-    Index the entries of the snapshot whose files are the ones it read;
-    the number of rows it has (-1: no usable snapshot).
+    Blocking (a thread, while the node runs): write the snapshot again, its
+    rows whose files are unchanged kept, the files changed since read.  The
+    listing is taken first, so no row's identity is newer than its values;
+    nothing of the node's index is touched (its objects change meanwhile).
+    Returns the rows written.  The old snapshot stays whole until the new
+    one is renamed over it (L{snapshot.write_snapshot}).
+    """
+    listing = _listing(root)
+    return snapshot.write_snapshot(snapshot_path, COLUMNS,
+                                   _fresh_rows(snapshot_path, listing, root / "entries"))
+
+
+def _fresh_rows(path: Path, listing: dict[str, snapshot.Identity], entries: Path) -> Iterator:
+    """The rows of a new snapshot: the old one's still right, then the files read."""
+    try:
+        for names, *columns in snapshot.read_snapshot(path, COLUMNS):
+            for name, ident, values in zip(names, zip(*columns[:4]), zip(*columns[4:])):
+                if listing.get(name) == ident and values[0] == name:
+                    del listing[name]       # what is left is read from its file
+                    yield name, ident, values
+    except (snapshot.SnapshotUnusable, ValueError, TypeError, OSError):
+        pass    # what it did not give is read from the files
+    names = [f"{stem}.json" for stem in listing if is_gdel_id(stem)]   # in inode order
+    for entry in _records(entries, names, []):
+        yield entry.id, listing[entry.id], _values(entry)
+
+
+def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity],
+                   loaded: Loaded) -> Iterator[int]:
+    """
+    Index the entries of the snapshot whose files are the ones it read, a
+    chunk a slice; returns the number of rows it has (-1: no usable
+    snapshot, and nothing indexed).
     """
     index: dict[str, OutboxEntry] = {}
     rows = 0
     try:
-        for names, *columns in snapshot.read_snapshot(path, COLUMNS):
+        chunks = snapshot.read_snapshot(path, COLUMNS)
+        yield 1                                       # the whole file checked
+        for names, *columns in chunks:
             rows += len(names)
             unchanged = list(map(eq, map(listing.get, names), zip(*columns[:4])))
             values = columns[4:]
@@ -456,6 +660,7 @@ def _from_snapshot(path: Path, listing: dict[str, snapshot.Identity], loaded: Lo
                 raise ValueError("snapshot rows for other entries than their names")
             # keyed by the entry's own id: one string object for both
             index.update(zip(values[0], map(OutboxEntry, *values)))
+            yield len(unchanged)
     except snapshot.SnapshotUnusable as e:
         if str(e) != "none":
             loaded.ignored = str(e)

@@ -25,6 +25,7 @@ mtime_ns, ctime_ns, size, *values)}.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import os
 import struct
@@ -37,12 +38,15 @@ from typing import Iterable, Iterator, Sequence
 from pullmail.storage import columns as codec
 from pullmail.storage.durable import publish_new_file
 
-__all__ = ["Identity", "SnapshotUnusable", "identity", "list_folder", "read_snapshot",
-           "write_snapshot", "remove_leftovers"]
+__all__ = ["Identity", "SnapshotUnusable", "identity", "list_folder", "list_folder_in_slices",
+           "read_snapshot", "write_snapshot", "remove_leftovers", "SLICE"]
 
 FORMAT = "pullmail-snapshot"
 VERSION = 1
 ROWS_PER_CHUNK = 4096     # encoding one holds the GIL for milliseconds, not seconds
+# Files or rows per slice of a start-up's reading (L{list_folder_in_slices},
+# the outbox's): a slice's longest step holds the GIL for milliseconds.
+SLICE = 4096
 _COUNT = struct.Struct("<Q")
 BLOCK = 1 << 20
 _TRAILER = b"end %08x %012d\n"
@@ -69,33 +73,54 @@ def identity(stat: os.stat_result) -> Identity:
 def list_folder(folder: Path, suffix: str = ".json") -> dict[str, Identity]:
     """
     stem -> identity of each regular file named C{*suffix} in C{folder}
-    (dot files, folders and symbolic links aside), stat'ed in the order of
-    their inode numbers: a cold start reads the inode tables in one sweep.
-    The loops run in C (map, zip): a million files cost a million stat(2)
-    calls and little else.
+    (dot files, folders and symbolic links aside), in the order of their
+    inode numbers (L{list_folder_in_slices}, all at once).
     """
+    listing: dict[str, Identity] = {}
+    for _ in list_folder_in_slices(folder, listing, suffix):
+        pass
+    return listing
+
+
+def list_folder_in_slices(folder: Path, into: dict[str, Identity],
+                          suffix: str = ".json") -> Iterator[int]:
+    """
+    Fill C{into} with stem -> identity of each regular file named
+    C{*suffix} in C{folder} (dot files, folders and symbolic links aside),
+    stat'ed in the order of their inode numbers (a cold start reads the
+    inode tables in one sweep), so that C{into} is in that order too.
+
+    In slices of at most L{SLICE} files, each yielding how many it took:
+    no step sorts or builds a dict over the whole folder in one C call,
+    which would hold the GIL for up to half a second at a million files
+    (the reactor's thread waits for it).  Each slice's inodes are sorted,
+    and the sorted runs merged.  Within a slice the loops run in C (map,
+    zip): a million files cost a million stat(2) calls and little else.
+    """
+    runs = []
     with os.scandir(folder) as listing:
-        pairs = [(item.inode(), item.name) for item in listing
-                 if item.name.endswith(suffix) and not item.name.startswith(".")
-                 and item.is_file(follow_symlinks=False)]
-    by_inode = dict(pairs)
-    if len(by_inode) == len(pairs):     # sorting ints is quicker than sorting pairs
-        names = list(map(by_inode.__getitem__, sorted(by_inode)))
-    else:                               # hard links
-        names = [name for _, name in sorted(pairs)]
-    del pairs, by_inode
+        while taken := list(islice(listing, SLICE)):
+            runs.append(sorted([(item.inode(), item.name) for item in taken
+                                if item.name.endswith(suffix) and not item.name.startswith(".")
+                                and item.is_file(follow_symlinks=False)]))
+            yield len(taken)
+    ordered = heapq.merge(*runs)
+    del runs
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         stat = functools.partial(os.stat, dir_fd=folder_fd, follow_symlinks=False)
-        try:
-            identities = list(map(_identity, map(stat, names)))
-        except FileNotFoundError:       # one went meanwhile
-            kept = [(name, st) for name in names if (st := _stat_or_none(stat, name)) is not None]
-            names, identities = [name for name, _ in kept], [_identity(st) for _, st in kept]
+        cut = -len(suffix)
+        while names := [name for _, name in islice(ordered, SLICE)]:
+            try:
+                identities = list(map(_identity, map(stat, names)))
+            except FileNotFoundError:       # one went meanwhile
+                kept = [(name, st) for name in names
+                        if (st := _stat_or_none(stat, name)) is not None]
+                names, identities = [name for name, _ in kept], [_identity(st) for _, st in kept]
+            into.update(zip([name[:cut] for name in names], identities))
+            yield len(names)
     finally:
         os.close(folder_fd)
-    cut = -len(suffix)
-    return dict(zip([name[:cut] for name in names], identities))
 
 
 def _stat_or_none(stat, name: str) -> os.stat_result | None:

@@ -20,18 +20,14 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from integration.harness import (  # noqa: F401  (re-exported for the tests)
+from integration.harness import (
     SMTP_PORT,
     SUBMISSION_PORT,
-    SUBMISSIONS_PORT,
     DNSServer,
     Node,
-    NodeError,
     NodeFactory,
-    RawSMTP,
     ScriptedPeer,
     free_port,
-    merge_settings,
     wait_until,
 )
 

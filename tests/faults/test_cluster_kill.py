@@ -16,6 +16,11 @@ from __future__ import annotations
 import random
 import time
 
+from integration.harness import (
+    merge_settings,
+    wait_until,
+)
+
 from .faultlib import (
     FAST,
     PASSWORD,
@@ -23,10 +28,8 @@ from .faultlib import (
     LoadClient,
     domain_records,
     log_problems,
-    merge_settings,
     verdict,
     wait_drained,
-    wait_until,
 )
 from .test_kill import ROUNDS
 

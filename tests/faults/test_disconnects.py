@@ -23,19 +23,22 @@ import time
 
 import pytest
 
-from .faultlib import (
+from integration.harness import (
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
-    NotifiedRMTA,
     RawSMTP,
+    wait_until,
+)
+
+from .faultlib import (
+    NotifiedRMTA,
     domain_records,
     log_problems,
     message,
     open_fds,
     queue_rows,
     submit_as,
-    wait_until,
 )
 
 NODE_IP, FAKE_RMTA_IP, CLIENT_IP = "127.0.2.31", "127.0.2.32", "127.0.2.56"

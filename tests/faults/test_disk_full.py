@@ -17,12 +17,15 @@ import sys
 
 import pytest
 
+from integration.harness import (
+    RawSMTP,
+    wait_until,
+)
+
 from .faultlib import (
     Ledger,
-    RawSMTP,
     message,
     submit_as,
-    wait_until,
 )
 
 NODE_IP, CLIENT_IP = "127.0.2.21", "127.0.2.55"

@@ -18,15 +18,18 @@ import re
 import threading
 import time
 
+from integration.harness import (
+    RawSMTP,
+    wait_until,
+)
+
 from .faultlib import (
     Ledger,
-    RawSMTP,
     domain_records,
     message,
     submit_as,
     verdict,
     wait_drained,
-    wait_until,
 )
 
 SENDER_IP, RECEIVER_IP, CLIENT_IP = "127.0.2.11", "127.0.2.12", "127.0.2.54"

@@ -29,13 +29,16 @@ import re
 import socket
 import time
 
-from .faultlib import (
-    PASSWORD,
+from integration.harness import (
     SMTP_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
-    Ledger,
     RawSMTP,
+)
+
+from .faultlib import (
+    PASSWORD,
+    Ledger,
     domain_records,
     log_problems,
     message,

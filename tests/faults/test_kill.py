@@ -21,6 +21,10 @@ import os
 import random
 import time
 
+from integration.harness import (
+    wait_until,
+)
+
 from .faultlib import (
     Ledger,
     LoadClient,
@@ -28,7 +32,6 @@ from .faultlib import (
     log_problems,
     verdict,
     wait_drained,
-    wait_until,
 )
 
 SENDER_IP, RECEIVER_IP = "127.0.2.2", "127.0.2.3"

@@ -17,15 +17,18 @@ sits in the outbox until it bounces (seen in test_kill: seed 607821016).
 
 from __future__ import annotations
 
-from .faultlib import (
+from integration.harness import (
     SMTP_PORT,
-    NotifiedRMTA,
     RawSMTP,
+    wait_until,
+)
+
+from .faultlib import (
+    NotifiedRMTA,
     domain_records,
     message,
     queue_rows,
     submit_as,
-    wait_until,
 )
 
 NODE_IP, FAKE_RMTA_IP, CLIENT_IP = "127.0.2.36", "127.0.2.37", "127.0.2.57"

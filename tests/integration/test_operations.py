@@ -190,6 +190,21 @@ def test_sendmail_unknown_local_user_bounces(make_node):
     delivered = node.wait_delivered(ALICE, 2, timeout=10)
     report = [m for m in delivered if b"multipart/report" in m]
     assert report and b"nobody@example.org" in report[0] and b"5.1.1" in report[0]
+    # Made by the node's one Reports, which logs it as every DSN (the metrics count it).
+    node.wait_log(r"failed DSN for \S+ to <alice@example\.org>: "
+                  r"\['nobody@example\.org'\] 5\.1\.1", 5)
+
+    # -R hdrs -V: the report returns the header only and echoes the id (RFC 3461);
+    # -N never: none at all.
+    node.cli("sendmail", "-f", ALICE, "-R", "hdrs", "-V", "job-7", "nobody@example.org",
+             input=b"Subject: headers only\n\nSECRET BODY\n")
+    report = [m for m in node.wait_delivered(ALICE, 3, timeout=10) if b"job-7" in m]
+    assert report and b"Subject: headers only" in report[0] and b"SECRET BODY" not in report[0]
+    node.cli("sendmail", "-f", ALICE, "-N", "never", "nobody@example.org", ALICE,
+             input=b"Subject: never\n\nhi\n")
+    wait_until(lambda: len(re.findall(r"sendmail by ", node.log_text())) == 3, 10)
+    assert len(node.wait_delivered(ALICE, 4, timeout=10)) == 4     # the message, no report
+    assert len(re.findall(r"failed DSN for", node.log_text())) == 2
 
 
 # -- queue tools ---------------------------------------------------------------------
@@ -242,6 +257,24 @@ def test_queue_hold_release_running_and_stopped(make_node):
             assert result.returncode == 1 and b"no entry NoSuchId12345" in result.stderr
     node.cli("queue", "delete", entry["id"])
     assert messages_of(node) == []
+
+
+def test_a_clean_stop_leaves_a_fresh_outbox_snapshot(make_node):
+    """
+    Stop 12: the outbox snapshot is written again at a clean stop, so the
+    next start takes every entry from it and reads no record file.
+    """
+    node = make_node("snapstop", "127.0.9.7", ["example.org"], "mx.example.org",
+                     users={ALICE: PASSWORD}, settings=STUCK)
+    _queued(node, "one")
+    _queued(node, "two")
+    snapshot = node.state_dir / "outbox" / "entries.snapshot"
+    assert not snapshot.exists()        # the start found an empty outbox: nothing to write
+    node.stop()
+    assert re.search(r"outbox snapshot \S+entries\.snapshot written: 2 entries", node.log_text())
+    assert snapshot.exists()
+    node.start()
+    node.wait_log(r"outbox \S+ indexed: 2 entries from its snapshot, 0 read from their files", 10)
 
 
 def test_queue_shape(make_node):
