@@ -382,7 +382,8 @@ def test_header_parse_is_dkimpys():
 
 
 def test_relaxed_field_is_dkimpys():
-    pieces = [b" ", b"  ", b"\t", b"\r\n", b"\r\n ", b"\r\n\t", b"x", b"Yz", b";", b"\x0b"]
+    pieces = [b" ", b"  ", b"\t", b"\r\n", b"\r\n ", b"\r\n\t", b"x", b"Yz", b";", b"\x0b",
+              b"\r", b"\n", b"\x0c"]
     rnd = random.Random(6376)
     for _ in range(5000):
         name = rnd.choice([b"Subject", b"FROM ", b"x-y"])

@@ -149,7 +149,6 @@ class DKIMResult:
 
 _H_SEPARATOR = re.compile(rb"\s*:\s*")
 _BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
-_WHITE = re.compile(rb"\s+")
 _DIGITS = re.compile(rb"\d+$")
 _LENGTH = re.compile(rb"\d{,76}$")
 _DOMAIN_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
@@ -171,8 +170,10 @@ def check_tags(sig: dict[bytes, bytes]) -> None:
             raise dkim.ValidationError(f"missing {name.decode()}=")
     if sig[b"a"] not in _ALGORITHMS:
         raise dkim.ValidationError(f"unknown signature algorithm: {sig[b'a']!r}")
+    if _BASE64.match(sig[b"b"]) is None:
+        raise dkim.ValidationError("b= value is not valid base64")
     for name in (b"b", b"bh"):
-        if _BASE64.match(sig[b"b"]) is None or len(_WHITE.sub(b"", sig[name])) % 4:
+        if len(squeezed(sig[name])) % 4:
             raise dkim.ValidationError(f"{name.decode()}= value is not valid base64")
     if b"cv" in sig and sig[b"cv"] not in (dkim.CV_Pass, dkim.CV_Fail, dkim.CV_None):
         raise dkim.ValidationError("cv= value is not valid")
