@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 import time
 from pathlib import Path
 
@@ -435,3 +436,34 @@ def test_signature_tag_checks_are_dkimpys():
         except Exception:
             ours = False
         assert ours == accepted, sig
+
+
+def _fields_line_by_line(message: bytes) -> list:
+    """header_fields as it read the header before, a line at a time: the oracle."""
+    fields = []
+    end_of_header = message_module.header_end(message)
+    position = 0
+    while position < end_of_header:
+        line_end = message.find(b"\r\n", position, end_of_header)
+        if line_end < 0 or line_end == position:
+            break
+        match = re.compile(rb"([!-9;-~]+)[ \t]*:").match(message, position, line_end)
+        if match is None:
+            break
+        end = line_end + 2
+        while end < end_of_header and message[end:end + 1] in (b" ", b"\t"):
+            next_end = message.find(b"\r\n", end, end_of_header)
+            end = end_of_header if next_end < 0 else next_end + 2
+        value = message[match.end():end].replace(b"\r\n", b"").strip()
+        fields.append((match.group(1).lower(), value, position, end))
+        position = end
+    return fields
+
+
+def test_header_fields_read_whole_fields_as_lines_did():
+    pieces = [b"From: a\r\n", b" x\r\n", b"\tY\r\n", b"bad\r\n", b"\r\n", b"A:b", b" c", b"\r",
+              b"\n", b"K :v\r\n", b"x:\r\n \r\n", b"To:\t<b@c>\r\n", b"\r\n\r\nbody"]
+    rnd = random.Random(2822)
+    for _ in range(20000):
+        message = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(9)))
+        assert message_module.header_fields(message) == _fields_line_by_line(message), message

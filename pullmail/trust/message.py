@@ -8,6 +8,7 @@ Pure; bytes in, values out.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,8 +20,11 @@ __all__ = ["header_end", "header_fields", "authors", "Authors", "loose_tags", "s
            "ParsedMessage", "hash_fields", "parse_header", "tag_list", "relaxed_field", "canonical_fields"]
 
 # RFC 5322 2.2: field-name is printable US-ASCII but ":"; a line starting
-# with WSP continues the field above (2.2.3).
-_FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
+# with WSP continues the field above (2.2.3).  A whole field, folded lines
+# and all, in one match: a line is what comes before a CRLF (a lone CR or
+# LF is part of it); the last continuation may end the header unterminated.
+_LINE = rb"[^\r]*(?:\r(?!\n)[^\r]*)*"
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:(" + _LINE + rb"\r\n(?:[ \t]" + _LINE + rb"(?:\r\n|\Z))*)")
 
 
 def header_end(message: bytes) -> int:
@@ -40,18 +44,9 @@ def header_fields(message: bytes) -> list[tuple[bytes, bytes, int, int]]:
     fields: list[tuple[bytes, bytes, int, int]] = []
     end_of_header = header_end(message)
     position = 0
-    while position < end_of_header:
-        line_end = message.find(b"\r\n", position, end_of_header)
-        if line_end < 0 or line_end == position:
-            break
-        match = _FIELD_START.match(message, position, line_end)
-        if match is None:
-            break
-        end = line_end + 2
-        while end < end_of_header and message[end:end + 1] in (b" ", b"\t"):
-            next_end = message.find(b"\r\n", end, end_of_header)
-            end = end_of_header if next_end < 0 else next_end + 2
-        value = message[match.end():end].replace(b"\r\n", b"").strip()
+    while (match := _FIELD.match(message, position, end_of_header)) is not None:
+        end = match.end()
+        value = match.group(2).replace(b"\r\n", b"").strip()
         fields.append((match.group(1).lower(), value, position, end))
         position = end
     return fields
@@ -213,6 +208,7 @@ class ParsedMessage:
         self.names = [name.lower() for name, _ in self.headers]
         self._fields: dict = {}
         self._bodies: dict = {}
+        self._body_hashes: dict = {}
         self._instances: dict[bytes, list[int]] | None = None
         self._signed: dict[tuple, bytes] = {}
 
@@ -228,6 +224,19 @@ class ParsedMessage:
             else:
                 self._bodies[algorithm] = algorithm.canonicalize_body(body)
         return self._bodies[algorithm]
+
+    def body_hash(self, algorithm, length: int | None = None) -> bytes:
+        """
+        The SHA-256 of the canonical body (its first C{length} octets), made
+        once for every signature that asks it the same (ours: RSA and Ed25519).
+        """
+        key = (algorithm, length)
+        found = self._body_hashes.get(key)
+        if found is None:
+            body = self.canonical_body(algorithm)
+            found = self._body_hashes[key] = hashlib.sha256(
+                body if length is None else body[:length]).digest()
+        return found
 
     def signed_fields(self, algorithm, include: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
         """
