@@ -11,7 +11,7 @@ import email.utils
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import dkim
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
@@ -41,15 +41,17 @@ def header_fields(message: bytes) -> list[tuple[bytes, bytes, int, int]]:
     offsets covering the whole field with its continuation lines and CRLF.
     A line that is not a field (and not a continuation) ends the header.
     """
-    fields: list[tuple[bytes, bytes, int, int]] = []
+    return [(match.group(1).lower(), match.group(2).replace(b"\r\n", b"").strip(),
+             match.start(), match.end()) for match in _field_matches(message)]
+
+
+def _field_matches(message: bytes) -> Iterator[re.Match]:
+    """A match of _FIELD per header field, in order, up to the first line that is none."""
     end_of_header = header_end(message)
     position = 0
     while (match := _FIELD.match(message, position, end_of_header)) is not None:
-        end = match.end()
-        value = match.group(2).replace(b"\r\n", b"").strip()
-        fields.append((match.group(1).lower(), value, position, end))
-        position = end
-    return fields
+        yield match
+        position = match.end()
 
 
 # RFC 5322 3.4: the usual From, one mailbox: a dot-atom address, alone or
@@ -81,7 +83,8 @@ def authors(header: bytes) -> Authors:
     order; a mailbox without a domain (a bare local part, a group such as
     ``undisclosed-recipients:;``) names none.
     """
-    values = [value for name, value, _, _ in header_fields(header) if name == b"from"]
+    values = [match.group(2).replace(b"\r\n", b"").strip() for match in _field_matches(header)
+              if match.group(1).lower() == b"from"]
     domains: dict[str, None] = {}
     mailboxes = 0
     for value in values:
