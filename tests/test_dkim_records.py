@@ -13,7 +13,7 @@ from test_dkim import MESSAGE, FakeTXT, clock, verifier
 from twisted.internet import defer
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
-from pullmail.testing import assert_no_result, result_of
+from pullmail.testing import FakeResolver, assert_no_result, result_of
 from pullmail.trust.dkim import Signer
 from pullmail.trust.dkim_records import KeyProblem, KeyRecords, PublicKey, parse_key
 
@@ -61,13 +61,14 @@ def test_keys_are_kept_for_their_ttl_then_looked_up_again(signed, dkim_keys):
     assert sorted(txt.asked) == [ED25519, ED25519, RSA, RSA]
 
 
-def test_each_key_is_kept_for_its_own_ttl(signed, dkim_keys):
+def test_each_key_is_kept_for_its_own_ttl(dkim_keys):
     at = clock()
     ttls = {RSA: 60.0, ED25519: 3600.0}
     txt = FakeTXT(dkim_keys[1])
     keys = KeyRecords(lambda name: txt.answer(name).addCallback(
         lambda answer: type(answer)(answer.records, ttls[name])), at)
-    result_of(keys.fetch(RSA)), result_of(keys.fetch(ED25519))
+    for name in (RSA, ED25519):
+        result_of(keys.fetch(name))
     at.advance(60)
     assert keys.known(RSA) is None
     assert isinstance(keys.known(ED25519), PublicKey)
@@ -179,3 +180,18 @@ def test_parsed_keys_are_what_the_check_needs(dkim_keys):
     rsa, ed = parse_key(RSA, dkim_keys[1][RSA]), parse_key(ED25519, dkim_keys[1][ED25519])
     assert (rsa.kind, rsa.bits) == (b"rsa", 2048)
     assert (ed.kind, ed.bits) == (b"ed25519", 256)
+
+
+def test_keys_come_through_the_resolver_seam(dkim_keys):
+    """The node hands KeyRecords its resolver's txt_answer; FakeResolver is that seam."""
+    resolver = FakeResolver(txt={RSA: [dkim_keys[1][RSA]]}, permanent=["gone._domainkey.x.test"])
+    at = clock()
+    keys = KeyRecords(resolver.txt_answer, at)
+    assert isinstance(result_of(keys.fetch(RSA)), PublicKey)
+    assert result_of(keys.fetch("gone._domainkey.x.test")) == KeyProblem(
+        "permerror", "no key record")
+    at.advance(resolver.ttl - 1)
+    assert keys.known(RSA) is not None and keys.known("gone._domainkey.x.test") is not None
+    at.advance(1)
+    assert keys.known(RSA) is None and keys.known("gone._domainkey.x.test") is None
+    assert resolver.queries == [("TXT", RSA), ("TXT", "gone._domainkey.x.test")]
