@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from binascii import a2b_base64
 import re
 import time
+from binascii import a2b_base64
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 import dkim
-import dkim.util
 import nacl.exceptions
 from dkim.canonicalization import Relaxed
 from cryptography.exceptions import InvalidSignature

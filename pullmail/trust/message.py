@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import dkim
+import dkim.util
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
 __all__ = ["header_end", "header_fields", "authors", "Authors", "loose_tags", "squeezed",
-           "ParsedMessage", "hash_fields", "parse_header", "tag_list", "relaxed_field", "canonical_fields"]
+           "ParsedMessage", "hash_fields", "parse_header", "tag_list", "relaxed_field",
+           "canonical_fields"]
 
 # RFC 5322 2.2: field-name is printable US-ASCII but ":"; a line starting
 # with WSP continues the field above (2.2.3).  A whole field, folded lines
