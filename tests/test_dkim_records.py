@@ -15,7 +15,8 @@ from twisted.internet import defer
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError
 from pullmail.testing import FakeResolver, assert_no_result, result_of
 from pullmail.trust.dkim import Signer
-from pullmail.trust.dkim_records import KeyProblem, KeyRecords, PublicKey, parse_key
+from pullmail.trust.dkim_records import (MAX_KEY_TTL, KeyProblem, KeyRecords, PublicKey,
+                                         parse_key)
 
 RSA = "pm1-rsa._domainkey.example.org"
 ED25519 = "pm1-ed25519._domainkey.example.org"
@@ -195,3 +196,13 @@ def test_keys_come_through_the_resolver_seam(dkim_keys):
     at.advance(1)
     assert keys.known(RSA) is None and keys.known("gone._domainkey.x.test") is None
     assert resolver.queries == [("TXT", RSA), ("TXT", "gone._domainkey.x.test")]
+
+
+def test_no_record_is_kept_longer_than_a_day(dkim_keys):
+    txt, at = FakeTXT(dkim_keys[1], ttl=2 ** 31 - 1), clock()
+    keys = KeyRecords(txt.answer, at)
+    result_of(keys.fetch(RSA))
+    at.advance(MAX_KEY_TTL - 1)
+    assert keys.known(RSA) is not None
+    at.advance(1)
+    assert keys.known(RSA) is None

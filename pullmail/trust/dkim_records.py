@@ -2,7 +2,7 @@
 The public keys DKIM verification needs (RFC 6376 3.6): each key record
 fetched through the node's resolver, parsed once (dkimpy checks the
 record; the key goes to OpenSSL or libsodium) and kept, parsed, for its
-DNS TTL on the node's clock.  A message whose keys are all known is
+DNS TTL (L{MAX_KEY_TTL} at most) on the node's clock.  A message whose keys are all known is
 verified at once, with no lookup and nothing to wait for.
 
 What a record says against a signature is kept as long as DNS allows too:
@@ -25,10 +25,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, TXTAnswer
 
-__all__ = ["PublicKey", "KeyProblem", "KeyRecords", "parse_key", "KEY_CACHE_ENTRIES"]
+__all__ = ["PublicKey", "KeyProblem", "KeyRecords", "parse_key", "KEY_CACHE_ENTRIES",
+           "MAX_KEY_TTL"]
 
 # Key names kept at once (least recently used dropped first).
 KEY_CACHE_ENTRIES = 4096
+# The longest a record is kept, whatever its TTL says (BIND caps at a week;
+# a day lets a revoked key be seen the next day at the latest).
+MAX_KEY_TTL = 86400.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class KeyRecords:
     def _keep(self, name: str, outcome: PublicKey | KeyProblem, ttl: float) -> None:
         if ttl <= 0:
             return
-        self._known[name] = (self._clock.seconds() + ttl, outcome)
+        self._known[name] = (self._clock.seconds() + min(ttl, MAX_KEY_TTL), outcome)
         self._known.move_to_end(name)
         if len(self._known) > self._entries:
             self._known.popitem(last=False)
