@@ -19,6 +19,13 @@ A variant is ``LABEL=TREE`` (a pullmail checkout: ``git worktree add`` or
 ``;``, e.g. ``"nometrics=.;metrics.enabled=false"``.  ``--profile DIR``
 runs the first variant once more under cProfile (twistd ``--profiler``)
 and prints its top functions.
+
+``--dkim`` feeds every variant the bench section's 2 KB message from
+``dkim.bench`` (``common.dkim_messages``: key records in the bench DNS
+server), unsigned and signed (RSA-2048 + Ed25519) in turn within each
+round, and prints each variant's extra CPU for a signed message: signed
+minus unsigned, paired within the round.  With ``--profile``, it profiles
+the signed message (``--unsigned``: the unsigned one).
 """
 
 from __future__ import annotations
@@ -134,11 +141,12 @@ def user_system(pid: int) -> tuple[float, float]:
     return int(fields[11]) / common.CLK, int(fields[12]) / common.CLK
 
 
-def measure(server: Server, sessions: int, size: int, count: int, reuse: bool) -> dict:
+def measure(server: Server, sessions: int, size: int, count: int, reuse: bool,
+            path: Path | None = None) -> dict:
     pids = server.pids()
     before = {p: user_system(p) for p in pids}
     delivered = server.delivered()
-    elapsed = smtp_source(server, sessions, size, count, reuse)
+    elapsed = smtp_source(server, sessions, size, count, reuse, path)
     wait_until(lambda: server.delivered() >= delivered + count, 60, message=f"{server.name} stored")
     after = {p: user_system(p) for p in pids}
     per_message = lambda seconds: seconds / count * 1000
@@ -154,9 +162,14 @@ def measure(server: Server, sessions: int, size: int, count: int, reuse: bool) -
             "helper sys": per_message(system - node_system)}
 
 
-def smtp_source(server: Server, sessions: int, size: int, count: int, reuse: bool) -> float:
-    """common.smtp_source; with C{reuse}, every session sends several messages (-d)."""
-    return common.smtp_source(server, sessions, size, count, options=("-d",) if reuse else ())
+def smtp_source(server: Server, sessions: int, size: int, count: int, reuse: bool,
+                path: Path | None = None) -> float:
+    """
+    common.smtp_source (the file C{path}, else C{size} octets); with
+    C{reuse}, every session sends several messages (-d).
+    """
+    return common.smtp_source(server, sessions, size, count, path=path,
+                              options=("-d",) if reuse else ())
 
 
 COLUMNS = ("node", "node user", "node sys", "helper user", "helper sys")
@@ -167,22 +180,35 @@ def report(results: dict, servers: list) -> None:
     floor = results.get("floor")
     print(f"\n{'server':12} {'msgs/s':>16} {'CPU ms/msg':>20} "
           + " ".join(f"{c:>11}" for c in COLUMNS) + "  ÷ floor")
-    for s in servers:
-        r = results[s.name]
+    rows = [(s.name, s.name, "") for s in servers]
+    rows += [(s.name, f"{s.name} signed", "signed ") for s in servers
+             if "signed cpu" in results[s.name]]
+    for name, row, prefix in rows:
+        r = {key[len(prefix):]: values for key, values in results[name].items()
+             if key.startswith(prefix) and (prefix or not key.startswith("signed "))}
         med = lambda k: statistics.median(r[k])
         spread = f"({min(r['cpu']):.3f}–{max(r['cpu']):.3f})"
         vs = f"{med('cpu') / statistics.median(floor['cpu']):.2f}×" if floor else ""
-        print(f"{s.name:12} {med('msgs'):8.0f} ({min(r['msgs']):.0f}–{max(r['msgs']):.0f})"
+        print(f"{row:12} {med('msgs'):8.0f} ({min(r['msgs']):.0f}–{max(r['msgs']):.0f})"
               f" {med('cpu'):6.3f} {spread:13} " + " ".join(f"{med(c):11.3f}" for c in COLUMNS)
               + f"  {vs}")
     labels = [s.name for s in servers if s.name != "floor"]
+    if labels and "signed cpu" in results[labels[0]]:
+        for column, what in (("cpu", "node + fsync helper"), ("node", "node alone")):
+            print(f"\nextra CPU ms for a signed message ({what}; signed − unsigned, paired per "
+                  "round): median (min–max); per round")
+            for label in labels:
+                r = results[label]
+                extra = [s - u for s, u in zip(r[f"signed {column}"], r[column])]
+                print(f"{label:12} {statistics.median(extra):6.3f} ({min(extra):.3f}–"
+                      f"{max(extra):.3f}); " + " ".join(f"{e:.3f}" for e in extra))
     for other in labels[1:]:
         pairs = [b / a for a, b in zip(results[labels[0]]["cpu"], results[other]["cpu"])]
         print(f"{other} ÷ {labels[0]}, CPU per message, per round: "
               + " ".join(f"{p:.2f}" for p in pairs) + f"; median {statistics.median(pairs):.3f}")
 
 
-def profile(args, workdir, dns, variant) -> None:
+def profile(args, workdir, dns, variant, path: Path | None = None) -> None:
     label, tree, settings = variant
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +218,8 @@ def profile(args, workdir, dns, variant) -> None:
                         profile=stats_path)
     server.start()
     try:
-        smtp_source(server, args.sessions, args.size, args.count, args.reuse)
-        smtp_source(server, args.sessions, args.size, args.count * 2, args.reuse)
+        smtp_source(server, args.sessions, args.size, args.count, args.reuse, path)
+        smtp_source(server, args.sessions, args.size, args.count * 2, args.reuse, path)
     finally:
         server.stop()
     wait_until(lambda: stats_path.exists(), 30, message="profile written")
@@ -214,6 +240,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--reuse", action="store_true",
                         help="several messages per session (smtp-source -d)")
+    parser.add_argument("--dkim", action="store_true",
+                        help="feed dkim.bench's message, unsigned and signed; print the difference")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="with --dkim --profile: profile the unsigned message")
     parser.add_argument("--profile", default=None, help="folder: cProfile the first variant")
     parser.add_argument("--top", type=int, default=30, help="functions the profile shows")
     parser.add_argument("--workdir", default=None)
@@ -224,8 +254,10 @@ def main() -> None:
     dns = common.dns_server(workdir)
     dns.start()
     try:
+        files = common.dkim_messages(workdir, dns)[0] if args.dkim else {}
         if args.profile:
-            profile(args, workdir, dns, variants[0])
+            profile(args, workdir, dns, variants[0],
+                    files.get("unsigned" if args.unsigned else "signed"))
             return
         servers: list[Server] = [TreeServer(workdir, dns, label, tree, VARIANT_IPS[i], settings)
                                  for i, (label, tree, settings) in enumerate(variants)]
@@ -234,16 +266,23 @@ def main() -> None:
         for s in servers:
             s.start()
         try:
+            inputs = [files.get("unsigned"), files.get("signed")] if args.dkim else [None]
             for s in servers:   # warm-up: fresh folders cost more (bench/README.md)
-                smtp_source(s, args.sessions, args.size, 2 * args.count, args.reuse)
+                for path in inputs:
+                    smtp_source(s, args.sessions, args.size, 2 * args.count, args.reuse, path)
             results: dict = {}
             for rnd in range(args.rounds):
                 for s in servers if rnd % 2 == 0 else servers[::-1]:
-                    r = measure(s, args.sessions, args.size, args.count, args.reuse)
-                    for key, value in r.items():
-                        results.setdefault(s.name, {}).setdefault(key, []).append(value)
-                    log(f"round {rnd + 1} {s.name}: {r['msgs']:.0f} msgs/s, {r['cpu']:.3f} ms/msg "
-                        f"(node {r['node']:.3f})")
+                    for path in inputs if rnd % 2 == 0 or s.name == "floor" else inputs[::-1]:
+                        if path is not None and path == files["signed"] and s.name == "floor":
+                            continue        # the floor verifies nothing
+                        r = measure(s, args.sessions, args.size, args.count, args.reuse, path)
+                        signed = path is not None and path == files["signed"]
+                        for key, value in r.items():
+                            key = f"signed {key}" if signed else key
+                            results.setdefault(s.name, {}).setdefault(key, []).append(value)
+                        log(f"round {rnd + 1} {s.name}{' signed' if signed else ''}: "
+                            f"{r['msgs']:.0f} msgs/s, {r['cpu']:.3f} ms/msg (node {r['node']:.3f})")
         finally:
             for s in servers:
                 s.stop()

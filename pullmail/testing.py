@@ -43,7 +43,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from pullmail.interfaces import DeliveryOutcome, IDeliveryAgent, IOutbox, ITrustPolicy
-from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached
+from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, NotCached, TXTAnswer
 from pullmail.smtp.protocol import ClientConnection
 from pullmail.smtp.replies import Reply
 from pullmail.storage.outbox import OneNode, OutboxEntry
@@ -150,11 +150,14 @@ class FakeResolver:
     C{temporary} fails with L{DNSTemporaryError}, one in C{permanent} with
     L{DNSPermanentError}, for every record type.  Names not in a dict have no records of that type.
     Every question is recorded in C{queries} as C{(rdtype, name)}.
+    C{txt_answer} gives every answer, NXDOMAIN included, the TTL C{ttl}.
 
     @ivar mx_records: domain -> [(preference, host)]
     @ivar hosts: host -> [address]
     @ivar texts: name -> [text]
     """
+
+    ttl = 300.0
 
     def __init__(
         self,
@@ -199,6 +202,16 @@ class FakeResolver:
 
     def txt(self, name: str) -> defer.Deferred:
         return self._answer("TXT", name, self.texts)
+
+    def txt_answer(self, name: str) -> defer.Deferred:
+        """L{txt} as a L{TXTAnswer} of TTL C{ttl}."""
+        d = self._answer("TXT", name, self.texts)
+        return d.addCallbacks(lambda found: TXTAnswer(found, self.ttl), self._timed_failure)
+
+    def _timed_failure(self, failure):
+        if failure.check(DNSPermanentError):
+            raise DNSPermanentError(*failure.value.args, ttl=self.ttl)
+        return failure
 
     def cached(self, name: str, rdtype: str) -> list:
         """Nothing is ever cached: every question goes to L{lookup}."""

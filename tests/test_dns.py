@@ -9,6 +9,9 @@ missing, and a record that authorises everyone taken as "neutral".
 
 from __future__ import annotations
 
+import dns.message
+import dns.rcode
+import dns.rrset
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -183,3 +186,52 @@ def test_spf_check_waits_only_for_its_own_names(dnspython) -> None:
     assert_no_result(d)
     network.waiting[0].errback(defer.TimeoutError("no answer"))
     assert result_of(d)[0] is SPFResult.TEMPERROR
+
+
+# -- TXT answers with their TTL (what the DKIM key records are kept for) -----------
+
+
+def _negative(rcode, soa: str | None):
+    """A query function answering every question with C{rcode}, with an SOA or none."""
+    def query(qname, rdtype):
+        response = dns.message.make_response(dns.message.make_query(qname, rdtype))
+        response.set_rcode(rcode)
+        if soa is not None:
+            response.authority.append(dns.rrset.from_text("example.", 900, "IN", "SOA", soa))
+        return defer.succeed(dns.message.from_wire(response.to_wire()))
+    return query
+
+
+def test_txt_answer_carries_the_records_ttl(dnspython) -> None:
+    resolver, network, _ = _resolver(dnspython, {("k._domainkey.example", "TXT"): ['"v=DKIM1"']})
+    answer = result_of(resolver.txt_answer("k._domainkey.example"))
+    assert answer.records == ["v=DKIM1"] and answer.ttl == pytest.approx(300, abs=1)
+    again = result_of(resolver.txt_answer("k._domainkey.example"))     # from the cache
+    assert again.ttl <= answer.ttl and len(network.asked) == 1
+
+
+@pytest.mark.parametrize("soa, ttl", [
+    ("ns.example. host.example. 1 7200 900 1209600 120", 120),     # MINIMUM the lesser
+    ("ns.example. host.example. 1 7200 900 1209600 3600", 900),    # the SOA's own TTL
+])
+def test_nxdomain_is_kept_for_the_rfc2308_negative_ttl(dnspython, soa, ttl) -> None:
+    resolver = Resolver(dnspython, Clock(), _negative(dns.rcode.NXDOMAIN, soa))
+    error = failure_of(resolver.txt_answer("gone.example"), DNSPermanentError).value
+    assert error.ttl == pytest.approx(ttl, abs=1)
+    cached = failure_of(resolver.txt_answer("gone.example"), DNSPermanentError).value
+    assert 0 < cached.ttl <= error.ttl
+
+
+def test_no_answer_without_an_soa_is_not_to_be_kept(dnspython) -> None:
+    """RFC 2308 5: a negative answer without an SOA SHOULD NOT be cached."""
+    resolver = Resolver(dnspython, Clock(), _negative(dns.rcode.NXDOMAIN, None))
+    assert failure_of(resolver.txt_answer("gone.example"), DNSPermanentError).value.ttl == 0
+    resolver = Resolver(dnspython, Clock(), _negative(dns.rcode.NOERROR, None))
+    assert result_of(resolver.txt_answer("empty.example")).ttl == 0
+
+
+def test_no_answer_with_an_soa_has_its_negative_ttl(dnspython) -> None:
+    resolver = Resolver(dnspython, Clock(),
+                        _negative(dns.rcode.NOERROR, "ns.example. h.example. 1 2 3 4 60"))
+    answer = result_of(resolver.txt_answer("empty.example"))
+    assert answer.records == [] and answer.ttl == pytest.approx(60, abs=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dkim
 import pytest
-from test_dkim import MESSAGE, NOW, FakeTXT, blocking
+from test_dkim import MESSAGE, NOW, FakeTXT, blocking, verifier
 from test_router import FakeOutbound
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -20,7 +20,7 @@ from pullmail.inbound.verdicts import MessageChecker
 from pullmail.smtp.envelope import Envelope, Session
 from pullmail.testing import FakeDeliveryAgent, FakeResolver, result_of
 from pullmail.trust.arc import ARCVerifier
-from pullmail.trust.dkim import Signer, Verifier
+from pullmail.trust.dkim import Signer
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.spf import SPFIdentity, SPFResult
 
@@ -49,7 +49,7 @@ def make(dkim_keys, domains, dmarc_record="v=DMARC1; p=reject", mode="enforce",
     records["_dmarc.example.org"] = "v=DMARC1; p=reject"
     txt = FakeTXT(records)
     spf_check = FakeSPF(spf)
-    checker = MessageChecker("mx.example.org", spf_check, Verifier(txt, blocking),
+    checker = MessageChecker("mx.example.org", spf_check, verifier(txt),
                              DMARCChecker(txt, domains, lambda: 0.0), mode,
                              ARCVerifier(txt, blocking))
     clock = Clock()

@@ -34,6 +34,8 @@ class Results:
 
 def _comment(text: str) -> str:
     """Peer-supplied text, safe inside a comment: printable ASCII, no parens."""
+    if not text:
+        return ""
     cleaned = _UNSAFE.sub("", text)[:100].strip()
     return f" ({cleaned})" if cleaned else ""
 

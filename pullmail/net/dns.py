@@ -6,8 +6,9 @@ answers kept in a dnspython cache for their TTL.  No thread waits on the
 network, so a nameserver that never answers one origin's names delays no
 one else's check (issue 18): each question waits its own timeout.
 
-Answers are L{DNSResult}s; failures are L{DNSTemporaryError} (timeout,
-SERVFAIL: try later) or L{DNSPermanentError} (the name does not exist).
+Answers are lists of records (L{TXTAnswer} adds how long they may be
+reused); failures are L{DNSTemporaryError} (timeout, SERVFAIL: try later)
+or L{DNSPermanentError} (the name does not exist).
 A failure is remembered for L{FAILED_LOOKUP_TTL}, and one question in
 flight is shared by everyone who asks it meanwhile.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import dns.exception
@@ -35,7 +38,7 @@ from twisted.python.failure import Failure
 from pullmail import maillog
 
 __all__ = ["Resolver", "DNSTemporaryError", "DNSPermanentError", "NotCached", "cached_answer",
-           "mail_hosts"]
+           "mail_hosts", "TXTAnswer", "answer_ttl"]
 
 
 DNS_CACHE_ENTRIES = 50_000
@@ -53,7 +56,22 @@ class DNSTemporaryError(Exception):
 
 
 class DNSPermanentError(Exception):
-    """The name does not exist (NXDOMAIN)."""
+    """
+    The name does not exist (NXDOMAIN); C{ttl}, how many seconds that
+    may be believed (RFC 2308 5; 0: not to be kept).
+    """
+
+    def __init__(self, *args, ttl: float = 0.0) -> None:
+        super().__init__(*args)
+        self.ttl = ttl
+
+
+@dataclass(frozen=True)
+class TXTAnswer:
+    """A name's TXT records, and how many seconds they may be reused."""
+
+    records: list[str]
+    ttl: float
 
 
 class NotCached(Exception):
@@ -73,6 +91,11 @@ def cached_answer(resolver, name: str, rdtype: str) -> list:
     thread can answer a busy origin's repeated questions without the hop
     to a thread and back.
     """
+    return _records(_cached(resolver, name, rdtype))
+
+
+def _cached(resolver, name: str, rdtype: str):
+    """L{cached_answer}'s dnspython Answer, before its records are read."""
     cache = getattr(resolver, "cache", None)
     if cache is None:
         raise NotCached(name, rdtype)
@@ -82,11 +105,39 @@ def cached_answer(resolver, name: str, rdtype: str) -> list:
         raise NotCached(name, rdtype) from None
     answer = cache.get(key)
     if answer is not None:
-        return [] if answer.rrset is None else list(answer)
+        return answer
     negative = cache.get(negative_key)
     if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
-        raise DNSPermanentError(f"{name}: no such domain")
+        raise DNSPermanentError(f"{name}: no such domain", ttl=answer_ttl(negative))
     raise NotCached(name, rdtype)
+
+
+def _records(answer) -> list:
+    """The records of a dnspython Answer ([] for a no-answer)."""
+    return [] if answer.rrset is None else list(answer)
+
+
+def _txt_strings(answer) -> list[str]:
+    """Each TXT record of C{answer} as one string (RFC 7208 3.3: its strings joined)."""
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in _records(answer)]
+
+
+def _timed_txt(answer) -> TXTAnswer:
+    return TXTAnswer(_txt_strings(answer), answer_ttl(answer))
+
+
+def answer_ttl(answer) -> float:
+    """
+    How many seconds a dnspython Answer may still be used: the least TTL
+    along its CNAME chain; for a no-answer or NXDOMAIN the negative TTL of
+    RFC 2308 5 (the lesser of the SOA's TTL and MINIMUM), or 0 when the
+    response had no SOA ("SHOULD NOT be cached"); never past the expiry
+    dnspython's cache gave it (wall clock).
+    """
+    if answer.rrset is None and not any(
+            rrset.rdtype == dns.rdatatype.SOA for rrset in answer.response.authority):
+        return 0.0
+    return max(0.0, min(answer.chaining_result.minimum_ttl, answer.expiration - time.time()))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -133,6 +184,16 @@ class Resolver:
         self._in_flight: dict[tuple, list[Deferred]] = {}
         self._failed: OrderedDict[tuple, tuple[float, DNSTemporaryError]] = OrderedDict()
 
+    def _cached(self, name: str, rdtype: str):
+        """L{cached}, as the dnspython Answer."""
+        remembered = self._failed.get((name.lower().rstrip("."), rdtype))
+        if remembered is not None:
+            until, error = remembered
+            if self._clock.seconds() < until:
+                raise error
+            del self._failed[(name.lower().rstrip("."), rdtype)]
+        return _cached(self._resolver, name, rdtype)
+
     def cached(self, name: str, rdtype: str) -> list:
         """
         The records for (C{name}, C{rdtype}) that are known now, never
@@ -140,18 +201,16 @@ class Resolver:
         NXDOMAIN, L{DNSTemporaryError} for a failure remembered,
         L{NotCached} when only the network can tell.
         """
-        remembered = self._failed.get((name.lower().rstrip("."), rdtype))
-        if remembered is not None:
-            until, error = remembered
-            if self._clock.seconds() < until:
-                raise error
-            del self._failed[(name.lower().rstrip("."), rdtype)]
-        return cached_answer(self._resolver, name, rdtype)
+        return _records(self._cached(name, rdtype))
 
     def lookup(self, name: str, rdtype: str) -> Deferred:
         """The records for (C{name}, C{rdtype}), from the cache or the network."""
+        return self._lookup(name, rdtype, _records)
+
+    def _lookup(self, name: str, rdtype: str, read: Callable) -> Deferred:
+        """What C{read} makes of the dnspython Answer, from the cache or the network."""
         try:
-            return succeed(self.cached(name, rdtype))
+            return succeed(read(self._cached(name, rdtype)))
         except (DNSPermanentError, DNSTemporaryError) as e:
             return fail(e)
         except NotCached:
@@ -163,7 +222,7 @@ class Resolver:
         else:
             self._in_flight[key] = [waiter]
             self._ask(key, name, rdtype)
-        return waiter
+        return waiter.addCallback(read)
 
     def _ask(self, key: tuple, name: str, rdtype: str) -> None:
         try:
@@ -176,20 +235,20 @@ class Resolver:
         d.addErrback(self._failure, key, name, rdtype)
         d.addBoth(lambda outcome: self._answered(key, outcome))
 
-    def _remember(self, response, qname, name: str, rdtype: str) -> list:
-        """Cache a response as dnspython's own resolve() would, and read it."""
+    def _remember(self, response, qname, name: str, rdtype: str):
+        """Cache a response as dnspython's own resolve() would; the Answer."""
         rcode = response.rcode()
         cache = self._resolver.cache
         if rcode == dns.rcode.NXDOMAIN:
             answer = dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN, response)
             cache.put((qname, dns.rdatatype.ANY, dns.rdataclass.IN), answer)
-            raise DNSPermanentError(f"{name}: no such domain")
+            raise DNSPermanentError(f"{name}: no such domain", ttl=answer_ttl(answer))
         if rcode != dns.rcode.NOERROR:
             raise DNSTemporaryError(f"{name} {rdtype}: {dns.rcode.to_text(rcode)}")
         rdtype_value = dns.rdatatype.from_text(rdtype)
         answer = dns.resolver.Answer(qname, rdtype_value, dns.rdataclass.IN, response)
         cache.put((qname, rdtype_value, dns.rdataclass.IN), answer)
-        return [] if answer.rrset is None else list(answer)
+        return answer
 
     def _failure(self, failure, key: tuple, name: str, rdtype: str):
         """Timeouts and server failures are remembered for FAILED_LOOKUP_TTL."""
@@ -204,12 +263,12 @@ class Resolver:
         return fail(error)
 
     def _answered(self, key: tuple, outcome) -> None:
-        """Hand the records, or the failure, to everyone who asked meanwhile."""
+        """Hand the Answer, or the failure, to everyone who asked meanwhile."""
         for waiter in self._in_flight.pop(key, ()):
             if isinstance(outcome, (Failure, Exception)):
                 waiter.errback(outcome)
             else:
-                waiter.callback(list(outcome))
+                waiter.callback(outcome)
 
     @inlineCallbacks
     def mx(self, domain: str):
@@ -250,10 +309,12 @@ class Resolver:
         return d
 
     def txt(self, name: str) -> Deferred:
-        d = self.lookup(name, "TXT")
-        d.addCallback(lambda records: [b"".join(r.strings).decode("utf-8", "replace")
-                                       for r in records])
-        return d
+        """Each TXT record of C{name} as one string."""
+        return self._lookup(name, "TXT", _txt_strings)
+
+    def txt_answer(self, name: str) -> Deferred:
+        """The TXT records of C{name} as a L{TXTAnswer}: with how long they may be kept."""
+        return self._lookup(name, "TXT", _timed_txt)
 
 
 

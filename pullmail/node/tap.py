@@ -83,6 +83,7 @@ from pullmail.trust import throttle
 from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Signer, Verifier
 from pullmail.trust.dkim_keys import dns_record, ensure_keys, load_keys
+from pullmail.trust.dkim_records import KeyRecords
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
 from pullmail.trust.policy import TrustChecker
 from pullmail.trust.throttle import FailureTracker
@@ -323,7 +324,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
     router.signer = make_signer(config, reactor, run_blocking)
     router.checker = MessageChecker(
         config.trust.authserv_id or hostname, trust.spf_result,
-        Verifier(resolver.txt, run_blocking),
+        Verifier(KeyRecords(resolver.txt_answer, reactor), run_blocking),
         DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
         ARCVerifier(resolver.txt, run_blocking),
     )
