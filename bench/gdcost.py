@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import pstats
 import shutil
 import statistics
@@ -214,6 +215,21 @@ def print_samples(name: str, raw: Path, top: int) -> None:
             print(f"  {count / total * 100:5.1f}%  {frame}")
 
 
+@contextlib.contextmanager
+def bench_folder(workdir: str | None, prefix: str, zone: dict):
+    """A work folder (removed after, unless given) with the bench DNS server on C{zone}."""
+    folder = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    dns = common.dns_server(folder, zone)
+    dns.start()
+    try:
+        yield folder, dns
+    finally:
+        dns.stop()
+        if not workdir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,12 +244,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variant or ["this=."]]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pullmail-gdcost-"))
-    workdir.chmod(0o755)
-    dns = common.DNSServer(workdir / "dns", records(len(variants)), port=5353,
-                           address=common.DNS_IP, ttl=3600)
-    dns.start()
-    try:
+    with bench_folder(args.workdir, "pullmail-gdcost-", records(len(variants))) as (workdir, dns):
         if args.profile or args.sample:
             (profile if args.profile else sample)(args, workdir, dns, variants[0])
             return
@@ -261,10 +272,6 @@ def main() -> None:
                 for node in trio.nodes():
                     node.stop(timeout=30)
         report(results, [t.label for t in trios])
-    finally:
-        dns.stop()
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
