@@ -191,8 +191,10 @@ def test_spf_refusal_reused_for_a_burst(logged_events) -> None:
     assert len(stub.calls) == 2
 
 
-def test_spf_refusal_reuse_is_per_peer_and_sender() -> None:
-    checker, stub = _checker(SPFResult.FAIL)
+@pytest.mark.parametrize("result", [SPFResult.FAIL, SPFResult.PASS])
+def test_spf_reuse_is_per_peer_and_sender(result) -> None:
+    """A refusal (REFUSAL_REUSE) and a pass (TRUST_REUSE) alike."""
+    checker, stub = _checker(result)
     _check(checker)
     _check(checker, peer="198.51.100.8")
     _check(checker, sender="b@sender.example")
@@ -218,15 +220,6 @@ def test_spf_trust_reused_for_a_second(logged_events) -> None:
     checker.clock.advance(0.2)
     assert _code(_check(checker)) == (550, "5.7.23")
     assert len(stub.calls) == 2
-
-
-def test_spf_trust_reuse_is_per_peer_helo_and_sender() -> None:
-    checker, stub = _checker(SPFResult.PASS)
-    _check(checker)
-    _check(checker, peer="198.51.100.8")
-    _check(checker, sender="b@sender.example")
-    _check(checker)
-    assert len(stub.calls) == 3
 
 
 def test_spf_reuse_judged_by_the_accepted_results() -> None:
