@@ -61,45 +61,52 @@ def log(text: str) -> None:
 
 # -- pullmail from a given source tree -----------------------------------------------------
 
+def run_from_tree(node, tree: Path, profile: Path | None = None) -> None:
+    """
+    Make C{node} run pullmail from C{tree} (imports, fsync helper and all);
+    with C{profile}, under cProfile, the stats written there at shutdown.
+    """
+    tree_path = str(tree)
+    plain_argv, plain_env = node.argv, node.environment
+
+    def argv() -> list[str]:
+        command = plain_argv()
+        # python -c puts the working directory (the harness's repository)
+        # first on sys.path: put the tree before it.
+        command[2] = f"import sys; sys.path.insert(0, {tree_path!r})\n" + command[2]
+        if profile is not None:
+            # Timed by the reactor thread's CPU clock (user + system), not
+            # the wall clock: a shared machine's waits are not our cost.
+            command[2] = command[2].replace("sys.exit(run())", (
+                "import cProfile, time\n"
+                "from twisted.internet import reactor\n"
+                "profiler = cProfile.Profile(time.thread_time)\n"
+                # twistd ends by re-raising the signal that stopped it:
+                # the profile is written at the reactor's shutdown.
+                "reactor.addSystemEventTrigger('after', 'shutdown', lambda: ("
+                f"profiler.disable(), profiler.dump_stats({str(profile)!r})))\n"
+                "profiler.enable()\n"
+                "run()"))
+        return command
+
+    def environment() -> dict:
+        env = plain_env()
+        env["PYTHONPATH"] = tree_path + os.pathsep + env["PYTHONPATH"]
+        return env
+
+    node.argv, node.environment = argv, environment
+
+
 class TreeServer(Server):
-    """A pullmail node whose code comes from C{tree} (imports, fsync helper and all)."""
+    """A pullmail node whose code comes from C{tree} (L{run_from_tree})."""
 
     def __init__(self, workdir: Path, dns, label: str, tree: Path, address: str,
                  settings: dict, profile: Path | None = None) -> None:
         self.name, self.address, self.tree = label, address, tree.resolve()
         self.rcpt = "sink@bench.test"
-        node = pullmail_node(workdir, f"node-{label}", address, "bench.test", [self.rcpt],
-                             settings=settings, dns=dns)
-        tree_path = str(self.tree)
-        plain_argv, plain_env = node.argv, node.environment
-
-        def argv() -> list[str]:
-            command = plain_argv()
-            # python -c puts the working directory (the harness's repository)
-            # first on sys.path: put the tree before it.
-            command[2] = f"import sys; sys.path.insert(0, {tree_path!r})\n" + command[2]
-            if profile is not None:
-                # Timed by the reactor thread's CPU clock (user + system), not
-                # the wall clock: a shared machine's waits are not our cost.
-                command[2] = command[2].replace("sys.exit(run())", (
-                    "import cProfile, time\n"
-                    "from twisted.internet import reactor\n"
-                    "profiler = cProfile.Profile(time.thread_time)\n"
-                    # twistd ends by re-raising the signal that stopped it:
-                    # the profile is written at the reactor's shutdown.
-                    "reactor.addSystemEventTrigger('after', 'shutdown', lambda: ("
-                    f"profiler.disable(), profiler.dump_stats({str(profile)!r})))\n"
-                    "profiler.enable()\n"
-                    "run()"))
-            return command
-
-        def environment() -> dict:
-            env = plain_env()
-            env["PYTHONPATH"] = tree_path + os.pathsep + env["PYTHONPATH"]
-            return env
-
-        node.argv, node.environment = argv, environment
-        self.node = node
+        self.node = pullmail_node(workdir, f"node-{label}", address, "bench.test", [self.rcpt],
+                                  settings=settings, dns=dns)
+        run_from_tree(self.node, self.tree, profile)
 
     def start(self):
         self.node.start(timeout=60)

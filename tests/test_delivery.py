@@ -18,7 +18,7 @@ from pullmail.pull.verbs import Notify, pull_extension
 from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
 from pullmail.smtp.replies import Reply
 from pullmail.smtp.server import Deliver, ServerPolicy
-from pullmail.storage.outbox import NOTIFIED, QUEUED, MaildirOutbox
+from pullmail.storage.outbox import NOTIFIED, QUEUED, WRITE_BEHIND, MaildirOutbox
 from pullmail.testing import (
     FakeNetwork,
     FakeResolver,
@@ -138,6 +138,13 @@ class World:
         return self.network.attempts.count((address, 25))
 
 
+def _on_disk(tmp_path, entry_id: str):
+    """The entry as a node starting now would read it."""
+    again = MaildirOutbox(tmp_path / "outbox")
+    again.load()
+    return again.get(entry_id)
+
+
 def _status(message: bytes) -> list[bytes]:
     return [line for line in message.split(b"\r\n") if line.startswith(b"Status:")]
 
@@ -167,14 +174,15 @@ def test_notify_when_gdel_offered(tmp_path) -> None:
     assert stored.notified_at == START
     assert stored.expires == START + 48 * HOUR
     assert world.outbox.read_message(entry.id) == b"".join(MESSAGE)
-    # It stays on disk as notified.
-    again = MaildirOutbox(tmp_path / "outbox")
-    again.load()
-    assert again.get(entry.id).state == NOTIFIED
+    # On disk it says queued a while (retrieved meanwhile, it is never
+    # written notified), then it stays there as notified.
+    assert _on_disk(tmp_path, entry.id).state == QUEUED
     # The session idles for [delivery] connection_cache_time, then quits.
     assert world.network.open_connections() == 1
     world.advance(world.config.connection_cache_time)
     assert world.network.open_connections() == 0
+    world.advance(WRITE_BEHIND)
+    assert _on_disk(tmp_path, entry.id).state == NOTIFIED
 
 
 # -- the connection cache -------------------------------------------------------------
@@ -563,6 +571,72 @@ def test_retrieval_finished_removes(tmp_path) -> None:
         claimed, TransactionResult(ok, {BOB: ok, CAROL: ok}, ok), MX1)
     assert world.outbox.get(entry.id) is None
     assert world.bounces == []
+
+
+def test_retrieved_at_once_is_never_written_notified(tmp_path, monkeypatch) -> None:
+    """
+    Issue 17: retrieved before WRITE_BEHIND has passed, the entry's record
+    is claimed and removed without ever being rewritten "notified": GDEL
+    and RETR cost the sender no record write and no fsync of their own.
+    """
+    from pullmail.smtp.client import TransactionResult
+
+    world = World(tmp_path)
+    written = []
+    monkeypatch.setattr(world.outbox, "update", lambda entry: written.append(entry.id))
+    [entry] = world.send([BOB])
+    assert world.outbox.get(entry.id).state == NOTIFIED
+    claimed = world.outbox.claim(entry.id)
+    ok = Reply(250, "2.0.0", "Ok")
+    world.outbound.retrieval_finished(claimed, TransactionResult(ok, {BOB: ok}, ok), MX1)
+    world.advance(WRITE_BEHIND)
+    assert written == []
+    assert world.outbox.get(entry.id) is None and _on_disk(tmp_path, entry.id) is None
+
+
+def test_notified_entry_claimed_then_released_is_written_whole(tmp_path) -> None:
+    """A broken transfer stores the entry (notified, to announce again) as ever."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    claimed = world.outbox.claim(entry.id)
+    world.outbound.retrieval_finished(claimed, None, MX1)
+    stored = _on_disk(tmp_path, entry.id)
+    assert (stored.state, stored.renotify_at) == (NOTIFIED, START)
+
+
+def test_crash_before_the_notified_write_notifies_again(tmp_path) -> None:
+    """
+    SPEC 4, 5: a crash (no stop) before the write: the entry comes back
+    queued, nothing lost, and is notified again under its id, keeping its
+    expiry; the receiver retrieves it once (SPEC 4, "no double copy").
+    """
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbound = world.new_outbound()          # the old one died without stopping
+    world.settle()
+    assert [n.gdel_id for n in world.peer.notifications] == [entry.id, entry.id]
+    stored = world.outbox.get(entry.id)
+    assert (stored.state, stored.expires) == (NOTIFIED, START + 48 * HOUR)
+
+
+def test_stop_writes_what_waits(tmp_path) -> None:
+    """A node stopping writes the notified states that wait: no notification again."""
+    world = World(tmp_path)
+    [entry] = world.send([BOB])
+    world.outbound.stop()
+    assert _on_disk(tmp_path, entry.id).state == NOTIFIED
+
+
+def test_a_refusal_is_written_notified_at_once(tmp_path) -> None:
+    """
+    A notification some recipients refused: its DSN goes now, so the entry
+    (without them) is written now, never to be notified (and bounced) again.
+    """
+    world = World(tmp_path)
+    [entry] = world.send([BOB, NOBODY])
+    assert len(world.bounces) == 1
+    stored = _on_disk(tmp_path, entry.id)
+    assert (stored.state, stored.recipients) == (NOTIFIED, [BOB])
 
 
 def test_retrieval_finished_mixed(tmp_path) -> None:

@@ -78,6 +78,8 @@ def summary(effects) -> list:
         elif isinstance(effect, Bounce):
             out.append(("bounce", effect.action,
                         [(f.address, f.status, f.diagnostic, f.remote_mta) for f in effect.failed]))
+        elif isinstance(effect, Update) and effect.may_wait:
+            out.append("Update, may wait")
         elif isinstance(effect, SplitOff):
             s = effect.sibling
             out.append(("split", s.id, s.recipients, s.state, s.next_attempt, s.last_error,
@@ -122,14 +124,15 @@ TABLE = [
     ("start-up releases a queued entry's claim: it keeps its due time",
      queued(next_attempt=900.0), ClaimReleased(), 700.0, CONFIG,
      {}, 900.0, []),
-    ("GDEL accepted: notified, waiting for RETR until created + outbox_lifetime",
+    ("GDEL accepted: notified, waiting for RETR until created + outbox_lifetime; "
+     "the queued record on disk may stay a while (a crash notifies again)",
      queued(created=100.0), Attempted("pull", HOST, result(bob=OK)), 1000.0, CONFIG,
      {"state": NOTIFIED, "notified_at": 1000.0, "expires": 100.0 + 2 * DAY}, 100.0 + 2 * DAY,
-     [("log", "delivery-attempt"), "Update"]),
+     [("log", "delivery-attempt"), "Update, may wait"]),
     ("GDEL accepted with a delay warning configured: due for the warning first",
      queued(), Attempted("pull", HOST, result(bob=OK)), 1000.0, WARNING,
      {"state": NOTIFIED, "notified_at": 1000.0, "expires": 2 * DAY}, 4 * HOUR,
-     [("log", "delivery-attempt"), "Update"]),
+     [("log", "delivery-attempt"), "Update, may wait"]),
     ("GDEL accepted for bob, 451 for carol: carol gets an entry of her own, queued",
      queued(recipients=[BOB, CAROL]), Attempted("pull", HOST, result(bob=OK, carol=BUSY)),
      1000.0, CONFIG,

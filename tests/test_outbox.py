@@ -9,6 +9,7 @@ import json
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
@@ -20,6 +21,7 @@ from pullmail.storage.outbox import (
     EntryState,
     MaildirOutbox,
     OutboxEntry,
+    WritesBehind,
 )
 from pullmail.testing import HeldRunner, MemoryOutbox, make_entry
 
@@ -426,3 +428,74 @@ def test_async_updates_keep_their_order_and_gate_claims(tmp_path) -> None:
     assert list((tmp_path / "outbox" / "entries").iterdir()) == []
     assert list((tmp_path / "outbox" / "claimed").iterdir()) == []
     assert list((tmp_path / "outbox" / "data").iterdir()) == []
+
+
+# -- writes that may wait (issue 17) -----------------------------------------------------
+
+
+def _behind(tmp_path):
+    outbox = MaildirOutbox(tmp_path)
+    outbox.load()
+    outbox.add([make_entry(id=ID1), make_entry(id=ID2), make_entry(id=ID3)], MESSAGE)
+    clock = Clock()
+    return outbox, clock, WritesBehind(outbox, clock, delay=5.0)
+
+
+def _stored_state(tmp_path, entry_id: str):
+    again = MaildirOutbox(tmp_path)
+    again.load()
+    return again.get(entry_id).state
+
+
+def test_a_write_behind_lands_after_its_delay(tmp_path) -> None:
+    outbox, clock, behind = _behind(tmp_path)
+    entry = outbox.get(ID1)
+    entry.state = NOTIFIED
+    behind.add(entry)
+    clock.advance(4.9)
+    assert _stored_state(tmp_path, ID1) == QUEUED and ID1 in behind
+    clock.advance(0.1)
+    assert _stored_state(tmp_path, ID1) == NOTIFIED and ID1 not in behind
+
+
+def test_a_write_behind_is_left_out_for_an_entry_claimed_or_gone(tmp_path) -> None:
+    """The claim moves the queued record; the removal takes it: nothing to write over."""
+    outbox, clock, behind = _behind(tmp_path)
+    for entry in outbox.entries():
+        entry.state = NOTIFIED
+        behind.add(entry)
+    outbox.claim(ID1)
+    outbox.remove(ID2)
+    clock.advance(5.0)
+    assert not (tmp_path / "claimed" / f"{ID1}.json").read_text().count('"notified"')
+    assert not (tmp_path / "entries" / f"{ID2}.json").exists()
+    assert _stored_state(tmp_path, ID3) == NOTIFIED
+
+
+def test_writes_behind_one_timer_in_order(tmp_path) -> None:
+    """Each waits its own delay; a later one re-arms the timer for its time."""
+    outbox, clock, behind = _behind(tmp_path)
+    first, second = outbox.get(ID1), outbox.get(ID2)
+    first.state = second.state = NOTIFIED
+    behind.add(first)
+    clock.advance(3.0)
+    behind.add(second)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(2.0)
+    assert (_stored_state(tmp_path, ID1), _stored_state(tmp_path, ID2)) == (NOTIFIED, QUEUED)
+    clock.advance(3.0)
+    assert _stored_state(tmp_path, ID2) == NOTIFIED
+    assert clock.getDelayedCalls() == []
+
+
+def test_writes_behind_discarded_or_flushed(tmp_path) -> None:
+    """A write that follows at once supersedes the waiting one; a flush writes all now."""
+    outbox, clock, behind = _behind(tmp_path)
+    first, second = outbox.get(ID1), outbox.get(ID2)
+    first.state = second.state = NOTIFIED
+    behind.add(first)
+    behind.add(second)
+    behind.discard(ID1)
+    behind.flush()
+    assert (_stored_state(tmp_path, ID1), _stored_state(tmp_path, ID2)) == (QUEUED, NOTIFIED)
+    assert clock.getDelayedCalls() == []

@@ -20,6 +20,7 @@ from pullmail.storage.outbox import NOTIFIED, QUEUED
 from pullmail.testing import (
     FakeNetwork,
     FakeResolver,
+    HeldRunner,
     MemoryOutbox,
     assert_no_result,
     failure_of,
@@ -124,6 +125,16 @@ class ScriptedChannel:
         if isinstance(item, Exception):
             return defer.fail(item)
         return defer.succeed(item)
+
+
+class WaitingChannel(ScriptedChannel):
+    """A channel whose peer has not answered yet."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def reply(self) -> defer.Deferred:
+        return defer.Deferred()
 
 
 OK = Reply(250, "2.0.0", "Ok")
@@ -267,6 +278,35 @@ class TestPickupCounter:
         assert (peer, host) == (MX_ADDRESS, "mx.receiver.example")
         assert result.accepted() == ["bob@receiver.example", "carol@receiver.example"]
         assert result.final == final
+
+    def test_message_read_before_the_reply(self) -> None:
+        """
+        Issue 17: the message is read (off the reactor thread) before
+        '250 follows', so the turn's MAIL and RCPT go out at once, in the
+        same write as that reply, and the RMTA wakes once for both.
+        """
+        runner = HeldRunner()
+        self.counter.run_blocking = runner
+        d = self.retr()
+        assert_no_result(d)
+        runner.run_all()
+        action = result_of(d)
+        channel = WaitingChannel()
+        defer.Deferred.fromCoroutine(action.turn(channel))
+        assert runner.work == []
+        assert channel.sent == [b"MAIL FROM:<alice@sender.example> SIZE=17 BODY=8BITMIME\r\n"
+                                b"RCPT TO:<bob@receiver.example>\r\n"
+                                b"RCPT TO:<carol@receiver.example>\r\n"]
+
+    def test_unreadable_message_released(self) -> None:
+        """The message cannot be read: 451 4.3.0, and the claim goes back (a broken transfer)."""
+        def unreadable(function, *args):
+            return defer.fail(OSError(5, "Input/output error"))
+
+        self.counter.run_blocking = unreadable
+        assert result_of(self.retr()) == replies.S451_LOCAL_ERROR
+        [(entry, result, peer, host)] = self.outbound.finished
+        assert (entry.id, result, peer, host) == (GDEL_ID, None, MX_ADDRESS, "mx.receiver.example")
 
     def test_broken_transfer(self) -> None:
         """The channel failing mid-turn reports a broken transfer (result None)."""

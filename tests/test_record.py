@@ -40,6 +40,28 @@ def test_dump_leaves_out_excluded_fields() -> None:
     assert b"count" not in record.dump(Sample("a"), 2, exclude=("count",))
 
 
+@dataclass
+class Nested:
+    inner: Sample
+    tags: list
+    options: dict
+
+
+def test_dump_writes_what_it_always_wrote() -> None:
+    """The values taken as they are (not deep-copied first): the same bytes on disk."""
+    value = Nested(Sample("a", 3), ["x", "y"], {"notify": {"b@example.org": ["FAILURE"]}})
+    assert record.dump(value, 1) == (
+        b'{\n "inner": {\n  "count": 3,\n  "name": "a"\n },\n "options": {\n  "notify": {\n'
+        b'   "b@example.org": [\n    "FAILURE"\n   ]\n  }\n },\n "tags": [\n  "x",\n  "y"\n ],'
+        b'\n "version": 1\n}')
+    assert record.load(Nested, record.dump(value, 1), 1).inner == {"name": "a", "count": 3}
+
+
+def test_dump_refuses_what_json_cannot_hold() -> None:
+    with pytest.raises(TypeError):
+        record.dump(Sample(object()), 1)
+
+
 def test_read_folder_reads_the_records_whole(tmp_path) -> None:
     contents = {
         "small": b"{}",

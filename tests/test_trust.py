@@ -27,6 +27,7 @@ from pullmail.testing import (
 )
 from pullmail.trust.policy import (
     REFUSAL_REUSE,
+    TRUST_REUSE,
     TrustChecker,
     decide_spf,
     dnsbl_name,
@@ -190,8 +191,10 @@ def test_spf_refusal_reused_for_a_burst(logged_events) -> None:
     assert len(stub.calls) == 2
 
 
-def test_spf_refusal_reuse_is_per_peer_and_sender() -> None:
-    checker, stub = _checker(SPFResult.FAIL)
+@pytest.mark.parametrize("result", [SPFResult.FAIL, SPFResult.PASS])
+def test_spf_reuse_is_per_peer_and_sender(result) -> None:
+    """A refusal (REFUSAL_REUSE) and a pass (TRUST_REUSE) alike."""
+    checker, stub = _checker(result)
     _check(checker)
     _check(checker, peer="198.51.100.8")
     _check(checker, sender="b@sender.example")
@@ -199,20 +202,33 @@ def test_spf_refusal_reuse_is_per_peer_and_sender() -> None:
     assert len(stub.calls) == 3
 
 
-def test_spf_trust_checked_afresh() -> None:
-    """A pass is never reused for a trust decision: a tightened record bites at once."""
+def test_spf_trust_reused_for_a_second(logged_events) -> None:
+    """
+    Issue 17: a pass is reused for TRUST_REUSE (a stream of notifications
+    from one origin: one evaluation, one log line a second); after that a
+    tightened record bites.
+    """
     checker, stub = _checker(SPFResult.PASS)
     assert _check(checker) is None
     stub.result = SPFResult.FAIL
+    for _ in range(20):
+        assert _check(checker) is None
+    checker.clock.advance(TRUST_REUSE - 0.1)
+    assert _check(checker) is None
+    assert len(stub.calls) == 1
+    assert [e["result"] for e in logged_events if e.get("event") == "spf"] == ["pass"]
+    checker.clock.advance(0.2)
     assert _code(_check(checker)) == (550, "5.7.23")
     assert len(stub.calls) == 2
 
 
 def test_spf_reuse_judged_by_the_accepted_results() -> None:
-    """A softfail refused for one caller is evaluated again where softfail is accepted."""
+    """A softfail refused for one caller is accepted where softfail is (the same result)."""
     checker, stub = _checker(SPFResult.SOFTFAIL)
     assert _check(checker) is not None
     checker.config = TrustConfig(spf_accept=("pass", "softfail"))
+    assert _check(checker) is None
+    checker.clock.advance(TRUST_REUSE + 0.1)
     assert _check(checker) is None
     assert len(stub.calls) == 2
 

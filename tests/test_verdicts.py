@@ -226,7 +226,7 @@ def test_bounces_are_signed_by_the_local_domain_of_the_hostname(dkim_keys, domai
 
 
 def test_authentication_results_reuse_the_sessions_spf_check():
-    """The trust check's SPF result is reused; trust decisions check afresh."""
+    """The trust check's SPF result is reused; trust decisions after TRUST_REUSE check afresh."""
     from pullmail.config import TrustConfig
     from pullmail.trust import policy
 
@@ -245,6 +245,9 @@ def test_authentication_results_reuse_the_sessions_spf_check():
     asked = ("192.0.2.9", "bank.test", "mail.bank.test", "carol@bank.test")
     assert result_of(trust.spf_result(*asked))[0] is SPFResult.PASS
     assert len(calls) == 1
+    assert result_of(trust.check_push(session, envelope)) is None
+    assert len(calls) == 1              # a pass is reused for policy.TRUST_REUSE
+    clock.advance(policy.TRUST_REUSE + 0.1)
     assert result_of(trust.check_push(session, envelope)) is None
     assert len(calls) == 2
     clock.advance(61)

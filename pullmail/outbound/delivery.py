@@ -59,7 +59,7 @@ from pullmail.outbound.session import (
 )
 from pullmail.scheduling.dispatch import Dispatcher, Work
 from pullmail.smtp.client import TransactionResult
-from pullmail.storage.outbox import QUEUED, OutboxEntry
+from pullmail.storage.outbox import QUEUED, OutboxEntry, WritesBehind
 
 __all__ = ["Outbound"]
 
@@ -116,8 +116,10 @@ class Outbound:
             current=self._current, spare=1,
         )
         self.courier = Courier(self, self._dispatcher)
-        # A shared outbox (SPEC 11.3): due work is taken in the database first.
+        # A shared outbox (SPEC 11.3): due work is taken in the database first,
+        # and other nodes read every state: none waits to be written.
         self.cluster = ClusterWork(self) if outbox.shared else None
+        self._behind = None if outbox.shared else WritesBehind(outbox, clock)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -165,6 +167,8 @@ class Outbound:
     def stop(self) -> None:
         self._stopped = True
         self._dispatcher.stop()
+        if self._behind is not None:
+            self._behind.flush()
 
     # -- entry points -----------------------------------------------------------
 
@@ -361,7 +365,13 @@ class Outbound:
                 self.outbox.remove(entry.id, after=bounced)
                 bounced = None
             elif isinstance(effect, Update):
-                self.outbox.update(entry)
+                if self._behind is None:
+                    self.outbox.update(entry)
+                elif effect.may_wait:
+                    self._behind.add(entry)
+                else:
+                    self._behind.discard(entry.id)
+                    self.outbox.update(entry)
             elif isinstance(effect, Release):
                 self.outbox.release(entry.id)
             elif isinstance(effect, SplitOff):

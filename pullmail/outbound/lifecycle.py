@@ -119,7 +119,15 @@ class NotifyAgain:
 
 @dataclass(frozen=True)
 class Update:
-    """Store the entry as it now is."""
+    """
+    Store the entry as it now is.  C{may_wait}: the record on disk already
+    holds a state a crash may bring the entry back to, at no cost but a
+    notification given again (and deduplicated, SPEC 4), so the write may
+    wait a little and be left out if the entry is claimed or gone by then
+    (L{pullmail.storage.outbox.WritesBehind}).
+    """
+
+    may_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,7 +276,10 @@ def _attempted(new: OutboxEntry, outcome: Attempted, now: float, config: Deliver
         new.state = NOTIFIED
         new.notified_at = now
         new.expires = new.created + config.outbox_lifetime
-        effects.append(Update())
+        # Everyone took it: the queued record on disk, notified again after
+        # a crash, comes to the same.  (A refusal's DSN, or recipients split
+        # off, must not be sent or notified twice: those are written now.)
+        effects.append(Update(may_wait=not (transient or permanent)))
         return True
     if mode == "push" and accepted:
         effects.append(Log(maillog.DELIVERED, {"queue_id": new.queue_id, "recipients": accepted, "host": host,

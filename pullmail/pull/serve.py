@@ -96,8 +96,16 @@ class PickupCounter:
             return self._unavailable(gdel_id, e)
         if claimed is None:
             return replies.S451_IN_PROGRESS
+        try:
+            # Read before the reply: the turn's first commands then go out
+            # with it, in one write (SPEC 4: the RMTA reads on after it).
+            message = await self.run_blocking(self.outbox.read_message, gdel_id)
+        except OSError as e:
+            self.outbound.retrieval_finished(claimed, None, peer, host)
+            return self._unavailable(gdel_id, e)
         maillog.RETR_HANDED_OVER(log, id=gdel_id, queue_id=entry.queue_id, peer=peer)
-        return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"), self._turn(claimed, peer, host))
+        return Reverse(Reply(250, "2.0.0", f"{gdel_id} follows"),
+                       self._turn(claimed, peer, host, message))
 
     @staticmethod
     def _unavailable(gdel_id: str, error: OSError) -> Reply:
@@ -112,11 +120,10 @@ class PickupCounter:
             return Close(replies.S421_BLOCKED)
         return replies.S550_NO_SUCH_MESSAGE
 
-    def _turn(self, entry, peer: str, host: str):
+    def _turn(self, entry, peer: str, host: str, message: bytes):
         async def turn(channel) -> None:
             result = None
             try:
-                message = await self.run_blocking(self.outbox.read_message, entry.id)
                 result = await send_transaction(
                     channel, entry.sender, entry.recipients, [message],
                     size=entry.size, body=entry.body, smtputf8=entry.smtputf8,

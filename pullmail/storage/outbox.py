@@ -52,7 +52,8 @@ from pullmail.storage.durable import (
 )
 from pullmail.storage.ordered import InOrder
 
-__all__ = ["EntryState", "OutboxEntry", "Indexed", "MaildirOutbox", "OneNode", "QUEUED", "NOTIFIED"]
+__all__ = ["EntryState", "OutboxEntry", "Indexed", "MaildirOutbox", "OneNode", "QUEUED", "NOTIFIED",
+           "WritesBehind"]
 
 log = Logger(namespace="pullmail.storage.outbox")
 
@@ -62,6 +63,8 @@ SNAPSHOT = "entries.snapshot"
 # A snapshot is worth writing again once more than this share of the
 # entries would be read from their files (or its rows are of entries gone).
 SNAPSHOT_SHARE = 0.1
+# How long a write that may wait (L{WritesBehind}) waits.
+WRITE_BEHIND = 5.0
 
 
 def snapshot_worth_writing(changed: int, total: int, share: float = SNAPSHOT_SHARE) -> bool:
@@ -442,6 +445,65 @@ class MaildirOutbox(OneNode):
             log.failure("keeping outbox entry {id} until the next start", failure, id=entry_id)
 
         after.addCallbacks(delete, keep)
+
+
+class WritesBehind:
+    """
+    Writes of entries that may wait (L{pullmail.outbound.lifecycle.Update}
+    C{may_wait}): "notified", over a record that says "queued".  Most
+    notified entries are retrieved (claimed, then removed) within
+    milliseconds, so their write would only be replaced or unlinked at
+    once: it waits C{delay} seconds, and is left out for an entry claimed
+    or gone by then.  A claimed entry's outcome is written as ever (a
+    broken or partial transfer stores the whole entry).  Until then a crash
+    brings the entry back queued: it is notified again, and the receiver
+    retrieves it once (SPEC 4).  Nothing is lost meanwhile: the queued
+    record is durable, and the entry's expiry is counted from C{created}.
+    """
+
+    def __init__(self, outbox, clock, delay: float = WRITE_BEHIND) -> None:
+        self.outbox = outbox
+        self.clock = clock
+        self.delay = delay
+        self._waiting: dict[str, tuple[float, OutboxEntry]] = {}   # in the order added
+        self._timer = None
+
+    def __contains__(self, entry_id: str) -> bool:
+        return entry_id in self._waiting
+
+    def add(self, entry: OutboxEntry) -> None:
+        """Write C{entry} as it is then, in C{delay} seconds, if it still needs it."""
+        self._waiting.pop(entry.id, None)
+        self._waiting[entry.id] = (self.clock.seconds() + self.delay, entry)
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.delay, self._due)
+
+    def discard(self, entry_id: str) -> None:
+        """A write of the entry follows now (it supersedes this one)."""
+        self._waiting.pop(entry_id, None)
+
+    def _due(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._waiting:
+            entry_id, (due, _) = next(iter(self._waiting.items()))
+            if due > now:
+                self._timer = self.clock.callLater(due - now, self._due)
+                return
+            self._write(self._waiting.pop(entry_id)[1])
+
+    def _write(self, entry: OutboxEntry) -> None:
+        if self.outbox.get(entry.id) is entry and not entry.claimed:
+            self.outbox.update(entry)
+
+    def flush(self) -> None:
+        """Write all that wait now (the node stops)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waiting, self._waiting = self._waiting, {}
+        for _, entry in waiting.values():
+            self._write(entry)
 
 
 # -- reading the folder (blocking; no state shared with the reactor) ------------------------

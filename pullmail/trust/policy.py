@@ -32,10 +32,13 @@ log = Logger(namespace="pullmail.trust.policy")
 
 # How long an SPF result that refuses is reused for the same (peer, domain,
 # HELO, sender): a burst of notifications from an SPF-failing sender costs
-# one evaluation and one log line, not one each (issue 17: a flood).  A
-# result that trusts is always evaluated afresh (within the DNS answers'
-# TTLs), so a tightened record takes effect at once.
+# one evaluation and one log line, not one each (issue 17: a flood).
 REFUSAL_REUSE = 5.0
+# And one that trusts: a stream of notifications from one origin costs one
+# evaluation a second (issue 17: General Delivery near push), not one each.
+# An evaluation reads DNS answers cached for their TTL, so a tightened
+# record took effect at the end of its TTL already; now up to a second later.
+TRUST_REUSE = 1.0
 
 
 def decide_spf(result: SPFResult, accepted: tuple[str, ...]) -> Reply | None:
@@ -158,9 +161,14 @@ class TrustChecker:
 
     async def _spf(self, peer: str, domain: str, helo: str, sender: str | None,
                    accepted: tuple[str, ...]) -> Reply | None:
-        recent = self._spf_memo.get(_memo_key(peer, domain, helo, sender), REFUSAL_REUSE)
-        if recent is not None and (verdict := decide_spf(recent[0], accepted)) is not None:
-            return verdict          # logged when it was evaluated
+        key = _memo_key(peer, domain, helo, sender)
+        recent = self._spf_memo.get(key, REFUSAL_REUSE)
+        if recent is not None:      # logged when it was evaluated
+            verdict = decide_spf(recent[0], accepted)
+            if verdict is not None:
+                return verdict
+            if self._spf_memo.get(key, TRUST_REUSE) is not None:
+                return None
         result, explanation = await self._spf_result(peer, domain, helo, sender)
         verdict = decide_spf(result, accepted)
         maillog.SPF(

@@ -414,6 +414,27 @@ def test_node_killed_mid_retrieval(net, victim):
     settle_and_check_one(sender, receiver, token, gdel_id, queue_id)
 
 
+def test_sender_killed_right_after_its_notification(net):
+    """
+    Issue 17: the sender writes an entry "notified" only a while after
+    GDEL's 250 (WRITE_BEHIND), if it is not retrieved by then.  Killed
+    before, it has nothing on disk but the queued record (or, mid-RETR,
+    its claim); restarted, it notifies again: one copy, no bounce.
+    """
+    sender = net.sender()
+    receiver = net.receiver()
+    token = "notified-kill-" + secrets.token_hex(6)
+    queue_id, gdel_id = send(sender, token, size=BIG)
+    sender.wait_log(rf"pull attempt {gdel_id} .*accepted \['{BOB}'\]", 10)
+    sender.kill()
+    outbox = sender.state_dir / "outbox"
+    states = [json.loads(path.read_bytes())["state"]
+              for folder in ("entries", "claimed") for path in (outbox / folder).glob("*.json")]
+    assert "notified" not in states, states
+    sender.start()
+    settle_and_check_one(sender, receiver, token, gdel_id, queue_id)
+
+
 # -- 7. push fallback ----------------------------------------------------------------
 
 
