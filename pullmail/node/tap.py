@@ -142,7 +142,12 @@ def with_backlog(description: str) -> str:
 
 
 class Startable(service.Service):
-    """Runs C{start} and C{stop} with the node (after the thread pools)."""
+    """
+    Runs C{start} and C{stop} with the node (after the thread pools); a
+    C{stop} that returns a Deferred holds the reactor's shutdown until it
+    fires (the last outbox snapshot: its result comes back from a disk
+    thread, which needs the reactor still turning).
+    """
 
     def __init__(self, start, stop) -> None:
         self._start, self._stop = start, stop
@@ -151,9 +156,9 @@ class Startable(service.Service):
         super().startService()
         self._start()
 
-    def stopService(self) -> None:
+    def stopService(self):
         super().stopService()
-        self._stop()
+        return self._stop()
 
 
 def freeze_start_up_heap() -> None:
