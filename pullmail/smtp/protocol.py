@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from pullmail import maillog
 from pullmail.logsafe import printable
+from pullmail.smtp.writes import write_now
 from pullmail.smtp import replies
 from pullmail.smtp.chunking import ReadChunk
 from pullmail.smtp.client import ProtocolError, ReplyReader
@@ -119,7 +120,7 @@ class ReplyChannel(Protocol):
     def send(self, data: bytes) -> None:
         """Send commands (the Channel interface)."""
         if not self._closing:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def start_tls(self, options) -> None:
         """
@@ -389,7 +390,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
 
     def send_reply(self, reply: Reply) -> None:
         if not self._closing:
-            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
+            write_now(self.transport, reply.render(enhanced=bool(reply.enhanced)))
 
     # -- input --------------------------------------------------------------
 
