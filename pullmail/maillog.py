@@ -60,6 +60,8 @@ IDLE_TIMEOUT = Event("idle-timeout", "{what} for {peer}")
 COMMAND_TIMEOUT = Event("command-timeout", "{what} for {peer}")
 DATA_TIMEOUT = Event("data-timeout", "{what} for {peer}")
 TLS_TIMEOUT = Event("tls-timeout", "TLS handshake timeout for {peer}")
+# At the end of a session that handed over no message: one with mail is
+# logged by its messages' events (accepted), which name the peer.
 CONNECTION = Event("connection", "connection from {peer} on {service}")
 IMPROPER_PIPELINING = Event("improper-pipelining", "{peer} pipelined behind {verb}")
 TLS_STARTED = Event("tls-started", "TLS started with {peer}")
@@ -215,11 +217,6 @@ RETR_STORE_UNAVAILABLE = Event(
 
 # -- Message authentication (trust/dkim, trust/dmarc, inbound/verdicts) ------------------
 
-# Below the log's level: the verdicts are in the message's Authentication-Results,
-# and a second line per message costs the hot path; rejections log their own.
-VERDICTS = Event(
-    "verdicts", "verdicts for {peer}: {results}", LogLevel.debug, extras=("disposition",),
-)
 DMARC_REJECTED = Event(
     "dmarc-rejected", "rejected {queue_id} from <{sender}>: {reason}", extras=("peer",),
 )
@@ -424,5 +421,4 @@ VOCABULARY = _vocabulary(
     TLS_STARTED,
     TLS_TIMEOUT,
     TURN_ABORTED,
-    VERDICTS,
 )

@@ -767,6 +767,39 @@ def test_reply_events_only_when_counted(logged_events, count_replies):
     assert (refusal["verb"], refusal["code"]) == ("RCPT", 550)
 
 
+def connection_events(events) -> list:
+    return [(e["peer"], e["service"]) for e in events if e.get("event") == "connection"]
+
+
+@pytest.mark.parametrize("reply, logged", [
+    (Reply(250, "2.0.0", "Ok: queued as Q1"), []),
+    (Reply(451, "4.3.0", "Try again later"), [("192.0.2.1", "smtp")]),
+])
+def test_a_session_that_hands_over_mail_logs_no_connection_event(logged_events, reply, logged):
+    """
+    One log event per message (issue 17): a session whose message was
+    taken is logged by that message's own event, which names the peer; a
+    session that handed over nothing is logged once, as it ends.
+    """
+    harness = Harness()
+    harness.auto_deliver = reply
+    protocol, transport = harness.connect()
+    said(protocol, transport, b"EHLO client.test\r\n")
+    said(protocol, transport, b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\n")
+    said(protocol, transport, b"DATA\r\n")
+    said(protocol, transport, b"text\r\n.\r\nQUIT\r\n")
+    assert connection_events(logged_events) == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert connection_events(logged_events) == logged
+
+
+def test_a_refused_connection_is_logged_as_refused_only(logged_events):
+    harness = Harness(refuse=lambda address: replies.S421_TOO_MANY_CONNECTIONS)
+    protocol, transport = harness.connect()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert [e["event"] for e in logged_events if "event" in e] == ["connection-refused"]
+
+
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")
 _PIECES = [b"EHLO x.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<alice@example.org>\r\n",
            b"DATA\r\n", b"text\r\n", b".\r\n", b"NOOP\r\n", b"GET / HTTP/1.1\r\n", b"\n", b"\r",

@@ -12,7 +12,6 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pullmail import maillog
 from pullmail.inbound.authresults import Results, authentication_results, strip_ours
 from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Verifier
@@ -94,12 +93,9 @@ class MessageChecker:
                 disposition = verdict.disposition
                 reason = (f"DMARC policy of {verdict.domain}" if verdict.domain
                           else f"DMARC check: {verdict.reason}")
+        # Not logged: the verdicts are in the message's Authentication-Results
+        # (one log event per message, issue 17); rejections log their own.
         header = authentication_results(self.authserv_id, results)
-        maillog.VERDICTS(
-            log, peer=identity.peer,
-            results=header.decode("utf-8", "replace").split(";", 1)[1].split(),
-            disposition=disposition,
-        )
         return Verdict(message, header, disposition, reason,
                        arc_result.result if arc_result is not None else "none")
 

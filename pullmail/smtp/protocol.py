@@ -316,6 +316,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self._input = Connection()
         self._paused = False        # the transport is paused (backpressure)
         self._counted = False        # holds a place in the connection limits
+        self._served = False         # a server-role connection, not refused
         self.machine: ServerMachine | None = None
         self._greeted = True         # False while the pre-greet wait runs
         self.performers: Mapping[type, Callable] = {}
@@ -338,7 +339,6 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.count_replies = factory.count_replies
         self.limits = factory.session_limits
         self._conduct = Conduct(self.limits)
-        maillog.CONNECTION(log, peer=address, service=factory.service)
         refusal = factory.refuse_connection(address)
         if refusal is None:
             self._counted = factory.limits.acquire(address)
@@ -350,6 +350,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             self.transport.write(refusal.render())
             self.transport.loseConnection()
             return
+        self._served = True
         self.no_delay()
         self.start_timer(factory.clock, factory.idle_timeout, self.limits)
         if factory.implicit_tls:
@@ -371,6 +372,10 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.send_reply(greeting)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._served and not self.machine.messages:
+            # One log event per message: a session's mail names its peer
+            # (accepted); one that left none is logged as it ends.
+            maillog.CONNECTION(log, peer=self.machine.session.peer, service=self.factory.service)
         if self.deadlines is not None:
             self.deadlines.cancel_all()
         if self._counted:

@@ -486,6 +486,7 @@ class ServerMachine(_SASL, _Chunking):
         self._chunked: ChunkedMessage | None = None     # a BDAT transaction's
         self._first_chunk: tuple[int, bool] = (0, False)  # while its push check runs
         self._skipped: Reply | None = None    # the refusal of a BDAT whose chunk is read
+        self.messages = 0       # messages this session handed over (250 to their data)
 
     # -- entry points -------------------------------------------------------
 
@@ -712,6 +713,7 @@ class ServerMachine(_SASL, _Chunking):
         return Deliver(self.session, envelope, chunks, size)
 
     def _resolve_delivery(self, request: Deliver, reply: Reply) -> Reply:
+        self.messages += reply.code < 300
         return reply
 
     def _rset(self, argument: str) -> Reply:
