@@ -347,7 +347,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         if refusal is not None:
             maillog.CONNECTION_REFUSED(log, peer=address, reply=str(refusal), code=refusal.code)
             self._closing = True
-            self.transport.write(refusal.render())
+            self.transport.write(refusal.wire)
             self.transport.loseConnection()
             return
         self._served = True
@@ -395,7 +395,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
 
     def send_reply(self, reply: Reply) -> None:
         if not self._closing:
-            write_now(self.transport, reply.render(enhanced=bool(reply.enhanced)))
+            write_now(self.transport, reply.wire)
 
     # -- input --------------------------------------------------------------
 

@@ -9,6 +9,7 @@ registry of RFC 5248.
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass
 
 __all__ = ["Reply", "storage_failure"]
@@ -47,6 +48,11 @@ class Reply:
             sep = " " if i == len(lines) - 1 else "-"
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
         return "".join(out).encode("utf-8", "replace")
+
+    @functools.cached_property
+    def wire(self) -> bytes:
+        """L{render}ed once per reply: most are constants, sent again and again."""
+        return self.render()
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")

@@ -190,6 +190,11 @@ class ServerPolicy:
     def submission(self) -> bool:
         return self.service != "smtp"
 
+    @functools.cached_property
+    def greeting(self) -> Reply:
+        """One value for every session (its L{Reply.wire} rendered once)."""
+        return Reply(220, "", f"{self.hostname} ESMTP pullmail")
+
     @property
     def postmaster_domain(self) -> str:
         """Where a bare <Postmaster> goes (RFC 5321 4.1.1.3): the main domain."""
@@ -495,7 +500,7 @@ class ServerMachine(_SASL, _Chunking):
         return MAX_SASL_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
 
     def greeting(self) -> Reply:
-        return Reply(220, "", f"{self.policy.hostname} ESMTP pullmail")
+        return self.policy.greeting
 
     def handle(self, line: str) -> object:
         """One command line (without CRLF) -> an action."""
