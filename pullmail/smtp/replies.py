@@ -9,7 +9,6 @@ registry of RFC 5248.
 from __future__ import annotations
 
 import errno
-import functools
 from dataclasses import dataclass
 
 __all__ = ["Reply", "storage_failure"]
@@ -49,10 +48,18 @@ class Reply:
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
         return "".join(out).encode("utf-8", "replace")
 
-    @functools.cached_property
+    @property
     def wire(self) -> bytes:
-        """L{render}ed once per reply: most are constants, sent again and again."""
-        return self.render()
+        """
+        L{render}ed once per reply: most are constants, sent again and
+        again.  (Not functools.cached_property: its lock costs more than
+        rendering a reply that is sent once.)
+        """
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.render()
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
