@@ -9,15 +9,18 @@ never for a signed message, an unknown SPF result or an unsettled outcome.
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from test_dkim import FakeTXT, blocking
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from pullmail.inbound.recent_verdicts import RecentVerdicts, dmarc_names
+from pullmail.inbound.recent_verdicts import RecentVerdicts, dmarc_names, from_fields
 from pullmail.inbound.verdicts import MessageChecker, Verdict
 from pullmail.testing import result_of
 from pullmail.trust.dkim import Verifier
 from pullmail.trust.dmarc import DMARCChecker, OrganizationalDomains
+from pullmail.trust.message import authors, header_end
 from pullmail.trust.spf import SPFIdentity, SPFResult
 
 IDENTITY = SPFIdentity("192.0.2.9", "mail.bank.test", "carol@bank.test")
@@ -156,3 +159,30 @@ def test_signed_mail_is_always_checked(domains) -> None:
     result_of(made.check(signed, IDENTITY))
     result_of(made.check(signed, IDENTITY))
     assert txt.asked.count("_dmarc.bank.test") == 2
+
+
+_LINES = [b"From: <carol@bank.test>\r\n", b"from : Carol\r\n", b" <carol@bank.test>\r\n",
+          b"From: <x@evil.test>\r\n", b"X-From: <x@evil.test>\r\n", b"Subject: a\r\n",
+          b" from: <x@evil.test>\r\n", b"not a field\r\n", b"Subject: a\nFrom: <y@b.test>\r\n",
+          b"\r\n", b"From: <x@evil.test>\r", b"Body\r\n"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_LINES), max_size=5), st.lists(st.sampled_from(_LINES), max_size=5))
+@example([b"from : Carol\r\n", b" <carol@bank.test>\r\n"],
+         [b"from : Carol\r\n", b" from: <x@evil.test>\r\n"])
+def test_the_same_from_fields_mean_the_same_authors(first, second) -> None:
+    """The memo's key part stands for the DMARC authors: never two authors for one key."""
+    one, two = (header_of(b"".join(lines) + b"\r\n") for lines in (first, second))
+    if from_fields(one) == from_fields(two):
+        assert authors(one) == authors(two)
+
+
+def header_of(message: bytes) -> bytes:
+    return message[:header_end(message)]
+
+
+def test_a_plain_header_is_keyed_by_its_from_fields_as_written() -> None:
+    assert from_fields(HEADER) == (b"From: Carol <carol@bank.test>\r\n",)
+    odd = b"not a field\r\n" + HEADER
+    assert from_fields(odd) == authors(odd)

@@ -15,18 +15,37 @@ disposition may rest on ``pct`` sampling, RFC 7489 6.6.4).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 
-from pullmail.trust.message import authors
+from pullmail.trust.message import Authors, authors
 from pullmail.trust.spf import SPFIdentity, SPFResult
 
-__all__ = ["RecentVerdicts", "dmarc_names"]
+__all__ = ["RecentVerdicts", "dmarc_names", "from_fields"]
 
 # DMARC outcomes that rest on nothing but the records and the SPF result.
 _SETTLED_DMARC = frozenset({"none", "pass", "permerror"})
+
+# A header that is fields and their continuation lines, all CRLF-ended, up
+# to the blank line (RFC 5322 2.2): read as L{header_fields} reads it, so
+# its From fields, as written, tell the DMARC check's authors; parsing
+# those (L{authors}) cost a tenth of the node's time per message.
+_PLAIN_HEADER = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*\r\n")
+_FROM_FIELD = re.compile(rb"^from[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*",
+                         re.IGNORECASE | re.MULTILINE)
+
+
+def from_fields(header: bytes) -> tuple | Authors:
+    """
+    What the DMARC check's authors of C{header} are a function of: its
+    From fields as written, for a plain header; else the parsed L{Authors}.
+    """
+    if _PLAIN_HEADER.fullmatch(header) is not None:
+        return tuple(_FROM_FIELD.findall(header))
+    return authors(header)
 
 
 def dmarc_names(domains: Iterable[str], organizational: Callable[[str], str]) -> list[str]:
@@ -67,7 +86,7 @@ class RecentVerdicts:
         spf = self._spf_known(identity.peer, domain, identity.helo, identity.sender or None)
         if spf is None:
             return None
-        return (identity, spf[0], authors(header))
+        return (identity, spf[0], from_fields(header))
 
     def get(self, key: tuple) -> tuple | None:
         """(header, disposition, reason) found for C{key}, while it holds."""
