@@ -12,9 +12,10 @@ import socket
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from pullmail.accounts.users import Accounts
 from pullmail.smtp.protocol import ConnectionLimits, SMTPServerFactory
@@ -72,6 +73,30 @@ def test_other_transports_get_a_plain_write() -> None:
     transport = StringTransport()     # like a TLS transport: no TCP socket to send on
     write_now(transport, b"220 ready\r\n")
     assert transport.value() == b"220 ready\r\n"
+
+
+class Recording(ProtocolWrapper):
+    """A wrapper such as TLSMemoryBIOProtocol: it answers for its transport's attributes."""
+
+    def __init__(self, transport) -> None:
+        super().__init__(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        self.transport = transport
+        self.connected = True             # as makeConnection leaves it
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_wrapped_transport_is_written_through_its_wrapper(pair) -> None:
+    """Implicit TLS: nothing may reach the socket around the TLS layer."""
+    transport, theirs, reactor = pair
+    wrapper = Recording(transport)
+    assert wrapper.TLS is False and wrapper.writeSomeData     # what a wrapper answers
+    write_now(wrapper, b"220 ready\r\n")
+    assert wrapper.written == [b"220 ready\r\n"]
+    with pytest.raises(BlockingIOError):
+        theirs.recv(100)
 
 
 def test_a_closing_connection_sends_through_its_buffer(pair) -> None:

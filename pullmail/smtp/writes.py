@@ -13,6 +13,8 @@ goes through C{write()} as before, behind nothing, so the order holds.
 
 from __future__ import annotations
 
+from twisted.internet import tcp
+
 __all__ = ["write_now"]
 
 
@@ -22,9 +24,12 @@ def write_now(transport, data: bytes) -> None:
     TCP connection with nothing buffered; otherwise (TLS, a test's
     transport, data already waiting, closing) exactly C{write()}.
     """
-    if (getattr(transport, "TLS", True) is False and transport.connected
-            and not transport.disconnecting and not transport.dataBuffer
-            and not transport._tempDataBuffer):
+    # Exactly a TCP connection: a wrapper (implicit TLS's TLSMemoryBIOProtocol)
+    # answers for its transport's attributes, writeSomeData included, and
+    # would put plaintext under the TLS.
+    if (isinstance(transport, tcp.Connection) and transport.TLS is False
+            and transport.connected and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer):
         sent = transport.writeSomeData(data)
         if sent == len(data):
             return
