@@ -80,6 +80,10 @@ class State(enum.Enum):
     AUTH = "auth"                # inside a SASL exchange
     CLOSED = "closed"
 
+    # Members are singletons: identity hashing, not Enum's hash of the
+    # name in Python, for the (state, verb) lookups of every command.
+    __hash__ = object.__hash__
+
 
 # -- requests: points where the machine waits for the glue ------------------
 
