@@ -112,13 +112,31 @@ class ReplyChannel(Protocol):
         self._closing = False
         self._busy = False          # a request (or a reversed turn) is running
         self.deadlines: Deadlines | None = None
+        # Replies to a pipelined group (RFC 2920), sent in one write once the
+        # group is read, or before anything else goes to the transport.
+        self._outgoing: list[bytes] | None = None
 
     def become_client(self, rest: bytes = b"") -> None:
         self._replies = ReplyReader()
         self._replies.feed(rest)
 
+    def send_reply(self, reply: Reply) -> None:
+        if self._closing:
+            return
+        if self._outgoing is not None:
+            self._outgoing.append(reply.wire)
+        else:
+            write_now(self.transport, reply.wire)
+
+    def _flush(self) -> None:
+        """Send the replies held back, and hold back no more."""
+        held, self._outgoing = self._outgoing, None
+        if held and not self._closing:
+            write_now(self.transport, b"".join(held))
+
     def send(self, data: bytes) -> None:
         """Send commands (the Channel interface)."""
+        self._flush()
         if not self._closing:
             write_now(self.transport, data)
 
@@ -133,6 +151,7 @@ class ReplyChannel(Protocol):
         delivered that never was.  Such a session is broken off; the
         caller's transaction fails and its mail stays queued.
         """
+        self._flush()
         injected = self._replies.take_rest() if self._replies is not None else b""
         if injected:
             maillog.TLS_INJECTION(log, peer=self.transport.getPeer(), count=len(injected))
@@ -206,6 +225,7 @@ class ReplyChannel(Protocol):
         Close; abort if a TLS handshake is unfinished: nothing gets through
         it, not even a 421, and waiting to flush would hold the slot for ever.
         """
+        self._flush()
         self._closing = True
         if self.deadlines is not None and self.deadlines.handshaking:
             self.transport.abortConnection()
@@ -393,10 +413,6 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self._input.discard()
         self._hang_up()
 
-    def send_reply(self, reply: Reply) -> None:
-        if not self._closing:
-            write_now(self.transport, reply.wire)
-
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -428,6 +444,13 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
     # -- the server role: events --------------------------------------------
 
     def _process(self) -> None:
+        self._outgoing = self._outgoing or []
+        try:
+            self._events()
+        finally:
+            self._flush()
+
+    def _events(self) -> None:
         while not self._busy and not self._closing and self._replies is None:
             event = self._input.next_event(self.machine.max_line)
             if event is NEED_DATA:
@@ -589,6 +612,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         d.addCallbacks(resolved, failed)
 
     def _start_tls(self) -> None:
+        self._flush()
         context = self.factory.tls_context
         self.transport.startTLS(context)
         self.deadlines.start_handshake()
