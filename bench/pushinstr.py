@@ -17,7 +17,6 @@ Needs valgrind (``apt-get install valgrind``).
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import subprocess
@@ -81,15 +80,9 @@ def floor_variant(workdir: Path, args) -> tuple[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="LABEL=TREE[;section.key=value...] (default: this tree)")
-    parser.add_argument("--floor", action="store_true", help="count the floor peer too")
+    parser = pushcost.variant_parser(__doc__)
     parser.add_argument("--count", type=int, default=600, help="messages counted")
     parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("pushinstr: valgrind is not installed")
