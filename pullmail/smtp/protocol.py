@@ -392,15 +392,15 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.send_reply(greeting)
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._served and not self.machine.messages:
-            # One log event per message: a session's mail names its peer
-            # (accepted); one that left none is logged as it ends.
-            maillog.CONNECTION(log, peer=self.machine.session.peer, service=self.factory.service)
         if self.deadlines is not None:
             self.deadlines.cancel_all()
         if self._counted:
             self._counted = False
             self.factory.limits.release(self.machine.session.peer)
+        if self._served and not self.machine.messages:
+            # One log event per message: a session's mail names its peer
+            # (accepted); one that left none is logged once it is let go.
+            maillog.CONNECTION(log, peer=self.machine.session.peer, service=self.factory.service)
         self._closing = True
         self._fail_waiters(reason)
         if self._turn_done is not None:
