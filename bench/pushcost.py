@@ -235,16 +235,22 @@ def profile(args, workdir, dns, variant, path: Path | None = None) -> None:
     stats.sort_stats("cumulative").print_stats(args.top + 15)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def variant_parser(description: str) -> argparse.ArgumentParser:
+    """The options this tool shares with pushinstr.py: variants, the floor, the load."""
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", default=[],
                         help="LABEL=TREE[;section.key=value...] (default: this tree)")
     parser.add_argument("--floor", action="store_true", help="measure the floor peer too")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--count", type=int, default=2000, help="messages per round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
+    return parser
+
+
+def main() -> None:
+    parser = variant_parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--count", type=int, default=2000, help="messages per round")
     parser.add_argument("--reuse", action="store_true",
                         help="several messages per session (smtp-source -d)")
     parser.add_argument("--dkim", action="store_true",

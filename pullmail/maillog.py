@@ -74,7 +74,8 @@ IDLE_TIMEOUT = Event("idle-timeout", "{what} for {peer}")
 COMMAND_TIMEOUT = Event("command-timeout", "{what} for {peer}")
 DATA_TIMEOUT = Event("data-timeout", "{what} for {peer}")
 TLS_TIMEOUT = Event("tls-timeout", "TLS handshake timeout for {peer}")
-CONNECTION = Event("connection", "connection from {peer} on {service}")
+# As the connection ends (after its place in the limits is given back).
+CONNECTION = Event("connection", "connection from {peer} on {service}", extras=("messages",))
 IMPROPER_PIPELINING = Event("improper-pipelining", "{peer} pipelined behind {verb}")
 TLS_STARTED = Event("tls-started", "TLS started with {peer}")
 TLS_INJECTION = Event(
@@ -238,11 +239,6 @@ RETR_STORE_UNAVAILABLE = Event(
 
 # -- Message authentication (trust/dkim, trust/dmarc, inbound/verdicts) ------------------
 
-# Below the log's level: the verdicts are in the message's Authentication-Results,
-# and a second line per message costs the hot path; rejections log their own.
-VERDICTS = Event(
-    "verdicts", "verdicts for {peer}: {results}", LogLevel.debug, extras=("disposition",),
-)
 DMARC_REJECTED = Event(
     "dmarc-rejected", "rejected {queue_id} from <{sender}>: {reason}", extras=("peer",),
 )
@@ -451,5 +447,4 @@ VOCABULARY = _vocabulary(
     TLS_STARTED,
     TLS_TIMEOUT,
     TURN_ABORTED,
-    VERDICTS,
 )

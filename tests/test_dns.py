@@ -235,3 +235,20 @@ def test_no_answer_with_an_soa_has_its_negative_ttl(dnspython) -> None:
                         _negative(dns.rcode.NOERROR, "ns.example. h.example. 1 2 3 4 60"))
     answer = result_of(resolver.txt_answer("empty.example"))
     assert answer.records == [] and answer.ttl == pytest.approx(60, abs=1)
+
+
+def test_ttl_of_cached_answers(dnspython) -> None:
+    """How long a cached answer lives on: records, a no-answer, an NXDOMAIN; else None."""
+    resolver, network, clock = _resolver(dnspython, silent=["slow.example"])
+    cache(dnspython, "_dmarc.example.org", "TXT", '"v=DMARC1; p=none"')     # TTL 300
+    assert 299 < resolver.ttl("_dmarc.example.org") <= 300
+    cache(dnspython, "nodata.example", "TXT")
+    assert resolver.ttl("nodata.example") is not None
+    cache_nxdomain(dnspython, "_dmarc.gone.example")
+    assert resolver.ttl("_dmarc.gone.example") is not None
+    assert resolver.ttl("never.example") is None
+    d = resolver.txt("slow.example")
+    network.waiting[0].errback(defer.TimeoutError("no answer"))
+    failure_of(d, DNSTemporaryError)
+    assert resolver.ttl("slow.example") is None
+    assert network.asked == [("slow.example", "TXT")]      # ttl() never asks

@@ -767,6 +767,94 @@ def test_reply_events_only_when_counted(logged_events, count_replies):
     assert (refusal["verb"], refusal["code"]) == ("RCPT", 550)
 
 
+class WriteCounting(TLSStringTransport):
+    """Each write() kept apart."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def counting_connection(harness: "Harness"):
+    protocol = harness.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
+    transport = WriteCounting(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+    protocol.makeConnection(transport)
+    transport.writes.clear()
+    transport.clear()
+    return protocol, transport
+
+
+def test_replies_to_a_pipelined_group_go_in_one_write() -> None:
+    """RFC 2920: the replies to a group read at once leave in one write, in order."""
+    harness = Harness()
+    harness.auto_deliver = None
+    protocol, transport = counting_connection(harness)
+    protocol.dataReceived(b"EHLO client.test\r\n")
+    transport.writes.clear()
+    protocol.dataReceived(b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                          b"RCPT TO:<nobody@example.org>\r\nDATA\r\n")
+    assert [line[:3] for line in b"".join(transport.writes).splitlines()] == [
+        b"250", b"250", b"550", b"354"]
+    assert len(transport.writes) == 1
+    transport.writes.clear()
+    protocol.dataReceived(b"text\r\n.\r\nNOOP\r\n")       # the NOOP waits for the delivery
+    assert transport.writes == []
+    harness.deliveries[0][1].callback(Reply(250, "2.0.0", "Ok: queued as Q9"))
+    assert b"".join(transport.writes).splitlines() == [b"250 2.0.0 Ok: queued as Q9",
+                                                       b"250 2.0.0 Ok"]
+
+
+def test_held_replies_go_before_a_close_and_before_tls() -> None:
+    harness = Harness()
+    protocol, transport = counting_connection(harness)
+    protocol.dataReceived(b"EHLO client.test\r\n")
+    protocol.dataReceived(b"NOOP\r\nSTARTTLS\r\n")
+    [(_, before_tls)] = transport.tls_started
+    assert [line[:3] for line in before_tls.splitlines()[-2:]] == [b"250", b"220"]
+    protocol, transport = counting_connection(harness)
+    protocol.dataReceived(b"NOOP\r\nQUIT\r\n")
+    assert transport.value().splitlines() == [b"250 2.0.0 Ok", b"221 2.0.0 Bye"]
+    assert transport.disconnecting
+
+
+def connection_events(events) -> list:
+    return [(e["peer"], e["service"]) for e in events if e.get("event") == "connection"]
+
+
+@pytest.mark.parametrize("reply, messages", [
+    (Reply(250, "2.0.0", "Ok: queued as Q1"), 1),
+    (Reply(451, "4.3.0", "Try again later"), 0),
+])
+def test_every_connection_is_one_event_as_it_ends(logged_events, reply, messages):
+    """
+    SPEC 9: one event per connection, logged as it ends, with the number
+    of messages the session handed over.
+    """
+    harness = Harness()
+    harness.auto_deliver = reply
+    protocol, transport = harness.connect()
+    said(protocol, transport, b"EHLO client.test\r\n")
+    said(protocol, transport, b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\n")
+    said(protocol, transport, b"DATA\r\n")
+    said(protocol, transport, b"text\r\n.\r\nQUIT\r\n")
+    assert connection_events(logged_events) == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert connection_events(logged_events) == [("192.0.2.1", "smtp")]
+    [event] = [e for e in logged_events if e.get("event") == "connection"]
+    assert event["messages"] == messages
+
+
+def test_a_refused_connection_is_logged_as_refused_only(logged_events):
+    harness = Harness(refuse=lambda address: replies.S421_TOO_MANY_CONNECTIONS)
+    protocol, transport = harness.connect()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert [e["event"] for e in logged_events if "event" in e] == ["connection-refused"]
+
+
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")
 _PIECES = [b"EHLO x.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<alice@example.org>\r\n",
            b"DATA\r\n", b"text\r\n", b".\r\n", b"NOOP\r\n", b"GET / HTTP/1.1\r\n", b"\n", b"\r",

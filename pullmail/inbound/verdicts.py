@@ -12,8 +12,8 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pullmail import maillog
 from pullmail.inbound.authresults import Results, authentication_results, strip_ours
+from pullmail.inbound.recent_verdicts import RecentVerdicts, dmarc_names
 from pullmail.trust.arc import ARCVerifier
 from pullmail.trust.dkim import Verifier
 from pullmail.trust.dmarc import DMARCChecker
@@ -38,18 +38,20 @@ class MessageChecker:
     """
     Gathers the facts and decides.  C{spf} is the trust checker's
     C{spf_result}; C{dmarc} None or C{mode} "off" skips DMARC; C{arc} None
-    skips ARC validation.
+    skips ARC validation; C{recent} (with DMARC) reuses the verdicts on
+    unsigned mail from a busy origin.
     """
 
     def __init__(self, authserv_id: str, spf: Callable, verifier: Verifier,
                  dmarc: DMARCChecker | None, mode: str = "enforce",
-                 arc: ARCVerifier | None = None) -> None:
+                 arc: ARCVerifier | None = None, recent: RecentVerdicts | None = None) -> None:
         self.authserv_id = authserv_id
         self.spf = spf
         self.verifier = verifier
         self.dmarc = dmarc if mode != "off" else None
         self.mode = mode
         self.arc = arc
+        self.recent = recent if self.dmarc is not None else None
 
     def submitted(self, message: bytes, user: str | None) -> Verdict:
         """Mail from an authenticated client: ``auth=pass smtp.auth=<user>``."""
@@ -63,13 +65,17 @@ class MessageChecker:
 
     def check(self, message: bytes, identity: SPFIdentity) -> defer.Deferred:
         """Fire with the L{Verdict} on received mail; never fails."""
-        return defer.Deferred.fromCoroutine(self._check(message, identity))
-
-    async def _check(self, message: bytes, identity: SPFIdentity) -> Verdict:
         message = strip_ours(message, self.authserv_id)
+        key = None
+        if self.recent is not None:
+            key = self.recent.key(message[:header_end(message)], identity, _spf_domain(identity))
+            if key is not None and (found := self.recent.get(key)) is not None:
+                return defer.succeed(Verdict(message, *found))
+        return defer.Deferred.fromCoroutine(self._check(message, identity, key))
+
+    async def _check(self, message: bytes, identity: SPFIdentity, key: tuple | None) -> Verdict:
         sender = identity.sender
-        # RFC 7208 2.4: with the null reverse-path, the HELO identity.
-        domain = sender.rpartition("@")[2] if sender else identity.helo
+        domain = _spf_domain(identity)
         kind, checked = ("mailfrom", sender) if sender else ("helo", identity.helo)
         spf_call = defer.maybeDeferred(self.spf, identity.peer, domain, identity.helo,
                                        sender or None).addErrback(self._spf_failed)
@@ -85,21 +91,22 @@ class MessageChecker:
                           arc=arc_result)
         disposition, reason = "deliver", ""
         if self.dmarc is not None:
+            author = authors(message[:header_end(message)])
             verdict = await self.dmarc.check(
-                authors(message[:header_end(message)]), (spf_result, domain.lower()),
-                [(r.result, r.domain) for r in dkim_results])
+                author, (spf_result, domain.lower()), [(r.result, r.domain) for r in dkim_results])
             results = Results(spf=results.spf, dkim=results.dkim, dmarc=verdict,
                               arc=arc_result)
             if self.mode == "enforce" and verdict.disposition in ("reject", "quarantine"):
                 disposition = verdict.disposition
                 reason = (f"DMARC policy of {verdict.domain}" if verdict.domain
                           else f"DMARC check: {verdict.reason}")
+        # Not logged: the verdicts are in the message's Authentication-Results
+        # (one log event per message, issue 17); rejections log their own.
         header = authentication_results(self.authserv_id, results)
-        maillog.VERDICTS(
-            log, peer=identity.peer,
-            results=header.decode("utf-8", "replace").split(";", 1)[1].split(),
-            disposition=disposition,
-        )
+        if key is not None:
+            self.recent.put(key, spf_outcome[0], verdict.result,
+                            dmarc_names(author.domains, self.dmarc.domains.of),
+                            (header, disposition, reason))
         return Verdict(message, header, disposition, reason,
                        arc_result.result if arc_result is not None else "none")
 
@@ -107,3 +114,8 @@ class MessageChecker:
     def _spf_failed(failure) -> tuple:
         log.failure("SPF check failed", failure)
         return SPFResult.TEMPERROR, "SPF check failed"
+
+
+def _spf_domain(identity: SPFIdentity) -> str:
+    """RFC 7208 2.4: the MAIL FROM domain; with the null reverse-path, the HELO identity."""
+    return identity.sender.rpartition("@")[2] if identity.sender else identity.helo

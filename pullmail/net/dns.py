@@ -203,6 +203,24 @@ class Resolver:
         """
         return _records(self._cached(name, rdtype))
 
+    def ttl(self, name: str, rdtype: str = "TXT") -> float | None:
+        """
+        Seconds the cached answer for (C{name}, C{rdtype}) lives on (records,
+        a no-answer or an NXDOMAIN), on the cache's own clock; None when
+        none is cached or a failure is remembered.
+        """
+        cache = getattr(self._resolver, "cache", None)
+        if cache is None or (name.lower().rstrip("."), rdtype) in self._failed:
+            return None
+        try:
+            key, negative_key = _cache_keys(name, rdtype)
+        except dns.exception.DNSException:
+            return None
+        answer = cache.get(key)
+        if answer is None:      # (an Answer with no records is false: not "or")
+            answer = cache.get(negative_key)
+        return None if answer is None else max(0.0, answer.expiration - time.time())
+
     def lookup(self, name: str, rdtype: str) -> Deferred:
         """The records for (C{name}, C{rdtype}), from the cache or the network."""
         return self._lookup(name, rdtype, _records)

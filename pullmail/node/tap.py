@@ -25,6 +25,7 @@ from pullmail import maillog
 from pullmail.accounts.login import Authenticator, make_portal
 from pullmail.accounts.users import Accounts, AccountsError
 from pullmail.inbound.lmtp import LMTPDelivery, lmtp_connector
+from pullmail.inbound.recent_verdicts import RecentVerdicts
 from pullmail.inbound.router import Router
 from pullmail.inbound.verdicts import MessageChecker
 from pullmail.interfaces import IDeliveryHook, ITrustPolicy
@@ -332,6 +333,7 @@ def build_node(config: configuration.Config, reactor) -> service.MultiService:
         Verifier(KeyRecords(resolver.txt_answer, reactor), run_blocking),
         DMARCChecker(resolver.txt, OrganizationalDomains()), config.trust.dmarc,
         ARCVerifier(resolver.txt, run_blocking),
+        RecentVerdicts(reactor, trust.spf_known, resolver.ttl),
     )
     stores = open_stores(config, reactor, node, run_blocking)
     outbox = stores.outbox

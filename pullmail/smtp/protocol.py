@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from pullmail import maillog
 from pullmail.logsafe import printable
+from pullmail.smtp.writes import write_now
 from pullmail.smtp import replies
 from pullmail.smtp.chunking import ReadChunk
 from pullmail.smtp.client import ProtocolError, ReplyReader
@@ -113,15 +114,33 @@ class ReplyChannel(Protocol):
         self._busy = False          # a request (or a reversed turn) is running
         self.deadlines: Deadlines | None = None
         self.drain: Drain | None = None   # a graceful stop's (L{pullmail.smtp.drain})
+        # Replies to a pipelined group (RFC 2920), sent in one write once the
+        # group is read, or before anything else goes to the transport.
+        self._outgoing: list[bytes] | None = None
 
     def become_client(self, rest: bytes = b"") -> None:
         self._replies = ReplyReader()
         self._replies.feed(rest)
 
+    def send_reply(self, reply: Reply) -> None:
+        if self._closing:
+            return
+        if self._outgoing is not None:
+            self._outgoing.append(reply.wire)
+        else:
+            write_now(self.transport, reply.wire)
+
+    def _flush(self) -> None:
+        """Send the replies held back, and hold back no more."""
+        held, self._outgoing = self._outgoing, None
+        if held and not self._closing:
+            write_now(self.transport, b"".join(held))
+
     def send(self, data: bytes) -> None:
         """Send commands (the Channel interface)."""
+        self._flush()
         if not self._closing:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def start_tls(self, options) -> None:
         """
@@ -134,6 +153,7 @@ class ReplyChannel(Protocol):
         delivered that never was.  Such a session is broken off; the
         caller's transaction fails and its mail stays queued.
         """
+        self._flush()
         injected = self._replies.take_rest() if self._replies is not None else b""
         if injected:
             maillog.TLS_INJECTION(log, peer=self.transport.getPeer(), count=len(injected))
@@ -207,6 +227,7 @@ class ReplyChannel(Protocol):
         Close; abort if a TLS handshake is unfinished: nothing gets through
         it, not even a 421, and waiting to flush would hold the slot for ever.
         """
+        self._flush()
         self._closing = True
         if self.deadlines is not None and self.deadlines.handshaking:
             self.transport.abortConnection()
@@ -332,6 +353,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self._input = Connection()
         self._paused = False        # the transport is paused (backpressure)
         self._counted = False        # holds a place in the connection limits
+        self._served = False         # a server-role connection, not refused
         self.machine: ServerMachine | None = None
         self._greeted = True         # False while the pre-greet wait runs
         self.performers: Mapping[type, Callable] = {}
@@ -355,7 +377,6 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         self.count_replies = factory.count_replies
         self.limits = factory.session_limits
         self._conduct = Conduct(self.limits)
-        maillog.CONNECTION(log, peer=address, service=factory.service)
         refusal = factory.refuse_connection(address)
         if refusal is None:
             self._counted = factory.limits.acquire(address)
@@ -364,9 +385,10 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         if refusal is not None:
             maillog.CONNECTION_REFUSED(log, peer=address, reply=str(refusal), code=refusal.code)
             self._closing = True
-            self.transport.write(refusal.render())
+            self.transport.write(refusal.wire)
             self.transport.loseConnection()
             return
+        self._served = True
         self.no_delay()
         self.start_timer(factory.clock, factory.idle_timeout, self.limits)
         if factory.implicit_tls:
@@ -395,6 +417,11 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
         if self._counted:
             self._counted = False
             self.factory.limits.release(self.machine.session.peer)
+        if self._served:
+            # SPEC 9: one event per connection, as it ends (then it can say
+            # how many messages it handed over).
+            maillog.CONNECTION(log, peer=self.machine.session.peer, service=self.factory.service,
+                               messages=self.machine.messages)
         self._closing = True
         self._fail_waiters(reason)
         if self._turn_done is not None:
@@ -408,10 +435,6 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             self.send_reply(reply)
         self._input.discard()
         self._hang_up()
-
-    def send_reply(self, reply: Reply) -> None:
-        if not self._closing:
-            self.transport.write(reply.render(enhanced=bool(reply.enhanced)))
 
     # -- input --------------------------------------------------------------
 
@@ -446,6 +469,13 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
     def _process(self) -> None:
         if self.drain is not None and self.drain.stopping and self._replies is None:
             self.shut_down()
+        self._outgoing = self._outgoing or []
+        try:
+            self._events()
+        finally:
+            self._flush()
+
+    def _events(self) -> None:
         while not self._busy and not self._closing and self._replies is None:
             event = self._input.next_event(self.machine.max_line)
             if event is NEED_DATA:
@@ -612,6 +642,7 @@ class SMTPConnection(_ChunkReading, ReplyChannel):
             self.drain.track(self, d)
 
     def _start_tls(self) -> None:
+        self._flush()
         context = self.factory.tls_context
         self.transport.startTLS(context)
         self.deadlines.start_handshake()

@@ -48,6 +48,19 @@ class Reply:
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
         return "".join(out).encode("utf-8", "replace")
 
+    @property
+    def wire(self) -> bytes:
+        """
+        L{render}ed once per reply: most are constants, sent again and
+        again.  (Not functools.cached_property: its lock costs more than
+        rendering a reply that is sent once.)
+        """
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.render()
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
 

@@ -80,6 +80,10 @@ class State(enum.Enum):
     AUTH = "auth"                # inside a SASL exchange
     CLOSED = "closed"
 
+    # Members are singletons: identity hashing, not Enum's hash of the
+    # name in Python, for the (state, verb) lookups of every command.
+    __hash__ = object.__hash__
+
 
 # -- requests: points where the machine waits for the glue ------------------
 
@@ -189,6 +193,11 @@ class ServerPolicy:
     @property
     def submission(self) -> bool:
         return self.service != "smtp"
+
+    @functools.cached_property
+    def greeting(self) -> Reply:
+        """One value for every session (its L{Reply.wire} rendered once)."""
+        return Reply(220, "", f"{self.hostname} ESMTP pullmail")
 
     @property
     def postmaster_domain(self) -> str:
@@ -486,6 +495,7 @@ class ServerMachine(_SASL, _Chunking):
         self._chunked: ChunkedMessage | None = None     # a BDAT transaction's
         self._first_chunk: tuple[int, bool] = (0, False)  # while its push check runs
         self._skipped: Reply | None = None    # the refusal of a BDAT whose chunk is read
+        self.messages = 0       # messages this session handed over (250 to their data)
 
     # -- entry points -------------------------------------------------------
 
@@ -494,7 +504,7 @@ class ServerMachine(_SASL, _Chunking):
         return MAX_SASL_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
 
     def greeting(self) -> Reply:
-        return Reply(220, "", f"{self.policy.hostname} ESMTP pullmail")
+        return self.policy.greeting
 
     def handle(self, line: str) -> object:
         """One command line (without CRLF) -> an action."""
@@ -712,6 +722,7 @@ class ServerMachine(_SASL, _Chunking):
         return Deliver(self.session, envelope, chunks, size)
 
     def _resolve_delivery(self, request: Deliver, reply: Reply) -> Reply:
+        self.messages += reply.code < 300
         return reply
 
     def _rset(self, argument: str) -> Reply:

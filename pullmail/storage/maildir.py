@@ -117,9 +117,9 @@ def _write_synced(path: str, chunks: Sequence[bytes], syncer) -> Deferred:
     return maybeDeferred(syncer.fsync, fd).addErrback(failed)
 
 
-async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
-                 syncer, boxes_made: dict, folder: str | None = None,
-                 prefixes: Sequence[bytes] | None = None) -> list[Path]:
+def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes],
+           syncer, boxes_made: dict, folder: str | None = None,
+           prefixes: Sequence[bytes] | None = None) -> Deferred:
     """
     Write one message into the ``new/`` of every mailbox of C{addresses}:
     once, fsynced, to the first ``tmp/``; hard links (or copies, across
@@ -133,10 +133,18 @@ async def _store(root: Path, name: str, addresses: Sequence[str], chunks: Sequen
     boxes = [boxes_made.get((a, folder)) or _make_box(root, a, boxes_made, folder)
              for a in addresses]
     texts = [[prefix, *chunks] for prefix in prefixes] if prefixes else [list(chunks)]
-    first_tmp = f"{boxes[0]}/tmp/{name}"
     if len(boxes) == 1 and sum(map(len, texts[0])) < syncer.inline_limit:
-        await syncer.store(first_tmp, f"{boxes[0]}/new/{name}", b"".join(texts[0]))
-        return [Path(f"{boxes[0]}/new/{name}")]
+        # Nearly every message: one request, no coroutine around it.
+        final = f"{boxes[0]}/new/{name}"
+        stored = syncer.store(f"{boxes[0]}/tmp/{name}", final, b"".join(texts[0]))
+        return stored.addCallback(lambda _: [Path(final)])
+    return Deferred.fromCoroutine(_store_copies(name, boxes, texts, syncer))
+
+
+async def _store_copies(name: str, boxes: list[str], texts: list[list[bytes]],
+                        syncer) -> list[Path]:
+    """L{_store} of a large message, or for several mailboxes."""
+    first_tmp = f"{boxes[0]}/tmp/{name}"
     await _write_synced(first_tmp, texts[0], syncer)
     written: list[str] = []
     try:
@@ -184,9 +192,7 @@ def _make_box(root: Path, address: str, boxes_made: dict, folder: str | None = N
 def store(root: Path, name: str, addresses: Sequence[str], chunks: Sequence[bytes]) -> list[Path]:
     """Blocking: write one message durably, directory entries included."""
     outcome: list = []
-    Deferred.fromCoroutine(
-        _store(root, name, addresses, chunks, BlockingFsync(), {})
-    ).addBoth(outcome.append)
+    _store(root, name, addresses, chunks, BlockingFsync(), {}).addBoth(outcome.append)
     [result] = outcome
     if isinstance(result, Failure):
         result.raiseException()
@@ -213,10 +219,10 @@ class MaildirDelivery:
         Every address or none: a maildir refuses nobody, it fails (OSError).
         Each copy starts with ``Return-Path:`` and its ``Delivered-To:``.
         """
-        d = Deferred.fromCoroutine(_store(
-            self.root, self._names.next(queue_id), list(addresses), list(chunks),
+        d = maybeDeferred(
+            _store, self.root, self._names.next(queue_id), list(addresses), list(chunks),
             self._syncer, self._boxes, folder, [delivery_fields(sender, a) for a in addresses],
-        ))
+        )
         return d.addCallback(
             lambda paths: DeliveryOutcome(delivered=tuple(addresses), paths=tuple(paths))
         )

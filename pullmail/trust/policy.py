@@ -146,9 +146,13 @@ class TrustChecker:
         Fire with (L{SPFResult}, explanation) for Authentication-Results:
         the result the session's trust check found, when it ran one.
         """
-        if (found := self._spf_memo.get(_memo_key(peer, domain, helo, sender))) is not None:
+        if (found := self.spf_known(peer, domain, helo, sender)) is not None:
             return defer.succeed(found)
         return defer.Deferred.fromCoroutine(self._spf_result(peer, domain, helo, sender))
+
+    def spf_known(self, peer: str, domain: str, helo: str, sender: str | None) -> tuple | None:
+        """What L{spf_result} would fire with at once, or None when it must ask DNS."""
+        return self._spf_memo.get(_memo_key(peer, domain, helo, sender))
 
     async def _spf_result(self, peer: str, domain: str, helo: str, sender: str | None):
         """A fresh check (answers as cached by DNS, never by the memo)."""
