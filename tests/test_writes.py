@@ -120,3 +120,22 @@ def test_the_server_replies_without_waiting_for_the_reactor(pair) -> None:
     protocol.dataReceived(b"NOOP\r\n")
     assert theirs.recv(100) == b"250 2.0.0 Ok\r\n"
     assert transport not in reactor.getWriters()
+
+
+def test_a_transport_without_twisteds_buffers_takes_writes_way() -> None:
+    """Should Twisted rename its buffers, write() is used: never a wrong order."""
+
+    class Renamed(tcp.Server):
+        def __init__(self) -> None:          # a TCP transport whose buffers have other names
+            self.TLS, self.connected, self.disconnecting = False, True, False
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def writeSomeData(self, data: bytes) -> int:
+            raise AssertionError("sent past a buffer it could not see")
+
+    transport = Renamed()
+    write_now(transport, b"250 2.0.0 Ok\r\n")
+    assert transport.written == [b"250 2.0.0 Ok\r\n"]

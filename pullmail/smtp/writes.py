@@ -27,9 +27,12 @@ def write_now(transport, data: bytes) -> None:
     # Exactly a TCP connection: a wrapper (implicit TLS's TLSMemoryBIOProtocol)
     # answers for its transport's attributes, writeSomeData included, and
     # would put plaintext under the TLS.
+    # The buffers are Twisted's internals (abstract.FileDescriptor): should
+    # they be renamed, every write takes write()'s way, never a wrong one.
     if (isinstance(transport, tcp.Connection) and transport.TLS is False
             and transport.connected and not transport.disconnecting
-            and not transport.dataBuffer and not transport._tempDataBuffer):
+            and not getattr(transport, "dataBuffer", True)
+            and not getattr(transport, "_tempDataBuffer", True)):
         sent = transport.writeSomeData(data)
         if sent == len(data):
             return
