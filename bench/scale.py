@@ -195,6 +195,7 @@ class ExpiryRig:
                                  send_bounce=lambda sender, message: self.bounces.append(sender))
         t = time.perf_counter()
         self.outbound.start()
+        self.clock.advance(0)             # the start-up's later slices (TIMER_SLICE a turn)
         self.start_s = time.perf_counter() - t
         self.saved = sorted(outbox._index.values(), key=lambda e: e.expires)[
             :self.WARM + EXPIRY_PASSES * EXPIRE]
