@@ -5,6 +5,7 @@ their mailboxes and the rest to the outbound queue, and decides the reply to
 end-of-data.
 
 May import: L{pullmail.smtp}, L{pullmail.storage}, L{pullmail.accounts},
-L{pullmail.trust}.  Also here: L{verdicts} (SPF, DKIM, DMARC on received mail)
-and L{authresults} (the Authentication-Results field).
+L{pullmail.trust}, L{pullmail.scheduling}.  Also here: L{verdicts} (SPF,
+DKIM, DMARC on received mail), L{recent_verdicts} (those on unsigned mail
+reused) and L{authresults} (the Authentication-Results field).
 """

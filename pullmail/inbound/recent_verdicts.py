@@ -16,11 +16,11 @@ disposition may rest on ``pct`` sampling, RFC 7489 6.6.4).
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 
+from pullmail.scheduling.expiring import ExpiringCache
 from pullmail.trust.message import Authors, authors
 from pullmail.trust.spf import SPFIdentity, SPFResult
 
@@ -69,10 +69,9 @@ class RecentVerdicts:
     SIZE = 4096
 
     def __init__(self, clock: IReactorTime, spf_known: Callable, dns_ttl: Callable) -> None:
-        self._clock = clock
         self._spf_known = spf_known
         self._dns_ttl = dns_ttl
-        self._entries: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()
+        self._entries = ExpiringCache(clock, self.SIZE)
 
     def key(self, header: bytes, identity: SPFIdentity, domain: str) -> tuple | None:
         """
@@ -90,13 +89,7 @@ class RecentVerdicts:
 
     def get(self, key: tuple) -> tuple | None:
         """(header, disposition, reason) found for C{key}, while it holds."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= self._clock.seconds():
-            del self._entries[key]
-            return None
-        return entry[1]
+        return self._entries.get(key)
 
     def put(self, key: tuple, spf: SPFResult, dmarc_result: str, names: list[str],
             found: tuple) -> None:
@@ -109,10 +102,5 @@ class RecentVerdicts:
             return
         lifetime = min((ttl for ttl in map(self._dns_ttl, names) if ttl is not None),
                        default=0.0)
-        if lifetime <= 0:
-            return
-        self._entries[key] = (self._clock.seconds() + lifetime, found)
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.SIZE:
-            self._entries.popitem(last=False)
+        self._entries.put(key, found, lifetime)
 

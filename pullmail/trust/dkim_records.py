@@ -14,7 +14,6 @@ is a temperror and is never kept: the next message asks again.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from pullmail.net.dns import DNSPermanentError, DNSTemporaryError, TXTAnswer
+from pullmail.scheduling.expiring import ExpiringCache
 
 __all__ = ["PublicKey", "KeyProblem", "KeyRecords", "parse_key", "KEY_CACHE_ENTRIES",
            "MAX_KEY_TTL"]
@@ -81,21 +81,14 @@ class KeyRecords:
     def __init__(self, fetch: Callable[[str], defer.Deferred], clock: IReactorTime,
                  entries: int = KEY_CACHE_ENTRIES) -> None:
         self._fetch = fetch
-        self._clock = clock
-        self._entries = entries
-        self._known: OrderedDict[str, tuple[float, PublicKey | KeyProblem]] = OrderedDict()
+        self._known = ExpiringCache(clock, entries)
 
     def known(self, name: str) -> PublicKey | KeyProblem | None:
         """What is known of C{name} now, or None: only a lookup can tell."""
-        entry = self._known.get(name)
-        if entry is None:
-            return None
-        until, outcome = entry
-        if self._clock.seconds() >= until:
-            del self._known[name]
-            return None
-        self._known.move_to_end(name)
-        return outcome
+        return self._known.get(name)
+
+    def forget(self, name: str) -> None:
+        self._known.discard(name)
 
     def fetch(self, name: str) -> defer.Deferred:
         """Look C{name} up: fires with its L{PublicKey} or L{KeyProblem}; never fails."""
@@ -107,21 +100,13 @@ class KeyRecords:
         # RFC 6376 3.6.2.2: several records at the name are ambiguous; the
         # first is taken.
         outcome = parse_key(name, answer.records[0]) if answer.records else NO_RECORD
-        self._keep(name, outcome, answer.ttl)
+        self._known.put(name, outcome, min(answer.ttl, MAX_KEY_TTL))
         return outcome
 
     def _failed(self, failure, name: str) -> KeyProblem:
         if failure.check(DNSPermanentError):
-            self._keep(name, NO_RECORD, failure.value.ttl)
+            self._known.put(name, NO_RECORD, min(failure.value.ttl, MAX_KEY_TTL))
             return NO_RECORD
         if failure.check(DNSTemporaryError):
             return KeyProblem("temperror", "key lookup failed")
         return KeyProblem("temperror", f"key lookup failed: {failure.getErrorMessage()}")
-
-    def _keep(self, name: str, outcome: PublicKey | KeyProblem, ttl: float) -> None:
-        if ttl <= 0:
-            return
-        self._known[name] = (self._clock.seconds() + min(ttl, MAX_KEY_TTL), outcome)
-        self._known.move_to_end(name)
-        if len(self._known) > self._entries:
-            self._known.popitem(last=False)
