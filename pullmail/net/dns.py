@@ -96,20 +96,32 @@ def cached_answer(resolver, name: str, rdtype: str) -> list:
 
 def _cached(resolver, name: str, rdtype: str):
     """L{cached_answer}'s dnspython Answer, before its records are read."""
+    answer, negative = _held(resolver, name, rdtype)
+    if answer is not None and not negative:
+        return answer
+    if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
+        raise DNSPermanentError(f"{name}: no such domain", ttl=answer_ttl(answer))
+    raise NotCached(name, rdtype)
+
+
+def _held(resolver, name: str, rdtype: str) -> tuple:
+    """
+    What C{resolver}'s cache holds for the question, under the keys
+    dnspython's resolve() uses: (its Answer, False), else (the negative
+    Answer kept for the name, True), else (None, False).
+    """
     cache = getattr(resolver, "cache", None)
     if cache is None:
-        raise NotCached(name, rdtype)
+        return None, False
     try:
         key, negative_key = _cache_keys(name, rdtype)
     except dns.exception.DNSException:
-        raise NotCached(name, rdtype) from None
+        return None, False
     answer = cache.get(key)
-    if answer is not None:
-        return answer
+    if answer is not None:      # (an Answer with no records is false: not "or")
+        return answer, False
     negative = cache.get(negative_key)
-    if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
-        raise DNSPermanentError(f"{name}: no such domain", ttl=answer_ttl(negative))
-    raise NotCached(name, rdtype)
+    return negative, negative is not None
 
 
 def _records(answer) -> list:
@@ -209,16 +221,9 @@ class Resolver:
         a no-answer or an NXDOMAIN), on the cache's own clock; None when
         none is cached or a failure is remembered.
         """
-        cache = getattr(self._resolver, "cache", None)
-        if cache is None or (name.lower().rstrip("."), rdtype) in self._failed:
+        if (name.lower().rstrip("."), rdtype) in self._failed:
             return None
-        try:
-            key, negative_key = _cache_keys(name, rdtype)
-        except dns.exception.DNSException:
-            return None
-        answer = cache.get(key)
-        if answer is None:      # (an Answer with no records is false: not "or")
-            answer = cache.get(negative_key)
+        answer, _ = _held(self._resolver, name, rdtype)
         return None if answer is None else max(0.0, answer.expiration - time.time())
 
     def lookup(self, name: str, rdtype: str) -> Deferred:
